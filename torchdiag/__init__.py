@@ -1,0 +1,25 @@
+"""torchdiag: per-layer diagnostics of a PyTorch model while your own training loop runs."""
+
+from __future__ import annotations
+
+from .config import Config
+from .errors import ConfigError, DiagnosticWarning, TorchDiagError
+from .fix import apply_suggestions
+from .report import LayerReport, Report
+from .watch import Watcher, check, watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DiagnosticWarning",
+    "LayerReport",
+    "Report",
+    "TorchDiagError",
+    "Watcher",
+    "__version__",
+    "apply_suggestions",
+    "check",
+    "watch",
+]

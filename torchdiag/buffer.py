@@ -1,0 +1,263 @@
+"""The step buffer: on-device rows written by the hooks, one host copy per recorded step.
+
+``Recorder`` receives tensors from the capture hooks, turns each into a short row of
+moments on the tensor's device (``stats``), writes that row into a preallocated per-device
+buffer, and at the end of a recorded step copies each buffer to the host once and merges
+the rows into per-layer ``diagnose.LayerStats``. No tensor is kept past its hook.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import gains, stats
+from .capture import first_float_tensor, in_backward, iter_float_tensors
+from .diagnose import LayerStats, Moments, StepStats
+from .errors import DiagnosticWarning
+
+ACT, GRAD, INPUT, WEIGHT, ROOT_IN, ROOT_GRAD = range(6)
+
+
+@dataclass
+class Slot:
+    """Static facts about one registered module (no reference to the module itself)."""
+
+    name: str
+    module_type: str
+    kind: str  # 'weighted' | 'activation' | 'norm' | 'passthrough' | 'other'
+    is_layer: bool  # reported as a layer (the root may be registered only for its input/output)
+    is_root: bool = False
+    saturation: tuple[float, float] | None = None  # (centre, half width) of the saturation test
+    relu_family: bool = False
+    nonlinearity: gains.Nonlinearity | None = None
+    weight_name: str | None = None
+    weight_shape: tuple[int, ...] | None = None
+    fan_in: int | None = None
+    fan_out: int | None = None
+    calls: int = 0
+    disabled: bool = False
+
+
+def describe(name: str, module: nn.Module, *, is_layer: bool, is_root: bool, saturation_level: float) -> Slot:
+    if isinstance(module, gains.NORM_TYPES):
+        kind = "norm"
+    elif gains.is_activation(module):
+        kind = "activation"
+    elif isinstance(module, gains.PASS_THROUGH):
+        kind = "passthrough"
+    elif _main_weight(module) is not None:
+        kind = "weighted"
+    else:
+        kind = "other"
+    slot = Slot(name=name, module_type=type(module).__name__, kind=kind, is_layer=is_layer, is_root=is_root,
+                relu_family=isinstance(module, gains.RELU_FAMILY), nonlinearity=gains.nonlinearity_of(module))
+    rng = gains.saturation_range(module)
+    if rng is not None:
+        slot.saturation = (rng[0], rng[1] * saturation_level)
+    w = _main_weight(module) or _norm_weight(module)
+    if w is not None:
+        slot.weight_name, p = w
+        slot.weight_shape = tuple(p.shape)
+        f = gains.fans(p)
+        if f is not None and kind == "weighted":
+            slot.fan_in, slot.fan_out = f
+    return slot
+
+
+def _main_weight(module: nn.Module) -> tuple[str, torch.Tensor] | None:
+    if isinstance(module, gains.NORM_TYPES):
+        return None
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() >= 2:
+        return "weight", w
+    own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    return max(own, key=lambda t: t[1].numel()) if own else None
+
+
+def _norm_weight(module: nn.Module) -> tuple[str, torch.Tensor] | None:
+    w = getattr(module, "weight", None)
+    return ("weight", w) if isinstance(w, torch.Tensor) and w.dim() >= 1 else None
+
+
+def _grad_hook(rec_ref: weakref.ref, slot: int, kind: int, generation: int, grad: torch.Tensor) -> None:
+    rec = rec_ref()
+    if rec is not None and rec.generation == generation and rec.recording:
+        rec.guarded(slot, rec.add, slot, kind, grad, None)
+
+
+class Recorder:
+    """Collects one step's rows; ``end_step`` returns its ``StepStats`` (or None if not recorded)."""
+
+    def __init__(self, slots: list[Slot], modules: list[nn.Module], every: int,
+                 on_auto_step: Callable[[], None]) -> None:
+        self.slots = slots
+        self.every = every
+        self.step = 0
+        self.generation = 0
+        self.recording = True
+        self.auto_step = True
+        self.closed = False
+        self._on_auto_step = on_auto_step
+        self._weights = [weakref.ref(m) for m in modules]
+        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._used: dict[torch.device, int] = {}
+        self._entries: list[tuple[int, int, int, torch.device, int, int]] = []
+        self._order: dict[int, int] = {}
+        self._root_called = False
+
+    # ----------------------------------------------------------------- hooks
+    def on_pre(self, slot: int, module: nn.Module) -> None:
+        info = self.slots[slot]
+        if not info.is_root or self.closed or not self.auto_step:
+            return
+        if module.training and torch.is_grad_enabled() and not in_backward():
+            if self._root_called:
+                self._on_auto_step()
+            self._root_called = True
+
+    def on_forward(self, slot: int, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self.recording or self.closed or not torch.is_grad_enabled() or in_backward():
+            return
+        info = self.slots[slot]
+        if info.disabled:
+            return
+        self.guarded(slot, self._forward, slot, info, args, output)
+
+    def _forward(self, slot: int, info: Slot, args: tuple, output: Any) -> None:
+        if info.is_layer:
+            info.calls += 1
+            self._order.setdefault(slot, len(self._order))
+            for t in iter_float_tensors(output):
+                self.add(slot, ACT, t, info.saturation)
+                if t.requires_grad:
+                    t.register_hook(partial(_grad_hook, weakref.ref(self), slot, GRAD, self.generation))
+            if info.kind == "weighted":
+                x = first_float_tensor(args)
+                if x is not None:
+                    self._write(slot, INPUT, x.numel(), x.device, [stats.sumsq(x)])
+        if info.is_root:
+            for x in iter_float_tensors(args):
+                self._write(slot, ROOT_IN, x.numel(), x.device, [stats.sumsq(x)])
+            for t in iter_float_tensors(output):
+                if t.requires_grad:
+                    t.register_hook(partial(_grad_hook, weakref.ref(self), slot, ROOT_GRAD, self.generation))
+
+    def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> None:
+        row = stats.act_row(t, saturation) if kind == ACT else stats.grad_row(t)
+        self._write(slot, kind, t.numel(), t.device, row)
+
+    def guarded(self, slot: int, fn: Callable[..., None], *args: Any) -> None:
+        """Run hook code; an error in torchdiag disables that layer and warns once, never reaching the user."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - torchdiag must never break the training step
+            info = self.slots[slot]
+            info.disabled = True
+            warnings.warn(f"torchdiag: recording '{info.name}' ({info.module_type}) failed and is disabled for the"
+                          f" rest of this watch: {type(e).__name__}: {e}", DiagnosticWarning, stacklevel=2)
+
+    def _write(self, slot: int, kind: int, n: int, device: torch.device, vals: list[torch.Tensor]) -> None:
+        buf = self._buffers.get(device)
+        used = self._used.get(device, 0)
+        if buf is None or used == buf.shape[0]:
+            new = torch.zeros((max(64, 2 * used), stats.ROW_WIDTH), dtype=torch.float32, device=device)
+            if buf is not None:
+                new[:used].copy_(buf[:used])
+            self._buffers[device] = buf = new
+        width = len(vals)
+        torch.stack([v.to(torch.float32) for v in vals], out=buf[used, :width])
+        self._used[device] = used + 1
+        self._entries.append((slot, kind, n, device, used, width))
+
+    # ----------------------------------------------------------------- steps
+    def end_step(self) -> StepStats | None:
+        """Close the current step; return its statistics if it was recorded and saw any forward."""
+        result = self._collect() if self.recording and self._order else None
+        self._reset()
+        self.step += 1
+        self.generation += 1
+        self.recording = self.step % self.every == 0
+        self._root_called = False
+        return result
+
+    def peek_possible(self) -> bool:
+        return self.recording and bool(self._order)
+
+    def peek(self) -> StepStats | None:
+        return self._collect() if self.recording and self._order else None
+
+    def _reset(self) -> None:
+        self._entries = []
+        self._order = {}
+        for d in self._used:
+            self._used[d] = 0
+        for s in self.slots:
+            s.calls = 0
+
+    def _collect(self) -> StepStats:
+        used_before, n_entries = dict(self._used), len(self._entries)
+        for slot in self._order:  # weights: once per step, on device, into the same buffer
+            info = self.slots[slot]
+            m = self._weights[slot]()
+            if info.weight_name is not None and m is not None:
+                w = getattr(m, info.weight_name, None)
+                if isinstance(w, torch.Tensor) and w.numel() > 0 and w.layout == torch.strided:
+                    self._write(slot, WEIGHT, w.numel(), w.device, stats.grad_row(w))
+        # the one device-to-host copy of this step, per device
+        host = {d: self._buffers[d][:used].tolist() for d, used in self._used.items() if used}
+        entries = self._entries
+        self._entries, self._used = entries[:n_entries], used_before  # a peek leaves the step as it was
+        return self._merge(entries, host)
+
+    def _merge(self, entries: list, host: dict) -> StepStats:
+        moms: dict[tuple[int, int], stats.Moments] = {}
+        sq: dict[tuple[int, int], list[float]] = {}
+        for slot, kind, n, device, row, width in entries:
+            vals = host[device][row][:width]
+            if kind in (INPUT, ROOT_IN):
+                acc = sq.setdefault((slot, kind), [0.0, 0])
+                acc[0] += vals[0]
+                acc[1] += n
+            else:
+                moms.setdefault((slot, kind), stats.Moments()).add_row(n, vals)
+        layers = []
+        root_in = root_grad = None
+        for slot, order in self._order.items():
+            info = self.slots[slot]
+            act, grad, w = (moms.get((slot, k)) for k in (ACT, GRAD, WEIGHT))
+            inp = sq.get((slot, INPUT))
+            layers.append(LayerStats(
+                name=info.name, module_type=info.module_type, index=order, calls=info.calls, kind=info.kind,
+                act=_moments(act, with_act=True, with_sat=info.saturation is not None), grad=_moments(grad), weight_shape=info.weight_shape,
+                input_rms=math.sqrt(inp[0] / inp[1]) if inp and inp[1] else None,
+                weight_std=w.std if w else None, weight_absmax=w.absmax if w else None,
+                fan_in=info.fan_in, fan_out=info.fan_out, nonlinearity=info.nonlinearity,
+                relu_family=info.relu_family, bounded=info.saturation is not None,
+            ))
+        for slot, info in enumerate(self.slots):
+            if info.is_root:
+                r = sq.get((slot, ROOT_IN))
+                root_in = math.sqrt(r[0] / r[1]) if r and r[1] else None
+                g = moms.get((slot, ROOT_GRAD))
+                root_grad = g.std if g else None
+        not_called = [s.name for i, s in enumerate(self.slots) if s.is_layer and i not in self._order]
+        return StepStats(layers=layers, step=self.step, input_rms=root_in, output_grad_std=root_grad,
+                         not_called=not_called)
+
+
+def _moments(m: stats.Moments | None, with_act: bool = False, with_sat: bool = False) -> Moments | None:
+    if m is None or m.n == 0:
+        return None
+    zero = m.zeros / m.n if with_act else None
+    sat = m.saturated / m.n if with_sat else None
+    return Moments(n=m.n, mean=m.mean, std=m.std, rms=m.rms, absmax=m.absmax, nonfinite=m.nonfinite > 0,
+                   zero_fraction=zero, saturated_fraction=sat)

@@ -1,0 +1,133 @@
+"""Hooks: one process-wide forward pre-hook and forward hook, and a weak registry.
+
+Module hooks are registered once for the whole process
+(``torch.nn.modules.module.register_module_forward_hook``) and look the module up in a
+``WeakKeyDictionary``. Nothing is stored on the user's modules, so ``copy.deepcopy`` (EMA
+models), ``pickle`` and ``torch.save`` work inside a watch, and a copy is not recorded.
+Gradients are captured by tensor hooks on module outputs, registered from the forward
+hook (``register_full_backward_hook`` breaks on in-place ops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import weakref
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .config import Config
+from .errors import TorchDiagError
+
+
+class Sink(Protocol):
+    def on_forward(self, slot: int, module: nn.Module, args: tuple, output: Any) -> None: ...
+    def on_root_pre(self, module: nn.Module) -> None: ...
+
+
+# module -> (weak reference to its recorder, slot index)
+_REGISTRY: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.WeakKeyDictionary()
+_HANDLES: list[Any] = []
+
+
+def _pre_hook(module: nn.Module, args: tuple) -> None:
+    entry = _REGISTRY.get(module)
+    if entry is not None:
+        rec = entry[0]()
+        if rec is not None:
+            rec.on_pre(entry[1], module)
+
+
+def _post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+    entry = _REGISTRY.get(module)
+    if entry is not None:
+        rec = entry[0]()
+        if rec is not None:
+            rec.on_forward(entry[1], module, args, output)
+
+
+def attach(recorder: Any, modules: list[nn.Module]) -> None:
+    """Register ``modules`` (slot i = modules[i]) for ``recorder``; install the global hooks once."""
+    taken = [m for m in modules if m in _REGISTRY]
+    if taken:
+        raise TorchDiagError(
+            f"{type(taken[0]).__name__} is already watched by another torchdiag.watch; nested or "
+            "concurrent watches of the same modules are not supported: leave the first watch before starting another"
+        )
+    ref = weakref.ref(recorder)
+    for i, m in enumerate(modules):
+        _REGISTRY[m] = (ref, i)
+    if not _HANDLES:
+        _HANDLES.append(nn.modules.module.register_module_forward_pre_hook(_pre_hook))
+        _HANDLES.append(nn.modules.module.register_module_forward_hook(_post_hook))
+
+
+def detach(modules: list[weakref.ref]) -> None:
+    """Unregister modules; remove the global hooks when no module is watched any more."""
+    for r in modules:
+        m = r()
+        if m is not None:
+            _REGISTRY.pop(m, None)
+    if len(_REGISTRY) == 0:
+        while _HANDLES:
+            _HANDLES.pop().remove()
+
+
+def is_watched(module: nn.Module) -> bool:
+    return module in _REGISTRY
+
+
+def global_hooks_installed() -> bool:
+    return bool(_HANDLES)
+
+
+def select_modules(model: nn.Module, config: Config) -> list[tuple[str, nn.Module]]:
+    """Default: every leaf module and every module with parameters of its own; then globs and types."""
+    chosen = []
+    for name, m in model.named_modules():
+        tname = type(m).__name__
+        default = next(m.children(), None) is None or next(m.parameters(recurse=False), None) is not None
+        if not (default or tname in config.include_types):
+            continue
+        if tname in config.exclude_types:
+            continue
+        if not any(fnmatch.fnmatchcase(name, g) for g in config.include):
+            continue
+        if any(fnmatch.fnmatchcase(name, g) for g in config.exclude):
+            continue
+        chosen.append((name, m))
+    return chosen
+
+
+def iter_float_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every floating-point tensor in a (nested) output: tensors, tuples, lists, dicts, dataclasses."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() > 0 and obj.layout == torch.strided:
+            yield obj
+        return
+    if _depth > 4:
+        return
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from iter_float_tensors(o, _depth + 1)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from iter_float_tensors(o, _depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from iter_float_tensors(getattr(obj, f.name, None), _depth + 1)
+
+
+def first_float_tensor(args: tuple) -> torch.Tensor | None:
+    return next(iter_float_tensors(args), None)
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (activation checkpointing re-runs forwards there)."""
+    return _graph_task_id is not None and _graph_task_id() != -1

@@ -1,0 +1,189 @@
+"""Configuration: YAML or dict -> one frozen, validated ``Config``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated torchdiag settings; see ``defaults.yaml`` for every key and its reason.
+
+    Example:
+        >>> cfg = Config.from_dict({"every": 10})
+        >>> cfg.every, cfg.dead_fraction
+        (10, 0.9)
+    """
+
+    every: int
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    include_types: tuple[str, ...]
+    exclude_types: tuple[str, ...]
+    min_repeats: int
+    vanishing_ratio: float
+    exploding_ratio: float
+    dead_fraction: float
+    saturation_level: float
+    saturated_fraction: float
+    warnings: bool
+
+    @classmethod
+    def defaults(cls) -> Config:
+        return _DEFAULTS
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, base: Config | None = None, source: str = "config") -> Config:
+        """Build a config from the defaults (or ``base``) overridden by the keys of ``d``."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(d).__name__}")
+        base = _DEFAULTS if base is None else base
+        allowed = {f.name for f in fields(cls)}
+        values = dataclasses.asdict(base)
+        for key, value in d.items():
+            if key not in allowed:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r}; allowed keys are {', '.join(sorted(allowed))}"
+                )
+            values[key] = _coerce(key, value, source)
+        cfg = cls(**values)
+        _check_relations(cfg, source)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, base: Config | None = None) -> Config:
+        """Read a YAML file; its keys override the defaults."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+        return cls.from_dict(_load_yaml(text, str(path)), base=base, source=str(path))
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some keys changed (validated like ``from_dict``)."""
+        return Config.from_dict(changes, base=self, source="keyword argument")
+
+
+ConfigLike = Union[Config, Mapping[str, Any], str, Path, None]
+
+
+def resolve_config(config: ConfigLike, **overrides: Any) -> Config:
+    """Turn the ``config=`` argument (path, dict, Config or None) into a Config, then apply overrides."""
+    if config is None:
+        cfg = _DEFAULTS
+    elif isinstance(config, Config):
+        cfg = config
+    elif isinstance(config, Mapping):
+        cfg = Config.from_dict(config)
+    elif isinstance(config, (str, Path)):
+        cfg = Config.from_yaml(config)
+    else:
+        raise ConfigError(
+            f"config: expected a path to a YAML file, a dict or a torchdiag.Config, got {type(config).__name__}"
+        )
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return Config.from_dict(overrides, base=cfg, source="keyword argument") if overrides else cfg
+
+
+def _load_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        raise ConfigError(f"malformed YAML in {where}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed YAML in {source}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values at the top level, got {type(data).__name__}")
+    return data
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    kind = _TYPES[key]
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: key {key!r} expects {expected}, got {value!r} ({type(value).__name__})")
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        lo = _MIN_INT[key]
+        if value < lo:
+            raise bad(f"an integer >= {lo}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a finite number")
+        lo, hi = _FLOAT_RANGE[key]
+        if not lo < value <= hi:
+            raise bad(f"a number in ({lo}, {hi}]")
+        return float(value)
+    # list of strings
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise bad("a list of strings")
+    return tuple(value)
+
+
+def _check_relations(cfg: Config, source: str) -> None:
+    if not cfg.vanishing_ratio < 1.0 < cfg.exploding_ratio:
+        raise ConfigError(
+            f"{source}: keys 'vanishing_ratio' and 'exploding_ratio' must satisfy vanishing_ratio < 1 < "
+            f"exploding_ratio, got {cfg.vanishing_ratio} and {cfg.exploding_ratio}"
+        )
+
+
+_TYPES = {
+    "every": "int",
+    "include": "strs",
+    "exclude": "strs",
+    "include_types": "strs",
+    "exclude_types": "strs",
+    "min_repeats": "int",
+    "vanishing_ratio": "float",
+    "exploding_ratio": "float",
+    "dead_fraction": "float",
+    "saturation_level": "float",
+    "saturated_fraction": "float",
+    "warnings": "bool",
+}
+_MIN_INT = {"every": 1, "min_repeats": 2}
+_FLOAT_RANGE = {
+    "vanishing_ratio": (0.0, 1.0),
+    "exploding_ratio": (1.0, math.inf),
+    "dead_fraction": (0.0, 1.0),
+    "saturation_level": (0.0, 1.0),
+    "saturated_fraction": (0.0, 1.0),
+}
+
+
+def _load_defaults() -> Config:
+    data = _load_yaml(DEFAULTS_PATH.read_text(), str(DEFAULTS_PATH))
+    missing = {f.name for f in fields(Config)} - set(data)
+    if missing:  # pragma: no cover - guards the shipped file
+        raise ConfigError(f"{DEFAULTS_PATH}: missing keys {sorted(missing)}")
+    values = {k: _coerce(k, v, str(DEFAULTS_PATH)) for k, v in data.items()}
+    return Config(**values)
+
+
+_DEFAULTS = _load_defaults()

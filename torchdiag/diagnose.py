@@ -1,0 +1,263 @@
+"""Pure diagnosis: per-layer numbers + config -> Report. No tensors, no hooks.
+
+Rules (thresholds in ``defaults.yaml``):
+
+* nonfinite: the layer's output held NaN/Inf; the first such layer in execution order is
+  the culprit (``Report.first_nonfinite``).
+* dead: a ReLU-family output whose zero fraction reaches ``dead_fraction``.
+* saturated: a tanh/sigmoid output with at least ``saturated_fraction`` of its elements
+  beyond ``saturation_level`` of the range.
+* vanishing / exploding: drift with depth. Layers of the same structure (parametrised
+  layers: same type and weight shape; activations: same type) that repeat at least
+  ``min_repeats`` times form a group. Forward, each member's output rms is compared with
+  the group's first member; backward, each member's gradient rms with the group's last
+  member (the one nearest the loss). A ratio outside [vanishing_ratio, exploding_ratio]
+  is drift. Output heads, normalisation layers and attention's query/key path are not
+  repeated blocks of one structure, so the absolute scales they set are not judged.
+  Exact zeros caused by all-zero weights (zero-init heads and residual branches) are
+  reported as a note naming those weights, never as vanishing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from . import gains
+from .config import Config
+from .gains import Nonlinearity
+from .report import Finding, LayerReport, Report
+
+
+@dataclass
+class Moments:
+    """What the diagnosis needs of one recorded tensor family (plain floats)."""
+
+    n: int
+    mean: float
+    std: float
+    rms: float
+    absmax: float
+    nonfinite: bool
+    zero_fraction: float | None = None
+    saturated_fraction: float | None = None
+
+
+@dataclass
+class LayerStats:
+    """The numbers of one watched module at one step, plus the static facts diagnosis needs."""
+
+    name: str
+    module_type: str
+    index: int
+    calls: int
+    kind: str  # 'weighted' | 'activation' | 'norm' | 'passthrough' | 'other'
+    act: Moments | None = None
+    grad: Moments | None = None
+    input_rms: float | None = None
+    weight_shape: tuple[int, ...] | None = None
+    weight_std: float | None = None
+    weight_absmax: float | None = None
+    fan_in: int | None = None
+    fan_out: int | None = None
+    nonlinearity: Nonlinearity | None = None  # for activation modules: what they apply
+    relu_family: bool = False
+    bounded: bool = False
+
+
+@dataclass
+class StepStats:
+    layers: list[LayerStats]
+    step: int = 0
+    input_rms: float | None = None
+    output_grad_std: float | None = None
+    not_called: list[str] = field(default_factory=list)
+    rescale_grads: bool = False
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def diagnose(stats: StepStats, config: Config) -> Report:
+    """Turn one step's statistics into a Report (flags, gains, suggestions)."""
+    layers = sorted(stats.layers, key=lambda s: s.index)
+    rows = [_base_row(s, stats) for s in layers]
+    notes: list[str] = []
+    for pos, s in enumerate(layers):
+        if s.kind == "weighted":
+            _suggest(rows[pos], s, layers[pos + 1 :])
+
+    first_nonfinite = None
+    for row, s in zip(rows, layers):
+        if s.act is not None and s.act.nonfinite:
+            if first_nonfinite is None:
+                first_nonfinite = s.name
+                _flag(row, "nonfinite", None, math.nan, 0.0, "-",
+                      f"'{s.name}' ({s.module_type}) is the first layer whose output holds NaN/Inf"
+                      f" (absmax {s.act.absmax:g}); everything after it is contaminated."
+                      f" Fix: {_fix_text(row)}")
+            else:
+                row.status.add("nonfinite")
+        _dead_or_saturated(row, s, config)
+
+    _drift(rows, layers, config, notes)
+
+    if stats.not_called:
+        notes.append("watched but never called in this step: " + ", ".join(stats.not_called))
+    return Report(layers=rows, step=stats.step, first_nonfinite=first_nonfinite, notes=notes,
+                  rescale_grads=stats.rescale_grads)
+
+
+def _base_row(s: LayerStats, stats: StepStats) -> LayerReport:
+    row = LayerReport(name=s.name, module_type=s.module_type, index=s.index, calls=s.calls,
+                      fan_in=s.fan_in, fan_out=s.fan_out, weight_std=_finite(s.weight_std))
+    if s.act is not None:
+        a = s.act
+        row.act_mean, row.act_std, row.act_rms = _finite(a.mean), _finite(a.std), _finite(a.rms)
+        row.act_absmax = a.absmax if not math.isnan(a.absmax) else None
+        row.zero_fraction = _finite(a.zero_fraction)
+        row.saturated_fraction = _finite(a.saturated_fraction)
+        if s.input_rms and row.act_std is not None and math.isfinite(s.input_rms):
+            row.gain = row.act_std / s.input_rms
+        if stats.input_rms and row.act_rms is not None:
+            row.forward_ratio = row.act_rms / stats.input_rms
+    if s.grad is not None:
+        g = s.grad
+        row.grad_mean, row.grad_std = _finite(g.mean), _finite(g.std)
+        row.grad_norm = _finite(g.rms * math.sqrt(g.n))
+        if stats.output_grad_std and row.grad_std is not None:
+            row.backward_ratio = row.grad_std / stats.output_grad_std
+    if s.nonlinearity is not None:
+        row.nonlinearity = str(s.nonlinearity)
+    return row
+
+
+def _suggest(row: LayerReport, s: LayerStats, after: list[LayerStats]) -> None:
+    """Nonlinearity that follows a weighted layer, and the textbook fix for its weights."""
+    nl, normalised = gains.LINEAR, None
+    for nxt in after:
+        if nxt.kind == "weighted":
+            break
+        if nxt.kind == "norm" and normalised is None:
+            normalised = nxt
+        if nxt.kind == "activation" and nxt.nonlinearity is not None:
+            nl = nxt.nonlinearity
+            break
+    row.nonlinearity = str(nl)
+    if s.fan_in is None:
+        row.notes.append(f"{s.module_type} has no 2-D weight: fans and textbook gain are not defined")
+        return
+    row.suggested_init = gains.suggested_init(nl, s.fan_in)
+    if not s.weight_std:
+        if s.weight_absmax == 0:
+            row.notes.append("weights are all zero (zero init): nothing to rescale")
+        return
+    row.suggested_scale = gains.target_std(s.fan_in, nl) / s.weight_std
+    if normalised is not None:
+        row.notes.append(f"followed by {normalised.module_type} '{normalised.name}': its weight scale"
+                         " barely changes the forward signal")
+
+
+def _fix_text(row: LayerReport) -> str:
+    if row.suggested_scale is not None and row.suggested_init is not None:
+        return f"multiply its weights by {row.suggested_scale:.3g} or use {row.suggested_init}"
+    return "check the weights, the learning rate and the inputs of this layer"
+
+
+def _flag(row: LayerReport, problem: str, direction: str | None, value: float, threshold: float,
+          key: str, message: str) -> None:
+    row.status.add(problem)
+    row.findings.append(Finding(problem, direction, value, threshold, key, message))
+
+
+def _dead_or_saturated(row: LayerReport, s: LayerStats, cfg: Config) -> None:
+    if s.act is None or s.act.nonfinite:
+        return
+    z = s.act.zero_fraction
+    if s.relu_family and z is not None and z >= cfg.dead_fraction:
+        _flag(row, "dead", None, z, cfg.dead_fraction, "dead_fraction",
+              f"'{s.name}' ({s.module_type}) is dead: {z:.1%} of its outputs are exactly zero"
+              f" (dead_fraction {cfg.dead_fraction:g}), so almost no gradient passes. Fix: check the"
+              " biases and init of the layer before it, lower the learning rate, or use LeakyReLU.")
+    sat = s.act.saturated_fraction
+    if s.bounded and sat is not None and sat >= cfg.saturated_fraction:
+        _flag(row, "saturated", None, sat, cfg.saturated_fraction, "saturated_fraction",
+              f"'{s.name}' ({s.module_type}) is saturated: {sat:.1%} of its outputs are beyond"
+              f" {cfg.saturation_level:g} of its range (saturated_fraction {cfg.saturated_fraction:g}),"
+              " where its derivative is near zero. Fix: scale down the weights of the layer before it"
+              " (its suggestion uses the gain for this activation).")
+
+
+def _signature(s: LayerStats) -> tuple | None:
+    if s.kind == "weighted" and s.weight_shape is not None:
+        return (s.module_type, s.weight_shape)
+    if s.kind == "activation":
+        return (s.module_type,)
+    return None
+
+
+def _drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes: list[str]) -> None:
+    groups: dict[tuple, list[int]] = {}
+    for pos, s in enumerate(layers):
+        sig = _signature(s)
+        if sig is not None:
+            groups.setdefault(sig, []).append(pos)
+    zero_weight = [s for s in layers if s.weight_absmax == 0]
+    _zero_grad_notes(rows, layers, zero_weight, notes)
+    for members in groups.values():
+        if len(members) < cfg.min_repeats:
+            continue
+        _judge(rows, layers, members, cfg, "forward")
+        _judge(rows, layers, members, cfg, "backward")
+
+
+def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cfg: Config,
+           direction: str) -> None:
+    forward = direction == "forward"
+    seq = []  # (pos, rms) of members with a usable, finite measurement
+    for pos in members:
+        m = layers[pos].act if forward else layers[pos].grad
+        if m is None or m.nonfinite or not math.isfinite(m.rms):
+            if forward and m is not None and m.nonfinite:
+                break  # past the first NaN/Inf nothing is drift any more
+            continue
+        if m.rms == 0.0 and (not forward or layers[pos].weight_absmax == 0):
+            continue  # exact zeros from zero weights: reported as a note, not drift
+        seq.append((pos, m.rms))
+    if len(seq) < cfg.min_repeats:
+        return
+    ref_pos, ref = seq[0] if forward else seq[-1]
+    if ref == 0.0:
+        return
+    ref_name = layers[ref_pos].name
+    for pos, rms in seq:
+        ratio = rms / ref
+        s, row = layers[pos], rows[pos]
+        what = "output rms" if forward else "gradient rms"
+        where = "first" if forward else "last"
+        for problem, bad, thr, key in (("vanishing", ratio < cfg.vanishing_ratio, cfg.vanishing_ratio, "vanishing_ratio"),
+                                       ("exploding", ratio > cfg.exploding_ratio, cfg.exploding_ratio, "exploding_ratio")):
+            if bad:
+                _flag(row, problem, direction, ratio, thr, key,
+                      f"'{s.name}' ({s.module_type}) is {problem} ({direction}): its {what} is {ratio:.3g}×"
+                      f" that of '{ref_name}', the {where} of its {len(seq)} repeated {s.module_type} layers"
+                      f" ({key} {thr:g}). Fix: {_fix_text(row)}")
+
+
+def _zero_grad_notes(rows: list[LayerReport], layers: list[LayerStats], zero_weight: list[LayerStats],
+                     notes: list[str]) -> None:
+    for pos, s in enumerate(layers):
+        if s.grad is None or s.grad.nonfinite or s.grad.rms != 0.0:
+            continue
+        cause = next((z for z in zero_weight if z.index > s.index), None)
+        if cause is not None:
+            rows[pos].notes.append(f"no gradient reaches '{s.name}' because '{cause.name}' has all-zero weights")
+        else:
+            rows[pos].notes.append(f"the gradient at '{s.name}' is exactly zero in this step")
+    blocked = [r.name for r in rows if any(n.startswith("no gradient reaches") for n in r.notes)]
+    if blocked:
+        causes = sorted({z.name for z in zero_weight if any(z.index > layers[i].index
+                        for i, r in enumerate(rows) if r.name in blocked)})
+        notes.append(f"no gradient reaches {len(blocked)} layer(s) because of all-zero weights in "
+                     + ", ".join(f"'{c}'" for c in causes) + " (zero init: expected in the first steps)")

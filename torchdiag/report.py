@@ -1,0 +1,175 @@
+"""Report and LayerReport: what the diagnosis found, as data, a table and a dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+STATUSES = ("exploding", "vanishing", "nonfinite", "dead", "saturated")
+
+
+@dataclass
+class Finding:
+    """One problem on one layer: which, in which direction, the figure and the threshold."""
+
+    problem: str  # one of STATUSES
+    direction: str | None  # 'forward' / 'backward' for drift, None otherwise
+    value: float  # the measured figure
+    threshold: float  # the configured threshold it crossed
+    key: str  # the config key of that threshold
+    message: str  # the full sentence, with the fix
+
+
+@dataclass
+class LayerReport:
+    """Diagnosis of one watched module at one recorded step. Unmeasurable values are None."""
+
+    name: str
+    module_type: str
+    index: int
+    calls: int
+    act_mean: float | None = None
+    act_std: float | None = None
+    act_rms: float | None = None
+    act_absmax: float | None = None
+    zero_fraction: float | None = None
+    saturated_fraction: float | None = None
+    grad_mean: float | None = None
+    grad_std: float | None = None
+    grad_norm: float | None = None
+    weight_std: float | None = None
+    fan_in: int | None = None
+    fan_out: int | None = None
+    gain: float | None = None
+    forward_ratio: float | None = None
+    backward_ratio: float | None = None
+    nonlinearity: str | None = None
+    suggested_scale: float | None = None
+    suggested_init: str | None = None
+    status: set[str] = field(default_factory=set)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.status
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["status"] = sorted(self.status)
+        return d
+
+
+@dataclass
+class Report:
+    """Per-layer diagnosis of one recorded step.
+
+    Attributes:
+        layers: ``LayerReport`` rows in execution order.
+        step: the watcher's step number the statistics come from.
+        first_nonfinite: name of the first layer (execution order) whose output held NaN/Inf.
+        notes: model-level remarks (modules never called, grads that could not be measured...).
+    """
+
+    layers: list[LayerReport]
+    step: int = 0
+    first_nonfinite: str | None = None
+    notes: list[str] = field(default_factory=list)
+    rescale_grads: bool = False
+
+    @property
+    def flagged(self) -> list[LayerReport]:
+        """Layers with at least one problem, in execution order."""
+        return [layer for layer in self.layers if layer.status]
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r} in this report; layers are {[x.name for x in self.layers]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "first_nonfinite": self.first_nonfinite,
+            "rescale_grads": self.rescale_grads,
+            "notes": list(self.notes),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def __str__(self) -> str:
+        return render(self, color=False)
+
+
+_COLUMNS = ("#", "layer", "type", "act mean", "act std", "grad std", "gain", "status", "suggestion")
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}"
+
+
+def _elide(s: str, width: int) -> str:
+    if len(s) <= width:
+        return s
+    keep = width - 1
+    return s[: keep - keep // 2] + "…" + s[len(s) - keep // 2 :]
+
+
+def _suggestion(layer: LayerReport) -> str:
+    if layer.suggested_scale is None:
+        return ""
+    if layer.status or not 0.8 < layer.suggested_scale < 1.25:
+        return f"×{layer.suggested_scale:.3g} ({layer.nonlinearity})"
+    return ""
+
+
+def use_color(stream: Any = None) -> bool:
+    """Colour only on a TTY and never when NO_COLOR is set."""
+    stream = sys.stdout if stream is None else stream
+    return "NO_COLOR" not in os.environ and hasattr(stream, "isatty") and stream.isatty()
+
+
+def render(report: Report, *, color: bool = False, width: int = 100) -> str:
+    """The report as an aligned table that fits ``width`` columns; problems marked with '!'."""
+    rows = []
+    for layer in report.layers:
+        rows.append([
+            str(layer.index), layer.name or "(root)", layer.module_type, _fmt(layer.act_mean), _fmt(layer.act_std),
+            _fmt(layer.grad_std), _fmt(layer.gain), ",".join(sorted(layer.status)) or "ok", _suggestion(layer),
+        ])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(_COLUMNS)]
+    widths[1] = min(widths[1], 28)
+    widths[2] = min(widths[2], 14)
+    fixed = sum(w for i, w in enumerate(widths) if i != 8) + 2 * (len(widths) - 1)
+    widths[8] = max(10, min(widths[8], width - fixed))
+    lines = [f"torchdiag report, step {report.step}" + (" (gradient rescale ON)" if report.rescale_grads else "")]
+
+    def line(cells: list[str], flagged: bool = False) -> str:
+        out = "  ".join(_elide(c, w).ljust(w) if i in (1, 2, 7, 8) else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(cells, widths)))
+        out = out.rstrip()
+        if flagged:
+            out = ("\033[1;31m" + out + "\033[0m") if color else out
+        return out
+
+    lines.append(line(list(_COLUMNS)))
+    for layer, cells in zip(report.layers, rows):
+        lines.append(line(cells, bool(layer.status)))
+    if report.first_nonfinite:
+        lines.append(f"first non-finite output: {report.first_nonfinite}")
+    for layer in report.flagged:
+        for f in layer.findings:
+            lines.append(f"! {f.message}")
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    if not report.flagged:
+        lines.append("no problems found")
+    return "\n".join(lines)

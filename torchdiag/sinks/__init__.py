@@ -1,0 +1,1 @@
+"""Sinks only write: console warnings and TensorBoard."""

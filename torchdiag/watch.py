@@ -1,0 +1,314 @@
+"""``watch`` and ``check``: the one module that wires capture, buffer, diagnosis and sinks."""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from . import capture, gains
+from .buffer import Recorder, describe
+from .config import Config, ConfigLike, resolve_config
+from .diagnose import StepStats, diagnose
+from .errors import TorchDiagError
+from .report import Report
+from .sinks.console import ConsoleSink
+from .sinks.tensorboard import TensorBoardSink, open_writer
+
+RescaleSpec = Union[bool, float, Callable[[str, nn.Module], float]]
+
+
+class Watcher:
+    """Records per-layer statistics of a model while the user's loop runs. Use via ``watch``."""
+
+    def __init__(self, model: nn.Module, config: Config, *, logdir: str | None, writer: Any,
+                 rescale_grads: RescaleSpec, warn: bool = True) -> None:
+        self.config = config
+        self._model: nn.Module | None = model
+        self._logdir = logdir
+        self._user_writer = writer
+        self._rescale = rescale_grads
+        self._warn = warn and config.warnings
+        self._selected = capture.select_modules(model, config)
+        if not self._selected:
+            raise TorchDiagError(
+                f"no module of {type(model).__name__} was selected for watching: check the config keys "
+                f"'include' {list(config.include)}, 'exclude' {list(config.exclude)}, 'exclude_types' "
+                f"{list(config.exclude_types)}"
+            )
+        self._recorder: Recorder | None = None
+        self._module_refs: list[weakref.ref] = []
+        self._console = ConsoleSink()
+        self._tb: TensorBoardSink | None = None
+        self._last: Report | None = None
+        self._entered = False
+        self._closed = False
+        self._rescale_handles: list[Any] = []
+
+    # ------------------------------------------------------------ context
+    def __enter__(self) -> Watcher:
+        if self._entered:
+            raise TorchDiagError("this Watcher was already entered; call torchdiag.watch(...) again for a new watch")
+        model = self._model
+        assert model is not None
+        names = {id(m) for _, m in self._selected}
+        modules = [m for _, m in self._selected]
+        slots = [describe(n, m, is_layer=True, is_root=m is model, saturation_level=self.config.saturation_level)
+                 for n, m in self._selected]
+        if id(model) not in names:
+            modules.append(model)
+            slots.append(describe("", model, is_layer=False, is_root=True,
+                                  saturation_level=self.config.saturation_level))
+        self._recorder = Recorder(slots, modules, self.config.every, on_auto_step=self._auto_step)
+        capture.attach(self._recorder, modules)
+        self._module_refs = [weakref.ref(m) for m in modules]
+        self._entered = True
+        try:
+            self._install_rescale()
+            if self._user_writer is not None:
+                self._tb = TensorBoardSink(self._user_writer, owned=False)
+            elif self._logdir is not None:
+                self._tb = TensorBoardSink(open_writer(self._logdir), owned=True)
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if self._recorder is not None and self._recorder.peek_possible():
+                self._finish_step()
+        except Exception:  # noqa: BLE001 - never mask the user's exception, never raise from cleanup
+            if exc_type is None:
+                raise
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._recorder is not None:
+            self._recorder.closed = True
+        for h in self._rescale_handles:
+            h.remove()
+        self._rescale_handles = []
+        capture.detach(self._module_refs)
+        self._module_refs = []
+        self._model = None
+        self._selected = []
+        if self._tb is not None:
+            self._tb.close()
+
+    # ------------------------------------------------------------ steps
+    def step(self) -> Report | None:
+        """End the current step. Returns its report if the step was recorded, else None."""
+        if self._recorder is None or self._closed:
+            raise TorchDiagError("Watcher.step() called outside the `with torchdiag.watch(...)` block")
+        self._recorder.auto_step = False
+        return self._finish_step()
+
+    def _auto_step(self) -> None:
+        self._finish_step()
+
+    def _finish_step(self) -> Report | None:
+        assert self._recorder is not None
+        stats = self._recorder.end_step()
+        if stats is None:
+            return None
+        report = self._diagnose(stats)
+        self._last = report
+        messages = self._console.write(report) if self._warn else []
+        if self._tb is not None:
+            self._tb.write(report, messages)
+        return report
+
+    def _diagnose(self, stats: StepStats) -> Report:
+        stats.rescale_grads = self._rescale is not False
+        return diagnose(stats, self.config)
+
+    def report(self) -> Report:
+        """Diagnosis of the latest recorded step (the current one if it has data)."""
+        if self._recorder is not None and not self._closed:
+            stats = self._recorder.peek()
+            if stats is not None:
+                return self._diagnose(stats)
+        if self._last is not None:
+            return self._last
+        return Report(layers=[], notes=["no step was recorded: run a forward (and backward) pass with grad enabled"
+                                        " inside the watch"])
+
+    @property
+    def step_count(self) -> int:
+        """The number of the current step (0 until the first ``step()``)."""
+        return self._recorder.step if self._recorder is not None else 0
+
+    # ------------------------------------------------------------ gradient rescale
+    def _install_rescale(self) -> None:
+        if self._rescale is False:
+            return
+        for name, m in self._selected:
+            info = describe(name, m, is_layer=True, is_root=False, saturation_level=0.5)
+            if info.kind != "weighted":
+                continue
+            if self._rescale is True:
+                if info.fan_in is None or not info.fan_out:
+                    continue
+                factor = gains.rescale_factor(info.fan_in, info.fan_out)
+            elif callable(self._rescale):
+                factor = self._rescale(name, m)
+            else:
+                factor = float(self._rescale)
+            if not isinstance(factor, (int, float)) or not math.isfinite(factor):
+                raise TorchDiagError(f"rescale_grads: the factor for layer '{name}' must be a finite number,"
+                                     f" got {factor!r}")
+            if factor != 1.0:
+                self._rescale_handles.append(m.register_forward_hook(_RescaleHook(float(factor))))
+
+
+class _RescaleHook:
+    """Forward hook that puts ``grad * factor`` on each floating output's gradient (forward unchanged)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.is_grad_enabled():
+            for t in capture.iter_float_tensors(output):
+                if t.requires_grad:
+                    t.register_hook(self._scale)
+
+    def _scale(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.factor
+
+
+def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: Any = None,
+          config: ConfigLike = None, every: int | None = None, rescale_grads: RescaleSpec = False,
+          scaler: Any = None, optimizer: Any = None, process_group: Any = None) -> Watcher:
+    """Watch ``model``: record per-layer statistics while your own training loop runs.
+
+    Args:
+        model: any ``nn.Module``.
+        logdir: write TensorBoard events here (torchdiag owns and closes that writer).
+        writer: a ``SummaryWriter`` of yours to write into instead (not closed by torchdiag).
+        config: a YAML path, a dict or a ``torchdiag.Config``; keyword arguments override it.
+        every: record every N steps (steps 0, N, 2N, ...).
+        rescale_grads: False, True (multiply each weighted layer's output gradient by
+            sqrt(fan_in / fan_out)), a float factor, or a callable ``(name, module) -> float``.
+            This changes training; off by default.
+
+    Returns:
+        A ``Watcher``, to be used as a context manager.
+
+    Example:
+        >>> import torch, torchdiag
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> with torchdiag.watch(model) as diag:
+        ...     model(torch.randn(4, 8)).sum().backward()
+        ...     _ = diag.step()
+        >>> [layer.name for layer in diag.report().layers]
+        ['0', '1', '2']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"watch(model=...): expected a torch.nn.Module, got {type(model).__name__}")
+    cfg = resolve_config(config, every=every)
+    if logdir is not None and writer is not None:
+        raise TorchDiagError("watch(): pass either logdir= or writer=, not both")
+    if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+        raise TypeError(f"watch(writer=...): expected a SummaryWriter (with add_scalar), got {type(writer).__name__}")
+    if logdir is not None:
+        logdir = _check_logdir(logdir)
+    if not (isinstance(rescale_grads, (bool, int, float)) or callable(rescale_grads)):
+        raise TypeError("watch(rescale_grads=...): expected False, True, a float or a callable (name, module) -> float,"
+                        f" got {type(rescale_grads).__name__}")
+    if isinstance(rescale_grads, (int, float)) and not isinstance(rescale_grads, bool):
+        if not (math.isfinite(rescale_grads) and rescale_grads > 0):
+            raise ValueError(f"watch(rescale_grads=...): a factor must be a finite number > 0, got {rescale_grads!r}")
+    for arg, value in (("scaler", scaler), ("optimizer", optimizer), ("process_group", process_group)):
+        if value is not None:
+            raise NotImplementedError(f"watch({arg}=...) is not supported in this version of torchdiag yet")
+    if capture.is_watched(model):
+        raise TorchDiagError(f"{type(model).__name__} is already being watched; nested watches of one model are not"
+                             " supported: leave the first `with torchdiag.watch(...)` block first")
+    return Watcher(model, cfg, logdir=logdir, writer=writer, rescale_grads=rescale_grads)
+
+
+def _check_logdir(logdir: str | os.PathLike) -> str:
+    path = Path(logdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TorchDiagError(f"watch(logdir=...): cannot create {str(path)!r}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise TorchDiagError(f"watch(logdir=...): {str(path)!r} is not writable")
+    return str(path)
+
+
+# ------------------------------------------------------------------ check
+def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None,
+          config: ConfigLike = None) -> Report:
+    """Run one recorded forward and backward pass and return its diagnosis.
+
+    Parameters, ``.grad``, buffers (BatchNorm running statistics included), train/eval mode
+    and the global RNG state are as they were afterwards. Without ``loss_fn`` the loss is a
+    fixed random projection of every floating output, so gradients are not degenerate.
+
+    Example:
+        >>> import torch, torchdiag
+        >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
+        >>> report = torchdiag.check(net, torch.randn(8, 16))
+        >>> report.flagged
+        []
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"check(model=...): expected a torch.nn.Module, got {type(model).__name__}")
+    if not inputs:
+        raise TypeError("check(model, *inputs): give at least one input for the model's forward")
+    cfg = resolve_config(config, every=1)
+    saved_buffers = [b.detach().clone() for b in model.buffers()]
+    modes = [m.training for m in model.modules()]
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"} - {None})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            w = Watcher(model, cfg, logdir=None, writer=None, rescale_grads=False, warn=False)
+            with w:
+                xs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, torch.Tensor)
+                           and x.is_floating_point() else x for x in inputs)
+                try:
+                    out = model(*xs)
+                except Exception as e:
+                    raise TorchDiagError(f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e
+                loss = loss_fn(out) if loss_fn is not None else projection_loss(out)
+                targets = [p for p in model.parameters() if p.requires_grad]
+                targets += [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+                if isinstance(loss, torch.Tensor) and loss.requires_grad and targets:
+                    torch.autograd.grad(loss, targets, allow_unused=True)
+                report = w.report()
+            if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
+                report.notes.append("the loss does not require grad: no gradient was measured")
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), saved_buffers):
+                b.copy_(saved)
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
+    return report
+
+
+def projection_loss(output: Any) -> torch.Tensor:
+    """A fixed random projection of every floating tensor in ``output`` (seeded, so repeatable)."""
+    gen = torch.Generator().manual_seed(0)
+    total = None
+    for t in capture.iter_float_tensors(output):
+        r = torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype)
+        term = (t * r).sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise TorchDiagError("check(): the model's output holds no floating-point tensor; pass loss_fn=")
+    return total
