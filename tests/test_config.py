@@ -1,0 +1,69 @@
+"""Config: defaults file, overrides, and errors that name the key."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+import torchdiag
+from torchdiag.config import DEFAULTS_PATH, Config
+
+
+def test_every_default_key_has_a_reason_comment():
+    lines = DEFAULTS_PATH.read_text().splitlines()
+    data = yaml.safe_load(DEFAULTS_PATH.read_text())
+    assert set(data) == {f.name for f in dataclasses.fields(Config)}
+    for i, line in enumerate(lines):
+        if line and not line.startswith((" ", "#")) and ":" in line:
+            # a reason on the line itself or in the comment block just above
+            assert "#" in line or lines[i - 1].startswith("#"), line
+
+
+def test_yaml_overrides_a_subset_and_kwargs_override_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("every: 5\ndead_fraction: 0.8\n")
+    cfg = Config.from_yaml(p)
+    assert cfg.every == 5 and cfg.dead_fraction == 0.8
+    assert cfg.exploding_ratio == Config.defaults().exploding_ratio
+    import torch
+
+    w = torchdiag.watch(torch.nn.Linear(2, 2), config=str(p), every=7)
+    assert w.config.every == 7 and w.config.dead_fraction == 0.8
+
+
+@pytest.mark.parametrize(
+    "d, match",
+    [
+        ({"every": 0}, r"'every' expects an integer >= 1, got 0"),
+        ({"every": "3"}, r"'every' expects an integer"),
+        ({"dead_fraction": 1.5}, r"'dead_fraction' expects a number in \(0.0, 1.0\], got 1.5"),
+        ({"warnings": "yes"}, r"'warnings' expects true or false"),
+        ({"include": [1]}, r"'include' expects a list of strings"),
+        ({"vanishing_ratio": 0.5, "exploding_ratio": 1.0}, r"exploding_ratio"),
+        ({"bogus": 1}, r"unknown key 'bogus'; allowed keys are .*every"),
+    ],
+)
+def test_bad_values_name_the_key(d, match):
+    with pytest.raises(torchdiag.ConfigError, match=match):
+        Config.from_dict(d)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("every: 2\ninclude: [a, b\nexclude: []\n")
+    with pytest.raises(torchdiag.ConfigError, match=r"bad.yaml, line \d+"):
+        Config.from_yaml(p)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(torchdiag.ConfigError, match="cannot read config file"):
+        Config.from_yaml(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(torchdiag.ConfigError, match="mapping"):
+        Config.from_yaml(p)
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config.defaults().every = 3

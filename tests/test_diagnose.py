@@ -1,0 +1,118 @@
+"""The diagnosis as a pure function of numbers: no model, no tensors."""
+
+import math
+
+import pytest
+
+from torchdiag.config import Config
+from torchdiag.diagnose import LayerStats, Moments, StepStats, diagnose
+from torchdiag.gains import Nonlinearity
+
+CFG = Config.defaults()
+
+
+def mom(rms, zero=None, sat=None, nonfinite=False, mean=0.0):
+    std = math.sqrt(max(rms * rms - mean * mean, 0.0))
+    return Moments(n=1000, mean=mean, std=std, rms=rms, absmax=3 * rms, nonfinite=nonfinite,
+                   zero_fraction=zero, saturated_fraction=sat)
+
+
+def chain(fwd, bwd, width=64, weight_std=None):
+    """Linear/ReLU pairs with the given output and gradient rms per pair."""
+    layers, i = [], 0
+    for f, b in zip(fwd, bwd):
+        layers.append(LayerStats(name=f"lin{i}", module_type="Linear", index=2 * i, calls=1, kind="weighted",
+                                 act=mom(f), grad=mom(b), weight_shape=(width, width),
+                                 weight_std=weight_std or 1 / math.sqrt(width), weight_absmax=1.0,
+                                 fan_in=width, fan_out=width))
+        layers.append(LayerStats(name=f"relu{i}", module_type="ReLU", index=2 * i + 1, calls=1, kind="activation",
+                                 act=mom(f / math.sqrt(2), zero=0.5), grad=mom(b), nonlinearity=Nonlinearity("relu"),
+                                 relu_family=True))
+        i += 1
+    return layers
+
+
+def test_flat_chain_is_healthy_and_scale_follows_kaiming():
+    rep = diagnose(StepStats(chain([1.4] * 8, [0.5] * 8)), CFG)
+    assert rep.flagged == []
+    assert rep["lin0"].nonlinearity == "relu"
+    assert rep["lin0"].suggested_scale == pytest.approx(math.sqrt(2))
+
+
+def test_forward_decay_past_the_band_is_vanishing_from_the_crossing_layer():
+    fwd = [2 ** (-k / 2) for k in range(12)]  # 1/sqrt(2) per layer: crosses 0.1 at k = 7
+    rep = diagnose(StepStats(chain(fwd, [1.0] * 12)), CFG)
+    flagged = [r.name for r in rep.flagged if r.module_type == "Linear"]
+    assert flagged[0] == "lin7" and flagged[-1] == "lin11"
+    f = rep["lin7"].findings[0]
+    assert (f.problem, f.direction, f.key, f.threshold) == ("vanishing", "forward", "vanishing_ratio", 0.1)
+    assert f.value == pytest.approx(2 ** -3.5)
+
+
+def test_backward_is_judged_against_the_layer_nearest_the_loss():
+    bwd = [7.0 ** (k - 9) for k in range(10)]  # grows 7x per layer towards the output
+    rep = diagnose(StepStats(chain([1.0] * 10, bwd)), CFG)
+    assert "vanishing" in rep["lin0"].status and rep["lin0"].findings[0].direction == "backward"
+    assert rep["lin9"].status == set() and rep["lin8"].status == set()
+    assert "vanishing" in rep["lin7"].status  # 1/49 of the last one
+
+
+def test_growth_is_exploding():
+    rep = diagnose(StepStats(chain([3.0 ** k for k in range(6)], [1.0] * 6)), CFG)
+    assert "exploding" in rep["lin3"].status and rep["lin2"].status == set()
+
+
+def test_too_few_repeats_are_not_judged():
+    rep = diagnose(StepStats(chain([1.0, 1e-3, 1e-6], [1.0] * 3)), CFG)
+    assert rep.flagged == []
+
+
+def test_zero_gradient_behind_zero_weights_is_a_note_not_vanishing():
+    layers = chain([1.0] * 6, [0.0] * 6)
+    layers.append(LayerStats(name="head", module_type="Linear", index=12, calls=1, kind="weighted",
+                             act=mom(0.0), grad=mom(1.0), weight_shape=(4, 64), weight_std=0.0,
+                             weight_absmax=0.0, fan_in=64, fan_out=4))
+    rep = diagnose(StepStats(layers), CFG)
+    assert rep.flagged == []
+    assert any("because 'head' has all-zero weights" in n for n in rep["lin0"].notes)
+    assert any("zero init" in n for n in rep.notes)
+
+
+def test_first_nonfinite_is_the_culprit_and_later_layers_are_not_drift():
+    fwd = [1.0, 1.0, 1.0, math.inf, math.nan, math.nan]
+    layers = chain(fwd, [1.0] * 6)
+    for s in layers:
+        if not math.isfinite(s.act.rms):
+            s.act.nonfinite = True
+    rep = diagnose(StepStats(layers), CFG)
+    assert rep.first_nonfinite == "lin3"
+    assert rep["lin3"].findings[0].problem == "nonfinite"
+    assert "exploding" not in rep["lin4"].status
+
+
+def test_dead_and_saturated_thresholds():
+    dead = LayerStats(name="r", module_type="ReLU", index=0, calls=1, kind="activation", act=mom(0.01, zero=0.95),
+                      relu_family=True, nonlinearity=Nonlinearity("relu"))
+    half = LayerStats(name="r2", module_type="ReLU", index=1, calls=1, kind="activation", act=mom(1, zero=0.6),
+                      relu_family=True, nonlinearity=Nonlinearity("relu"))
+    sat = LayerStats(name="t", module_type="Tanh", index=2, calls=1, kind="activation", act=mom(0.9, sat=0.4),
+                     bounded=True, nonlinearity=Nonlinearity("tanh"))
+    rep = diagnose(StepStats([dead, half, sat]), CFG)
+    assert rep["r"].status == {"dead"} and rep["r2"].status == set() and rep["t"].status == {"saturated"}
+    assert rep["r"].findings[0].value == pytest.approx(0.95)
+    loose = CFG.replace(dead_fraction=0.99, saturated_fraction=0.5)
+    assert diagnose(StepStats([dead, half, sat]), loose).flagged == []
+
+
+def test_normalised_layer_gets_no_scale():
+    layers = [
+        LayerStats(name="conv", module_type="Conv2d", index=0, calls=1, kind="weighted", act=mom(5.0),
+                   weight_shape=(8, 8, 3, 3), weight_std=0.5, weight_absmax=1.0, fan_in=72, fan_out=72),
+        LayerStats(name="bn", module_type="BatchNorm2d", index=1, calls=1, kind="norm", act=mom(1.0)),
+        LayerStats(name="relu", module_type="ReLU", index=2, calls=1, kind="activation", act=mom(0.8, zero=0.5),
+                   relu_family=True, nonlinearity=Nonlinearity("relu")),
+    ]
+    rep = diagnose(StepStats(layers), CFG)
+    assert rep["conv"].nonlinearity == "relu"
+    assert rep["conv"].suggested_scale == pytest.approx(math.sqrt(2 / 72) / 0.5)
+    assert any("BatchNorm2d" in n for n in rep["conv"].notes)

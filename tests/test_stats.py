@@ -1,0 +1,115 @@
+"""Statistics against plain tensor formulas."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import torchdiag
+
+
+def _ref(t):
+    t = t.detach().double().reshape(-1)
+    return {
+        "mean": t.mean().item(),
+        "std": t.std(correction=0).item(),
+        "absmax": t.abs().max().item(),
+        "zero": (t == 0).double().mean().item(),
+    }
+
+
+def test_layer_stats_equal_plain_formulas():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    x = torch.randn(128, 32)
+    acts, grads = {}, {}
+
+    def spy(name):
+        def hook(mod, args, out):
+            acts[name] = out.detach().clone()
+            out.register_hook(lambda g: grads.__setitem__(name, g.clone()))
+
+        return hook
+
+    for name, m in model.named_children():
+        m.register_forward_hook(spy(name))
+    report = torchdiag.check(model, x)
+    for layer in report.layers:
+        ref = _ref(acts[layer.name])
+        assert layer.act_mean == pytest.approx(ref["mean"], rel=1e-4, abs=1e-6)
+        assert layer.act_std == pytest.approx(ref["std"], rel=1e-4)
+        assert layer.act_absmax == pytest.approx(ref["absmax"], rel=1e-6)
+        assert layer.zero_fraction == pytest.approx(ref["zero"], abs=1e-9)
+        g = grads[layer.name].double()
+        assert layer.grad_std == pytest.approx(g.std(correction=0).item(), rel=1e-4)
+        assert layer.grad_norm == pytest.approx(g.norm().item(), rel=1e-4)
+    w = model[0].weight.detach().double()
+    assert report["0"].weight_std == pytest.approx(w.std(correction=0).item(), rel=1e-4)
+    assert report["1"].zero_fraction == pytest.approx(0.5, abs=0.05)
+    # forward gain std(out)/rms(in) (He et al. use the second moment of the input)
+    rms_in = x.double().pow(2).mean().sqrt().item()
+    assert report["0"].gain == pytest.approx(_ref(acts["0"])["std"] / rms_in, rel=1e-4)
+
+
+def test_large_mean_small_std_keeps_precision():
+    # |mean| >> std: a plain sum/sum-of-squares in float32 cancels to garbage (even negative variance).
+    class Offset(nn.Module):
+        def forward(self, x):
+            return x * 1e-3 + 100.0
+
+    x = torch.randn(200_000)
+    model = nn.Sequential(Offset())
+    report = torchdiag.check(model, x)
+    ref = (x.double() * 1e-3 + 100.0)
+    assert report.layers[0].act_std == pytest.approx(ref.std(correction=0).item(), rel=1e-3)
+    assert report.layers[0].act_mean == pytest.approx(ref.mean().item(), rel=1e-7)
+
+
+def test_multi_call_merge_is_exact():
+    lin = nn.Linear(16, 16)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x * 3.0) + 1.0))
+
+    model = Shared()
+    x = torch.randn(64, 16)
+    outs = []
+    h = lin.register_forward_hook(lambda m, a, o: outs.append(o.detach().clone()))
+    report = torchdiag.check(model, x)
+    h.remove()
+    assert len(outs) == 2
+    row = report["lin"]
+    assert row.calls == 2
+    both = torch.cat([o.reshape(-1) for o in outs]).double()
+    assert row.act_mean == pytest.approx(both.mean().item(), rel=1e-5)
+    assert row.act_std == pytest.approx(both.std(correction=0).item(), rel=1e-5)
+    assert row.act_absmax == pytest.approx(both.abs().max().item(), rel=1e-6)
+
+
+def test_half_precision_statistics_are_float32_accumulated():
+    model = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
+    x = torch.randn(512, 64, dtype=torch.bfloat16)
+    out = model(x).detach().double()
+    report = torchdiag.check(model, x)
+    assert report.layers[0].act_std == pytest.approx(out.std(correction=0).item(), rel=1e-3)
+
+
+def test_nonfinite_detected_from_min_max():
+    class Bad(nn.Module):
+        def forward(self, x):
+            y = x.clone()
+            y[0, 0] = math.nan
+            return y
+
+    model = nn.Sequential(nn.Linear(4, 4), Bad(), nn.Linear(4, 4))
+    report = torchdiag.check(model, torch.randn(3, 4))
+    assert report.first_nonfinite == "1"
+    assert "nonfinite" in report["1"].status and "nonfinite" in report["2"].status
+    assert report["0"].status == set()
+    assert report["1"].act_std is None  # not measurable, never a made-up number

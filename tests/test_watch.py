@@ -1,0 +1,318 @@
+"""watch(): lifecycle, never changing training, steps, warnings, TensorBoard stream, errors."""
+
+import copy
+import gc
+import io
+import pickle
+import warnings
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as module_mod
+
+import torchdiag
+from torchdiag import capture
+
+
+def small_net():
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Dropout(0.1), nn.Linear(32, 32),
+                         nn.ReLU(), nn.Linear(32, 4))
+
+
+def n_global_hooks():
+    return len(module_mod._global_forward_hooks) + len(module_mod._global_forward_pre_hooks)
+
+
+def train(model, steps, *, watched, **kw):
+    torch.manual_seed(123)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(steps, 8, 16), torch.randint(0, 4, (steps, 8))
+
+    def loop(diag=None):
+        for i in range(steps):
+            loss = F.cross_entropy(model(x[i]), y[i])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if diag is not None:
+                diag.step()
+
+    if watched:
+        with torchdiag.watch(model, **kw) as diag:
+            loop(diag)
+        return diag
+    loop()
+    return None
+
+
+def test_weights_bit_identical_with_and_without_watch():
+    torch.manual_seed(0)
+    a = small_net()
+    b = copy.deepcopy(a)
+    train(a, 5, watched=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(b, 5, watched=True)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_hooks_and_references_gone_after_exit_and_after_exception():
+    before = n_global_hooks()
+    model = small_net()
+    with torchdiag.watch(model) as diag:
+        assert n_global_hooks() == before + 2
+        model(torch.randn(4, 16)).sum().backward()
+    assert n_global_hooks() == before
+    assert not capture.is_watched(model) and not capture.global_hooks_installed()
+
+    with pytest.raises(RuntimeError, match="user error"):
+        with torchdiag.watch(model):
+            model(torch.randn(4, 16)).sum().backward()
+            raise RuntimeError("user error")
+    assert n_global_hooks() == before
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None, "the watcher kept a reference to the model"
+    assert diag.report().layers  # the report outlives the model
+
+
+def test_no_activation_kept_alive_after_its_hook():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+    refs = []
+    h = model[0].register_forward_hook(lambda m, a, o: refs.append(weakref.ref(o)))
+    with torchdiag.watch(model):
+        model(torch.randn(4, 16)).sum().backward()
+        gc.collect()
+        assert refs and refs[0]() is None
+    h.remove()
+
+
+def test_inplace_relu_gradient_is_the_pre_activation_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 1))
+    x = torch.randn(32, 8)
+    report = torchdiag.check(model, x, loss_fn=lambda out: out.sum())
+    # independent: the same net without in-place, gradient of the Linear output via retain_grad
+    y = model[0](x)
+    y.retain_grad()
+    model[2](torch.relu(y)).sum().backward()
+    assert report["0"].grad_std == pytest.approx(y.grad.std(correction=0).item(), rel=1e-5)
+    model.zero_grad()
+
+
+def test_inplace_residual_and_training_runs():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            out = self.lin(x)
+            out += x  # in place on a module output, as torchvision's BasicBlock does
+            return self.act(out)
+
+    model = nn.Sequential(Block(), Block(), nn.Linear(16, 4))
+    ref = copy.deepcopy(model)
+    train(ref, 3, watched=False)
+    diag = train(model, 3, watched=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert {layer.name for layer in diag.report().layers} >= {"0.lin", "0.act", "1.lin", "2"}
+
+
+def test_every_n_records_steps_0_n_2n_and_no_grad_forward_does_not_overwrite(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    with torchdiag.watch(model, logdir=tmp_path, every=3) as diag:
+        for _ in range(7):
+            model(x).sum().backward()
+            with torch.no_grad():  # a validation forward on other data
+                model(torch.randn(8, 16) * 100)
+            diag.step()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    events = acc.Scalars("act_std/0")
+    assert [e.step for e in events] == [0, 3, 6]
+    ref = model[0](x).detach().double().std(correction=0).item()  # weights never changed
+    assert events[-1].value == pytest.approx(ref, rel=1e-5)
+    assert diag.report().step == 6
+
+
+def test_auto_step_without_step_calls():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torchdiag.watch(model) as diag:
+        for i in range(3):
+            model(torch.randn(8, 4) * (i + 1)).sum().backward()
+        assert diag.step_count == 2
+    assert diag.report().step == 2
+    assert diag.report()["0"].grad_std is not None
+
+
+def test_deepcopy_pickle_and_save_inside_watch_and_copy_not_recorded():
+    model = small_net()
+    with torchdiag.watch(model) as diag:
+        ema = copy.deepcopy(model)
+        pickle.dumps(model)
+        torch.save(model, io.BytesIO())
+        ema(torch.randn(4, 16) * 1000).sum().backward()  # must not be recorded into model's watch
+        model(torch.randn(4, 16)).sum().backward()
+        rep = diag.step()
+    assert rep["0"].calls == 1
+    assert rep["0"].act_absmax < 100
+
+
+def test_nested_watch_is_a_clear_error():
+    model = small_net()
+    with torchdiag.watch(model):
+        with pytest.raises(torchdiag.TorchDiagError, match="already being watched"):
+            torchdiag.watch(model)
+    with torchdiag.watch(model):  # a later watch works again
+        pass
+
+
+def test_warnings_once_per_problem_and_name_layer_figure_threshold():
+    model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(64, 64), nn.Tanh())])
+    with torch.no_grad():
+        for m in model[::2]:
+            nn.init.xavier_normal_(m.weight, gain=15.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(model) as diag:
+            for _ in range(3):
+                model(torch.randn(32, 64)).sum().backward()
+                diag.step()
+    ours = [w for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
+    sat = [str(w.message) for w in ours if "saturated" in str(w.message)]
+    assert sat, [str(w.message) for w in ours]
+    assert len(sat) == len(set(sat)) == 8  # one per Tanh layer, not one per step
+    assert "'1' (Tanh)" in sat[0] and "saturated_fraction 0.3" in sat[0] and "%" in sat[0]
+
+
+def test_healthy_model_trains_without_warnings():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(12):
+        lin = nn.Linear(64, 64)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        layers += [lin, nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with torchdiag.watch(model) as diag:
+            for _ in range(5):
+                F.cross_entropy(model(torch.randn(32, 64)), torch.randint(0, 4, (32,))).backward()
+                opt.step()
+                opt.zero_grad()
+                diag.step()
+    assert not [w for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
+
+
+def test_user_writer_is_written_and_not_closed(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with torchdiag.watch(model, writer=writer) as diag:
+        model(torch.randn(8, 4)).sum().backward()
+        diag.step()
+    writer.add_scalar("mine", 1.0, 0)  # still open
+    writer.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"act_std/0", "grad_std/0", "weight_std/0", "zero_frac/1", "mine"} <= set(tags)
+
+
+def test_check_leaves_everything_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 3))
+    model.train()
+    model[1].eval()
+    model(torch.randn(2, 3, 8, 8)).sum().backward()  # some existing .grad
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    model[1].train()
+    modes = [m.training for m in model.modules()]
+    x = torch.randn(4, 3, 8, 8)
+    rng = torch.get_rng_state()
+    report = torchdiag.check(model, x)
+    assert report.layers and report["5"].grad_std is not None
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(rng, torch.get_rng_state())
+    assert not capture.global_hooks_installed()
+
+
+def test_check_records_an_eval_mode_model_and_integer_inputs():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8)).eval()
+    report = torchdiag.check(model, torch.randint(0, 10, (4, 5)))
+    assert [layer.name for layer in report.layers] == ["0", "1"]
+    assert report["1"].grad_std is not None
+    assert report["0"].fan_in is None or report["0"].module_type == "Embedding"
+    assert model.training is False
+
+
+def test_report_table_and_dict():
+    report = torchdiag.check(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(8, 4))
+    text = str(report)
+    assert "layer" in text and "act std" in text and "grad std" in text
+    assert all(len(line) <= 100 for line in text.splitlines())
+    d = report.to_dict()
+    assert d["layers"][0]["name"] == "0" and d["layers"][0]["status"] == []
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: torchdiag.watch("not a model"), "expected a torch.nn.Module, got str"),
+        (lambda m: torchdiag.watch(m, every=0), "'every' expects an integer >= 1, got 0"),
+        (lambda m: torchdiag.watch(m, config={"evry": 2}), "unknown key 'evry'"),
+        (lambda m: torchdiag.watch(m, config={"include": ["nomatch*"]}), "'include'"),
+        (lambda m: torchdiag.watch(m, rescale_grads="yes"), "rescale_grads"),
+        (lambda m: torchdiag.check(m), "at least one input"),
+    ],
+)
+def test_bad_input_is_a_clear_error_at_the_call(call, match):
+    with pytest.raises((TypeError, ValueError, torchdiag.TorchDiagError), match=match):
+        call(small_net())
+
+
+def test_unwritable_logdir_names_the_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(torchdiag.TorchDiagError, match="file"):
+        torchdiag.watch(small_net(), logdir=blocker / "sub")
+
+
+def test_error_in_torchdiag_hook_code_never_reaches_training(monkeypatch):
+    from torchdiag import buffer
+
+    def boom(*a, **k):
+        raise RuntimeError("internal")
+
+    monkeypatch.setattr(buffer.stats, "act_row", boom)
+    model = small_net()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(model) as diag:
+            for _ in range(2):
+                model(torch.randn(4, 16)).sum().backward()
+                diag.step()
+    msgs = [str(w.message) for w in caught if "disabled" in str(w.message)]
+    assert len(msgs) == len({layer for layer in msgs})  # one per layer
+    assert "RuntimeError: internal" in msgs[0]
