@@ -14,19 +14,13 @@ import dataclasses
 import fnmatch
 import weakref
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import Config
 from .errors import TorchDiagError
-
-
-class Sink(Protocol):
-    def on_forward(self, slot: int, module: nn.Module, args: tuple, output: Any) -> None: ...
-    def on_root_pre(self, module: nn.Module) -> None: ...
-
 
 # module -> (weak reference to its recorder, slot index)
 _REGISTRY: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.WeakKeyDictionary()

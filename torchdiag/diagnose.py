@@ -102,6 +102,7 @@ def diagnose(stats: StepStats, config: Config) -> Report:
         _dead_or_saturated(row, s, config)
 
     _drift(rows, layers, config, notes)
+    _explain_by_dead(rows)
 
     if stats.not_called:
         notes.append("watched but never called in this step: " + ", ".join(stats.not_called))
@@ -222,7 +223,7 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
             if forward and m is not None and m.nonfinite:
                 break  # past the first NaN/Inf nothing is drift any more
             continue
-        if m.rms == 0.0 and (not forward or layers[pos].weight_absmax == 0):
+        if m.rms == 0.0 and _behind_zero_weights(layers, pos, forward):
             continue  # exact zeros from zero weights: reported as a note, not drift
         seq.append((pos, m.rms))
     if len(seq) < cfg.min_repeats:
@@ -236,13 +237,41 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
         s, row = layers[pos], rows[pos]
         what = "output rms" if forward else "gradient rms"
         where = "first" if forward else "last"
-        for problem, bad, thr, key in (("vanishing", ratio < cfg.vanishing_ratio, cfg.vanishing_ratio, "vanishing_ratio"),
-                                       ("exploding", ratio > cfg.exploding_ratio, cfg.exploding_ratio, "exploding_ratio")):
+        checks = (("vanishing", ratio < cfg.vanishing_ratio, cfg.vanishing_ratio, "vanishing_ratio"),
+                  ("exploding", ratio > cfg.exploding_ratio, cfg.exploding_ratio, "exploding_ratio"))
+        for problem, bad, thr, key in checks:
             if bad:
                 _flag(row, problem, direction, ratio, thr, key,
                       f"'{s.name}' ({s.module_type}) is {problem} ({direction}): its {what} is {ratio:.3g}×"
                       f" that of '{ref_name}', the {where} of its {len(seq)} repeated {s.module_type} layers"
                       f" ({key} {thr:g}). Fix: {_fix_text(row)}")
+
+
+def _behind_zero_weights(layers: list[LayerStats], pos: int, forward: bool) -> bool:
+    """Forward: this layer's own weights are zero. Backward: a layer after it has all-zero weights."""
+    if forward:
+        return layers[pos].weight_absmax == 0
+    return any(s.weight_absmax == 0 for s in layers[pos + 1 :])
+
+
+def _explain_by_dead(rows: list[LayerReport]) -> None:
+    """Vanishing that follows from a dead ReLU (after it forward, before it backward) is its consequence."""
+    dead = [r.index for r in rows if "dead" in r.status]
+    if not dead:
+        return
+    first, last = min(dead), max(dead)
+    for row in rows:
+        keep = []
+        for f in row.findings:
+            downstream = (f.direction == "forward" and row.index > first) or (
+                f.direction == "backward" and row.index < last)
+            if f.problem == "vanishing" and downstream:
+                continue
+            keep.append(f)
+        if len(keep) != len(row.findings):
+            row.findings = keep
+            row.status = {f.problem for f in keep} | (row.status & {"nonfinite"})
+            row.notes.append("its signal vanishes because of the dead ReLU layer(s) before it (see 'dead')")
 
 
 def _zero_grad_notes(rows: list[LayerReport], layers: list[LayerStats], zero_weight: list[LayerStats],
@@ -253,8 +282,6 @@ def _zero_grad_notes(rows: list[LayerReport], layers: list[LayerStats], zero_wei
         cause = next((z for z in zero_weight if z.index > s.index), None)
         if cause is not None:
             rows[pos].notes.append(f"no gradient reaches '{s.name}' because '{cause.name}' has all-zero weights")
-        else:
-            rows[pos].notes.append(f"the gradient at '{s.name}' is exactly zero in this step")
     blocked = [r.name for r in rows if any(n.startswith("no gradient reaches") for n in r.notes)]
     if blocked:
         causes = sorted({z.name for z in zero_weight if any(z.index > layers[i].index
