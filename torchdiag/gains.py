@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ _FUNCS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _measured_gain(name: str) -> float:
     # E[f(z)^2] for z ~ N(0, 1) by quadrature on a fine grid (deterministic, exact to ~1e-6).
     z = torch.linspace(-12.0, 12.0, 200_001, dtype=torch.float64)
@@ -142,9 +142,126 @@ def suggested_init(nl: Nonlinearity, fan_in: int) -> str:
         return f"torch.nn.init.kaiming_normal_(m.weight, nonlinearity='{nl.name}')"
     if nl.name == "leaky_relu":
         return f"torch.nn.init.kaiming_normal_(m.weight, a={nl.param:g}, nonlinearity='leaky_relu')"
-    return f"torch.nn.init.normal_(m.weight, std={target_std(fan_in, nl):.4g})  # measured {nl.name} gain {gain(nl):.3f}"
+    std = target_std(fan_in, nl)
+    return f"torch.nn.init.normal_(m.weight, std={std:.4g})  # measured {nl.name} gain {gain(nl):.3f}"
 
 
 def rescale_factor(fan_in: int, fan_out: int) -> float:
     """Gradient multiplier that undoes the fan_out/fan_in backward variance drift of a fan_in init."""
     return math.sqrt(fan_in / fan_out)
+
+
+# ----------------------------------------------------------------------------- fans per module kind
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+EMBEDDING = (nn.Embedding, nn.EmbeddingBag)
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_CELL_GATES: dict[type[nn.Module], int] = {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
+FAN_TYPES = ("Linear, Bilinear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding(Bag), MultiheadAttention,"
+             " RNN/LSTM/GRU(Cell)")
+
+
+def layer_fans(module: nn.Module) -> dict[str, tuple[int, int]] | None:
+    """``{parameter name: (fan_in, fan_out)}`` of a module's weights, or None where they are not known.
+
+    Every figure is what ``torch.nn.init._calculate_fan_in_and_fan_out`` returns for the
+    tensor (or the block of it) that plays one layer's role; torchdiag never guesses fans
+    from the shape of a parameter of a module it does not know (``fans_reason`` says why
+    it returned None).
+
+    * ``Linear`` ``weight (out, in)``: ``(in, out)``.
+    * ``Conv{1,2,3}d`` ``weight (out, in/groups, *k)``: ``(in/groups·∏k, out·∏k)``.
+    * ``ConvTranspose{1,2,3}d`` ``weight (in, out/groups, *k)``: torch reads it like a conv weight,
+      so ``fan_in = out/groups·∏k`` and ``fan_out = in·∏k`` (what ``kaiming_normal_`` and the
+      module's own ``reset_parameters`` use).
+    * ``Embedding`` / ``EmbeddingBag`` ``weight (num, dim)``: ``(dim, num)``. The module's own init is
+      ``normal_(0, 1)``, which does not use fans: a lookup sums nothing.
+    * ``MultiheadAttention``: ``in_proj_weight (3E, E)`` is three stacked ``(E, E)`` projections
+      q, k, v, so its fans are those of one block, ``(E, E)`` (torch on the whole tensor would
+      say ``(E, 3E)``, which is what the module's own ``xavier_uniform_`` uses); with
+      ``kdim``/``vdim`` the separate ``q/k/v_proj_weight`` ``(E, E)``, ``(E, kdim)``, ``(E, vdim)``;
+      ``out_proj.weight`` is a ``Linear`` weight ``(E, E)`` (the module calls it functionally).
+    * ``RNN`` / ``LSTM`` / ``GRU`` (and their cells): ``weight_ih_l{k}`` is ``G`` stacked gate blocks
+      ``(hidden, input)`` (G = 4, 3, 1), ``weight_hh_l{k}`` ``G`` blocks ``(hidden, hidden)`` (or
+      ``(hidden, proj_size)``): the fans are those of one block, ``(input, hidden)`` and
+      ``(hidden, hidden)``; ``weight_hr_l{k}`` ``(proj_size, hidden)`` is not gated: ``(hidden, proj_size)``.
+      The modules' own init is ``U(-1/√hidden, 1/√hidden)`` for every weight.
+    * ``Bilinear`` ``weight (out, in1, in2)``: torch treats a 3-D weight as ``(out, in, receptive
+      field)``, so ``fan_in = in1·in2`` and ``fan_out = out·in2``. ``fan_in`` is the number of
+      products ``x1_i·x2_j`` each output sums, so it is the right forward fan; the module's own
+      ``reset_parameters`` uses ``U(-1/√in1, 1/√in1)`` instead.
+
+    Example:
+        >>> layer_fans(torch.nn.Conv2d(3, 8, 5))
+        {'weight': (75, 200)}
+        >>> layer_fans(torch.nn.LSTM(10, 20))
+        {'weight_ih_l0': (10, 20), 'weight_hh_l0': (20, 20)}
+    """
+    return fans_or_reason(module)[0]
+
+
+def fans_reason(module: nn.Module) -> str | None:
+    """Why ``layer_fans(module)`` is None (None when the fans are known)."""
+    return fans_or_reason(module)[1]
+
+
+def fans_or_reason(module: nn.Module) -> tuple[dict[str, tuple[int, int]] | None, str | None]:
+    """``(layer_fans(module), None)``, or ``(None, reason)``."""
+    kind = type(module).__name__
+    own = dict(module.named_parameters(recurse=False))
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in own.values()):
+        return None, f"{kind} is a lazy module whose weights are not initialised yet: run one forward first"
+    if isinstance(module, NORM_TYPES):
+        return None, f"{kind} is a normalisation layer: its weight is a per-feature scale, not a fan-in sum"
+    if isinstance(module, (nn.Linear, nn.Bilinear) + CONV + CONV_TRANSPOSE + EMBEDDING):
+        return _torch_fans(module, ["weight"], kind)
+    if isinstance(module, nn.MultiheadAttention):
+        names = (["in_proj_weight"] if module.in_proj_weight is not None
+                 else ["q_proj_weight", "k_proj_weight", "v_proj_weight"])
+        out, reason = _torch_fans(module, names, kind, blocks=3 if names == ["in_proj_weight"] else 1)
+        if out is not None and isinstance(getattr(module.out_proj, "weight", None), torch.Tensor):
+            out["out_proj.weight"] = _fan_pair(module.out_proj.weight)
+        return out, reason
+    if isinstance(module, nn.RNNBase):
+        gates = _GATES.get(module.mode)
+        if gates is None:
+            return None, f"{kind} has the unknown RNN mode {module.mode!r}: its gate blocks are not known"
+        found: dict[str, tuple[int, int]] = {}
+        for name in module._flat_weights_names:
+            if name.startswith(("weight_ih", "weight_hh")):
+                part, _ = _torch_fans(module, [name], kind, blocks=gates)
+            elif name.startswith("weight_hr"):
+                part, _ = _torch_fans(module, [name], kind)
+            else:
+                continue
+            if part is None:
+                return None, f"{kind}.{name} is not a tensor with {gates} gate blocks of rows"
+            found.update(part)
+        return found, None
+    for cls, gates in _CELL_GATES.items():
+        if isinstance(module, cls):
+            return _torch_fans(module, ["weight_ih", "weight_hh"], kind, blocks=gates)
+    if not any(p.dim() >= 2 for p in own.values()):
+        return None, f"{kind} has no weight of 2 or more dimensions of its own"
+    return None, (f"{kind} is not a module kind whose weight layout torchdiag knows ({FAN_TYPES}), and fans are"
+                  " never guessed from a parameter's shape")
+
+
+def _fan_pair(t: torch.Tensor) -> tuple[int, int]:
+    fi, fo = nn.init._calculate_fan_in_and_fan_out(t)
+    return int(fi), int(fo)
+
+
+def _torch_fans(module: nn.Module, names: list[str], kind: str,
+                blocks: int = 1) -> tuple[dict[str, tuple[int, int]] | None, str | None]:
+    out = {}
+    for name in names:
+        w = getattr(module, name, None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 2:
+            return None, f"{kind}.{name} is not a weight tensor of 2 or more dimensions"
+        if blocks > 1:
+            if w.shape[0] % blocks:
+                return None, f"{kind}.{name} {tuple(w.shape)} does not split into {blocks} blocks of rows"
+            w = w[: w.shape[0] // blocks]  # one block: a view, nothing is copied
+        out[name] = _fan_pair(w)
+    return out, None
