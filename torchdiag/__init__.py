@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import Config
 from .errors import ConfigError, DiagnosticWarning, TorchDiagError
-from .fix import apply_suggestions
+from .fix import apply_suggestions, fix_init
 from .report import LayerReport, Report
 from .watch import Watcher, check, watch
 
@@ -21,5 +21,6 @@ __all__ = [
     "__version__",
     "apply_suggestions",
     "check",
+    "fix_init",
     "watch",
 ]

@@ -4,6 +4,10 @@
 moments on the tensor's device (``stats``), writes that row into a preallocated per-device
 buffer, and at the end of a recorded step copies each buffer to the host once and merges
 the rows into per-layer ``diagnose.LayerStats``. No tensor is kept past its hook.
+
+On histogram steps (``histogram_every``) each activation and gradient also gets a
+fixed-bin histogram computed on its device (``stats.histogram_row``) into a second small
+per-device buffer; it travels to the host in the same single copy as the step buffer.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -20,11 +24,31 @@ import torch
 from torch import nn
 
 from . import gains, stats
-from .capture import first_float_tensor, in_backward, iter_float_tensors
+from .capture import first_float_tensor, in_backward, iter_float_tensors, tracing
 from .diagnose import LayerStats, Moments, StepStats
 from .errors import DiagnosticWarning
 
 ACT, GRAD, INPUT, WEIGHT, ROOT_IN, ROOT_GRAD = range(6)
+_HIST_KINDS = {ACT: "act", GRAD: "grad"}
+
+
+@dataclass
+class Histogram:
+    """One layer's activation or gradient histogram at one step, ready for ``add_histogram_raw``.
+
+    ``edges`` has ``len(counts) + 1`` values (left edge of the first bin ... right edge of the
+    last); ``min``/``max``/``num``/``sum``/``sum_squares`` are over every element recorded.
+    """
+
+    layer: str
+    kind: str  # 'act' | 'grad'
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    edges: list[float]
+    counts: list[float]
 
 
 @dataclass
@@ -63,13 +87,15 @@ def describe(name: str, module: nn.Module, *, is_layer: bool, is_root: bool, sat
     rng = gains.saturation_range(module)
     if rng is not None:
         slot.saturation = (rng[0], rng[1] * saturation_level)
-    w = _main_weight(module) or _norm_weight(module)
+    lazy = any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False))
+    w = None if lazy else _main_weight(module) or _norm_weight(module)
     if w is not None:
         slot.weight_name, p = w
         slot.weight_shape = tuple(p.shape)
-        f = gains.fans(p)
-        if f is not None and kind == "weighted":
-            slot.fan_in, slot.fan_out = f
+        if kind == "weighted":  # fans per module kind, as torch.nn.init computes them; never guessed
+            f = (gains.layer_fans(module) or {}).get(slot.weight_name)
+            if f is not None:
+                slot.fan_in, slot.fan_out = f
     return slot
 
 
@@ -77,9 +103,10 @@ def _main_weight(module: nn.Module) -> tuple[str, torch.Tensor] | None:
     if isinstance(module, gains.NORM_TYPES):
         return None
     w = getattr(module, "weight", None)
-    if isinstance(w, torch.Tensor) and w.dim() >= 2:
+    if isinstance(w, torch.Tensor) and not isinstance(w, nn.parameter.UninitializedParameter) and w.dim() >= 2:
         return "weight", w
-    own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    own = [(n, p) for n, p in module.named_parameters(recurse=False)
+           if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 2]
     return max(own, key=lambda t: t[1].numel()) if own else None
 
 
@@ -98,9 +125,10 @@ class Recorder:
     """Collects one step's rows; ``end_step`` returns its ``StepStats`` (or None if not recorded)."""
 
     def __init__(self, slots: list[Slot], modules: list[nn.Module], every: int,
-                 on_auto_step: Callable[[], None]) -> None:
+                 on_auto_step: Callable[[], None], histogram_every: int = 0) -> None:
         self.slots = slots
         self.every = every
+        self.histogram_every = histogram_every  # 0: no histograms
         self.step = 0
         self.generation = 0
         self.recording = True
@@ -113,6 +141,13 @@ class Recorder:
         self._entries: list[tuple[int, int, int, torch.device, int, int]] = []
         self._order: dict[int, int] = {}
         self._root_called = False
+        # histograms: rows [lo, hi, counts...] in a second per-device buffer, on histogram steps only
+        self._hbuffers: dict[torch.device, torch.Tensor] = {}
+        self._hused: dict[torch.device, int] = {}
+        self._hentries: list[tuple[int, int, torch.device, int]] = []
+        self._hist_window = -1  # step // histogram_every of the last step that got histograms
+        self.histogram_step = self._histogram_due()
+        self.histograms: list[Histogram] | None = None  # of the step that ended last, if it had them
 
     # ----------------------------------------------------------------- hooks
     def on_pre(self, slot: int, module: nn.Module) -> None:
@@ -125,10 +160,14 @@ class Recorder:
             self._root_called = True
 
     def on_forward(self, slot: int, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self.recording or self.closed or not torch.is_grad_enabled() or in_backward():
+        if not self.recording or self.closed or not torch.is_grad_enabled() or tracing():
             return
         info = self.slots[slot]
         if info.disabled:
+            return
+        if in_backward() and (info.calls > 0 or info.is_root):
+            # activation checkpointing re-running a forward already recorded (non-reentrant); a reentrant
+            # checkpoint's first forward ran under no_grad, so its re-run inside backward is the one recorded
             return
         self.guarded(slot, self._forward, slot, info, args, output)
 
@@ -154,6 +193,8 @@ class Recorder:
     def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> None:
         row = stats.act_row(t, saturation) if kind == ACT else stats.grad_row(t)
         self._write(slot, kind, t.numel(), t.device, row)
+        if self.histogram_step and kind in _HIST_KINDS and t.numel() > 0:
+            self._write_hist(slot, kind, t, row[3], row[4])
 
     def guarded(self, slot: int, fn: Callable[..., None], *args: Any) -> None:
         """Run hook code; an error in torchdiag disables that layer and warns once, never reaching the user."""
@@ -178,14 +219,45 @@ class Recorder:
         self._used[device] = used + 1
         self._entries.append((slot, kind, n, device, used, width))
 
+    def _write_hist(self, slot: int, kind: int, t: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> None:
+        device = t.device
+        buf = self._hbuffers.get(device)
+        used = self._hused.get(device, 0)
+        if buf is None or used == buf.shape[0]:
+            # counts in float64 (exact past 2**24 elements per bin); MPS has no float64
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            new = torch.zeros((max(16, 2 * used), stats.HIST_BINS + 2), dtype=dtype, device=device)
+            if buf is not None:
+                new[:used].copy_(buf[:used])
+            self._hbuffers[device] = buf = new
+        stats.histogram_row(t, mn, mx, buf[used])
+        self._hused[device] = used + 1
+        self._hentries.append((slot, kind, device, used))
+
+    def _histogram_due(self) -> bool:
+        """Histograms on the first recorded step of each window of ``histogram_every`` steps."""
+        he = self.histogram_every
+        return bool(he) and self.recording and self.step // he > self._hist_window
+
     # ----------------------------------------------------------------- steps
     def end_step(self) -> StepStats | None:
-        """Close the current step; return its statistics if it was recorded and saw any forward."""
-        result = self._collect() if self.recording and self._order else None
+        """Close the current step; return its statistics if it was recorded and saw any forward.
+
+        The histograms of that step, if it was a histogram step, are left in ``self.histograms``.
+        """
+        self.histograms = None
+        if self.recording and self._order:
+            result, hists = self._collect(with_histograms=self.histogram_step)
+            if self.histogram_step:
+                self.histograms = hists
+                self._hist_window = self.step // self.histogram_every
+        else:
+            result = None
         self._reset()
         self.step += 1
         self.generation += 1
         self.recording = self.step % self.every == 0
+        self.histogram_step = self._histogram_due()
         self._root_called = False
         return result
 
@@ -193,17 +265,20 @@ class Recorder:
         return self.recording and bool(self._order)
 
     def peek(self) -> StepStats | None:
-        return self._collect() if self.recording and self._order else None
+        return self._collect(with_histograms=False)[0] if self.recording and self._order else None
 
     def _reset(self) -> None:
         self._entries = []
         self._order = {}
         for d in self._used:
             self._used[d] = 0
+        self._hentries = []
+        for d in self._hused:
+            self._hused[d] = 0
         for s in self.slots:
             s.calls = 0
 
-    def _collect(self) -> StepStats:
+    def _collect(self, with_histograms: bool) -> tuple[StepStats, list[Histogram]]:
         used_before, n_entries = dict(self._used), len(self._entries)
         for slot in self._order:  # weights: once per step, on device, into the same buffer
             info = self.slots[slot]
@@ -212,13 +287,48 @@ class Recorder:
                 w = getattr(m, info.weight_name, None)
                 if isinstance(w, torch.Tensor) and w.numel() > 0 and w.layout == torch.strided:
                     self._write(slot, WEIGHT, w.numel(), w.device, stats.grad_row(w))
-        # the one device-to-host copy of this step, per device
-        host = {d: self._buffers[d][:used].tolist() for d, used in self._used.items() if used}
+        # the one device-to-host copy of this step, per device (histogram rows ride along)
+        host: dict[torch.device, list] = {}
+        hhost: dict[torch.device, list] = {}
+        for d, used in self._used.items():
+            if not used:
+                continue
+            hused = self._hused.get(d, 0) if with_histograms else 0
+            if not hused:
+                host[d] = self._buffers[d][:used].tolist()
+                continue
+            hbuf = self._hbuffers[d][:hused]
+            flat = torch.cat((self._buffers[d][:used].to(hbuf.dtype).reshape(-1), hbuf.reshape(-1))).tolist()
+            w, hw, split = stats.ROW_WIDTH, hbuf.shape[1], used * stats.ROW_WIDTH
+            host[d] = [flat[i:i + w] for i in range(0, split, w)]
+            hhost[d] = [flat[i:i + hw] for i in range(split, len(flat), hw)]
         entries = self._entries
         self._entries, self._used = entries[:n_entries], used_before  # a peek leaves the step as it was
-        return self._merge(entries, host)
+        result, moms = self._merge(entries, host)
+        hists = self._histograms(hhost, moms) if with_histograms else []
+        return result, hists
 
-    def _merge(self, entries: list, host: dict) -> StepStats:
+    def _histograms(self, hhost: dict, moms: dict) -> list[Histogram]:
+        rows: dict[tuple[int, int], list[list[float]]] = {}
+        for slot, kind, device, row in self._hentries:
+            if device in hhost:
+                rows.setdefault((slot, kind), []).append(hhost[device][row])
+        out = []
+        for slot in self._order:
+            for kind, label in _HIST_KINDS.items():
+                rs = rows.get((slot, kind))
+                m = moms.get((slot, kind))
+                if not rs or m is None or m.n == 0 or not all(math.isfinite(r[0]) and math.isfinite(r[1]) for r in rs):
+                    continue  # not recorded, or NaN/Inf in the tensor: no meaningful bins
+                lo, hi, counts = stats.merge_histograms(rs)
+                bins = len(counts)
+                edges = [lo + (hi - lo) * i / bins for i in range(bins)] + [hi]
+                out.append(Histogram(layer=self.slots[slot].name, kind=label, min=m.min, max=m.max, num=m.n,
+                                     sum=m.mean * m.n, sum_squares=m.m2 + m.n * m.mean * m.mean,
+                                     edges=edges, counts=counts))
+        return out
+
+    def _merge(self, entries: list, host: dict) -> tuple[StepStats, dict]:
         moms: dict[tuple[int, int], stats.Moments] = {}
         sq: dict[tuple[int, int], list[float]] = {}
         for slot, kind, n, device, row, width in entries:
@@ -237,7 +347,8 @@ class Recorder:
             inp = sq.get((slot, INPUT))
             layers.append(LayerStats(
                 name=info.name, module_type=info.module_type, index=order, calls=info.calls, kind=info.kind,
-                act=_moments(act, with_act=True, with_sat=info.saturation is not None), grad=_moments(grad), weight_shape=info.weight_shape,
+                act=_moments(act, with_act=True, with_sat=info.saturation is not None), grad=_moments(grad),
+                weight_shape=info.weight_shape,
                 input_rms=math.sqrt(inp[0] / inp[1]) if inp and inp[1] else None,
                 weight_std=w.std if w else None, weight_absmax=w.absmax if w else None,
                 fan_in=info.fan_in, fan_out=info.fan_out, nonlinearity=info.nonlinearity,
@@ -251,7 +362,7 @@ class Recorder:
                 root_grad = g.std if g else None
         not_called = [s.name for i, s in enumerate(self.slots) if s.is_layer and i not in self._order]
         return StepStats(layers=layers, step=self.step, input_rms=root_in, output_grad_std=root_grad,
-                         not_called=not_called)
+                         not_called=not_called), moms
 
 
 def _moments(m: stats.Moments | None, with_act: bool = False, with_sat: bool = False) -> Moments | None:

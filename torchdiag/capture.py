@@ -27,6 +27,16 @@ _REGISTRY: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakr
 _HANDLES: list[Any] = []
 
 
+def _eager(fn: Any) -> Any:
+    """Run a hook eagerly under torch.compile (a graph break at each watched module) instead of tracing it.
+
+    Called when the first watch starts, not at import: ``torch.compiler.disable`` loads the
+    compiler stack, which costs seconds.
+    """
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 def _pre_hook(module: nn.Module, args: tuple) -> None:
     entry = _REGISTRY.get(module)
     if entry is not None:
@@ -55,8 +65,8 @@ def attach(recorder: Any, modules: list[nn.Module]) -> None:
     for i, m in enumerate(modules):
         _REGISTRY[m] = (ref, i)
     if not _HANDLES:
-        _HANDLES.append(nn.modules.module.register_module_forward_pre_hook(_pre_hook))
-        _HANDLES.append(nn.modules.module.register_module_forward_hook(_post_hook))
+        _HANDLES.append(nn.modules.module.register_module_forward_pre_hook(_eager(_pre_hook)))
+        _HANDLES.append(nn.modules.module.register_module_forward_hook(_eager(_post_hook)))
 
 
 def detach(modules: list[weakref.ref]) -> None:
@@ -117,6 +127,16 @@ def iter_float_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
 
 def first_float_tensor(args: tuple) -> torch.Tensor | None:
     return next(iter_float_tensors(args), None)
+
+
+_compiler = getattr(torch, "compiler", None)
+_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
+_is_exporting = getattr(_compiler, "is_exporting", None) or (lambda: False)
+
+
+def tracing() -> bool:
+    """True under torch.jit.trace, torch.export or a compiler trace: hooks must not record fake values."""
+    return torch.jit.is_tracing() or _is_compiling() or _is_exporting()
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)

@@ -38,6 +38,8 @@ class Config:
     saturation_level: float
     saturated_fraction: float
     warnings: bool
+    histogram_every: int
+    profile_every: int
 
     @classmethod
     def defaults(cls) -> Config:
@@ -166,8 +168,10 @@ _TYPES = {
     "saturation_level": "float",
     "saturated_fraction": "float",
     "warnings": "bool",
+    "histogram_every": "int",
+    "profile_every": "int",
 }
-_MIN_INT = {"every": 1, "min_repeats": 2}
+_MIN_INT = {"every": 1, "min_repeats": 2, "histogram_every": 0, "profile_every": 0}
 _FLOAT_RANGE = {
     "vanishing_ratio": (0.0, 1.0),
     "exploding_ratio": (1.0, math.inf),

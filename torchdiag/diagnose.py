@@ -63,6 +63,7 @@ class LayerStats:
     nonlinearity: Nonlinearity | None = None  # for activation modules: what they apply
     relu_family: bool = False
     bounded: bool = False
+    update_ratio: float | None = None  # ||w_new - w_old|| / ||w_new|| across the optimizer step
 
 
 @dataclass
@@ -73,6 +74,9 @@ class StepStats:
     output_grad_std: float | None = None
     not_called: list[str] = field(default_factory=list)
     rescale_grads: bool = False
+    grad_norm_preclip: float | None = None  # global parameter-gradient norm before the user's clipping
+    grad_norm_postclip: float | None = None  # ... and as the optimizer saw it
+    amp_scale: float | None = None  # GradScaler's scale in effect for this step's backward
 
 
 def _finite(x: float | None) -> float | None:
@@ -103,11 +107,17 @@ def diagnose(stats: StepStats, config: Config) -> Report:
 
     _drift(rows, layers, config, notes)
     _explain_by_dead(rows)
+    _updates(rows, layers, config, notes)
 
     if stats.not_called:
         notes.append("watched but never called in this step: " + ", ".join(stats.not_called))
-    return Report(layers=rows, step=stats.step, first_nonfinite=first_nonfinite, notes=notes,
-                  rescale_grads=stats.rescale_grads)
+    report = Report(layers=rows, step=stats.step, first_nonfinite=first_nonfinite, notes=notes,
+                    rescale_grads=stats.rescale_grads, amp_scale=stats.amp_scale)
+    pre, post = stats.grad_norm_preclip, stats.grad_norm_postclip
+    if pre is not None and post is not None and math.isfinite(pre):
+        report.grad_norm_preclip, report.grad_norm_postclip = pre, post
+        report.clipped = post < pre * (1 - 1e-5)
+    return report
 
 
 def _base_row(s: LayerStats, stats: StepStats) -> LayerReport:
@@ -158,6 +168,29 @@ def _suggest(row: LayerReport, s: LayerStats, after: list[LayerStats]) -> None:
     if normalised is not None:
         row.notes.append(f"followed by {normalised.module_type} '{normalised.name}': its weight scale"
                          " barely changes the forward signal")
+
+
+def _updates(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes: list[str]) -> None:
+    """Update-to-weight ratio band (needs ``watch(..., optimizer=)``)."""
+    measured = [(row, s.update_ratio) for row, s in zip(rows, layers) if s.update_ratio is not None]
+    for row, ratio in measured:
+        row.update_ratio = ratio
+    if measured and all(r == 0.0 for _, r in measured):
+        notes.append("the optimizer step changed no watched weight (learning rate 0, e.g. warm-up start?)")
+        return
+    for row, ratio in measured:
+        if not math.isfinite(ratio):
+            continue
+        if ratio > cfg.update_ratio_high:
+            _flag(row, "large_updates", None, ratio, cfg.update_ratio_high, "update_ratio_high",
+                  f"'{row.name}' ({row.module_type}) gets large_updates: one optimizer step moved its weights by"
+                  f" {ratio:.3g} of their norm (update_ratio_high {cfg.update_ratio_high:g}; ~1e-3 is typical)."
+                  " Fix: lower the learning rate or clip gradients.")
+        elif 0.0 < ratio < cfg.update_ratio_low:
+            _flag(row, "small_updates", None, ratio, cfg.update_ratio_low, "update_ratio_low",
+                  f"'{row.name}' ({row.module_type}) gets small_updates: one optimizer step moved its weights by"
+                  f" only {ratio:.3g} of their norm (update_ratio_low {cfg.update_ratio_low:g})."
+                  " Fix: raise the learning rate, or check its gradient (see backward drift).")
 
 
 def _fix_text(row: LayerReport) -> str:

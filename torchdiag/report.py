@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-STATUSES = ("exploding", "vanishing", "nonfinite", "dead", "saturated")
+STATUSES = ("exploding", "vanishing", "nonfinite", "dead", "saturated", "large_updates", "small_updates")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class LayerReport:
     fan_in: int | None = None
     fan_out: int | None = None
     gain: float | None = None
+    update_ratio: float | None = None
     forward_ratio: float | None = None
     backward_ratio: float | None = None
     nonlinearity: str | None = None
@@ -80,6 +81,10 @@ class Report:
     first_nonfinite: str | None = None
     notes: list[str] = field(default_factory=list)
     rescale_grads: bool = False
+    amp_scale: float | None = None
+    grad_norm_preclip: float | None = None
+    grad_norm_postclip: float | None = None
+    clipped: bool | None = None
 
     @property
     def flagged(self) -> list[LayerReport]:
@@ -97,6 +102,10 @@ class Report:
             "step": self.step,
             "first_nonfinite": self.first_nonfinite,
             "rescale_grads": self.rescale_grads,
+            "amp_scale": self.amp_scale,
+            "grad_norm_preclip": self.grad_norm_preclip,
+            "grad_norm_postclip": self.grad_norm_postclip,
+            "clipped": self.clipped,
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
         }

@@ -24,9 +24,12 @@ ROW_WIDTH = ACT_COLS
 
 
 def _flat32(x: torch.Tensor) -> torch.Tensor:
+    """A 1-D float32 view of ``x`` (a copy only for other dtypes or truly strided layouts)."""
     x = x.detach()
-    if x.dtype not in (torch.float32, torch.float64):
+    if x.dtype != torch.float32:
         x = x.float()
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)  # channels_last: this permutation is contiguous, so the flatten is a view
     return x.reshape(-1)
 
 
@@ -125,3 +128,60 @@ class Moments:
     @property
     def absmax(self) -> float:
         return max(abs(self.min), abs(self.max))
+
+
+# ------------------------------------------------------------------ histograms
+HIST_BINS = 64  # fixed bins of the on-device histograms (TensorBoard re-bins for display anyway)
+_HIST_CHUNK = 1 << 24  # elements binned per kernel: bounds the transient memory to ~8 bytes x 16M
+
+
+def histogram_row(t: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, out: torch.Tensor) -> None:
+    """Fixed-bin histogram of ``t`` over its range ``[mn, mx]``, written on the device into ``out``.
+
+    ``out`` is a row ``[lo, hi, count_0, ..., count_{bins-1}]``. The binning is
+    ``torch.histc``'s, bin ``floor((x - lo) / (hi - lo) * bins)`` with the maximum in the last
+    bin, and a constant tensor gets the range ``[x - 1, x + 1]`` like ``histc``. ``mn``/``mx``
+    are 0-d tensors (the row's min/max, already computed) and no value leaves the device:
+    the tensor is mapped onto [0, 1] with them and binned by ``histc`` over the fixed range
+    (0, 1) (shared-memory atomics on a GPU), or by ``bincount`` on the CPU. When the range is
+    not finite (NaN/Inf in the tensor) ``lo``/``hi`` are too and the counts are meaningless.
+    """
+    x = _flat32(t)
+    bins = out.shape[0] - 2
+    mn, mx = mn.to(x.dtype), mx.to(x.dtype)
+    pad = (mn == mx).to(x.dtype)  # a constant tensor: [x - 1, x + 1]
+    lo, hi = mn - pad, mx + pad
+    torch.stack((lo, hi), out=out[:2])  # NaN/Inf stay visible to the host, which then drops the histogram
+    lo, hi = lo.nan_to_num(0.0, 0.0, 0.0), hi.nan_to_num(1.0, 1.0, 1.0)
+    width = hi - lo
+    counts = out[2:]
+    counts.zero_()
+    for chunk in x.split(_HIST_CHUNK):  # float32 counts per chunk stay exact (< 2**24)
+        y = (chunk - lo).div_(width)  # in [0, 1]: (x - lo) <= (hi - lo) survives rounding
+        if y.device.type == "cpu":
+            idx = y.mul_(bins).nan_to_num_(0.0, bins - 1, 0.0).clamp_(0, bins - 1).to(torch.int32)
+            counts.add_(torch.bincount(idx, minlength=bins))
+        else:
+            counts.add_(torch.histc(y, bins=bins, min=0.0, max=1.0))
+
+
+def merge_histograms(rows: list[list[float]]) -> tuple[float, float, list[float]]:
+    """Merge host histogram rows ``[lo, hi, counts...]`` into one over the union of their ranges.
+
+    Rows with the same range add exactly; otherwise each bin's count moves to the bin of the
+    merged range that holds its centre (approximate, as any re-binning is).
+    """
+    lo = min(r[0] for r in rows)
+    hi = max(r[1] for r in rows)
+    if all(r[0] == lo and r[1] == hi for r in rows):
+        return lo, hi, [sum(c) for c in zip(*(r[2:] for r in rows))]
+    bins = len(rows[0]) - 2
+    merged = [0.0] * bins
+    for r in rows:
+        step = (r[1] - r[0]) / bins
+        for i, c in enumerate(r[2:]):
+            if c:
+                centre = r[0] + (i + 0.5) * step
+                j = min(bins - 1, max(0, int((centre - lo) / (hi - lo) * bins)))
+                merged[j] += c
+    return lo, hi, merged

@@ -65,16 +65,21 @@ class Watcher:
             modules.append(model)
             slots.append(describe("", model, is_layer=False, is_root=True,
                                   saturation_level=self.config.saturation_level))
-        self._recorder = Recorder(slots, modules, self.config.every, on_auto_step=self._auto_step)
+        # histograms are binned only when something will write them
+        writer = self._user_writer
+        histograms = callable(getattr(writer, "add_histogram_raw", None)) if writer is not None else (
+            self._logdir is not None)
+        self._recorder = Recorder(slots, modules, self.config.every, on_auto_step=self._auto_step,
+                                  histogram_every=self.config.histogram_every if histograms else 0)
         capture.attach(self._recorder, modules)
         self._module_refs = [weakref.ref(m) for m in modules]
         self._entered = True
         try:
             self._install_rescale()
             if self._user_writer is not None:
-                self._tb = TensorBoardSink(self._user_writer, owned=False)
+                self._tb = TensorBoardSink(self._user_writer, owned=False, config=self.config)
             elif self._logdir is not None:
-                self._tb = TensorBoardSink(open_writer(self._logdir), owned=True)
+                self._tb = TensorBoardSink(open_writer(self._logdir), owned=True, config=self.config)
         except BaseException:
             self._close()
             raise
@@ -126,7 +131,7 @@ class Watcher:
         self._last = report
         messages = self._console.write(report) if self._warn else []
         if self._tb is not None:
-            self._tb.write(report, messages)
+            self._tb.write(report, messages, self._recorder.histograms)
         return report
 
     def _diagnose(self, stats: StepStats) -> Report:
@@ -153,6 +158,7 @@ class Watcher:
     def _install_rescale(self) -> None:
         if self._rescale is False:
             return
+        factors: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
         for name, m in self._selected:
             info = describe(name, m, is_layer=True, is_root=False, saturation_level=0.5)
             if info.kind != "weighted":
@@ -169,22 +175,35 @@ class Watcher:
                 raise TorchDiagError(f"rescale_grads: the factor for layer '{name}' must be a finite number,"
                                      f" got {factor!r}")
             if factor != 1.0:
-                self._rescale_handles.append(m.register_forward_hook(_RescaleHook(float(factor))))
+                factors[m] = float(factor)
+        if factors:
+            self._rescale_handles.append(nn.modules.module.register_module_forward_hook(_RescaleHook(factors)))
 
 
 class _RescaleHook:
-    """Forward hook that puts ``grad * factor`` on each floating output's gradient (forward unchanged)."""
+    """Process-wide forward hook: ``grad * factor`` on the output gradients of the modules in a weak map.
 
+    One global hook rather than one per module: a per-module hook would be copied by
+    ``copy.deepcopy(model)`` (EMA models) into a module that no watcher ever unhooks. The forward
+    is unchanged.
+    """
+
+    def __init__(self, factors: weakref.WeakKeyDictionary) -> None:
+        self.factors = factors
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        factor = self.factors.get(module)
+        if factor is not None and torch.is_grad_enabled():
+            for t in capture.iter_float_tensors(output):
+                if t.requires_grad:
+                    t.register_hook(_GradScale(factor))
+
+
+class _GradScale:
     def __init__(self, factor: float) -> None:
         self.factor = factor
 
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if torch.is_grad_enabled():
-            for t in capture.iter_float_tensors(output):
-                if t.requires_grad:
-                    t.register_hook(self._scale)
-
-    def _scale(self, grad: torch.Tensor) -> torch.Tensor:
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         return grad * self.factor
 
 
@@ -283,7 +302,8 @@ def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor]
                 try:
                     out = model(*xs)
                 except Exception as e:
-                    raise TorchDiagError(f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e
+                    raise TorchDiagError(
+                        f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e
                 loss = loss_fn(out) if loss_fn is not None else projection_loss(out)
                 targets = [p for p in model.parameters() if p.requires_grad]
                 targets += [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]

@@ -1,0 +1,271 @@
+"""Overhead of torchdiag against no monitoring, a naive hook recorder and the read floor.
+
+    python benchmarks/overhead.py [--workload mlp|cnn|transformer|all] [--device cpu|cuda]
+                                  [--rounds N] [--threads 1] [--json out.json] [--quick]
+
+Variants run interleaved round by round in one process (these machines are noisy: never
+compare figures from two runs); the table gives the median step time and its ratio to no
+monitoring, and the peak memory of each variant (CPU: peak RSS, reset before each variant
+through /proc/self/clear_refs; CUDA: max_memory_allocated). On CUDA it also counts host
+syncs during a recorded step (torch.cuda.set_sync_debug_mode). CPU runs default to 1 torch
+thread: on a shared 2-core box a busy second core makes 2-thread timings meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+import types
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torchdiag  # noqa: E402
+from tests import zoo  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- workloads
+def mlp_workload(device, quick):
+    width, depth, batch = (128, 8, 32) if quick else (512, 24, 256)
+    model = zoo.kaiming_mlp(depth, width).to(device)
+    model[-1] = nn.Linear(width, 10).to(device)
+    x, y = torch.randn(batch, width, device=device), torch.randint(0, 10, (batch,), device=device)
+    return model, lambda m: F.cross_entropy(m(x), y)
+
+
+def _block_forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+def cnn_workload(device, quick):
+    batch = 8 if quick else 64
+    model = zoo.ResNet().to(device)
+    # the naive recorder's full backward hooks cannot run with in-place ops (ReLU(inplace), out += x):
+    # every variant runs the out-of-place form, so they time the same model
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+        if isinstance(m, zoo.BasicBlock):
+            m.forward = types.MethodType(_block_forward, m)
+    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    return model, lambda m: F.cross_entropy(m(x), y)
+
+
+def transformer_workload(device, quick):
+    d, seq, batch, layers = (64, 32, 4, 2) if quick else (256, 128, 16, 4)
+    layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.1, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, layers, enable_nested_tensor=False), nn.Linear(d, 10)).to(device)
+    x, y = torch.randn(batch, seq, d, device=device), torch.randint(0, 10, (batch * seq,), device=device)
+    return model, lambda m: F.cross_entropy(m(x).reshape(-1, 10), y)
+
+
+WORKLOADS = {"mlp": mlp_workload, "cnn": cnn_workload, "transformer": transformer_workload}
+
+
+# ----------------------------------------------------------------------------- variants
+class NaiveRecorder:
+    """What tutorials do: full backward hooks and .item() per statistic per layer."""
+
+    def __init__(self, model):
+        self.handles, self.log = [], {}
+        for name, m in model.named_modules():
+            if next(m.children(), None) is None:
+                self.handles.append(m.register_forward_hook(self._fwd(name)))
+                self.handles.append(m.register_full_backward_hook(self._bwd(name)))
+
+    def _fwd(self, name):
+        def hook(m, args, out):
+            if isinstance(out, torch.Tensor) and torch.is_grad_enabled():
+                o = out.detach()
+                self.log[name] = (o.mean().item(), o.std().item(), o.abs().max().item())
+        return hook
+
+    def _bwd(self, name):
+        def hook(m, gin, gout):
+            g = gout[0]
+            if g is not None:
+                self.log[name + ".grad"] = (g.std().item(), g.norm().item())
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        for h in self.handles:
+            h.remove()
+
+    def step(self):
+        pass
+
+
+class ReadFloor:
+    """One sum over every activation and gradient torchdiag would read: the cost of touching the data once."""
+
+    def __init__(self, model):
+        self.handles = []
+        self.sink = []
+        for m in model.modules():
+            if next(m.children(), None) is None or next(m.parameters(recurse=False), None) is not None:
+                self.handles.append(m.register_forward_hook(self._fwd))
+
+    def _fwd(self, m, args, out):
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            self.sink.append(out.detach().sum())
+            out.register_hook(lambda g: self.sink.append(g.sum()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        for h in self.handles:
+            h.remove()
+
+    def step(self):
+        self.sink.clear()
+
+
+class NoMonitor:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        pass
+
+    def step(self):
+        pass
+
+
+def variants(logdir: str) -> dict[str, Callable[[nn.Module], contextlib.AbstractContextManager]]:
+    hist_key = "histogram_every" in {f for f in torchdiag.Config.__dataclass_fields__}
+    out = {
+        "none": lambda m: NoMonitor(),
+        "naive hooks": NaiveRecorder,
+        "read floor": ReadFloor,
+        "torchdiag every=1": lambda m: torchdiag.watch(m, logdir=f"{logdir}/e1", config={"warnings": False}),
+        "torchdiag every=10": lambda m: torchdiag.watch(m, logdir=f"{logdir}/e10", every=10,
+                                                        config={"warnings": False}),
+        "torchdiag every=100": lambda m: torchdiag.watch(m, logdir=f"{logdir}/e100", every=100,
+                                                         config={"warnings": False}),
+    }
+    if hist_key:
+        out["torchdiag every=1 + histograms"] = lambda m: torchdiag.watch(
+            m, logdir=f"{logdir}/h1", config={"warnings": False, "histogram_every": 1})
+    return out
+
+
+# ----------------------------------------------------------------------------- measurement
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_workload(name: str, device: torch.device, rounds: int, steps: int, quick: bool) -> dict:
+    model, loss_fn = WORKLOADS[name](device, quick)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {}
+    peaks: dict[str, float | None] = {}
+    syncs: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vs = variants(tmp)
+        for _ in range(2):  # warm-up: allocator, kernels, TensorBoard import
+            for make in vs.values():
+                with make(model) as mon:
+                    loss_fn(model).backward()
+                    opt.step()
+                    opt.zero_grad()
+                    mon.step()
+        for _ in range(rounds):
+            for vname, make in vs.items():
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                else:
+                    _reset_peak_rss()
+                with make(model) as mon:
+                    sync()
+                    for i in range(steps):
+                        t0 = time.perf_counter()
+                        if cuda and i == 0 and vname.startswith("torchdiag"):
+                            torch.cuda.set_sync_debug_mode("warn")
+                        loss_fn(model).backward()
+                        opt.step()
+                        opt.zero_grad()
+                        mon.step()
+                        sync()
+                        if cuda and i == 0:
+                            torch.cuda.set_sync_debug_mode(0)
+                        times.setdefault(vname, []).append(time.perf_counter() - t0)
+                peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
+                peaks[vname] = max(peaks.get(vname) or 0.0, peak or 0.0) or None
+    base = statistics.median(times["none"])
+    rows = {}
+    for vname, ts in times.items():
+        med = statistics.median(ts)
+        rows[vname] = {"median_ms": med * 1e3, "ratio": med / base, "peak_mb": peaks.get(vname),
+                       "syncs": syncs.get(vname)}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15, quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="steps per variant per round (default 10, quick 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--quick", action="store_true", help="tiny models, few steps: proves it runs, asserts nothing")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    rounds = a.rounds or (2 if a.quick else 15)
+    steps = a.steps or (2 if a.quick else 10)
+    device = torch.device(a.device)
+    names = list(WORKLOADS) if a.workload == "all" else [a.workload]
+    results = {}
+    what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {a.threads} torch thread(s)"
+    print(f"torch {torch.__version__}, {what}; {rounds} rounds x {steps} steps, variants interleaved\n")
+    for name in names:
+        rows = run_workload(name, device, rounds, steps, a.quick)
+        results[name] = rows
+        print(f"{name}:")
+        print(f"  {'variant':32s} {'median ms':>10s} {'ratio':>7s} {'peak MB':>9s}")
+        for vname, r in rows.items():
+            peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] else "-"
+            print(f"  {vname:32s} {r['median_ms']:10.2f} {r['ratio']:7.3f} {peak:>9s}")
+        print()
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
