@@ -24,8 +24,7 @@ def test_healthy_models_raise_no_warning(case, optimizer):
 @pytest.mark.parametrize("case", BROKEN, ids=lambda c: c.name)
 def test_broken_models_are_flagged_on_the_first_bad_layer(case, optimizer):
     out = zoo.run(case, optimizer, steps=3)
-    fired = {flag: layer for flag, (layer, step) in out["fired"].items()}
-    assert fired == case.expect, f"{case.name}: {case.why}"
+    assert zoo.verdict(case, optimizer, out["fired"]) is None, f"{case.name} ({case.why}): {out['fired']}"
     assert out["warnings"], "a broken model must warn on the console"
 
 

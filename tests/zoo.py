@@ -18,7 +18,7 @@ from torch import nn
 
 import torchdiag
 
-FLAGS = ("exploding", "vanishing", "nonfinite", "dead", "saturated")
+FLAGS = ("exploding", "vanishing", "nonfinite", "dead", "saturated", "large_updates", "small_updates")
 
 
 # ----------------------------------------------------------------------------- models
@@ -244,6 +244,7 @@ class Case:
     healthy: bool
     why: str
     expect: dict[str, str] = field(default_factory=dict)  # flag -> first layer it must fire on
+    expect_sgd: dict[str, str] | None = None  # where SGD's first bad layer differs
     lr: dict[str, float] = field(default_factory=lambda: {"sgd": 0.01, "adamw": 1e-3})
 
 
@@ -274,10 +275,33 @@ CASES = [
     Case("negative_bias_relu", negative_bias_relu, _vec(128), False,
          "every bias -3: almost no pre-activation is positive (the vanishing that follows is attributed to it)",
          {"dead": "1"}),
+    Case("learning_rate_too_high", kaiming_mlp, _vec(128), False,
+         "SGD at lr 5 / AdamW at lr 1 replace the weights at every step (update ratio >> 0.5)",
+         {"large_updates": "0"}, lr={"sgd": 5.0, "adamw": 1.0},
+         expect_sgd={"large_updates": "48"}),  # SGD: the head's gradient is the largest relative to its weights
     Case("tanh_weights_x3", tanh_times_3, _vec(128), False,
          "Xavier-tanh weights x3: most tanh outputs sit at +-1, and gradients grow 1.6x per layer towards the input",
          {"saturated": "1", "exploding": "0"}),
 ]
+
+
+def verdict(case: Case, optimizer: str, fired: dict[str, tuple[str, int]]) -> str | None:
+    """None if what fired is right for the case, else why not.
+
+    Healthy: nothing fires. Broken: each expected flag fires first on the expected layer, at the
+    first step anything fires; flags that only appear at later steps are consequences (a learning
+    rate too high goes on to explode and overflow) and are allowed.
+    """
+    if case.healthy:
+        return None if not fired else f"false alarm: {fired}"
+    expect = case.expect_sgd if optimizer == "sgd" and case.expect_sgd else case.expect
+    got = {flag: layer for flag, (layer, _) in fired.items()}
+    missing = {f: layer for f, layer in expect.items() if got.get(f) != layer}
+    if missing:
+        return f"expected {expect}, got {fired}"
+    first = min(fired[f][1] for f in expect)
+    extra = {f: v for f, v in fired.items() if f not in expect and v[1] <= first}
+    return f"unexpected at the first bad step: {extra}" if extra else None
 
 
 def run(case: Case, optimizer: str = "adamw", steps: int = 3, seed: int = 0) -> dict:
@@ -291,14 +315,14 @@ def run(case: Case, optimizer: str = "adamw", steps: int = 3, seed: int = 0) -> 
     fired: dict[str, tuple[str, int]] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with torchdiag.watch(model) as diag:
+        with torchdiag.watch(model, optimizer=opt) as diag:
             for _ in range(steps):
                 x, y = case.data(g)
                 loss = _ce(model(x), y)
                 loss.backward()
-                opt.step()
+                opt.step()  # ends the watcher's step (optimizer=opt)
                 opt.zero_grad()
-                report = diag.step()
+                report = diag.step()  # the report of the step that just ended
                 for layer in report.layers:
                     for flag in layer.status:
                         fired.setdefault(flag, (layer.name, report.step))

@@ -28,7 +28,8 @@ from .capture import first_float_tensor, in_backward, iter_float_tensors, tracin
 from .diagnose import LayerStats, Moments, StepStats
 from .errors import DiagnosticWarning
 
-ACT, GRAD, INPUT, WEIGHT, ROOT_IN, ROOT_GRAD = range(6)
+ACT, GRAD, INPUT, WEIGHT, ROOT_IN, ROOT_GRAD, UPDATE, CLIP, SCALE = range(9)
+_STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 _HIST_KINDS = {ACT: "act", GRAD: "grad"}
 
 
@@ -118,6 +119,8 @@ def _norm_weight(module: nn.Module) -> tuple[str, torch.Tensor] | None:
 def _grad_hook(rec_ref: weakref.ref, slot: int, kind: int, generation: int, grad: torch.Tensor) -> None:
     rec = rec_ref()
     if rec is not None and rec.generation == generation and rec.recording:
+        if rec.scaler is not None and not rec.scale_written:
+            rec.write_scale()
         rec.guarded(slot, rec.add, slot, kind, grad, None)
 
 
@@ -128,6 +131,8 @@ class Recorder:
                  on_auto_step: Callable[[], None], histogram_every: int = 0) -> None:
         self.slots = slots
         self.every = every
+        self.scaler: Any = None  # a GradScaler: gradient rows are divided by its scale on the host
+        self.scale_written = False
         self.histogram_every = histogram_every  # 0: no histograms
         self.step = 0
         self.generation = 0
@@ -215,9 +220,25 @@ class Recorder:
                 new[:used].copy_(buf[:used])
             self._buffers[device] = buf = new
         width = len(vals)
-        torch.stack([v.to(torch.float32) for v in vals], out=buf[used, :width])
+        torch.stack([v if v.dtype == torch.float32 else v.float() for v in vals], out=buf[used, :width])
         self._used[device] = used + 1
         self._entries.append((slot, kind, n, device, used, width))
+
+    def write_update(self, slot: int, n: int, device: torch.device, vals: list[torch.Tensor]) -> None:
+        """||w_new - w_old||^2 and ||w_old||^2 of one layer across an optimizer step."""
+        self._write(slot, UPDATE, n, device, vals)
+
+    def write_step_value(self, what: str, vals: list[torch.Tensor], device: torch.device) -> None:
+        """Step-level rows: 'clip' = [sumsq before the user's clipping, sumsq the optimizer saw]."""
+        self._write(_STEP_SLOT, {"clip": CLIP, "scale": SCALE}[what], 1, device, vals)
+
+    def write_scale(self) -> None:
+        """GradScaler's scale in effect for this step's backward (read in stream order, no sync)."""
+        scale = getattr(self.scaler, "_scale", None)
+        enabled = getattr(self.scaler, "is_enabled", lambda: True)()
+        if isinstance(scale, torch.Tensor) and enabled:
+            self.scale_written = True
+            self._write(_STEP_SLOT, SCALE, 1, scale.device, [scale.reshape(())])
 
     def _write_hist(self, slot: int, kind: int, t: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> None:
         device = t.device
@@ -268,6 +289,7 @@ class Recorder:
         return self._collect(with_histograms=False)[0] if self.recording and self._order else None
 
     def _reset(self) -> None:
+        self.scale_written = False
         self._entries = []
         self._order = {}
         for d in self._used:
@@ -331,14 +353,27 @@ class Recorder:
     def _merge(self, entries: list, host: dict) -> tuple[StepStats, dict]:
         moms: dict[tuple[int, int], stats.Moments] = {}
         sq: dict[tuple[int, int], list[float]] = {}
+        updates: dict[int, list[float]] = {}
+        clip: list[float] | None = None
+        scale = None
         for slot, kind, n, device, row, width in entries:
             vals = host[device][row][:width]
             if kind in (INPUT, ROOT_IN):
                 acc = sq.setdefault((slot, kind), [0.0, 0])
                 acc[0] += vals[0]
                 acc[1] += n
+            elif kind == UPDATE:
+                updates[slot] = vals
+            elif kind == CLIP:
+                clip = vals
+            elif kind == SCALE:
+                scale = vals[0] if scale is None else scale
             else:
                 moms.setdefault((slot, kind), stats.Moments()).add_row(n, vals)
+        if scale is not None and math.isfinite(scale) and scale > 0:
+            for (slot, kind), m in moms.items():
+                if kind in (GRAD, ROOT_GRAD):
+                    m.rescale(1.0 / scale)
         layers = []
         root_in = root_grad = None
         for slot, order in self._order.items():
@@ -353,6 +388,8 @@ class Recorder:
                 weight_std=w.std if w else None, weight_absmax=w.absmax if w else None,
                 fan_in=info.fan_in, fan_out=info.fan_out, nonlinearity=info.nonlinearity,
                 relu_family=info.relu_family, bounded=info.saturation is not None,
+                update_ratio=_ratio(updates.get(slot)),
+                update_base_rms=_base_rms(updates.get(slot), info.weight_shape),
             ))
         for slot, info in enumerate(self.slots):
             if info.is_root:
@@ -361,8 +398,25 @@ class Recorder:
                 g = moms.get((slot, ROOT_GRAD))
                 root_grad = g.std if g else None
         not_called = [s.name for i, s in enumerate(self.slots) if s.is_layer and i not in self._order]
-        return StepStats(layers=layers, step=self.step, input_rms=root_in, output_grad_std=root_grad,
-                         not_called=not_called), moms
+        result = StepStats(layers=layers, step=self.step, input_rms=root_in, output_grad_std=root_grad,
+                           not_called=not_called, amp_scale=scale)
+        if clip is not None:
+            pre = clip[0] / (scale * scale) if scale else clip[0]
+            result.grad_norm_preclip, result.grad_norm_postclip = math.sqrt(max(pre, 0.0)), math.sqrt(max(clip[1], 0.0))
+        return result, moms
+
+
+def _base_rms(vals: list[float] | None, shape: tuple[int, ...] | None) -> float | None:
+    if vals is None or not shape:
+        return None
+    return math.sqrt(vals[1] / math.prod(shape))
+
+
+def _ratio(vals: list[float] | None) -> float | None:
+    if vals is None:
+        return None
+    dd, ww = vals
+    return math.sqrt(dd / ww) if ww > 0 else None  # from all-zero weights there is no ratio
 
 
 def _moments(m: stats.Moments | None, with_act: bool = False, with_sat: bool = False) -> Moments | None:

@@ -37,6 +37,8 @@ class Config:
     dead_fraction: float
     saturation_level: float
     saturated_fraction: float
+    update_ratio_high: float
+    update_ratio_low: float
     warnings: bool
     histogram_every: int
     profile_every: int
@@ -137,7 +139,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise bad("a finite number")
         lo, hi = _FLOAT_RANGE[key]
         if not lo < value <= hi:
-            raise bad(f"a number in ({lo}, {hi}]")
+            raise bad(f"a number in [0, {hi}]" if lo < 0 else f"a number in ({lo}, {hi}]")
         return float(value)
     # list of strings
     if isinstance(value, str):
@@ -148,6 +150,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 
 
 def _check_relations(cfg: Config, source: str) -> None:
+    if not 0 <= cfg.update_ratio_low < cfg.update_ratio_high:
+        raise ConfigError(
+            f"{source}: keys 'update_ratio_low' and 'update_ratio_high' must satisfy low < high, got "
+            f"{cfg.update_ratio_low} and {cfg.update_ratio_high}"
+        )
     if not cfg.vanishing_ratio < 1.0 < cfg.exploding_ratio:
         raise ConfigError(
             f"{source}: keys 'vanishing_ratio' and 'exploding_ratio' must satisfy vanishing_ratio < 1 < "
@@ -167,6 +174,8 @@ _TYPES = {
     "dead_fraction": "float",
     "saturation_level": "float",
     "saturated_fraction": "float",
+    "update_ratio_high": "float",
+    "update_ratio_low": "float",
     "warnings": "bool",
     "histogram_every": "int",
     "profile_every": "int",
@@ -178,6 +187,8 @@ _FLOAT_RANGE = {
     "dead_fraction": (0.0, 1.0),
     "saturation_level": (0.0, 1.0),
     "saturated_fraction": (0.0, 1.0),
+    "update_ratio_high": (0.0, math.inf),
+    "update_ratio_low": (-1e-300, 1.0),  # 0 turns the low side off
 }
 
 

@@ -63,7 +63,8 @@ class LayerStats:
     nonlinearity: Nonlinearity | None = None  # for activation modules: what they apply
     relu_family: bool = False
     bounded: bool = False
-    update_ratio: float | None = None  # ||w_new - w_old|| / ||w_new|| across the optimizer step
+    update_ratio: float | None = None  # ||w_new - w_old|| / ||w_old|| across the optimizer step
+    update_base_rms: float | None = None  # rms of w_old
 
 
 @dataclass
@@ -178,15 +179,19 @@ def _updates(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, not
     if measured and all(r == 0.0 for _, r in measured):
         notes.append("the optimizer step changed no watched weight (learning rate 0, e.g. warm-up start?)")
         return
-    for row, ratio in measured:
+    for (row, ratio), s in zip(measured, [s for s in layers if s.update_ratio is not None]):
         if not math.isfinite(ratio):
+            continue
+        if s.fan_in and s.update_base_rms is not None and s.update_base_rms < 0.05 / math.sqrt(s.fan_in):
+            # weights still growing out of a zero init (zero head, zero-init gate): any step is "large"
+            row.notes.append("weights near zero before the step (zero init?): update ratio not judged")
             continue
         if ratio > cfg.update_ratio_high:
             _flag(row, "large_updates", None, ratio, cfg.update_ratio_high, "update_ratio_high",
                   f"'{row.name}' ({row.module_type}) gets large_updates: one optimizer step moved its weights by"
                   f" {ratio:.3g} of their norm (update_ratio_high {cfg.update_ratio_high:g}; ~1e-3 is typical)."
                   " Fix: lower the learning rate or clip gradients.")
-        elif 0.0 < ratio < cfg.update_ratio_low:
+        elif 0.0 < ratio < cfg.update_ratio_low:  # update_ratio_low 0 turns this off
             _flag(row, "small_updates", None, ratio, cfg.update_ratio_low, "update_ratio_low",
                   f"'{row.name}' ({row.module_type}) gets small_updates: one optimizer step moved its weights by"
                   f" only {ratio:.3g} of their norm (update_ratio_low {cfg.update_ratio_low:g})."

@@ -6,7 +6,7 @@ With ``watch(..., optimizer=opt)`` a step is an optimizer step. On recorded step
   (``register_post_accumulate_grad_hook``), i.e. before any clipping the user does later;
 * the optimizer's step pre-hook takes the same sum after the user's clipping (so clipping is
   seen without touching the user's code) and snapshots the watched weights;
-* the post-hook takes ``||w_new - w_old||^2`` and ``||w_new||^2`` per watched layer, releases
+* the post-hook takes ``||w_new - w_old||^2`` and ``||w_old||^2`` per watched layer, releases
   the snapshot, and ends the watcher's step.
 
 All of it is on-device 0-d tensors written into the step buffer; the host reads them with
@@ -82,6 +82,6 @@ class OptimizerMonitor:
                 w, prev = ref(), self._prev.get(slot)
                 if w is not None and prev is not None:
                     d = (w.detach() - prev).reshape(-1).float()
-                    rec.write_update(slot, w.numel(), w.device, [torch.dot(d, d), stats.sumsq(w)])
+                    rec.write_update(slot, w.numel(), w.device, [torch.dot(d, d), stats.sumsq(prev)])
             self._prev = {}
         self._end_step()

@@ -113,6 +113,12 @@ class Moments:
         self.m2 += m2 + delta * delta * self.n * n / tot
         self.n = tot
 
+    def rescale(self, factor: float) -> None:
+        """Moments of ``factor * x`` (GradScaler: report unscaled gradients)."""
+        self.mean *= factor
+        self.m2 *= factor * factor
+        self.min, self.max = sorted((self.min * factor, self.max * factor))
+
     @property
     def var(self) -> float:
         return self.m2 / self.n if self.n else math.nan

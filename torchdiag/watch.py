@@ -17,6 +17,7 @@ from .buffer import Recorder, describe
 from .config import Config, ConfigLike, resolve_config
 from .diagnose import StepStats, diagnose
 from .errors import TorchDiagError
+from .optim import OptimizerMonitor
 from .report import Report
 from .sinks.console import ConsoleSink
 from .sinks.tensorboard import TensorBoardSink, open_writer
@@ -28,8 +29,11 @@ class Watcher:
     """Records per-layer statistics of a model while the user's loop runs. Use via ``watch``."""
 
     def __init__(self, model: nn.Module, config: Config, *, logdir: str | None, writer: Any,
-                 rescale_grads: RescaleSpec, warn: bool = True) -> None:
+                 rescale_grads: RescaleSpec, warn: bool = True, scaler: Any = None, optimizer: Any = None) -> None:
         self.config = config
+        self._scaler = scaler
+        self._optimizer = optimizer
+        self._optim_monitor: OptimizerMonitor | None = None
         self._model: nn.Module | None = model
         self._logdir = logdir
         self._user_writer = writer
@@ -71,11 +75,18 @@ class Watcher:
             self._logdir is not None)
         self._recorder = Recorder(slots, modules, self.config.every, on_auto_step=self._auto_step,
                                   histogram_every=self.config.histogram_every if histograms else 0)
+        self._recorder.scaler = self._scaler
         capture.attach(self._recorder, modules)
         self._module_refs = [weakref.ref(m) for m in modules]
         self._entered = True
         try:
             self._install_rescale()
+            if self._optimizer is not None:
+                self._recorder.auto_step = False  # a step is an optimizer step
+                weights = [(i, getattr(m, slot.weight_name)) for i, (slot, m) in enumerate(zip(slots, modules))
+                           if slot.is_layer and slot.kind == "weighted" and slot.weight_name is not None]
+                self._optim_monitor = OptimizerMonitor(self._optimizer, self._recorder, weights,
+                                                       end_step=self._finish_step, scaler=self._scaler)
             if self._user_writer is not None:
                 self._tb = TensorBoardSink(self._user_writer, owned=False, config=self.config)
             elif self._logdir is not None:
@@ -104,6 +115,10 @@ class Watcher:
         for h in self._rescale_handles:
             h.remove()
         self._rescale_handles = []
+        if self._optim_monitor is not None:
+            self._optim_monitor.remove()
+            self._optim_monitor = None
+        self._optimizer = self._scaler = None
         capture.detach(self._module_refs)
         self._module_refs = []
         self._model = None
@@ -113,9 +128,15 @@ class Watcher:
 
     # ------------------------------------------------------------ steps
     def step(self) -> Report | None:
-        """End the current step. Returns its report if the step was recorded, else None."""
+        """End the current step. Returns its report if the step was recorded, else None.
+
+        With ``watch(..., optimizer=opt)`` steps end at each ``opt.step()`` instead; then this only
+        returns the report of the step that just ended (None if it was not recorded).
+        """
         if self._recorder is None or self._closed:
             raise TorchDiagError("Watcher.step() called outside the `with torchdiag.watch(...)` block")
+        if self._optim_monitor is not None:
+            return self._last if self._last is not None and self._last.step == self._recorder.step - 1 else None
         self._recorder.auto_step = False
         return self._finish_step()
 
@@ -221,6 +242,12 @@ def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: 
         rescale_grads: False, True (multiply each weighted layer's output gradient by
             sqrt(fan_in / fan_out)), a float factor, or a callable ``(name, module) -> float``.
             This changes training; off by default.
+        scaler: a ``torch.amp.GradScaler``: gradient statistics are reported unscaled (divided by
+            the scale in effect for that backward) and the scale is reported.
+        optimizer: the optimizer that steps this model: a step is then an optimizer step (ended
+            by ``opt.step()``; several backward passes before it are merged), and each layer gets
+            its update-to-weight ratio and the step its gradient norm before and after clipping.
+        process_group: reserved for the distributed reduction (not supported yet).
 
     Returns:
         A ``Watcher``, to be used as a context manager.
@@ -249,13 +276,17 @@ def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: 
     if isinstance(rescale_grads, (int, float)) and not isinstance(rescale_grads, bool):
         if not (math.isfinite(rescale_grads) and rescale_grads > 0):
             raise ValueError(f"watch(rescale_grads=...): a factor must be a finite number > 0, got {rescale_grads!r}")
-    for arg, value in (("scaler", scaler), ("optimizer", optimizer), ("process_group", process_group)):
-        if value is not None:
-            raise NotImplementedError(f"watch({arg}=...) is not supported in this version of torchdiag yet")
+    if scaler is not None and not (callable(getattr(scaler, "scale", None)) and hasattr(scaler, "get_scale")):
+        raise TypeError(f"watch(scaler=...): expected a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
+        raise TypeError(f"watch(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if process_group is not None:
+        raise NotImplementedError("watch(process_group=...) is not supported in this version of torchdiag yet")
     if capture.is_watched(model):
         raise TorchDiagError(f"{type(model).__name__} is already being watched; nested watches of one model are not"
                              " supported: leave the first `with torchdiag.watch(...)` block first")
-    return Watcher(model, cfg, logdir=logdir, writer=writer, rescale_grads=rescale_grads)
+    return Watcher(model, cfg, logdir=logdir, writer=writer, rescale_grads=rescale_grads, scaler=scaler,
+                   optimizer=optimizer)
 
 
 def _check_logdir(logdir: str | os.PathLike) -> str:
