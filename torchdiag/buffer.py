@@ -371,7 +371,7 @@ class Recorder:
             else:
                 moms.setdefault((slot, kind), stats.Moments()).add_row(n, vals)
         if scale is not None and math.isfinite(scale) and scale > 0:
-            for (slot, kind), m in moms.items():
+            for (_slot, kind), m in moms.items():
                 if kind in (GRAD, ROOT_GRAD):
                     m.rescale(1.0 / scale)
         layers = []
