@@ -116,3 +116,25 @@ def test_normalised_layer_gets_no_scale():
     assert rep["conv"].nonlinearity == "relu"
     assert rep["conv"].suggested_scale == pytest.approx(math.sqrt(2 / 72) / 0.5)
     assert any("BatchNorm2d" in n for n in rep["conv"].notes)
+
+
+def test_layers_feeding_a_norm_are_not_judged_forward_but_are_backward():
+    layers = chain([10.0 ** k for k in range(6)], [1.0] * 6)
+    for s in layers:
+        s.feeds_norm = s.module_type == "Linear"
+    rep = diagnose(StepStats(layers), CFG)
+    assert all(r.status == set() for r in rep.layers if r.module_type == "Linear")
+    assert "exploding" in rep["relu5"].status  # the ReLU outputs (not normalised) still drift
+    layers = chain([1.0] * 6, [10.0 ** -k for k in range(6)][::-1])
+    for s in layers:
+        s.feeds_norm = s.module_type == "Linear"
+    assert "vanishing" in diagnose(StepStats(layers), CFG)["lin0"].status
+
+
+def test_lookups_recurrent_and_attention_get_no_textbook_scale():
+    emb = LayerStats(name="emb", module_type="Embedding", index=0, calls=1, kind="weighted", act=mom(1.0),
+                     weight_shape=(100, 16), weight_std=1.0, weight_absmax=4.0, fan_in=16, fan_out=100,
+                     textbook=False)
+    rep = diagnose(StepStats([emb]), CFG)
+    assert rep["emb"].suggested_scale is None and rep["emb"].suggested_init is None
+    assert any("rule does not describe it" in n for n in rep["emb"].notes)

@@ -92,6 +92,32 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class PreActBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        out = self.conv1(self.relu1(self.bn1(x)))
+        return x + self.conv2(self.relu2(self.bn2(out)))
+
+
+def preact_resnet_fixed(blocks: int = 6, c: int = 16) -> nn.Module:
+    """Pre-activation ResNet, randn init, then ``torchdiag.fix_init``: the convs that feed BatchNorm keep
+    their (large) randn scale, which BatchNorm undoes; the residual convs are brought to std 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), *[PreActBlock(c) for _ in range(blocks)],
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_()
+    torchdiag.fix_init(model, torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
+    return model
+
+
 class EncoderClassifier(nn.Module):
     def __init__(self, norm_first: bool, d: int = 64, layers: int = 4, vocab: int = 100, classes: int = 10):
         super().__init__()
@@ -259,6 +285,8 @@ CASES = [
          "nn.TransformerEncoder, pre-norm, default init"),
     Case("gpt_decoder", GPT, _tokens(128, 32, 128, True), True,
          "GPT-2-style LM: N(0, 0.02), scaled residual projections, tied embeddings"),
+    Case("preact_resnet_after_fix_init", preact_resnet_fixed, _img(), True,
+         "convs feeding BatchNorm keep a large scale that BatchNorm undoes (a false alarm fix_init found)"),
     Case("zero_head_mlp", zero_head_mlp, _vec(128), True, "the head is zero-initialised on purpose"),
     Case("lstm_tagger", LSTMTagger, _tokens(100, 20, 8, True), True, "Embedding -> 2-layer LSTM -> Linear"),
     Case("xavier_relu_mlp", xavier_relu_mlp, _vec(256), False,

@@ -68,6 +68,9 @@ class Slot:
     weight_shape: tuple[int, ...] | None = None
     fan_in: int | None = None
     fan_out: int | None = None
+    fans_note: str | None = None  # why the fans are unknown
+    textbook: bool = True  # a Linear/Conv-like layer the fan_in rule applies to
+    feeds_norm: bool = False  # its output was seen going straight into a normalisation layer
     calls: int = 0
     disabled: bool = False
 
@@ -93,10 +96,12 @@ def describe(name: str, module: nn.Module, *, is_layer: bool, is_root: bool, sat
     if w is not None:
         slot.weight_name, p = w
         slot.weight_shape = tuple(p.shape)
-        if kind == "weighted":  # fans per module kind, as torch.nn.init computes them; never guessed
-            f = (gains.layer_fans(module) or {}).get(slot.weight_name)
-            if f is not None:
-                slot.fan_in, slot.fan_out = f
+    if kind == "weighted":  # fans per module kind, as torch.nn.init computes them; never guessed
+        fans, slot.fans_note = gains.fans_or_reason(module)
+        f = (fans or {}).get(slot.weight_name) if slot.weight_name else None
+        if f is not None:
+            slot.fan_in, slot.fan_out = f
+        slot.textbook = not isinstance(module, gains.NO_TEXTBOOK)
     return slot
 
 
@@ -145,6 +150,7 @@ class Recorder:
         self._used: dict[torch.device, int] = {}
         self._entries: list[tuple[int, int, int, torch.device, int, int]] = []
         self._order: dict[int, int] = {}
+        self._outputs: dict[int, int] = {}  # id(output tensor) -> slot, of the module that ran last
         self._root_called = False
         # histograms: rows [lo, hi, counts...] in a second per-device buffer, on histogram steps only
         self._hbuffers: dict[torch.device, torch.Tensor] = {}
@@ -174,12 +180,13 @@ class Recorder:
             # activation checkpointing re-running a forward already recorded (non-reentrant); a reentrant
             # checkpoint's first forward ran under no_grad, so its re-run inside backward is the one recorded
             return
-        self.guarded(slot, self._forward, slot, info, args, output)
+        self.guarded(slot, self._forward, slot, info, module, args, output)
 
-    def _forward(self, slot: int, info: Slot, args: tuple, output: Any) -> None:
+    def _forward(self, slot: int, info: Slot, module: nn.Module, args: tuple, output: Any) -> None:
         if info.is_layer:
             info.calls += 1
             self._order.setdefault(slot, len(self._order))
+            self._trace_norm_inputs(slot, info, module, args, output)
             for t in iter_float_tensors(output):
                 self.add(slot, ACT, t, info.saturation)
                 if t.requires_grad:
@@ -194,6 +201,25 @@ class Recorder:
             for t in iter_float_tensors(output):
                 if t.requires_grad:
                     t.register_hook(partial(_grad_hook, weakref.ref(self), slot, ROOT_GRAD, self.generation))
+
+    def _trace_norm_inputs(self, slot: int, info: Slot, module: nn.Module, args: tuple, output: Any) -> None:
+        """Mark layers whose output goes straight (through dropout/identity) into a normalisation layer.
+
+        Identity of the tensor object, not execution order: a residual branch's last conv runs just
+        before the next block's norm, but what that norm reads is the sum, not the conv's output.
+        """
+        if info.kind in ("norm", "passthrough"):
+            x = first_float_tensor(args)
+            src = self._outputs.get(id(x)) if x is not None else None
+            if src is not None:
+                if info.kind == "norm":
+                    if gains.normalises(module):
+                        self.slots[src].feeds_norm = True
+                else:
+                    for t in iter_float_tensors(output):
+                        self._outputs[id(t)] = src
+        if info.kind != "passthrough":
+            self._outputs = {id(t): slot for t in iter_float_tensors(output)}
 
     def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> None:
         row = stats.act_row(t, saturation) if kind == ACT else stats.grad_row(t)
@@ -290,6 +316,7 @@ class Recorder:
 
     def _reset(self) -> None:
         self.scale_written = False
+        self._outputs = {}
         self._entries = []
         self._order = {}
         for d in self._used:
@@ -386,7 +413,9 @@ class Recorder:
                 weight_shape=info.weight_shape,
                 input_rms=math.sqrt(inp[0] / inp[1]) if inp and inp[1] else None,
                 weight_std=w.std if w else None, weight_absmax=w.absmax if w else None,
-                fan_in=info.fan_in, fan_out=info.fan_out, nonlinearity=info.nonlinearity,
+                fan_in=info.fan_in, fan_out=info.fan_out, fans_note=info.fans_note, textbook=info.textbook,
+                feeds_norm=info.feeds_norm,
+                nonlinearity=info.nonlinearity,
                 relu_family=info.relu_family, bounded=info.saturation is not None,
                 update_ratio=_ratio(updates.get(slot)),
                 update_base_rms=_base_rms(updates.get(slot), info.weight_shape),

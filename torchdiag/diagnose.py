@@ -60,6 +60,9 @@ class LayerStats:
     weight_absmax: float | None = None
     fan_in: int | None = None
     fan_out: int | None = None
+    fans_note: str | None = None  # why fan_in/fan_out are unknown
+    textbook: bool = True  # the gain/sqrt(fan_in) rule applies (not for lookups, RNNs, attention)
+    feeds_norm: bool = False  # its output goes straight into a normalisation layer
     nonlinearity: Nonlinearity | None = None  # for activation modules: what they apply
     relu_family: bool = False
     bounded: bool = False
@@ -157,8 +160,13 @@ def _suggest(row: LayerReport, s: LayerStats, after: list[LayerStats]) -> None:
             nl = nxt.nonlinearity
             break
     row.nonlinearity = str(nl)
+    if not s.textbook:
+        row.notes.append(f"{s.module_type}: the gain/sqrt(fan_in) rule does not describe it, so no scale is"
+                         " suggested (a lookup sums nothing; recurrent and attention weights feed no single"
+                         " pointwise activation)")
+        return
     if s.fan_in is None:
-        row.notes.append(f"{s.module_type} has no 2-D weight: fans and textbook gain are not defined")
+        row.notes.append(s.fans_note or f"{s.module_type}: fans and textbook gain are not defined")
         return
     row.suggested_init = gains.suggested_init(nl, s.fan_in)
     if not s.weight_std:
@@ -228,26 +236,27 @@ def _dead_or_saturated(row: LayerReport, s: LayerStats, cfg: Config) -> None:
               " (its suggestion uses the gain for this activation).")
 
 
-def _signature(s: LayerStats) -> tuple | None:
+def _signature(s: LayerStats, feeds_norm: bool) -> tuple | None:
     if s.kind == "weighted" and s.weight_shape is not None:
-        return (s.module_type, s.weight_shape)
+        return (s.module_type, s.weight_shape, feeds_norm)
     if s.kind == "activation":
-        return (s.module_type,)
+        return (s.module_type, feeds_norm)
     return None
 
 
 def _drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes: list[str]) -> None:
     groups: dict[tuple, list[int]] = {}
     for pos, s in enumerate(layers):
-        sig = _signature(s)
+        sig = _signature(s, s.feeds_norm)  # a normalisation right after undoes forward scale at once
         if sig is not None:
             groups.setdefault(sig, []).append(pos)
     zero_weight = [s for s in layers if s.weight_absmax == 0]
     _zero_grad_notes(rows, layers, zero_weight, notes)
-    for members in groups.values():
+    for (*_, feeds_norm), members in groups.items():
         if len(members) < cfg.min_repeats:
             continue
-        _judge(rows, layers, members, cfg, "forward")
+        if not feeds_norm:
+            _judge(rows, layers, members, cfg, "forward")
         _judge(rows, layers, members, cfg, "backward")
 
 

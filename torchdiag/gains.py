@@ -52,6 +52,13 @@ WEIGHTED = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
             nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+def normalises(module: nn.Module) -> bool:
+    """Whether a norm layer divides by statistics of its input now (an eval-mode BatchNorm is affine)."""
+    if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
+        return module.training or not module.track_running_stats
+    return isinstance(module, NORM_TYPES)
+
+
 def is_activation(module: nn.Module) -> bool:
     return isinstance(module, tuple(_TABLE_NAMES) + tuple(_MEASURED) + tuple(BOUNDED))
 
@@ -157,6 +164,9 @@ CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 EMBEDDING = (nn.Embedding, nn.EmbeddingBag)
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _CELL_GATES: dict[type[nn.Module], int] = {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
+# Weighted modules the "gain / sqrt(fan_in)" rule does not describe: a lookup sums nothing, recurrent
+# and attention weights are not followed by one pointwise nonlinearity. No suggested scale for them.
+NO_TEXTBOOK = (nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
 FAN_TYPES = ("Linear, Bilinear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding(Bag), MultiheadAttention,"
              " RNN/LSTM/GRU(Cell)")
 
