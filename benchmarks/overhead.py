@@ -71,7 +71,33 @@ def transformer_workload(device, quick):
     return model, lambda m: F.cross_entropy(m(x).reshape(-1, 10), y)
 
 
+def resnet_large_workload(device, quick):
+    """CUDA only: a ResNet-18-shaped net at 224x224 (ResNet-50-scale activations), bf16 autocast."""
+    batch = 4 if quick else 64
+    model = zoo.ResNet(widths=(64, 128, 256, 512), blocks=2, classes=1000).to(device)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def loss(m):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return F.cross_entropy(m(x), y)
+    return model, loss
+
+
+def gpt_workload(device, quick):
+    """CUDA only: GPT-2-small-sized decoder (12 x 768, seq 256), bf16 autocast."""
+    layers, d, t, batch = (2, 128, 64, 2) if quick else (12, 768, 256, 8)
+    model = zoo.GPT(vocab=50257, d=d, layers=layers, heads=12 if d % 12 == 0 else 4, ctx=t).to(device)
+    x = torch.randint(0, 50257, (batch, t), device=device)
+
+    def loss(m):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return F.cross_entropy(m(x).reshape(-1, 50257).float(), x.reshape(-1))
+    return model, loss
+
+
 WORKLOADS = {"mlp": mlp_workload, "cnn": cnn_workload, "transformer": transformer_workload}
+CUDA_WORKLOADS = {"resnet_large": resnet_large_workload, "gpt2_small": gpt_workload}
 
 
 # ----------------------------------------------------------------------------- variants
@@ -182,7 +208,7 @@ def _peak_rss_mb() -> float | None:
 
 
 def run_workload(name: str, device: torch.device, rounds: int, steps: int, quick: bool) -> dict:
-    model, loss_fn = WORKLOADS[name](device, quick)
+    model, loss_fn = {**WORKLOADS, **CUDA_WORKLOADS}[name](device, quick)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     cuda = device.type == "cuda"
 
@@ -213,15 +239,20 @@ def run_workload(name: str, device: torch.device, rounds: int, steps: int, quick
                     sync()
                     for i in range(steps):
                         t0 = time.perf_counter()
-                        if cuda and i == 0 and vname.startswith("torchdiag"):
-                            torch.cuda.set_sync_debug_mode("warn")
-                        loss_fn(model).backward()
-                        opt.step()
-                        opt.zero_grad()
-                        mon.step()
+                        counting = cuda and i == 0 and vname.startswith("torchdiag every=1")
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            if counting:  # host syncs during a recorded step (the one copy included)
+                                torch.cuda.set_sync_debug_mode("warn")
+                            loss_fn(model).backward()
+                            opt.step()
+                            opt.zero_grad()
+                            mon.step()
+                            if counting:
+                                torch.cuda.set_sync_debug_mode(0)
                         sync()
-                        if cuda and i == 0:
-                            torch.cuda.set_sync_debug_mode(0)
+                        if counting:
+                            syncs[vname] = sum("synchroniz" in str(w.message) for w in caught)
                         times.setdefault(vname, []).append(time.perf_counter() - t0)
                 peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
                 peaks[vname] = max(peaks.get(vname) or 0.0, peak or 0.0) or None
@@ -236,7 +267,7 @@ def run_workload(name: str, device: torch.device, rounds: int, steps: int, quick
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
+    p.add_argument("--workload", default="all", choices=["all", *WORKLOADS, *CUDA_WORKLOADS])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15, quick 2)")
     p.add_argument("--steps", type=int, default=None, help="steps per variant per round (default 10, quick 2)")
@@ -249,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = a.rounds or (2 if a.quick else 15)
     steps = a.steps or (2 if a.quick else 10)
     device = torch.device(a.device)
-    names = list(WORKLOADS) if a.workload == "all" else [a.workload]
+    names = (list(WORKLOADS) + (list(CUDA_WORKLOADS) if device.type == "cuda" else [])
+             if a.workload == "all" else [a.workload])
     results = {}
     what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {a.threads} torch thread(s)"
     print(f"torch {torch.__version__}, {what}; {rounds} rounds x {steps} steps, variants interleaved\n")
@@ -257,10 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_workload(name, device, rounds, steps, a.quick)
         results[name] = rows
         print(f"{name}:")
-        print(f"  {'variant':32s} {'median ms':>10s} {'ratio':>7s} {'peak MB':>9s}")
+        print(f"  {'variant':32s} {'median ms':>10s} {'ratio':>7s} {'peak MB':>9s} {'mem ratio':>9s} {'syncs':>6s}")
+        base_peak = rows["none"]["peak_mb"]
         for vname, r in rows.items():
             peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] else "-"
-            print(f"  {vname:32s} {r['median_ms']:10.2f} {r['ratio']:7.3f} {peak:>9s}")
+            mem = f"{r['peak_mb'] / base_peak:.3f}" if r["peak_mb"] and base_peak else "-"
+            syncs = "-" if r["syncs"] is None else str(r["syncs"])
+            print(f"  {vname:32s} {r['median_ms']:10.2f} {r['ratio']:7.3f} {peak:>9s} {mem:>9s} {syncs:>6s}")
         print()
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

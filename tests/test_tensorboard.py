@@ -79,8 +79,10 @@ def test_scalars_and_histograms_match_the_tensors(tmp_path):
     _, reports = train(model, 5, logdir=tmp_path, config={"histogram_every": 2})
     acc = load(tmp_path)
 
-    for metric in ("act_mean", "act_std", "grad_std", "grad_norm", "weight_std", "zero_frac", "gain"):
+    for metric in ("act_mean", "act_std", "grad_std", "grad_norm", "weight_std", "gain"):
         assert [e.step for e in acc.Scalars(f"{metric}/0")] == [0, 1, 2, 3, 4], metric
+    assert [e.step for e in acc.Scalars("zero_frac/1")] == [0, 1, 2, 3, 4]  # zeros are counted on ReLU outputs
+    assert "zero_frac/0" not in acc.Tags()["scalars"]
     act_std = [e.value for e in acc.Scalars("act_std/0")]
     grad_std = [e.value for e in acc.Scalars("grad_std/1")]
     zero = [e.value for e in acc.Scalars("zero_frac/1")]
@@ -507,3 +509,18 @@ def test_histogram_steps_do_not_sync_on_cuda(tmp_path):
         assert list(e.histogram_value.bucket)[1:] == ref.cpu().tolist()
     assert [e.step for e in acc.Histograms("act/0")] == [0, 2]
     assert not math.isnan(acc.Scalars("act_std/0")[-1].value)
+
+
+def test_compiled_crc_writes_events_tensorboard_reads_back(tmp_path):
+    pytest.importorskip("google_crc32c")
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as pure
+    from tensorboard.summary.writer import record_writer
+
+    from torchdiag.sinks.tensorboard import use_compiled_crc
+
+    assert use_compiled_crc()
+    for data in (b"", b"torchdiag", bytes(range(256)) * 40):
+        assert record_writer.masked_crc32c(data) == pure(data)
+    model = mlp()
+    train(model, 2, logdir=tmp_path)
+    assert [e.step for e in load(tmp_path).Scalars("act_std/0")] == [0, 1]  # the reader checks every CRC

@@ -8,6 +8,10 @@ the rows into per-layer ``diagnose.LayerStats``. No tensor is kept past its hook
 On histogram steps (``histogram_every``) each activation and gradient also gets a
 fixed-bin histogram computed on its device (``stats.histogram_row``) into a second small
 per-device buffer; it travels to the host in the same single copy as the step buffer.
+
+Under torch.distributed, ``reducer`` (a ``distributed.StepReducer``) turns each rank's merged
+moments into the global ones between the host copy and the ``LayerStats``; every rank then runs
+the collective at every recorded step, also one where it ran nothing. Histograms stay local.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from . import gains, stats
 from .capture import first_float_tensor, in_backward, iter_float_tensors, tracing
 from .diagnose import LayerStats, Moments, StepStats
+from .distributed import local_tensor
 from .errors import DiagnosticWarning
 
 ACT, GRAD, INPUT, WEIGHT, ROOT_IN, ROOT_GRAD, UPDATE, CLIP, SCALE = range(9)
@@ -71,6 +76,8 @@ class Slot:
     fans_note: str | None = None  # why the fans are unknown
     textbook: bool = True  # a Linear/Conv-like layer the fan_in rule applies to
     feeds_norm: bool = False  # its output was seen going straight into a normalisation layer
+    shift_act: bool = True  # take moments about a shift (first recorded step, or |mean| >> std last time)
+    shift_grad: bool = True
     calls: int = 0
     disabled: bool = False
 
@@ -137,6 +144,7 @@ class Recorder:
         self.slots = slots
         self.every = every
         self.scaler: Any = None  # a GradScaler: gradient rows are divided by its scale on the host
+        self.reducer: Any = None  # a distributed.StepReducer: recorded steps are reduced across ranks
         self.scale_written = False
         self.histogram_every = histogram_every  # 0: no histograms
         self.step = 0
@@ -222,9 +230,14 @@ class Recorder:
             self._outputs = {id(t): slot for t in iter_float_tensors(output)}
 
     def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> None:
-        row = stats.act_row(t, saturation) if kind == ACT else stats.grad_row(t)
+        info = self.slots[slot] if slot >= 0 else None
+        hist = self.histogram_step and kind in _HIST_KINDS
+        if kind == ACT:
+            row = stats.act_row(t, saturation, shift=info.shift_act, zeros=info.relu_family)
+        else:
+            row = stats.grad_row(t, shift=info is None or info.shift_grad, minmax=hist)
         self._write(slot, kind, t.numel(), t.device, row)
-        if self.histogram_step and kind in _HIST_KINDS and t.numel() > 0:
+        if hist:
             self._write_hist(slot, kind, t, row[3], row[4])
 
     def guarded(self, slot: int, fn: Callable[..., None], *args: Any) -> None:
@@ -287,14 +300,17 @@ class Recorder:
         return bool(he) and self.recording and self.step // he > self._hist_window
 
     # ----------------------------------------------------------------- steps
-    def end_step(self) -> StepStats | None:
+    def end_step(self, reduce: bool = True) -> StepStats | None:
         """Close the current step; return its statistics if it was recorded and saw any forward.
 
         The histograms of that step, if it was a histogram step, are left in ``self.histograms``.
+        With a ``reducer`` (and ``reduce``) every recorded step joins the collective, also one in which
+        this rank saw no forward, so that the other ranks' collective does not wait for it forever.
         """
         self.histograms = None
-        if self.recording and self._order:
-            result, hists = self._collect(with_histograms=self.histogram_step)
+        collective = reduce and self.reducer is not None
+        if self.recording and (self._order or collective):
+            result, hists = self._collect(with_histograms=self.histogram_step, reduce=collective)
             if self.histogram_step:
                 self.histograms = hists
                 self._hist_window = self.step // self.histogram_every
@@ -312,7 +328,8 @@ class Recorder:
         return self.recording and bool(self._order)
 
     def peek(self) -> StepStats | None:
-        return self._collect(with_histograms=False)[0] if self.recording and self._order else None
+        """This rank's own statistics of the step in progress (never a collective)."""
+        return self._collect(with_histograms=False, reduce=False)[0] if self.recording and self._order else None
 
     def _reset(self) -> None:
         self.scale_written = False
@@ -327,15 +344,16 @@ class Recorder:
         for s in self.slots:
             s.calls = 0
 
-    def _collect(self, with_histograms: bool) -> tuple[StepStats, list[Histogram]]:
+    def _collect(self, with_histograms: bool, reduce: bool = False) -> tuple[StepStats | None, list[Histogram]]:
         used_before, n_entries = dict(self._used), len(self._entries)
         for slot in self._order:  # weights: once per step, on device, into the same buffer
             info = self.slots[slot]
             m = self._weights[slot]()
             if info.weight_name is not None and m is not None:
                 w = getattr(m, info.weight_name, None)
-                if isinstance(w, torch.Tensor) and w.numel() > 0 and w.layout == torch.strided:
-                    self._write(slot, WEIGHT, w.numel(), w.device, stats.grad_row(w))
+                w = local_tensor(w) if isinstance(w, torch.Tensor) else None  # FSDP2: this rank's shard
+                if w is not None and w.numel() > 0 and w.layout == torch.strided:
+                    self._write(slot, WEIGHT, w.numel(), w.device, stats.grad_row(w, minmax=True))
         # the one device-to-host copy of this step, per device (histogram rows ride along)
         host: dict[torch.device, list] = {}
         hhost: dict[torch.device, list] = {}
@@ -353,8 +371,8 @@ class Recorder:
             hhost[d] = [flat[i:i + hw] for i in range(split, len(flat), hw)]
         entries = self._entries
         self._entries, self._used = entries[:n_entries], used_before  # a peek leaves the step as it was
-        result, moms = self._merge(entries, host)
-        hists = self._histograms(hhost, moms) if with_histograms else []
+        result, moms = self._merge(entries, host, reduce)
+        hists = self._histograms(hhost, moms) if with_histograms and result is not None else []
         return result, hists
 
     def _histograms(self, hhost: dict, moms: dict) -> list[Histogram]:
@@ -377,7 +395,20 @@ class Recorder:
                                      edges=edges, counts=counts))
         return out
 
-    def _merge(self, entries: list, host: dict) -> tuple[StepStats, dict]:
+    def _update_shifts(self, moms: dict[tuple[int, int], stats.Moments]) -> None:
+        """Shift the next recorded step's moments only where this one was ill-conditioned."""
+        for (slot, kind), m in moms.items():
+            if slot < 0 or kind not in (ACT, GRAD):
+                continue
+            bad = m.nonfinite > 0 or not abs(m.mean) * 1.0 <= stats.SHIFT_RATIO * m.std
+            if kind == ACT:
+                self.slots[slot].shift_act = bad
+            else:
+                self.slots[slot].shift_grad = bad
+
+    def _merge(self, entries: list, host: dict, reduce: bool = False) -> tuple[StepStats | None, dict]:
+        """Rows -> per-layer statistics; with ``reduce``, of the global batch. Also returns this rank's own
+        moments (for its histograms). None for a reduced step in which no rank ran a watched layer."""
         moms: dict[tuple[int, int], stats.Moments] = {}
         sq: dict[tuple[int, int], list[float]] = {}
         updates: dict[int, list[float]] = {}
@@ -390,7 +421,7 @@ class Recorder:
                 acc[0] += vals[0]
                 acc[1] += n
             elif kind == UPDATE:
-                updates[slot] = vals
+                updates[slot] = [vals[0], vals[1], n]
             elif kind == CLIP:
                 clip = vals
             elif kind == SCALE:
@@ -401,14 +432,22 @@ class Recorder:
             for (_slot, kind), m in moms.items():
                 if kind in (GRAD, ROOT_GRAD):
                     m.rescale(1.0 / scale)
+        self._update_shifts(moms)
+        local_moms, order, calls = moms, self._order, {s: self.slots[s].calls for s in self._order}
+        if reduce and self.reducer is not None:
+            reduced = self.reducer.reduce(self.step, moms, sq, updates, clip, scale, order, calls)
+            if reduced is not None:
+                moms, sq, updates, clip, scale, order, calls = reduced
+            if not order:  # no rank ran a watched layer (or, reduction disabled, this one did not)
+                return None, local_moms
         layers = []
         root_in = root_grad = None
-        for slot, order in self._order.items():
+        for slot, index in order.items():
             info = self.slots[slot]
             act, grad, w = (moms.get((slot, k)) for k in (ACT, GRAD, WEIGHT))
             inp = sq.get((slot, INPUT))
             layers.append(LayerStats(
-                name=info.name, module_type=info.module_type, index=order, calls=info.calls, kind=info.kind,
+                name=info.name, module_type=info.module_type, index=index, calls=calls[slot], kind=info.kind,
                 act=_moments(act, with_act=True, with_sat=info.saturation is not None), grad=_moments(grad),
                 weight_shape=info.weight_shape,
                 input_rms=math.sqrt(inp[0] / inp[1]) if inp and inp[1] else None,
@@ -418,7 +457,7 @@ class Recorder:
                 nonlinearity=info.nonlinearity,
                 relu_family=info.relu_family, bounded=info.saturation is not None,
                 update_ratio=_ratio(updates.get(slot)),
-                update_base_rms=_base_rms(updates.get(slot), info.weight_shape),
+                update_base_rms=_base_rms(updates.get(slot)),
             ))
         for slot, info in enumerate(self.slots):
             if info.is_root:
@@ -426,25 +465,26 @@ class Recorder:
                 root_in = math.sqrt(r[0] / r[1]) if r and r[1] else None
                 g = moms.get((slot, ROOT_GRAD))
                 root_grad = g.std if g else None
-        not_called = [s.name for i, s in enumerate(self.slots) if s.is_layer and i not in self._order]
+        not_called = [s.name for i, s in enumerate(self.slots) if s.is_layer and i not in order]
         result = StepStats(layers=layers, step=self.step, input_rms=root_in, output_grad_std=root_grad,
                            not_called=not_called, amp_scale=scale)
         if clip is not None:
             pre = clip[0] / (scale * scale) if scale else clip[0]
             result.grad_norm_preclip, result.grad_norm_postclip = math.sqrt(max(pre, 0.0)), math.sqrt(max(clip[1], 0.0))
-        return result, moms
+        return result, local_moms
 
 
-def _base_rms(vals: list[float] | None, shape: tuple[int, ...] | None) -> float | None:
-    if vals is None or not shape:
+def _base_rms(vals: list[float] | None) -> float | None:
+    """rms of the weights before the update: ``[dd, ww, n]`` (n elements; summed over shards and ranks)."""
+    if vals is None or not vals[2]:
         return None
-    return math.sqrt(vals[1] / math.prod(shape))
+    return math.sqrt(vals[1] / vals[2])
 
 
 def _ratio(vals: list[float] | None) -> float | None:
     if vals is None:
         return None
-    dd, ww = vals
+    dd, ww = vals[:2]
     return math.sqrt(dd / ww) if ww > 0 else None  # from all-zero weights there is no ratio
 
 

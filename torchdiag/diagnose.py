@@ -323,15 +323,15 @@ def _explain_by_dead(rows: list[LayerReport]) -> None:
 
 def _zero_grad_notes(rows: list[LayerReport], layers: list[LayerStats], zero_weight: list[LayerStats],
                      notes: list[str]) -> None:
-    for pos, s in enumerate(layers):
+    """Name the all-zero weights (zero init) that stop the gradient, instead of calling it vanishing."""
+    causes: dict[str, int] = {}
+    for row, s in zip(rows, layers):
         if s.grad is None or s.grad.nonfinite or s.grad.rms != 0.0:
             continue
         cause = next((z for z in zero_weight if z.index > s.index), None)
         if cause is not None:
-            rows[pos].notes.append(f"no gradient reaches '{s.name}' because '{cause.name}' has all-zero weights")
-    blocked = [r.name for r in rows if any(n.startswith("no gradient reaches") for n in r.notes)]
-    if blocked:
-        causes = sorted({z.name for z in zero_weight if any(z.index > layers[i].index
-                        for i, r in enumerate(rows) if r.name in blocked)})
-        notes.append(f"no gradient reaches {len(blocked)} layer(s) because of all-zero weights in "
-                     + ", ".join(f"'{c}'" for c in causes) + " (zero init: expected in the first steps)")
+            row.notes.append(f"no gradient reaches '{s.name}' because '{cause.name}' has all-zero weights")
+            causes[cause.name] = causes.get(cause.name, 0) + 1
+    if causes:
+        notes.append(f"no gradient reaches {sum(causes.values())} layer(s) because of all-zero weights in "
+                     + ", ".join(f"'{c}'" for c in sorted(causes)) + " (zero init: expected in the first steps)")

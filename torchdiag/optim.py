@@ -11,6 +11,13 @@ With ``watch(..., optimizer=opt)`` a step is an optimizer step. On recorded step
 
 All of it is on-device 0-d tensors written into the step buffer; the host reads them with
 the rest of the step, once.
+
+Under torch.distributed (``distributed=True``) sharded parameters (FSDP2's DTensor) are read through
+their local shard, so every figure is a sum over shards that the step's all_reduce completes; the
+gradient sums of squares are written split into sharded and replicated parts (a replicated gradient
+is the same on every rank). DDP averages gradients after autograd has accumulated them, so there the
+pre-clip sum is taken at the very end of backward (a callback queued behind DDP's own), not per
+parameter.
 """
 
 from __future__ import annotations
@@ -22,20 +29,28 @@ from typing import Any
 import torch
 
 from . import stats
+from .distributed import is_sharded, local_tensor
 
 
 def _sumsq_grad(g: torch.Tensor) -> torch.Tensor:
+    g = local_tensor(g)
     if g.is_sparse:
         g = g.coalesce().values()
     return stats.sumsq(g)
+
+
+_ENGINE = torch.autograd.Variable._execution_engine
 
 
 class OptimizerMonitor:
     """Hooks on one optimizer and the parameters it steps; see the module docstring."""
 
     def __init__(self, optimizer: Any, recorder: Any, layer_weights: list[tuple[int, torch.Tensor]],
-                 end_step: Callable[[], None], scaler: Any = None) -> None:
+                 end_step: Callable[[], None], scaler: Any = None, distributed: bool = False) -> None:
         self._recorder = weakref.ref(recorder)
+        self._distributed = distributed
+        self._queued = False  # distributed: an end-of-backward measurement is queued
+        self._pre_sums: tuple[torch.Tensor, torch.Tensor] | None = None  # distributed: (all, sharded) pre-clip
         self._layers = [(slot, weakref.ref(w)) for slot, w in layer_weights]
         self._end_step = end_step
         self._scaler = scaler
@@ -50,21 +65,66 @@ class OptimizerMonitor:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles, self._prev, self._acc = [], {}, {}
+        self._handles, self._prev, self._acc, self._pre_sums = [], {}, {}, None
 
     def _recording(self) -> Any:
         rec = self._recorder()
         return rec if rec is not None and rec.recording and not rec.closed else None
 
     def _accumulated(self, p: torch.Tensor) -> None:
-        if self._recording() is not None and p.grad is not None:
+        if self._recording() is None or p.grad is None:
+            return
+        if not self._distributed:
             self._acc[id(p)] = _sumsq_grad(p.grad)  # the latest accumulation is the full gradient
+        elif not self._queued:
+            try:
+                _ENGINE.queue_callback(self._after_backward)
+                self._queued = True
+            except RuntimeError:  # not inside the autograd engine: take the gradients as they are now
+                self._measure_pre()
+
+    def _after_backward(self) -> None:
+        # the callbacks queued during backward (DDP's finalize, which writes the averaged gradients) run
+        # before this one; queued from here, the measurement runs after all of them
+        try:
+            _ENGINE.queue_callback(self._after_callbacks)
+        except RuntimeError:
+            self._after_callbacks()
+
+    def _after_callbacks(self) -> None:
+        self._queued = False
+        try:
+            self._measure_pre()
+        except Exception:  # noqa: BLE001 - never break the user's backward; the pre-clip norm is then the post
+            self._pre_sums = None
+
+    def _grad_sums(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sum of squares of every gradient, of the sharded ones), this rank's shards only."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return None
+        parts = [_sumsq_grad(g) for g in grads]
+        device = parts[0].device
+        total = torch.stack([x.to(device) for x in parts]).sum()
+        sharded = [x.to(device) for x, g in zip(parts, grads) if is_sharded(g)]
+        return total, torch.stack(sharded).sum() if sharded else total.new_zeros(())
+
+    def _measure_pre(self) -> None:
+        if self._recording() is not None:
+            self._pre_sums = self._grad_sums()
 
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         rec = self._recording()
         if rec is None:
             return
-        grads = [p.grad for p in self._params if p.grad is not None]
+        if self._distributed:
+            sums = self._grad_sums()
+            if sums is not None:
+                pre = self._pre_sums if self._pre_sums is not None else sums
+                rec.write_step_value("clip", [pre[0].to(sums[0].device), sums[0], pre[1].to(sums[0].device), sums[1]],
+                                     sums[0].device)
+            self._pre_sums, self._queued = None, False
+        grads = [] if self._distributed else [p.grad for p in self._params if p.grad is not None]
         if grads:
             post = torch.stack([_sumsq_grad(g) for g in grads]).sum()
             pre = torch.stack(list(self._acc.values())).sum() if self._acc else post
@@ -73,7 +133,7 @@ class OptimizerMonitor:
         for slot, ref in self._layers:
             w = ref()
             if w is not None:
-                self._prev[slot] = w.detach().clone()
+                self._prev[slot] = local_tensor(w.detach()).clone()  # FSDP2: this rank's shard
 
     def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         rec = self._recording()
@@ -81,7 +141,10 @@ class OptimizerMonitor:
             for slot, ref in self._layers:
                 w, prev = ref(), self._prev.get(slot)
                 if w is not None and prev is not None:
-                    d = (w.detach() - prev).reshape(-1).float()
+                    w = local_tensor(w.detach())
+                    if w.numel() == 0:  # an empty shard
+                        continue
+                    d = (w - prev).reshape(-1).float()
                     rec.write_update(slot, w.numel(), w.device, [torch.dot(d, d), stats.sumsq(prev)])
             self._prev = {}
         self._end_step()

@@ -12,7 +12,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from . import capture, gains
+from . import capture, distributed, gains
 from .buffer import Recorder, describe
 from .config import Config, ConfigLike, resolve_config
 from .diagnose import StepStats, diagnose
@@ -29,8 +29,11 @@ class Watcher:
     """Records per-layer statistics of a model while the user's loop runs. Use via ``watch``."""
 
     def __init__(self, model: nn.Module, config: Config, *, logdir: str | None, writer: Any,
-                 rescale_grads: RescaleSpec, warn: bool = True, scaler: Any = None, optimizer: Any = None) -> None:
+                 rescale_grads: RescaleSpec, warn: bool = True, scaler: Any = None, optimizer: Any = None,
+                 group: distributed.Group | None = None) -> None:
         self.config = config
+        self._group = group  # None: a single process (or a one-rank group), nothing is reduced
+        self._writes = group is None or group.is_writer  # rank 0 of the group alone writes and warns
         self._scaler = scaler
         self._optimizer = optimizer
         self._optim_monitor: OptimizerMonitor | None = None
@@ -38,7 +41,7 @@ class Watcher:
         self._logdir = logdir
         self._user_writer = writer
         self._rescale = rescale_grads
-        self._warn = warn and config.warnings
+        self._warn = warn and config.warnings and self._writes
         self._selected = capture.select_modules(model, config)
         if not self._selected:
             raise TorchDiagError(
@@ -71,11 +74,13 @@ class Watcher:
                                   saturation_level=self.config.saturation_level))
         # histograms are binned only when something will write them
         writer = self._user_writer
-        histograms = callable(getattr(writer, "add_histogram_raw", None)) if writer is not None else (
-            self._logdir is not None)
+        histograms = self._writes and (callable(getattr(writer, "add_histogram_raw", None)) if writer is not None
+                                       else self._logdir is not None)
         self._recorder = Recorder(slots, modules, self.config.every, on_auto_step=self._auto_step,
                                   histogram_every=self.config.histogram_every if histograms else 0)
         self._recorder.scaler = self._scaler
+        if self._group is not None:
+            self._recorder.reducer = distributed.StepReducer(slots, self._group)
         capture.attach(self._recorder, modules)
         self._module_refs = [weakref.ref(m) for m in modules]
         self._entered = True
@@ -86,8 +91,11 @@ class Watcher:
                 weights = [(i, getattr(m, slot.weight_name)) for i, (slot, m) in enumerate(zip(slots, modules))
                            if slot.is_layer and slot.kind == "weighted" and slot.weight_name is not None]
                 self._optim_monitor = OptimizerMonitor(self._optimizer, self._recorder, weights,
-                                                       end_step=self._finish_step, scaler=self._scaler)
-            if self._user_writer is not None:
+                                                       end_step=self._finish_step, scaler=self._scaler,
+                                                       distributed=self._group is not None)
+            if not self._writes:  # not rank 0 of the group: no writer is opened, nothing is written
+                self._tb = None
+            elif self._user_writer is not None:
                 self._tb = TensorBoardSink(self._user_writer, owned=False, config=self.config)
             elif self._logdir is not None:
                 self._tb = TensorBoardSink(open_writer(self._logdir), owned=True, config=self.config)
@@ -98,8 +106,13 @@ class Watcher:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
-            if self._recorder is not None and self._recorder.peek_possible():
-                self._finish_step()
+            rec = self._recorder
+            if rec is not None and self._group is not None and exc_type is None:
+                if rec.recording:  # every rank leaves at the same step: all join this step's collective
+                    self._finish_step()
+            elif rec is not None and rec.peek_possible():
+                # (under torch.distributed, an exception may be this rank's alone: its own numbers, no collective)
+                self._finish_step(reduce=False)
         except Exception:  # noqa: BLE001 - never mask the user's exception, never raise from cleanup
             if exc_type is None:
                 raise
@@ -143,9 +156,9 @@ class Watcher:
     def _auto_step(self) -> None:
         self._finish_step()
 
-    def _finish_step(self) -> Report | None:
+    def _finish_step(self, reduce: bool = True) -> Report | None:
         assert self._recorder is not None
-        stats = self._recorder.end_step()
+        stats = self._recorder.end_step(reduce=reduce)
         if stats is None:
             return None
         report = self._diagnose(stats)
@@ -160,11 +173,21 @@ class Watcher:
         return diagnose(stats, self.config)
 
     def report(self) -> Report:
-        """Diagnosis of the latest recorded step (the current one if it has data)."""
-        if self._recorder is not None and not self._closed:
+        """Diagnosis of the latest recorded step (the current one if it has data).
+
+        Under torch.distributed a step is reduced across ranks when it ends (a collective needs every
+        rank), so inside the watch this is the latest step that ended; before any has, this rank's own
+        numbers of the step in progress, with a note saying so.
+        """
+        if self._recorder is not None and not self._closed and (self._group is None or self._last is None):
             stats = self._recorder.peek()
             if stats is not None:
-                return self._diagnose(stats)
+                report = self._diagnose(stats)
+                if self._group is not None:
+                    report.notes.append(f"rank {self._group.rank}'s own statistics of the step in progress: not yet"
+                                        f" reduced across the {self._group.world} ranks (that happens when the step"
+                                        " ends)")
+                return report
         if self._last is not None:
             return self._last
         return Report(layers=[], notes=["no step was recorded: run a forward (and backward) pass with grad enabled"
@@ -247,7 +270,10 @@ def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: 
         optimizer: the optimizer that steps this model: a step is then an optimizer step (ended
             by ``opt.step()``; several backward passes before it are merged), and each layer gets
             its update-to-weight ratio and the step its gradient norm before and after clipping.
-        process_group: reserved for the distributed reduction (not supported yet).
+        process_group: under ``torch.distributed`` statistics are reduced over the default process group
+            (every rank gets the global report; rank 0 alone writes and warns); pass a group to reduce
+            over that group instead (its rank 0 writes). A ``DistributedDataParallel`` model is watched
+            through ``model.module``: layer names carry no ``module.`` prefix.
 
     Returns:
         A ``Watcher``, to be used as a context manager.
@@ -263,12 +289,14 @@ def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch(model=...): expected a torch.nn.Module, got {type(model).__name__}")
+    model = distributed.unwrap(model)  # DDP: the user's model, names without 'module.'
     cfg = resolve_config(config, every=every)
     if logdir is not None and writer is not None:
         raise TorchDiagError("watch(): pass either logdir= or writer=, not both")
     if writer is not None and not callable(getattr(writer, "add_scalar", None)):
         raise TypeError(f"watch(writer=...): expected a SummaryWriter (with add_scalar), got {type(writer).__name__}")
-    if logdir is not None:
+    group = distributed.resolve(process_group)
+    if logdir is not None and (group is None or group.is_writer):  # other ranks never create it
         logdir = _check_logdir(logdir)
     if not (isinstance(rescale_grads, (bool, int, float)) or callable(rescale_grads)):
         raise TypeError("watch(rescale_grads=...): expected False, True, a float or a callable (name, module) -> float,"
@@ -280,13 +308,11 @@ def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: 
         raise TypeError(f"watch(scaler=...): expected a torch.amp.GradScaler, got {type(scaler).__name__}")
     if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
         raise TypeError(f"watch(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if process_group is not None:
-        raise NotImplementedError("watch(process_group=...) is not supported in this version of torchdiag yet")
     if capture.is_watched(model):
         raise TorchDiagError(f"{type(model).__name__} is already being watched; nested watches of one model are not"
                              " supported: leave the first `with torchdiag.watch(...)` block first")
     return Watcher(model, cfg, logdir=logdir, writer=writer, rescale_grads=rescale_grads, scaler=scaler,
-                   optimizer=optimizer)
+                   optimizer=optimizer, group=group)
 
 
 def _check_logdir(logdir: str | os.PathLike) -> str:

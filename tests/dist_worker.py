@@ -1,0 +1,200 @@
+"""One rank of the distributed tests: ``python tests/dist_worker.py SCENARIOS RANK WORLD PORT OUTDIR``.
+
+Joins a gloo process group on 127.0.0.1, runs each scenario (comma-separated) in turn and saves what
+it saw (its own inputs and weights, and torchdiag's reports) to ``OUTDIR/<scenario>_rank<RANK>.pt``;
+``tests/test_distributed.py`` compares them with statistics it computes itself.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import torchdiag
+
+
+def mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def ddp_batches(rank: int, steps: int) -> list[torch.Tensor]:
+    """Different data per rank: different sizes, scales and means (a mean of per-rank stds would be wrong)."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(5 + 6 * rank, 8, generator=gen) * (1 + 2 * rank) + 3 * rank for _ in range(steps)]
+
+
+def loss_of(out: torch.Tensor) -> torch.Tensor:
+    return out.pow(2).mean()
+
+
+CLIP = 0.05
+
+
+def scenario_ddp(rank: int, world: int, outdir: str) -> dict:
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    xs = ddp_batches(rank, 3)
+    weights, reports = [], {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # every=2 and three optimizer steps: steps 0 and 2 are recorded, on every rank
+        with torchdiag.watch(ddp, logdir=f"{outdir}/tb_rank{rank}", optimizer=opt, every=2,
+                             config={"dead_fraction": 0.3, "histogram_every": 1}) as diag:
+            for x in xs:
+                weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+                loss_of(ddp(x)).backward()
+                torch.nn.utils.clip_grad_norm_(ddp.parameters(), CLIP)
+                opt.step()
+                opt.zero_grad()
+                r = diag.step()
+                if r is not None:
+                    reports[r.step] = r.to_dict()
+        final = diag.report().to_dict()
+    weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    diag_warnings = [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
+    return {"xs": xs, "weights": weights, "reports": reports, "final": final, "warnings": diag_warnings}
+
+
+class Branchy(nn.Module):
+    """``b`` runs only when asked: a conditional branch that one rank takes and the other does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = self.a(x)
+        if use_b:
+            h = self.b(h)
+        return self.c(h)
+
+
+def branch_batches(rank: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(7 + rank)
+    return [torch.randn(3 + 4 * rank, 4, generator=gen) * (1 + rank) - rank for _ in range(3)]
+
+
+def scenario_branch(rank: int, world: int, outdir: str) -> dict:
+    model = Branchy()
+    xs = branch_batches(rank)
+    reports = {}
+    with torchdiag.watch(model, config={"warnings": False}) as diag:
+        # step 0: rank 1 takes the branch, rank 0 does not
+        model(xs[0], use_b=rank == 1).sum().backward()
+        reports[0] = diag.step().to_dict()
+        # step 1: rank 1 runs nothing at all, but ends the step like every rank
+        if rank == 0:
+            model(xs[1], use_b=True).sum().backward()
+        r = diag.step()
+        reports[1] = r.to_dict() if r is not None else None
+        # step 2: nobody runs anything: the step is empty everywhere (no report), and nothing hangs
+        reports[2] = diag.step()
+        # step 3: both again, left pending: the end of the `with` reduces it on every rank
+        model(xs[2], use_b=True).sum().backward()
+    reports[3] = diag.report().to_dict()
+    # a `with` left by an exception (here on every rank): no collective at exit, this rank's own numbers
+    try:
+        with torchdiag.watch(model, config={"warnings": False}) as diag:
+            model(xs[0], use_b=True).sum().backward()
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    return {"xs": xs, "reports": reports, "raised": diag.report().to_dict()}
+
+
+def scenario_steps(rank: int, world: int, outdir: str) -> dict:
+    """Ranks that count steps differently (here every=1 against every=2) are told so, on every rank."""
+    model = Branchy()
+    x = branch_batches(rank)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # rank 0 reduces at steps 0, 1 and 2 (exit); rank 1 at 0, 2 and 4 (exit): three collectives each
+        with torchdiag.watch(model, every=1 + rank, config={"warnings": False}) as diag:
+            for _ in range(2 + 2 * rank):
+                model(x, use_b=True).sum().backward()
+                diag.step()
+        # ranks that watch different models: told so once, then each reports its own numbers
+        other = model if rank == 0 else nn.Sequential(nn.Linear(4, 2))
+        with torchdiag.watch(other, config={"warnings": False}) as diag:
+            if rank == 0:
+                other(x, use_b=False)
+            else:
+                other(x)
+            own = diag.step().to_dict()
+    return {"warnings": [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)],
+            "own": own, "x": x, "other": other.state_dict()}
+
+
+def scenario_groups(rank: int, world: int, outdir: str) -> dict:
+    # new_group must be called by every rank, for every group, in the same order
+    pair = dist.new_group([0, 1])
+    solo = [dist.new_group([r]) for r in range(world)]
+    only0 = dist.new_group([0])
+    xs = branch_batches(rank)
+    out: dict = {"xs": xs}
+    model = Branchy()
+    with torchdiag.watch(model, process_group=pair, config={"warnings": False}) as diag:
+        model(xs[0], use_b=True).sum().backward()
+        out["pair"] = diag.step().to_dict()
+    with torchdiag.watch(model, process_group=solo[rank], logdir=f"{outdir}/solo_rank{rank}",
+                         config={"warnings": False}) as diag:
+        model(xs[0], use_b=True).sum().backward()
+        out["solo"] = diag.step().to_dict()
+    try:
+        torchdiag.watch(model, process_group=only0)
+        out["only0"] = "ok"
+    except torchdiag.TorchDiagError as e:
+        out["only0"] = f"TorchDiagError: {e}"
+    dist.barrier()
+    return out
+
+
+def scenario_fsdp(rank: int, world: int, outdir: str) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(200 + rank)
+    # equal local batches: FSDP's mean over ranks of each rank's mean loss is then the global mean loss
+    xs = [torch.randn(6, 8, generator=gen) * (1 + rank) + rank for _ in range(2)]
+    reports = {}
+    with torchdiag.watch(model, optimizer=opt, config={"warnings": False}) as diag:
+        for x in xs:
+            loss_of(model(x)).backward()
+            opt.step()
+            opt.zero_grad()
+            reports[diag.step_count - 1] = diag.step().to_dict()
+    names = [n for n, _ in model.named_modules()]
+    return {"xs": xs, "reports": reports, "names": names,
+            "sharded": type(model[0].weight).__name__}
+
+
+def main() -> None:
+    scenarios, rank, world, port, outdir = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), \
+        int(sys.argv[4]), sys.argv[5]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for name in scenarios:
+            result = globals()[f"scenario_{name}"](rank, world, outdir)
+            torch.save(result, f"{outdir}/{name}_rank{rank}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
