@@ -1,19 +1,14 @@
-"""Command line: ``torchdiag demo`` and ``torchdiag summarize LOGDIR``."""
+"""Command line: ``torchdiag demo``, ``torchdiag summarize LOGDIR`` and ``torchdiag check MODULE:FACTORY``.
+
+Tables are coloured only on a terminal and never when ``NO_COLOR`` is set (``report.use_color``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .check_cli import parse_problems as _problems
 from .report import STATUSES
-
-
-def _problems(text: str) -> list[str]:
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in names if p not in STATUSES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(STATUSES)}; got {text!r}")
-    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     summ.add_argument("--fail-on", type=_problems, default=None, metavar="PROBLEMS",
                       help=f"exit 1 only for these problems, comma-separated, from: {','.join(STATUSES)}"
                            " (default: any)")
+    check = sub.add_parser(
+        "check", help="import a model factory of yours and diagnose the model on a random input",
+        description="Import MODULE (a dotted module importable from the current directory, or a path to a .py file),"
+                    " call FACTORY() for an nn.Module, run torchdiag.check() on a seeded random input of"
+                    " --input-shape and print the report. Exit status: 0 nothing flagged, 1 something flagged"
+                    " (restricted by --fail-on), 2 the model could not be checked (import error, missing"
+                    " attribute, bad shape, a model that fails on the input).")
+    from .check_cli import add_arguments
+
+    add_arguments(check)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
@@ -42,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from .summarize import summarize
 
         return summarize(args.logdir, step=args.step, fail_on=args.fail_on)
+    if args.command == "check":
+        from .check_cli import run_check
+
+        return run_check(args)
     return 2  # pragma: no cover
 
 

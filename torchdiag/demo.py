@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fix import apply_suggestions
+from .report import render, use_color
 from .watch import watch
 
 
@@ -96,7 +98,7 @@ def run(logdir: str = "runs/demo", steps: int = 60) -> int:
 
 def _short(report, keep: int = 8) -> str:
     """The report table, with the middle rows of a long net elided."""
-    lines = str(report).splitlines()
+    lines = render(report, color=use_color(sys.stdout)).splitlines()
     head, table = lines[:2], lines[2:]
     n_layers = len(report.layers)
     body, tail = table[:n_layers], table[n_layers:]

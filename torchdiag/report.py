@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +116,11 @@ class Report:
 
 
 _COLUMNS = ("#", "layer", "type", "act mean", "act std", "grad std", "gain", "status", "suggestion")
+_LEFT = (1, 2, 7, 8)  # left-aligned text columns; the others are right-aligned numbers
+# (column, narrowest width) in the order columns give way when the table is wider than asked
+# (the type first: a class name cut at 11 still says what it is, a qualified name needs more to be found)
+_SHRINK = ((2, 11), (1, 24), (8, 16), (1, 12), (2, 8), (8, 10), (7, 6), (1, 6))
+_RED, _GREEN, _RESET = "\033[1;31m", "\033[32m", "\033[0m"
 
 
 def _fmt(x: float | None) -> str:
@@ -126,10 +132,22 @@ def _fmt(x: float | None) -> str:
 
 
 def _elide(s: str, width: int) -> str:
+    """``s`` cut to ``width`` characters with '…' inside: a third of the kept characters from the start, two
+    thirds from the end (qualified names: the top-level block and the leaf both matter, the leaf more)."""
     if len(s) <= width:
         return s
+    if width <= 1:
+        return s[:width]
     keep = width - 1
-    return s[: keep - keep // 2] + "…" + s[len(s) - keep // 2 :]
+    head = keep // 3
+    return s[:head] + "…" + s[len(s) - (keep - head):]
+
+
+def _cut(s: str, width: int) -> str:
+    """``s`` cut to ``width`` characters with '…' at the end (type names, statuses, suggestions)."""
+    if len(s) <= width:
+        return s
+    return s[: max(width - 1, 0)] + "…" if width >= 1 else ""
 
 
 def _suggestion(layer: LayerReport) -> str:
@@ -141,44 +159,77 @@ def _suggestion(layer: LayerReport) -> str:
 
 
 def use_color(stream: Any = None) -> bool:
-    """Colour only on a TTY and never when NO_COLOR is set."""
+    """Colour only on a TTY and never when NO_COLOR is set (https://no-color.org: any value, even empty)."""
     stream = sys.stdout if stream is None else stream
-    return "NO_COLOR" not in os.environ and hasattr(stream, "isatty") and stream.isatty()
+    if "NO_COLOR" in os.environ:
+        return False
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(callable(isatty) and isatty())
+    except (ValueError, OSError):  # a closed stream
+        return False
+
+
+def _widths(rows: list[list[str]], width: int) -> list[int]:
+    """Column widths that fit ``width`` (with two spaces between columns): the layer name takes what the
+    other columns leave, then the columns in ``_SHRINK`` give way, down to their narrowest."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(_COLUMNS)]
+    widths[2] = min(widths[2], 16)
+    gaps = 2 * (len(widths) - 1)
+    for col, narrowest in _SHRINK:
+        over = sum(widths) + gaps - width
+        if over <= 0:
+            break
+        widths[col] = max(min(widths[col], narrowest), widths[col] - over)
+    return widths
+
+
+def _wrap(text: str, width: int, first: str, rest: str) -> list[str]:
+    """``text`` filled to ``width`` columns, prefixed (each paragraph of it)."""
+    out: list[str] = []
+    for i, para in enumerate(text.splitlines() or [""]):
+        out.extend(textwrap.wrap(para, width=width, initial_indent=first if i == 0 else rest,
+                                 subsequent_indent=rest, break_on_hyphens=False) or [first if i == 0 else rest])
+    return out
 
 
 def render(report: Report, *, color: bool = False, width: int = 100) -> str:
-    """The report as an aligned table that fits ``width`` columns; problems marked with '!'."""
+    """The report as an aligned table, every line at most ``width`` columns; problems marked with '!'.
+
+    Long layer names are elided in the middle (``encoder.layers…attn.out_proj``), long type names, statuses
+    and suggestions at the end; the findings and notes below the table are wrapped. ``color`` marks flagged
+    rows and findings in red (ANSI escapes; see ``use_color``).
+    """
+    width = max(int(width), 40)
     rows = []
     for layer in report.layers:
         rows.append([
             str(layer.index), layer.name or "(root)", layer.module_type, _fmt(layer.act_mean), _fmt(layer.act_std),
             _fmt(layer.grad_std), _fmt(layer.gain), ",".join(sorted(layer.status)) or "ok", _suggestion(layer),
         ])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(_COLUMNS)]
-    widths[1] = min(widths[1], 28)
-    widths[2] = min(widths[2], 14)
-    fixed = sum(w for i, w in enumerate(widths) if i != 8) + 2 * (len(widths) - 1)
-    widths[8] = max(10, min(widths[8], width - fixed))
-    lines = [f"torchdiag report, step {report.step}" + (" (gradient rescale ON)" if report.rescale_grads else "")]
+    widths = _widths(rows, width)
+
+    def paint(text: str, code: str) -> str:
+        return code + text + _RESET if color else text
 
     def line(cells: list[str], flagged: bool = False) -> str:
-        out = "  ".join(_elide(c, w).ljust(w) if i in (1, 2, 7, 8) else c.rjust(w)
+        out = "  ".join((_elide(c, w) if i == 1 else _cut(c, w)).ljust(w) if i in _LEFT else c.rjust(w)
                         for i, (c, w) in enumerate(zip(cells, widths)))
-        out = out.rstrip()
-        if flagged:
-            out = ("\033[1;31m" + out + "\033[0m") if color else out
-        return out
+        out = out.rstrip()[:width]
+        return paint(out, _RED) if flagged else out
 
-    lines.append(line(list(_COLUMNS)))
+    title = f"torchdiag report, step {report.step}" + (" (gradient rescale ON)" if report.rescale_grads else "")
+    lines = [title[:width], line(list(_COLUMNS))]
     for layer, cells in zip(report.layers, rows):
         lines.append(line(cells, bool(layer.status)))
     if report.first_nonfinite:
-        lines.append(f"first non-finite output: {report.first_nonfinite}")
+        lines.extend(paint(x, _RED) for x in _wrap(f"first non-finite output: {report.first_nonfinite}", width,
+                                                    "", "  "))
     for layer in report.flagged:
         for f in layer.findings:
-            lines.append(f"! {f.message}")
+            lines.extend(paint(x, _RED) for x in _wrap(f.message, width, "! ", "  "))
     for note in report.notes:
-        lines.append(f"note: {note}")
+        lines.extend(_wrap(note, width, "note: ", "  "))
     if not report.flagged:
-        lines.append("no problems found")
+        lines.append(paint("no problems found", _GREEN))
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import TextIO
 
-from .report import STATUSES, LayerReport, Report, render
+from .report import STATUSES, LayerReport, Report, render, use_color
 from .sinks.tensorboard import FLAGGED_TAG, LAYERS_TAG, PROFILE_DIR, SCALARS, TEXT_SUFFIX, WARNINGS_TAG
 
 OK, FLAGGED, NO_DATA = 0, 1, 2
@@ -188,8 +188,8 @@ def _names(names: Iterable[str], limit: int = 8, quote: bool = True) -> str:
     return ", ".join(names)
 
 
-def format_summary(s: RunSummary) -> str:
-    lines = [f"run {s.run}: steps {_span(s.steps)}", render(s.report)]
+def format_summary(s: RunSummary, color: bool = False) -> str:
+    lines = [f"run {s.run}: steps {_span(s.steps)}", render(s.report, color=color)]
     flagged = s.report.flagged
     if flagged:
         lines.append(f"flagged at step {s.step}: {len(flagged)} layer{'s' if len(flagged) != 1 else ''}")
@@ -248,6 +248,7 @@ def summarize(logdir: str, *, step: int | None = None, fail_on: Iterable[str] | 
             print(f"torchdiag summarize: {e}", file=err)
         return NO_DATA
     status = OK
+    color = use_color(out)  # only on a terminal, never with NO_COLOR
     lines = []
     for s in summaries:
         found = s.flagged_problems()
@@ -260,7 +261,7 @@ def summarize(logdir: str, *, step: int | None = None, fail_on: Iterable[str] | 
                        f" --fail-on ({', '.join(p for p in STATUSES if p in fail)})")
         else:
             verdict = f"OK: nothing flagged at step {s.step}"
-        lines.append(format_summary(s) + "\n" + verdict)
+        lines.append(format_summary(s, color=color) + "\n" + verdict)
     try:
         print("\n\n".join(lines), file=out)
         out.flush()
