@@ -49,16 +49,20 @@ def _block_forward(self, x):
     return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
-def cnn_workload(device, quick):
-    batch = 8 if quick else 64
-    model = zoo.ResNet().to(device)
-    # the naive recorder's full backward hooks cannot run with in-place ops (ReLU(inplace), out += x):
-    # every variant runs the out-of-place form, so they time the same model
+def _out_of_place(model):
+    """The naive recorder's full backward hooks cannot run with in-place ops (ReLU(inplace), out += x):
+    every variant runs the out-of-place form, so they all time the same model."""
     for m in model.modules():
         if isinstance(m, nn.ReLU):
             m.inplace = False
         if isinstance(m, zoo.BasicBlock):
             m.forward = types.MethodType(_block_forward, m)
+
+
+def cnn_workload(device, quick):
+    batch = 8 if quick else 64
+    model = zoo.ResNet().to(device)
+    _out_of_place(model)
     x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
     return model, lambda m: F.cross_entropy(m(x), y)
 
@@ -75,6 +79,7 @@ def resnet_large_workload(device, quick):
     """CUDA only: a ResNet-18-shaped net at 224x224 (ResNet-50-scale activations), bf16 autocast."""
     batch = 4 if quick else 64
     model = zoo.ResNet(widths=(64, 128, 256, 512), blocks=2, classes=1000).to(device)
+    _out_of_place(model)
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
 

@@ -94,6 +94,22 @@ def test_no_activation_kept_alive_after_its_hook():
     h.remove()
 
 
+def test_recorded_values_own_their_storage_so_no_activation_stays_alive():
+    # a 0-d view (x[0]) kept until the step ends would pin the whole activation (and see in-place edits)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(inplace=True), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].bias[0] = -100.0  # the first element (the shift) is negative: the in-place ReLU zeroes it
+    x = torch.randn(256, 64)
+    with torchdiag.watch(model) as diag:
+        model(x).sum().backward()
+        values = [v for vs in diag._recorder._values.values() for v in vs]
+        assert values and all(v.untyped_storage().nbytes() <= 8 for v in values)
+        rep = diag.step()
+    pre = model[0](x).detach().double()
+    assert rep["0"].act_mean == pytest.approx(pre.mean().item(), rel=1e-5)
+    assert rep["0"].act_std == pytest.approx(pre.std(correction=0).item(), rel=1e-5)
+
+
 def test_inplace_relu_gradient_is_the_pre_activation_gradient():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 1))

@@ -26,7 +26,6 @@ import torch
 # Row layouts. Activation: r, sum(x-r), sum((x-r)^2), min, max, nonzero count (NaN: not counted),
 # saturated count (NaN: not counted). Gradient / weight: r, sum(x-r), sum((x-r)^2)[, min, max].
 ACT_COLS = 7
-ROW_WIDTH = ACT_COLS
 SHIFT_RATIO = 10.0  # |mean| / std above which the next recorded step subtracts a shift first
 
 _CONST: dict[tuple[torch.device, float], torch.Tensor] = {}
@@ -51,7 +50,7 @@ def _flat32(x: torch.Tensor) -> torch.Tensor:
 
 def _moments(x: torch.Tensor, shift: bool) -> list[torch.Tensor]:
     if shift:
-        r = x[0]
+        r = x[0].clone()  # its own storage: a view would keep the whole tensor alive, and see in-place edits
         d = x - r
         return [r, d.sum(), torch.dot(d, d)]
     return [_const(x.device, 0.0), x.sum(), torch.dot(x, x)]
