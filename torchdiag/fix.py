@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import capture, gains
 from .errors import TorchDiagError
+from .preserve import preserved_state
 from .report import Report
 
 
@@ -110,20 +111,9 @@ def fix_init(model: nn.Module, *inputs: Any, target_std: float = 1.0, tol: float
                              " `with torchdiag.watch(...)` (or after leaving it)")
     from .watch import check  # watch imports this module
 
-    saved_buffers = [b.detach().clone() for b in model.buffers()]
-    modes = [m.training for m in model.modules()]
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"} - {None})
-    notes: list[str] = []
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            layers = _discover(model, inputs)
-            notes = _lsuv(model, inputs, layers, float(target_std), float(tol), max_iter, zero_bias)
-    finally:
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), saved_buffers):
-                b.copy_(saved)
-        for m, mode in zip(model.modules(), modes):
-            m.training = mode
+    with preserved_state(model), torch.no_grad():
+        layers = _discover(model, inputs)
+        notes = _lsuv(model, inputs, layers, float(target_std), float(tol), max_iter, zero_bias)
     report = check(model, *inputs)
     report.notes.extend(notes)
     return report

@@ -18,6 +18,7 @@ from .config import Config, ConfigLike, resolve_config
 from .diagnose import StepStats, diagnose
 from .errors import TorchDiagError
 from .optim import OptimizerMonitor
+from .preserve import preserved_state
 from .report import Report
 from .sinks.console import ConsoleSink
 from .sinks.tensorboard import TensorBoardSink, open_writer
@@ -347,34 +348,24 @@ def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor]
     if not inputs:
         raise TypeError("check(model, *inputs): give at least one input for the model's forward")
     cfg = resolve_config(config, every=1)
-    saved_buffers = [b.detach().clone() for b in model.buffers()]
-    modes = [m.training for m in model.modules()]
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"} - {None})
-    try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            w = Watcher(model, cfg, logdir=None, writer=None, rescale_grads=False, warn=False)
-            with w:
-                xs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, torch.Tensor)
-                           and x.is_floating_point() else x for x in inputs)
-                try:
-                    out = model(*xs)
-                except Exception as e:
-                    raise TorchDiagError(
-                        f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e
-                loss = loss_fn(out) if loss_fn is not None else projection_loss(out)
-                targets = [p for p in model.parameters() if p.requires_grad]
-                targets += [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
-                if isinstance(loss, torch.Tensor) and loss.requires_grad and targets:
-                    torch.autograd.grad(loss, targets, allow_unused=True)
-                report = w.report()
-            if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
-                report.notes.append("the loss does not require grad: no gradient was measured")
-    finally:
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), saved_buffers):
-                b.copy_(saved)
-        for m, mode in zip(model.modules(), modes):
-            m.training = mode
+    with preserved_state(model), torch.enable_grad():
+        w = Watcher(model, cfg, logdir=None, writer=None, rescale_grads=False, warn=False)
+        with w:
+            xs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, torch.Tensor)
+                       and x.is_floating_point() else x for x in inputs)
+            try:
+                out = model(*xs)
+            except Exception as e:
+                raise TorchDiagError(
+                    f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e
+            loss = loss_fn(out) if loss_fn is not None else projection_loss(out)
+            targets = [p for p in model.parameters() if p.requires_grad]
+            targets += [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+            if isinstance(loss, torch.Tensor) and loss.requires_grad and targets:
+                torch.autograd.grad(loss, targets, allow_unused=True)
+            report = w.report()
+        if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
+            report.notes.append("the loss does not require grad: no gradient was measured")
     return report
 
 
