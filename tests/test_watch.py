@@ -332,3 +332,12 @@ def test_error_in_torchdiag_hook_code_never_reaches_training(monkeypatch):
     msgs = [str(w.message) for w in caught if "disabled" in str(w.message)]
     assert len(msgs) == len({layer for layer in msgs})  # one per layer
     assert "RuntimeError: internal" in msgs[0]
+
+
+def test_auto_step_false_merges_forwards_until_step():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with torchdiag.watch(model, auto_step=False) as diag:
+        for _ in range(3):  # three micro-batches, one step
+            model(torch.randn(8, 4)).sum().backward()
+        rep = diag.step()
+    assert rep.step == 0 and rep["0"].calls == 3

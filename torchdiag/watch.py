@@ -31,11 +31,12 @@ class Watcher:
 
     def __init__(self, model: nn.Module, config: Config, *, logdir: str | None, writer: Any,
                  rescale_grads: RescaleSpec, warn: bool = True, scaler: Any = None, optimizer: Any = None,
-                 group: distributed.Group | None = None) -> None:
+                 group: distributed.Group | None = None, auto_step: bool = True) -> None:
         self.config = config
         self._group = group  # None: a single process (or a one-rank group), nothing is reduced
         self._writes = group is None or group.is_writer  # rank 0 of the group alone writes and warns
         self._scaler = scaler
+        self._auto_step_on = auto_step
         self._optimizer = optimizer
         self._optim_monitor: OptimizerMonitor | None = None
         self._model: nn.Module | None = model
@@ -80,6 +81,7 @@ class Watcher:
         self._recorder = Recorder(slots, modules, self.config.every, on_auto_step=self._auto_step,
                                   histogram_every=self.config.histogram_every if histograms else 0)
         self._recorder.scaler = self._scaler
+        self._recorder.auto_step = self._auto_step_on
         if self._group is not None:
             self._recorder.reducer = distributed.StepReducer(slots, self._group)
         capture.attach(self._recorder, modules)
@@ -254,7 +256,8 @@ class _GradScale:
 
 def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: Any = None,
           config: ConfigLike = None, every: int | None = None, rescale_grads: RescaleSpec = False,
-          scaler: Any = None, optimizer: Any = None, process_group: Any = None) -> Watcher:
+          scaler: Any = None, optimizer: Any = None, process_group: Any = None,
+          auto_step: bool = True) -> Watcher:
     """Watch ``model``: record per-layer statistics while your own training loop runs.
 
     Args:
@@ -275,6 +278,9 @@ def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: 
             (every rank gets the global report; rank 0 alone writes and warns); pass a group to reduce
             over that group instead (its rank 0 writes). A ``DistributedDataParallel`` model is watched
             through ``model.module``: layer names carry no ``module.`` prefix.
+        auto_step: without any ``step()`` call, each training-mode forward of the model starts a new
+            step (the default). False: a step ends only at ``step()`` (or ``opt.step()`` with
+            ``optimizer=``), e.g. for several forwards per step under gradient accumulation.
 
     Returns:
         A ``Watcher``, to be used as a context manager.
@@ -313,7 +319,7 @@ def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: 
         raise TorchDiagError(f"{type(model).__name__} is already being watched; nested watches of one model are not"
                              " supported: leave the first `with torchdiag.watch(...)` block first")
     return Watcher(model, cfg, logdir=logdir, writer=writer, rescale_grads=rescale_grads, scaler=scaler,
-                   optimizer=optimizer, group=group)
+                   optimizer=optimizer, group=group, auto_step=bool(auto_step))
 
 
 def _check_logdir(logdir: str | os.PathLike) -> str:

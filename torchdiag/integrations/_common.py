@@ -46,30 +46,12 @@ def start_watch(model: nn.Module, kwargs: dict[str, Any], scaler: Any = None) ->
     forward of the model: with gradient accumulation, the micro-batches of one optimizer step are one step.
     """
     kwargs = dict(kwargs)
+    kwargs.setdefault("auto_step", False)  # micro-batches of one optimizer step are one step
     if scaler is not None and kwargs.get("scaler") is None:
-        try:
-            watcher = watch(model, scaler=scaler, **kwargs)
-        except NotImplementedError:
-            # TODO(torchdiag scaler support): drop this fallback once every supported torchdiag version has
-            # watch(scaler=...). Without it, gradient statistics under fp16 AMP are those of the scaled loss.
-            watcher = watch(model, **kwargs)
-    else:
-        watcher = watch(model, **kwargs)
+        kwargs["scaler"] = scaler
+    watcher = watch(model, **kwargs)
     watcher.__enter__()
-    disable_auto_step(watcher)
     return watcher
-
-
-def disable_auto_step(watcher: Watcher) -> None:
-    """Steps end where the callback says (optimizer steps), not at each training-mode forward of the model.
-
-    ``Watcher.step()`` turns the forward-started steps off, but only from the first step() on; under gradient
-    accumulation the first optimizer step would be split into one step per micro-batch.
-    TODO(torchdiag public API): use a public switch (e.g. ``watch(..., auto_step=False)``) once there is one.
-    """
-    recorder = getattr(watcher, "_recorder", None)
-    if recorder is not None and hasattr(recorder, "auto_step"):
-        recorder.auto_step = False
 
 
 def stop_watch(watcher: Watcher | None, exc: BaseException | None = None) -> None:
