@@ -151,3 +151,31 @@ def test_bad_optimizer_and_scaler_arguments():
         torchdiag.watch(net(), optimizer="adam")
     with pytest.raises(TypeError, match="scaler=.*GradScaler, got int"):
         torchdiag.watch(net(), scaler=3)
+
+
+def test_gradscaler_skipped_steps_counted_and_logged(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    skipped = 0
+    with torchdiag.watch(model, scaler=scaler, logdir=tmp_path) as diag:
+        for i in range(4):
+            loss = model(torch.randn(8, 16)).pow(2).mean()
+            if i in (1, 2):
+                loss = loss * float("inf")  # an overflowing step: the scaler skips it and halves its scale
+            scaler.scale(loss).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            skipped += scaler.get_scale() < before
+            opt.zero_grad()
+            diag.step()
+    assert skipped == 2
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    counts = [e.value for e in acc.Scalars("amp/skipped_steps")]
+    scales = [e.value for e in acc.Scalars("amp/scale")]
+    assert scales == [2.0**10, 2.0**10, 2.0**9, 2.0**8]  # the scale in effect for each step's backward
+    assert counts == [0, 0, 1, 2]  # a skipped step shows in the scale of the next recorded step

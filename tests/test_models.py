@@ -283,3 +283,51 @@ def test_feeds_norm_is_traced_by_tensor_identity_not_execution_order():
     with torchdiag.watch(model) as diag:
         model(torch.randn(2, 3, 32, 32)).sum().backward()
         assert not any(s.feeds_norm for s in diag._recorder.slots)
+
+
+def test_packed_sequence_namedtuple_and_keyword_only_inputs():
+    from collections import namedtuple
+
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    Pair = namedtuple("Pair", "out aux")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, *, x, lengths):
+            packed, _ = self.lstm(pack_padded_sequence(x, lengths, batch_first=True))
+            return Pair(self.head(packed.data), lengths)
+
+    model = Net()
+    x, lengths = torch.randn(4, 6, 8), torch.tensor([6, 5, 3, 2])
+    with torchdiag.watch(model) as diag:
+        model(x=x, lengths=lengths).out.pow(2).sum().backward()
+        rep = diag.step()
+    with torch.no_grad():
+        packed, (h, c) = model.lstm(pack_padded_sequence(x, lengths, batch_first=True))
+    # the LSTM's output: the PackedSequence's float data and the (h, c) tuple count; batch_sizes do not
+    both = torch.cat([packed.data.reshape(-1), h.reshape(-1), c.reshape(-1)]).double()
+    assert rep["lstm"].act_std == pytest.approx(both.std(correction=0).item(), rel=1e-5)
+    assert rep["head"].grad_std is not None
+
+
+def test_inference_mode_and_retain_graph():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(16, 8)
+    with torchdiag.watch(model) as diag:
+        out = model(x).sum()
+        out.backward(retain_graph=True)
+        out.backward()  # a second backward through the same graph adds to the gradient statistics
+        with torch.inference_mode():
+            model(torch.randn(16, 8) * 1e3)  # not recorded
+        rep = diag.step()
+    assert rep["0"].calls == 1
+    y = model[0](x).detach().double()
+    assert rep["0"].act_std == pytest.approx(y.std(correction=0).item(), rel=1e-5)
+    single = torchdiag.check(model, x, loss_fn=lambda o: o.sum())
+    assert rep["0"].grad_std == pytest.approx(single["0"].grad_std, rel=1e-5)  # two identical passes: same std
+    assert rep["0"].grad_norm == pytest.approx(single["0"].grad_norm * 2 ** 0.5, rel=1e-5)  # twice the elements

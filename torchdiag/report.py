@@ -83,6 +83,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     rescale_grads: bool = False
     amp_scale: float | None = None
+    amp_skipped_steps: int | None = None  # steps GradScaler skipped so far in this watch (scale decreases)
     grad_norm_preclip: float | None = None
     grad_norm_postclip: float | None = None
     clipped: bool | None = None
@@ -104,6 +105,7 @@ class Report:
             "first_nonfinite": self.first_nonfinite,
             "rescale_grads": self.rescale_grads,
             "amp_scale": self.amp_scale,
+            "amp_skipped_steps": self.amp_skipped_steps,
             "grad_norm_preclip": self.grad_norm_preclip,
             "grad_norm_postclip": self.grad_norm_postclip,
             "clipped": self.clipped,

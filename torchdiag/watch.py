@@ -37,6 +37,8 @@ class Watcher:
         self._writes = group is None or group.is_writer  # rank 0 of the group alone writes and warns
         self._scaler = scaler
         self._auto_step_on = auto_step
+        self._amp_prev: float | None = None
+        self._amp_skipped = 0
         self._optimizer = optimizer
         self._optim_monitor: OptimizerMonitor | None = None
         self._model: nn.Module | None = model
@@ -173,7 +175,19 @@ class Watcher:
 
     def _diagnose(self, stats: StepStats) -> Report:
         stats.rescale_grads = self._rescale is not False
-        return diagnose(stats, self.config)
+        report = diagnose(stats, self.config)
+        if report.amp_scale is not None and self._scaler is not None:
+            report.amp_skipped_steps = self._count_skipped(report.amp_scale)
+        return report
+
+    def _count_skipped(self, scale: float) -> int:
+        """GradScaler multiplies its scale by the backoff factor at each step it skips (inf/NaN gradients)."""
+        prev, self._amp_prev = self._amp_prev, scale
+        if prev is not None and 0 < scale < prev:
+            backoff = float(self._scaler.get_backoff_factor()) if hasattr(self._scaler, "get_backoff_factor") else 0.5
+            if 0 < backoff < 1:
+                self._amp_skipped += max(1, round(math.log(prev / scale) / math.log(1 / backoff)))
+        return self._amp_skipped
 
     def report(self) -> Report:
         """Diagnosis of the latest recorded step (the current one if it has data).

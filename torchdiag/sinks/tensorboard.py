@@ -230,6 +230,13 @@ class TensorBoardSink:
             if key[1] in present:
                 values.append((f"flag/{key[0]}/{key[1]}", 1.0 if key in flagged_now else 0.0))
         values.append((FLAGGED_TAG, float(len(report.flagged))))
+        for tag, v in (("optim/grad_norm_preclip", report.grad_norm_preclip),
+                       ("optim/grad_norm_postclip", report.grad_norm_postclip),
+                       ("optim/clipped", None if report.clipped is None else float(report.clipped)),
+                       ("amp/scale", report.amp_scale),
+                       ("amp/skipped_steps", report.amp_skipped_steps)):
+            if v is not None:
+                values.append((tag, float(v)))
         add_scalars(self.writer, values, report.step)
 
     def _write_report_text(self, report: Report) -> None:
