@@ -101,3 +101,31 @@ def test_tanh_default_init_suggests_five_thirds_sqrt3():
     report = torchdiag.check(nn.Sequential(*layers), torch.randn(64, 256))
     assert report["0"].nonlinearity == "tanh"
     assert report["0"].suggested_scale == pytest.approx(5 / 3 * math.sqrt(3), rel=0.05)
+
+
+@pytest.mark.parametrize("act, name, gain", [
+    (torch.relu, "relu", math.sqrt(2)),
+    (torch.tanh, "tanh", 5 / 3),
+    (torch.nn.functional.gelu, "gelu", None),
+])
+def test_functional_activation_is_inferred_and_measured_scale_agrees(act, name, gain):
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lins = nn.ModuleList(nn.Linear(128, 128) for _ in range(4))
+            for lin in self.lins:
+                nn.init.xavier_normal_(lin.weight)
+
+        def forward(self, x):
+            for lin in self.lins:
+                x = act(lin(x))  # no activation module: torchdiag must read it off the next layer's input
+            return x
+
+    report = torchdiag.check(Functional(), torch.randn(256, 128))
+    row = report["lins.0"]
+    assert row.nonlinearity == name and any("inferred" in n for n in row.notes)
+    if gain is None:  # GELU: a measured gain, 1/sqrt(E[gelu(z)^2]) for z ~ N(0, 1), not a table entry
+        z = torch.randn(2_000_000, dtype=torch.float64)
+        gain = 1 / torch.nn.functional.gelu(z).pow(2).mean().sqrt().item()
+    assert row.suggested_scale == pytest.approx(gain, rel=0.02)  # Xavier std on a square layer is 1/sqrt(n)
+    assert row.measured_scale == pytest.approx(row.suggested_scale, rel=0.1)  # i.i.d. init: they agree

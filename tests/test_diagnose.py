@@ -138,3 +138,29 @@ def test_lookups_recurrent_and_attention_get_no_textbook_scale():
     rep = diagnose(StepStats([emb]), CFG)
     assert rep["emb"].suggested_scale is None and rep["emb"].suggested_init is None
     assert any("rule does not describe it" in n for n in rep["emb"].notes)
+
+
+def test_measured_and_textbook_scales_disagreeing_say_which_to_trust():
+    layers = chain([1.4] * 4, [1.0] * 4)
+    layers[0].input_rms = 1.0
+    layers[0].act = mom(0.5)  # measured gain 0.5 where the weight std promises sqrt(2): not i.i.d.
+    rep = diagnose(StepStats(layers), CFG)
+    row = rep["lin0"]
+    assert row.suggested_scale == pytest.approx(math.sqrt(2))
+    assert row.measured_scale == pytest.approx(math.sqrt(2) / 0.5)
+    assert any("disagree" in n and "Trust the measured one" in n for n in row.notes)
+    assert not any("disagree" in n for n in rep["lin1"].notes)  # 1.4 / 1: within scale_tolerance
+
+
+def test_functional_activation_inferred_from_the_next_input_probe():
+    a = LayerStats(name="a", module_type="Linear", index=0, calls=1, kind="weighted", act=mom(1.4),
+                   weight_shape=(64, 64), weight_std=1 / 8, weight_absmax=1.0, fan_in=64, fan_out=64)
+    probe = Moments(n=1000, mean=0.56, std=0.82, rms=1.0, absmax=4.0, nonfinite=False, zero_fraction=0.5,
+                    min=0.0, max=4.0)
+    b = LayerStats(name="b", module_type="Linear", index=1, calls=1, kind="weighted", act=mom(1.4),
+                   weight_shape=(64, 64), weight_std=1 / 8, weight_absmax=1.0, fan_in=64, fan_out=64,
+                   input_probe=probe)
+    rep = diagnose(StepStats([a, b]), CFG)
+    assert rep["a"].nonlinearity == "relu" and rep["a"].suggested_scale == pytest.approx(math.sqrt(2))
+    probe.min = -2.5  # a Gaussian-looking input: no activation ran
+    assert diagnose(StepStats([a, b]), CFG)["a"].nonlinearity == "linear"

@@ -35,7 +35,7 @@ from .diagnose import LayerStats, Moments, StepStats
 from .distributed import local_tensor
 from .errors import DiagnosticWarning
 
-ACT, GRAD, INPUT, WEIGHT, ROOT_IN, ROOT_GRAD, UPDATE, CLIP, SCALE = range(9)
+ACT, GRAD, INPUT, WEIGHT, ROOT_IN, ROOT_GRAD, UPDATE, CLIP, SCALE, PROBE = range(10)
 _STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 _HIST_KINDS = {ACT: "act", GRAD: "grad"}
 
@@ -195,15 +195,19 @@ class Recorder:
         if info.is_layer:
             info.calls += 1
             self._order.setdefault(slot, len(self._order))
+            x = first_float_tensor(args)
+            src = self._outputs.get(id(x)) if x is not None else None
             self._trace_norm_inputs(slot, info, module, args, output)
             for t in iter_float_tensors(output):
                 self.add(slot, ACT, t, info.saturation)
                 if t.requires_grad:
                     t.register_hook(partial(_grad_hook, weakref.ref(self), slot, GRAD, self.generation))
-            if info.kind == "weighted":
-                x = first_float_tensor(args)
-                if x is not None:
-                    self._write(slot, INPUT, x.numel(), x.device, [stats.sumsq(x)])
+            if info.kind == "weighted" and x is not None:
+                self._write(slot, INPUT, x.numel(), x.device, [stats.sumsq(x)])
+                if src is None or self.slots[src].kind != "activation":
+                    # not fed by an activation module: its input's range and zeros tell which functional
+                    # activation (F.relu, torch.tanh...) ran before it, if any
+                    self._write(slot, PROBE, x.numel(), x.device, stats.act_row(x, shift=False, zeros=True))
         if info.is_root:
             for x in iter_float_tensors(args):
                 self._write(slot, ROOT_IN, x.numel(), x.device, [stats.sumsq(x)])
@@ -447,6 +451,7 @@ class Recorder:
                 act=_moments(act, with_act=True, with_sat=info.saturation is not None), grad=_moments(grad),
                 weight_shape=info.weight_shape,
                 input_rms=math.sqrt(inp[0] / inp[1]) if inp and inp[1] else None,
+                input_probe=_moments(moms.get((slot, PROBE)), with_act=True),
                 weight_std=w.std if w else None, weight_absmax=w.absmax if w else None,
                 fan_in=info.fan_in, fan_out=info.fan_out, fans_note=info.fans_note, textbook=info.textbook,
                 feeds_norm=info.feeds_norm,
@@ -490,4 +495,5 @@ def _moments(m: stats.Moments | None, with_act: bool = False, with_sat: bool = F
     zero = m.zeros / m.n if with_act else None
     sat = m.saturated / m.n if with_sat else None
     return Moments(n=m.n, mean=m.mean, std=m.std, rms=m.rms, absmax=m.absmax, nonfinite=m.nonfinite > 0,
+                   min=m.min if math.isfinite(m.min) else None, max=m.max if math.isfinite(m.max) else None,
                    zero_fraction=zero, saturated_fraction=sat)

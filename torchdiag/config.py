@@ -37,6 +37,7 @@ class Config:
     dead_fraction: float
     saturation_level: float
     saturated_fraction: float
+    scale_tolerance: float
     update_ratio_high: float
     update_ratio_low: float
     warnings: bool
@@ -174,6 +175,7 @@ _TYPES = {
     "dead_fraction": "float",
     "saturation_level": "float",
     "saturated_fraction": "float",
+    "scale_tolerance": "float",
     "update_ratio_high": "float",
     "update_ratio_low": "float",
     "warnings": "bool",
@@ -187,6 +189,7 @@ _FLOAT_RANGE = {
     "dead_fraction": (0.0, 1.0),
     "saturation_level": (0.0, 1.0),
     "saturated_fraction": (0.0, 1.0),
+    "scale_tolerance": (0.0, math.inf),
     "update_ratio_high": (0.0, math.inf),
     "update_ratio_low": (-1e-300, 1.0),  # 0 turns the low side off
 }

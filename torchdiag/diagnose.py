@@ -41,6 +41,8 @@ class Moments:
     nonfinite: bool
     zero_fraction: float | None = None
     saturated_fraction: float | None = None
+    min: float | None = None
+    max: float | None = None
 
 
 @dataclass
@@ -55,6 +57,7 @@ class LayerStats:
     act: Moments | None = None
     grad: Moments | None = None
     input_rms: float | None = None
+    input_probe: Moments | None = None  # input range and zeros, when no activation module fed it
     weight_shape: tuple[int, ...] | None = None
     weight_std: float | None = None
     weight_absmax: float | None = None
@@ -94,7 +97,7 @@ def diagnose(stats: StepStats, config: Config) -> Report:
     notes: list[str] = []
     for pos, s in enumerate(layers):
         if s.kind == "weighted":
-            _suggest(rows[pos], s, layers[pos + 1 :])
+            _suggest(rows[pos], s, layers[pos + 1 :], config)
 
     first_nonfinite = None
     for row, s in zip(rows, layers):
@@ -148,11 +151,14 @@ def _base_row(s: LayerStats, stats: StepStats) -> LayerReport:
     return row
 
 
-def _suggest(row: LayerReport, s: LayerStats, after: list[LayerStats]) -> None:
+def _suggest(row: LayerReport, s: LayerStats, after: list[LayerStats], cfg: Config) -> None:
     """Nonlinearity that follows a weighted layer, and the textbook fix for its weights."""
-    nl, normalised = gains.LINEAR, None
+    nl, normalised, inferred = gains.LINEAR, None, False
     for nxt in after:
         if nxt.kind == "weighted":
+            guess = _infer_functional(nxt.input_probe) if normalised is None else None
+            if guess is not None:
+                nl, inferred = guess, True
             break
         if nxt.kind == "norm" and normalised is None:
             normalised = nxt
@@ -160,6 +166,9 @@ def _suggest(row: LayerReport, s: LayerStats, after: list[LayerStats]) -> None:
             nl = nxt.nonlinearity
             break
     row.nonlinearity = str(nl)
+    if inferred:
+        row.notes.append(f"nonlinearity '{nl}' inferred from the next layer's input range and zeros"
+                         " (a functional activation such as F.relu in forward(), not a module)")
     if not s.textbook:
         row.notes.append(f"{s.module_type}: the gain/sqrt(fan_in) rule does not describe it, so no scale is"
                          " suggested (a lookup sums nothing; recurrent and attention weights feed no single"
@@ -174,6 +183,15 @@ def _suggest(row: LayerReport, s: LayerStats, after: list[LayerStats]) -> None:
             row.notes.append("weights are all zero (zero init): nothing to rescale")
         return
     row.suggested_scale = gains.target_std(s.fan_in, nl) / s.weight_std
+    if row.gain:  # LSUV reasoning: the factor that gives this layer the textbook gain on its actual inputs
+        row.measured_scale = gains.gain(nl) / row.gain
+        ratio = row.measured_scale / row.suggested_scale
+        if not 1 / (1 + cfg.scale_tolerance) <= ratio <= 1 + cfg.scale_tolerance:
+            row.notes.append(
+                f"measured scale ×{row.measured_scale:.3g} and textbook ×{row.suggested_scale:.3g} disagree by more"
+                f" than scale_tolerance {cfg.scale_tolerance:g}: the weights or inputs are not i.i.d. (trained or"
+                " structured weights, correlated inputs). Trust the measured one for this data (fix_init does),"
+                " the textbook one for a fresh random init.")
     if normalised is not None:
         row.notes.append(f"followed by {normalised.module_type} '{normalised.name}': its weight scale"
                          " barely changes the forward signal")
@@ -204,6 +222,27 @@ def _updates(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, not
                   f"'{row.name}' ({row.module_type}) gets small_updates: one optimizer step moved its weights by"
                   f" only {ratio:.3g} of their norm (update_ratio_low {cfg.update_ratio_low:g})."
                   " Fix: raise the learning rate, or check its gradient (see backward drift).")
+
+
+def _infer_functional(probe: Moments | None) -> Nonlinearity | None:
+    """Which pointwise activation produced a tensor, from its range and zeros (None: cannot tell)."""
+    if probe is None or probe.nonfinite or probe.n == 0:
+        return None
+    lo, hi, zeros = probe.min, probe.max, probe.zero_fraction
+    if lo is None or hi is None:
+        return None
+    if hi <= 0 or probe.std == 0:
+        return None  # all zeros (underflow, a dead layer): nothing to read
+    if lo >= 0 and zeros is not None and 0.2 <= zeros < 0.99:
+        return Nonlinearity("relu")
+    if -1.0 <= lo <= -0.9 and 0.9 <= hi <= 1.0 and probe.std > 0.4:
+        # reaches both rails with its mass spread out (a linear Gaussian signal of this range has std ~0.2)
+        return Nonlinearity("tanh")
+    if 0 < lo and hi < 1.0 and hi - lo > 0.5:
+        return Nonlinearity("sigmoid")
+    if -0.28 <= lo < -0.01 and hi > 1.0:  # GELU's minimum is -0.170, SiLU's -0.278
+        return Nonlinearity("gelu" if lo >= -0.171 else "silu")
+    return None
 
 
 def _fix_text(row: LayerReport) -> str:

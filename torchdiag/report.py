@@ -51,6 +51,7 @@ class LayerReport:
     backward_ratio: float | None = None
     nonlinearity: str | None = None
     suggested_scale: float | None = None
+    measured_scale: float | None = None  # textbook gain / measured gain on the actual inputs (LSUV reasoning)
     suggested_init: str | None = None
     status: set[str] = field(default_factory=set)
     findings: list[Finding] = field(default_factory=list)
