@@ -106,11 +106,29 @@ CUDA_WORKLOADS = {"resnet_large": resnet_large_workload, "gpt2_small": gpt_workl
 
 
 # ----------------------------------------------------------------------------- variants
-class NaiveRecorder:
+class _Hooks:
+    """A context manager that removes the module hooks a variant registered."""
+
+    def __init__(self):
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        for h in self.handles:
+            h.remove()
+
+    def step(self):
+        pass
+
+
+class NaiveRecorder(_Hooks):
     """What tutorials do: full backward hooks and .item() per statistic per layer."""
 
     def __init__(self, model):
-        self.handles, self.log = [], {}
+        super().__init__()
+        self.log = {}
         for name, m in model.named_modules():
             if next(m.children(), None) is None:
                 self.handles.append(m.register_forward_hook(self._fwd(name)))
@@ -130,22 +148,12 @@ class NaiveRecorder:
                 self.log[name + ".grad"] = (g.std().item(), g.norm().item())
         return hook
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *a):
-        for h in self.handles:
-            h.remove()
-
-    def step(self):
-        pass
-
-
-class ReadFloor:
+class ReadFloor(_Hooks):
     """One sum over every activation and gradient torchdiag would read: the cost of touching the data once."""
 
     def __init__(self, model):
-        self.handles = []
+        super().__init__()
         self.sink = []
         for m in model.modules():
             if next(m.children(), None) is None or next(m.parameters(recurse=False), None) is not None:
@@ -156,26 +164,12 @@ class ReadFloor:
             self.sink.append(out.detach().sum())
             out.register_hook(lambda g: self.sink.append(g.sum()))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        for h in self.handles:
-            h.remove()
-
     def step(self):
         self.sink.clear()
 
 
-class NoMonitor:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        pass
-
-    def step(self):
-        pass
+class NoMonitor(_Hooks):
+    pass
 
 
 def variants(logdir: str) -> dict[str, Callable[[nn.Module], contextlib.AbstractContextManager]]:
