@@ -156,6 +156,7 @@ class Recorder:
         self.closed = False
         self._on_auto_step = on_auto_step
         self._weights = [weakref.ref(m) for m in modules]
+        self._ref = weakref.ref(self)  # what the gradient hooks hold: never the recorder itself
         self._values: dict[torch.device, list[torch.Tensor]] = {}  # this step's 0-d statistics, per device
         self._entries: list[tuple[int, int, int, torch.device, int, int]] = []
         self._order: dict[int, int] = {}
@@ -197,33 +198,33 @@ class Recorder:
             self._order.setdefault(slot, len(self._order))
             x = first_float_tensor(args)
             src = self._outputs.get(id(x)) if x is not None else None
-            self._trace_norm_inputs(slot, info, module, args, output)
+            self._trace_norm_inputs(slot, info, module, src, output)
             for t in iter_float_tensors(output):
                 self.add(slot, ACT, t, info.saturation)
                 if t.requires_grad:
-                    t.register_hook(partial(_grad_hook, weakref.ref(self), slot, GRAD, self.generation))
+                    t.register_hook(partial(_grad_hook, self._ref, slot, GRAD, self.generation))
             if info.kind == "weighted" and x is not None:
-                self._write(slot, INPUT, x.numel(), x.device, [stats.sumsq(x)])
-                if src is None or self.slots[src].kind != "activation":
+                if src is not None and self.slots[src].kind == "activation":
+                    self._write(slot, INPUT, x.numel(), x.device, [stats.sumsq(x)])
+                else:
                     # not fed by an activation module: its input's range and zeros tell which functional
-                    # activation (F.relu, torch.tanh...) ran before it, if any
+                    # activation (F.relu, torch.tanh...) ran before it, if any; its rms comes from the same row
                     self._write(slot, PROBE, x.numel(), x.device, stats.act_row(x, shift=False, zeros=True))
         if info.is_root:
             for x in iter_float_tensors(args):
                 self._write(slot, ROOT_IN, x.numel(), x.device, [stats.sumsq(x)])
             for t in iter_float_tensors(output):
                 if t.requires_grad:
-                    t.register_hook(partial(_grad_hook, weakref.ref(self), slot, ROOT_GRAD, self.generation))
+                    t.register_hook(partial(_grad_hook, self._ref, slot, ROOT_GRAD, self.generation))
 
-    def _trace_norm_inputs(self, slot: int, info: Slot, module: nn.Module, args: tuple, output: Any) -> None:
+    def _trace_norm_inputs(self, slot: int, info: Slot, module: nn.Module, src: int | None, output: Any) -> None:
         """Mark layers whose output goes straight (through dropout/identity) into a normalisation layer.
 
-        Identity of the tensor object, not execution order: a residual branch's last conv runs just
-        before the next block's norm, but what that norm reads is the sum, not the conv's output.
+        ``src`` is the slot whose output this module's input is. Identity of the tensor object, not
+        execution order: a residual branch's last conv runs just before the next block's norm, but
+        what that norm reads is the sum, not the conv's output.
         """
         if info.kind in ("norm", "passthrough"):
-            x = first_float_tensor(args)
-            src = self._outputs.get(id(x)) if x is not None else None
             if src is not None:
                 if info.kind == "norm":
                     if gains.normalises(module):
@@ -235,12 +236,12 @@ class Recorder:
             self._outputs = {id(t): slot for t in iter_float_tensors(output)}
 
     def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> None:
-        info = self.slots[slot] if slot >= 0 else None
+        info = self.slots[slot]
         hist = self.histogram_step and kind in _HIST_KINDS
         if kind == ACT:
             row = stats.act_row(t, saturation, shift=info.shift_act, zeros=info.relu_family)
         else:
-            row = stats.grad_row(t, shift=info is None or info.shift_grad, minmax=hist)
+            row = stats.grad_row(t, shift=info.shift_grad, minmax=hist)
         self._write(slot, kind, t.numel(), t.device, row)
         if hist:
             self._write_hist(slot, kind, t, row[3], row[4])
@@ -256,11 +257,12 @@ class Recorder:
                           f" rest of this watch: {type(e).__name__}: {e}", DiagnosticWarning, stacklevel=2)
 
     def _write(self, slot: int, kind: int, n: int, device: torch.device, vals: list[torch.Tensor]) -> None:
-        # The 0-d results stay where the kernels put them (they are allocated anyway) until the step ends,
-        # when one stack per device gathers them: no copy kernel per row, no host sync.
+        # The 0-d float32 results (``stats`` returns float32) stay where the kernels put them (they are
+        # allocated anyway) until the step ends, when one stack per device gathers them: no copy kernel
+        # per row, no host sync.
         values = self._values.setdefault(device, [])
         self._entries.append((slot, kind, n, device, len(values), len(vals)))
-        values.extend(v if v.dtype == torch.float32 else v.float() for v in vals)
+        values.extend(vals)
 
     def write_update(self, slot: int, n: int, device: torch.device, vals: list[torch.Tensor]) -> None:
         """||w_new - w_old||^2 and ||w_old||^2 of one layer across an optimizer step."""
@@ -400,7 +402,7 @@ class Recorder:
         for (slot, kind), m in moms.items():
             if slot < 0 or kind not in (ACT, GRAD):
                 continue
-            bad = m.nonfinite > 0 or not abs(m.mean) * 1.0 <= stats.SHIFT_RATIO * m.std
+            bad = m.nonfinite > 0 or not abs(m.mean) <= stats.SHIFT_RATIO * m.std  # `not <=`: NaN is bad too
             if kind == ACT:
                 self.slots[slot].shift_act = bad
             else:
@@ -445,7 +447,7 @@ class Recorder:
         for slot, index in order.items():
             info = self.slots[slot]
             act, grad, w = (moms.get((slot, k)) for k in (ACT, GRAD, WEIGHT))
-            inp = sq.get((slot, INPUT))
+            inp = _input_sumsq(sq.get((slot, INPUT)), moms.get((slot, PROBE)))
             layers.append(LayerStats(
                 name=info.name, module_type=info.module_type, index=index, calls=calls[slot], kind=info.kind,
                 act=_moments(act, with_act=True, with_sat=info.saturation is not None), grad=_moments(grad),
@@ -473,6 +475,15 @@ class Recorder:
             pre = clip[0] / (scale * scale) if scale else clip[0]
             result.grad_norm_preclip, result.grad_norm_postclip = math.sqrt(max(pre, 0.0)), math.sqrt(max(clip[1], 0.0))
         return result, local_moms
+
+
+def _input_sumsq(acc: list[float] | None, probe: stats.Moments | None) -> list[float] | None:
+    """[sum of squares, n] of a weighted layer's inputs: calls fed by an activation module wrote only a sum
+    of squares, the others a probe row whose moments give it."""
+    if probe is None or probe.n == 0:
+        return acc
+    total = [probe.m2 + probe.n * probe.mean * probe.mean, probe.n]
+    return [acc[0] + total[0], acc[1] + total[1]] if acc else total
 
 
 def _base_rms(vals: list[float] | None) -> float | None:

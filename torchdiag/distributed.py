@@ -144,7 +144,7 @@ class StepReducer:
     """
 
     def __init__(self, slots: list[Any], group: Group) -> None:
-        from .buffer import ACT, GRAD, INPUT, ROOT_GRAD, ROOT_IN, WEIGHT
+        from .buffer import ACT, GRAD, INPUT, PROBE, ROOT_GRAD, ROOT_IN, WEIGHT
 
         self.group = group
         self.mkeys: list[tuple[int, int]] = []
@@ -160,6 +160,7 @@ class StepReducer:
                     self.ukeys.append(s)
                 if info.kind == "weighted":
                     self.skeys.append((s, INPUT))
+                    self.mkeys.append((s, PROBE))  # inputs not fed by an activation module
             if info.is_root:
                 self.mkeys.append((s, ROOT_GRAD))
                 self.skeys.append((s, ROOT_IN))
