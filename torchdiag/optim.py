@@ -117,19 +117,16 @@ class OptimizerMonitor:
         rec = self._recording()
         if rec is None:
             return
-        if self._distributed:
-            sums = self._grad_sums()
-            if sums is not None:
-                pre = self._pre_sums if self._pre_sums is not None else sums
-                rec.write_step_value("clip", [pre[0].to(sums[0].device), sums[0], pre[1].to(sums[0].device), sums[1]],
-                                     sums[0].device)
-            self._pre_sums, self._queued = None, False
-        grads = [] if self._distributed else [p.grad for p in self._params if p.grad is not None]
-        if grads:
-            post = torch.stack([_sumsq_grad(g) for g in grads]).sum()
-            pre = torch.stack(list(self._acc.values())).sum() if self._acc else post
-            rec.write_step_value("clip", [pre.to(post.device), post], grads[0].device)
-        self._acc = {}
+        post = self._grad_sums()  # after the user's clipping: what the optimizer sees
+        if post is not None:
+            device = post[0].device
+            if self._distributed:  # (all, sharded) taken after DDP averaged, before clipping
+                pre = self._pre_sums if self._pre_sums is not None else post
+                rec.write_step_value("clip", [pre[0].to(device), post[0], pre[1].to(device), post[1]], device)
+            else:  # each parameter's latest accumulation, before clipping
+                pre_total = torch.stack([a.to(device) for a in self._acc.values()]).sum() if self._acc else post[0]
+                rec.write_step_value("clip", [pre_total, post[0]], device)
+        self._pre_sums, self._queued, self._acc = None, False, {}
         for slot, ref in self._layers:
             w = ref()
             if w is not None:
@@ -144,7 +141,6 @@ class OptimizerMonitor:
                     w = local_tensor(w.detach())
                     if w.numel() == 0:  # an empty shard
                         continue
-                    d = (w - prev).reshape(-1).float()
-                    rec.write_update(slot, w.numel(), w.device, [torch.dot(d, d), stats.sumsq(prev)])
+                    rec.write_update(slot, w.numel(), w.device, [stats.sumsq(w - prev), stats.sumsq(prev)])
             self._prev = {}
         self._end_step()
