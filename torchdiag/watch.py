@@ -80,7 +80,7 @@ class Watcher:
         writer = self._user_writer
         histograms = self._writes and (callable(getattr(writer, "add_histogram_raw", None)) if writer is not None
                                        else self._logdir is not None)
-        self._recorder = Recorder(slots, modules, self.config.every, on_auto_step=self._auto_step,
+        self._recorder = Recorder(slots, modules, self.config.every, on_auto_step=self._finish_step,
                                   histogram_every=self.config.histogram_every if histograms else 0)
         self._recorder.scaler = self._scaler
         self._recorder.auto_step = self._auto_step_on
@@ -90,7 +90,7 @@ class Watcher:
         self._module_refs = [weakref.ref(m) for m in modules]
         self._entered = True
         try:
-            self._install_rescale()
+            self._install_rescale(slots)
             if self._optimizer is not None:
                 self._recorder.auto_step = False  # a step is an optimizer step
                 weights = [(i, getattr(m, slot.weight_name)) for i, (slot, m) in enumerate(zip(slots, modules))
@@ -158,9 +158,6 @@ class Watcher:
         self._recorder.auto_step = False
         return self._finish_step()
 
-    def _auto_step(self) -> None:
-        self._finish_step()
-
     def _finish_step(self, reduce: bool = True) -> Report | None:
         assert self._recorder is not None
         stats = self._recorder.end_step(reduce=reduce)
@@ -216,12 +213,11 @@ class Watcher:
         return self._recorder.step if self._recorder is not None else 0
 
     # ------------------------------------------------------------ gradient rescale
-    def _install_rescale(self) -> None:
+    def _install_rescale(self, slots: list[Any]) -> None:
         if self._rescale is False:
             return
         factors: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
-        for name, m in self._selected:
-            info = describe(name, m, is_layer=True, is_root=False, saturation_level=0.5)
+        for (name, m), info in zip(self._selected, slots):  # slots[i] describes self._selected[i]
             if info.kind != "weighted":
                 continue
             if self._rescale is True:
