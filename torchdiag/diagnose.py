@@ -275,18 +275,19 @@ def _dead_or_saturated(row: LayerReport, s: LayerStats, cfg: Config) -> None:
               " (its suggestion uses the gain for this activation).")
 
 
-def _signature(s: LayerStats, feeds_norm: bool) -> tuple | None:
+def _signature(s: LayerStats) -> tuple | None:
+    """Layers of one structure; whether a normalisation follows is part of it (it undoes forward scale)."""
     if s.kind == "weighted" and s.weight_shape is not None:
-        return (s.module_type, s.weight_shape, feeds_norm)
+        return (s.module_type, s.weight_shape, s.feeds_norm)
     if s.kind == "activation":
-        return (s.module_type, feeds_norm)
+        return (s.module_type, s.feeds_norm)
     return None
 
 
 def _drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes: list[str]) -> None:
     groups: dict[tuple, list[int]] = {}
     for pos, s in enumerate(layers):
-        sig = _signature(s, s.feeds_norm)  # a normalisation right after undoes forward scale at once
+        sig = _signature(s)
         if sig is not None:
             groups.setdefault(sig, []).append(pos)
     zero_weight = [s for s in layers if s.weight_absmax == 0]
