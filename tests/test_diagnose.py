@@ -23,7 +23,7 @@ def chain(fwd, bwd, width=64, weight_std=None):
     for f, b in zip(fwd, bwd):
         layers.append(LayerStats(name=f"lin{i}", module_type="Linear", index=2 * i, calls=1, kind="weighted",
                                  act=mom(f), grad=mom(b), weight_shape=(width, width),
-                                 weight_std=weight_std or 1 / math.sqrt(width), weight_absmax=1.0,
+                                 weight_std=weight_std or 1 / math.sqrt(width), weight_rms=1.0,
                                  fan_in=width, fan_out=width))
         layers.append(LayerStats(name=f"relu{i}", module_type="ReLU", index=2 * i + 1, calls=1, kind="activation",
                                  act=mom(f / math.sqrt(2), zero=0.5), grad=mom(b), nonlinearity=Nonlinearity("relu"),
@@ -71,7 +71,7 @@ def test_zero_gradient_behind_zero_weights_is_a_note_not_vanishing():
     layers = chain([1.0] * 6, [0.0] * 6)
     layers.append(LayerStats(name="head", module_type="Linear", index=12, calls=1, kind="weighted",
                              act=mom(0.0), grad=mom(1.0), weight_shape=(4, 64), weight_std=0.0,
-                             weight_absmax=0.0, fan_in=64, fan_out=4))
+                             weight_rms=0.0, fan_in=64, fan_out=4))
     rep = diagnose(StepStats(layers), CFG)
     assert rep.flagged == []
     assert any("because 'head' has all-zero weights" in n for n in rep["lin0"].notes)
@@ -107,7 +107,7 @@ def test_dead_and_saturated_thresholds():
 def test_normalised_layer_gets_no_scale():
     layers = [
         LayerStats(name="conv", module_type="Conv2d", index=0, calls=1, kind="weighted", act=mom(5.0),
-                   weight_shape=(8, 8, 3, 3), weight_std=0.5, weight_absmax=1.0, fan_in=72, fan_out=72),
+                   weight_shape=(8, 8, 3, 3), weight_std=0.5, weight_rms=1.0, fan_in=72, fan_out=72),
         LayerStats(name="bn", module_type="BatchNorm2d", index=1, calls=1, kind="norm", act=mom(1.0)),
         LayerStats(name="relu", module_type="ReLU", index=2, calls=1, kind="activation", act=mom(0.8, zero=0.5),
                    relu_family=True, nonlinearity=Nonlinearity("relu")),
@@ -133,7 +133,7 @@ def test_layers_feeding_a_norm_are_not_judged_forward_but_are_backward():
 
 def test_lookups_recurrent_and_attention_get_no_textbook_scale():
     emb = LayerStats(name="emb", module_type="Embedding", index=0, calls=1, kind="weighted", act=mom(1.0),
-                     weight_shape=(100, 16), weight_std=1.0, weight_absmax=4.0, fan_in=16, fan_out=100,
+                     weight_shape=(100, 16), weight_std=1.0, weight_rms=4.0, fan_in=16, fan_out=100,
                      textbook=False)
     rep = diagnose(StepStats([emb]), CFG)
     assert rep["emb"].suggested_scale is None and rep["emb"].suggested_init is None
@@ -154,11 +154,11 @@ def test_measured_and_textbook_scales_disagreeing_say_which_to_trust():
 
 def test_functional_activation_inferred_from_the_next_input_probe():
     a = LayerStats(name="a", module_type="Linear", index=0, calls=1, kind="weighted", act=mom(1.4),
-                   weight_shape=(64, 64), weight_std=1 / 8, weight_absmax=1.0, fan_in=64, fan_out=64)
+                   weight_shape=(64, 64), weight_std=1 / 8, weight_rms=1.0, fan_in=64, fan_out=64)
     probe = Moments(n=1000, mean=0.56, std=0.82, rms=1.0, absmax=4.0, nonfinite=False, zero_fraction=0.5,
                     min=0.0, max=4.0)
     b = LayerStats(name="b", module_type="Linear", index=1, calls=1, kind="weighted", act=mom(1.4),
-                   weight_shape=(64, 64), weight_std=1 / 8, weight_absmax=1.0, fan_in=64, fan_out=64,
+                   weight_shape=(64, 64), weight_std=1 / 8, weight_rms=1.0, fan_in=64, fan_out=64,
                    input_probe=probe)
     rep = diagnose(StepStats([a, b]), CFG)
     assert rep["a"].nonlinearity == "relu" and rep["a"].suggested_scale == pytest.approx(math.sqrt(2))

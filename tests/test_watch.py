@@ -342,3 +342,53 @@ def test_auto_step_false_merges_forwards_until_step():
             model(torch.randn(8, 4)).sum().backward()
         rep = diag.step()
     assert rep.step == 0 and rep["0"].calls == 3
+
+
+class _Feeds(nn.Module):
+    """Weighted layers fed by every kind of producer: an activation module, a Linear directly, a LayerNorm,
+    a Dropout, a Linear's output edited in place after its row was taken, and a functional activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e, self.f, self.g = (nn.Linear(24, 24) for _ in range(7))
+        self.act, self.norm, self.drop = nn.Tanh(), nn.LayerNorm(24), nn.Dropout(0.3)
+        self.seen = {}
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        self.seen["b"] = h.detach().clone()
+        h = self.b(h)                       # fed by an activation module
+        self.seen["c"] = h.detach().clone()
+        h = self.c(h)                       # fed by a Linear directly
+        h = self.norm(h)
+        self.seen["d"] = h.detach().clone()
+        h = self.d(h)                       # fed by a LayerNorm
+        h = self.drop(h)
+        self.seen["e"] = h.detach().clone()
+        h = self.e(h)                       # fed by a Dropout (its row serves as the probe)
+        h.add_(3.0)                         # edited in place after e's row was taken
+        self.seen["f"] = h.detach().clone()
+        h = self.f(h)
+        h = F.relu(h)                       # a functional activation: nothing recorded this tensor
+        self.seen["g"] = h.detach().clone()
+        return self.g(h)
+
+
+def test_input_rms_from_producer_rows_equals_the_direct_computation():
+    torch.manual_seed(0)
+    model = _Feeds()
+    x = torch.randn(64, 24)
+    with torchdiag.watch(model, config={"warnings": False}) as diag:
+        for _ in range(3):  # the first step switches zero counting on for the Dropout; later ones reuse rows
+            model.zero_grad()
+            model(x).sum().backward()
+            diag.step()
+            rep = diag.report()
+            for name in "bcdefg":
+                row = next(r for r in rep.layers if r.name == name)
+                with torch.no_grad():  # not recorded
+                    out = getattr(model, name)(model.seen[name])
+                expected = out.std(correction=0).item() / model.seen[name].pow(2).mean().sqrt().item()
+                assert row.gain == pytest.approx(expected, rel=1e-4), name
+            g_row = next(r for r in rep.layers if r.name == "f")
+            assert g_row.nonlinearity == "relu"  # inferred from g's input probe

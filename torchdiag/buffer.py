@@ -78,8 +78,11 @@ class Slot:
     fans_note: str | None = None  # why the fans are unknown
     textbook: bool = True  # a Linear/Conv-like layer the fan_in rule applies to
     feeds_norm: bool = False  # its output was seen going straight into a normalisation layer
+    pure: bool = False  # a torch built-in whose output is exactly what its kind says (no hidden activation)
+    count_zeros: bool = False  # count zeros of its output (ReLU family, or a layer whose output feeds a probe)
     shift_act: bool = True  # take moments about a shift (first recorded step, or |mean| >> std last time)
     shift_grad: bool = True
+    shift_weight: bool = True
     calls: int = 0
     disabled: bool = False
 
@@ -95,8 +98,11 @@ def describe(name: str, module: nn.Module, *, is_layer: bool, is_root: bool, sat
         kind = "weighted"
     else:
         kind = "other"
+    relu = isinstance(module, gains.RELU_FAMILY)
+    builtin = type(module).__module__.startswith("torch.")
     slot = Slot(name=name, module_type=type(module).__name__, kind=kind, is_layer=is_layer, is_root=is_root,
-                relu_family=isinstance(module, gains.RELU_FAMILY), nonlinearity=gains.nonlinearity_of(module))
+                relu_family=relu, count_zeros=relu, nonlinearity=gains.nonlinearity_of(module),
+                pure=builtin and kind in ("weighted", "norm", "activation"))
     rng = gains.saturation_range(module)
     if rng is not None:
         slot.saturation = (rng[0], rng[1] * saturation_level)
@@ -161,6 +167,8 @@ class Recorder:
         self._entries: list[tuple[int, int, int, torch.device, int, int]] = []
         self._order: dict[int, int] = {}
         self._outputs: dict[int, int] = {}  # id(output tensor) -> slot, of the module that ran last
+        # id(output) -> (weak ref, its _version, slot, device, row start): every activation row of this step
+        self._rows: dict[int, tuple[weakref.ref, int, int, torch.device, int]] = {}
         self._root_called = False
         # histograms: rows [lo, hi, counts...] in a second per-device buffer, on histogram steps only
         self._hbuffers: dict[torch.device, torch.Tensor] = {}
@@ -199,23 +207,56 @@ class Recorder:
             x = first_float_tensor(args)
             src = self._outputs.get(id(x)) if x is not None else None
             self._trace_norm_inputs(slot, info, module, src, output)
+            # looked up before this module's own rows: an in-place module's output is its input
+            producer = self._producer(x) if info.kind == "weighted" and x is not None else None
+            rows = self._rows
             for t in iter_float_tensors(output):
-                self.add(slot, ACT, t, info.saturation)
+                start = self.add(slot, ACT, t, info.saturation)
+                rows[id(t)] = (weakref.ref(t), t._version, slot, t.device, start)
                 if t.requires_grad:
                     t.register_hook(partial(_grad_hook, self._ref, slot, GRAD, self.generation))
             if info.kind == "weighted" and x is not None:
-                if src is not None and self.slots[src].kind == "activation":
-                    self._write(slot, INPUT, x.numel(), x.device, [stats.sumsq(x)])
-                else:
-                    # not fed by an activation module: its input's range and zeros tell which functional
-                    # activation (F.relu, torch.tanh...) ran before it, if any; its rms comes from the same row
-                    self._write(slot, PROBE, x.numel(), x.device, stats.act_row(x, shift=False, zeros=True))
+                self._input_row(slot, x, src, producer)
         if info.is_root:
             for x in iter_float_tensors(args):
                 self._write(slot, ROOT_IN, x.numel(), x.device, [stats.sumsq(x)])
             for t in iter_float_tensors(output):
                 if t.requires_grad:
                     t.register_hook(partial(_grad_hook, self._ref, slot, ROOT_GRAD, self.generation))
+
+    def _producer(self, x: torch.Tensor) -> tuple[int, torch.device, int] | None:
+        """(slot, device, row start) of the recorded activation row of exactly this tensor, unchanged since."""
+        entry = self._rows.get(id(x))
+        if entry is None or entry[0]() is not x or entry[1] != x._version:
+            return None  # not a watched module's output, or edited in place since its row was taken
+        return entry[2:]
+
+    def _input_row(self, slot: int, x: torch.Tensor, src: int | None,
+                   producer: tuple[int, torch.device, int] | None) -> None:
+        """A weighted layer's input: its rms, and (when no activation module produced it) its range and zeros,
+        which tell which functional activation (F.relu, torch.tanh...) ran before the layer.
+
+        When the input is a recorded output of a watched module, its row already holds all of that: the
+        entry points at it and no kernel runs. A built-in activation, norm or weighted layer's output had no
+        functional activation applied after it, so its sum of squares is enough; for any other producer
+        (dropout, a custom module) its row is the probe, which needs zeros counted there: the first call
+        switches that on for the producer and probes this once.
+        """
+        n = x.numel()
+        if producer is not None:
+            pslot, device, start = producer
+            p = self.slots[pslot]
+            if p.pure:
+                self._entries.append((slot, INPUT, n, device, start, 3))  # [shift, sum, sum of squares] about it
+                return
+            if p.count_zeros:
+                self._entries.append((slot, PROBE, n, device, start, stats.ACT_COLS))
+                return
+            p.count_zeros = True
+        if src is not None and self.slots[src].kind == "activation":
+            self._write(slot, INPUT, n, x.device, [stats.sumsq(x)])
+        else:
+            self._write(slot, PROBE, n, x.device, stats.act_row(x, shift=False, zeros=True))
 
     def _trace_norm_inputs(self, slot: int, info: Slot, module: nn.Module, src: int | None, output: Any) -> None:
         """Mark layers whose output goes straight (through dropout/identity) into a normalisation layer.
@@ -235,16 +276,18 @@ class Recorder:
         if info.kind != "passthrough":
             self._outputs = {id(t): slot for t in iter_float_tensors(output)}
 
-    def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> None:
+    def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> int:
+        """Write ``t``'s row; returns where its values start in this step's values of its device."""
         info = self.slots[slot]
         hist = self.histogram_step and kind in _HIST_KINDS
         if kind == ACT:
-            row = stats.act_row(t, saturation, shift=info.shift_act, zeros=info.relu_family)
+            row = stats.act_row(t, saturation, shift=info.shift_act, zeros=info.count_zeros)
         else:
             row = stats.grad_row(t, shift=info.shift_grad, minmax=hist)
-        self._write(slot, kind, t.numel(), t.device, row)
+        start = self._write(slot, kind, t.numel(), t.device, row)
         if hist:
             self._write_hist(slot, kind, t, row[3], row[4])
+        return start
 
     def guarded(self, slot: int, fn: Callable[..., None], *args: Any) -> None:
         """Run hook code; an error in torchdiag disables that layer and warns once, never reaching the user."""
@@ -256,13 +299,15 @@ class Recorder:
             warnings.warn(f"torchdiag: recording '{info.name}' ({info.module_type}) failed and is disabled for the"
                           f" rest of this watch: {type(e).__name__}: {e}", DiagnosticWarning, stacklevel=2)
 
-    def _write(self, slot: int, kind: int, n: int, device: torch.device, vals: list[torch.Tensor]) -> None:
+    def _write(self, slot: int, kind: int, n: int, device: torch.device, vals: list[torch.Tensor]) -> int:
         # The 0-d float32 results (``stats`` returns float32) stay where the kernels put them (they are
         # allocated anyway) until the step ends, when one stack per device gathers them: no copy kernel
         # per row, no host sync.
         values = self._values.setdefault(device, [])
-        self._entries.append((slot, kind, n, device, len(values), len(vals)))
+        start = len(values)
+        self._entries.append((slot, kind, n, device, start, len(vals)))
         values.extend(vals)
+        return start
 
     def write_update(self, slot: int, n: int, device: torch.device, vals: list[torch.Tensor]) -> None:
         """||w_new - w_old||^2 and ||w_old||^2 of one layer across an optimizer step."""
@@ -335,6 +380,7 @@ class Recorder:
     def _reset(self) -> None:
         self.scale_written = False
         self._outputs = {}
+        self._rows = {}
         self._entries = []
         self._order = {}
         self._values = {}
@@ -353,7 +399,7 @@ class Recorder:
                 w = getattr(m, info.weight_name, None)
                 w = local_tensor(w) if isinstance(w, torch.Tensor) else None  # FSDP2: this rank's shard
                 if w is not None and w.numel() > 0 and w.layout == torch.strided:
-                    self._write(slot, WEIGHT, w.numel(), w.device, stats.grad_row(w, minmax=True))
+                    self._write(slot, WEIGHT, w.numel(), w.device, stats.grad_row(w, shift=info.shift_weight))
         # the one device-to-host copy of this step, per device (histogram rows ride along)
         host: dict[torch.device, list] = {}
         hhost: dict[torch.device, list] = {}
@@ -400,13 +446,15 @@ class Recorder:
     def _update_shifts(self, moms: dict[tuple[int, int], stats.Moments]) -> None:
         """Shift the next recorded step's moments only where this one was ill-conditioned."""
         for (slot, kind), m in moms.items():
-            if slot < 0 or kind not in (ACT, GRAD):
+            if slot < 0 or kind not in (ACT, GRAD, WEIGHT):
                 continue
             bad = m.nonfinite > 0 or not abs(m.mean) <= stats.SHIFT_RATIO * m.std  # `not <=`: NaN is bad too
             if kind == ACT:
                 self.slots[slot].shift_act = bad
-            else:
+            elif kind == GRAD:
                 self.slots[slot].shift_grad = bad
+            else:
+                self.slots[slot].shift_weight = bad
 
     def _merge(self, entries: list, host: dict, reduce: bool = False) -> tuple[StepStats | None, dict]:
         """Rows -> per-layer statistics; with ``reduce``, of the global batch. Also returns this rank's own
@@ -420,7 +468,12 @@ class Recorder:
             vals = host[device][row:row + width]
             if kind in (INPUT, ROOT_IN):
                 acc = sq.setdefault((slot, kind), [0.0, 0])
-                acc[0] += vals[0]
+                if width == 1:
+                    acc[0] += vals[0]
+                else:  # the producer's row, [r, sum(x - r), sum((x - r)^2)]: sum(x^2) = M2 + n * mean^2
+                    r, sd, sdd = vals
+                    mean = r + sd / n
+                    acc[0] += max(sdd - sd * sd / n, 0.0) + n * mean * mean
                 acc[1] += n
             elif kind == UPDATE:
                 updates[slot] = [vals[0], vals[1], n]
@@ -454,7 +507,7 @@ class Recorder:
                 weight_shape=info.weight_shape,
                 input_rms=math.sqrt(inp[0] / inp[1]) if inp and inp[1] else None,
                 input_probe=_moments(moms.get((slot, PROBE)), with_act=True),
-                weight_std=w.std if w else None, weight_absmax=w.absmax if w else None,
+                weight_std=w.std if w else None, weight_rms=w.rms if w else None,
                 fan_in=info.fan_in, fan_out=info.fan_out, fans_note=info.fans_note, textbook=info.textbook,
                 feeds_norm=info.feeds_norm,
                 nonlinearity=info.nonlinearity,

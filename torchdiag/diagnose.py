@@ -57,10 +57,10 @@ class LayerStats:
     act: Moments | None = None
     grad: Moments | None = None
     input_rms: float | None = None
-    input_probe: Moments | None = None  # input range and zeros, when no activation module fed it
+    input_probe: Moments | None = None  # input range and zeros, when no built-in module produced it
     weight_shape: tuple[int, ...] | None = None
     weight_std: float | None = None
-    weight_absmax: float | None = None
+    weight_rms: float | None = None
     fan_in: int | None = None
     fan_out: int | None = None
     fans_note: str | None = None  # why fan_in/fan_out are unknown
@@ -179,7 +179,7 @@ def _suggest(row: LayerReport, s: LayerStats, after: list[LayerStats], cfg: Conf
         return
     row.suggested_init = gains.suggested_init(nl, s.fan_in)
     if not s.weight_std:
-        if s.weight_absmax == 0:
+        if s.weight_rms == 0:
             row.notes.append("weights are all zero (zero init): nothing to rescale")
         return
     row.suggested_scale = gains.target_std(s.fan_in, nl) / s.weight_std
@@ -290,7 +290,7 @@ def _drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes
         sig = _signature(s)
         if sig is not None:
             groups.setdefault(sig, []).append(pos)
-    zero_weight = [s for s in layers if s.weight_absmax == 0]
+    zero_weight = [s for s in layers if s.weight_rms == 0]
     _zero_grad_notes(rows, layers, zero_weight, notes)
     for (*_, feeds_norm), members in groups.items():
         if len(members) < cfg.min_repeats:
@@ -337,8 +337,8 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
 def _behind_zero_weights(layers: list[LayerStats], pos: int, forward: bool) -> bool:
     """Forward: this layer's own weights are zero. Backward: a layer after it has all-zero weights."""
     if forward:
-        return layers[pos].weight_absmax == 0
-    return any(s.weight_absmax == 0 for s in layers[pos + 1 :])
+        return layers[pos].weight_rms == 0
+    return any(s.weight_rms == 0 for s in layers[pos + 1 :])
 
 
 def _explain_by_dead(rows: list[LayerReport]) -> None:
