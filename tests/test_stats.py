@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import torchdiag
+from torchdiag import stats
 
 
 def _ref(t):
@@ -133,3 +134,20 @@ def test_nonfinite_detected_from_min_max():
     assert "nonfinite" in report["1"].status and "nonfinite" in report["2"].status
     assert report["0"].status == set()
     assert report["1"].act_std is None  # not measurable, never a made-up number
+
+
+@pytest.mark.parametrize("n,dtype,relu", [(1, torch.float32, False), (1000, torch.float32, True),
+                                          (300_001, torch.float32, False), (70_000, torch.bfloat16, False),
+                                          (600_000, torch.float16, True)])
+def test_histogram_row_counts_exactly_what_histc_counts(n, dtype, relu):
+    torch.manual_seed(n)
+    x = (torch.randn(n) * 37.0 + 5.0).to(dtype)  # more than one CPU chunk (2**18) for the large ones
+    if relu:
+        x = x.relu()
+    mn, mx = torch.aminmax(x)
+    out = torch.zeros(stats.HIST_BINS + 2, dtype=torch.float64)
+    stats.histogram_row(x, mn, mx, out)
+    lo, hi = (mn.item() - 1, mx.item() + 1) if mn == mx else (mn.item(), mx.item())
+    ref = torch.histc(x.float(), bins=stats.HIST_BINS, min=mn.item(), max=mx.item())
+    assert out[:2].tolist() == [lo, hi]
+    assert out[2:].tolist() == ref.double().tolist()

@@ -189,11 +189,17 @@ def histogram_row(t: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, out: torc
     ``out`` is a row ``[lo, hi, count_0, ..., count_{bins-1}]``. The binning is
     ``torch.histc``'s, bin ``floor((x - lo) / (hi - lo) * bins)`` with the maximum in the last
     bin, and a constant tensor gets the range ``[x - 1, x + 1]`` like ``histc``. ``mn``/``mx``
-    are 0-d tensors (the row's min/max, already computed) and no value leaves the device:
-    the tensor is mapped onto [0, 1] with them and binned by ``histc`` over the fixed range
-    (0, 1) (shared-memory atomics on a GPU), or by ``bincount`` on the CPU. When the range is
-    not finite (NaN/Inf in the tensor) ``lo``/``hi`` are too and the counts are meaningless.
+    are 0-d tensors (the row's min/max, already computed). When the range is not finite
+    (NaN/Inf in the tensor) ``lo``/``hi`` are too and the counts are meaningless.
+
+    On a GPU no value leaves the device: the tensor is mapped onto [0, 1] and binned by ``histc``
+    over that fixed range (shared-memory atomics). On the CPU, where reading a value costs no
+    synchronisation, the range is read first and the tensor binned by ``bincount`` in chunks that
+    stay in cache (``histc`` on the CPU is ~10x slower; measured in ``benchmarks/overhead.py``).
     """
+    if t.device.type == "cpu":
+        _histogram_cpu(_flat(t), mn.item(), mx.item(), out)
+        return
     x = _flat(t).float()  # histogram steps only: a float32 copy is fine here
     bins = out.shape[0] - 2
     mn, mx = mn.to(x.dtype), mx.to(x.dtype)
@@ -206,11 +212,38 @@ def histogram_row(t: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, out: torc
     counts.zero_()
     for chunk in x.split(_HIST_CHUNK):  # float32 counts per chunk stay exact (< 2**24)
         y = (chunk - lo).div_(width)  # in [0, 1]: (x - lo) <= (hi - lo) survives rounding
-        if y.device.type == "cpu":
-            idx = y.mul_(bins).nan_to_num_(0.0, bins - 1, 0.0).clamp_(0, bins - 1).to(torch.int32)
-            counts.add_(torch.bincount(idx, minlength=bins))
-        else:
-            counts.add_(torch.histc(y, bins=bins, min=0.0, max=1.0))
+        counts.add_(torch.histc(y, bins=bins, min=0.0, max=1.0))
+
+
+_CPU_HIST_CHUNK = 1 << 18  # elements binned per step on the CPU: its scratch (2 MB) stays in cache
+
+
+def _histogram_cpu(x: torch.Tensor, mn: float, mx: float, out: torch.Tensor) -> None:
+    bins = out.shape[0] - 2
+    # histc's arithmetic, in float32: edges padded by 1 for a constant tensor, bin = (x - lo) * bins / width
+    lo_t, hi_t = torch.tensor((mn, mx), dtype=_F32)
+    if mn == mx:
+        lo_t, hi_t = lo_t - 1, hi_t + 1
+    lo, hi, width = lo_t.item(), hi_t.item(), (hi_t - lo_t).item()
+    out[0], out[1] = lo, hi
+    counts = out[2:]
+    counts.zero_()
+    if not math.isfinite(width):
+        return  # NaN/Inf in the tensor: the host drops this histogram
+    k = min(x.numel(), _CPU_HIST_CHUNK)
+    f = torch.empty(k, dtype=_F32)
+    i = torch.empty(k, dtype=torch.int32)
+    for chunk in x.split(_CPU_HIST_CHUNK):
+        m = chunk.numel()
+        if chunk.dtype == _F32:
+            torch.sub(chunk, lo, out=f[:m])
+        else:  # half precision: subtract in float32, not in the input's dtype
+            f[:m].copy_(chunk).sub_(lo)
+        f[:m].mul_(bins).div_(width)  # >= 0, as x >= lo
+        i[:m].copy_(f[:m])  # truncation = floor here
+        c = torch.bincount(i[:m], minlength=bins + 1)  # bin `bins`: the maximum (histc puts it in the last bin)
+        counts.add_(c[:bins])
+        counts[bins - 1] += c[bins:].sum()
 
 
 def merge_histograms(rows: list[list[float]]) -> tuple[float, float, list[float]]:
