@@ -35,7 +35,7 @@ def loss_of(out: torch.Tensor) -> torch.Tensor:
 CLIP = 0.05
 
 
-def scenario_ddp(rank: int, world: int, outdir: str) -> dict:
+def scenario_ddp(rank: int, world: int, outdir: str, defer: str = "never") -> dict:
     model = mlp()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -44,8 +44,8 @@ def scenario_ddp(rank: int, world: int, outdir: str) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # every=2 and three optimizer steps: steps 0 and 2 are recorded, on every rank
-        with torchdiag.watch(ddp, logdir=f"{outdir}/tb_rank{rank}", optimizer=opt, every=2,
-                             config={"dead_fraction": 0.3, "histogram_every": 1}) as diag:
+        with torchdiag.watch(ddp, logdir=f"{outdir}/tb_{defer}_rank{rank}", optimizer=opt, every=2,
+                             config={"dead_fraction": 0.3, "histogram_every": 1, "defer_report": defer}) as diag:
             for x in xs:
                 weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
                 loss_of(ddp(x)).backward()
@@ -59,6 +59,11 @@ def scenario_ddp(rank: int, world: int, outdir: str) -> dict:
     weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     diag_warnings = [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
     return {"xs": xs, "weights": weights, "reports": reports, "final": final, "warnings": diag_warnings}
+
+
+def scenario_ddp_deferred(rank: int, world: int, outdir: str) -> dict:
+    """The same run with each step's reduction deferred to the next step's end (as on a GPU)."""
+    return scenario_ddp(rank, world, outdir, defer="always")
 
 
 class Branchy(nn.Module):

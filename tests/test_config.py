@@ -39,6 +39,7 @@ def test_yaml_overrides_a_subset_and_kwargs_override_yaml(tmp_path):
         ({"dead_fraction": 1.5}, r"'dead_fraction' expects a number in \(0.0, 1.0\], got 1.5"),
         ({"warnings": "yes"}, r"'warnings' expects true or false"),
         ({"include": [1]}, r"'include' expects a list of strings"),
+        ({"defer_report": True}, r"'defer_report' expects one of 'auto', 'always', 'never', got True"),
         ({"vanishing_ratio": 0.5, "exploding_ratio": 1.0}, r"exploding_ratio"),
         ({"bogus": 1}, r"unknown key 'bogus'; allowed keys are .*every"),
     ],

@@ -76,7 +76,7 @@ def run_ranks(scenarios: list[str], outdir: Path) -> None:
 def runs(tmp_path_factory):
     """One 2-rank run of every scenario (one process pair keeps the file fast); results per rank."""
     outdir = tmp_path_factory.mktemp("dist")
-    scenarios = ["ddp", "branch", "groups", "steps"] + (["fsdp"] if _fsdp2() else [])
+    scenarios = ["ddp", "ddp_deferred", "branch", "groups", "steps"] + (["fsdp"] if _fsdp2() else [])
     run_ranks(scenarios, outdir)
     results = {s: [torch.load(outdir / f"{s}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
                for s in scenarios}
@@ -179,15 +179,25 @@ def test_ddp_rank0_alone_writes_and_warns(runs):
     assert r1["warnings"] == []
     assert "dead" in r1["reports"][0]["layers"][1]["status"]  # rank 1 still has the finding, it just stays quiet
     outdir = runs["outdir"]
-    assert not (outdir / "tb_rank1").exists()  # no writer opened, no directory created
+    assert not (outdir / "tb_never_rank1").exists()  # no writer opened, no directory created
     from tensorboard.backend.event_processing import event_accumulator as ea
 
-    acc = ea.EventAccumulator(str(outdir / "tb_rank0"), size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0})
+    acc = ea.EventAccumulator(str(outdir / "tb_never_rank0"), size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0})
     acc.Reload()
     act_std = {e.step: e.value for e in acc.Scalars("act_std/0")}
     assert sorted(act_std) == [0, 2]
     assert act_std[2] == pytest.approx(r0["reports"][2]["layers"][0]["act_std"], rel=1e-6)
     assert "act/0" in acc.Tags()[ea.HISTOGRAMS]  # rank 0's own histograms
+
+
+def test_deferred_reduction_gives_the_same_reports_one_step_later(runs):
+    """defer_report (what a GPU gets by default): each rank reduces step N when step N + 1 ends, in the same
+    order on every rank; the reports equal the immediate ones."""
+    n0, (d0, d1) = runs["ddp"][0], runs["ddp_deferred"]
+    assert sorted(d0["reports"]) == [0]  # step 0 came out of the optimizer step of step 1; step 2 at exit
+    assert d0["reports"][0] == d1["reports"][0] == n0["reports"][0]
+    assert d0["final"] == d1["final"] == n0["reports"][2]
+    assert d0["warnings"] == n0["warnings"] and d1["warnings"] == []
 
 
 # ------------------------------------------------------------------ ranks that ran different layers, or nothing

@@ -392,3 +392,55 @@ def test_input_rms_from_producer_rows_equals_the_direct_computation():
                 assert row.gain == pytest.approx(expected, rel=1e-4), name
             g_row = next(r for r in rep.layers if r.name == "f")
             assert g_row.nonlinearity == "relu"  # inferred from g's input probe
+
+
+def _run_deferred(defer, tmp_path, steps=5):
+    """Published reports (as the loop and the end of the watch see them) and the TensorBoard scalars."""
+    torch.manual_seed(5)
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(steps, 8, 16)
+    published = []
+    with torchdiag.watch(model, logdir=tmp_path / defer, every=2,
+                         config={"warnings": False, "histogram_every": 2, "defer_report": defer}) as diag:
+        for i in range(steps):
+            model(x[i]).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            r = diag.step()
+            published.append(None if r is None else (i, r.to_dict()))
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(tmp_path / defer), size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0})
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()[ea.SCALARS]}
+    hists = {tag: [(e.step, list(e.histogram_value.bucket)) for e in acc.Histograms(tag)]
+             for tag in acc.Tags()[ea.HISTOGRAMS]}
+    return published, diag.report().to_dict(), scalars, hists
+
+
+def test_deferred_reports_are_the_immediate_ones_one_step_later(tmp_path):
+    now, now_final, now_scalars, now_hists = _run_deferred("never", tmp_path)
+    late, late_final, late_scalars, late_hists = _run_deferred("always", tmp_path)
+    # recorded steps 0, 2, 4: immediately they come out of step() at those steps; deferred, at the next
+    # step's end (steps 1 and 3), and the last one when the watch is left
+    assert [p[0] for p in now if p] == [0, 2, 4] and [p[1]["step"] for p in now if p] == [0, 2, 4]
+    assert [p[0] for p in late if p] == [1, 3] and [p[1]["step"] for p in late if p] == [0, 2]
+    assert [p[1] for p in late if p] == [p[1] for p in now if p][:2]
+    assert late_final == now_final and late_final["step"] == 4
+    assert late_scalars == now_scalars and late_hists == now_hists and late_hists
+
+
+def test_report_inside_the_watch_catches_up_with_a_deferred_step():
+    torch.manual_seed(0)
+    model = small_net()
+    x = torch.randn(8, 16)
+    with torchdiag.watch(model, config={"defer_report": "always", "warnings": False}) as diag:
+        model(x).sum().backward()
+        assert diag.step() is None  # deferred: nothing is ready at the end of the first step
+        rep = diag.report()  # completes it now
+        assert rep.step == 0 and rep.layers[0].act_std == pytest.approx(
+            model[0](x).std(correction=0).item(), rel=1e-5)
+        model(x).sum().backward()
+        assert diag.step() is None  # step 0 was already published by report()
+    assert diag.report().step == 1

@@ -22,7 +22,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -57,6 +57,20 @@ class Histogram:
     sum_squares: float
     edges: list[float]
     counts: list[float]
+
+
+@dataclass
+class _Pending:
+    """A recorded step whose rows are on their way to the host (or already there)."""
+
+    step: int
+    entries: list[tuple[int, int, int, torch.device, int, int]]
+    order: dict[int, int]
+    calls: dict[int, int]
+    reduce: bool
+    hentries: list[tuple[int, int, torch.device, int]]
+    # per device: (device, pinned host tensor or list of floats, CUDA event or None, number of values, hist width)
+    copies: list[tuple[torch.device, Any, Any, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -163,7 +177,8 @@ class Recorder:
         self._on_auto_step = on_auto_step
         self._weights = [weakref.ref(m) for m in modules]
         self._ref = weakref.ref(self)  # what the gradient hooks hold: never the recorder itself
-        self._values: dict[torch.device, list[torch.Tensor]] = {}  # this step's 0-d statistics, per device
+        self._values: dict[torch.device, list[torch.Tensor]] = {}  # this step's rows (0-d or 1-D), per device
+        self._sizes: dict[torch.device, int] = {}  # number of values in them
         self._entries: list[tuple[int, int, int, torch.device, int, int]] = []
         self._order: dict[int, int] = {}
         self._outputs: dict[int, int] = {}  # id(output tensor) -> slot, of the module that ran last
@@ -176,7 +191,9 @@ class Recorder:
         self._hentries: list[tuple[int, int, torch.device, int]] = []
         self._hist_window = -1  # step // histogram_every of the last step that got histograms
         self.histogram_step = self._histogram_due()
-        self.histograms: list[Histogram] | None = None  # of the step that ended last, if it had them
+        self.histograms: list[Histogram] | None = None  # of the step end_step returned, if it had them
+        self.defer = False  # complete each recorded step at the next one's end (non-blocking copy on a GPU)
+        self._pending: _Pending | None = None
 
     # ----------------------------------------------------------------- hooks
     def on_pre(self, slot: int, module: nn.Module) -> None:
@@ -286,7 +303,7 @@ class Recorder:
             row = stats.grad_row(t, shift=info.shift_grad, minmax=hist)
         start = self._write(slot, kind, t.numel(), t.device, row)
         if hist:
-            self._write_hist(slot, kind, t, row[3], row[4])
+            self._write_hist(slot, kind, t, row)
         return start
 
     def guarded(self, slot: int, fn: Callable[..., None], *args: Any) -> None:
@@ -299,14 +316,24 @@ class Recorder:
             warnings.warn(f"torchdiag: recording '{info.name}' ({info.module_type}) failed and is disabled for the"
                           f" rest of this watch: {type(e).__name__}: {e}", DiagnosticWarning, stacklevel=2)
 
-    def _write(self, slot: int, kind: int, n: int, device: torch.device, vals: list[torch.Tensor]) -> int:
-        # The 0-d float32 results (``stats`` returns float32) stay where the kernels put them (they are
-        # allocated anyway) until the step ends, when one stack per device gathers them: no copy kernel
-        # per row, no host sync.
+    def _write(self, slot: int, kind: int, n: int, device: torch.device,
+               vals: list[torch.Tensor] | torch.Tensor) -> int:
+        """Keep a row until the step ends; returns where its values start among this step's on ``device``.
+
+        A row is 0-d float32 tensors (``stats``' ATen path) or one 1-D float32 tensor (the fused kernel).
+        They stay where the kernels put them (they are allocated anyway) until the step ends, when one
+        stack (or cat) per device gathers them: no copy kernel per row, no host sync.
+        """
         values = self._values.setdefault(device, [])
-        start = len(values)
-        self._entries.append((slot, kind, n, device, start, len(vals)))
-        values.extend(vals)
+        start = self._sizes.get(device, 0)
+        if isinstance(vals, torch.Tensor):
+            values.append(vals)
+            width = vals.numel()
+        else:
+            values.extend(vals)
+            width = len(vals)
+        self._sizes[device] = start + width
+        self._entries.append((slot, kind, n, device, start, width))
         return start
 
     def write_update(self, slot: int, n: int, device: torch.device, vals: list[torch.Tensor]) -> None:
@@ -325,7 +352,7 @@ class Recorder:
             self.scale_written = True
             self._write(_STEP_SLOT, SCALE, 1, scale.device, [scale.reshape(()).clone()])  # update() edits in place
 
-    def _write_hist(self, slot: int, kind: int, t: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> None:
+    def _write_hist(self, slot: int, kind: int, t: torch.Tensor, row: list[torch.Tensor] | torch.Tensor) -> None:
         device = t.device
         buf = self._hbuffers.get(device)
         used = self._hused.get(device, 0)
@@ -336,7 +363,7 @@ class Recorder:
             if buf is not None:
                 new[:used].copy_(buf[:used])
             self._hbuffers[device] = buf = new
-        stats.histogram_row(t, mn, mx, buf[used])
+        stats.histogram_row(t, row, buf[used])
         self._hused[device] = used + 1
         self._hentries.append((slot, kind, device, used))
 
@@ -347,21 +374,27 @@ class Recorder:
 
     # ----------------------------------------------------------------- steps
     def end_step(self, reduce: bool = True) -> StepStats | None:
-        """Close the current step; return its statistics if it was recorded and saw any forward.
+        """Close the current step; return the statistics that became ready, if any.
 
-        The histograms of that step, if it was a histogram step, are left in ``self.histograms``.
-        With a ``reducer`` (and ``reduce``) every recorded step joins the collective, also one in which
-        this rank saw no forward, so that the other ranks' collective does not wait for it forever.
+        Without deferral that is this step's, if it was recorded and saw any forward. With ``defer``
+        (a GPU model, config ``defer_report``) this step's rows start their non-blocking copy to the
+        host and the statistics returned are those of the previous recorded step, whose copy finished
+        long ago; ``flush`` completes the last one. ``self.histograms`` holds the histograms of the
+        step returned, if it was a histogram step. With a ``reducer`` (and ``reduce``) every recorded
+        step joins the collective, also one in which this rank saw no forward, so that the other ranks'
+        collective does not wait for it forever (deferral is the same on every rank: the same order).
         """
-        self.histograms = None
+        result, self.histograms = self._complete(self._pending, reduce) if self._pending is not None else (None, None)
+        self._pending = None
         collective = reduce and self.reducer is not None
         if self.recording and (self._order or collective):
-            result, hists = self._collect(with_histograms=self.histogram_step, reduce=collective)
+            pending = self._launch(with_histograms=self.histogram_step, reduce=collective, defer=self.defer)
             if self.histogram_step:
-                self.histograms = hists
                 self._hist_window = self.step // self.histogram_every
-        else:
-            result = None
+            if self.defer:
+                self._pending = pending
+            else:
+                result, self.histograms = self._complete(pending, reduce)
         self._reset()
         self.step += 1
         self.generation += 1
@@ -370,12 +403,33 @@ class Recorder:
         self._root_called = False
         return result
 
+    def flush(self, reduce: bool = True) -> StepStats | None:
+        """Complete a deferred step now (waiting for its copy if it is still running); None if there is none.
+        ``reduce=False``: this rank's own numbers, no collective (leaving the watch on an exception)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            self.histograms = None
+            return None
+        result, self.histograms = self._complete(pending, reduce)
+        return result
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
     def peek_possible(self) -> bool:
         return self.recording and bool(self._order)
 
     def peek(self) -> StepStats | None:
-        """This rank's own statistics of the step in progress (never a collective)."""
-        return self._collect(with_histograms=False, reduce=False)[0] if self.recording and self._order else None
+        """This rank's own statistics of the step in progress (never a collective); the step is left as it was."""
+        if not (self.recording and self._order):
+            return None
+        lengths, sizes, n_entries = {d: len(v) for d, v in self._values.items()}, dict(self._sizes), len(self._entries)
+        pending = self._launch(with_histograms=False, reduce=False, defer=False)
+        self._entries = self._entries[:n_entries]
+        self._values = {d: v[: lengths.get(d, 0)] for d, v in self._values.items()}
+        self._sizes = {d: sizes.get(d, 0) for d in self._values}
+        return self._complete(pending, reduce=False)[0]
 
     def _reset(self) -> None:
         self.scale_written = False
@@ -384,14 +438,16 @@ class Recorder:
         self._entries = []
         self._order = {}
         self._values = {}
+        self._sizes = {}
         self._hentries = []
         for d in self._hused:
             self._hused[d] = 0
         for s in self.slots:
             s.calls = 0
 
-    def _collect(self, with_histograms: bool, reduce: bool = False) -> tuple[StepStats | None, list[Histogram]]:
-        lengths, n_entries = {d: len(v) for d, v in self._values.items()}, len(self._entries)
+    def _launch(self, with_histograms: bool, reduce: bool, defer: bool) -> _Pending:
+        """Weight rows, then per device one stack of the step's values (histogram rows appended) and its copy
+        to the host: a blocking ``tolist`` or, with ``defer`` on a GPU, a non-blocking copy into pinned memory."""
         for slot in self._order:  # weights: once per step, on device, into the same buffer
             info = self.slots[slot]
             m = self._weights[slot]()
@@ -400,36 +456,54 @@ class Recorder:
                 w = local_tensor(w) if isinstance(w, torch.Tensor) else None  # FSDP2: this rank's shard
                 if w is not None and w.numel() > 0 and w.layout == torch.strided:
                     self._write(slot, WEIGHT, w.numel(), w.device, stats.grad_row(w, shift=info.shift_weight))
-        # the one device-to-host copy of this step, per device (histogram rows ride along)
-        host: dict[torch.device, list] = {}
-        hhost: dict[torch.device, list] = {}
+        pending = _Pending(step=self.step, entries=self._entries, order=dict(self._order),
+                           calls={s: self.slots[s].calls for s in self._order}, reduce=reduce,
+                           hentries=self._hentries if with_histograms else [])
         for d, values in self._values.items():
             if not values:
                 continue
-            row = torch.stack(values)
+            if all(v.dim() == 0 for v in values):
+                flat = torch.stack(values)
+            else:
+                flat = torch.cat([v.view(1) if v.dim() == 0 else v for v in values])
             hused = self._hused.get(d, 0) if with_histograms else 0
-            if not hused:
-                host[d] = row.tolist()
-                continue
-            hbuf = self._hbuffers[d][:hused]
-            flat = torch.cat((row.to(hbuf.dtype), hbuf.reshape(-1))).tolist()
-            split, hw = len(values), hbuf.shape[1]
-            host[d] = flat[:split]
-            hhost[d] = [flat[i:i + hw] for i in range(split, len(flat), hw)]
-        entries = self._entries
-        self._entries = entries[:n_entries]  # a peek leaves the step as it was
-        self._values = {d: v[: lengths.get(d, 0)] for d, v in self._values.items()}
-        result, moms = self._merge(entries, host, reduce)
-        hists = self._histograms(hhost, moms) if with_histograms and result is not None else []
-        return result, hists
+            width = self._hbuffers[d].shape[1] if hused else 0
+            if hused:
+                hbuf = self._hbuffers[d][:hused]
+                flat = torch.cat((flat.to(hbuf.dtype), hbuf.reshape(-1)))
+            if defer and d.type == "cuda":
+                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(d))
+                pending.copies.append((d, host, event, self._sizes[d], width))
+            else:
+                pending.copies.append((d, flat.tolist(), None, self._sizes[d], width))
+        return pending
 
-    def _histograms(self, hhost: dict, moms: dict) -> list[Histogram]:
+    def _complete(self, pending: _Pending, reduce: bool) -> tuple[StepStats | None, list[Histogram] | None]:
+        host: dict[torch.device, list] = {}
+        hhost: dict[torch.device, list] = {}
+        for d, data, event, split, width in pending.copies:
+            if event is not None:
+                if not event.query():  # still running (report() right after a step): wait for it
+                    event.synchronize()
+                data = data.tolist()
+            host[d] = data[:split]
+            if width:
+                hhost[d] = [data[i:i + width] for i in range(split, len(data), width)]
+        result, moms = self._merge(pending, host, reduce and pending.reduce)
+        if not pending.hentries or result is None:
+            return result, ([] if pending.hentries else None)
+        return result, self._histograms(pending, hhost, moms)
+
+    def _histograms(self, pending: _Pending, hhost: dict, moms: dict) -> list[Histogram]:
         rows: dict[tuple[int, int], list[list[float]]] = {}
-        for slot, kind, device, row in self._hentries:
+        for slot, kind, device, row in pending.hentries:
             if device in hhost:
                 rows.setdefault((slot, kind), []).append(hhost[device][row])
         out = []
-        for slot in self._order:
+        for slot in pending.order:
             for kind, label in _HIST_KINDS.items():
                 rs = rows.get((slot, kind))
                 m = moms.get((slot, kind))
@@ -456,7 +530,7 @@ class Recorder:
             else:
                 self.slots[slot].shift_weight = bad
 
-    def _merge(self, entries: list, host: dict, reduce: bool = False) -> tuple[StepStats | None, dict]:
+    def _merge(self, pending: _Pending, host: dict, reduce: bool = False) -> tuple[StepStats | None, dict]:
         """Rows -> per-layer statistics; with ``reduce``, of the global batch. Also returns this rank's own
         moments (for its histograms). None for a reduced step in which no rank ran a watched layer."""
         moms: dict[tuple[int, int], stats.Moments] = {}
@@ -464,7 +538,7 @@ class Recorder:
         updates: dict[int, list[float]] = {}
         clip: list[float] | None = None
         scale = None
-        for slot, kind, n, device, row, width in entries:
+        for slot, kind, n, device, row, width in pending.entries:
             vals = host[device][row:row + width]
             if kind in (INPUT, ROOT_IN):
                 acc = sq.setdefault((slot, kind), [0.0, 0])
@@ -488,9 +562,9 @@ class Recorder:
                 if kind in (GRAD, ROOT_GRAD):
                     m.rescale(1.0 / scale)
         self._update_shifts(moms)
-        local_moms, order, calls = moms, self._order, {s: self.slots[s].calls for s in self._order}
+        local_moms, order, calls = moms, pending.order, pending.calls
         if reduce and self.reducer is not None:
-            reduced = self.reducer.reduce(self.step, moms, sq, updates, clip, scale, order, calls)
+            reduced = self.reducer.reduce(pending.step, moms, sq, updates, clip, scale, order, calls)
             if reduced is not None:
                 moms, sq, updates, clip, scale, order, calls = reduced
             if not order:  # no rank ran a watched layer (or, reduction disabled, this one did not)
@@ -522,7 +596,7 @@ class Recorder:
                 g = moms.get((slot, ROOT_GRAD))
                 root_grad = g.std if g else None
         not_called = [s.name for i, s in enumerate(self.slots) if s.is_layer and i not in order]
-        result = StepStats(layers=layers, step=self.step, input_rms=root_in, output_grad_std=root_grad,
+        result = StepStats(layers=layers, step=pending.step, input_rms=root_in, output_grad_std=root_grad,
                            not_called=not_called, amp_scale=scale)
         if clip is not None:
             pre = clip[0] / (scale * scale) if scale else clip[0]

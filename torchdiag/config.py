@@ -43,6 +43,7 @@ class Config:
     warnings: bool
     histogram_every: int
     profile_every: int
+    defer_report: str
 
     @classmethod
     def defaults(cls) -> Config:
@@ -135,6 +136,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if value < lo:
             raise bad(f"an integer >= {lo}")
         return value
+    if kind == "choice":
+        allowed = _CHOICES[key]
+        if value not in allowed:
+            raise bad("one of " + ", ".join(repr(a) for a in allowed))
+        return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad("a finite number")
@@ -181,7 +187,9 @@ _TYPES = {
     "warnings": "bool",
     "histogram_every": "int",
     "profile_every": "int",
+    "defer_report": "choice",
 }
+_CHOICES = {"defer_report": ("auto", "always", "never")}
 _MIN_INT = {"every": 1, "min_repeats": 2, "histogram_every": 0, "profile_every": 0}
 _FLOAT_RANGE = {
     "vanishing_ratio": (0.0, 1.0),

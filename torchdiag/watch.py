@@ -58,6 +58,8 @@ class Watcher:
         self._console = ConsoleSink()
         self._tb: TensorBoardSink | None = None
         self._last: Report | None = None
+        self._step_report: Report | None = None  # what the latest end of a step produced, at step number:
+        self._step_report_at = -1
         self._entered = False
         self._closed = False
         self._rescale_handles: list[Any] = []
@@ -84,6 +86,7 @@ class Watcher:
                                   histogram_every=self.config.histogram_every if histograms else 0)
         self._recorder.scaler = self._scaler
         self._recorder.auto_step = self._auto_step_on
+        self._recorder.defer = _defer(self.config.defer_report, model)
         if self._group is not None:
             self._recorder.reducer = distributed.StepReducer(slots, self._group)
         capture.attach(self._recorder, modules)
@@ -118,6 +121,8 @@ class Watcher:
             elif rec is not None and rec.peek_possible():
                 # (under torch.distributed, an exception may be this rank's alone: its own numbers, no collective)
                 self._finish_step(reduce=False)
+            if rec is not None and rec.has_pending:  # a deferred step: diagnosed and written before closing
+                self._publish(rec.flush(reduce=self._group is None or exc_type is None))
         except Exception:  # noqa: BLE001 - never mask the user's exception, never raise from cleanup
             if exc_type is None:
                 raise
@@ -153,21 +158,26 @@ class Watcher:
         """
         if self._recorder is None or self._closed:
             raise TorchDiagError("Watcher.step() called outside the `with torchdiag.watch(...)` block")
-        if self._optim_monitor is not None:
-            return self._last if self._last is not None and self._last.step == self._recorder.step - 1 else None
+        if self._optim_monitor is not None:  # the report the latest optimizer step produced, if any
+            return self._step_report if self._step_report_at == self._recorder.step else None
         self._recorder.auto_step = False
         return self._finish_step()
 
     def _finish_step(self, reduce: bool = True) -> Report | None:
         assert self._recorder is not None
-        stats = self._recorder.end_step(reduce=reduce)
+        report = self._publish(self._recorder.end_step(reduce=reduce))
+        self._step_report, self._step_report_at = report, self._recorder.step
+        return report
+
+    def _publish(self, stats: StepStats | None) -> Report | None:
+        """Diagnose a completed step, warn and write it (with deferral, the step before the one that ended)."""
         if stats is None:
             return None
         report = self._diagnose(stats)
         self._last = report
         messages = self._console.write(report) if self._warn else []
         if self._tb is not None:
-            self._tb.write(report, messages, self._recorder.histograms)
+            self._tb.write(report, messages, self._recorder.histograms if self._recorder is not None else None)
         return report
 
     def _diagnose(self, stats: StepStats) -> Report:
@@ -193,6 +203,8 @@ class Watcher:
         rank), so inside the watch this is the latest step that ended; before any has, this rank's own
         numbers of the step in progress, with a note saying so.
         """
+        if self._recorder is not None and not self._closed and self._recorder.has_pending:
+            self._publish(self._recorder.flush())  # a deferred step: its copy is done or nearly
         if self._recorder is not None and not self._closed and (self._group is None or self._last is None):
             stats = self._recorder.peek()
             if stats is not None:
@@ -262,6 +274,13 @@ class _GradScale:
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         return grad * self.factor
+
+
+def _defer(setting: str, model: nn.Module) -> bool:
+    """Config ``defer_report``: auto defers where a parameter or buffer of the model is on a GPU."""
+    if setting != "auto":
+        return setting == "always"
+    return any(t.is_cuda for t in (*model.parameters(), *model.buffers()))
 
 
 def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: Any = None,
