@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused
+
 # Row layouts. Activation: r, sum(x-r), sum((x-r)^2), min, max, nonzero count (NaN: not counted),
 # saturated count (NaN: not counted). Gradient / weight: r, sum(x-r), sum((x-r)^2)[, min, max].
 ACT_COLS = 7
@@ -74,9 +76,16 @@ def _minmax(x: torch.Tensor) -> list[torch.Tensor]:
     return [mn, mx] if x.dtype == _F32 else [mn.float(), mx.float()]
 
 
-def grad_row(g: torch.Tensor, shift: bool = True, minmax: bool = False) -> list[torch.Tensor]:
-    """Moments of a gradient (or weight): shift, sum and sum of squares about it[, min, max]."""
+def grad_row(g: torch.Tensor, shift: bool = True, minmax: bool = False) -> list[torch.Tensor] | torch.Tensor:
+    """Moments of a gradient (or weight): shift, sum and sum of squares about it[, min, max].
+
+    On a GPU with Triton: the fused kernel's whole activation row (one read; min and max come free).
+    """
     x = _flat(g)
+    if fused.usable(x):
+        row = fused.row(x)
+        if row is not None:
+            return row
     row = _moments(x, shift)
     if minmax:
         row += _minmax(x)
@@ -84,7 +93,7 @@ def grad_row(g: torch.Tensor, shift: bool = True, minmax: bool = False) -> list[
 
 
 def act_row(y: torch.Tensor, saturation: tuple[float, float] | None = None, shift: bool = True,
-            zeros: bool = False) -> list[torch.Tensor]:
+            zeros: bool = False) -> list[torch.Tensor] | torch.Tensor:
     """Moments of an activation, its min and max, and the counts a rule needs.
 
     ``zeros``: count non-zero elements of a non-negative output (ReLU family): ``sum(sign(y))``,
@@ -92,6 +101,10 @@ def act_row(y: torch.Tensor, saturation: tuple[float, float] | None = None, shif
     ``(centre, half_width)``: count elements with ``|y - centre| > half_width``.
     """
     x = _flat(y)
+    if fused.usable(x):
+        row = fused.row(x, saturation, zeros)
+        if row is not None:
+            return row
     row = _moments(x, shift) + _minmax(x)
     row.append(torch.sign(x).sum(dtype=_F32) if zeros else _const(x.device, math.nan))
     if saturation is None:
@@ -128,7 +141,7 @@ class Moments:
         r, sd, sdd = row[:3]
         if len(row) >= 5:
             mn, mx = row[3:5]
-            finite = math.isfinite(mn) and math.isfinite(mx)
+            finite = math.isfinite(mn) and math.isfinite(mx) and not math.isnan(sd)
             if math.isnan(mn) or math.isnan(mx):
                 self.min, self.max = math.nan, math.nan
             else:
@@ -183,24 +196,28 @@ HIST_BINS = 64  # fixed bins of the on-device histograms (TensorBoard re-bins fo
 _HIST_CHUNK = 1 << 24  # elements binned per kernel: bounds the transient memory to ~8 bytes x 16M
 
 
-def histogram_row(t: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, out: torch.Tensor) -> None:
-    """Fixed-bin histogram of ``t`` over its range ``[mn, mx]``, written on the device into ``out``.
+def histogram_row(t: torch.Tensor, row: list[torch.Tensor] | torch.Tensor, out: torch.Tensor) -> None:
+    """Fixed-bin histogram of ``t`` over its range, written on the device into ``out``.
 
+    ``row`` is the tensor's statistics row: its min and max (columns 3 and 4) are already computed.
     ``out`` is a row ``[lo, hi, count_0, ..., count_{bins-1}]``. The binning is
-    ``torch.histc``'s, bin ``floor((x - lo) / (hi - lo) * bins)`` with the maximum in the last
-    bin, and a constant tensor gets the range ``[x - 1, x + 1]`` like ``histc``. ``mn``/``mx``
-    are 0-d tensors (the row's min/max, already computed). When the range is not finite
-    (NaN/Inf in the tensor) ``lo``/``hi`` are too and the counts are meaningless.
+    ``torch.histc``'s, bin ``floor((x - lo) * bins / (hi - lo))`` with the maximum in the last
+    bin, and a constant tensor gets the range ``[x - 1, x + 1]`` like ``histc``. When the range
+    is not finite (NaN/Inf in the tensor) ``lo``/``hi`` are too and the counts are meaningless.
 
-    On a GPU no value leaves the device: the tensor is mapped onto [0, 1] and binned by ``histc``
-    over that fixed range (shared-memory atomics). On the CPU, where reading a value costs no
-    synchronisation, the range is read first and the tensor binned by ``bincount`` in chunks that
-    stay in cache (``histc`` on the CPU is ~10x slower; measured in ``benchmarks/overhead.py``).
+    On a GPU no value leaves the device: with Triton, one kernel bins the tensor in one read
+    (``fused.histogram``); without, the tensor is mapped onto [0, 1] and binned by ``histc``.
+    On the CPU, where reading a value costs no synchronisation, the range is read first and the
+    tensor binned by ``bincount`` in chunks that stay in cache (``histc`` on the CPU is ~10x slower).
     """
+    mn, mx = row[3], row[4]
     if t.device.type == "cpu":
         _histogram_cpu(_flat(t), mn.item(), mx.item(), out)
         return
-    x = _flat(t).float()  # histogram steps only: a float32 copy is fine here
+    x = _flat(t)
+    if isinstance(row, torch.Tensor) and fused.usable(x) and fused.histogram(x, row, out):
+        return
+    x = x.float()  # histogram steps only: a float32 copy is fine here
     bins = out.shape[0] - 2
     mn, mx = mn.to(x.dtype), mx.to(x.dtype)
     pad = (mn == mx).to(x.dtype)  # a constant tensor: [x - 1, x + 1]

@@ -1,0 +1,172 @@
+"""One-pass statistics on a GPU: a Triton kernel reads each tensor once for its whole row.
+
+The ATen path (``stats``) reads an activation three to five times (``sum``, a norm, ``aminmax``,
+``sign``) and launches 5-8 kernels for it; this module's kernels read it once and launch two:
+each program reduces a contiguous chunk to partial sums about the shift ``r = x[0]`` (loaded by
+every program, so the shift costs nothing and is always taken), min, max, non-zero and saturated
+counts, and a second one-program kernel adds the partials in a fixed order (deterministic, no
+atomics) into the row ``stats.act_row`` would give. Used for CUDA tensors when Triton imports;
+the first failure (an old Triton, an unsupported dtype) turns it off for the process with a
+warning and the ATen path takes over.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU builds and other platforms have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is absent (CI)
+    triton = None
+
+BLOCK = 1024  # elements per program per iteration
+_MAX_PROGRAMS = 4096  # partials per tensor: the finishing kernel reduces them in one block
+_enabled = triton is not None
+_COLS = 7  # r, sum(x - r), sum((x - r)^2), min, max, non-zero count, saturated count
+
+if triton is not None:
+
+    @triton.jit
+    def _min_nan(v):
+        bad = tl.max(tl.where(v != v, 1.0, 0.0), 0)  # tl.min's NaN handling is unspecified: NaN wins here
+        return tl.where(bad > 0, float("nan"), tl.min(v, 0))
+
+    @triton.jit
+    def _max_nan(v):
+        bad = tl.max(tl.where(v != v, 1.0, 0.0), 0)
+        return tl.where(bad > 0, float("nan"), tl.max(v, 0))
+
+    @triton.jit(do_not_specialize=["n", "chunk"])
+    def _partials(x_ptr, part_ptr, n, chunk, centre, half, BLOCK: tl.constexpr, SAT: tl.constexpr):
+        pid = tl.program_id(0)
+        r = tl.load(x_ptr).to(tl.float32)
+        s = tl.zeros((BLOCK,), tl.float32)
+        q = tl.zeros((BLOCK,), tl.float32)
+        mn = tl.full((BLOCK,), float("inf"), tl.float32)
+        mx = tl.full((BLOCK,), float("-inf"), tl.float32)
+        nz = tl.zeros((BLOCK,), tl.float32)
+        sat = tl.zeros((BLOCK,), tl.float32)
+        base = pid.to(tl.int64) * chunk
+        for start in range(0, chunk, BLOCK):
+            offs = base + start + tl.arange(0, BLOCK)
+            mask = offs < n
+            v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, v - r, 0.0)
+            s += d
+            q += d * d
+            mn = tl.minimum(mn, tl.where(mask, v, float("inf")), propagate_nan=tl.PropagateNan.ALL)
+            mx = tl.maximum(mx, tl.where(mask, v, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
+            nz += tl.where(mask & (v != 0.0), 1.0, 0.0)
+            if SAT:
+                sat += tl.where(mask & (tl.abs(v - centre) > half), 1.0, 0.0)
+        out = part_ptr + pid * 8
+        tl.store(out, tl.sum(s, 0))
+        tl.store(out + 1, tl.sum(q, 0))
+        tl.store(out + 2, _min_nan(mn))
+        tl.store(out + 3, _max_nan(mx))
+        tl.store(out + 4, tl.sum(nz, 0))
+        tl.store(out + 5, tl.sum(sat, 0))
+
+    @triton.jit(do_not_specialize=["programs"])
+    def _finish(x_ptr, part_ptr, row_ptr, programs, P: tl.constexpr, ZEROS: tl.constexpr, SAT: tl.constexpr):
+        i = tl.arange(0, P)
+        mask = i < programs
+        p = part_ptr + i * 8
+        tl.store(row_ptr, tl.load(x_ptr).to(tl.float32))
+        tl.store(row_ptr + 1, tl.sum(tl.load(p, mask=mask, other=0.0), 0))
+        tl.store(row_ptr + 2, tl.sum(tl.load(p + 1, mask=mask, other=0.0), 0))
+        tl.store(row_ptr + 3, _min_nan(tl.load(p + 2, mask=mask, other=float("inf"))))
+        tl.store(row_ptr + 4, _max_nan(tl.load(p + 3, mask=mask, other=float("-inf"))))
+        if ZEROS:
+            tl.store(row_ptr + 5, tl.sum(tl.load(p + 4, mask=mask, other=0.0), 0))
+        else:
+            tl.store(row_ptr + 5, float("nan"))
+        if SAT:
+            tl.store(row_ptr + 6, tl.sum(tl.load(p + 5, mask=mask, other=0.0), 0))
+        else:
+            tl.store(row_ptr + 6, float("nan"))
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether ``x`` (a flat, contiguous view) goes through the fused kernels."""
+    return _enabled and x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.is_contiguous()
+
+
+def row(x: torch.Tensor, saturation: tuple[float, float] | None = None, zeros: bool = False) -> torch.Tensor | None:
+    """The 7 statistics of the flat tensor ``x`` as one float32 device tensor; None if the kernels failed.
+
+    Columns as ``stats.act_row``: the shift ``x[0]``, sum and sum of squares about it, min, max, the
+    non-zero count (NaN unless ``zeros``) and the saturated count (NaN when ``saturation`` is None).
+    """
+    global _enabled
+    n = x.numel()
+    chunk = BLOCK * max(1, math.ceil(n / (BLOCK * _MAX_PROGRAMS)))
+    programs = math.ceil(n / chunk)
+    try:
+        part = torch.empty((programs, 8), dtype=torch.float32, device=x.device)
+        out = torch.empty(_COLS, dtype=torch.float32, device=x.device)
+        c, h = saturation if saturation is not None else (0.0, 0.0)
+        with torch.cuda.device(x.device):
+            _partials[(programs,)](x, part, n, chunk, float(c), float(h), BLOCK=BLOCK, SAT=saturation is not None)
+            _finish[(1,)](x, part, out, programs, P=max(16, triton.next_power_of_2(programs)), ZEROS=zeros,
+                          SAT=saturation is not None)
+    except Exception as e:  # noqa: BLE001 - fall back to the ATen path for good, never break the step
+        _enabled = False
+        warnings.warn(f"torchdiag: the fused Triton statistics kernel failed ({type(e).__name__}: {e}); using"
+                      " the slower ATen statistics from now on", RuntimeWarning, stacklevel=3)
+        return None
+    return out
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["n", "chunk"])
+    def _histogram(x_ptr, row_ptr, out_ptr, n, chunk, BINS: tl.constexpr, SLOTS: tl.constexpr,
+                   BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        lo = tl.load(row_ptr + 3)
+        hi = tl.load(row_ptr + 4)
+        pad = tl.where(lo == hi, 1.0, 0.0)  # a constant tensor: [x - 1, x + 1], as torch.histc
+        lo = lo - pad
+        hi = hi + pad
+        width = hi - lo
+        if pid == 0:
+            tl.store(out_ptr, lo.to(tl.float64))
+            tl.store(out_ptr + 1, hi.to(tl.float64))
+        acc = tl.zeros((SLOTS,), tl.int32)
+        base = pid.to(tl.int64) * chunk
+        for start in range(0, chunk, BLOCK):
+            offs = base + start + tl.arange(0, BLOCK)
+            mask = offs < n
+            v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            b = tl.math.div_rn((v - lo) * BINS, width)  # torch.histc's arithmetic, IEEE division (not `/`)
+            b = tl.where(b == b, b, 0.0)  # NaN (the host drops such a histogram anyway)
+            idx = tl.minimum(tl.maximum(b, 0.0), BINS - 1).to(tl.int32)  # the maximum goes in the last bin
+            idx = tl.where(mask, idx, SLOTS - 1)  # lanes past the end: a slot that is never read
+            acc += tl.histogram(idx, SLOTS)
+        slots = tl.arange(0, SLOTS)
+        tl.atomic_add(out_ptr + 2 + slots, acc.to(tl.float64), mask=slots < BINS)  # integers: exact, any order
+
+
+def histogram(x: torch.Tensor, row: torch.Tensor, out: torch.Tensor) -> bool:
+    """Fixed-bin histogram of the flat tensor ``x`` over ``[row[3], row[4]]`` (its min and max from ``row``)
+    into the float64 row ``out`` = ``[lo, hi, counts...]``, in one read; False if the kernel failed."""
+    global _enabled
+    bins = out.shape[0] - 2
+    n = x.numel()
+    chunk = BLOCK * max(1, math.ceil(n / (BLOCK * _MAX_PROGRAMS)))
+    try:
+        out[2:].zero_()
+        with torch.cuda.device(x.device):
+            _histogram[(math.ceil(n / chunk),)](x, row, out, n, chunk, BINS=bins,
+                                                SLOTS=triton.next_power_of_2(bins + 1), BLOCK=BLOCK)
+    except Exception as e:  # noqa: BLE001 - fall back to the ATen path for good, never break the step
+        _enabled = False
+        warnings.warn(f"torchdiag: the fused Triton histogram kernel failed ({type(e).__name__}: {e}); using"
+                      " the slower ATen binning from now on", RuntimeWarning, stacklevel=3)
+        return False
+    return True
