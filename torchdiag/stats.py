@@ -79,10 +79,11 @@ def _minmax(x: torch.Tensor) -> list[torch.Tensor]:
 def grad_row(g: torch.Tensor, shift: bool = True, minmax: bool = False) -> list[torch.Tensor] | torch.Tensor:
     """Moments of a gradient (or weight): shift, sum and sum of squares about it[, min, max].
 
-    On a GPU with Triton: the fused kernel's whole activation row (one read; min and max come free).
+    On a GPU with Triton, for a large tensor: the fused kernel's whole activation row (one read; min and
+    max come free).
     """
     x = _flat(g)
-    if fused.usable(x):
+    if fused.usable(x, small_ok=minmax):  # histogram steps: the fused histogram reads min/max from this row
         row = fused.row(x)
         if row is not None:
             return row
