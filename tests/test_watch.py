@@ -444,3 +444,28 @@ def test_report_inside_the_watch_catches_up_with_a_deferred_step():
         model(x).sum().backward()
         assert diag.step() is None  # step 0 was already published by report()
     assert diag.report().step == 1
+
+
+def test_unrecorded_steps_do_not_reach_the_recorder(monkeypatch):
+    from torchdiag.buffer import Recorder
+
+    seen = []
+    original = Recorder.on_forward
+
+    def spy(self, *args):
+        seen.append(self.step)
+        return original(self, *args)
+
+    monkeypatch.setattr(Recorder, "on_forward", spy)
+    model, other = small_net(), small_net()
+    x = torch.randn(4, 16)
+    with torchdiag.watch(model, every=3) as diag, torchdiag.watch(other, every=2) as diag2:
+        for _ in range(6):
+            model(x).sum().backward()
+            other(x).sum().backward()
+            diag.step()
+            diag2.step()
+    # the forward hook returns at once unless some watch records the step: model's steps 0, 3; other's 0, 2, 4
+    assert sorted(set(seen)) == [0, 2, 3, 4]
+    assert [r.step for r in (diag.report(), diag2.report())] == [3, 4]
+    assert not capture._RECORDING  # both closed

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import gains, stats
-from .capture import first_float_tensor, in_backward, iter_float_tensors, tracing
+from .capture import first_float_tensor, in_backward, iter_float_tensors, set_recording, tracing
 from .diagnose import LayerStats, Moments, StepStats
 from .distributed import local_tensor
 from .errors import DiagnosticWarning
@@ -399,6 +399,7 @@ class Recorder:
         self.step += 1
         self.generation += 1
         self.recording = self.step % self.every == 0
+        set_recording(self, self.recording and not self.closed)
         self.histogram_step = self._histogram_due()
         self._root_called = False
         return result
@@ -412,6 +413,11 @@ class Recorder:
             return None
         result, self.histograms = self._complete(pending, reduce)
         return result
+
+    def close(self) -> None:
+        """No more recording: the hooks ignore this recorder from now on."""
+        self.closed = True
+        set_recording(self, False)
 
     @property
     def has_pending(self) -> bool:

@@ -25,6 +25,18 @@ from .errors import TorchDiagError
 # module -> (weak reference to its recorder, slot index)
 _REGISTRY: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.WeakKeyDictionary()
 _HANDLES: list[Any] = []
+# the watched roots alone: the pre hook, which only counts steps at a root's forward, looks here
+_ROOTS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.WeakKeyDictionary()
+# id() of the recorders whose current step is recorded: on other steps the forward hook returns at once
+_RECORDING: set[int] = set()
+
+
+def set_recording(recorder: Any, on: bool) -> None:
+    """Whether ``recorder``'s forward hook work is on (its current step is recorded)."""
+    if on:
+        _RECORDING.add(id(recorder))
+    else:
+        _RECORDING.discard(id(recorder))
 
 
 def _eager(fn: Any) -> Any:
@@ -50,7 +62,7 @@ def _eager(fn: Any) -> Any:
 
 
 def _pre_hook(module: nn.Module, args: tuple) -> None:
-    entry = _REGISTRY.get(module)
+    entry = _ROOTS.get(module)
     if entry is not None:
         rec = entry[0]()
         if rec is not None:
@@ -58,6 +70,8 @@ def _pre_hook(module: nn.Module, args: tuple) -> None:
 
 
 def _post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+    if not _RECORDING:  # no watch records this step: every module call of the model passes here
+        return
     entry = _REGISTRY.get(module)
     if entry is not None:
         rec = entry[0]()
@@ -65,8 +79,9 @@ def _post_hook(module: nn.Module, args: tuple, output: Any) -> None:
             rec.on_forward(entry[1], module, args, output)
 
 
-def attach(recorder: Any, modules: list[nn.Module]) -> None:
-    """Register ``modules`` (slot i = modules[i]) for ``recorder``; install the global hooks once."""
+def attach(recorder: Any, modules: list[nn.Module], roots: list[int] = ()) -> None:
+    """Register ``modules`` (slot i = modules[i]) for ``recorder``, ``modules[i]`` for i in ``roots`` as the
+    model whose forward starts a step; install the global hooks once."""
     taken = [m for m in modules if m in _REGISTRY]
     if taken:
         raise TorchDiagError(
@@ -76,6 +91,8 @@ def attach(recorder: Any, modules: list[nn.Module]) -> None:
     ref = weakref.ref(recorder)
     for i, m in enumerate(modules):
         _REGISTRY[m] = (ref, i)
+    for i in roots:
+        _ROOTS[modules[i]] = (ref, i)
     if not _HANDLES:
         _HANDLES.append(nn.modules.module.register_module_forward_pre_hook(_eager(_pre_hook)))
         _HANDLES.append(nn.modules.module.register_module_forward_hook(_eager(_post_hook)))
@@ -87,6 +104,7 @@ def detach(modules: list[weakref.ref]) -> None:
         m = r()
         if m is not None:
             _REGISTRY.pop(m, None)
+            _ROOTS.pop(m, None)
     if len(_REGISTRY) == 0:
         while _HANDLES:
             _HANDLES.pop().remove()

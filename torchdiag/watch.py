@@ -89,7 +89,8 @@ class Watcher:
         self._recorder.defer = _defer(self.config.defer_report, model)
         if self._group is not None:
             self._recorder.reducer = distributed.StepReducer(slots, self._group)
-        capture.attach(self._recorder, modules)
+        capture.attach(self._recorder, modules, roots=[i for i, s in enumerate(slots) if s.is_root])
+        capture.set_recording(self._recorder, self._recorder.recording)
         self._module_refs = [weakref.ref(m) for m in modules]
         self._entered = True
         try:
@@ -134,7 +135,7 @@ class Watcher:
             return
         self._closed = True
         if self._recorder is not None:
-            self._recorder.closed = True
+            self._recorder.close()
         for h in self._rescale_handles:
             h.remove()
         self._rescale_handles = []
