@@ -224,15 +224,16 @@ class Recorder:
             x = first_float_tensor(args)
             src = self._outputs.get(id(x)) if x is not None else None
             self._trace_norm_inputs(slot, info, module, src, output)
+            weighted_input = info.kind == "weighted" and x is not None
             # looked up before this module's own rows: an in-place module's output is its input
-            producer = self._producer(x) if info.kind == "weighted" and x is not None else None
+            producer = self._producer(x) if weighted_input else None
             rows = self._rows
             for t in iter_float_tensors(output):
                 start = self.add(slot, ACT, t, info.saturation)
                 rows[id(t)] = (weakref.ref(t), t._version, slot, t.device, start)
                 if t.requires_grad:
                     t.register_hook(partial(_grad_hook, self._ref, slot, GRAD, self.generation))
-            if info.kind == "weighted" and x is not None:
+            if weighted_input:
                 self._input_row(slot, x, src, producer)
         if info.is_root:
             for x in iter_float_tensors(args):

@@ -112,16 +112,28 @@ def _on(device: torch.device) -> Any:
     return torch.cuda.device(device)
 
 
+def _grid(n: int) -> tuple[int, int]:
+    """(elements per program, programs) for ``n`` elements: at most ``_MAX_PROGRAMS`` programs."""
+    chunk = BLOCK * max(1, math.ceil(n / (BLOCK * _MAX_PROGRAMS)))
+    return chunk, math.ceil(n / chunk)
+
+
+def _give_up(what: str, e: Exception) -> None:
+    """The first kernel failure turns the fused path off for the process, with one warning."""
+    global _enabled
+    _enabled = False
+    warnings.warn(f"torchdiag: the fused Triton {what} kernel failed ({type(e).__name__}: {e}); using the slower"
+                  " ATen path from now on", RuntimeWarning, stacklevel=4)
+
+
 def row(x: torch.Tensor, saturation: tuple[float, float] | None = None, zeros: bool = False) -> torch.Tensor | None:
     """The 7 statistics of the flat tensor ``x`` as one float32 device tensor; None if the kernels failed.
 
     Columns as ``stats.act_row``: the shift ``x[0]``, sum and sum of squares about it, min, max, the
     non-zero count (NaN unless ``zeros``) and the saturated count (NaN when ``saturation`` is None).
     """
-    global _enabled
     n = x.numel()
-    chunk = BLOCK * max(1, math.ceil(n / (BLOCK * _MAX_PROGRAMS)))
-    programs = math.ceil(n / chunk)
+    chunk, programs = _grid(n)
     try:
         buf = torch.empty(8 * programs + 8, dtype=torch.float32, device=x.device)  # partials, then the row
         part, out = buf[: 8 * programs], buf[8 * programs: 8 * programs + _COLS]
@@ -131,9 +143,7 @@ def row(x: torch.Tensor, saturation: tuple[float, float] | None = None, zeros: b
             _finish[(1,)](x, part, out, programs, P=max(16, triton.next_power_of_2(programs)), ZEROS=zeros,
                           SAT=saturation is not None)
     except Exception as e:  # noqa: BLE001 - fall back to the ATen path for good, never break the step
-        _enabled = False
-        warnings.warn(f"torchdiag: the fused Triton statistics kernel failed ({type(e).__name__}: {e}); using"
-                      " the slower ATen statistics from now on", RuntimeWarning, stacklevel=3)
+        _give_up("statistics", e)
         return None
     return out
 
@@ -171,18 +181,15 @@ if triton is not None:
 def histogram(x: torch.Tensor, row: torch.Tensor, out: torch.Tensor) -> bool:
     """Fixed-bin histogram of the flat tensor ``x`` over ``[row[3], row[4]]`` (its min and max from ``row``)
     into the float64 row ``out`` = ``[lo, hi, counts...]``, in one read; False if the kernel failed."""
-    global _enabled
     bins = out.shape[0] - 2
     n = x.numel()
-    chunk = BLOCK * max(1, math.ceil(n / (BLOCK * _MAX_PROGRAMS)))
+    chunk, programs = _grid(n)
     try:
         out[2:].zero_()
         with _on(x.device):
-            _histogram[(math.ceil(n / chunk),)](x, row, out, n, chunk, BINS=bins,
+            _histogram[(programs,)](x, row, out, n, chunk, BINS=bins,
                                                 SLOTS=triton.next_power_of_2(bins + 1), BLOCK=BLOCK)
     except Exception as e:  # noqa: BLE001 - fall back to the ATen path for good, never break the step
-        _enabled = False
-        warnings.warn(f"torchdiag: the fused Triton histogram kernel failed ({type(e).__name__}: {e}); using"
-                      " the slower ATen binning from now on", RuntimeWarning, stacklevel=3)
+        _give_up("histogram", e)
         return False
     return True
