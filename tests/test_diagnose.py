@@ -39,27 +39,44 @@ def test_flat_chain_is_healthy_and_scale_follows_kaiming():
     assert rep["lin0"].suggested_scale == pytest.approx(math.sqrt(2))
 
 
-def test_forward_decay_past_the_band_is_vanishing_from_the_crossing_layer():
-    fwd = [2 ** (-k / 2) for k in range(12)]  # 1/sqrt(2) per layer: crosses 0.1 at k = 7
+def test_forward_decay_is_blamed_on_the_first_layer_and_marks_the_whole_chain():
+    fwd = [2 ** (-k / 2) for k in range(12)]  # 1/sqrt(2) per layer: 2**-5.5 over the 11 steps of the chain
     rep = diagnose(StepStats(chain(fwd, [1.0] * 12)), CFG)
-    flagged = [r.name for r in rep.flagged if r.module_type == "Linear"]
-    assert flagged[0] == "lin7" and flagged[-1] == "lin11"
+    assert [r.name for r in rep.flagged if r.module_type == "Linear"] == [f"lin{k}" for k in range(12)]
+    lead = rep["lin0"].findings[0]  # the first layer whose weights to change carries the chain's finding
+    assert (lead.problem, lead.direction, lead.key, lead.threshold) == ("vanishing", "forward", "vanishing_ratio", 0.1)
+    assert lead.value == pytest.approx(2 ** -5.5)
+    assert lead.cause == "lin0" and lead.covers == 12
+    assert "0.707× per layer" in lead.message
     f = rep["lin7"].findings[0]
-    assert (f.problem, f.direction, f.key, f.threshold) == ("vanishing", "forward", "vanishing_ratio", 0.1)
-    assert f.value == pytest.approx(2 ** -3.5)
+    assert f.value == pytest.approx(2 ** -3.5) and f.cause == "lin0"  # the trend's value at its place
+    # the ReLUs after the Linears drift the same way: blamed on the Linear that feeds the first of them
+    assert all(f.cause == "lin0" for r in rep.flagged if r.module_type == "ReLU" for f in r.findings)
 
 
-def test_backward_is_judged_against_the_layer_nearest_the_loss():
+def test_one_odd_member_does_not_move_the_trend():
+    fwd = [1.0] * 11 + [1e-4]  # a flat chain whose last member (an output head, say) is small
+    assert diagnose(StepStats(chain(fwd, [1.0] * 12)), CFG).flagged == []
+
+
+def test_backward_decay_towards_the_input_is_vanishing():
     bwd = [7.0 ** (k - 9) for k in range(10)]  # grows 7x per layer towards the output
     rep = diagnose(StepStats(chain([1.0] * 10, bwd)), CFG)
-    assert "vanishing" in rep["lin0"].status and rep["lin0"].findings[0].direction == "backward"
-    assert rep["lin9"].status == set() and rep["lin8"].status == set()
-    assert "vanishing" in rep["lin7"].status  # 1/49 of the last one
+    lead = rep["lin0"].findings[0]
+    assert (lead.problem, lead.direction) == ("vanishing", "backward")
+    assert lead.value == pytest.approx(7.0 ** -9)
+    assert rep["lin8"].findings[0].value == pytest.approx(1 / 7)
 
 
 def test_growth_is_exploding():
     rep = diagnose(StepStats(chain([3.0 ** k for k in range(6)], [1.0] * 6)), CFG)
-    assert "exploding" in rep["lin3"].status and rep["lin2"].status == set()
+    assert rep["lin0"].findings[0].value == pytest.approx(3.0 ** 5)
+    assert {r.name for r in rep.flagged if "exploding" in r.status} >= {f"lin{k}" for k in range(6)}
+
+
+def test_a_mild_trend_inside_the_band_is_healthy():
+    rep = diagnose(StepStats(chain([1.2 ** k for k in range(12)], [1.2 ** -k for k in range(12)])), CFG)
+    assert rep.flagged == []  # 1.2**11 = 7.4x over 12 repeats: inside [0.1, 10]
 
 
 def test_too_few_repeats_are_not_judged():

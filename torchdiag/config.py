@@ -34,12 +34,15 @@ class Config:
     min_repeats: int
     vanishing_ratio: float
     exploding_ratio: float
+    normalized_ratio: float
     dead_fraction: float
     saturation_level: float
     saturated_fraction: float
     scale_tolerance: float
     update_ratio_high: float
     update_ratio_low: float
+    finding_steps: int
+    finding_window: int
     warnings: bool
     histogram_every: int
     profile_every: int
@@ -72,9 +75,15 @@ class Config:
         """Read a YAML file; its keys override the defaults."""
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as e:
             raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ConfigError(f"config file {str(path)!r}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at"
+                              f" offset {e.start}); save it as UTF-8") from None
         return cls.from_dict(_load_yaml(text, str(path)), base=base, source=str(path))
 
     def replace(self, **changes: Any) -> Config:
@@ -103,9 +112,30 @@ def resolve_config(config: ConfigLike, **overrides: Any) -> Config:
     return Config.from_dict(overrides, base=cfg, source="keyword argument") if overrides else cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    f"while constructing a mapping (first given on line {first.line + 1})", node.start_mark,
+                    f"duplicate key {key!r}: each key may appear once", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
 def _load_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
@@ -167,6 +197,11 @@ def _check_relations(cfg: Config, source: str) -> None:
             f"{source}: keys 'vanishing_ratio' and 'exploding_ratio' must satisfy vanishing_ratio < 1 < "
             f"exploding_ratio, got {cfg.vanishing_ratio} and {cfg.exploding_ratio}"
         )
+    if cfg.finding_steps > cfg.finding_window:
+        raise ConfigError(
+            f"{source}: keys 'finding_steps' and 'finding_window' must satisfy finding_steps <= finding_window, got "
+            f"{cfg.finding_steps} and {cfg.finding_window}"
+        )
 
 
 _TYPES = {
@@ -178,22 +213,27 @@ _TYPES = {
     "min_repeats": "int",
     "vanishing_ratio": "float",
     "exploding_ratio": "float",
+    "normalized_ratio": "float",
     "dead_fraction": "float",
     "saturation_level": "float",
     "saturated_fraction": "float",
     "scale_tolerance": "float",
     "update_ratio_high": "float",
     "update_ratio_low": "float",
+    "finding_steps": "int",
+    "finding_window": "int",
     "warnings": "bool",
     "histogram_every": "int",
     "profile_every": "int",
     "defer_report": "choice",
 }
 _CHOICES = {"defer_report": ("auto", "always", "never")}
-_MIN_INT = {"every": 1, "min_repeats": 2, "histogram_every": 0, "profile_every": 0}
+_MIN_INT = {"every": 1, "min_repeats": 2, "finding_steps": 1, "finding_window": 1, "histogram_every": 0,
+            "profile_every": 0}
 _FLOAT_RANGE = {
     "vanishing_ratio": (0.0, 1.0),
     "exploding_ratio": (1.0, math.inf),
+    "normalized_ratio": (1.0, math.inf),
     "dead_fraction": (0.0, 1.0),
     "saturation_level": (0.0, 1.0),
     "saturated_fraction": (0.0, 1.0),

@@ -21,6 +21,7 @@ Rules (thresholds in ``defaults.yaml``):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from . import gains
@@ -112,6 +113,21 @@ def diagnose(stats: StepStats, config: Config) -> Report:
                 row.status.add("nonfinite")
         _dead_or_saturated(row, s, config)
 
+    first_nonfinite_grad = None
+    if first_nonfinite is None:  # a NaN/Inf made in the backward pass: the first layer it reaches, loss side first
+        for row, s in zip(reversed(rows), reversed(layers)):
+            if s.grad is not None and s.grad.nonfinite:
+                first_nonfinite_grad = s.name
+                _flag(row, "nonfinite", "backward", math.nan, 0.0, "-",
+                      f"'{s.name}' ({s.module_type}) is the first layer, in backward order, whose output gradient"
+                      " holds NaN/Inf while every forward output is finite: an operation's backward made it"
+                      " (sqrt or log at 0, a division by a zero norm, a custom autograd function)."
+                      " Fix: guard that operation (add an epsilon, clamp its input)")
+                break
+        for row, s in zip(rows, layers):
+            if s.grad is not None and s.grad.nonfinite:
+                row.status.add("nonfinite")
+
     _drift(rows, layers, config, notes)
     _explain_by_dead(rows)
     _updates(rows, layers, config, notes)
@@ -119,6 +135,7 @@ def diagnose(stats: StepStats, config: Config) -> Report:
     if stats.not_called:
         notes.append("watched but never called in this step: " + ", ".join(stats.not_called))
     report = Report(layers=rows, step=stats.step, first_nonfinite=first_nonfinite, notes=notes,
+                    first_nonfinite_grad=first_nonfinite_grad,
                     rescale_grads=stats.rescale_grads, amp_scale=stats.amp_scale)
     pre, post = stats.grad_norm_preclip, stats.grad_norm_postclip
     if pre is not None and post is not None and math.isfinite(pre):
@@ -178,6 +195,10 @@ def _suggest(row: LayerReport, s: LayerStats, after: list[LayerStats], cfg: Conf
         row.notes.append(s.fans_note or f"{s.module_type}: fans and textbook gain are not defined")
         return
     row.suggested_init = gains.suggested_init(nl, s.fan_in)
+    if s.weight_std is not None and not math.isfinite(s.weight_std):
+        row.notes.append("its weights hold NaN/Inf (an optimizer update diverged, or they were loaded so): nothing"
+                         " to rescale; lower the learning rate, clip gradients, or restore a checkpoint")
+        return
     if not s.weight_std:
         if s.weight_rms == 0:
             row.notes.append("weights are all zero (zero init): nothing to rescale")
@@ -252,9 +273,9 @@ def _fix_text(row: LayerReport) -> str:
 
 
 def _flag(row: LayerReport, problem: str, direction: str | None, value: float, threshold: float,
-          key: str, message: str) -> None:
+          key: str, message: str, cause: str | None = None, covers: int = 1, fixable: bool | None = None) -> None:
     row.status.add(problem)
-    row.findings.append(Finding(problem, direction, value, threshold, key, message))
+    row.findings.append(Finding(problem, direction, value, threshold, key, message, cause, covers, fixable))
 
 
 def _dead_or_saturated(row: LayerReport, s: LayerStats, cfg: Config) -> None:
@@ -275,70 +296,159 @@ def _dead_or_saturated(row: LayerReport, s: LayerStats, cfg: Config) -> None:
               " (its suggestion uses the gain for this activation).")
 
 
-def _signature(s: LayerStats) -> tuple | None:
-    """Layers of one structure; whether a normalisation follows is part of it (it undoes forward scale)."""
-    if s.kind == "weighted" and s.weight_shape is not None:
-        return (s.module_type, s.weight_shape, s.feeds_norm)
-    if s.kind == "activation":
-        return (s.module_type, s.feeds_norm)
+def _role(name: str) -> str:
+    """The layer's role in its repeated block: its qualified name with the block indices taken out (``blocks.3.fc``
+    and ``conv3`` number their block too; members of one chain that play alternating roles, ``fc1``/``fc2``, only
+    add a periodic offset, which the median of pairwise slopes does not follow)."""
+    return _DIGITS.sub("*", name)
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _chain_key(s: LayerStats) -> tuple | None:
+    """Layers that play one role in repeated blocks; whether a normalisation follows is part of it (it undoes
+    forward scale)."""
+    if s.kind in ("weighted", "activation"):
+        return (_role(s.name), s.module_type, s.feeds_norm)
     return None
 
 
+def _pre_step_rms(s: LayerStats) -> float | None:
+    """The weight rms the recorded forward and backward ran with (before the optimizer step, where known)."""
+    return s.update_base_rms if s.update_base_rms is not None else s.weight_rms
+
+
 def _drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes: list[str]) -> None:
-    groups: dict[tuple, list[int]] = {}
+    chains: dict[tuple, list[int]] = {}
     for pos, s in enumerate(layers):
-        sig = _signature(s)
-        if sig is not None:
-            groups.setdefault(sig, []).append(pos)
-    zero_weight = [s for s in layers if s.weight_rms == 0]
-    _zero_grad_notes(rows, layers, zero_weight, notes)
-    for (*_, feeds_norm), members in groups.items():
+        key = _chain_key(s)
+        if key is not None:
+            chains.setdefault(key, []).append(pos)
+    zero = [_pre_step_rms(s) == 0 for s in layers]
+    zero_after = [False] * (len(layers) + 1)  # zero_after[p]: a layer after position p has all-zero weights
+    for pos in range(len(layers) - 1, -1, -1):
+        zero_after[pos] = zero_after[pos + 1] or (pos + 1 < len(layers) and zero[pos + 1])
+    _zero_grad_notes(rows, layers, zero, notes)
+    norms = [s.index for s in layers if s.kind == "norm"]
+    for (_, _, feeds_norm), members in chains.items():
         if len(members) < cfg.min_repeats:
             continue
+        first, last = layers[members[0]].index, layers[members[-1]].index
+        normalized = any(first < i < last for i in norms)
         if not feeds_norm:
-            _judge(rows, layers, members, cfg, "forward")
-        _judge(rows, layers, members, cfg, "backward")
+            _judge(rows, layers, members, cfg, "forward", zero, normalized)
+        _judge(rows, layers, members, cfg, "backward", zero_after, normalized)
 
 
-def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cfg: Config,
-           direction: str) -> None:
+def _figure(s: LayerStats, forward: bool) -> tuple[float | None, bool]:
+    """(the figure the trend is fitted to, whether it is non-finite) for one chain member.
+
+    Forward: output rms per element. Backward: the output gradient's norm per call (what a fan_in init keeps
+    through width changes, strides and reshapes; per element it grows with what a pooling sums).
+    """
+    m = s.act if forward else s.grad
+    if m is None:
+        return None, False
+    if m.nonfinite or not math.isfinite(m.rms):
+        return None, True
+    if forward:
+        return m.rms, False
+    return m.rms * math.sqrt(m.n / max(s.calls, 1)), False
+
+
+def _slope(ys: list[float]) -> float:
+    """Median of the pairwise slopes of ``ys`` against its positions (Theil-Sen): one odd member moves it little."""
+    n = len(ys)
+    stride = max(1, n // 64)  # long chains: every pair at a spread of positions, bounded work
+    slopes = sorted((ys[j] - ys[i]) / (j - i) for i in range(0, n, stride) for j in range(i + 1, n, stride))
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
+
+
+def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cfg: Config, direction: str,
+           zero: list[bool], normalized: bool) -> None:
     forward = direction == "forward"
-    seq = []  # (pos, rms) of members with a usable, finite measurement
+    seq = []  # (pos, figure) of members with a usable, finite measurement
     for pos in members:
-        m = layers[pos].act if forward else layers[pos].grad
-        if m is None or m.nonfinite or not math.isfinite(m.rms):
-            if forward and m is not None and m.nonfinite:
+        fig, nonfinite = _figure(layers[pos], forward)
+        if nonfinite:
+            if forward:
                 break  # past the first NaN/Inf nothing is drift any more
             continue
-        if m.rms == 0.0 and _behind_zero_weights(layers, pos, forward):
-            continue  # exact zeros from zero weights: reported as a note, not drift
-        seq.append((pos, m.rms))
+        if fig is None or (fig == 0.0 and zero[pos]):
+            continue  # not measured, or exact zeros from all-zero weights: reported as a note, not drift
+        seq.append((pos, fig))
     if len(seq) < cfg.min_repeats:
         return
-    ref_pos, ref = seq[0] if forward else seq[-1]
-    if ref == 0.0:
+    logs = [math.log(max(fig, _TINY)) for _, fig in seq]
+    slope = _slope(logs)  # per repeat, in log units; backward the gradient flows from the last member to the first
+    span = len(seq) - 1
+    total = math.exp(slope * span if forward else -slope * span)
+    lo, hi, key_lo, key_hi = cfg.vanishing_ratio, cfg.exploding_ratio, "vanishing_ratio", "exploding_ratio"
+    if normalized and not forward:
+        lo, hi, key_lo, key_hi = 1 / cfg.normalized_ratio, cfg.normalized_ratio, "normalized_ratio", "normalized_ratio"
+    if lo <= total <= hi:
         return
-    ref_name = layers[ref_pos].name
-    for pos, rms in seq:
-        ratio = rms / ref
-        s, row = layers[pos], rows[pos]
-        what = "output rms" if forward else "gradient rms"
-        where = "first" if forward else "last"
-        checks = (("vanishing", ratio < cfg.vanishing_ratio, cfg.vanishing_ratio, "vanishing_ratio"),
-                  ("exploding", ratio > cfg.exploding_ratio, cfg.exploding_ratio, "exploding_ratio"))
-        for problem, bad, thr, key in checks:
-            if bad:
-                _flag(row, problem, direction, ratio, thr, key,
-                      f"'{s.name}' ({s.module_type}) is {problem} ({direction}): its {what} is {ratio:.3g}×"
-                      f" that of '{ref_name}', the {where} of its {len(seq)} repeated {s.module_type} layers"
-                      f" ({key} {thr:g}). Fix: {_fix_text(row)}")
+    problem, thr, key = ("vanishing", lo, key_lo) if total < lo else ("exploding", hi, key_hi)
+    cause_pos = _cause(layers, seq[0][0])
+    cause = layers[cause_pos]
+    per = math.exp(slope if forward else -slope)
+    s0, s1 = layers[seq[0][0]], layers[seq[-1][0]]
+    kind = f"{len(seq)} repeated {s0.module_type} layers ('{s0.name}' … '{s1.name}')"
+    what = "output rms" if forward else "output gradient norm"
+    how = "from the first to the last" if forward else "from the last to the first (towards the input)"
+    fixable, fix = _drift_fix(rows, layers, [p for p, _ in seq], cause_pos, problem, forward, cfg)
+    lead = (f"'{cause.name}' ({cause.module_type}) and the layers of its kind make the signal {problem} ({direction}):"
+            f" along {kind} the {what} changes {per:.3g}× per layer, {total:.3g}× {how} ({key} {thr:g}). Fix: {fix}")
+    if not any(f.problem == problem and f.direction == direction for f in rows[cause_pos].findings):
+        _flag(rows[cause_pos], problem, direction, total, thr, key, lead, cause.name, len(seq), fixable)
+        if fixable is False:
+            rows[cause_pos].notes.append(f"init cannot fix this {problem} ({direction}) drift: {fix}")
+    for i, (pos, _) in enumerate(seq):  # every member of a drifting chain is part of it (and gets its own scale)
+        if pos == cause_pos:
+            continue
+        at = math.exp(slope * i if forward else -slope * (span - i))
+        s = layers[pos]
+        _flag(rows[pos], problem, direction, at, thr, key,
+              f"'{s.name}' ({s.module_type}) is {problem} ({direction}): {at:.3g}× at its place along {kind};"
+              f" see '{cause.name}'", cause.name, 1, fixable)
 
 
-def _behind_zero_weights(layers: list[LayerStats], pos: int, forward: bool) -> bool:
-    """Forward: this layer's own weights are zero. Backward: a layer after it has all-zero weights."""
-    if forward:
-        return layers[pos].weight_rms == 0
-    return any(s.weight_rms == 0 for s in layers[pos + 1 :])
+_TINY = 1e-45  # below float32's smallest subnormal: an exact zero (underflow) in log space
+
+
+def _cause(layers: list[LayerStats], pos: int) -> int:
+    """The weighted layer whose weights to change for a drift seen at ``pos``: itself, or the nearest weighted
+    layer before it in execution order (an activation has no weights)."""
+    for p in range(pos, -1, -1):
+        if layers[p].kind == "weighted":
+            return pos if layers[p].feeds_norm and p != pos else p  # behind a norm its weight scale is undone
+    return pos
+
+
+def _drift_fix(rows: list[LayerReport], layers: list[LayerStats], chain: list[int], cause_pos: int, problem: str,
+               forward: bool, cfg: Config) -> tuple[bool | None, str]:
+    """(whether re-initialising the weights fixes it, what to do)."""
+    row = rows[cause_pos]
+    if not forward and problem == "vanishing" and row.nonlinearity == "sigmoid":
+        return False, ("sigmoid's slope is at most 1/4, so the gradient shrinks at every layer whatever the weight"
+                       " scale; use ReLU/GELU/SiLU, or add normalisation (LayerNorm/BatchNorm) between the layers")
+    weighted = [rows[p] for p in dict.fromkeys([cause_pos, *chain]) if layers[p].kind == "weighted"]
+    scales = sorted(r.suggested_scale for r in weighted if r.suggested_scale is not None
+                    and math.isfinite(r.suggested_scale))
+    if scales:
+        typical = scales[len(scales) // 2]
+        tol = 1 + cfg.scale_tolerance
+        if not 1 / tol <= typical <= tol:
+            own = f"×{row.suggested_scale:.3g} for this one, " if row.suggested_scale not in (None, typical) else ""
+            return True, (f"multiply each layer's weights by its suggested scale ({own}×{typical:.3g} for most:"
+                          f" torchdiag.apply_suggestions does it) or use {row.suggested_init}")
+        return False, ("the weights already have the textbook scale, so the drift comes from the structure (residual"
+                       " sums that grow with depth, no normalisation): scale each residual branch down (zero-init"
+                       " its last layer, or multiply it by 1/sqrt(depth), as Fixup does) or add normalisation")
+    return None, _fix_text(row)
+
 
 
 def _explain_by_dead(rows: list[LayerReport]) -> None:
@@ -361,17 +471,17 @@ def _explain_by_dead(rows: list[LayerReport]) -> None:
             row.notes.append("its signal vanishes because of the dead ReLU layer(s) before it (see 'dead')")
 
 
-def _zero_grad_notes(rows: list[LayerReport], layers: list[LayerStats], zero_weight: list[LayerStats],
-                     notes: list[str]) -> None:
+def _zero_grad_notes(rows: list[LayerReport], layers: list[LayerStats], zero: list[bool], notes: list[str]) -> None:
     """Name the all-zero weights (zero init) that stop the gradient, instead of calling it vanishing."""
     causes: dict[str, int] = {}
-    for row, s in zip(rows, layers):
-        if s.grad is None or s.grad.nonfinite or s.grad.rms != 0.0:
-            continue
-        cause = next((z for z in zero_weight if z.index > s.index), None)
-        if cause is not None:
-            row.notes.append(f"no gradient reaches '{s.name}' because '{cause.name}' has all-zero weights")
-            causes[cause.name] = causes.get(cause.name, 0) + 1
+    nxt: LayerStats | None = None  # the nearest layer after the current one whose weights are all zero
+    for pos in range(len(layers) - 1, -1, -1):
+        row, s = rows[pos], layers[pos]
+        if not (s.grad is None or s.grad.nonfinite or s.grad.rms != 0.0) and nxt is not None:
+            row.notes.append(f"no gradient reaches '{s.name}' because '{nxt.name}' has all-zero weights")
+            causes[nxt.name] = causes.get(nxt.name, 0) + 1
+        if zero[pos]:
+            nxt = s
     if causes:
         notes.append(f"no gradient reaches {sum(causes.values())} layer(s) because of all-zero weights in "
                      + ", ".join(f"'{c}'" for c in sorted(causes)) + " (zero init: expected in the first steps)")

@@ -23,6 +23,9 @@ class Finding:
     threshold: float  # the configured threshold it crossed
     key: str  # the config key of that threshold
     message: str  # the full sentence, with the fix
+    cause: str | None = None  # drift: the weighted layer whose weights to change (this layer or the one feeding it)
+    covers: int = 1  # drift: how many layers of the same chain this finding stands for
+    fixable: bool | None = None  # drift: whether re-initialising the weights fixes it (None: not known)
 
 
 @dataclass
@@ -88,6 +91,9 @@ class Report:
     grad_norm_preclip: float | None = None
     grad_norm_postclip: float | None = None
     clipped: bool | None = None
+    first_nonfinite_grad: str | None = None  # finite forward, NaN/Inf gradient: the first layer it reached
+    run_findings: list[Any] = field(default_factory=list)  # the run's findings so far (torchdiag.verdict.RunFinding)
+    new_findings: list[Any] = field(default_factory=list, repr=False)  # those that became findings at this step
 
     @property
     def flagged(self) -> list[LayerReport]:
@@ -104,6 +110,8 @@ class Report:
         return {
             "step": self.step,
             "first_nonfinite": self.first_nonfinite,
+            "first_nonfinite_grad": self.first_nonfinite_grad,
+            "run_findings": [dataclasses.asdict(f) for f in self.run_findings],
             "rescale_grads": self.rescale_grads,
             "amp_scale": self.amp_scale,
             "amp_skipped_steps": self.amp_skipped_steps,

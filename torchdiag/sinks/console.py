@@ -1,4 +1,4 @@
-"""Console sink: one ``DiagnosticWarning`` per problem, at most once per watch."""
+"""Console sink: one ``DiagnosticWarning`` per problem and cause, when it becomes a finding of the run."""
 
 from __future__ import annotations
 
@@ -9,32 +9,30 @@ from ..report import Report
 
 
 class ConsoleSink:
-    """Emits the findings of each report as warnings, deduplicated for the life of a watch.
+    """Warns about the findings that each report adds to the run (``Report.new_findings``), once per watch.
 
-    Drift findings are emitted for the first layer of each repeated structure that drifts
-    (the message counts the others); dead, saturated and the first non-finite layer each get
-    their own warning.
+    Findings that share a problem, a direction and a cause (the weighted layer whose weights to change, for
+    drift; the layer type, for dead or saturated layers) give one warning: the cause's sentence, or the first
+    layer's, with the count of the others.
     """
 
     def __init__(self) -> None:
-        self._seen: set[tuple[str, str, str | None]] = set()
+        self._seen: set[tuple] = set()
 
     def write(self, report: Report) -> list[str]:
+        groups: dict[tuple, list] = {}
+        for f in report.new_findings:
+            cause = f.cause if f.cause is not None else (f.module_type if f.problem != "nonfinite" else f.layer)
+            groups.setdefault((f.problem, f.direction, cause), []).append(f)
         emitted = []
-        drift_seen: set[tuple[str, str | None, str]] = set()
-        for layer in report.flagged:
-            for f in layer.findings:
-                if f.direction is not None:  # drift: once per structure, problem and direction
-                    group = (layer.module_type, f.direction, f.problem)
-                    if group in drift_seen:
-                        continue
-                    drift_seen.add(group)
-                    key = (layer.module_type, f.problem, f.direction)
-                else:
-                    key = (layer.name, f.problem, None)
-                if key in self._seen:
-                    continue
-                self._seen.add(key)
-                warnings.warn(f"torchdiag (step {report.step}): {f.message}", DiagnosticWarning, stacklevel=4)
-                emitted.append(f.message)
+        for key, members in groups.items():
+            if key in self._seen:
+                continue
+            self._seen.add(key)  # before warning: a filter that raises must not make it repeat
+            lead = next((f for f in members if f.layer == f.cause), members[0])
+            others = len(members) - 1
+            text = lead.message + (f" (and {others} more layer{'s' if others > 1 else ''} of the same kind)"
+                                   if others else "")
+            emitted.append(text)
+            warnings.warn(f"torchdiag (step {report.step}): {text}", DiagnosticWarning, stacklevel=4)
         return emitted
