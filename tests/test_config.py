@@ -68,3 +68,17 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Config.defaults().every = 3
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_rejected_with_its_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("every: 2\nhistogram_every: 5\nevery: 3\n")
+    with pytest.raises(torchdiag.ConfigError, match=r"dup.yaml, line 3.*duplicate key 'every'"):
+        Config.from_yaml(path)
+
+
+def test_a_yaml_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("every: 2\n# r\xe9glage\n".encode("latin-1"))
+    with pytest.raises(torchdiag.ConfigError, match=r"latin1.yaml.*line 2: not UTF-8"):
+        Config.from_yaml(path)

@@ -296,3 +296,11 @@ def test_not_a_module_or_no_batch():
         torchdiag.fix_init(lambda x: x, torch.randn(2, 2))
     with pytest.raises(TypeError, match="sample batch"):
         torchdiag.fix_init(nn.Linear(2, 2))
+
+
+def test_apply_suggestions_names_a_wrong_argument():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match=r"apply_suggestions\(report=...\): expected a torchdiag.Report.*got str"):
+        torchdiag.apply_suggestions(model, "str")
+    with pytest.raises(TypeError, match=r"apply_suggestions\(model=...\): expected a torch.nn.Module"):
+        torchdiag.apply_suggestions("model", torchdiag.check(model, torch.randn(2, 4)))

@@ -179,3 +179,20 @@ def test_gradscaler_skipped_steps_counted_and_logged(tmp_path):
     scales = [e.value for e in acc.Scalars("amp/scale")]
     assert scales == [2.0**10, 2.0**10, 2.0**9, 2.0**8]  # the scale in effect for each step's backward
     assert counts == [0, 0, 1, 2]  # a skipped step shows in the scale of the next recorded step
+
+
+def test_layers_stepped_by_another_optimizer_have_no_update_ratio():
+    # two optimizers, one given to watch(): the other's layers were reported with update_ratio 0.0
+    model = net()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    x = torch.randn(8, 16)
+    with torchdiag.watch(model, optimizer=first) as diag:
+        model(x).sum().backward()
+        w0 = model[0].weight.detach().clone()
+        second.step()
+        first.step()
+    report = diag.report()
+    assert report["2"].update_ratio is None  # not owned by `first`: no figure, rather than a false 0
+    want = ((model[0].weight.detach() - w0).norm() / w0.norm()).item()
+    assert report["0"].update_ratio == pytest.approx(want, rel=1e-5)

@@ -197,3 +197,67 @@ def test_rescale_true_uses_per_block_fans_and_never_guesses():
     assert report["custom"].fan_in is None
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+class _ReturnsItsWeight(nn.Module):
+    """A weighted module whose output is its own parameter (a learned table through Dropout(0.0)): the output
+    tensor outlives every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 8))
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return x @ self.drop(self.weight)
+
+
+def test_a_persistent_output_tensor_is_scaled_once_per_step_and_never_after_the_watch():
+    # issue #14 item 3: one more register_hook per step on the parameter compounded the factor (x2, x4, x8...)
+    torch.manual_seed(0)
+    model = nn.Sequential(_ReturnsItsWeight())
+    x = torch.randn(3, 4)
+
+    def grad_now():
+        model.zero_grad(set_to_none=True)
+        model(x).pow(2).sum().backward()
+        return model[0].weight.grad.clone()
+
+    plain = grad_now()
+    with torchdiag.watch(model, rescale_grads=2.0) as diag:
+        for _ in range(4):
+            # the output of module '0' is x @ W (a new tensor) and Dropout's output is W itself (a leaf):
+            # only '0' is weighted, so the factor 2 applies once to the gradient of x @ W
+            assert torch.equal(grad_now(), plain * 2)
+            diag.step()
+    assert torch.equal(grad_now(), plain)  # nothing left after the watch
+    assert not model[0].weight._backward_hooks
+
+
+class _WeightAsOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 8))
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self):
+        return self.drop(self.weight)  # Dropout(0.0) returns its input: the parameter itself
+
+
+def test_a_weighted_module_returning_its_parameter_is_scaled_once_per_step():
+    torch.manual_seed(0)
+    model = _WeightAsOutput()
+    r = torch.randn(4, 8)
+
+    def grad_now():
+        model.zero_grad(set_to_none=True)
+        (model() * r).sum().backward()
+        return model.weight.grad.clone()
+
+    assert torch.equal(grad_now(), r)
+    with torchdiag.watch(model, rescale_grads=3.0) as diag:
+        for _ in range(4):
+            assert torch.equal(grad_now(), r * 3.0)  # not 3, 9, 27, 81
+            diag.step()
+    assert torch.equal(grad_now(), r)
+    assert not model.weight._backward_hooks

@@ -469,3 +469,75 @@ def test_unrecorded_steps_do_not_reach_the_recorder(monkeypatch):
     assert sorted(set(seen)) == [0, 2, 3, 4]
     assert [r.step for r in (diag.report(), diag2.report())] == [3, 4]
     assert not capture._RECORDING  # both closed
+
+
+# ------------------------------------------------------------------ issue #14: eval forwards, bad input, lazy
+@pytest.mark.parametrize("explicit_step", [True, False], ids=["step()", "auto-step"])
+def test_eval_mode_forwards_with_grad_enabled_are_not_recorded(explicit_step):
+    # validation without no_grad (a common pattern) must not be merged into the training step
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    xs = [torch.randn(16, 8) for _ in range(3)]
+    with torchdiag.watch(model) as diag:
+        for x in xs:
+            model(x).sum().backward()
+            model.eval()
+            model(torch.randn(16, 8) * 40)  # validation forward, grad enabled
+            model.train()
+            if explicit_step:
+                diag.step()
+    report = diag.report()
+    assert report.step == len(xs) - 1 and report["0"].calls == 1
+    ref = model[0](xs[-1]).detach().double()
+    assert report["0"].act_std == pytest.approx(ref.std(correction=0).item(), rel=1e-5)
+
+
+def test_config_keys_are_keywords_of_watch_validated_like_the_config(tmp_path):
+    model = small_net()
+    w = torchdiag.watch(model, config={"histogram_every": 5, "profile_every": 7}, histogram_every=10)
+    assert w.config.histogram_every == 10 and w.config.profile_every == 7  # the keyword overrides config=
+    with pytest.raises(torchdiag.ConfigError, match="'histogram_every' expects an integer >= 0, got -1"):
+        torchdiag.watch(model, histogram_every=-1)
+    with pytest.raises(TypeError, match="histogram_evry.*config="):
+        torchdiag.watch(model, histogram_evry=10)
+
+
+def test_logdir_of_the_wrong_type_or_with_a_nul_byte_names_the_argument():
+    with pytest.raises(TypeError, match=r"watch\(logdir=...\): expected a path .*got 123 \(int\)"):
+        torchdiag.watch(small_net(), logdir=123)
+    with pytest.raises(ValueError, match=r"watch\(logdir=...\): the path holds a NUL byte"):
+        torchdiag.watch(small_net(), logdir="runs/a\0b")
+
+
+def test_auto_step_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"watch\(auto_step=...\): expected True or False, got 'no' \(str\)"):
+        torchdiag.watch(small_net(), auto_step="no")
+
+
+def test_a_rescale_callable_that_raises_is_an_error_of_the_watch_call():
+    def factor(name, module):
+        raise KeyError(name)
+
+    model = small_net()
+    with pytest.raises(torchdiag.TorchDiagError, match=r"rescale_grads=.*raised KeyError for layer '0'"):
+        torchdiag.watch(model, rescale_grads=factor)  # from watch() itself, before any `with`
+    assert not capture.is_watched(model)
+
+
+def test_check_leaves_a_lazy_model_uninitialised_and_reports_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(32, 8)
+    state = torch.get_rng_state()
+    report = torchdiag.check(model, x)
+    assert isinstance(model[0].weight, nn.parameter.UninitializedParameter)  # training later starts as without check
+    assert torch.equal(torch.get_rng_state(), state)
+    assert report["0"].act_std is not None and report["0"].fan_in == 8
+    assert any("lazy" in n for n in report.notes)
+
+
+def test_check_of_a_lazy_model_that_cannot_be_copied_is_a_clear_error():
+    model = nn.Sequential(nn.LazyBatchNorm1d(), nn.ReLU())
+    with pytest.raises(torchdiag.TorchDiagError, match="lazy modules.*run one forward pass"):
+        torchdiag.check(model, torch.randn(8, 3))
+    assert nn.parameter.is_lazy(model[0].weight)

@@ -19,7 +19,6 @@ the collective at every recorded step, also one where it ran nothing. Histograms
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +29,10 @@ import torch
 from torch import nn
 
 from . import gains, stats
-from .capture import first_float_tensor, in_backward, iter_float_tensors, set_recording, tracing
+from .capture import first_float_tensor, in_backward, in_functorch, iter_float_tensors, set_recording, tracing
 from .diagnose import LayerStats, Moments, StepStats
 from .distributed import local_tensor
-from .errors import DiagnosticWarning
+from .errors import warn_self
 
 ACT, GRAD, INPUT, WEIGHT, ROOT_IN, ROOT_GRAD, UPDATE, CLIP, SCALE, PROBE = range(10)
 _STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
@@ -194,23 +193,36 @@ class Recorder:
         self.histograms: list[Histogram] | None = None  # of the step end_step returned, if it had them
         self.defer = False  # complete each recorded step at the next one's end (non-blocking copy on a GPU)
         self._pending: _Pending | None = None
+        self.record_eval = False  # check(): an eval-mode model's forward is recorded too
+        self.eval_skipped = 0  # forwards of the model in eval mode, not recorded (validation with grad enabled)
+        self._root_slot = next((i for i, s in enumerate(slots) if s.is_root), None)
+        # gradient hooks on tensors that outlive the step (a parameter returned through Identity / Dropout(0)):
+        # removed when the step ends, or they would pile up one per step
+        self._leaf_hooks: list[Any] = []
+        self.notes: list[str] = []  # for the report of the step just completed (a histogram not binned)
 
     # ----------------------------------------------------------------- hooks
     def on_pre(self, slot: int, module: nn.Module) -> None:
         info = self.slots[slot]
         if not info.is_root or self.closed or not self.auto_step:
             return
-        if module.training and torch.is_grad_enabled() and not in_backward():
+        if module.training and torch.is_grad_enabled() and not in_backward() and not in_functorch():
             if self._root_called:
                 self._on_auto_step()
             self._root_called = True
 
     def on_forward(self, slot: int, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self.recording or self.closed or not torch.is_grad_enabled() or tracing():
-            return
+        if not self.recording or self.closed or not torch.is_grad_enabled() or tracing() or in_functorch():
+            return  # (torch.func transforms: their tensors are wrappers that must not escape the transform)
         info = self.slots[slot]
         if info.disabled:
             return
+        if not self.record_eval and self._root_slot is not None:
+            root = self._weights[self._root_slot]()
+            if root is not None and not root.training:  # validation without no_grad: not the training step
+                if slot == self._root_slot:
+                    self.eval_skipped += 1
+                return
         if in_backward() and (info.calls > 0 or info.is_root):
             # activation checkpointing re-running a forward already recorded (non-reentrant); a reentrant
             # checkpoint's first forward ran under no_grad, so its re-run inside backward is the one recorded
@@ -232,7 +244,7 @@ class Recorder:
                 start = self.add(slot, ACT, t, info.saturation)
                 rows[id(t)] = (weakref.ref(t), t._version, slot, t.device, start)
                 if t.requires_grad:
-                    t.register_hook(partial(_grad_hook, self._ref, slot, GRAD, self.generation))
+                    self._hook(t, partial(_grad_hook, self._ref, slot, GRAD, self.generation))
             if weighted_input:
                 self._input_row(slot, x, src, producer)
         if info.is_root:
@@ -240,7 +252,14 @@ class Recorder:
                 self._write(slot, ROOT_IN, x.numel(), x.device, [stats.sumsq(x)])
             for t in iter_float_tensors(output):
                 if t.requires_grad:
-                    t.register_hook(partial(_grad_hook, self._ref, slot, ROOT_GRAD, self.generation))
+                    self._hook(t, partial(_grad_hook, self._ref, slot, ROOT_GRAD, self.generation))
+
+    def _hook(self, t: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
+        """A gradient hook on ``t``. A hook on a tensor of this step's graph goes with the graph; one on a leaf
+        (a parameter or other persistent tensor returned by the module) is removed when the step ends."""
+        handle = t.register_hook(fn)
+        if t.grad_fn is None:
+            self._leaf_hooks.append(handle)
 
     def _producer(self, x: torch.Tensor) -> tuple[int, torch.device, int] | None:
         """(slot, device, row start) of the recorded activation row of exactly this tensor, unchanged since."""
@@ -314,8 +333,8 @@ class Recorder:
         except Exception as e:  # noqa: BLE001 - torchdiag must never break the training step
             info = self.slots[slot]
             info.disabled = True
-            warnings.warn(f"torchdiag: recording '{info.name}' ({info.module_type}) failed and is disabled for the"
-                          f" rest of this watch: {type(e).__name__}: {e}", DiagnosticWarning, stacklevel=2)
+            warn_self(f"torchdiag: recording '{info.name}' ({info.module_type}) failed and is disabled for the"
+                      f" rest of this watch: {type(e).__name__}: {e}", stacklevel=2)
 
     def _write(self, slot: int, kind: int, n: int, device: torch.device,
                vals: list[torch.Tensor] | torch.Tensor) -> int:
@@ -385,24 +404,28 @@ class Recorder:
         step joins the collective, also one in which this rank saw no forward, so that the other ranks'
         collective does not wait for it forever (deferral is the same on every rank: the same order).
         """
-        result, self.histograms = self._complete(self._pending, reduce) if self._pending is not None else (None, None)
-        self._pending = None
-        collective = reduce and self.reducer is not None
-        if self.recording and (self._order or collective):
-            pending = self._launch(with_histograms=self.histogram_step, reduce=collective, defer=self.defer)
-            if self.histogram_step:
-                self._hist_window = self.step // self.histogram_every
-            if self.defer:
-                self._pending = pending
-            else:
+        result, self.histograms = None, None
+        try:
+            pending, self._pending = self._pending, None
+            if pending is not None:
                 result, self.histograms = self._complete(pending, reduce)
-        self._reset()
-        self.step += 1
-        self.generation += 1
-        self.recording = self.step % self.every == 0
-        set_recording(self, self.recording and not self.closed)
-        self.histogram_step = self._histogram_due()
-        self._root_called = False
+            collective = reduce and self.reducer is not None
+            if self.recording and (self._order or collective):
+                pending = self._launch(with_histograms=self.histogram_step, reduce=collective, defer=self.defer)
+                if self.histogram_step:
+                    self._hist_window = self.step // self.histogram_every
+                if self.defer:
+                    self._pending = pending
+                else:
+                    result, self.histograms = self._complete(pending, reduce)
+        finally:  # also when completing the step failed: the next step starts clean, numbered on
+            self._reset()
+            self.step += 1
+            self.generation += 1
+            self.recording = self.step % self.every == 0
+            set_recording(self, self.recording and not self.closed)
+            self.histogram_step = self._histogram_due()
+            self._root_called = False
         return result
 
     def flush(self, reduce: bool = True) -> StepStats | None:
@@ -419,6 +442,7 @@ class Recorder:
         """No more recording: the hooks ignore this recorder from now on."""
         self.closed = True
         set_recording(self, False)
+        self._remove_leaf_hooks()
 
     @property
     def has_pending(self) -> bool:
@@ -438,7 +462,13 @@ class Recorder:
         self._sizes = {d: sizes.get(d, 0) for d in self._values}
         return self._complete(pending, reduce=False)[0]
 
+    def _remove_leaf_hooks(self) -> None:
+        hooks, self._leaf_hooks = self._leaf_hooks, []
+        for h in hooks:
+            h.remove()
+
     def _reset(self) -> None:
+        self._remove_leaf_hooks()
         self.scale_written = False
         self._outputs = {}
         self._rows = {}
@@ -514,8 +544,13 @@ class Recorder:
             for kind, label in _HIST_KINDS.items():
                 rs = rows.get((slot, kind))
                 m = moms.get((slot, kind))
-                if not rs or m is None or m.n == 0 or not all(math.isfinite(r[0]) and math.isfinite(r[1]) for r in rs):
-                    continue  # not recorded, or NaN/Inf in the tensor: no meaningful bins
+                if not rs or m is None or m.n == 0:
+                    continue  # not recorded
+                if not all(math.isfinite(r[0]) and math.isfinite(r[1]) for r in rs):
+                    if math.isfinite(m.min) and math.isfinite(m.max):  # finite, but too wide to bin in float32
+                        self.notes.append(f"'{self.slots[slot].name}': no {label} histogram at step {pending.step}:"
+                                          f" its range [{m.min:.3g}, {m.max:.3g}] is too wide to bin in float32")
+                    continue  # NaN/Inf in the tensor: no meaningful bins (its flag says so)
                 lo, hi, counts = stats.merge_histograms(rs)
                 bins = len(counts)
                 edges = [lo + (hi - lo) * i / bins for i in range(bins)] + [hi]

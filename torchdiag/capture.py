@@ -82,7 +82,7 @@ def _post_hook(module: nn.Module, args: tuple, output: Any) -> None:
 def attach(recorder: Any, modules: list[nn.Module], roots: list[int] = ()) -> None:
     """Register ``modules`` (slot i = modules[i]) for ``recorder``, ``modules[i]`` for i in ``roots`` as the
     model whose forward starts a step; install the global hooks once."""
-    taken = [m for m in modules if m in _REGISTRY]
+    taken = [m for m in modules if is_watched(m)]
     if taken:
         raise TorchDiagError(
             f"{type(taken[0]).__name__} is already watched by another torchdiag.watch; nested or "
@@ -111,7 +111,17 @@ def detach(modules: list[weakref.ref]) -> None:
 
 
 def is_watched(module: nn.Module) -> bool:
-    return module in _REGISTRY
+    """Whether a live, open watch holds ``module`` (a Watcher dropped without leaving its ``with`` holds none)."""
+    entry = _REGISTRY.get(module)
+    if entry is None:
+        return False
+    rec = entry[0]()
+    return rec is not None and not getattr(rec, "closed", False)
+
+
+def forget(recorder_id: int) -> None:
+    """A recorder that was garbage-collected without being closed: its step is no longer recorded."""
+    _RECORDING.discard(recorder_id)
 
 
 def global_hooks_installed() -> bool:
@@ -167,6 +177,16 @@ _is_exporting = getattr(_compiler, "is_exporting", None) or (lambda: False)
 def tracing() -> bool:
     """True under torch.jit.trace, torch.export or a compiler trace: hooks must not record fake values."""
     return torch.jit.is_tracing() or _is_compiling() or _is_exporting()
+
+
+_functorch = getattr(torch._C, "_functorch", None)
+_peek_interpreter = getattr(_functorch, "peek_interpreter_stack", None) or (lambda: None)
+
+
+def in_functorch() -> bool:
+    """True inside a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``...): its tensors are wrappers
+    that must not be kept or hooked (they escape the transform), so such calls are not recorded."""
+    return _peek_interpreter() is not None
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)

@@ -31,6 +31,11 @@ def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = 
     Returns:
         ``{layer name: factor applied}``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_suggestions(model=...): expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(report, Report):
+        raise TypeError("apply_suggestions(report=...): expected a torchdiag.Report (from torchdiag.check or"
+                        f" Watcher.report()), got {type(report).__name__}")
     modules = dict(model.named_modules())
     applied = {}
     with torch.no_grad():

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Any
 
 import torch
+
+from .errors import warn_self
 
 try:  # Triton ships with CUDA builds of torch; CPU builds and other platforms have none
     import triton
@@ -122,8 +123,8 @@ def _give_up(what: str, e: Exception) -> None:
     """The first kernel failure turns the fused path off for the process, with one warning."""
     global _enabled
     _enabled = False
-    warnings.warn(f"torchdiag: the fused Triton {what} kernel failed ({type(e).__name__}: {e}); using the slower"
-                  " ATen path from now on", RuntimeWarning, stacklevel=4)
+    warn_self(f"torchdiag: the fused Triton {what} kernel failed ({type(e).__name__}: {e}); using the slower"
+              " ATen path from now on", stacklevel=4, category=RuntimeWarning)
 
 
 def row(x: torch.Tensor, saturation: tuple[float, float] | None = None, zeros: bool = False) -> torch.Tensor | None:

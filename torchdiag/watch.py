@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 import weakref
@@ -16,12 +18,12 @@ from . import capture, distributed, gains
 from .buffer import Recorder, describe
 from .config import Config, ConfigLike, resolve_config
 from .diagnose import StepStats, diagnose
-from .errors import TorchDiagError
+from .errors import TorchDiagError, warn_self
 from .optim import OptimizerMonitor
 from .preserve import preserved_state
 from .report import Report
 from .sinks.console import ConsoleSink
-from .sinks.tensorboard import TensorBoardSink, open_writer
+from .sinks.tensorboard import TensorBoardSink, open_writer, writer_logdir
 
 RescaleSpec = Union[bool, float, Callable[[str, nn.Module], float]]
 
@@ -31,7 +33,7 @@ class Watcher:
 
     def __init__(self, model: nn.Module, config: Config, *, logdir: str | None, writer: Any,
                  rescale_grads: RescaleSpec, warn: bool = True, scaler: Any = None, optimizer: Any = None,
-                 group: distributed.Group | None = None, auto_step: bool = True) -> None:
+                 group: distributed.Group | None = None, auto_step: bool = True, record_eval: bool = False) -> None:
         self.config = config
         self._group = group  # None: a single process (or a one-rank group), nothing is reduced
         self._writes = group is None or group.is_writer  # rank 0 of the group alone writes and warns
@@ -63,6 +65,19 @@ class Watcher:
         self._entered = False
         self._closed = False
         self._rescale_handles: list[Any] = []
+        self._rescale_hook: _RescaleHook | None = None
+        self._record_eval = record_eval
+        self._tb_failed = False
+        self._finalizer: Any = None
+        # the registered modules and what describes them; the model itself last if no slot is its own
+        self._modules = [m for _, m in self._selected]
+        self._slots = [describe(n, m, is_layer=True, is_root=m is model, saturation_level=config.saturation_level)
+                       for n, m in self._selected]
+        if not any(m is model for m in self._modules):
+            self._modules.append(model)
+            self._slots.append(describe("", model, is_layer=False, is_root=True,
+                                        saturation_level=config.saturation_level))
+        self._rescale_factors = self._rescale_factors_of(self._slots)  # a bad factor: raised by watch() itself
 
     # ------------------------------------------------------------ context
     def __enter__(self) -> Watcher:
@@ -70,20 +85,15 @@ class Watcher:
             raise TorchDiagError("this Watcher was already entered; call torchdiag.watch(...) again for a new watch")
         model = self._model
         assert model is not None
-        names = {id(m) for _, m in self._selected}
-        modules = [m for _, m in self._selected]
-        slots = [describe(n, m, is_layer=True, is_root=m is model, saturation_level=self.config.saturation_level)
-                 for n, m in self._selected]
-        if id(model) not in names:
-            modules.append(model)
-            slots.append(describe("", model, is_layer=False, is_root=True,
-                                  saturation_level=self.config.saturation_level))
+        modules, slots = self._modules, self._slots
         # histograms are binned only when something will write them
         writer = self._user_writer
         histograms = self._writes and (callable(getattr(writer, "add_histogram_raw", None)) if writer is not None
                                        else self._logdir is not None)
-        self._recorder = Recorder(slots, modules, self.config.every, on_auto_step=self._finish_step,
+        self._recorder = Recorder(slots, modules, self.config.every,
+                                  on_auto_step=_WeakCall(self, "_finish_step_in_hook"),
                                   histogram_every=self.config.histogram_every if histograms else 0)
+        self._recorder.record_eval = self._record_eval
         self._recorder.scaler = self._scaler
         self._recorder.auto_step = self._auto_step_on
         self._recorder.defer = _defer(self.config.defer_report, model)
@@ -94,23 +104,30 @@ class Watcher:
         self._module_refs = [weakref.ref(m) for m in modules]
         self._entered = True
         try:
-            self._install_rescale(slots)
+            self._install_rescale()
             if self._optimizer is not None:
                 self._recorder.auto_step = False  # a step is an optimizer step
                 weights = [(i, getattr(m, slot.weight_name)) for i, (slot, m) in enumerate(zip(slots, modules))
                            if slot.is_layer and slot.kind == "weighted" and slot.weight_name is not None]
+                owned = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+                weights = [(i, w) for i, w in weights if id(w) in owned]  # another optimizer's layers: no ratio
                 self._optim_monitor = OptimizerMonitor(self._optimizer, self._recorder, weights,
-                                                       end_step=self._finish_step, scaler=self._scaler,
-                                                       distributed=self._group is not None)
+                                                       end_step=_WeakCall(self, "_finish_step_in_hook"),
+                                                       scaler=self._scaler, distributed=self._group is not None)
             if not self._writes:  # not rank 0 of the group: no writer is opened, nothing is written
                 self._tb = None
             elif self._user_writer is not None:
-                self._tb = TensorBoardSink(self._user_writer, owned=False, config=self.config)
+                self._tb = self._guard_sink(TensorBoardSink, _with_optional_methods(self._user_writer), owned=False,
+                                            config=self.config)
             elif self._logdir is not None:
-                self._tb = TensorBoardSink(open_writer(self._logdir), owned=True, config=self.config)
+                self._tb = self._guard_sink(lambda: TensorBoardSink(open_writer(self._logdir), owned=True,
+                                                                    config=self.config))
         except BaseException:
             self._close()
             raise
+        # a Watcher dropped without leaving its `with` (garbage-collected) unhooks the model all the same
+        self._finalizer = weakref.finalize(self, _abandon, self._module_refs, self._rescale_handles,
+                                           self._optim_monitor, self._tb, id(self._recorder))
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -134,6 +151,9 @@ class Watcher:
         if self._closed:
             return
         self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if self._recorder is not None:
             self._recorder.close()
         for h in self._rescale_handles:
@@ -147,8 +167,40 @@ class Watcher:
         self._module_refs = []
         self._model = None
         self._selected = []
+        self._modules = []
         if self._tb is not None:
-            self._tb.close()
+            tb, self._tb = self._tb, None
+            self._guard_sink(tb.close)  # never raises: a user's exception in the `with` stays theirs
+
+    # ------------------------------------------------------------ sinks
+    def _sink_name(self) -> str:
+        if self._logdir is not None:
+            return f"logdir {self._logdir!r}"
+        where = writer_logdir(self._user_writer) if self._user_writer is not None else None
+        return f"the writer ({type(self._user_writer).__name__}" + (f", {where!r})" if where else ")")
+
+    def _guard_sink(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a TensorBoard call. A failure (a full disk: the writer thread's ENOSPC resurfaces at the next
+        add/flush/close; a writer that raises) warns once, naming the logdir and the error, and switches
+        TensorBoard writing off for the rest of the watch; training and the in-memory reports go on."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a sink never stops training
+            tb, self._tb = self._tb, None
+            if not self._tb_failed:
+                self._tb_failed = True
+                warn_self(f"torchdiag: writing TensorBoard events to {self._sink_name()} failed"
+                          f" ({type(e).__name__}: {e}); TensorBoard writing is off for the rest of this watch;"
+                          " training and report() go on", stacklevel=3)
+            if self._recorder is not None:
+                self._recorder.histogram_every = 0  # nothing will write them
+                self._recorder.histogram_step = False
+            if tb is not None and tb.owned:  # release the file, quietly: it failed already
+                try:
+                    tb.close()
+                except Exception:  # noqa: BLE001, S110
+                    pass
+            return None
 
     # ------------------------------------------------------------ steps
     def step(self) -> Report | None:
@@ -164,22 +216,65 @@ class Watcher:
         self._recorder.auto_step = False
         return self._finish_step()
 
-    def _finish_step(self, reduce: bool = True) -> Report | None:
+    def _finish_step(self, reduce: bool = True, in_hook: bool = False) -> Report | None:
         assert self._recorder is not None
-        report = self._publish(self._recorder.end_step(reduce=reduce))
+        if self._rescale_hook is not None:
+            self._rescale_hook.end_step()
+        try:
+            stats = self._recorder.end_step(reduce=reduce)
+        except Exception as e:  # noqa: BLE001 - torchdiag's own failure: the step is lost, training goes on
+            warn_self(f"torchdiag: completing step {self._recorder.step - 1} failed ({type(e).__name__}: {e});"
+                      " its statistics are lost, recording goes on", stacklevel=3)
+            stats = None
+        report = self._publish(stats, in_hook=in_hook)
         self._step_report, self._step_report_at = report, self._recorder.step
         return report
 
-    def _publish(self, stats: StepStats | None) -> Report | None:
-        """Diagnose a completed step, warn and write it (with deferral, the step before the one that ended)."""
+    def _finish_step_in_hook(self) -> None:
+        """A step ended from inside the user's code (the auto-step forward pre-hook, ``opt.step()``)."""
+        if not self._closed:
+            self._finish_step(in_hook=True)
+
+    def _publish(self, stats: StepStats | None, in_hook: bool = False) -> Report | None:
+        """Diagnose a completed step, warn and write it (with deferral, the step before the one that ended).
+
+        ``in_hook``: called from inside the user's forward or ``opt.step()``, where a warnings filter that
+        makes warnings errors (``-W error``) must not raise either: a warning that would raise is printed.
+        """
         if stats is None:
             return None
-        report = self._diagnose(stats)
+        try:
+            report = self._diagnose(stats)
+        except Exception as e:  # noqa: BLE001 - torchdiag's own failure never reaches the training step
+            warn_self(f"torchdiag: diagnosing step {stats.step} failed ({type(e).__name__}: {e})", stacklevel=3)
+            return None
+        if self._recorder is not None and self._recorder.notes:
+            report.notes += self._recorder.notes
+            self._recorder.notes = []
         self._last = report
-        messages = self._console.write(report) if self._warn else []
+        messages = (self._console_write_in_hook(report) if in_hook else self._console.write(report)) if self._warn \
+            else []
         if self._tb is not None:
-            self._tb.write(report, messages, self._recorder.histograms if self._recorder is not None else None)
+            self._guard_sink(self._tb.write, report, messages,
+                             self._recorder.histograms if self._recorder is not None else None)
         return report
+
+    def _console_write_in_hook(self, report: Report) -> list[str]:
+        """The console sink's warnings, none of them raised: each one a filter turns into an exception is
+        printed instead, and the sink resumes after it (it never repeats a warning it emitted)."""
+        messages: list[str] = []
+        for _ in range(len(report.layers) * 8 + 8):  # bounded: each pass gets one warning further
+            try:
+                messages += self._console.write(report)
+                return messages
+            except Warning as w:
+                text = str(w)
+                warn_self(text, stacklevel=3)  # prints it, as the filter makes warnings raise
+                messages.append(text.split("): ", 1)[1] if text.startswith("torchdiag (step ") else text)
+            except Exception as e:  # noqa: BLE001 - the console sink failed: the step goes on
+                warn_self(f"torchdiag: the console warnings failed ({type(e).__name__}: {e})", stacklevel=3)
+                return messages
+        return messages
 
     def _diagnose(self, stats: StepStats) -> Report:
         stats.rescale_grads = self._rescale is not False
@@ -217,8 +312,11 @@ class Watcher:
                 return report
         if self._last is not None:
             return self._last
-        return Report(layers=[], notes=["no step was recorded: run a forward (and backward) pass with grad enabled"
-                                        " inside the watch"])
+        notes = ["no step was recorded: run a forward (and backward) pass with grad enabled inside the watch"]
+        if self._recorder is not None and self._recorder.eval_skipped:
+            notes.append(f"{self._recorder.eval_skipped} forward(s) of the model in eval mode were not recorded"
+                         " (validation is not the training step): call model.train() for the steps to watch")
+        return Report(layers=[], notes=notes)
 
     @property
     def step_count(self) -> int:
@@ -226,10 +324,12 @@ class Watcher:
         return self._recorder.step if self._recorder is not None else 0
 
     # ------------------------------------------------------------ gradient rescale
-    def _install_rescale(self, slots: list[Any]) -> None:
-        if self._rescale is False:
-            return
+    def _rescale_factors_of(self, slots: list[Any]) -> weakref.WeakKeyDictionary[nn.Module, float]:
+        """The gradient factor of each weighted layer (``rescale_grads``), computed when ``watch()`` is called so
+        that a bad factor, or a callable that raises, is an error of that call, never of the ``with``."""
         factors: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+        if self._rescale is False:
+            return factors
         for (name, m), info in zip(self._selected, slots):  # slots[i] describes self._selected[i]
             if info.kind != "weighted":
                 continue
@@ -238,16 +338,24 @@ class Watcher:
                     continue
                 factor = gains.rescale_factor(info.fan_in, info.fan_out)
             elif callable(self._rescale):
-                factor = self._rescale(name, m)
+                try:
+                    factor = self._rescale(name, m)
+                except Exception as e:
+                    raise TorchDiagError(f"watch(rescale_grads=...): the callable raised {type(e).__name__} for layer"
+                                         f" '{name}' ({type(m).__name__}): {e}") from e
             else:
                 factor = float(self._rescale)
-            if not isinstance(factor, (int, float)) or not math.isfinite(factor):
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
                 raise TorchDiagError(f"rescale_grads: the factor for layer '{name}' must be a finite number,"
                                      f" got {factor!r}")
             if factor != 1.0:
                 factors[m] = float(factor)
-        if factors:
-            self._rescale_handles.append(nn.modules.module.register_module_forward_hook(_RescaleHook(factors)))
+        return factors
+
+    def _install_rescale(self) -> None:
+        if len(self._rescale_factors):
+            self._rescale_hook = _RescaleHook(self._rescale_factors)
+            self._rescale_handles.append(nn.modules.module.register_module_forward_hook(self._rescale_hook))
 
 
 class _RescaleHook:
@@ -256,17 +364,80 @@ class _RescaleHook:
     One global hook rather than one per module: a per-module hook would be copied by
     ``copy.deepcopy(model)`` (EMA models) into a module that no watcher ever unhooks. The forward
     is unchanged.
+
+    A tensor hook on a tensor of this step's graph dies with the graph. A module that returns a tensor
+    that outlives the step (a parameter through ``Identity`` or ``Dropout(0.0)``: a leaf) would get one
+    more hook per step, compounding the factor and outliving the watch: such tensors get one hook per
+    step, removed when the step ends (``end_step``) and when the watch ends.
     """
 
     def __init__(self, factors: weakref.WeakKeyDictionary) -> None:
         self.factors = factors
+        self.leaf_hooks: dict[int, tuple[weakref.ref, Any]] = {}  # id(leaf) -> (its weak ref, hook handle)
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
         factor = self.factors.get(module)
         if factor is not None and torch.is_grad_enabled():
             for t in capture.iter_float_tensors(output):
-                if t.requires_grad:
+                if not t.requires_grad:
+                    continue
+                if t.grad_fn is not None:
                     t.register_hook(_GradScale(factor))
+                    continue
+                held = self.leaf_hooks.get(id(t))
+                if held is not None and held[0]() is t:
+                    continue  # already scaled once in this step
+                self.leaf_hooks[id(t)] = (weakref.ref(t), t.register_hook(_GradScale(factor)))
+
+    def end_step(self) -> None:
+        hooks, self.leaf_hooks = self.leaf_hooks, {}
+        for _, handle in hooks.values():
+            handle.remove()
+
+
+class _WeakCall:
+    """``getattr(obj, name)()`` without keeping ``obj`` alive (the optimizer's hooks and the recorder hold this)."""
+
+    def __init__(self, obj: Any, name: str) -> None:
+        self._ref = weakref.ref(obj)
+        self._name = name
+
+    def __call__(self) -> None:
+        obj = self._ref()
+        if obj is not None:
+            getattr(obj, self._name)()
+
+
+def _abandon(module_refs: list, rescale_handles: list, monitor: Any, tb: Any, recorder_id: int) -> None:
+    """A Watcher garbage-collected inside its watch (entered, never exited): remove what it added."""
+    try:
+        capture.forget(recorder_id)
+        capture.detach(module_refs)
+        for h in rescale_handles:
+            h.remove()
+        if monitor is not None:
+            monitor.remove()
+        if tb is not None:
+            tb.close()
+    except Exception:  # noqa: BLE001, S110 - called by the garbage collector: nothing to raise into
+        pass
+
+
+class _WithOptionalMethods:
+    """A user's writer that lacks ``flush`` (only ``add_scalar``, as the README allows): flush does nothing."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    def flush(self) -> None:
+        pass
+
+
+def _with_optional_methods(writer: Any) -> Any:
+    return writer if callable(getattr(writer, "flush", None)) else _WithOptionalMethods(writer)
 
 
 class _GradScale:
@@ -287,7 +458,7 @@ def _defer(setting: str, model: nn.Module) -> bool:
 def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: Any = None,
           config: ConfigLike = None, every: int | None = None, rescale_grads: RescaleSpec = False,
           scaler: Any = None, optimizer: Any = None, process_group: Any = None,
-          auto_step: bool = True) -> Watcher:
+          auto_step: bool = True, **config_keys: Any) -> Watcher:
     """Watch ``model``: record per-layer statistics while your own training loop runs.
 
     Args:
@@ -311,6 +482,8 @@ def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: 
         auto_step: without any ``step()`` call, each training-mode forward of the model starts a new
             step (the default). False: a step ends only at ``step()`` (or ``opt.step()`` with
             ``optimizer=``), e.g. for several forwards per step under gradient accumulation.
+        **config_keys: any configuration key (``histogram_every=10``, ``exclude=["head"]``...), validated
+            exactly as in a config file and overriding ``config=``.
 
     Returns:
         A ``Watcher``, to be used as a context manager.
@@ -327,7 +500,21 @@ def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: 
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch(model=...): expected a torch.nn.Module, got {type(model).__name__}")
     model = distributed.unwrap(model)  # DDP: the user's model, names without 'module.'
-    cfg = resolve_config(config, every=every)
+    unknown = sorted(set(config_keys) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise TypeError(f"watch() got an unexpected keyword argument {unknown[0]!r}: besides its own arguments it"
+                        f" takes any config key ({', '.join(f.name for f in dataclasses.fields(Config))}), which can"
+                        " also go in config= (a dict, a YAML path or a torchdiag.Config)")
+    cfg = resolve_config(config, every=every, **config_keys)
+    if not isinstance(auto_step, bool):
+        raise TypeError(f"watch(auto_step=...): expected True or False, got {auto_step!r} ({type(auto_step).__name__})")
+    if logdir is not None:
+        if not isinstance(logdir, (str, os.PathLike)):
+            raise TypeError(f"watch(logdir=...): expected a path (str or os.PathLike), got {logdir!r}"
+                            f" ({type(logdir).__name__})")
+        path = os.fspath(logdir)
+        if ("\0" if isinstance(path, str) else b"\0") in path:
+            raise ValueError(f"watch(logdir=...): the path holds a NUL byte, which no file system allows: {logdir!r}")
     if logdir is not None and writer is not None:
         raise TorchDiagError("watch(): pass either logdir= or writer=, not both")
     if writer is not None and not callable(getattr(writer, "add_scalar", None)):
@@ -349,7 +536,7 @@ def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: 
         raise TorchDiagError(f"{type(model).__name__} is already being watched; nested watches of one model are not"
                              " supported: leave the first `with torchdiag.watch(...)` block first")
     return Watcher(model, cfg, logdir=logdir, writer=writer, rescale_grads=rescale_grads, scaler=scaler,
-                   optimizer=optimizer, group=group, auto_step=bool(auto_step))
+                   optimizer=optimizer, group=group, auto_step=auto_step)
 
 
 def _check_logdir(logdir: str | os.PathLike) -> str:
@@ -384,8 +571,38 @@ def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor]
     if not inputs:
         raise TypeError("check(model, *inputs): give at least one input for the model's forward")
     cfg = resolve_config(config, every=1)
+    if any(nn.parameter.is_lazy(t) for t in (*model.parameters(), *model.buffers())):
+        return _check_lazy(model, inputs, loss_fn, cfg)
+    return _check(model, inputs, loss_fn, cfg)
+
+
+def _check_lazy(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report:
+    """``check`` of a model with lazy modules (``LazyLinear``...): the inputs would materialise them, so that
+    later training would start from other weights. A copy is materialised and checked instead."""
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"} - {None})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            twin = copy.deepcopy(model)
+        except Exception as e:
+            lazy = [n or type(m).__name__ for n, m in model.named_modules()
+                    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+            raise TorchDiagError(f"check(): the model has lazy modules with uninitialised parameters or buffers"
+                                 f" ({', '.join(lazy[:5])}), which check() would initialise and which cannot be"
+                                 " copied: run one forward pass of the model first to initialise them") from e
+        try:
+            with torch.no_grad():
+                twin(*inputs)  # materialises the lazy parameters of the copy
+        except Exception as e:
+            raise TorchDiagError(f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e
+        report = _check(twin, inputs, loss_fn, cfg)
+    report.notes.append("the model has lazy modules: a copy was initialised by these inputs and checked; the model"
+                        " itself is left uninitialised, as it was")
+    return report
+
+
+def _check(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report:
     with preserved_state(model), torch.enable_grad():
-        w = Watcher(model, cfg, logdir=None, writer=None, rescale_grads=False, warn=False)
+        w = Watcher(model, cfg, logdir=None, writer=None, rescale_grads=False, warn=False, record_eval=True)
         with w:
             xs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, torch.Tensor)
                        and x.is_floating_point() else x for x in inputs)
