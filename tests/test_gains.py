@@ -191,5 +191,24 @@ def test_measured_gains_match_monte_carlo(module, fn):
 def test_lazy_modules_are_watched_without_error():
     # an uninitialised lazy weight has no shape yet: no fans, and describing the module must not raise
     model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 4))
-    report = torchdiag.check(model, torch.randn(16, 5))
+    with torchdiag.watch(model) as diag:
+        model(torch.randn(16, 5)).sum().backward()
+        report = diag.step()
     assert report["0"].fan_in is None and report["2"].fan_in == 8
+    # check() initialises a copy (the model stays lazy, issue #14), so it knows the fans
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 4))
+    assert torchdiag.check(lazy, torch.randn(16, 5))["0"].fan_in == 5 and nn.parameter.is_lazy(lazy[0].weight)
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.SiLU, nn.ReLU])
+def test_a_layer_with_a_zero_fan_gets_no_gain_and_a_note(act):
+    # Linear(0, n) before GELU/SiLU: ZeroDivisionError from gain / sqrt(fan_in) inside step()
+    model = nn.Sequential(nn.Linear(0, 4), act(), nn.Linear(4, 2))
+    with torchdiag.watch(model) as diag:
+        model(torch.randn(3, 0)).sum().backward()
+        report = diag.step()
+    row = report["0"]
+    assert row.suggested_scale is None and row.fan_in is None
+    assert any("zero fan" in n for n in row.notes), row.notes
+    assert report["2"].fan_in == 4
+    assert gains.layer_fans(nn.Linear(0, 4)) is None and "fan_in 0" in gains.fans_reason(nn.Linear(0, 4))

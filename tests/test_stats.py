@@ -151,3 +151,63 @@ def test_histogram_row_counts_exactly_what_histc_counts(n, dtype, relu):
     ref = torch.histc(x.float(), bins=stats.HIST_BINS, min=mn.item(), max=mx.item())
     assert out[:2].tolist() == [lo, hi]
     assert out[2:].tolist() == ref.double().tolist()
+
+
+def test_the_first_ill_conditioned_step_after_a_well_conditioned_one_keeps_precision():
+    # the shift policy drops the shift after a well-conditioned step; when the next step has |mean| >> std,
+    # float32 sum(x^2) - n*mean^2 cancelled to 0 (act_std 0 instead of 1e-3)
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = 0.0
+
+        def forward(self, x):
+            return x * 1e-3 + self.c
+
+    offset = Offset()
+    model = nn.Sequential(nn.Linear(16, 16), offset)
+    with torchdiag.watch(model) as diag:
+        for c in (0.0, 0.0, 100.0, 100.0):
+            offset.c = c
+            x = torch.randn(4096, 16)
+            model(x).sum().backward()
+            report = diag.step()
+            ref = model[0](x).detach().double() * 1e-3 + c
+            assert report["1"].act_std == pytest.approx(ref.std(correction=0).item(), rel=1e-3), c
+            assert report["1"].act_mean == pytest.approx(ref.mean().item(), rel=1e-6, abs=1e-6), c
+
+
+def test_finite_activations_above_1e19_give_a_finite_std():
+    # float32 sum of squares overflows above ~1e19: act_std was None
+    model = nn.Sequential(nn.Linear(16, 16))
+    with torch.no_grad():
+        model[0].weight.mul_(1e19)
+    x = torch.randn(512, 16)
+    with torchdiag.watch(model) as diag:
+        model(x).sum().backward()
+        report = diag.step()
+    ref = model[0](x).detach().double()
+    assert torch.isfinite(ref).all()
+    assert report["0"].act_std == pytest.approx(ref.std(correction=0).item(), rel=1e-4)
+    assert report["0"].weight_std == pytest.approx(model[0].weight.detach().double().std(correction=0).item(),
+                                                   rel=1e-4)
+    assert report["0"].gain == pytest.approx(ref.std(correction=0).item() / x.double().pow(2).mean().sqrt().item(),
+                                             rel=1e-4)
+
+
+def test_a_histogram_range_too_wide_for_float32_is_skipped_with_a_note_and_recording_goes_on(tmp_path):
+    # binning (x - lo) * bins overflowed float32 for ranges above ~5e36: bincount raised, the layer was
+    # disabled for the rest of the watch and the inf one step later was never flagged
+    model = nn.Sequential(nn.Linear(4, 4), nn.Identity())
+    with torch.no_grad():
+        model[0].weight.fill_(1e37)
+        model[0].bias.zero_()
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [-1.0, -1.0, -1.0, -1.0]])  # outputs +-4e37: finite, range 8e37
+    with torchdiag.watch(model, logdir=tmp_path, histogram_every=1) as diag:
+        model(x).sum().backward()
+        first = diag.step()
+        model(torch.full((2, 4), math.inf)).sum().backward()
+        second = diag.step()
+    assert first["0"].act_absmax == pytest.approx(4e37, rel=1e-6)
+    assert any("'0'" in n and "histogram" in n and "too wide" in n for n in first.notes), first.notes
+    assert "nonfinite" in second["0"].status and second.first_nonfinite == "0"

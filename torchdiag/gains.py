@@ -274,4 +274,7 @@ def _torch_fans(module: nn.Module, names: list[str], kind: str,
                 return None, f"{kind}.{name} {tuple(w.shape)} does not split into {blocks} blocks of rows"
             w = w[: w.shape[0] // blocks]  # one block: a view, nothing is copied
         out[name] = _fan_pair(w)
+        if 0 in out[name]:  # e.g. Linear(0, n): no textbook gain (gain / sqrt(0)), a note instead
+            return None, (f"{kind}.{name} {tuple(w.shape)} has a zero fan (fan_in {out[name][0]}, fan_out"
+                          f" {out[name][1]}): no textbook gain or scale")
     return out, None

@@ -67,8 +67,34 @@ def _moments(x: torch.Tensor, shift: bool) -> list[torch.Tensor]:
     if shift:
         r = x[0].to(_F32, copy=True)  # its own storage: a view would keep the whole tensor alive (and see edits)
         d = x.to(_F32) - r
-        return [r, d.sum(), torch.dot(d, d)]
-    return [_const(x.device, 0.0), x.sum(dtype=_F32), _sum_sq(x)]
+        row = [r, d.sum(), torch.dot(d, d)]
+    else:
+        row = [_const(x.device, 0.0), x.sum(dtype=_F32), _sum_sq(x)]
+    if x.device.type == "cpu" and not _reliable(row[1].item(), row[2].item(), x.numel()):
+        return _moments64(x)
+    return row
+
+
+def _reliable(s: float, q: float, n: int) -> bool:
+    """Whether float32 sums ``s = sum(x - r)``, ``q = sum((x - r)^2)`` give the variance to float32 accuracy.
+
+    Not when ``q`` overflowed (finite values above ~1e19) or when ``|mean| > SHIFT_RATIO * std`` about the
+    shift taken (the cancellation the shift policy avoids from the next step on: the first ill-conditioned
+    step after a well-conditioned one). On the CPU reading the two sums costs no synchronisation (~1 us),
+    so such a row is recomputed at once in float64 about the first element (``_moments64``).
+    """
+    if not (math.isfinite(q) and math.isfinite(s)):
+        return False  # (NaN/Inf in the tensor itself stays NaN/Inf in float64: it is reported as such)
+    return s * s / n * (1.0 + SHIFT_RATIO * SHIFT_RATIO) <= SHIFT_RATIO * SHIFT_RATIO * q or q == 0.0
+
+
+def _moments64(x: torch.Tensor) -> list[torch.Tensor]:
+    """The moment row in float64, about the first element: no overflow, no cancellation (the row is then
+    float64; the step's host copy promotes to it)."""
+    x64 = x.double()
+    r = x64[0].clone()
+    d = x64 - r
+    return [r, d.sum(), torch.dot(d, d)]
 
 
 def _minmax(x: torch.Tensor) -> list[torch.Tensor]:
@@ -118,8 +144,14 @@ def act_row(y: torch.Tensor, saturation: tuple[float, float] | None = None, shif
 
 
 def sumsq(x: torch.Tensor) -> torch.Tensor:
-    """Sum of squares of a tensor (for an rms), as a 0-d float32 tensor."""
-    return _sum_sq(_flat(x))
+    """Sum of squares of a tensor (for an rms), as a 0-d float32 tensor (float64 on the CPU where float32
+    overflows: finite values above ~1e19)."""
+    x = _flat(x)
+    q = _sum_sq(x)
+    if x.device.type == "cpu" and q.item() == math.inf and x.numel():
+        x64 = x.double()
+        return torch.dot(x64, x64)
+    return q
 
 
 @dataclass
@@ -233,6 +265,7 @@ def histogram_row(t: torch.Tensor, row: list[torch.Tensor] | torch.Tensor, out: 
         counts.add_(torch.histc(y, bins=bins, min=0.0, max=1.0))
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
 _CPU_HIST_CHUNK = 1 << 18  # elements binned per step on the CPU: its scratch (2 MB) stays in cache
 
 
@@ -248,6 +281,9 @@ def _histogram_cpu(x: torch.Tensor, mn: float, mx: float, out: torch.Tensor) -> 
     counts.zero_()
     if not math.isfinite(width):
         return  # NaN/Inf in the tensor: the host drops this histogram
+    if width * bins > _F32_MAX:  # (x - lo) * bins would overflow float32 (ranges above ~5e36): not binned
+        out[0] = out[1] = math.nan  # the host drops it and notes why
+        return
     k = min(x.numel(), _CPU_HIST_CHUNK)
     f = torch.empty(k, dtype=_F32)
     i = torch.empty(k, dtype=torch.int32)
