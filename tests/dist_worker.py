@@ -139,6 +139,22 @@ def scenario_steps(rank: int, world: int, outdir: str) -> dict:
             "own": own, "x": x, "other": other.state_dict()}
 
 
+def scenario_every(rank: int, world: int, outdir: str) -> dict:
+    """Ranks with a different `every` (1 and 3) over 4 steps: told at the first recorded step, no collective after."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2))
+    x = torch.randn(3 + rank, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(model, every=1 + 2 * rank, config={"warnings": False}) as diag:
+            for _ in range(4):
+                model(x).sum().backward()
+                diag.step()
+        report = diag.report().to_dict()
+    return {"warnings": [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)],
+            "report": report, "x": x, "state": model[0].state_dict()}
+
+
 def scenario_groups(rank: int, world: int, outdir: str) -> dict:
     # new_group must be called by every rank, for every group, in the same order
     pair = dist.new_group([0, 1])

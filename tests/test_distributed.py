@@ -76,7 +76,7 @@ def run_ranks(scenarios: list[str], outdir: Path) -> None:
 def runs(tmp_path_factory):
     """One 2-rank run of every scenario (one process pair keeps the file fast); results per rank."""
     outdir = tmp_path_factory.mktemp("dist")
-    scenarios = ["ddp", "ddp_deferred", "branch", "groups", "steps"] + (["fsdp"] if _fsdp2() else [])
+    scenarios = ["ddp", "ddp_deferred", "branch", "groups", "steps", "every"] + (["fsdp"] if _fsdp2() else [])
     run_ranks(scenarios, outdir)
     results = {s: [torch.load(outdir / f"{s}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
                for s in scenarios}
@@ -251,6 +251,20 @@ def test_ranks_at_different_steps_are_warned(runs):
         assert len([w for w in res["warnings"] if "different steps" in w]) == 1, res["warnings"]
 
 
+def test_ranks_with_a_different_every_are_told_at_the_first_step_and_never_hang(runs):
+    # issue #14 item 7: every=1 on rank 0 and every=3 on rank 1 over 4 steps: rank 0 would run 4 collectives
+    # (+1 at exit) and rank 1 two: the layout check did not cover it and the job hung until the group timeout
+    for res in runs["every"]:
+        told = [w for w in res["warnings"] if "different steps" in w]
+        assert len(told) == 1, res["warnings"]
+        assert "every: rank 0 1, rank 1 3" in told[0]
+        # each rank reports its own numbers of its last recorded step
+        assert res["report"]["step"] == 3
+        lin = nn.Linear(4, 2)
+        lin.load_state_dict(res["state"])
+        check_layer(res["report"]["layers"][0], [lin(res["x"]).detach()])
+
+
 def test_ranks_watching_different_models_are_warned_and_report_their_own(runs):
     r0, r1 = runs["steps"]
     for res in (r0, r1):
@@ -390,6 +404,13 @@ class _ThreadGroup:
         self.barrier.wait()
         return out
 
+    def all_gather(self, rank: int, values: list[float]) -> list[list[float]]:
+        self.slots[rank] = values
+        self.barrier.wait()
+        out = [list(v) for v in self.slots]
+        self.barrier.wait()
+        return out
+
 
 def _reduce_in_threads(per_rank: list[dict]) -> list:
     slots = [Slot(name="l", module_type="Linear", kind="weighted", is_layer=True, weight_name="weight")]
@@ -399,6 +420,7 @@ def _reduce_in_threads(per_rank: list[dict]) -> list:
         red = distributed.StepReducer(slots, distributed.Group(pg=None, rank=r, world=len(per_rank),
                                                                device=torch.device("cpu")))
         red._all_reduce = lambda v, op, r=r: group.all_reduce(r, v, op)
+        red._all_gather = lambda v, r=r: group.all_gather(r, v)
         reducers.append(red)
     out: list = [None] * len(per_rank)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 
 from . import stats
-from .errors import DiagnosticWarning, TorchDiagError
+from .errors import TorchDiagError, warn_self
 
 
 # ------------------------------------------------------------------ rank helpers
@@ -143,10 +142,14 @@ class StepReducer:
     layers with a weight; per layer its first-call order, call count and presence.
     """
 
-    def __init__(self, slots: list[Any], group: Group) -> None:
+    def __init__(self, slots: list[Any], group: Group, schedule: dict[str, float] | None = None) -> None:
         from .buffer import ACT, GRAD, INPUT, PROBE, ROOT_GRAD, ROOT_IN, WEIGHT
 
         self.group = group
+        # what decides when each rank runs a collective (every, histogram/profile cadence, deferral): agreed at
+        # the first recorded step, with the layout and the step number; ranks that differ would run different
+        # numbers of collectives and hang until the process-group timeout
+        self.schedule = dict(schedule or {})
         self.mkeys: list[tuple[int, int]] = []
         self.skeys: list[tuple[int, int]] = []
         self.ukeys: list[int] = []
@@ -176,16 +179,39 @@ class StepReducer:
         torch.distributed.all_reduce(t, op=op, group=self.group.pg)
         return t.cpu().tolist()
 
-    def _check_layout(self) -> bool:
-        """Once per watch: do all ranks watch the same modules (so the vectors have the same shape)?"""
+    def _all_gather(self, values: list[float]) -> list[list[float]]:
+        t = torch.tensor(values, dtype=torch.float64).to(self.group.device)
+        out = [torch.empty_like(t) for _ in range(self.group.world)]
+        torch.distributed.all_gather(out, t, group=self.group.pg)
+        return [o.cpu().tolist() for o in out]
+
+    def _check_layout(self, step: int) -> bool:
+        """Once per watch, at the first recorded step: do all ranks watch the same modules (so the vectors have
+        the same shape), on the same collective schedule, at the same step? One small all_gather. If not,
+        every rank is told what differs, on which rank, and no collective runs for the rest of the watch."""
         fp, n = self._fingerprint
-        mx = self._all_reduce([fp, -fp, n, -n], torch.distributed.ReduceOp.MAX)
+        keys = sorted(self.schedule)
+        mine = [fp, n, float(step)] + [float(self.schedule[k]) for k in keys]
+        every = self._all_gather(mine)
         self._checked = True
-        if mx != [fp, -fp, n, -n]:
+        if any(r[:2] != mine[:2] for r in every):
             self.disabled = True
-            warnings.warn("torchdiag: the ranks of the process group watch different modules (names or types"
-                          " differ); statistics are not reduced across ranks for the rest of this watch: each"
-                          " rank reports its own", DiagnosticWarning, stacklevel=2)
+            warn_self("torchdiag: the ranks of the process group watch different modules (names or types"
+                      " differ); statistics are not reduced across ranks for the rest of this watch: each"
+                      " rank reports its own", stacklevel=3)
+            return False
+        differ = [(k, [r[3 + i] for r in every]) for i, k in enumerate(keys) if len({r[3 + i] for r in every}) > 1]
+        steps = [r[2] for r in every]
+        if len(set(steps)) > 1:
+            differ.insert(0, ("step", steps))
+        if differ:
+            self.disabled = True
+            what = "; ".join(f"{k}: " + ", ".join(f"rank {i} {v:g}" for i, v in enumerate(vals)) for k, vals in differ)
+            warn_self(f"torchdiag: the ranks would record at different steps and run different numbers of"
+                      f" collectives ({what}); statistics are not reduced across ranks for the rest of this watch"
+                      " (each rank reports its own) instead of hanging: give every rank the same every,"
+                      " histogram_every, profile_every and defer_report, and the same number of step() calls",
+                      stacklevel=3)
         return not self.disabled
 
     # ---------------------------------------------------------------- pack / unpack
@@ -197,7 +223,7 @@ class StepReducer:
         ``clip`` is ``[pre, post]`` or ``[pre, post, pre_sharded, post_sharded]``; ``updates[slot]`` is
         ``[dd, ww, n]``.
         """
-        if self.disabled or (not self._checked and not self._check_layout()):
+        if self.disabled or (not self._checked and not self._check_layout(step)):
             return None
         MAX, SUM = torch.distributed.ReduceOp.MAX, torch.distributed.ReduceOp.SUM
         # ---- MAX: step, scale, max / -min per moments, -first-call index and calls per layer
@@ -219,9 +245,9 @@ class StepReducer:
         gmx = self._all_reduce(mx, MAX)
         if gmx[0] != -gmx[1] and not self._warned_step:
             self._warned_step = True
-            warnings.warn(f"torchdiag: the ranks are at different steps ({-gmx[1]:.0f} to {gmx[0]:.0f}); every rank"
-                          " must call step() / opt.step() the same number of times, or statistics of different"
-                          " steps are mixed", DiagnosticWarning, stacklevel=2)
+            warn_self(f"torchdiag: the ranks are at different steps ({-gmx[1]:.0f} to {gmx[0]:.0f}); every rank"
+                      " must call step() / opt.step() the same number of times, or statistics of different"
+                      " steps are mixed", stacklevel=2)
         # shift of each moments entry: the centre of the global range, known to every rank now, so the
         # sums below hardly cancel (a constant tensor gives exactly zero variance)
         shifts = []

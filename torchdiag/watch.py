@@ -98,7 +98,9 @@ class Watcher:
         self._recorder.auto_step = self._auto_step_on
         self._recorder.defer = _defer(self.config.defer_report, model)
         if self._group is not None:
-            self._recorder.reducer = distributed.StepReducer(slots, self._group)
+            self._recorder.reducer = distributed.StepReducer(slots, self._group, schedule={
+                "every": self.config.every, "histogram_every": self.config.histogram_every,
+                "profile_every": self.config.profile_every, "defer_report": float(self._recorder.defer)})
         capture.attach(self._recorder, modules, roots=[i for i, s in enumerate(slots) if s.is_root])
         capture.set_recording(self._recorder, self._recorder.recording)
         self._module_refs = [weakref.ref(m) for m in modules]
