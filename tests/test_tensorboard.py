@@ -93,7 +93,7 @@ def test_scalars_and_histograms_match_the_tensors(tmp_path):
 
     for tag, caps in (("act/0", cap0.acts), ("grad/0", cap0.grads), ("act/1", cap1.acts), ("grad/1", cap1.grads)):
         events = acc.Histograms(tag)
-        assert [e.step for e in events] == [0, 2, 4], tag
+        assert [e.step for e in events] == [0, 1, 2, 4], tag  # doubling up to histogram_every, then every 2
         for e in events:
             t = caps[e.step]
             h = e.histogram_value
@@ -110,8 +110,11 @@ def test_scalars_and_histograms_match_the_tensors(tmp_path):
 def test_histogram_windows_off_and_constant_tensor(tmp_path):
     model = mlp()
     train(model, 16, logdir=tmp_path / "a", every=3, config={"histogram_every": 5})
-    # recorded steps 0,3,...,15; the first recorded step of each 5-step window gets histograms
-    assert [e.step for e in load(tmp_path / "a").Histograms("act/0")] == [0, 6, 12, 15]
+    # recorded steps 0,3,...,15; windows [0], [1], [2, 3], [4], [5..9], [10..14], [15..19]: the first recorded
+    # step of each gets histograms
+    assert [e.step for e in load(tmp_path / "a").Histograms("act/0")] == [0, 3, 6, 12, 15]
+    train(mlp(), 20, logdir=tmp_path / "d", config={"histogram_every": 8})
+    assert [e.step for e in load(tmp_path / "d").Histograms("grad/2")] == [0, 1, 2, 4, 8, 16]
     train(mlp(), 3, logdir=tmp_path / "b", config={"histogram_every": 0})
     acc = load(tmp_path / "b")
     assert acc.Tags()["histograms"] == [] and "act_std/0" in acc.Tags()["scalars"]
@@ -166,8 +169,14 @@ def test_nonfinite_layer_gets_a_flag_not_a_histogram(tmp_path):
     acc = load(tmp_path)
     hist_tags = acc.Tags()["histograms"]
     assert {"act/0", "act/1"} <= set(hist_tags) and "act/2" not in hist_tags
-    assert [e.value for e in acc.Scalars("flag/nonfinite/2")] == [1.0]
-    assert not any(t.startswith("flag/nonfinite/") and not t.endswith("/2") for t in acc.Tags()["scalars"])
+    (state,) = [json.loads(e.tensor_proto.string_val[0]) for e in acc.Tensors(tbsink.STATE_TAG)]
+    assert state["status"].get("2") == ["nonfinite"] and state["first_nonfinite"] == "2"
+    assert not any("nonfinite" in v for k, v in state["status"].items() if k != "2")
+    # the heatmaps paint the NaN cell violet, not a colour of the scale
+    (img,) = acc.Images(tbsink.HEATMAP_TAGS["act_std"])
+    _, _, px = decode_png(img.encoded_image_string)
+    x0, y0, cw, ch = tbsink.heatmap_geometry(3, 1, len("0 Linear"))  # rows tall enough for 'index type' labels
+    assert px[y0 + 2 * ch][x0] == tbsink.NONFINITE and px[y0][x0] != tbsink.NONFINITE
 
 
 # ----------------------------------------------------------------- flags, text, layout, profile
@@ -181,12 +190,14 @@ def test_flags_appear_and_recover_and_summarize_says_when(tmp_path, capsys):
             model(torch.randn(16, 12)).sum().backward()
             diag.step()
     acc = load(tmp_path / "run")
-    flags = [t for t in acc.Tags()["scalars"] if t.startswith("flag/")]
-    assert flags == ["flag/dead/1"]  # healthy layers add no tags
-    assert [(e.step, e.value) for e in acc.Scalars("flag/dead/1")] == [(1, 1.0), (2, 1.0), (3, 0.0)]
+    # no per-layer 0/1 flag scalars (smoothing turns them into waves): a count, and the flags in the state record
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("flag/")]
     assert [e.value for e in acc.Scalars(tbsink.FLAGGED_TAG)] == [0.0, 1.0, 1.0, 0.0]
-    warned = texts(acc, tbsink.WARNINGS_TAG)
-    assert [s for s, _ in warned] == [1] and "'1' (ReLU) is dead" in warned[0][1]
+    states = [(e.step, json.loads(e.tensor_proto.string_val[0])["status"]) for e in acc.Tensors(tbsink.STATE_TAG)]
+    assert states == [(0, {}), (1, {"1": ["dead"]}), (2, {"1": ["dead"]}), (3, {})]
+    # which steps warn is the console's business (the run-level verdict may wait for a flag to persist)
+    written = tbsink.WARNINGS_TAG + tbsink.TEXT_SUFFIX in acc.Tags()["tensors"]
+    warned = texts(acc, tbsink.WARNINGS_TAG) if written else []
 
     assert cli.main(["summarize", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -195,7 +206,7 @@ def test_flags_appear_and_recover_and_summarize_says_when(tmp_path, capsys):
     assert cli.main(["summarize", str(tmp_path), "--step", "2"]) == 1
     out = capsys.readouterr().out
     assert re.search(r"^ *1 +1 +ReLU .* dead", out, re.M) and "FAIL: dead flagged at step 2" in out
-    assert "'1' (ReLU) is dead" in out  # the warning text, read back
+    assert all(msg.split("\n")[0] in out for st, msg in warned if st <= 2)  # the warning texts, read back
     assert cli.main(["summarize", str(tmp_path), "--step", "2", "--fail-on", "vanishing,nonfinite"]) == 0
     assert "not in --fail-on" in capsys.readouterr().out
 
@@ -207,20 +218,11 @@ def test_report_text_layers_text_and_depth_profile(tmp_path):
     (step, layers), = texts(acc, tbsink.LAYERS_TAG)
     assert step == 0 and "| 3 | 3 | Tanh |" in layers
     report_texts = dict(texts(acc, tbsink.REPORT_TAG))
-    assert sorted(report_texts) == [0, 2, 3]  # profile snapshots and the last step
+    assert sorted(report_texts) == [0, 2, 3]  # every profile_every steps and the last step
     assert report_texts[3] == "```\n" + str(diag.report()) + "\n```"
-
-    runs = sorted(os.listdir(tmp_path / tbsink.PROFILE_DIR))
-    assert runs == ["step_00000000", "step_00000002", "step_00000003"]
-    for name in runs:
-        step = int(name.split("_")[1])
-        prof = load(tmp_path / tbsink.PROFILE_DIR / name)
-        rep = reports[step]
-        for key in ("act_std", "grad_std"):
-            pts = acc_values(prof, f"{tbsink.PROFILE_DIR}/{key}")
-            assert [s for s, _ in pts] == [layer.index for layer in rep.layers]  # x axis = layer index
-            assert [v for _, v in pts] == pytest.approx([getattr(layer, key) for layer in rep.layers], rel=1e-6)
-    # the depth-profile runs are not mixed into the main run
+    # no sub-runs any more: the depth profile is an image of the run itself, at steps 0, 1, 2 and the last
+    assert sorted(os.listdir(tmp_path)) == [f for f in os.listdir(tmp_path) if "tfevents" in f]
+    assert [e.step for e in acc.Images(tbsink.PROFILE_TAG)] == [0, 1, 2, 3]
     assert not any(t.startswith(tbsink.PROFILE_DIR) for t in acc.Tags()["scalars"])
 
 
@@ -260,21 +262,23 @@ def test_user_writer_layout_once_and_subruns_under_its_logdir(tmp_path):
     writer.close()
     acc = load(tmp_path)
     configs = acc.Tensors("custom_scalars__config__")
-    assert len(configs) == 1
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(configs[0].tensor_proto.string_val[0])
-    charts = {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart} for c in layout.category}
+    assert len(configs) == 1  # the second watch brings no new tag: no second layout
+    charts = layout_charts(configs[0])
     tags = acc.Tags()["scalars"]
     metric_cat = next(v for k, v in charts.items() if "per metric" in k)
-    assert set(metric_cat) == set(tbsink.SCALARS.values())
-    matched = {t for t in tags if any(re.match(r, t) for r in metric_cat["act_std"])}
-    assert matched == {t for t in tags if t.startswith("act_std/")} and len(matched) == 6
+    # only metrics that exist (no update_ratio without optimizer=); stds as their log10 twins
+    assert set(metric_cat) == {"act_mean", "act_std (log10)", "grad_std (log10)", "grad_norm", "weight_std",
+                               "zero_frac", "gain"}
+    matched = {t for t in tags if any(re.match(r, t) for r in metric_cat["act_std (log10)"])}
+    assert matched == {t.replace("act_std/", "log10_act_std/") for t in tags if t.startswith("act_std/")}
+    assert len(matched) == 6
     block_cat = next(v for k, v in charts.items() if "blocks" in k)
-    enc = next(v for k, v in block_cat.items() if k.startswith("block encoder:"))
+    assert sorted(k.split(":")[0] for k in block_cat) == ["encoder.0", "encoder.1"]  # 'enc', 'head': one layer
+    enc = next(v for k, v in block_cat.items() if k.startswith("encoder.0:"))
     assert {t for t in tags if any(re.match(r, t) for r in enc)} == {
-        f"{m}/encoder.{i}.{p}" for m in ("act_std", "grad_std") for i in (0, 1) for p in ("fc", "act")}
-    assert sorted(k.split(":")[0] for k in block_cat) == ["block enc", "block encoder", "block head"]
-    assert os.listdir(tmp_path / tbsink.PROFILE_DIR) == ["step_00000000"]
+        f"log10_{m}/encoder.0.{p}" for m in ("act_std", "grad_std") for p in ("fc", "act")}
+    assert_every_chart_has_tags(charts, tags)
+    assert not os.path.exists(tmp_path / tbsink.PROFILE_DIR)
 
 
 def test_duck_typed_writer_gets_scalars_only():
@@ -375,7 +379,7 @@ def test_summarize_table_matches_the_report_and_exit_codes(tmp_path, capsys):
     # a folder of runs: each summarised, depth-profile sub-runs are not runs
     assert cli.main(["summarize", str(tmp_path / "runs")]) == 1
     out = capsys.readouterr().out
-    assert out.count("\nrun ") + out.startswith("run ") == 2 and "depth_profile" not in out
+    assert len(re.findall(r"^run \S+: steps ", out, re.M)) == 2 and "depth_profile" not in out
     assert cli.main(["summarize", str(tmp_path / "runs"), "--fail-on", "dead,saturated"]) == 0
     capsys.readouterr()
 
@@ -442,7 +446,7 @@ def test_tensorboard_server_serves_scalars_histograms_and_layout(tmp_path):
             assert proc.poll() is None, (tmp_path / "tensorboard.log").read_text()[-2000:]
             try:
                 runs = _get(port, "/data/runs")
-                if "exp" in runs and any("depth_profile" in r for r in runs):
+                if "exp" in runs:
                     tags = _get(port, "/data/plugin/scalars/tags").get("exp", {})
                     if "act_std/0" in tags:
                         break
@@ -451,14 +455,14 @@ def test_tensorboard_server_serves_scalars_histograms_and_layout(tmp_path):
             time.sleep(0.3)
         else:
             pytest.fail(f"TensorBoard did not serve the run within 60 s (runs: {runs})")
-        assert "exp/depth_profile/step_00000000" in runs and "exp/depth_profile/step_00000002" in runs
+        assert runs == ["exp"]  # no depth-profile sub-runs
 
         scalars = _get(port, "/data/plugin/scalars/scalars", tag="act_std/0", run="exp")
         assert [s for _, s, _ in scalars] == [0, 1, 2]
         assert [v for _, _, v in scalars] == pytest.approx([r["0"].act_std for r in reports], rel=1e-6)
 
         hists = _get(port, "/data/plugin/histograms/histograms", tag="act/0", run="exp")
-        assert [s for _, s, _ in hists] == [0, 2]
+        assert [s for _, s, _ in hists] == [0, 1, 2]
         for _, step, buckets in hists:
             t = cap.acts[step]
             assert sum(c for _, _, c in buckets) == t.numel()
@@ -471,12 +475,15 @@ def test_tensorboard_server_serves_scalars_histograms_and_layout(tmp_path):
         layout = _get(port, "/data/plugin/custom_scalars/layout")
         titles = {c["title"]: [ch["title"] for ch in c["chart"]] for c in layout["category"]}
         per_metric = next(v for k, v in titles.items() if "per metric" in k)
-        assert {"act_std", "grad_std", "zero_frac"} <= set(per_metric)
-        assert any("depth profile" in k for k in titles)
+        assert {"act_std (log10)", "grad_std (log10)", "zero_frac"} <= set(per_metric)
+        assert "update_ratio" not in per_metric
 
-        profile = _get(port, "/data/plugin/scalars/scalars", tag="depth_profile/grad_std",
-                       run="exp/depth_profile/step_00000002")
-        assert [s for _, s, _ in profile] == [layer.index for layer in reports[2].layers]
+        images = _get(port, "/data/plugin/images/tags")["exp"]
+        assert sorted(images) == sorted([*tbsink.HEATMAP_TAGS.values(), tbsink.PROFILE_TAG])
+        # the overview sorts before every other tag: TensorBoard's dashboards list tags in this order
+        all_tags = set(images) | set(_get(port, "/data/plugin/scalars/tags")["exp"]) | set(
+            _get(port, "/data/plugin/histograms/tags")["exp"])
+        assert sorted(all_tags)[:3] == sorted(images)
     finally:
         proc.terminate()
         try:
@@ -507,7 +514,7 @@ def test_histogram_steps_do_not_sync_on_cuda(tmp_path):
         t = cap.acts[e.step]
         ref = torch.histc(t, bins=HIST_BINS, min=t.min().item(), max=t.max().item())
         assert list(e.histogram_value.bucket)[1:] == ref.cpu().tolist()
-    assert [e.step for e in acc.Histograms("act/0")] == [0, 2]
+    assert [e.step for e in acc.Histograms("act/0")] == [0, 1, 2]
     assert not math.isnan(acc.Scalars("act_std/0")[-1].value)
 
 
@@ -524,3 +531,221 @@ def test_compiled_crc_writes_events_tensorboard_reads_back(tmp_path):
     model = mlp()
     train(model, 2, logdir=tmp_path)
     assert [e.step for e in load(tmp_path).Scalars("act_std/0")] == [0, 1]  # the reader checks every CRC
+
+
+# ----------------------------------------------------------------- layout: only charts for tags that exist
+def layout_charts(event):
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(event.tensor_proto.string_val[0])
+    return {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart} for c in layout.category}
+
+
+def assert_every_chart_has_tags(charts, tags):
+    for category, cat in charts.items():
+        for title, regexes in cat.items():
+            for r in regexes:
+                assert any(re.match(r, t) for t in tags), (category, title, r)
+
+
+def test_layout_is_rewritten_when_tags_appear_and_never_names_a_missing_tag(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings(), torchdiag.watch(model, logdir=tmp_path, optimizer=opt) as diag:
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            model(torch.randn(16, 12)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            diag.step()
+    acc = load(tmp_path)
+    tags = acc.Tags()["scalars"]
+    configs = acc.Tensors("custom_scalars__config__")
+    update_steps = sorted({e.step for t in tags if t.startswith("update_ratio/") for e in acc.Scalars(t)})
+    assert update_steps and len(configs) >= 1
+    for event in configs:  # each layout, as TensorBoard would show it then, names only tags that exist by then
+        assert_every_chart_has_tags(layout_charts(event), [t for t in tags if acc.Scalars(t)[0].step <= event.step])
+    final = layout_charts(configs[-1])
+    assert "update_ratio" in next(v for k, v in final.items() if "per metric" in k)
+    assert_every_chart_has_tags(final, tags)
+    # the log10 twins are the logs of the stds
+    for layer in ("0", "1", "2"):
+        for m in ("act_std", "grad_std"):
+            assert [e.value for e in acc.Scalars(f"log10_{m}/{layer}")] == pytest.approx(
+                [math.log10(e.value) for e in acc.Scalars(f"{m}/{layer}")], abs=1e-6)
+
+
+# ----------------------------------------------------------------- the overview images
+def decode_png(data):
+    """An independent decoder for 8-bit RGB PNGs (all five filter types); returns (width, height, rows of
+    (r, g, b) tuples)."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width = 8, b"", None
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + body)
+        if kind == b"IHDR":
+            width, height, depth, ctype = struct.unpack(">IIBB", body[:10])
+            assert (depth, ctype) == (8, 2)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    raw, stride, rows, prev = zlib.decompress(idat), 3 * width, [], bytearray(3 * width)
+    for y in range(height):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a, b, c = (line[i - 3] if i >= 3 else 0), prev[i], (prev[i - 3] if i >= 3 else 0)
+            p = a + b - c
+            pred = [0, a, b, (a + b) // 2, a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - c) else
+                    b if abs(p - b) <= abs(p - c) else c][f]
+            line[i] = (line[i] + pred) & 0xFF
+        rows.append([tuple(line[i:i + 3]) for i in range(0, stride, 3)])
+        prev = line
+    return width, height, rows
+
+
+def deep_mlp(init, depth=24, width=64):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width)
+        init(lin.weight)
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def heatmap_cells(acc, tag, n_rows, n_cols):
+    """The image of the last step: (rows, cell) where cell(r, k) = (corner pixel, centre pixel) of row r, col k."""
+    img = acc.Images(tag)[-1]
+    w, h, px = decode_png(img.encoded_image_string)
+    assert (w, h) == (img.width, img.height)
+    x0, y0, cw, ch = tbsink.heatmap_geometry(n_rows, n_cols, 3)  # row labels are the layer indices here
+    assert y0 + n_rows * ch < h and x0 + n_cols * cw <= w
+    # the grid: one row of cells per layer, nothing coloured right above or below it
+    assert all(px[y0 - 1][x0 + k * cw] == (255, 255, 255) for k in range(n_cols))
+    assert all(px[y0 + n_rows * ch][x0 + k * cw] == (255, 255, 255) for k in range(n_cols))
+    return lambda r, k: (px[y0 + r * ch][x0 + k * cw], px[y0 + r * ch + ch // 2][x0 + k * cw + cw // 2])
+
+
+@pytest.mark.parametrize("init, broken", [(nn.init.xavier_normal_, True),
+                                          (lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"), False)])
+def test_overview_heatmap_marks_the_flagged_cells(tmp_path, init, broken):
+    model = deep_mlp(init)
+    x = torch.randn(3, 32, 64)
+    _, reports = train(model, 3, x=x, logdir=tmp_path)
+    flagged = {(r.step, layer.name) for r in reports for layer in r.flagged}
+    assert bool(flagged) == broken  # Xavier before ReLU vanishes over 24 layers; Kaiming does not
+    acc = load(tmp_path)
+    assert [e.step for e in acc.Images(tbsink.HEATMAP_TAGS["act_std"])] == [0, 1, 2]
+    names = [layer.name for layer in reports[-1].layers]
+    assert len(names) == 49
+    for metric, tag in tbsink.HEATMAP_TAGS.items():
+        cell = heatmap_cells(acc, tag, len(names), 3)
+        for k in range(3):
+            vals = {n: acc.Scalars(f"{metric}/{n}")[k].value for n in names}
+            med = sorted(vals.values())[len(vals) // 2]
+            for r, n in enumerate(names):
+                corner, centre = cell(r, k)
+                assert (centre == (0, 0, 0)) == ((k, n) in flagged), (metric, k, n)  # the black dot
+                ratio = math.log10(vals[n] / med)
+                if ratio > 0.5:  # more than 10**0.5 above the median layer: red
+                    assert corner[0] > corner[2] + 15, (metric, k, n, ratio, corner)
+                elif ratio < -0.5:  # below: blue
+                    assert corner[2] > corner[0] + 15, (metric, k, n, ratio, corner)
+                elif abs(ratio) < 0.05:  # at the median: near white
+                    assert min(corner) > 200, (metric, k, n, ratio, corner)
+    img = acc.Images(tbsink.PROFILE_TAG)[-1]
+    w, h, _ = decode_png(img.encoded_image_string)
+    assert (w, h) == (img.width, img.height)
+
+
+def test_overview_keeps_a_bounded_number_of_columns():
+    from torchdiag.report import LayerReport, Report
+
+    hist = tbsink.History()
+    for step in range(3 * tbsink.MAX_COLUMNS):
+        hist.add(Report(layers=[LayerReport(name="a", module_type="Linear", index=0, calls=1, act_std=1.0,
+                                            grad_std=1.0, status={"dead"} if step == 5 else set())], step=step))
+    assert len(hist.columns) <= tbsink.MAX_COLUMNS
+    assert hist.columns[0][0] == 0 and hist.columns[-1][1] == 3 * tbsink.MAX_COLUMNS - 1
+    assert sum(bool(c[3]) for c in hist.columns) == 1  # a flag survives the merging
+    w, h, _ = decode_png(tbsink.render_heatmap(hist, "act_std").png())
+    assert w <= 2 * tbsink.IMAGE_W and h <= 2 * tbsink.IMAGE_H
+
+
+# ----------------------------------------------------------------- summarize: order, suggestions, runs, damage
+def test_summarize_orders_layers_by_execution_index_and_shows_suggestions(tmp_path, capsys):
+    model = deep_mlp(lambda w: nn.init.normal_(w, std=0.05), depth=6)  # x0.28 per layer: vanishing
+    _, reports = train(model, 2, x=torch.randn(2, 16, 64), logdir=tmp_path / "runs" / "a")
+    train(mlp(), 2, logdir=tmp_path / "runs" / "b")
+    assert cli.main(["summarize", str(tmp_path / "runs" / "a")]) == 1
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s*\d+\s+\d+\s+(Linear|ReLU)", line)]
+    assert [int(r[0]) for r in rows] == list(range(13))  # '10' after '9', not after '1'
+    assert [r[1] for r in rows] == [layer.name for layer in reports[-1].layers]
+    suggested = [layer for layer in reports[-1].layers if layer.suggested_scale is not None and layer.status]
+    assert suggested
+    for layer in suggested:
+        assert re.search(rf"^\s*{layer.index}\s+{layer.name}\s.*×{layer.suggested_scale:.3g} \({layer.nonlinearity}\)",
+                         out, re.M)
+    # a folder of runs ends with one table of all runs
+    assert cli.main(["summarize", str(tmp_path / "runs")]) == 1
+    out = capsys.readouterr().out
+    tail = out[out.index("overview of 2 runs"):].splitlines()
+    assert re.match(r"run\s+steps\s+verdict\s+flagged layers", tail[1])
+    assert re.match(r"a\s+0\.\.1 \(2\)\s+FAIL: vanishing\s+\d+: '0', ", tail[2])
+    assert re.match(r"b\s+0\.\.1 \(2\)\s+OK\s+-$", tail[3])
+    assert all(len(line) <= 100 for line in tail)
+
+
+def _event_file(run):
+    (name,) = [f for f in os.listdir(run) if "tfevents" in f]
+    return run / name
+
+
+def _records(data):
+    """(offset, step) of every record of an event file."""
+    import struct
+
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    out, pos = [], 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        out.append((pos, Event.FromString(data[pos + 12:pos + 12 + length]).step))
+        pos += 12 + length + 4
+    return out
+
+
+def test_summarize_says_when_an_event_file_stops_early(tmp_path, capsys):
+    for name in ("cut", "garbled"):
+        train(mlp(), 6, logdir=tmp_path / name)
+    acc = load(tmp_path / "cut")
+    assert [e.step for e in acc.Scalars("act_std/0")] == list(range(6))
+    path = _event_file(tmp_path / "cut")
+    data = path.read_bytes()
+    first4 = next(o for o, step in _records(data) if step == 4)
+    path.write_bytes(data[:first4 + 20])  # cut inside the first event of step 4
+    status = cli.main(["summarize", str(tmp_path / "cut")])
+    out, err = capsys.readouterr()
+    assert status == 2  # nothing flagged in what could be read, but the run could not be read to its end
+    assert "stopped early" in out and "read up to step 3" in out and "cut off inside a record" in out
+    assert "OK: nothing flagged at step 3" in out
+    assert err.count("\n") == 1 and "stopped early" in err
+
+    # a byte changed in the middle of the file: TensorBoard's reader stops there without a word
+    path = _event_file(tmp_path / "garbled")
+    data = bytearray(path.read_bytes())
+    data[next(o for o, step in _records(data) if step == 2) + 30] ^= 0xFF
+    path.write_bytes(bytes(data))
+    status = cli.main(["summarize", str(tmp_path / "garbled")])
+    out, err = capsys.readouterr()
+    assert status == 2 and "stopped early" in out and re.search(r"read up to step [01]\b", out)
+    # and a run read to its end says nothing of the kind
+    train(mlp(), 2, logdir=tmp_path / "whole")
+    assert cli.main(["summarize", str(tmp_path / "whole")]) == 0
+    assert "stopped early" not in capsys.readouterr().out
