@@ -191,8 +191,163 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype]
         inputs.append(x)
     try:
         return [x.to(device) for x in inputs]
-    except (RuntimeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - AssertionError ("Torch not compiled with CUDA enabled") included
         raise CheckError(f"--device {device!r}: {e}") from e
+
+
+def check_device(text: str) -> str:
+    """``--device``: a device this PyTorch build can use, else ``CheckError`` (one line, exit 2)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise CheckError(f"--device {text!r} is not a device name: {str(e).splitlines()[0]}") from e
+    if device.type in ("cpu", "meta"):
+        return text
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        built = f"this PyTorch {torch.__version__} has no {device.type} support"
+        if device.type == "cuda" and torch.version.cuda is not None or device.type != "cuda" and _built(device.type):
+            built = f"no {device.type} device is available to this PyTorch {torch.__version__}"
+        raise CheckError(f"--device {text!r}: {built} (torch.{device.type}.is_available() is False); try --device cpu")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise CheckError(f"--device {text!r}: there are {count()} {device.type} device(s), numbered from 0")
+    return text
+
+
+def _built(kind: str) -> bool:
+    """Whether this PyTorch build was compiled with ``kind`` support (best effort)."""
+    for probe in (getattr(getattr(torch.backends, kind, None), "is_built", None),
+                  getattr(getattr(torch, kind, None), "_is_compiled", None)):
+        if callable(probe):
+            try:
+                return bool(probe())
+            except Exception:  # noqa: BLE001, S112 - a probe that fails says nothing
+                continue
+    return False
+
+
+def _count(n: int) -> str:
+    """A parameter count in 5 characters or fewer: 832, 65.8K, 1.2M, 7.0B."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}" if n / div < 100 else f"{n / div:.0f}{unit}"
+    return str(n)
+
+
+def _shape(out: Any) -> str:
+    """The shape of a module's output: of the tensor, or of the first tensor in a tuple/list/dict (then '…')."""
+    if isinstance(out, torch.Tensor):
+        return ",".join(map(str, out.shape)) or "scalar"
+    items = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (tuple, list)) else []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            return _shape(item) + ("…" if len(items) > 1 else "")
+    return "-"
+
+
+class ShapeRecorder:
+    """Output shapes of every module in one pass (its first call), by qualified name; hooks removed on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.shapes: dict[str, str] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ShapeRecorder:
+        for name, module in self.model.named_modules():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if name not in self.shapes:
+                self.shapes[name] = _shape(out)
+        return hook
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+_COLUMNS = ("#", "layer", "type", "params", "output", "act std", "grad std", "gain", "status", "suggestion")
+_RIGHT = {0, 3, 5, 6, 7}
+# (column, narrowest width) in the order the columns give way when the table is wider than asked
+_SHRINK = ((1, 28), (2, 14), (9, 16), (4, 12), (1, 16), (2, 10), (9, 10), (8, 8), (1, 8), (4, 8))
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _elide(s: str, width: int) -> str:
+    if len(s) <= width:
+        return s
+    if width <= 1:
+        return s[:width]
+    keep = width - 1
+    return s[: keep // 3] + "…" + s[len(s) - (keep - keep // 3):]
+
+
+def summary_table(report: Report, model: nn.Module, shapes: dict[str, str], width: int = 100) -> list[str]:
+    """The per-layer table of ``torchdiag check``: a ``ModelSummary``-style table (parameters, output shape)
+    beside the statistics, every line at most ``width`` columns."""
+    # each parameter counts for the deepest module above it that is a row (an attention's out_proj, which its
+    # forward uses functionally and so is never a row of its own, counts for the attention)
+    rows_by_name = {layer.name for layer in report.layers}
+    counts: dict[str, int] = {}
+    for pname, p in model.named_parameters():
+        parts = pname.split(".")[:-1]
+        for k in range(len(parts), -1, -1):
+            owner = ".".join(parts[:k])
+            if owner in rows_by_name:
+                counts[owner] = counts.get(owner, 0) + p.numel()
+                break
+    rows = []
+    for layer in report.layers:
+        params = counts.get(layer.name, 0)
+        scale = layer.suggested_scale
+        suggestion = (f"×{scale:.3g} ({layer.nonlinearity})" if scale is not None and (
+            layer.status or not 0.8 < scale < 1.25) else "")
+        rows.append([str(layer.index), layer.name or "(root)", layer.module_type, _count(params) if params else "-",
+                     shapes.get(layer.name, "-"), _g(layer.act_std), _g(layer.grad_std), _g(layer.gain),
+                     ",".join(sorted(layer.status)) or "ok", suggestion])
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(_COLUMNS)]
+    gaps = 2 * (len(widths) - 1)
+    for col, narrowest in _SHRINK:
+        over = sum(widths) + gaps - width
+        if over <= 0:
+            break
+        widths[col] = max(min(widths[col], narrowest), widths[col] - over)
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for i, (c, w) in enumerate(zip(cells, widths)):
+            c = _elide(c, w) if i in (1, 4) else (c if len(c) <= w else c[: max(w - 1, 0)] + "…")
+            out.append(c.rjust(w) if i in _RIGHT else c.ljust(w))
+        return "  ".join(out).rstrip()[:width]
+
+    return [line(list(_COLUMNS))] + [line(r) for r in rows]
+
+
+def render_check(report: Report, model: nn.Module, shapes: dict[str, str], color: bool = False,
+                 width: int = 100) -> str:
+    """The report of ``render``, with its table replaced by ``summary_table`` (the findings and notes below it
+    as ``render`` writes them). If ``render``'s layout is not the one expected, both are printed."""
+    text = render(report, color=False, width=width)
+    lines = text.splitlines()
+    n = len(report.layers)
+    table = summary_table(report, model, shapes, width)
+    fits = len(lines) >= 2 + n and lines[1].split()[:1] == ["#"] and all(
+        lines[2 + i].split()[:1] == [str(layer.index)] for i, layer in enumerate(report.layers))
+    if not fits:
+        return "\n".join(table) + "\n" + render(report, color=color, width=width)
+    red, reset = "\033[1;31m", "\033[0m"
+    body = [table[0]] + [red + t + reset if color and layer.status else t for t, layer in zip(table[1:], report.layers)]
+    rest = render(report, color=color, width=width).splitlines()[2 + n:]
+    return "\n".join([lines[0], *body, *rest])
 
 
 def _describe(inputs: Iterable[torch.Tensor]) -> str:
@@ -205,13 +360,13 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     try:
-        report, header = _check(args)
+        report, header, model, shapes = _check(args)
     except CheckError as e:
         print(f"torchdiag check: {e}", file=err)
         return ERROR
     fail = set(STATUSES) if args.fail_on is None else set(args.fail_on)
     print(header, file=out)
-    print(render(report, color=use_color(out)), file=out)
+    print(render_check(report, model, shapes, color=use_color(out)), file=out)
     found = {p for layer in report.flagged for p in layer.status}
     hit = [p for p in STATUSES if p in found & fail]
     if hit:
@@ -222,7 +377,7 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
     return OK
 
 
-def _check(args: argparse.Namespace) -> tuple[Report, str]:
+def _check(args: argparse.Namespace) -> tuple[Report, str, nn.Module, dict[str, str]]:
     from .config import resolve_config
     from .errors import ConfigError
     from .watch import check
@@ -231,18 +386,20 @@ def _check(args: argparse.Namespace) -> tuple[Report, str]:
         config = resolve_config(args.config) if args.config is not None else None
     except ConfigError as e:
         raise CheckError(str(e)) from e
+    check_device(args.device)
     obj, what = load_factory(args.target)
     torch.manual_seed(args.seed)
     model = build_model(obj, what)
     inputs = make_inputs(args.input_shape, args.dtype, args.int_high, args.seed, args.device)
     try:
         model = model.to(args.device)
-    except (RuntimeError, ValueError, AssertionError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever the move raises: exit 2, not a traceback
         raise CheckError(f"--device {args.device!r}: cannot move the model there: {e}") from e
     params = {p.dtype for p in model.parameters() if p.is_floating_point()}
     mismatch = any(x.is_floating_point() and x.dtype not in params for x in inputs) and bool(params)
     try:
-        report = check(model, *inputs, config=config)
+        with ShapeRecorder(model) as rec:
+            report = check(model, *inputs, config=config)
     except TorchDiagError as e:
         hint = (f" (the model's parameters are {', '.join(sorted(str(d).removeprefix('torch.') for d in params))})"
                 if mismatch else "")
@@ -252,4 +409,4 @@ def _check(args: argparse.Namespace) -> tuple[Report, str]:
     n_params = sum(p.numel() for p in model.parameters())
     header = (f"torchdiag check {what}: {type(model).__name__} ({n_params:,} parameters), input {_describe(inputs)},"
               f" seed {args.seed}")
-    return report, header
+    return report, header, model, rec.shapes
