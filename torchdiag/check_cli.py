@@ -6,7 +6,8 @@ a class), or an ``nn.Module`` instance; ``A.b`` reaches an attribute of an attri
 called with no arguments after ``torch.manual_seed(--seed)``; the input is random (standard normal for
 floating dtypes, uniform integers in ``[0, --int-high)`` for integer dtypes) from a generator with the
 same seed, so a run is repeatable. ``torchdiag.check`` runs one forward and backward pass on it and the
-report is printed.
+report is printed: per layer, its parameters and output shape (as Lightning's ``ModelSummary``) beside the
+statistics, within 100 columns.
 
 Exit status: 0 nothing flagged, 1 something flagged (``--fail-on`` restricts which problems count),
 2 the model could not be checked (import error, missing attribute, a factory that fails or returns no
@@ -87,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="integer inputs are drawn uniformly from [0, N) (e.g. the vocabulary size)")
     parser.add_argument("--config", default=None, metavar="YAML", help="a torchdiag config file (thresholds...)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the factory and of the input (default 0)")
-    parser.add_argument("--device", default="cpu", help="run the model there (default cpu)")
+    parser.add_argument("--device", default="cpu",
+                        help="run the model there (default cpu); one this PyTorch build cannot use exits 2")
     parser.add_argument("--fail-on", type=parse_problems, default=None, metavar="PROBLEMS",
                         help=f"exit 1 only for these problems, comma-separated, from: {','.join(STATUSES)}"
                              " (default: any)")
