@@ -229,6 +229,12 @@ def _updates(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, not
     for (row, ratio), s in zip(measured, [s for s in layers if s.update_ratio is not None]):
         if not math.isfinite(ratio):
             continue
+        if s.fan_in is None:  # a token, a gate, a bias table: no scale to hold the step against (zero init is common)
+            continue
+        if s.feeds_norm:
+            # scale-invariant weights: a large step only grows their norm, which lowers their effective learning rate
+            row.notes.append("feeds a normalisation: its weight scale is undone, so the update ratio is not judged")
+            continue
         if s.fan_in and s.update_base_rms is not None and s.update_base_rms < 0.05 / math.sqrt(s.fan_in):
             # weights still growing out of a zero init (zero head, zero-init gate): any step is "large"
             row.notes.append("weights near zero before the step (zero init?): update ratio not judged")
@@ -304,6 +310,9 @@ def _role(name: str) -> str:
 
 
 _DIGITS = re.compile(r"\d+")
+# attention's query and key projections, by the names PyTorch and Hugging Face models give them
+_QUERY_KEY = re.compile(r"(^|[._])(q|k|query|key|queries|keys|q_proj|k_proj|q_lin|k_lin|to_q|to_k|wq|wk|qk|"
+                        r"queries_keys_values|query_key_value|qkv|in_proj)(\.linear)?$")
 
 
 def _chain_key(s: LayerStats) -> tuple | None:
@@ -331,14 +340,15 @@ def _drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes
         zero_after[pos] = zero_after[pos + 1] or (pos + 1 < len(layers) and zero[pos + 1])
     _zero_grad_notes(rows, layers, zero, notes)
     norms = [s.index for s in layers if s.kind == "norm"]
-    for (_, _, feeds_norm), members in chains.items():
+    for (role, _, feeds_norm), members in chains.items():
         if len(members) < cfg.min_repeats:
             continue
         first, last = layers[members[0]].index, layers[members[-1]].index
         normalized = any(first < i < last for i in norms)
         if not feeds_norm:
             _judge(rows, layers, members, cfg, "forward", zero, normalized)
-        _judge(rows, layers, members, cfg, "backward", zero_after, normalized)
+        if not _QUERY_KEY.search(role):  # their gradient is second order in the attention logits: not a trunk figure
+            _judge(rows, layers, members, cfg, "backward", zero_after, normalized)
 
 
 def _figure(s: LayerStats, forward: bool) -> tuple[float | None, bool]:
@@ -354,14 +364,39 @@ def _figure(s: LayerStats, forward: bool) -> tuple[float | None, bool]:
         return None, True
     if forward:
         return m.rms, False
-    return m.rms * math.sqrt(m.n / max(s.calls, 1)), False
+    norm = m.rms * math.sqrt(m.n / max(s.calls, 1))
+    if s.feeds_norm:
+        # a normalisation divides the gradient into its input by that input's std, which is this layer's own weight
+        # scale: times its output std the figure is what the chain passes on, whatever that scale
+        a = s.act
+        if a is None or a.nonfinite or not math.isfinite(a.std):
+            return None, False
+        norm *= a.std
+    return norm, False
 
 
-def _slope(ys: list[float]) -> float:
-    """Median of the pairwise slopes of ``ys`` against its positions (Theil-Sen): one odd member moves it little."""
+def _shape(s: LayerStats, forward: bool) -> object:
+    """What makes two members of a chain the same size: the weight's shape, or the tensor's size per call."""
+    if s.weight_shape is not None and s.kind == "weighted":
+        return s.weight_shape
+    m = s.act if forward else s.grad
+    return None if m is None else m.n // max(s.calls, 1)
+
+
+def _slope(ys: list[float], shapes: list) -> float:
+    """Median of the pairwise slopes of ``ys`` against its positions (Theil-Sen): one odd member moves it little.
+
+    Pairs of members of one shape only, where there are enough: a width or resolution change between stages (with
+    an init that is not variance-preserving, or a normalisation whose gradient goes as 1/std) is a step, not a
+    trend; a plain stack whose every layer has its own shape is compared across shapes.
+    """
     n = len(ys)
     stride = max(1, n // 64)  # long chains: every pair at a spread of positions, bounded work
-    slopes = sorted((ys[j] - ys[i]) / (j - i) for i in range(0, n, stride) for j in range(i + 1, n, stride))
+    pairs = [(i, j) for i in range(0, n, stride) for j in range(i + 1, n, stride)]
+    same = [(i, j) for i, j in pairs if shapes[i] == shapes[j]]
+    if len(same) >= max(3, len(pairs) // 8):
+        pairs = same
+    slopes = sorted((ys[j] - ys[i]) / (j - i) for i, j in pairs)
     mid = len(slopes) // 2
     return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
 
@@ -382,11 +417,12 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
     if len(seq) < cfg.min_repeats:
         return
     logs = [math.log(max(fig, _TINY)) for _, fig in seq]
-    slope = _slope(logs)  # per repeat, in log units; backward the gradient flows from the last member to the first
+    # per repeat, in log units; backward the gradient flows from the last member to the first
+    slope = _slope(logs, [_shape(layers[pos], forward) for pos, _ in seq])
     span = len(seq) - 1
     total = math.exp(slope * span if forward else -slope * span)
     lo, hi, key_lo, key_hi = cfg.vanishing_ratio, cfg.exploding_ratio, "vanishing_ratio", "exploding_ratio"
-    if normalized and not forward:
+    if normalized:
         lo, hi, key_lo, key_hi = 1 / cfg.normalized_ratio, cfg.normalized_ratio, "normalized_ratio", "normalized_ratio"
     if lo <= total <= hi:
         return
@@ -422,9 +458,20 @@ def _cause(layers: list[LayerStats], pos: int) -> int:
     """The weighted layer whose weights to change for a drift seen at ``pos``: itself, or the nearest weighted
     layer before it in execution order (an activation has no weights)."""
     for p in range(pos, -1, -1):
-        if layers[p].kind == "weighted":
-            return pos if layers[p].feeds_norm and p != pos else p  # behind a norm its weight scale is undone
+        s = layers[p]
+        w = _pre_step_rms(s)
+        if s.kind == "norm" and w is not None and 0 < w < _SMALL_NORM_WEIGHT:
+            # its weights scale everything through it down: blame the first such norm of the model
+            return next(q for q in range(p + 1) if layers[q].kind == "norm"
+                        and 0 < (_pre_step_rms(layers[q]) or 0) < _SMALL_NORM_WEIGHT)
+        if s.kind == "weighted":
+            return pos if s.feeds_norm and p != pos else p  # behind a norm its weight scale is undone
     return pos
+
+
+# a normalisation layer whose weight rms is below this scales every signal through it down by as much (its init
+# is 1; an init drawn like a projection's, N(0, 0.02), is a bug); exact zeros are zero-init branches, a note
+_SMALL_NORM_WEIGHT = 0.1
 
 
 def _drift_fix(rows: list[LayerReport], layers: list[LayerStats], chain: list[int], cause_pos: int, problem: str,

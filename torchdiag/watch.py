@@ -24,6 +24,7 @@ from .preserve import preserved_state
 from .report import Report
 from .sinks.console import ConsoleSink
 from .sinks.tensorboard import TensorBoardSink, open_writer, writer_logdir
+from .verdict import RunFinding, RunVerdict
 
 RescaleSpec = Union[bool, float, Callable[[str, nn.Module], float]]
 
@@ -58,6 +59,7 @@ class Watcher:
         self._recorder: Recorder | None = None
         self._module_refs: list[weakref.ref] = []
         self._console = ConsoleSink()
+        self._verdict = RunVerdict.from_config(config)
         self._tb: TensorBoardSink | None = None
         self._last: Report | None = None
         self._step_report: Report | None = None  # what the latest end of a step produced, at step number:
@@ -254,6 +256,8 @@ class Watcher:
             report.notes += self._recorder.notes
             self._recorder.notes = []
         self._last = report
+        report.new_findings = self._verdict.add(report)
+        report.run_findings = self._verdict.findings()
         messages = (self._console_write_in_hook(report) if in_hook else self._console.write(report)) if self._warn \
             else []
         if self._tb is not None:
@@ -319,6 +323,23 @@ class Watcher:
             notes.append(f"{self._recorder.eval_skipped} forward(s) of the model in eval mode were not recorded"
                          " (validation is not the training step): call model.train() for the steps to watch")
         return Report(layers=[], notes=notes)
+
+    @property
+    def findings(self) -> list[RunFinding]:
+        """The run's findings so far: flags raised at the first recorded step, non-finite values, and flags that
+        persisted (``finding_steps`` of the last ``finding_window`` recorded steps), each with the step it first
+        appeared at and whether it recovered. Empty: nothing was wrong during training.
+
+        Example:
+            >>> import torch, torchdiag
+            >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+            >>> with torchdiag.watch(net) as diag:
+            ...     net(torch.randn(4, 8)).sum().backward()
+            ...     _ = diag.step()
+            >>> diag.findings
+            []
+        """
+        return self._verdict.findings()
 
     @property
     def step_count(self) -> int:
