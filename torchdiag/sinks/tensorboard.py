@@ -226,6 +226,9 @@ _FONT = {
     "[": (14, 8, 8, 8, 8, 8, 14), "]": (14, 2, 2, 2, 2, 2, 14), "'": (4, 4, 8, 0, 0, 0, 0),
     "…": (0, 0, 0, 0, 0, 0, 21), "^": (4, 10, 17, 0, 0, 0, 0),
 }
+# each glyph's pixels as (column, row)
+_GLYPHS = {ch: [(c, r) for r, bits in enumerate(rows) for c in range(5) if bits & (16 >> c)]
+           for ch, rows in _FONT.items()}
 CHAR_W, CHAR_H = 6, 8  # a glyph and its spacing
 WHITE, BLACK, GREY, MISSING = (255, 255, 255), (0, 0, 0), (120, 120, 120), (200, 200, 200)
 NONFINITE = (150, 0, 200)  # NaN/Inf: a colour that the blue-white-red scale never takes
@@ -243,6 +246,9 @@ def diverging(t: float) -> tuple[int, int, int]:
     f = x - i
     a, b = _DIVERGING[i], _DIVERGING[i + 1]
     return tuple(round(a[k] + (b[k] - a[k]) * f) for k in range(3))  # type: ignore[return-value]
+
+
+_SCALE = [bytes(diverging((i - 128) / 128)) for i in range(257)]  # the scale in 257 steps, as pixel bytes
 
 
 def _mix(c: tuple[int, int, int], w: float) -> tuple[int, int, int]:
@@ -293,11 +299,11 @@ class Canvas:
     def text(self, x: int, y: int, s: str, color: tuple[int, int, int] = BLACK, scale: int = 1) -> int:
         """Draw ``s`` with its top left at (x, y), each font pixel ``scale`` x ``scale``; returns the x after it."""
         for ch in s.upper():
-            rows = _FONT.get(ch, _FONT["?"])
-            for r, bits in enumerate(rows):
-                for c in range(5):
-                    if bits & (16 >> c):
-                        self.rect(x + c * scale, y + r * scale, scale, scale, color)
+            for c, r in _GLYPHS.get(ch, _GLYPHS["?"]):
+                if scale == 1:
+                    self.dot(x + c, y + r, color)
+                else:
+                    self.rect(x + c * scale, y + r * scale, scale, scale, color)
             x += CHAR_W * scale
         return x
 
@@ -399,30 +405,42 @@ def render_heatmap(history: History, metric: str) -> Canvas:
     grid_w, grid_h = cw * len(cols), ch * len(rows)
     what = "ACT STD" if metric == "act_std" else "GRAD STD"
     title = f"{what} / MEDIAN LAYER, BY LAYER (ROW) AND STEP (COLUMN)"
-    width = max(x0 + grid_w + 8, text_width(title) + 8, 340)
+    lo, hi = f"1/{10 ** int(SPAN)}", f"×{10 ** int(SPAN)}"
+    bar_w = 90
+    legend = [(BLACK, "FLAGGED"), (NONFINITE, "NAN/INF"), (MISSING, "NOT RUN")]
+    legend_w = 4 + text_width(lo) + 3 + bar_w + 3 + text_width(hi) + 12 + sum(18 + text_width(t) for _, t in legend)
+    width = max(x0 + grid_w + 8, text_width(title) + 8, legend_w)
     height = y0 + grid_h + _HEATMAP_BOTTOM
     c = Canvas(width, height)
     c.text(4, 4, title)
     dot = max(2, min(cw, ch) * 3 // 5) if min(cw, ch) >= 3 else 1
+    cells: list[list[bytes]] = [[] for _ in rows]  # per row, per column: the cell's pixels of one line
+    marks = []
+    missing, nonfinite = bytes(MISSING) * cw, bytes(NONFINITE) * cw
     for k, (_, _, values, flagged) in enumerate(cols):
         vals = values[metric]
         pos = sorted(v for v in vals.values() if math.isfinite(v) and v > 0)
         ref = pos[len(pos) // 2] if pos else 1.0
-        x = x0 + k * cw
         for r, (name, _, _) in enumerate(rows):
             v = vals.get(name)
             if v is None:
-                color = MISSING
+                cells[r].append(missing)
             elif not math.isfinite(v):
-                color = NONFINITE
+                cells[r].append(nonfinite)
             else:
-                color = diverging(math.log10(max(v, 1e-30) / ref) / SPAN)
-            y = y0 + r * ch
-            c.rect(x, y, cw, ch, color)
+                q = round(min(max(math.log10(max(v, 1e-30) / ref) / SPAN, -1.0), 1.0) * 128)
+                cells[r].append(_SCALE[q + 128] * cw)
             if name in flagged:
-                if dot >= 3:
-                    c.rect(x + (cw - dot) // 2 - 1, y + (ch - dot) // 2 - 1, dot + 2, dot + 2, WHITE)
-                c.rect(x + (cw - dot) // 2, y + (ch - dot) // 2, dot, dot, BLACK)
+                marks.append((x0 + k * cw, y0 + r * ch))
+    for r, line in enumerate(cells):  # each row of cells is one line of pixels, repeated ch times
+        pixels = b"".join(line)
+        for y in range(y0 + r * ch, y0 + (r + 1) * ch):
+            o = 3 * (y * width + x0)
+            c.px[o:o + len(pixels)] = pixels
+    for x, y in marks:
+        if dot >= 3:
+            c.rect(x + (cw - dot) // 2 - 1, y + (ch - dot) // 2 - 1, dot + 2, dot + 2, WHITE)
+        c.rect(x + (cw - dot) // 2, y + (ch - dot) // 2, dot, dot, BLACK)
     # row labels, as many as fit; red for a layer flagged at the latest step
     every = max(1, math.ceil((LINE + 1) / ch))
     last = cols[-1][3] if cols else set()
@@ -446,14 +464,12 @@ def render_heatmap(history: History, metric: str) -> Canvas:
             placed.append((tx, tx + lw))
     # colour bar and the legend
     by = ty + LINE + 3
-    bar_w = 90
-    lo, hi = f"1/{10 ** int(SPAN)}", f"×{10 ** int(SPAN)}"
     bx = c.text(4, by, lo) + 3
     for i in range(bar_w):
         c.rect(bx + i, by, 1, 7, diverging(2 * i / (bar_w - 1) - 1))
     c.rect(bx + bar_w // 2, by - 1, 1, 9, BLACK)
     lx = c.text(bx + bar_w + 3, by, hi) + 12
-    for color, label in ((BLACK, "FLAGGED"), (NONFINITE, "NAN/INF"), (MISSING, "NOT RUN")):
+    for color, label in legend:
         c.rect(lx, by, 7, 7, color)
         lx = c.text(lx + 9, by, label) + 9
     return c
@@ -545,16 +561,17 @@ def _image_value(tag: str, canvas: Canvas) -> Any:
 
 
 def _json_value(tag: str, obj: Any) -> Any:
+    """A ``Summary.Value`` holding ``obj`` as JSON in a string tensor of torchdiag's own plugin."""
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.compat.proto.tensor_pb2 import TensorProto
-    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
     from tensorboard.compat.proto.types_pb2 import DT_STRING
 
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN,
-                                                                  content=json.dumps({"schema": SCHEMA}).encode()))
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN, content=_PLUGIN_CONTENT))
     data = json.dumps(obj, separators=(",", ":")).encode()
-    return Summary.Value(tag=tag, metadata=meta, tensor=TensorProto(dtype=DT_STRING, string_val=[data],
-                                                                     tensor_shape=TensorShapeProto()))
+    return Summary.Value(tag=tag, metadata=meta, tensor=TensorProto(dtype=DT_STRING, string_val=[data]))
+
+
+_PLUGIN_CONTENT = json.dumps({"schema": SCHEMA}).encode()
 
 
 class TensorBoardSink:
@@ -587,8 +604,8 @@ class TensorBoardSink:
         step = report.step
         self._last = report
         self.history.add(report)
-        self._write_once(report)
-        self._write_scalars(report)
+        metrics, steps = self._write_scalars(report)
+        self._write_once(report, metrics, steps)
         if histograms and self._can_hist:
             add_histograms(self.writer, histograms, step)
             # Let the writer's thread checksum them now (pure-Python CRC, ~1 KB per histogram) while this thread
@@ -608,7 +625,7 @@ class TensorBoardSink:
         elif warnings:
             self._write_report_text(report)
 
-    def _write_once(self, report: Report) -> None:
+    def _write_once(self, report: Report, metrics: set[str], steps: set[str]) -> None:
         """The layer list and the custom-scalars layout, when this writer does not hold them yet (a second watch
         on the same writer adds nothing unless it has new layers or tags)."""
         w = self.writer
@@ -617,8 +634,6 @@ class TensorBoardSink:
         except TypeError:  # a writer that cannot be weakly referenced: remember on the sink
             known = self.__dict__.setdefault("_known", {"layers": {}, "metrics": set(), "steps": set()})
         new_layers = [x for x in report.layers if layer_tag(x.name) not in known["layers"]]
-        metrics = {m for x in report.layers for a, m in SCALARS.items() if getattr(x, a, None) is not None}
-        steps = {t for t, v in self._step_values(report) if v is not None}
         if not new_layers and metrics <= known["metrics"] and steps <= known["steps"]:
             return
         for x in new_layers:
@@ -645,27 +660,32 @@ class TensorBoardSink:
                                     None if report.clipped is None else float(report.clipped), report.amp_scale,
                                     report.amp_skipped_steps)))
 
-    def _write_scalars(self, report: Report) -> None:
+    def _write_scalars(self, report: Report) -> tuple[set[str], set[str]]:
+        """The step's scalars and state record, in one event; returns the metrics and step tags written."""
         values: list[tuple[str, float]] = []
         status: dict[str, list[str]] = {}
         suggest: dict[str, list] = {}
+        metrics: set[str] = set()
         for layer in report.layers:
             name = layer_tag(layer.name)
             for attr, metric in SCALARS.items():
                 v = getattr(layer, attr, None)
                 if v is not None:
+                    metrics.add(metric)
                     values.append((f"{metric}/{name}", float(v)))
                     if metric in LOG10 and v != 0:  # a zero std (a dead layer) has no log: the line breaks
                         values.append((f"{LOG10[metric]}/{name}", math.log10(v) if v > 0 else math.nan))
             if layer.status:
                 status[name] = sorted(layer.status)
             if layer.suggested_scale is not None:
-                suggest[name] = [_short(layer.suggested_scale), layer.nonlinearity, layer.suggested_init]
+                suggest[name] = [_short(layer.suggested_scale), layer.nonlinearity]
         values.append((FLAGGED_TAG, float(len(report.flagged))))
-        values.extend((t, float(v)) for t, v in self._step_values(report) if v is not None)
+        steps = [(t, float(v)) for t, v in self._step_values(report) if v is not None]
+        values.extend(steps)
         state = {"step": report.step, "status": status, "suggest": suggest,
                  "first_nonfinite": report.first_nonfinite}
         add_scalars(self.writer, values, report.step, extra=[_json_value(STATE_TAG, state)] if self._fw else None)
+        return metrics, {t for t, _ in steps}
 
     def _write_report_text(self, report: Report) -> None:
         if self._can_text and self._report_text_step != report.step:
