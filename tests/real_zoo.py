@@ -393,7 +393,8 @@ BROKEN += [
     Case("mobilevit_hf_init", "transformers", _hf("MobileViTForImageClassification", "MobileViTConfig",
          num_labels=CLASSES, **_MOBILEVIT), _img(64), False,
          "MobileViT._init_weights draws every BatchNorm weight from N(0, 0.02): the stem's BN scales the signal"
-         " by ~0.02 and so does every conv block without a residual",
+         " by ~0.02 and so does every conv block without a residual (the transformer's LayerNorms then divide a"
+         " signal of 1e-6 by sqrt(eps): their outputs grow block after block, a consequence)",
          {"vanishing": "mobilevit.conv_stem.normalization"}, image=True),
 ]
 

@@ -157,6 +157,15 @@ def _grad_hook(rec_ref: weakref.ref, slot: int, kind: int, generation: int, grad
         rec.guarded(slot, rec.add, slot, kind, grad, None)
 
 
+def histogram_window(step: int, every: int) -> int:
+    """The histogram window of ``step``; the first recorded step of each window gets histograms. Windows
+    double up to ``every`` ([0], [1], [2, 3], [4..7]...), then are ``every`` steps long: steps 0, 1, 2, 4,
+    8... below ``every``, then every ``every`` steps, so that a short run has several."""
+    if step < every:
+        return step.bit_length()
+    return every.bit_length() + step // every
+
+
 class Recorder:
     """Collects one step's rows; ``end_step`` returns its ``StepStats`` (or None if not recorded)."""
 
@@ -235,6 +244,8 @@ class Recorder:
             self._order.setdefault(slot, len(self._order))
             x = first_float_tensor(args)
             src = self._outputs.get(id(x)) if x is not None else None
+            if src is None and x is not None and x._base is not None:  # a view of it (flatten, reshape, transpose)
+                src = self._outputs.get(id(x._base))
             self._trace_norm_inputs(slot, info, module, src, output)
             weighted_input = info.kind == "weighted" and x is not None
             # looked up before this module's own rows: an in-place module's output is its input
@@ -388,9 +399,9 @@ class Recorder:
         self._hentries.append((slot, kind, device, used))
 
     def _histogram_due(self) -> bool:
-        """Histograms on the first recorded step of each window of ``histogram_every`` steps."""
+        """Histograms on the first recorded step of each window (``histogram_window``)."""
         he = self.histogram_every
-        return bool(he) and self.recording and self.step // he > self._hist_window
+        return bool(he) and self.recording and histogram_window(self.step, he) > self._hist_window
 
     # ----------------------------------------------------------------- steps
     def end_step(self, reduce: bool = True) -> StepStats | None:
@@ -413,7 +424,7 @@ class Recorder:
             if self.recording and (self._order or collective):
                 pending = self._launch(with_histograms=self.histogram_step, reduce=collective, defer=self.defer)
                 if self.histogram_step:
-                    self._hist_window = self.step // self.histogram_every
+                    self._hist_window = histogram_window(self.step, self.histogram_every)
                 if self.defer:
                     self._pending = pending
                 else:

@@ -128,6 +128,8 @@ def diagnose(stats: StepStats, config: Config) -> Report:
             if s.grad is not None and s.grad.nonfinite:
                 row.status.add("nonfinite")
 
+    if stats.step == 0:  # the first recorded step: the init as it was drawn
+        _small_norm_weights(rows, layers)
     _drift(rows, layers, config, notes)
     _explain_by_dead(rows)
     _updates(rows, layers, config, notes)
@@ -434,6 +436,10 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
     kind = f"{len(seq)} repeated {s0.module_type} layers ('{s0.name}' … '{s1.name}')"
     what = "output rms" if forward else "output gradient norm"
     how = "from the first to the last" if forward else "from the last to the first (towards the input)"
+    if cause.kind == "norm" and any(f.key == "norm_weight" for f in rows[cause_pos].findings):
+        rows[cause_pos].notes.append(f"along {kind} the {what} changes {total:.3g}× ({direction}): a consequence of"
+                                     " the near-zero normalisation weights")
+        return
     fixable, fix = _drift_fix(rows, layers, [p for p, _ in seq], cause_pos, problem, forward, cfg)
     lead = (f"'{cause.name}' ({cause.module_type}) and the layers of its kind make the signal {problem} ({direction}):"
             f" along {kind} the {what} changes {per:.3g}× per layer, {total:.3g}× {how} ({key} {thr:g}). Fix: {fix}")
@@ -455,18 +461,38 @@ _TINY = 1e-45  # below float32's smallest subnormal: an exact zero (underflow) i
 
 
 def _cause(layers: list[LayerStats], pos: int) -> int:
-    """The weighted layer whose weights to change for a drift seen at ``pos``: itself, or the nearest weighted
-    layer before it in execution order (an activation has no weights)."""
+    """The layer whose weights to change for a drift seen at ``pos``: the first normalisation layer before it whose
+    weights are near zero (it scales everything through it down), else the chain member itself, or the nearest
+    weighted layer before it in execution order (an activation has no weights)."""
+    for p in range(pos + 1):
+        w = _pre_step_rms(layers[p])
+        if layers[p].kind == "norm" and w is not None and 0 < w < _SMALL_NORM_WEIGHT:
+            return p
     for p in range(pos, -1, -1):
         s = layers[p]
-        w = _pre_step_rms(s)
-        if s.kind == "norm" and w is not None and 0 < w < _SMALL_NORM_WEIGHT:
-            # its weights scale everything through it down: blame the first such norm of the model
-            return next(q for q in range(p + 1) if layers[q].kind == "norm"
-                        and 0 < (_pre_step_rms(layers[q]) or 0) < _SMALL_NORM_WEIGHT)
         if s.kind == "weighted":
             return pos if s.feeds_norm and p != pos else p  # behind a norm its weight scale is undone
     return pos
+
+
+def _small_norm_weights(rows: list[LayerReport], layers: list[LayerStats]) -> None:
+    """A normalisation layer whose weights start near zero (but not at exactly zero, a zero-init branch) scales every
+    signal through it down by their rms: vanishing (forward), blamed on the first such layer."""
+    small = [p for p, s in enumerate(layers) if s.kind == "norm" and 0 < (_pre_step_rms(s) or 0) < _SMALL_NORM_WEIGHT]
+    if not small:
+        return
+    first = layers[small[0]]
+    w = _pre_step_rms(first)
+    msg = (f"'{first.name}' ({first.module_type}) makes the signal vanishing (forward): its weights have rms {w:.3g},"
+           f" where a normalisation starts at 1, so every signal through it is scaled by about that"
+           f" ({len(small)} normalisation layer(s) like it). Fix: nn.init.ones_(m.weight) and nn.init.zeros_(m.bias)"
+           " for every normalisation layer (an init drawn like a projection's, N(0, 0.02), is a bug)")
+    for i, p in enumerate(small):
+        s = layers[p]
+        _flag(rows[p], "vanishing", "forward", _pre_step_rms(s), _SMALL_NORM_WEIGHT, "norm_weight",
+              msg if i == 0 else f"'{s.name}' ({s.module_type}): weights of rms {_pre_step_rms(s):.3g}; see"
+              f" '{first.name}'",
+              first.name, len(small) if i == 0 else 1, True)
 
 
 # a normalisation layer whose weight rms is below this scales every signal through it down by as much (its init

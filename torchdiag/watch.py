@@ -112,7 +112,7 @@ class Watcher:
             if self._optimizer is not None:
                 self._recorder.auto_step = False  # a step is an optimizer step
                 weights = [(i, getattr(m, slot.weight_name)) for i, (slot, m) in enumerate(zip(slots, modules))
-                           if slot.is_layer and slot.kind == "weighted" and slot.weight_name is not None]
+                           if slot.is_layer and slot.kind in ("weighted", "norm") and slot.weight_name is not None]
                 owned = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
                 weights = [(i, w) for i, w in weights if id(w) in owned]  # another optimizer's layers: no ratio
                 self._optim_monitor = OptimizerMonitor(self._optimizer, self._recorder, weights,
