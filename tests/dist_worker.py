@@ -7,7 +7,10 @@ it saw (its own inputs and weights, and torchdiag's reports) to ``OUTDIR/<scenar
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import time
 import warnings
 
 import torch
@@ -153,6 +156,93 @@ def scenario_every(rank: int, world: int, outdir: str) -> dict:
         report = diag.report().to_dict()
     return {"warnings": [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)],
             "report": report, "x": x, "state": model[0].state_dict()}
+
+
+def _diag_warnings(caught: list) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
+
+
+def scenario_uneven(rank: int, world: int, outdir: str) -> dict:
+    """Issue #14 item 8: rank 1 calls step() more often. every=2: rank 0 records steps 0 and 2 and leaves at step
+    3 (not recorded: no collective at exit); rank 1 also records step 4, which rank 0 never joins. Then the same
+    with rank 0 still inside its `with` (busy for 2 timeouts) instead of gone: only the timeout can tell."""
+    model = Branchy()
+    x = branch_batches(rank)[0]
+    out: dict = {"x": x, "state": model.state_dict()}
+    for part, linger in (("gone", 0.0), ("busy", 2 * float(os.environ.get("TORCHDIAG_DIST_TIMEOUT", "60")))):
+        reports = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = time.monotonic()
+            with torchdiag.watch(model, every=2, config={"warnings": False}) as diag:
+                for _ in range(3 + 2 * rank):
+                    model(x, use_b=True).sum().backward()
+                    r = diag.step()
+                    if r is not None:
+                        reports[r.step] = r.to_dict()
+                if rank == 0:
+                    time.sleep(linger)
+            elapsed = time.monotonic() - start
+        out[part] = {"reports": reports, "warnings": _diag_warnings(caught), "elapsed": elapsed}
+    return out
+
+
+def scenario_raised(rank: int, world: int, outdir: str) -> dict:
+    """Issue #14 item 8: rank 0 leaves its `with` by an exception at step 2 and carries on training (DDP); rank 1
+    goes on watching. torchdiag's collectives must neither hang rank 1 nor disturb DDP's allreduce."""
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    xs = ddp_batches(rank, 4)
+    reports, weights = {}, []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.monotonic()
+        done = 0
+        try:
+            with torchdiag.watch(ddp, config={"warnings": False}) as diag:
+                for x in xs:
+                    weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+                    loss_of(ddp(x)).backward()
+                    opt.step()
+                    opt.zero_grad()
+                    done += 1
+                    if rank == 0 and done == 3:
+                        raise RuntimeError("a failure on rank 0 only")
+                    r = diag.step()
+                    if r is not None:
+                        reports[r.step] = r.to_dict()
+        except RuntimeError:
+            pass
+        for x in xs[done:]:  # rank 0 goes on training, unwatched
+            loss_of(ddp(x)).backward()
+            opt.step()
+            opt.zero_grad()
+        elapsed = time.monotonic() - start
+    return {"reports": reports, "warnings": _diag_warnings(caught), "elapsed": elapsed, "xs": xs,
+            "weights": weights, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def scenario_unwatched(rank: int, world: int, outdir: str) -> dict:
+    """Issue #14 item 8: rank 0 trains (DDP) without ever watching; rank 1 watches."""
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    xs = ddp_batches(rank, 3)
+    reports = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.monotonic()
+        with torchdiag.watch(ddp, config={"warnings": False}) if rank == 1 else contextlib.nullcontext() as diag:
+            for x in xs:
+                loss_of(ddp(x)).backward()
+                opt.step()
+                opt.zero_grad()
+                if diag is not None:
+                    reports[diag.step_count - 1] = diag.step().to_dict()
+        elapsed = time.monotonic() - start
+    return {"reports": reports, "warnings": _diag_warnings(caught), "elapsed": elapsed,
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
 def scenario_groups(rank: int, world: int, outdir: str) -> dict:

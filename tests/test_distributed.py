@@ -49,20 +49,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(scenarios: list[str], outdir: Path) -> None:
+def run_ranks(scenarios: list[str], outdir: Path, env: dict[str, str] | None = None, timeout: float = TIMEOUT) -> None:
     """Both ranks as subprocesses; killed on timeout or failure, never left behind."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     port = free_port()
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "dist_worker.py"), ",".join(scenarios), str(r),
                                str(WORLD), str(port), str(outdir)], env=env, cwd=str(outdir),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
     outputs = [""] * WORLD
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + timeout
     try:
         for r, p in enumerate(procs):
             outputs[r] = p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the ranks did not finish within {TIMEOUT} s (a collective hung?)")
+        pytest.fail(f"the ranks did not finish within {timeout:g} s (a collective hung?)")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -263,6 +263,79 @@ def test_ranks_with_a_different_every_are_told_at_the_first_step_and_never_hang(
         lin = nn.Linear(4, 2)
         lin.load_state_dict(res["state"])
         check_layer(res["report"]["layers"][0], [lin(res["x"]).detach()])
+
+
+# ------------------------------------------------------------------ a rank missing at a later step (issue #14 item 8)
+MISSING_TIMEOUT = 2.0  # TORCHDIAG_DIST_TIMEOUT of these runs: a rank that is not there is found within seconds
+
+
+def missing(scenario: str, tmp_path: Path) -> list[dict]:
+    """Ranks that break the precondition, one process pair per scenario. Before the fix each of these hung until
+    the group timeout (30 min), or gloo aborted a rank at the next allreduce of the user's group ("Received data
+    size doesn't match expected size"): torchdiag's extra collective had shifted that group's sequence."""
+    run_ranks([scenario], tmp_path, env={"TORCHDIAG_DIST_TIMEOUT": str(MISSING_TIMEOUT)}, timeout=60)
+    return [torch.load(tmp_path / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _own(report: dict, x: torch.Tensor, state: dict) -> None:
+    """``report`` holds this rank's own numbers for the Branchy model on ``x``."""
+    model = W.Branchy()
+    model.load_state_dict(state)
+    c = capture(model, x, torch.sum, use_b=True)
+    for layer in report["layers"]:
+        check_layer(layer, [c[layer["name"]][0]])
+
+
+def test_a_rank_that_steps_more_often_is_told_which_rank_left(tmp_path):
+    r0, r1 = missing("uneven", tmp_path)
+    # rank 0 left after step 2: rank 1's step 4 fails at once (rank 0's side of torchdiag's group is closed)
+    gone = r1["gone"]
+    assert len(gone["warnings"]) == 1, gone["warnings"]
+    assert "rank 0 ended its watch after step 2" in gone["warnings"][0] and "at step 4" in gone["warnings"][0]
+    assert sorted(gone["reports"]) == [0, 2, 4] and gone["elapsed"] < 10
+    assert any("rank 1 only" in n for n in gone["reports"][4]["notes"])
+    assert not any("only" in n for n in gone["reports"][2]["notes"])
+    _own(gone["reports"][4], r1["x"], r1["state"])  # rank 1's own numbers, not a mix with a stale step
+    assert r0["gone"]["warnings"] == [] and sorted(r0["gone"]["reports"]) == [0, 2]
+    # rank 0 still inside its `with` but not stepping: told after the timeout, naming rank 0
+    busy = r1["busy"]
+    assert len(busy["warnings"]) == 1, busy["warnings"]
+    assert f"rank 0: no answer within {MISSING_TIMEOUT:g} s" in busy["warnings"][0]
+    assert "TORCHDIAG_DIST_TIMEOUT" in busy["warnings"][0]
+    assert sorted(busy["reports"]) == [0, 2, 4] and any("rank 1 only" in n for n in busy["reports"][4]["notes"])
+    _own(busy["reports"][4], r1["x"], r1["state"])
+    assert r0["busy"]["warnings"] == []
+
+
+def test_a_rank_that_leaves_by_an_exception_and_trains_on_hangs_nobody(tmp_path):
+    r0, r1 = missing("raised", tmp_path)
+    assert len(r1["warnings"]) == 1, r1["warnings"]
+    assert "rank 0 left its watch by an exception (RuntimeError) after step 1" in r1["warnings"][0]
+    assert "at step 2" in r1["warnings"][0] and r1["elapsed"] < 10
+    assert sorted(r1["reports"]) == [0, 1, 2, 3]
+    assert all(any("rank 1 only" in n for n in r1["reports"][s]["notes"]) for s in (2, 3))
+    assert r0["warnings"] == [] and sorted(r0["reports"]) == [0, 1]
+    # DDP's allreduce was never disturbed by torchdiag's collectives: both ranks hold the same weights
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k
+    # from step 2 on rank 1 reports its own numbers (its batch only)
+    model = W.mlp()
+    for s in (2, 3):
+        model.load_state_dict(r1["weights"][s])
+        c = capture(model, r1["xs"][s], W.loss_of)
+        for layer in r1["reports"][s]["layers"]:
+            check_layer(layer, [c[layer["name"]][0]], [c[layer["name"]][1]])
+
+
+def test_a_rank_that_never_watches_is_named_within_the_timeout(tmp_path):
+    r0, r1 = missing("unwatched", tmp_path)
+    assert len(r1["warnings"]) == 1, r1["warnings"]
+    assert "rank 0 is not watching" in r1["warnings"][0] and "at step 0" in r1["warnings"][0]
+    assert MISSING_TIMEOUT <= r1["elapsed"] < MISSING_TIMEOUT + 10
+    assert sorted(r1["reports"]) == [0, 1, 2]
+    assert all(any("rank 1 only" in n for n in rep["notes"]) for rep in r1["reports"].values())
+    for k, v in r0["state"].items():  # the user's DDP went on, in step
+        assert torch.equal(v, r1["state"][k]), k
 
 
 def test_ranks_watching_different_models_are_warned_and_report_their_own(runs):

@@ -15,6 +15,16 @@ the step: a layer that ran on one rank only (a conditional branch), or a rank th
 a recorded step, still reduces the same shape, so the collective cannot hang on it. What every
 rank must agree on is the number of steps (``step()`` / ``opt.step()`` calls), as DDP requires too.
 
+torchdiag's collectives run on a gloo group of its own, one per watch, over the same ranks and the
+user group's store (CPU vectors of a few hundred floats; the user's NCCL or gloo group never sees
+them), with a short timeout (``TORCHDIAG_DIST_TIMEOUT`` seconds, 60 by default). A rank that breaks the
+precondition (one more ``step()``, a ``with`` left by an exception while the others go on, a rank
+that never watches) is detected within that time, or at once when its side of the group is closed:
+every rank still watching warns once, naming the rank and what it did (each rank leaves a key in
+the store when it leaves its watch), and reduces nothing for the rest of the watch. On the user's
+own group a collective that one rank skipped would shift the sequence of every later collective
+there: gloo aborts the process at the user's next allreduce ("Received data size doesn't match").
+
 Sharded parameters (FSDP2's DTensor) are read through their local shard: weight moments and
 update norms are then sums over shards, which the ``SUM`` completes. Replicated parameters (DDP)
 give every rank the same numbers; pooled moments of identical copies are those of one copy, and
@@ -23,8 +33,11 @@ the gradient-norm parts of replicated parameters are averaged over ranks instead
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
 import sys
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +141,48 @@ def _device(pg: Any) -> torch.device:
     return torch.device("cpu")
 
 
+# ------------------------------------------------------------------ torchdiag's own group
+DEFAULT_TIMEOUT_S = 60.0
+_TIMEOUT_ENV = "TORCHDIAG_DIST_TIMEOUT"
+_watches: dict[str, int] = {}  # per user group: watches started by this process (names each watch's group)
+
+
+def timeout_s() -> float:
+    """How long a rank waits in one of torchdiag's collectives (or to form its group) for the other ranks:
+    ``TORCHDIAG_DIST_TIMEOUT`` seconds if set to a positive number, else 60."""
+    try:
+        value = float(os.environ.get(_TIMEOUT_ENV, "") or DEFAULT_TIMEOUT_S)
+    except ValueError:
+        return DEFAULT_TIMEOUT_S
+    return value if value > 0 and math.isfinite(value) else DEFAULT_TIMEOUT_S
+
+
+def _group_store(pg: Any) -> tuple[Any, str] | None:
+    """The store of the user's group and a name for the group; None where there is none to use."""
+    c10d = getattr(torch.distributed, "distributed_c10d", None)
+    try:
+        if pg is None:
+            pg = c10d._get_default_group()
+        return c10d._get_process_group_store(pg), str(getattr(pg, "group_name", "") or "default")
+    except Exception:  # noqa: BLE001 - private API moved or no store: the user's group, as before
+        return None
+
+
+def _is_gloo_available() -> bool:
+    try:
+        return bool(torch.distributed.is_gloo_available()) and hasattr(torch.distributed, "ProcessGroupGloo")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class _Missing(Exception):
+    """One of torchdiag's collectives failed or timed out on its own group: a rank is not there."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 # ------------------------------------------------------------------ the step reduction
 _NEG = -math.inf
 _M_SUM = 8  # n, sum(x - c), sum((x - c)^2), zeros, saturated, nonfinite, calls, NaN-in-range
@@ -142,10 +197,26 @@ class StepReducer:
     layers with a weight; per layer its first-call order, call count and presence.
     """
 
-    def __init__(self, slots: list[Any], group: Group, schedule: dict[str, float] | None = None) -> None:
+    def __init__(self, slots: list[Any], group: Group, schedule: dict[str, float] | None = None,
+                 recorder: Any = None) -> None:
         from .buffer import ACT, GRAD, INPUT, PROBE, ROOT_GRAD, ROOT_IN, WEIGHT
 
         self.group = group
+        self._recorder = weakref.ref(recorder) if recorder is not None else None  # notes for its reports
+        self.note: str | None = None  # why statistics are this rank's own, once the reduction stopped
+        self.timeout = timeout_s()
+        # torchdiag's own gloo group, formed at the first recorded step; named by the user group and the number
+        # of watches this process started on it, the same on every rank that watches as often
+        self._pg: Any = None
+        self._store: Any = None
+        self._left = False
+        self._last: int | None = None  # the last step reduced
+        found = _group_store(group.pg) if _is_gloo_available() else None
+        if found is not None:
+            base, name = found
+            n = _watches.get(name, 0)
+            _watches[name] = n + 1
+            self._store = torch.distributed.PrefixStore(f"torchdiag/{n}/", base)
         # what decides when each rank runs a collective (every, histogram/profile cadence, deferral): agreed at
         # the first recorded step, with the layout and the step number; ranks that differ would run different
         # numbers of collectives and hang until the process-group timeout
@@ -174,16 +245,99 @@ class StepReducer:
         self._warned_step = False
 
     # ---------------------------------------------------------------- collectives
+    def _connect(self) -> None:
+        """Form torchdiag's group (at the first recorded step): this rank says it is here, then gloo connects
+        the ranks through the store, waiting at most ``timeout`` for them."""
+        if self._store is None:
+            return  # no gloo or no store: the user's group, with its own timeout
+        g = self.group
+        self._store.set(f"here/{g.rank}", "1")
+        self._pg = torch.distributed.ProcessGroupGloo(torch.distributed.PrefixStore("gloo/", self._store), g.rank,
+                                                      g.world, datetime.timedelta(seconds=self.timeout))
+
     def _all_reduce(self, values: list[float], op: Any) -> list[float]:
+        if self._pg is not None:
+            t = torch.tensor(values, dtype=torch.float64)
+            opts = torch.distributed.AllreduceOptions()
+            opts.reduceOp = op
+            try:
+                self._pg.allreduce([t], opts).wait()  # gloo's timeout: a missing rank raises, never hangs
+            except Exception as e:  # noqa: BLE001
+                raise _Missing(e) from e
+            return t.tolist()
         t = torch.tensor(values, dtype=torch.float64).to(self.group.device)
         torch.distributed.all_reduce(t, op=op, group=self.group.pg)
         return t.cpu().tolist()
 
     def _all_gather(self, values: list[float]) -> list[list[float]]:
+        if self._pg is not None:
+            t = torch.tensor(values, dtype=torch.float64)
+            out = [torch.empty_like(t) for _ in range(self.group.world)]
+            try:
+                self._pg.allgather([out], [t]).wait()
+            except Exception as e:  # noqa: BLE001
+                raise _Missing(e) from e
+            return [o.tolist() for o in out]
         t = torch.tensor(values, dtype=torch.float64).to(self.group.device)
         out = [torch.empty_like(t) for _ in range(self.group.world)]
         torch.distributed.all_gather(out, t, group=self.group.pg)
         return [o.cpu().tolist() for o in out]
+
+    def _disable(self, note: str) -> None:
+        """No collective for the rest of this watch; the reports say why (this rank's own numbers)."""
+        self.disabled = True
+        self.note = note
+        self._pg = None  # closes this rank's side: a rank still waiting on it fails at once
+
+    def _where(self, r: int) -> str | None:
+        """What rank ``r`` left in the store: why it is not in the collective, or None (no word from it)."""
+        try:
+            for key in (f"left/{r}", f"done/{r}"):
+                if self._store.check([key]):
+                    return self._store.get(key).decode()
+            if not self._store.check([f"here/{r}"]):
+                return "is not watching (no torchdiag.watch on that rank, or fewer watches than this one)"
+        except Exception:  # noqa: BLE001 - the store is gone too: nothing more to say
+            return None
+        return None
+
+    def _failed(self, step: int, what: str, error: BaseException) -> None:
+        """A collective (or forming the group) failed or timed out: some rank is not there. Warn once, naming
+        the ranks the store explains, or else every other rank; reduce nothing from now on."""
+        g = self.group
+        others = [r for r in range(g.world) if r != g.rank]
+        told = {r: w for r in others if self._store is not None and (w := self._where(r)) is not None}
+        if told:
+            who = "; ".join(f"rank {r} {w}" for r, w in told.items())
+        else:
+            who = (", ".join(f"rank {r}" for r in others) + f": no answer within {self.timeout:g} s (still busy"
+                   f" elsewhere? a slower rank needs a larger {_TIMEOUT_ENV})")
+        detail = (str(error).strip().splitlines() or [""])[0][:120]
+        self._disable(f"statistics of rank {g.rank} only from step {step} on: not every rank joined torchdiag's"
+                      f" reduction ({who})")
+        warn_self(f"torchdiag: at step {step} rank {g.rank} {what} and not every rank joined: {who}. Statistics"
+                  " are not reduced across ranks for the rest of this watch (each rank reports its own); training"
+                  " goes on. Every rank must watch, call step() / opt.step() the same number of times and leave the"
+                  f" `with` together [{type(error).__name__}: {detail}]", stacklevel=4)
+
+    def leave(self, exc_type: Any = None) -> None:
+        """This rank leaves its watch (``Watcher.__exit__``, after its last collective): a key in the store says
+        how, for a rank that waits on it in vain, then this rank's side of the group closes. Never raises."""
+        if self._left:
+            return
+        self._left = True
+        try:
+            if self._store is not None:  # also before its first collective: the others are not waiting in vain
+                after = f" after step {self._last}" if self._last is not None else ""
+                if exc_type is not None:
+                    self._store.set(f"left/{self.group.rank}", f"left its watch by an exception"
+                                                               f" ({getattr(exc_type, '__name__', exc_type)}){after}")
+                else:
+                    self._store.set(f"done/{self.group.rank}", f"ended its watch{after} (the ranks called step()"
+                                                               " a different number of times)")
+        except Exception:  # noqa: BLE001, S110 - the store is gone: the others time out instead
+            pass
+        self._pg = None
 
     def _check_layout(self, step: int) -> bool:
         """Once per watch, at the first recorded step: do all ranks watch the same modules (so the vectors have
@@ -192,10 +346,18 @@ class StepReducer:
         fp, n = self._fingerprint
         keys = sorted(self.schedule)
         mine = [fp, n, float(step)] + [float(self.schedule[k]) for k in keys]
-        every = self._all_gather(mine)
         self._checked = True
+        try:
+            try:
+                self._connect()
+            except Exception as e:  # noqa: BLE001 - gloo could not connect the ranks in time
+                raise _Missing(e) from e
+            every = self._all_gather(mine)
+        except _Missing as e:  # a rank is missing: said, never raised, never a hang
+            self._failed(step, "formed torchdiag's group", e.error)
+            return False
         if any(r[:2] != mine[:2] for r in every):
-            self.disabled = True
+            self._disable("statistics of this rank only: the ranks watch different modules")
             warn_self("torchdiag: the ranks of the process group watch different modules (names or types"
                       " differ); statistics are not reduced across ranks for the rest of this watch: each"
                       " rank reports its own", stacklevel=3)
@@ -205,7 +367,7 @@ class StepReducer:
         if len(set(steps)) > 1:
             differ.insert(0, ("step", steps))
         if differ:
-            self.disabled = True
+            self._disable("statistics of this rank only: the ranks would record at different steps")
             what = "; ".join(f"{k}: " + ", ".join(f"rank {i} {v:g}" for i, v in enumerate(vals)) for k, vals in differ)
             warn_self(f"torchdiag: the ranks would record at different steps and run different numbers of"
                       f" collectives ({what}); statistics are not reduced across ranks for the rest of this watch"
@@ -223,8 +385,20 @@ class StepReducer:
         ``clip`` is ``[pre, post]`` or ``[pre, post, pre_sharded, post_sharded]``; ``updates[slot]`` is
         ``[dd, ww, n]``.
         """
-        if self.disabled or (not self._checked and not self._check_layout(step)):
-            return None
+        out = None
+        if not self.disabled and (self._checked or self._check_layout(step)):
+            try:
+                out = self._reduce(step, moms, sq, updates, clip, scale, order, calls)
+                self._last = step
+            except _Missing as e:
+                self._failed(step, "reduced", e.error)
+        rec = self._recorder() if self._recorder is not None else None
+        if out is None and self.note and rec is not None:
+            rec.notes.append(self.note)  # the report says whose numbers it holds
+        return out
+
+    def _reduce(self, step: int, moms: dict, sq: dict, updates: dict, clip: list[float] | None,
+                scale: float | None, order: dict[int, int], calls: dict[int, int]) -> tuple:
         MAX, SUM = torch.distributed.ReduceOp.MAX, torch.distributed.ReduceOp.SUM
         # ---- MAX: step, scale, max / -min per moments, -first-call index and calls per layer
         mx: list[float] = [float(step), -float(step), scale if scale is not None else _NEG]

@@ -102,7 +102,8 @@ class Watcher:
         if self._group is not None:
             self._recorder.reducer = distributed.StepReducer(slots, self._group, schedule={
                 "every": self.config.every, "histogram_every": self.config.histogram_every,
-                "profile_every": self.config.profile_every, "defer_report": float(self._recorder.defer)})
+                "profile_every": self.config.profile_every, "defer_report": float(self._recorder.defer)},
+                recorder=self._recorder)
         capture.attach(self._recorder, modules, roots=[i for i, s in enumerate(slots) if s.is_root])
         capture.set_recording(self._recorder, self._recorder.recording)
         self._module_refs = [weakref.ref(m) for m in modules]
@@ -149,6 +150,10 @@ class Watcher:
             if exc_type is None:
                 raise
         finally:
+            if self._recorder is not None and self._recorder.reducer is not None:
+                # after this rank's last collective: says in the store how it left (a rank still waiting on it
+                # names it), closes its side of torchdiag's group (that rank's collective fails at once)
+                self._recorder.reducer.leave(exc_type)
             self._close()
 
     def _close(self) -> None:
