@@ -199,16 +199,34 @@ def test_flags_appear_and_recover_and_summarize_says_when(tmp_path, capsys):
     written = tbsink.WARNINGS_TAG + tbsink.TEXT_SUFFIX in acc.Tags()["tensors"]
     warned = texts(acc, tbsink.WARNINGS_TAG) if written else []
 
+    # the whole run: dead at 2 of the last 4 recorded steps, not at the first, is not a finding (finding_steps 3)
     assert cli.main(["summarize", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "step 3" in out and "OK: nothing flagged at step 3" in out
+    assert "step 3" in out and "OK: nothing found in the run" in out
     assert re.search(r"dead\s+step 1: '1' \(since recovered\)", out)
     assert cli.main(["summarize", str(tmp_path), "--step", "2"]) == 1
     out = capsys.readouterr().out
-    assert re.search(r"^ *1 +1 +ReLU .* dead", out, re.M) and "FAIL: dead flagged at step 2" in out
+    assert re.search(r"^ *1 +1 +ReLU .* dead", out, re.M) and "FAIL: dead found at step 2" in out
     assert all(msg.split("\n")[0] in out for st, msg in warned if st <= 2)  # the warning texts, read back
     assert cli.main(["summarize", str(tmp_path), "--step", "2", "--fail-on", "vanishing,nonfinite"]) == 0
     assert "not in --fail-on" in capsys.readouterr().out
+
+
+def test_summarize_judges_the_whole_run_like_the_watch(tmp_path, capsys):
+    model = mlp()
+    with warnings.catch_warnings(), torchdiag.watch(model, logdir=tmp_path / "run") as diag:
+        warnings.simplefilter("ignore")
+        for i in range(6):
+            with torch.no_grad():
+                model[0].bias.fill_(-100.0 if i in (1, 2, 3) else 0.0)  # dead at 3 consecutive steps, then recovered
+            model(torch.randn(16, 12)).sum().backward()
+            diag.step()
+    assert not diag.report().flagged  # the last step is clean...
+    (found,) = diag.findings  # ...but the run had a finding: dead from step 1, recovered
+    assert (found.layer, found.problem, found.first_step, found.recovered) == ("1", "dead", 1, True)
+    assert cli.main(["summarize", str(tmp_path)]) == 1  # and summarize says the same from the logdir
+    assert "FAIL: dead found in the run" in capsys.readouterr().out
+    assert cli.main(["summarize", str(tmp_path), "--step", "5"]) == 0
 
 
 def test_report_text_layers_text_and_depth_profile(tmp_path):
@@ -372,7 +390,7 @@ def test_summarize_table_matches_the_report_and_exit_codes(tmp_path, capsys):
         assert float(cells[4]) == pytest.approx(layer.act_std, rel=5e-3)
         assert cells[7] == (",".join(sorted(layer.status)) or "ok")
     problems = sorted({p for layer in rep.flagged for p in layer.status})
-    assert f"FAIL: {', '.join(problems)} flagged at step 2" in out
+    assert f"FAIL: {', '.join(problems)} found in the run" in out
 
     assert cli.main(["summarize", str(tmp_path / "runs" / "good")]) == 0
     capsys.readouterr()
@@ -687,7 +705,7 @@ def test_summarize_orders_layers_by_execution_index_and_shows_suggestions(tmp_pa
     rows = [line.split() for line in out.splitlines() if re.match(r"^\s*\d+\s+\d+\s+(Linear|ReLU)", line)]
     assert [int(r[0]) for r in rows] == list(range(13))  # '10' after '9', not after '1'
     assert [r[1] for r in rows] == [layer.name for layer in reports[-1].layers]
-    suggested = [layer for layer in reports[-1].layers if layer.suggested_scale is not None and layer.status]
+    suggested = [layer for layer in reports[-1].layers if layer.init_fixes]
     assert suggested
     for layer in suggested:
         assert re.search(rf"^\s*{layer.index}\s+{layer.name}\s.*×{layer.suggested_scale:.3g} \({layer.nonlinearity}\)",
@@ -734,7 +752,7 @@ def test_summarize_says_when_an_event_file_stops_early(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert status == 2  # nothing flagged in what could be read, but the run could not be read to its end
     assert "stopped early" in out and "read up to step 3" in out and "cut off inside a record" in out
-    assert "OK: nothing flagged at step 3" in out
+    assert "OK: nothing found in the run" in out
     assert err.count("\n") == 1 and "stopped early" in err
 
     # a byte changed in the middle of the file: TensorBoard's reader stops there without a word

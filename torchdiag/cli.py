@@ -20,13 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     summ = sub.add_parser(
         "summarize", help="read a TensorBoard logdir written by torchdiag and print the report of a step",
         description="Print, for the latest recorded step (or --step N) of each torchdiag run under LOGDIR, the "
-                    "per-layer table, the flagged layers, when each problem first appeared and the warnings. "
-                    "A folder of runs ends with a table of all runs. "
-                    "Exit status: 0 nothing flagged, 1 something flagged (restricted by --fail-on), "
+                    "per-layer table, the flagged layers, when each problem first appeared and the warnings, and "
+                    "judge the whole run by its findings (flags at the first recorded step, NaN/Inf, flags that "
+                    "persisted; with --step N: that step alone). A folder of runs ends with a table of all runs. "
+                    "Exit status: 0 nothing found, 1 something found (restricted by --fail-on), "
                     "2 no torchdiag events (missing or empty logdir, unrecorded step), or an event file that stops "
                     "early (cut off or corrupt) with nothing flagged in what could be read.")
     summ.add_argument("logdir", metavar="LOGDIR", help="a run's logdir, or a folder of runs")
-    summ.add_argument("--step", type=int, default=None, help="the recorded step to report (default: the latest)")
+    summ.add_argument("--step", type=int, default=None,
+                      help="the recorded step to report and judge alone (default: the latest, and the whole run is"
+                           " judged)")
     summ.add_argument("--fail-on", type=_problems, default=None, metavar="PROBLEMS",
                       help=f"exit 1 only for these problems, comma-separated, from: {','.join(STATUSES)}"
                            " (default: any)")

@@ -385,8 +385,8 @@ def _shape(s: LayerStats, forward: bool) -> object:
     return None if m is None else m.n // max(s.calls, 1)
 
 
-def _slope(ys: list[float], shapes: list) -> float:
-    """Median of the pairwise slopes of ``ys`` against its positions (Theil-Sen): one odd member moves it little.
+def _slope(xs: list[int], ys: list[float], shapes: list) -> float:
+    """Median of the pairwise slopes of ``ys`` against ``xs`` (Theil-Sen): one odd member moves it little.
 
     Pairs of members of one shape only, where there are enough: a width or resolution change between stages (with
     an init that is not variance-preserving, or a normalisation whose gradient goes as 1/std) is a step, not a
@@ -398,7 +398,7 @@ def _slope(ys: list[float], shapes: list) -> float:
     same = [(i, j) for i, j in pairs if shapes[i] == shapes[j]]
     if len(same) >= max(3, len(pairs) // 8):
         pairs = same
-    slopes = sorted((ys[j] - ys[i]) / (j - i) for i, j in pairs)
+    slopes = sorted((ys[j] - ys[i]) / (xs[j] - xs[i]) for i, j in pairs)
     mid = len(slopes) // 2
     return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
 
@@ -406,51 +406,53 @@ def _slope(ys: list[float], shapes: list) -> float:
 def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cfg: Config, direction: str,
            zero: list[bool], normalized: bool) -> None:
     forward = direction == "forward"
-    seq = []  # (pos, figure) of members with a usable, finite measurement
-    for pos in members:
+    seq = []  # (ordinal in the chain, pos, figure) of members with a usable, finite measurement
+    skip = set()  # members that are not part of a drift: exact zeros from all-zero weights (a note instead)
+    for k, pos in enumerate(members):
         fig, nonfinite = _figure(layers[pos], forward)
         if nonfinite:
             if forward:
-                break  # past the first NaN/Inf nothing is drift any more
+                break  # past the first NaN/Inf nothing is measured any more (the members after it are still the chain)
             continue
-        if fig is None or (fig == 0.0 and zero[pos]):
-            continue  # not measured, or exact zeros from all-zero weights: reported as a note, not drift
-        seq.append((pos, fig))
+        if fig is not None and fig == 0.0 and zero[pos]:
+            skip.add(pos)
+        elif fig is not None:
+            seq.append((k, pos, fig))
     if len(seq) < cfg.min_repeats:
         return
-    logs = [math.log(max(fig, _TINY)) for _, fig in seq]
     # per repeat, in log units; backward the gradient flows from the last member to the first
-    slope = _slope(logs, [_shape(layers[pos], forward) for pos, _ in seq])
-    span = len(seq) - 1
-    total = math.exp(slope * span if forward else -slope * span)
+    slope = _slope([k for k, _, _ in seq], [math.log(max(fig, _TINY)) for _, _, fig in seq],
+                   [_shape(layers[pos], forward) for _, pos, _ in seq])
+    k0, k1 = seq[0][0], seq[-1][0]
+    total = math.exp(slope * (k1 - k0) if forward else -slope * (k1 - k0))
     lo, hi, key_lo, key_hi = cfg.vanishing_ratio, cfg.exploding_ratio, "vanishing_ratio", "exploding_ratio"
     if normalized:
         lo, hi, key_lo, key_hi = 1 / cfg.normalized_ratio, cfg.normalized_ratio, "normalized_ratio", "normalized_ratio"
     if lo <= total <= hi:
         return
     problem, thr, key = ("vanishing", lo, key_lo) if total < lo else ("exploding", hi, key_hi)
-    cause_pos = _cause(layers, seq[0][0])
+    cause_pos = _cause(layers, seq[0][1])
     cause = layers[cause_pos]
     per = math.exp(slope if forward else -slope)
-    s0, s1 = layers[seq[0][0]], layers[seq[-1][0]]
-    kind = f"{len(seq)} repeated {s0.module_type} layers ('{s0.name}' … '{s1.name}')"
+    s0, s1 = layers[members[0]], layers[members[-1]]
+    kind = f"{len(members)} repeated {s0.module_type} layers ('{s0.name}' … '{s1.name}')"
     what = "output rms" if forward else "output gradient norm"
-    how = "from the first to the last" if forward else "from the last to the first (towards the input)"
+    how = "from the first to the last measured" if forward else "from the last to the first (towards the input)"
     if cause.kind == "norm" and any(f.key == "norm_weight" for f in rows[cause_pos].findings):
         rows[cause_pos].notes.append(f"along {kind} the {what} changes {total:.3g}× ({direction}): a consequence of"
                                      " the near-zero normalisation weights")
         return
-    fixable, fix = _drift_fix(rows, layers, [p for p, _ in seq], cause_pos, problem, forward, cfg)
+    fixable, fix = _drift_fix(rows, layers, members, cause_pos, problem, forward, cfg)
     lead = (f"'{cause.name}' ({cause.module_type}) and the layers of its kind make the signal {problem} ({direction}):"
             f" along {kind} the {what} changes {per:.3g}× per layer, {total:.3g}× {how} ({key} {thr:g}). Fix: {fix}")
     if not any(f.problem == problem and f.direction == direction for f in rows[cause_pos].findings):
-        _flag(rows[cause_pos], problem, direction, total, thr, key, lead, cause.name, len(seq), fixable)
+        _flag(rows[cause_pos], problem, direction, total, thr, key, lead, cause.name, len(members), fixable)
         if fixable is False:
             rows[cause_pos].notes.append(f"init cannot fix this {problem} ({direction}) drift: {fix}")
-    for i, (pos, _) in enumerate(seq):  # every member of a drifting chain is part of it (and gets its own scale)
-        if pos == cause_pos:
+    for k, pos in enumerate(members):  # every member of a drifting chain is part of it (and gets its own scale)
+        if pos == cause_pos or pos in skip:
             continue
-        at = math.exp(slope * i if forward else -slope * (span - i))
+        at = math.exp(slope * (k - k0) if forward else -slope * (k1 - k))  # the trend at its place
         s = layers[pos]
         _flag(rows[pos], problem, direction, at, thr, key,
               f"'{s.name}' ({s.module_type}) is {problem} ({direction}): {at:.3g}× at its place along {kind};"

@@ -20,16 +20,28 @@ from .preserve import preserved_state
 from .report import Report
 
 
-def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = False) -> dict[str, float]:
-    """Multiply each layer's weight by its ``suggested_scale`` from ``report``, in place.
+def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = True) -> dict[str, float]:
+    """Multiply weights by their ``suggested_scale`` from ``report``, in place, where that fixes a problem.
+
+    By default only the layers the report flags with a problem that re-initialising fixes (drift or saturation
+    of a chain whose weights are off the textbook scale): a healthy model is left as it is, and so is a layer
+    whose finding says init cannot fix it (a sigmoid stack, depth that compounds through residual sums). No
+    factor that is not a finite positive number is ever applied. A weight shared by several layers (tied
+    embeddings) is scaled once, by the factor of the first of them in execution order.
 
     Args:
         model: the model the report was made from.
         report: a ``Report`` from ``check`` or ``Watcher.report``.
-        only_flagged: rescale only layers the report flagged.
+        only_flagged: False: every layer with a suggestion, flagged or not (the textbook init for all of them).
 
     Returns:
         ``{layer name: factor applied}``.
+
+    Example:
+        >>> import torch, torchdiag
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> torchdiag.apply_suggestions(net, torchdiag.check(net, torch.randn(4, 8)))  # healthy: nothing to do
+        {}
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_suggestions(model=...): expected a torch.nn.Module, got {type(model).__name__}")
@@ -37,16 +49,21 @@ def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = 
         raise TypeError("apply_suggestions(report=...): expected a torchdiag.Report (from torchdiag.check or"
                         f" Watcher.report()), got {type(report).__name__}")
     modules = dict(model.named_modules())
-    applied = {}
+    applied: dict[str, float] = {}
+    scaled: set[int] = set()  # weights already scaled (tied: one tensor, several layers)
     with torch.no_grad():
         for layer in report.layers:
-            if layer.suggested_scale is None or (only_flagged and not layer.status):
+            scale = layer.suggested_scale
+            if scale is None or not (math.isfinite(scale) and scale > 0):
+                continue
+            if only_flagged and not layer.init_fixes:
                 continue
             m = modules.get(layer.name)
             w = getattr(m, "weight", None) if m is not None else None
-            if isinstance(w, torch.Tensor):
-                w.mul_(layer.suggested_scale)
-                applied[layer.name] = layer.suggested_scale
+            if isinstance(w, torch.Tensor) and id(w) not in scaled:
+                scaled.add(id(w))
+                w.mul_(scale)
+                applied[layer.name] = scale
     return applied
 
 

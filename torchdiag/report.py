@@ -64,6 +64,13 @@ class LayerReport:
     def healthy(self) -> bool:
         return not self.status
 
+    @property
+    def init_fixes(self) -> bool:
+        """Flagged with a drift or saturation that multiplying its weights by ``suggested_scale`` fixes."""
+        return self.suggested_scale is not None and any(
+            f.problem in ("vanishing", "exploding", "saturated") and f.fixable is not False and f.key != "norm_weight"
+            for f in self.findings)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["status"] = sorted(self.status)
@@ -162,11 +169,10 @@ def _cut(s: str, width: int) -> str:
 
 
 def _suggestion(layer: LayerReport) -> str:
-    if layer.suggested_scale is None:
-        return ""
-    if layer.status or not 0.8 < layer.suggested_scale < 1.25:
-        return f"×{layer.suggested_scale:.3g} ({layer.nonlinearity})"
-    return ""
+    """Only where applying it helps: a flagged layer whose problem its weights' scale fixes."""
+    # (a row rebuilt from a logdir has no findings: the sink wrote its suggestion only where the live one showed)
+    shown = layer.init_fixes or (not layer.findings and layer.status and layer.suggested_scale is not None)
+    return f"×{layer.suggested_scale:.3g} ({layer.nonlinearity})" if shown else ""
 
 
 def use_color(stream: Any = None) -> bool:

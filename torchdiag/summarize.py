@@ -8,14 +8,15 @@ earlier versions (per-layer ``flag/<problem>/<layer>`` scalars, a markdown layer
 For the latest recorded step (or ``--step N``) it prints the per-layer table in execution order (with
 the suggestion column of the live report), the flagged layers, when each problem first appeared up to
 that step and the warnings; then the verdict of ``judge`` (the one place that decides what a run's
-verdict is). ``LOGDIR`` may be one run or a folder of runs (``runs/`` with ``exp1/``, ``exp2/``...): each
-run is summarised and a table of all runs ends the output. Depth-profile sub-runs of earlier versions
-are not runs of their own.
+verdict is): by default the run's findings, the rule the live watch uses (``torchdiag.verdict``); with
+``--step N`` what that step alone flags. ``LOGDIR`` may be one run or a folder of runs (``runs/`` with
+``exp1/``, ``exp2/``...): each run is summarised and a table of all runs ends the output. Depth-profile
+sub-runs of earlier versions are not runs of their own.
 
 An event file that is cut off or corrupt part-way is read up to the last good record, and the summary
 says so (which file, where, and the step it reached).
 
-Exit status: 0 nothing flagged, 1 something flagged (``fail_on`` restricts which problems count),
+Exit status: 0 nothing found, 1 something found (``fail_on`` restricts which problems count),
 2 no torchdiag events (missing or empty logdir, unknown step), or an event file that could not be read
 to its end and nothing flagged in what could be read.
 """
@@ -31,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import TextIO
 
+from .config import Config
 from .report import STATUSES, LayerReport, Report, render, use_color
 from .sinks.tensorboard import (
     FLAGGED_TAG,
@@ -42,6 +44,7 @@ from .sinks.tensorboard import (
     TEXT_SUFFIX,
     WARNINGS_TAG,
 )
+from .verdict import RunFinding, RunVerdict
 
 OK, FLAGGED, NO_DATA = 0, 1, 2
 _METRIC_ATTR = {metric: attr for attr, metric in SCALARS.items()}
@@ -66,6 +69,8 @@ class RunSummary:
     first_flagged: dict[tuple[str, str], int] = field(default_factory=dict)  # (problem, layer) -> step
     warnings: list[tuple[int, str]] = field(default_factory=list)  # (step, message) up to the selected step
     stopped_early: str | None = None  # why the events could not be read to their end, if they could not
+    history: list[tuple[int, dict[str, list[str]]]] = field(default_factory=list)  # (step, layer -> problems)
+    whole_run: bool = True  # judged on the run's findings; False: on the selected step alone (--step N)
 
     @property
     def step(self) -> int:
@@ -86,18 +91,35 @@ class Verdict:
 
 
 def judge(s: RunSummary, fail: set[str]) -> Verdict:
-    """The whole-run judgement, in one place. For now: what is flagged at the selected step (the latest by
-    default); a run-level verdict (``torchdiag.verdict``: findings that persist, when they began, whether they
-    recovered) replaces this function's body."""
-    found = s.flagged_problems()
+    """The whole-run judgement, in one place: the run's findings (``torchdiag.verdict``: flags raised at the first
+    recorded step, non-finite values, flags that persisted), the same rule the live watch uses; with ``--step N``
+    what that one step flags."""
+    if not s.whole_run:
+        found = s.flagged_problems()
+        layers = [layer.name for layer in s.report.flagged]
+        where = f"at step {s.step}"
+    else:
+        findings = run_findings(s)
+        found = {f.problem for f in findings}
+        layers = list(dict.fromkeys(f.layer for f in findings))
+        where = f"in the run (steps {_span(s.steps)})"
     hit = [p for p in STATUSES if p in found & fail]
-    layers = [layer.name for layer in s.report.flagged]
     if hit:
-        return Verdict(FLAGGED, f"FAIL: {', '.join(hit)} flagged at step {s.step}", hit, layers)
+        return Verdict(FLAGGED, f"FAIL: {', '.join(hit)} found {where}", hit, layers)
     if found:
-        return Verdict(OK, f"OK: {', '.join(p for p in STATUSES if p in found)} flagged at step {s.step}, not in"
+        return Verdict(OK, f"OK: {', '.join(p for p in STATUSES if p in found)} found {where}, not in"
                            f" --fail-on ({', '.join(p for p in STATUSES if p in fail)})", [], layers)
-    return Verdict(OK, f"OK: nothing flagged at step {s.step}", [], [])
+    return Verdict(OK, f"OK: nothing found {where}", [], [])
+
+
+def run_findings(s: RunSummary, config: Config | None = None) -> list[RunFinding]:
+    """The findings of the run, from its per-step flags as the events hold them."""
+    order = {layer.name: (layer.index, layer.module_type) for layer in s.report.layers}
+    v = RunVerdict.from_config(config or Config.defaults())
+    for step, status in s.history:
+        v.add_flags(step, ((name, order.get(name, (1 << 30, "?"))[1], order.get(name, (1 << 30, "?"))[0], p, None,
+                            f"'{name}' {p}", None) for name, problems in status.items() for p in problems))
+    return v.findings()
 
 
 def find_runs(logdir: str) -> list[str]:
@@ -248,6 +270,7 @@ def summarize_run(run: str, step: int | None = None) -> RunSummary:
         raise NotATorchdiagRun(f"{run!r} holds TensorBoard events but none written by torchdiag")
     steps = sorted({e.step for e in acc.Scalars(FLAGGED_TAG)})
     stopped = check_event_files(run, steps[-1] if steps else None)
+    whole_run = step is None
     if step is None:
         step = steps[-1]
     elif step not in steps:
@@ -265,9 +288,9 @@ def summarize_run(run: str, step: int | None = None) -> RunSummary:
 
     states = _json(acc, STATE_TAG)
     if states:
-        status, suggest, first = _from_states(states, step)
+        status, suggest, first, history = _from_states(states, step)
     else:  # written by torchdiag < 0.2: per-layer 0/1 flag scalars
-        status, suggest, first = _from_flag_scalars(acc, scalar_tags, step)
+        status, suggest, first, history = _from_flag_scalars(acc, scalar_tags, step)
 
     index = _json(acc, LAYER_INDEX_TAG)
     listed: list[tuple[int, str, str]]
@@ -298,7 +321,8 @@ def summarize_run(run: str, step: int | None = None) -> RunSummary:
                 warnings.append((s, item[2:] if item.startswith("- ") else item))
     report = Report(layers=layers, step=step)
     return RunSummary(run=run, steps=steps, report=report, first_flagged=dict(sorted(first.items(),
-                      key=lambda kv: (kv[1], kv[0]))), warnings=warnings, stopped_early=stopped)
+                      key=lambda kv: (kv[1], kv[0]))), warnings=warnings, stopped_early=stopped,
+                      history=[(st, history.get(st, {})) for st in steps if st <= step], whole_run=whole_run)
 
 
 def _natural(name: str) -> tuple:
@@ -310,21 +334,24 @@ def _from_states(states: list[tuple[int, object]], step: int):
     status: dict[str, list[str]] = {}
     suggest: dict[str, list] = {}
     first: dict[tuple[str, str], int] = {}
+    history: dict[int, dict[str, list[str]]] = {}
     for s, obj in states:
         if s > step or not isinstance(obj, dict):
             continue
-        for layer, problems in (obj.get("status") or {}).items():
+        history[s] = {k: list(v) for k, v in (obj.get("status") or {}).items()}
+        for layer, problems in history[s].items():
             for p in problems:
                 first.setdefault((p, layer), s)
         if s == step:
-            status = {k: list(v) for k, v in (obj.get("status") or {}).items()}
+            status = history[s]
             suggest = dict(obj.get("suggest") or {})
-    return status, suggest, first
+    return status, suggest, first, history
 
 
 def _from_flag_scalars(acc, scalar_tags: list[str], step: int):
     status: dict[str, set[str]] = {}
     first: dict[tuple[str, str], int] = {}
+    history: dict[int, dict[str, list[str]]] = {}
     for tag in scalar_tags:
         head, _, rest = tag.partition("/")
         if head == "flag" and "/" in rest:
@@ -332,9 +359,10 @@ def _from_flag_scalars(acc, scalar_tags: list[str], step: int):
             for e in acc.Scalars(tag):
                 if e.value >= 0.5 and e.step <= step:
                     first.setdefault((problem, layer), e.step)
+                    history.setdefault(e.step, {}).setdefault(layer, []).append(problem)
                     if e.step == step:
                         status.setdefault(layer, set()).add(problem)
-    return status, {}, first
+    return status, {}, first, history
 
 
 def _span(steps: list[int]) -> str:

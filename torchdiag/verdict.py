@@ -3,7 +3,7 @@
 A per-step flag is evidence; a finding is a flag that is an init problem (raised at the first recorded
 step), non-finite (never noise), or persistent (raised at ``finding_steps`` of the last ``finding_window``
 recorded steps). A finding keeps the step it first appeared at and whether it has recovered (not raised at
-any of the latest ``finding_steps`` recorded steps). ``report()``, ``summarize``, ``check`` and the demo
+the latest recorded step). ``report()``, ``summarize``, ``check`` and the demo
 judge a run by its findings, so their verdict does not depend on which step they read.
 """
 
@@ -31,7 +31,7 @@ class RunFinding:
     first_step: int  # the watcher's step it was first raised at (it may have been raised before it persisted)
     last_step: int  # the latest step it was raised at
     steps: int  # how many recorded steps raised it
-    recovered: bool  # not raised at any of the latest `finding_steps` recorded steps
+    recovered: bool  # not raised at the latest recorded step
     message: str  # the latest step's sentence, with its fix
     cause: str | None = None  # the weighted layer whose weights to change (drift), or None
 
@@ -87,29 +87,34 @@ class RunVerdict:
 
     def add(self, report) -> list[RunFinding]:
         """Take one recorded step's report; return the flags that became findings at this step."""
-        step = report.step
+        return self.add_flags(report.step, ((layer.name, layer.module_type, layer.index, problem, direction, message,
+                                             cause) for layer in report.layers
+                                            for problem, direction, message, cause in _flags(layer)))
+
+    def add_flags(self, step: int, flags: Iterable[tuple]) -> list[RunFinding]:
+        """Take one recorded step's flags, each ``(layer, module_type, index, problem, direction, message, cause)``
+        (what ``summarize`` reads back from a logdir); return those that became findings at this step."""
         if self._first is None:
             self._first = step
         self._recorded.append(step)
         oldest = self._recorded[0]
         new: list[RunFinding] = []
         raised_now: set[Key] = set()
-        for layer in report.layers:
-            for problem, direction, message, cause in _flags(layer):
-                key = (layer.name, problem, direction)
-                raised_now.add(key)
-                seen = self._seen.get(key)
-                if seen is None:
-                    seen = self._seen[key] = _Seen(layer.module_type, layer.index, step, step, 0, message, cause)
-                seen.last_step, seen.message, seen.cause = step, message, cause
-                seen.steps += 1
-                hist = self._raised.setdefault(key, deque())
-                hist.append(step)
-                while hist and hist[0] < oldest:
-                    hist.popleft()
-                if not seen.finding and (step == self._first or problem == "nonfinite" or len(hist) >= self.steps):
-                    seen.finding, seen.found_at = True, step
-                    new.append(self._finding(key, seen))
+        for name, module_type, index, problem, direction, message, cause in flags:
+            key = (name, problem, direction)
+            raised_now.add(key)
+            seen = self._seen.get(key)
+            if seen is None:
+                seen = self._seen[key] = _Seen(module_type, index, step, step, 0, message, cause)
+            seen.last_step, seen.message, seen.cause = step, message, cause
+            seen.steps += 1
+            hist = self._raised.setdefault(key, deque())
+            hist.append(step)
+            while hist and hist[0] < oldest:
+                hist.popleft()
+            if not seen.finding and (step == self._first or problem == "nonfinite" or len(hist) >= self.steps):
+                seen.finding, seen.found_at = True, step
+                new.append(self._finding(key, seen))
         for key, hist in self._raised.items():
             if key not in raised_now:
                 while hist and hist[0] < oldest:
@@ -123,8 +128,7 @@ class RunVerdict:
 
     def _finding(self, key: Key, seen: _Seen) -> RunFinding:
         name, problem, direction = key
-        latest = list(self._recorded)[-self.steps:]
-        recovered = seen.last_step not in latest
+        recovered = seen.last_step != self._recorded[-1]
         return RunFinding(name, seen.module_type, seen.index, problem, direction, seen.first_step, seen.last_step,
                           seen.steps, recovered, seen.message, seen.cause)
 

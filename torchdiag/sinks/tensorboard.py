@@ -677,7 +677,7 @@ class TensorBoardSink:
                         values.append((f"{LOG10[metric]}/{name}", math.log10(v) if v > 0 else math.nan))
             if layer.status:
                 status[name] = sorted(layer.status)
-            if layer.suggested_scale is not None:
+            if layer.init_fixes:  # the suggestions the live report shows
                 suggest[name] = [_short(layer.suggested_scale), layer.nonlinearity]
         values.append((FLAGGED_TAG, float(len(report.flagged))))
         steps = [(t, float(v)) for t, v in self._step_values(report) if v is not None]
