@@ -519,6 +519,30 @@ def table(cases: list[Case] | None = None, optimizers=("adamw", "sgd"), steps: i
     return {"false_alarms": false_alarms, "misses": misses, "times": times}
 
 
+def model_table(cases: list[Case] | None = None, steps: int = 3, white: bool = False, out=sys.stdout) -> int:
+    """One row per model (the README's table): what fired where over its four runs (AdamW and SGD, with and
+    without ``optimizer=``), what should; returns the number of healthy model-runs with a false alarm."""
+    cases = CASES if cases is None else cases
+    print("| library | model | healthy | what fired (first layer @ step, over AdamW/SGD, with/without optimizer=)"
+          " | right answer |", file=out)
+    print("| --- | --- | --- | --- | --- |", file=out)
+    false_alarms = 0
+    for case in cases:
+        fired: dict[str, set[str]] = {}
+        for opt in ("adamw", "sgd"):
+            for passed in (True, False):
+                got = run(case, opt, steps, pass_optimizer=passed, white=white and case.image)["fired"]
+                false_alarms += bool(case.healthy and got)
+                for flag, (layer, step) in got.items():
+                    fired.setdefault(flag, set()).add(f"`{layer}` @{step}")
+        what = "; ".join(f"{flag} {', '.join(sorted(v))}" for flag, v in fired.items()) or "nothing"
+        right = "nothing" if case.healthy else "; ".join(f"{k} `{v}`" for k, v in case.expect.items())
+        print(f"| {case.library} | {case.name} | {'yes' if case.healthy else 'no'} | {what} | {right} |", file=out,
+              flush=True)
+    print(f"\nfalse alarms: {false_alarms} healthy model-runs with any flag", file=out)
+    return false_alarms
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -526,12 +550,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--white-noise", action="store_true", help="white-noise images instead of smooth ones")
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--by-model", action="store_true", help="one row per model (the README's table)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cases = CASES
     if args.only:
         names = set(args.only.split(","))
         cases = [c for c in CASES if c.name in names]
+    if args.by_model:
+        model_table(cases, steps=args.steps, white=args.white_noise)
+        return
     table(cases, steps=args.steps, white=args.white_noise)
     print(f"\ncell = first layer the flag fired on @ the step it first fired ({args.steps} steps, every=1)")
 
@@ -539,4 +567,4 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-__all__ = ["BROKEN", "CASES", "FLAGS", "HEALTHY", "Case", "check_case", "run", "table", "verdict"]
+__all__ = ["BROKEN", "CASES", "FLAGS", "HEALTHY", "Case", "check_case", "model_table", "run", "table", "verdict"]

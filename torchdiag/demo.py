@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fix import apply_suggestions
-from .report import render, use_color
+from .report import render, run_lines, use_color
 from .watch import watch
 
 
@@ -105,16 +105,7 @@ def run(logdir: str = "runs/demo", steps: int = 60) -> int:
 def _verdict(found) -> str:
     if not found:
         return "run verdict: no findings (nothing was wrong at any recorded step)"
-    shown: dict[tuple, list] = {}
-    for f in found:  # one line per problem and cause
-        shown.setdefault((f.problem, f.direction, f.cause or f.layer), []).append(f)
-    lines = [f"run verdict: {len(shown)} problem(s) on {len({f.layer for f in found})} layers"]
-    for (problem, direction, cause), fs in shown.items():
-        first = min(f.first_step for f in fs)
-        state = "recovered" if all(f.recovered for f in fs) else "persists"
-        where = f" ({direction})" if direction else ""
-        lines.append(f"   {problem}{where} from step {first}, {state}: '{cause}' and {len(fs) - 1} more layers")
-    return "\n".join(lines)
+    return "run verdict: " + run_lines(found)
 
 
 def _short(report, keep: int = 8) -> str:

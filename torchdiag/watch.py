@@ -320,6 +320,7 @@ class Watcher:
                     report.notes.append(f"rank {self._group.rank}'s own statistics of the step in progress: not yet"
                                         f" reduced across the {self._group.world} ranks (that happens when the step"
                                         " ends)")
+                report.run_findings = self._verdict.findings()  # the steps that ended (this one has not yet)
                 return report
         if self._last is not None:
             return self._last

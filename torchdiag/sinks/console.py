@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 from ..errors import DiagnosticWarning
-from ..report import Report
+from ..report import Report, one_story
 
 
 class ConsoleSink:
@@ -20,19 +20,20 @@ class ConsoleSink:
         self._seen: set[tuple] = set()
 
     def write(self, report: Report) -> list[str]:
-        groups: dict[tuple, list] = {}
-        for f in report.new_findings:
-            cause = f.cause if f.cause is not None else (f.module_type if f.problem != "nonfinite" else f.layer)
-            groups.setdefault((f.problem, f.direction, cause), []).append(f)
         emitted = []
+        fresh = []
+        for f in report.new_findings:
+            key = (f.problem, f.direction, f.cause if f.cause is not None else
+                   (f.module_type if f.problem != "nonfinite" else f.layer))
+            if key not in self._seen:
+                fresh.append((key, f))
+        groups: dict[tuple, list] = {}
+        for key, f in fresh:
+            groups.setdefault(key, []).append(f)
         for key, members in groups.items():
-            if key in self._seen:
-                continue
             self._seen.add(key)  # before warning: a filter that raises must not make it repeat
-            lead = next((f for f in members if f.layer == f.cause), members[0])
-            others = len(members) - 1
-            text = lead.message + (f" (and {others} more layer{'s' if others > 1 else ''} of the same kind)"
-                                   if others else "")
+            cause = key[2]
+            (text,) = one_story([(f.layer, f.problem, f.direction, cause, f.message) for f in members])
             emitted.append(text)
             warnings.warn(f"torchdiag (step {report.step}): {text}", DiagnosticWarning, stacklevel=4)
         return emitted
