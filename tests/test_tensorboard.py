@@ -767,3 +767,14 @@ def test_summarize_says_when_an_event_file_stops_early(tmp_path, capsys):
     train(mlp(), 2, logdir=tmp_path / "whole")
     assert cli.main(["summarize", str(tmp_path / "whole")]) == 0
     assert "stopped early" not in capsys.readouterr().out
+
+
+def test_overview_every_sets_the_cadence_and_0_turns_the_images_off(tmp_path):
+    for every, expected in ((4, [0, 1, 2, 4, 5]), (0, [])):
+        run = tmp_path / f"every{every}"
+        train(mlp(), 6, logdir=run, config={"overview_every": every})
+        acc = ea.EventAccumulator(str(run), size_guidance={ea.IMAGES: 0})  # every image (the default keeps 4)
+        acc.Reload()
+        images = [t for t in acc.Tags().get("images", []) if t.startswith("0_overview/")]
+        steps = sorted({e.step for t in images for e in acc.Images(t)})
+        assert steps == expected, (every, steps)  # the doubling windows below 4, then every 4, and the last step

@@ -46,6 +46,7 @@ class Config:
     warnings: bool
     histogram_every: int
     profile_every: int
+    overview_every: int
     defer_report: str
 
     @classmethod
@@ -225,11 +226,12 @@ _TYPES = {
     "warnings": "bool",
     "histogram_every": "int",
     "profile_every": "int",
+    "overview_every": "int",
     "defer_report": "choice",
 }
 _CHOICES = {"defer_report": ("auto", "always", "never")}
 _MIN_INT = {"every": 1, "min_repeats": 2, "finding_steps": 1, "finding_window": 1, "histogram_every": 0,
-            "profile_every": 0}
+            "profile_every": 0, "overview_every": 0}
 _FLOAT_RANGE = {
     "vanishing_ratio": (0.0, 1.0),
     "exploding_ratio": (1.0, math.inf),

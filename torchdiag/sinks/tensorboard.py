@@ -17,7 +17,7 @@ Per recorded step, into the run's writer (one event holding all of it):
   default dashboard): layers x recorded steps heatmaps of act_std and grad_std (log colour scale against
   the median layer at the first recorded step, flagged cells dotted) and the depth profile (std against
   layer index, forward and backward, log y). Drawn here in pure Python (no imaging library) at steps
-  0, 1, 2, 4... up to ``OVERVIEW_EVERY``, then every ``OVERVIEW_EVERY`` steps, and at close;
+  0, 1, 2, 4... up to ``overview_every``, then every ``overview_every`` steps, and at close;
 * when new: the layer list (``torchdiag/layers`` as a markdown table, ``torchdiag/layer_index`` as JSON)
   and a custom-scalars layout holding only charts whose tags exist (rewritten when new tags appear).
 """
@@ -66,7 +66,6 @@ STEP_TAGS = ("optim/grad_norm_preclip", "optim/grad_norm_postclip", "optim/clipp
 OVERVIEW = "0_overview"  # digits sort before letters: these are the first cards of the default dashboard
 HEATMAP_TAGS = {"act_std": f"{OVERVIEW}/1_act_std_layer_x_step", "grad_std": f"{OVERVIEW}/2_grad_std_layer_x_step"}
 PROFILE_TAG = f"{OVERVIEW}/3_depth_profile"
-OVERVIEW_EVERY = 100  # overview images at steps 0, 1, 2, 4... up to this, then every this many (and at close)
 MAX_COLUMNS = 128  # heatmap columns kept: beyond, neighbouring columns merge (flags of either, later value)
 SPAN = 3.0  # the heatmap colour saturates at 10**SPAN times (or 1/10**SPAN of) the median layer's std
 
@@ -586,6 +585,7 @@ class TensorBoardSink:
         self.writer = writer
         self.owned = owned
         self.profile_every = config.profile_every
+        self.overview_every = config.overview_every
         self.history = History()
         self._last: Report | None = None
         self._profile_window = -1
@@ -615,7 +615,7 @@ class TensorBoardSink:
                 flush()
         if warnings and self._can_text:
             self.writer.add_text(WARNINGS_TAG, "\n\n".join(f"- {m}" for m in warnings), step)
-        window = histogram_window(step, OVERVIEW_EVERY)
+        window = histogram_window(step, self.overview_every) if self.overview_every else -1
         if window > self._overview_window:
             self._overview_window = window
             self._write_overview()
@@ -711,7 +711,8 @@ class TensorBoardSink:
         try:
             last = self._last
             if last is not None:  # the last recorded step always gets the overview and the report table
-                self._write_overview()
+                if self.overview_every:
+                    self._write_overview()
                 self._write_report_text(last)
         finally:
             if self.owned:
@@ -725,7 +726,8 @@ class TensorBoardSink:
             return
         self._closed = True
         try:
-            self._write_overview()
+            if self.overview_every:
+                self._write_overview()
         except Exception:  # noqa: BLE001, S110 - nothing useful to do at interpreter exit
             pass
         try:
