@@ -1,5 +1,6 @@
 """The diagnosis as a pure function of numbers: no model, no tensors."""
 
+import dataclasses
 import math
 
 import pytest
@@ -184,3 +185,43 @@ def test_functional_activation_inferred_from_the_next_input_probe():
     assert rep["a"].nonlinearity == "relu" and rep["a"].suggested_scale == pytest.approx(math.sqrt(2))
     probe.min = -2.5  # a Gaussian-looking input: no activation ran
     assert diagnose(StepStats([a, b]), CFG)["a"].nonlinearity == "linear"
+
+
+def _counting_chain(n):
+    """n Linear/ReLU pairs with exact-zero gradients behind a zero-init head; counts reads of the weight rms."""
+    reads = [0]
+
+    class Counted(LayerStats):
+        def __getattribute__(self, name):
+            if name in ("weight_rms", "update_base_rms"):
+                reads[0] += 1
+            return object.__getattribute__(self, name)
+
+    layers = [Counted(**{f.name: getattr(s, f.name) for f in dataclasses.fields(LayerStats)})
+              for s in chain([1.0] * n, [0.0] * n)]
+    layers.append(Counted(name="head", module_type="Linear", index=2 * n, calls=1, kind="weighted", act=mom(0.0),
+                          grad=mom(1.0), weight_shape=(4, 64), weight_std=0.0, weight_rms=0.0, fan_in=64, fan_out=4))
+    return layers, reads
+
+
+def test_the_diagnosis_is_linear_in_depth_with_zero_gradients():
+    # issue #14 item 18: each layer asked "is any layer after me all-zero?" made a step quadratic in depth
+    counts = []
+    for n in (200, 400):
+        layers, reads = _counting_chain(n)
+        rep = diagnose(StepStats(layers), CFG)
+        assert any("because 'head' has all-zero weights" in note for note in rep["lin0"].notes)
+        counts.append(reads[0])
+    assert counts[1] / counts[0] < 2.5, counts  # twice the layers, about twice the work (quadratic: 4x)
+
+
+def test_a_nan_made_in_the_backward_pass_is_nonfinite_on_the_first_layer_it_reaches():
+    layers = chain([1.0] * 6, [1.0] * 6)
+    for s in layers[:8]:  # the gradient turned NaN at 'relu3' (index 7) and everything before it
+        s.grad = mom(1.0, nonfinite=True)
+    rep = diagnose(StepStats(layers), CFG)
+    assert rep.first_nonfinite is None and rep.first_nonfinite_grad == "relu3"
+    (f,) = rep["relu3"].findings
+    assert (f.problem, f.direction) == ("nonfinite", "backward")
+    assert all("nonfinite" in rep[f"lin{k}"].status for k in range(4))
+    assert all(not rep[f"lin{k}"].findings or rep[f"lin{k}"].findings[0].problem != "nonfinite" for k in range(4))

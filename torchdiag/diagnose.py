@@ -393,7 +393,7 @@ def _slope(xs: list[int], ys: list[float], shapes: list) -> float:
     trend; a plain stack whose every layer has its own shape is compared across shapes.
     """
     n = len(ys)
-    stride = max(1, n // 64)  # long chains: every pair at a spread of positions, bounded work
+    stride = -(-n // 64)  # long chains: pairs at a spread of positions, at most ~2,000 of them
     pairs = [(i, j) for i in range(0, n, stride) for j in range(i + 1, n, stride)]
     same = [(i, j) for i, j in pairs if shapes[i] == shapes[j]]
     if len(same) >= max(3, len(pairs) // 8):

@@ -1,0 +1,85 @@
+"""Per-module cost of a recorded step: a stack of tiny layers, where torchdiag's Python dominates.
+
+Prints, for stacks of 250 to 2000 modules (Linear(8, 8) + ReLU pairs, batch 4, every step recorded), the time of
+a step with and without torchdiag in the same run, the difference per watched module, and the part of it the
+end-of-step diagnosis takes. A cost linear in depth gives the same microseconds per module at every size.
+
+    python benchmarks/step_cost.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import torchdiag
+from torchdiag import diagnose as diagnose_module
+
+
+def stack(modules: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[m for _ in range(modules // 2) for m in (nn.Linear(8, 8), nn.ReLU())])
+
+
+def step_time(model: nn.Module, x: torch.Tensor, steps: int, watch: bool) -> tuple[float, float]:
+    """Median seconds per step, and the median seconds of diagnose() per step (0 without torchdiag)."""
+    spent: list[float] = []
+    original = diagnose_module.diagnose
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        out = original(*a, **k)
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    times = []
+    watch_module = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if watch:
+            watch_module = sys.modules["torchdiag.watch"]  # (torchdiag.watch is also the function)
+            watch_module.diagnose = timed
+            ctx = torchdiag.watch(model)
+        else:
+            ctx = None
+        try:
+            diag = ctx.__enter__() if ctx is not None else None
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                model(x).sum().backward()
+                if diag is not None:
+                    diag.step()
+                times.append(time.perf_counter() - t0)
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            if watch_module is not None:
+                watch_module.diagnose = original
+    return statistics.median(times[1:]), statistics.median(spent[1:]) if len(spent) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="steps per measurement (the first is dropped)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    x = torch.randn(4, 8)
+    print("| modules | step without | step with | per module | of which diagnosis per module |")
+    print("| --- | --- | --- | --- | --- |")
+    for modules in (250, 500, 1000, 2000):
+        model = stack(modules)
+        base, _ = step_time(model, x, args.repeats + 1, watch=False)
+        with_td, diag = step_time(model, x, args.repeats + 1, watch=True)
+        per = (with_td - base) / modules * 1e6
+        print(f"| {modules} | {base * 1e3:.1f} ms | {with_td * 1e3:.1f} ms | {per:.1f} µs |"
+              f" {diag / modules * 1e6:.1f} µs |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
