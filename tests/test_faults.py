@@ -190,3 +190,31 @@ def test_torch_func_transforms_of_the_watched_model_end_the_step_normally():
     ref = model[0](x).detach().double()
     assert report["0"].calls == 1
     assert report["0"].act_std == pytest.approx(ref.std(correction=0).item(), rel=1e-5)
+
+
+def test_a_nan_made_only_in_the_backward_pass_is_reported_nonfinite():
+    # issue #14 item 9: sqrt(x * x) at the ReLU's exact zeros is 0 forward and 0 * inf = NaN backward
+    class SqrtOfSquare(nn.Module):
+        def forward(self, x):
+            return torch.sqrt(x * x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), SqrtOfSquare(), nn.Linear(8, 2))
+    x = torch.randn(16, 8)
+    h = model[1](model[0](x))
+    h.retain_grad()
+    out = model[3](model[2](h))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and not torch.isfinite(h.grad).all()  # the premise, with plain tensors
+    model.zero_grad()
+    with torchdiag.watch(model) as diag:
+        model(x).sum().backward()
+        diag.step()
+    report = diag.report()
+    # the first layer, loss side first, whose output gradient holds the NaN: the ReLU feeding the sqrt
+    assert report.first_nonfinite is None and report.first_nonfinite_grad == "1"
+    assert "nonfinite" in report["1"].status and report["1"].findings[0].direction == "backward"
+    assert report["2"].status == set() and report["3"].status == set()  # the layers after it are clean
+    # (the ReLU's backward zeroes the gradient where its output was 0, so the NaN stops there)
+    assert "nonfinite" not in report["0"].status and torch.isfinite(model[0].weight.grad).all()
+    assert any(f.problem == "nonfinite" for f in diag.findings)
