@@ -19,3 +19,9 @@ def test_demo_runs_and_fixes_the_model(tmp_path, isa):
     assert "vanishing (forward) from step 0" in first  # the Xavier run's finding, from its first step
     assert "run verdict: no findings" in second  # the fixed run: nothing at any recorded step
     assert any((tmp_path / "runs" / "xavier").iterdir()) and any((tmp_path / "runs" / "fixed").iterdir())
+    # summarize judges the logdir's runs as the demo did: the Xavier run failed, the fixed one did not
+    for run, code, verdict in (("xavier", 1, "FAIL: vanishing found in the run"),
+                               ("fixed", 0, "OK: nothing found in the run")):
+        done = subprocess.run([sys.executable, "-m", "torchdiag", "summarize", str(tmp_path / "runs" / run)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == code and verdict in done.stdout, done.stdout[-2000:] + done.stderr
