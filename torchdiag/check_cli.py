@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import TorchDiagError
-from .report import STATUSES, Report, render, use_color
+from .report import STATUSES, Report, common_prefix, elide_name, fit_widths, render, suggestion_text, use_color
 
 OK, FLAGGED, ERROR = 0, 1, 2
 
@@ -277,20 +277,11 @@ class ShapeRecorder:
 _COLUMNS = ("#", "layer", "type", "params", "output", "act std", "grad std", "gain", "status", "suggestion")
 _RIGHT = {0, 3, 5, 6, 7}
 # (column, narrowest width) in the order the columns give way when the table is wider than asked
-_SHRINK = ((1, 28), (2, 14), (9, 16), (4, 12), (1, 16), (2, 10), (9, 10), (8, 8), (1, 8), (4, 8))
+_SHRINK = ((1, 28), (9, 16), (4, 12), (1, 16), (9, 10), (8, 8), (1, 8), (4, 8), (2, 14), (2, 10))  # type last
 
 
 def _g(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
-
-
-def _elide(s: str, width: int) -> str:
-    if len(s) <= width:
-        return s
-    if width <= 1:
-        return s[:width]
-    keep = width - 1
-    return s[: keep // 3] + "…" + s[len(s) - (keep - keep // 3):]
 
 
 def summary_table(report: Report, model: nn.Module, shapes: dict[str, str], width: int = 100) -> list[str]:
@@ -307,27 +298,20 @@ def summary_table(report: Report, model: nn.Module, shapes: dict[str, str], widt
             if owner in rows_by_name:
                 counts[owner] = counts.get(owner, 0) + p.numel()
                 break
+    prefix = common_prefix([layer.name for layer in report.layers])  # render's title names it
     rows = []
     for layer in report.layers:
         params = counts.get(layer.name, 0)
-        scale = layer.suggested_scale
-        suggestion = (f"×{scale:.3g} ({layer.nonlinearity})" if scale is not None and (
-            layer.status or not 0.8 < scale < 1.25) else "")
-        rows.append([str(layer.index), layer.name or "(root)", layer.module_type, _count(params) if params else "-",
-                     shapes.get(layer.name, "-"), _g(layer.act_std), _g(layer.grad_std), _g(layer.gain),
-                     ",".join(sorted(layer.status)) or "ok", suggestion])
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(_COLUMNS)]
-    gaps = 2 * (len(widths) - 1)
-    for col, narrowest in _SHRINK:
-        over = sum(widths) + gaps - width
-        if over <= 0:
-            break
-        widths[col] = max(min(widths[col], narrowest), widths[col] - over)
+        rows.append([str(layer.index), layer.name[len(prefix):] or "(root)", layer.module_type,
+                     _count(params) if params else "-", shapes.get(layer.name, "-"), _g(layer.act_std),
+                     _g(layer.grad_std), _g(layer.gain), ",".join(sorted(layer.status)) or "ok",
+                     suggestion_text(layer)])
+    widths = fit_widths(_COLUMNS, rows, width, _SHRINK)
 
     def line(cells: list[str]) -> str:
         out = []
         for i, (c, w) in enumerate(zip(cells, widths)):
-            c = _elide(c, w) if i in (1, 4) else (c if len(c) <= w else c[: max(w - 1, 0)] + "…")
+            c = elide_name(c, w) if i == 1 else (c if len(c) <= w else c[: max(w - 1, 0)] + "…")
             out.append(c.rjust(w) if i in _RIGHT else c.ljust(w))
         return "  ".join(out).rstrip()[:width]
 

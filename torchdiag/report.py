@@ -213,7 +213,7 @@ def _cut(s: str, width: int) -> str:
     return s[: max(width - 1, 0)] + "…" if width >= 1 else ""
 
 
-def _suggestion(layer: LayerReport) -> str:
+def suggestion_text(layer: LayerReport) -> str:
     """Only where applying it helps: a flagged layer whose problem its weights' scale fixes."""
     # (a row rebuilt from a logdir has no findings: the sink wrote its suggestion only where the live one showed)
     shown = layer.init_fixes or (not layer.findings and layer.status and layer.suggested_scale is not None)
@@ -232,12 +232,13 @@ def use_color(stream: Any = None) -> bool:
         return False
 
 
-def _widths(rows: list[list[str]], width: int) -> list[int]:
-    """Column widths that fit ``width`` (with two spaces between columns): the layer name takes what the
-    other columns leave, then the columns in ``_SHRINK`` give way, down to their narrowest."""
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(_COLUMNS)]
+def fit_widths(columns: tuple[str, ...], rows: list[list[str]], width: int,
+               shrink: tuple[tuple[int, int], ...]) -> list[int]:
+    """Column widths that fit ``width`` (with two spaces between columns): each column as wide as its widest
+    cell, then the columns in ``shrink`` give way, in that order, down to their narrowest."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
     gaps = 2 * (len(widths) - 1)
-    for col, narrowest in _SHRINK:
+    for col, narrowest in shrink:
         over = sum(widths) + gaps - width
         if over <= 0:
             break
@@ -270,9 +271,9 @@ def render(report: Report, *, color: bool = False, width: int = 100) -> str:
         rows.append([
             str(layer.index), layer.name[len(prefix):] or "(root)", layer.module_type, _fmt(layer.act_mean),
             _fmt(layer.act_std), _fmt(layer.grad_std), _fmt(layer.gain), ",".join(sorted(layer.status)) or "ok",
-            _suggestion(layer),
+            suggestion_text(layer),
         ])
-    widths = _widths(rows, width)
+    widths = fit_widths(_COLUMNS, rows, width, _SHRINK)
 
     def paint(text: str, code: str) -> str:
         return code + text + _RESET if color else text
