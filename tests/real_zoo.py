@@ -293,6 +293,9 @@ HEALTHY = [
           loss=causal_ce, **_LLAMALIKE),
     _text("qwen2_lm", "Qwen2ForCausalLM", "Qwen2Config", _causal(), "Qwen2: Llama's body with q/k/v biases",
           loss=causal_ce, **_LLAMALIKE),
+    _text("olmo2_lm", "Olmo2ForCausalLM", "Olmo2Config", _causal(), "OLMo2: no pre-norm, x + RMSNorm(branch(x)),"
+          " embeddings at rms 0.02: the residual grows ~sqrt(depth) (a false alarm before its own RMSNorm class was"
+          " known to be a norm)", loss=causal_ce, **{**_LLAMALIKE, "num_hidden_layers": 8}),
     _text("t5_seq2seq", "T5ForConditionalGeneration", "T5Config", _seq2seq(), "T5: 4+4 RMS-norm blocks, relative"
           " positions, its own (fan-scaled) init, tied head rescaled by d_model^-0.5", vocab_size=VOCAB, d_model=64,
           d_kv=16, d_ff=128, num_layers=4, num_heads=4, decoder_start_token_id=0),
@@ -567,4 +570,11 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-__all__ = ["BROKEN", "CASES", "FLAGS", "HEALTHY", "Case", "check_case", "model_table", "run", "table", "verdict"]
+DEEP_LLAMA = _text("llama16_lm", "LlamaForCausalLM", "LlamaConfig", _causal(), "Llama at 16 layers: the pre-norm"
+                   " residual stream grows with depth and training, v_proj's gradient drifts ~15x along the blocks"
+                   " by step 15 (a false alarm while LlamaRMSNorm was not known to be a norm)", loss=causal_ce,
+                   **{**_LLAMALIKE, "num_hidden_layers": 16})
+DEEP_LLAMA.lr = {"sgd": 0.01, "adamw": 3e-4}
+
+__all__ = ["BROKEN", "CASES", "DEEP_LLAMA", "FLAGS", "HEALTHY", "Case", "check_case", "model_table", "run", "table",
+           "verdict"]

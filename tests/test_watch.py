@@ -542,3 +542,24 @@ def test_check_of_a_lazy_model_that_cannot_be_copied_is_a_clear_error():
     with pytest.raises(torchdiag.TorchDiagError, match="lazy modules.*run one forward pass"):
         torchdiag.check(model, torch.randn(8, 3))
     assert nn.parameter.is_lazy(model[0].weight)
+
+
+def test_check_runs_a_model_that_sets_requires_grad_on_its_input_view():
+    # Hugging Face's Wav2Vec2FeatureEncoder sets hidden_states.requires_grad = True on input_values[:, None]
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 4, 3)
+
+        def forward(self, x):
+            h = x[:, None]
+            if self.training:
+                h.requires_grad = True  # allowed on a tensor that does not require grad yet, an error on a view of one
+            return self.conv(h)
+
+    model = Encoder()
+    x = torch.randn(2, 16)
+    report = torchdiag.check(model, x)  # raised "you can only change requires_grad flags of leaf variables"
+    with torch.no_grad():
+        expected = model.conv(x[:, None]).std(unbiased=False).item()
+    assert report["conv"].grad_std is not None and report["conv"].act_std == pytest.approx(expected, rel=1e-4)

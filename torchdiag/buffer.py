@@ -101,7 +101,7 @@ class Slot:
 
 
 def describe(name: str, module: nn.Module, *, is_layer: bool, is_root: bool, saturation_level: float) -> Slot:
-    if isinstance(module, gains.NORM_TYPES):
+    if gains.is_norm(module):
         kind = "norm"
     elif gains.is_activation(module):
         kind = "activation"
@@ -134,7 +134,7 @@ def describe(name: str, module: nn.Module, *, is_layer: bool, is_root: bool, sat
 
 
 def _main_weight(module: nn.Module) -> tuple[str, torch.Tensor] | None:
-    if isinstance(module, gains.NORM_TYPES):
+    if gains.is_norm(module):
         return None
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and not isinstance(w, nn.parameter.UninitializedParameter) and w.dim() >= 2:

@@ -8,6 +8,7 @@ Textbook target (He et al. 2015, fan_in mode): ``std(W) = gain / sqrt(fan_in)``,
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import cache
 
@@ -52,11 +53,26 @@ WEIGHTED = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
             nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+# normalisation classes libraries write themselves (Hugging Face's LlamaRMSNorm, T5LayerNorm, Qwen2RMSNorm...,
+# timm's LayerNorm2d): plain nn.Modules named for what they do, with at most a per-feature weight and bias
+_NORM_NAME = re.compile(r"(RMS|Layer|Group|Instance|Batch|Scale)_?Norm(\d*d)?$", re.IGNORECASE)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: one of torch's, or a class named like one whose own parameters are at most 1-D
+    (a per-feature scale and shift), as the ones libraries write are."""
+    if isinstance(module, NORM_TYPES):
+        return True
+    if not _NORM_NAME.search(type(module).__name__):
+        return False
+    return all(p.dim() <= 1 for p in module.parameters(recurse=False)) and not any(True for _ in module.children())
+
+
 def normalises(module: nn.Module) -> bool:
     """Whether a norm layer divides by statistics of its input now (an eval-mode BatchNorm is affine)."""
     if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
         return module.training or not module.track_running_stats
-    return isinstance(module, NORM_TYPES)
+    return is_norm(module)
 
 
 def is_activation(module: nn.Module) -> bool:
@@ -221,7 +237,7 @@ def fans_or_reason(module: nn.Module) -> tuple[dict[str, tuple[int, int]] | None
     own = dict(module.named_parameters(recurse=False))
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in own.values()):
         return None, f"{kind} is a lazy module whose weights are not initialised yet: run one forward first"
-    if isinstance(module, NORM_TYPES):
+    if is_norm(module):
         return None, f"{kind} is a normalisation layer: its weight is a per-feature scale, not a fan-in sum"
     if isinstance(module, (nn.Linear, nn.Bilinear) + CONV + CONV_TRANSPOSE + EMBEDDING):
         return _torch_fans(module, ["weight"], kind)

@@ -633,7 +633,10 @@ def _check(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report
     with preserved_state(model), torch.enable_grad():
         w = Watcher(model, cfg, logdir=None, writer=None, rescale_grads=False, warn=False, record_eval=True)
         with w:
-            xs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, torch.Tensor)
+            # inputs need a gradient only where no parameter gives the graph one: a model may set requires_grad
+            # on views of its input itself (Hugging Face's Wav2Vec2 feature encoder), which a leaf input forbids
+            trainable = any(p.requires_grad for p in model.parameters())
+            xs = tuple(x.detach().clone().requires_grad_(not trainable) if isinstance(x, torch.Tensor)
                        and x.is_floating_point() else x for x in inputs)
             try:
                 out = model(*xs)
