@@ -51,7 +51,7 @@ def test_lightning_callback(tmp_path):
     steps = recorded_steps(logdir)
     assert steps == {os.path.join("kaiming", "version_0"): list(range(16)),
                      os.path.join("small", "version_0"): list(range(16))}
-    assert "FAIL: vanishing found in the run" in done.stdout
+    assert "FAIL: vanishing found at step 0" in done.stdout
 
 
 def test_hf_trainer(tmp_path):
