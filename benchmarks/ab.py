@@ -10,6 +10,7 @@ variants run interleaved round by round (this machine is noisy: compare only wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import statistics
 import sys
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", default="mlp", choices=list(overhead.WORKLOADS))
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--scalars-only", action="store_true",
+                   help="no histograms or overview images: the per-step cost a long run pays (each round here is a"
+                        " new watch, whose first steps get histograms and images at steps 0, 1, 2, 4...)")
     a = p.parse_args(argv)
     src = Path(a.old) / "torchdiag"
     if not (src / "__init__.py").is_file():
@@ -47,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     model, loss_fn = overhead.WORKLOADS[a.workload](torch.device("cpu"), False)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     cfg = {"warnings": False}
+    if a.scalars_only:  # each round is a new watch: the images and histograms of a run's first steps dominate
+        cfg["histogram_every"] = 0
+    known = {f.name for f in dataclasses.fields(torchdiag.Config)}
+    new_cfg = dict(cfg, overview_every=0) if a.scalars_only and "overview_every" in known else cfg
     variants = {"none": lambda: overhead.NoMonitor(),
                 "old every=1": lambda: torchdiag_old.watch(model, logdir=f"{tmp}/old", config=cfg),
-                "new every=1": lambda: torchdiag.watch(model, logdir=f"{tmp}/new", config=cfg)}
+                "new every=1": lambda: torchdiag.watch(model, logdir=f"{tmp}/new", config=new_cfg)}
     times: dict[str, list[float]] = {k: [] for k in variants}
     warnings.simplefilter("ignore")
     for r in range(a.rounds + 1):  # the first round warms up
