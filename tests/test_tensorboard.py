@@ -778,3 +778,30 @@ def test_overview_every_sets_the_cadence_and_0_turns_the_images_off(tmp_path):
         images = [t for t in acc.Tags().get("images", []) if t.startswith("0_overview/")]
         steps = sorted({e.step for t in images for e in acc.Images(t)})
         assert steps == expected, (every, steps)  # the doubling windows below 4, then every 4, and the last step
+
+
+def test_the_heatmap_marks_findings_not_one_step_wobbles():
+    from torchdiag.report import LayerReport, Report
+    from torchdiag.verdict import RunVerdict
+
+    def black_pixels(hist):
+        _, _, rows = decode_png(tbsink.render_heatmap(hist, "act_std").png())
+        return sum(1 for row in rows for rgb in row if tuple(rgb) == (0, 0, 0))
+
+    counts = {}
+    for flagged_steps in ((), (5,), (5, 6, 7)):  # never, once (a wobble), 3 steps running (a finding: finding_steps 3)
+        hist, verdict = tbsink.History(), RunVerdict(3, 5)
+        for step in range(10):
+            bad = step in flagged_steps
+            row = LayerReport(name="a", module_type="ReLU", index=0, calls=1, act_std=1.0, grad_std=1.0,
+                              status={"dead"} if bad else set())
+            if bad:
+                row.findings.append(torchdiag.report.Finding("dead", None, 0.95, 0.9, "dead_fraction", "dead"))
+            other = LayerReport(name="b", module_type="Linear", index=1, calls=1, act_std=2.0, grad_std=2.0)
+            report = Report(layers=[row, other], step=step)
+            verdict.add(report)
+            report.run_findings = verdict.findings()
+            hist.add(report)
+        counts[len(flagged_steps)] = black_pixels(hist)
+    # the legend and labels are black in all three; the three cells of the finding add their dots, the wobble none
+    assert counts[1] == counts[0] < counts[3]

@@ -328,13 +328,20 @@ class History:
 
     def __init__(self) -> None:
         self.layers: dict[str, tuple[int, str]] = {}  # layer tag -> (index, type), the latest seen
-        self.columns: list[tuple[int, int, dict[str, dict[str, float]], set[str]]] = []  # first, last, values, flagged
+        # first, last, values, flagged ({layer: problems})
+        self.columns: list[tuple[int, int, dict[str, dict[str, float]], dict[str, frozenset]]] = []
         self.first: Report | None = None
         self.last: Report | None = None
+        self.found: set[tuple[str, str]] = set()  # (layer tag, problem) of the run's findings so far
+
+    def marked(self, name: str, problems: frozenset | None) -> bool:
+        """A cell is marked where the layer's flag at that step is a finding of the run (not a one-step wobble)."""
+        return bool(problems) and any((name, p) in self.found for p in problems)
 
     def add(self, report: Report) -> None:
         values: dict[str, dict[str, float]] = {m: {} for m in HEATMAP_TAGS}
-        flagged = set()
+        flagged: dict[str, frozenset] = {}
+        self.found |= {(layer_tag(f.layer), f.problem) for f in report.run_findings}
         for layer in report.layers:
             name = layer_tag(layer.name)
             self.layers[name] = (layer.index, layer.module_type)
@@ -345,7 +352,7 @@ class History:
                 if v is not None:
                     values[m][name] = float(v)
             if layer.status:
-                flagged.add(name)
+                flagged[name] = frozenset(layer.status)
         if self.first is None:
             self.first = report
         self.last = report
@@ -394,8 +401,9 @@ def _row_labels(rows: list[tuple[str, int, str]], ch: int) -> list[str]:
 def render_heatmap(history: History, metric: str) -> Canvas:
     """Layers (rows, execution order) x recorded steps (columns). Colour: log10 of the layer's std over the
     median layer's std at the same step (blue below, red above, saturating at ``SPAN`` decades), so that a
-    column shows how the signal drifts with depth at that step. A black dot marks a flagged cell, violet a
-    NaN/Inf value, grey a layer that did not run."""
+    column shows how the signal drifts with depth at that step. A black dot marks a flagged cell whose flag is a
+    finding of the run (``torchdiag.verdict``: not a one-step wobble), violet a NaN/Inf value, grey a layer that did
+    not run."""
     rows, cols = history.rows(), history.columns
     _, _, _, ch0 = heatmap_geometry(len(rows), len(cols), 4)
     labels = _row_labels(rows, ch0)
@@ -429,7 +437,7 @@ def render_heatmap(history: History, metric: str) -> Canvas:
             else:
                 q = round(min(max(math.log10(max(v, 1e-30) / ref) / SPAN, -1.0), 1.0) * 128)
                 cells[r].append(_SCALE[q + 128] * cw)
-            if name in flagged:
+            if history.marked(name, flagged.get(name)):
                 marks.append((x0 + k * cw, y0 + r * ch))
     for r, line in enumerate(cells):  # each row of cells is one line of pixels, repeated ch times
         pixels = b"".join(line)
@@ -442,12 +450,13 @@ def render_heatmap(history: History, metric: str) -> Canvas:
         c.rect(x + (cw - dot) // 2, y + (ch - dot) // 2, dot, dot, BLACK)
     # row labels, as many as fit; red for a layer flagged at the latest step
     every = max(1, math.ceil((LINE + 1) / ch))
-    last = cols[-1][3] if cols else set()
+    last = cols[-1][3] if cols else {}
     for r, (name, _, _) in enumerate(rows):
         if r % every == 0 or (r == len(rows) - 1 and r % every >= every // 2 + 1):
             label = labels[r]
             ty = y0 + r * ch + ch // 2 - 3
-            c.text(x0 - 4 - text_width(label), max(ty, y0 - 2), label, FORWARD if name in last else BLACK)
+            red = history.marked(name, last.get(name))
+            c.text(x0 - 4 - text_width(label), max(ty, y0 - 2), label, FORWARD if red else BLACK)
     # step ticks under the grid: the first, the last and a few between
     ty = y0 + grid_h + 3
     ticks = sorted({0, len(cols) - 1} | {round(i * (len(cols) - 1) / max(1, grid_w // 50)) for i in
@@ -476,7 +485,7 @@ def render_heatmap(history: History, metric: str) -> Canvas:
 
 def render_profile(history: History) -> Canvas:
     """The depth profile of the latest recorded step: act std (forward) and grad std (backward) against the
-    layer index, log y; the first recorded step in faint dashes; flagged layers marked under the axis."""
+    layer index, log y; the first recorded step in faint dashes; layers whose flag is a finding marked under it."""
     last, first = history.last, history.first
     assert last is not None and first is not None
     series = []
@@ -541,7 +550,7 @@ def render_profile(history: History) -> Canvas:
             if not faint:
                 c.rect(cur[0] - 1, cur[1] - 1, 3, 3, color)
             prev = cur
-    flagged = [layer.index for layer in last.layers if layer.status]
+    flagged = [layer.index for layer in last.layers if history.marked(layer_tag(layer.name), frozenset(layer.status))]
     ty = top + ph + LINE + 3
     for i in flagged:
         X = px(i)
