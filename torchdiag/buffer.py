@@ -30,32 +30,14 @@ from torch import nn
 
 from . import gains, stats
 from .capture import first_float_tensor, in_backward, in_functorch, iter_float_tensors, set_recording, tracing
-from .diagnose import LayerStats, Moments, StepStats
-from .distributed import local_tensor
+from .dtensor import local_tensor
 from .errors import warn_self
+from .vocab import Histogram, LayerStats, Moments, Row, StepStats, histogram_window
 
-ACT, GRAD, INPUT, WEIGHT, ROOT_IN, ROOT_GRAD, UPDATE, CLIP, SCALE, PROBE = range(10)
+ACT, GRAD, INPUT, WEIGHT, PROBE = Row.ACT, Row.GRAD, Row.INPUT, Row.WEIGHT, Row.PROBE
+ROOT_IN, ROOT_GRAD, UPDATE, CLIP, SCALE = Row.ROOT_IN, Row.ROOT_GRAD, Row.UPDATE, Row.CLIP, Row.SCALE
 _STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 _HIST_KINDS = {ACT: "act", GRAD: "grad"}
-
-
-@dataclass
-class Histogram:
-    """One layer's activation or gradient histogram at one step, ready for ``add_histogram_raw``.
-
-    ``edges`` has ``len(counts) + 1`` values (left edge of the first bin ... right edge of the
-    last); ``min``/``max``/``num``/``sum``/``sum_squares`` are over every element recorded.
-    """
-
-    layer: str
-    kind: str  # 'act' | 'grad'
-    min: float
-    max: float
-    num: int
-    sum: float
-    sum_squares: float
-    edges: list[float]
-    counts: list[float]
 
 
 @dataclass
@@ -157,15 +139,6 @@ def _grad_hook(rec_ref: weakref.ref, slot: int, kind: int, generation: int, grad
         rec.guarded(slot, rec.add, slot, kind, grad, None)
 
 
-def histogram_window(step: int, every: int) -> int:
-    """The histogram window of ``step``; the first recorded step of each window gets histograms. Windows
-    double up to ``every`` ([0], [1], [2, 3], [4..7]...), then are ``every`` steps long: steps 0, 1, 2, 4,
-    8... below ``every``, then every ``every`` steps, so that a short run has several."""
-    if step < every:
-        return step.bit_length()
-    return every.bit_length() + step // every
-
-
 class Recorder:
     """Collects one step's rows; ``end_step`` returns its ``StepStats`` (or None if not recorded)."""
 
@@ -199,7 +172,6 @@ class Recorder:
         self._hentries: list[tuple[int, int, torch.device, int]] = []
         self._hist_window = -1  # step // histogram_every of the last step that got histograms
         self.histogram_step = self._histogram_due()
-        self.histograms: list[Histogram] | None = None  # of the step end_step returned, if it had them
         self.defer = False  # complete each recorded step at the next one's end (non-blocking copy on a GPU)
         self._pending: _Pending | None = None
         self.record_eval = False  # check(): an eval-mode model's forward is recorded too
@@ -410,16 +382,16 @@ class Recorder:
         Without deferral that is this step's, if it was recorded and saw any forward. With ``defer``
         (a GPU model, config ``defer_report``) this step's rows start their non-blocking copy to the
         host and the statistics returned are those of the previous recorded step, whose copy finished
-        long ago; ``flush`` completes the last one. ``self.histograms`` holds the histograms of the
-        step returned, if it was a histogram step. With a ``reducer`` (and ``reduce``) every recorded
+        long ago; ``flush`` completes the last one. The ``StepStats`` returned carry their histograms if it
+        was a histogram step. With a ``reducer`` (and ``reduce``) every recorded
         step joins the collective, also one in which this rank saw no forward, so that the other ranks'
         collective does not wait for it forever (deferral is the same on every rank: the same order).
         """
-        result, self.histograms = None, None
+        result = None
         try:
             pending, self._pending = self._pending, None
             if pending is not None:
-                result, self.histograms = self._complete(pending, reduce)
+                result = self._complete(pending, reduce)
             collective = reduce and self.reducer is not None
             if self.recording and (self._order or collective):
                 pending = self._launch(with_histograms=self.histogram_step, reduce=collective, defer=self.defer)
@@ -428,7 +400,7 @@ class Recorder:
                 if self.defer:
                     self._pending = pending
                 else:
-                    result, self.histograms = self._complete(pending, reduce)
+                    result = self._complete(pending, reduce)
         finally:  # also when completing the step failed: the next step starts clean, numbered on
             self._reset()
             self.step += 1
@@ -444,10 +416,8 @@ class Recorder:
         ``reduce=False``: this rank's own numbers, no collective (leaving the watch on an exception)."""
         pending, self._pending = self._pending, None
         if pending is None:
-            self.histograms = None
             return None
-        result, self.histograms = self._complete(pending, reduce)
-        return result
+        return self._complete(pending, reduce)
 
     def close(self) -> None:
         """No more recording: the hooks ignore this recorder from now on."""
@@ -471,7 +441,7 @@ class Recorder:
         self._entries = self._entries[:n_entries]
         self._values = {d: v[: lengths.get(d, 0)] for d, v in self._values.items()}
         self._sizes = {d: sizes.get(d, 0) for d in self._values}
-        return self._complete(pending, reduce=False)[0]
+        return self._complete(pending, reduce=False)
 
     def _remove_leaf_hooks(self) -> None:
         hooks, self._leaf_hooks = self._leaf_hooks, []
@@ -529,7 +499,7 @@ class Recorder:
                 pending.copies.append((d, flat.tolist(), None, self._sizes[d], width))
         return pending
 
-    def _complete(self, pending: _Pending, reduce: bool) -> tuple[StepStats | None, list[Histogram] | None]:
+    def _complete(self, pending: _Pending, reduce: bool) -> StepStats | None:
         host: dict[torch.device, list] = {}
         hhost: dict[torch.device, list] = {}
         for d, data, event, split, width in pending.copies:
@@ -541,9 +511,9 @@ class Recorder:
             if width:
                 hhost[d] = [data[i:i + width] for i in range(split, len(data), width)]
         result, moms = self._merge(pending, host, reduce and pending.reduce)
-        if not pending.hentries or result is None:
-            return result, ([] if pending.hentries else None)
-        return result, self._histograms(pending, hhost, moms)
+        if pending.hentries and result is not None:
+            result.histograms = self._histograms(pending, hhost, moms)
+        return result
 
     def _histograms(self, pending: _Pending, hhost: dict, moms: dict) -> list[Histogram]:
         rows: dict[tuple[int, int], list[list[float]]] = {}

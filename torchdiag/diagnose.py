@@ -22,69 +22,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 
 from . import gains
 from .config import Config
 from .gains import Nonlinearity
 from .report import Finding, LayerReport, Report
+from .vocab import LayerStats, Moments, StepStats
 
-
-@dataclass
-class Moments:
-    """What the diagnosis needs of one recorded tensor family (plain floats)."""
-
-    n: int
-    mean: float
-    std: float
-    rms: float
-    absmax: float
-    nonfinite: bool
-    zero_fraction: float | None = None
-    saturated_fraction: float | None = None
-    min: float | None = None
-    max: float | None = None
-
-
-@dataclass
-class LayerStats:
-    """The numbers of one watched module at one step, plus the static facts diagnosis needs."""
-
-    name: str
-    module_type: str
-    index: int
-    calls: int
-    kind: str  # 'weighted' | 'activation' | 'norm' | 'passthrough' | 'other'
-    act: Moments | None = None
-    grad: Moments | None = None
-    input_rms: float | None = None
-    input_probe: Moments | None = None  # input range and zeros, when no built-in module produced it
-    weight_shape: tuple[int, ...] | None = None
-    weight_std: float | None = None
-    weight_rms: float | None = None
-    fan_in: int | None = None
-    fan_out: int | None = None
-    fans_note: str | None = None  # why fan_in/fan_out are unknown
-    textbook: bool = True  # the gain/sqrt(fan_in) rule applies (not for lookups, RNNs, attention)
-    feeds_norm: bool = False  # its output goes straight into a normalisation layer
-    nonlinearity: Nonlinearity | None = None  # for activation modules: what they apply
-    relu_family: bool = False
-    bounded: bool = False
-    update_ratio: float | None = None  # ||w_new - w_old|| / ||w_old|| across the optimizer step
-    update_base_rms: float | None = None  # rms of w_old
-
-
-@dataclass
-class StepStats:
-    layers: list[LayerStats]
-    step: int = 0
-    input_rms: float | None = None
-    output_grad_std: float | None = None
-    not_called: list[str] = field(default_factory=list)
-    rescale_grads: bool = False
-    grad_norm_preclip: float | None = None  # global parameter-gradient norm before the user's clipping
-    grad_norm_postclip: float | None = None  # ... and as the optimizer saw it
-    amp_scale: float | None = None  # GradScaler's scale in effect for this step's backward
+__all__ = ["LayerStats", "Moments", "StepStats", "diagnose"]
 
 
 def _finite(x: float | None) -> float | None:

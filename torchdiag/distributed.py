@@ -36,7 +36,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import sys
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -45,7 +44,12 @@ from typing import Any
 import torch
 
 from . import stats
+from .dtensor import is_sharded, local_tensor, unwrap
 from .errors import TorchDiagError, warn_self
+from .vocab import Row
+
+__all__ = ["Group", "StepReducer", "is_dist", "is_sharded", "local_tensor", "rank", "rank_zero", "resolve",
+           "timeout_s", "unwrap"]
 
 
 # ------------------------------------------------------------------ rank helpers
@@ -62,29 +66,6 @@ def rank(group: Any = None) -> int:
 def rank_zero(group: Any = None) -> bool:
     """True on rank 0 of ``group`` (the default group if None), and always outside torch.distributed."""
     return rank(group) == 0
-
-
-def is_sharded(t: torch.Tensor) -> bool:
-    """True for a ``DTensor`` (FSDP2 parameters and gradients). Imports nothing: if its module was never
-    imported, no DTensor exists (``torch.distributed._tensor`` before torch 2.5)."""
-    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
-        dtensor = getattr(sys.modules.get(name), "DTensor", None)
-        if dtensor is not None:
-            return isinstance(t, dtensor)
-    return False
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A ``DTensor``'s local shard; any other tensor as it is."""
-    return t.to_local() if is_sharded(t) else t
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a ``DistributedDataParallel`` wrapper (its layers are named without ``module.``)."""
-    ddp = getattr(getattr(torch.nn, "parallel", None), "DistributedDataParallel", None)
-    while ddp is not None and isinstance(model, ddp):
-        model = model.module
-    return model
 
 
 @dataclass
@@ -199,8 +180,6 @@ class StepReducer:
 
     def __init__(self, slots: list[Any], group: Group, schedule: dict[str, float] | None = None,
                  recorder: Any = None) -> None:
-        from .buffer import ACT, GRAD, INPUT, PROBE, ROOT_GRAD, ROOT_IN, WEIGHT
-
         self.group = group
         self._recorder = weakref.ref(recorder) if recorder is not None else None  # notes for its reports
         self.note: str | None = None  # why statistics are this rank's own, once the reduction stopped
@@ -225,6 +204,8 @@ class StepReducer:
         self.skeys: list[tuple[int, int]] = []
         self.ukeys: list[int] = []
         self.lslots: list[int] = []
+        ACT, GRAD, INPUT, PROBE, ROOT_GRAD, ROOT_IN, WEIGHT = (Row.ACT, Row.GRAD, Row.INPUT, Row.PROBE, Row.ROOT_GRAD,
+                                                               Row.ROOT_IN, Row.WEIGHT)
         for s, info in enumerate(slots):
             if info.is_layer:
                 self.lslots.append(s)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 from torch import nn
+
+from .vocab import Nonlinearity
 
 # Activation classes -> the name calculate_gain knows (None: gain is measured instead).
 _TABLE_NAMES: dict[type[nn.Module], str] = {
@@ -84,17 +85,6 @@ def saturation_range(module: nn.Module) -> tuple[float, float] | None:
         if isinstance(module, cls):
             return rng
     return None
-
-
-@dataclass(frozen=True)
-class Nonlinearity:
-    """The activation that follows a layer: a ``calculate_gain`` name and its parameter."""
-
-    name: str  # 'linear', 'relu', 'leaky_relu', 'tanh', 'gelu', ...
-    param: float | None = None  # negative slope of leaky_relu
-
-    def __str__(self) -> str:
-        return self.name if self.param is None else f"{self.name}({self.param:g})"
 
 
 LINEAR = Nonlinearity("linear")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import stats
-from .distributed import is_sharded, local_tensor
+from .dtensor import is_sharded, local_tensor
 
 
 def _sumsq_grad(g: torch.Tensor) -> torch.Tensor:

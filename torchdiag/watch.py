@@ -266,8 +266,7 @@ class Watcher:
         messages = (self._console_write_in_hook(report) if in_hook else self._console.write(report)) if self._warn \
             else []
         if self._tb is not None:
-            self._guard_sink(self._tb.write, report, messages,
-                             self._recorder.histograms if self._recorder is not None else None)
+            self._guard_sink(self._tb.write, report, messages, stats.histograms)
         return report
 
     def _console_write_in_hook(self, report: Report) -> list[str]:

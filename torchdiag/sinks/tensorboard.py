@@ -8,7 +8,7 @@ Per recorded step, into the run's writer (one event holding all of it):
 * ``torchdiag/state``: the step's flags and suggested scales as JSON in a tensor of torchdiag's own plugin
   (no dashboard shows it; ``torchdiag summarize`` reads it). Per-layer flags are not scalars: a 0/1 line
   is what TensorBoard's smoothing turns into waves, and the overview heatmap shows them per cell;
-* histograms ``act/<layer>`` and ``grad/<layer>`` on histogram steps (``buffer.histogram_window``: steps
+* histograms ``act/<layer>`` and ``grad/<layer>`` on histogram steps (``vocab.histogram_window``: steps
   0, 1, 2, 4... up to ``histogram_every``, then every ``histogram_every``; binned on the device by
   ``buffer.Recorder``, written raw);
 * text: the new warnings (``torchdiag/warnings``) and the report table (``torchdiag/report``)
@@ -34,9 +34,9 @@ import zlib
 from collections.abc import Iterable
 from typing import Any
 
-from ..buffer import Histogram, histogram_window
 from ..config import Config
 from ..report import Report
+from ..vocab import Histogram, histogram_window
 
 # report attribute -> TensorBoard metric name
 SCALARS = {

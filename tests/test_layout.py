@@ -1,0 +1,107 @@
+"""The package's import graph: imports run one way (no circle), and the shared vocabulary is a leaf."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "torchdiag"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The torchdiag modules ``path`` imports, at module level or inside functions (not under TYPE_CHECKING)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for b in node.body for n in ast.walk(b))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "torchdiag")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "torchdiag":
+                continue
+            for a in node.names:  # `from . import stats` imports the module torchdiag.stats
+                sub = f"{target}.{a.name}"
+                found.add(sub if (PKG.parent / sub.replace(".", "/")).with_suffix(".py").exists()
+                          or (PKG.parent / sub.replace(".", "/")).is_dir() else target)
+    found.discard(name)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): _imports(p) for p in sorted(PKG.rglob("*.py"))}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle (as a path a -> ... -> a), or None. Packages (``torchdiag.sinks``) import their
+    ``__init__`` only, which is what the graph holds for them."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if n not in graph:
+                continue
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in graph:
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_the_graph_reads_every_module():
+    graph = _graph()
+    assert "torchdiag.buffer" in graph and "torchdiag.sinks.tensorboard" in graph
+    assert "torchdiag.vocab" in graph["torchdiag.buffer"]
+
+
+def test_no_import_circle_inside_torchdiag():
+    graph = {m: {n for n in deps if n != "torchdiag"} for m, deps in _graph().items()}  # __init__ re-exports only
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def test_a_cycle_is_found():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_leaf_modules_import_nothing_of_torchdiag():
+    graph = _graph()
+    for leaf in ("torchdiag.vocab", "torchdiag.errors", "torchdiag.dtensor"):
+        assert graph[leaf] == set(), (leaf, graph[leaf])
+
+
+def test_sinks_and_diagnosis_know_nothing_of_hooks():
+    graph = _graph()
+    hook_side = {"torchdiag.buffer", "torchdiag.capture", "torchdiag.watch", "torchdiag.optim"}
+    for m in ("torchdiag.diagnose", "torchdiag.report", "torchdiag.verdict", "torchdiag.sinks.console",
+              "torchdiag.sinks.tensorboard", "torchdiag.summarize", "torchdiag.stats", "torchdiag.config"):
+        assert not graph[m] & hook_side, (m, graph[m] & hook_side)

@@ -1,0 +1,135 @@
+"""Shared vocabulary of the pipeline: row kinds, layer roles, the per-step numbers and histograms.
+
+A leaf: it imports nothing else of torchdiag, so that capture, the step buffer, the reduction, diagnosis
+and the sinks can all speak it without importing each other. Plain data, no tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Row(enum.IntEnum):
+    """What one row of the step buffer measures (the hooks write rows; the host decodes them by this)."""
+
+    ACT = 0  # a module's output
+    GRAD = 1  # the gradient with respect to that output
+    INPUT = 2  # a weighted layer's input: sum of squares (or the producer's row)
+    WEIGHT = 3  # a layer's main weight, once per recorded step
+    ROOT_IN = 4  # the model's input: sum of squares
+    ROOT_GRAD = 5  # the gradient at the model's output
+    UPDATE = 6  # ||w_new - w_old||^2, ||w_old||^2 across an optimizer step
+    CLIP = 7  # step level: gradient sum of squares before and after the user's clipping
+    SCALE = 8  # step level: GradScaler's scale
+    PROBE = 9  # a weighted layer's input range and zeros (which functional activation ran before it)
+
+
+class Role:
+    """A watched module's role in the network (``LayerStats.kind``): plain strings, compared as such."""
+
+    WEIGHTED = "weighted"  # has a >= 2-D parameter (Linear, Conv, Embedding, attention, a custom layer...)
+    ACTIVATION = "activation"
+    NORM = "norm"
+    PASSTHROUGH = "passthrough"  # dropout, identity, flatten: the signal goes through unchanged in scale
+    OTHER = "other"
+    ALL = (WEIGHTED, ACTIVATION, NORM, PASSTHROUGH, OTHER)
+
+
+@dataclass(frozen=True)
+class Nonlinearity:
+    """The activation that follows a layer: a ``calculate_gain`` name and its parameter."""
+
+    name: str  # 'linear', 'relu', 'leaky_relu', 'tanh', 'gelu', ...
+    param: float | None = None  # negative slope of leaky_relu
+
+    def __str__(self) -> str:
+        return self.name if self.param is None else f"{self.name}({self.param:g})"
+
+
+@dataclass
+class Moments:
+    """What the diagnosis needs of one recorded tensor family (plain floats)."""
+
+    n: int
+    mean: float
+    std: float
+    rms: float
+    absmax: float
+    nonfinite: bool
+    zero_fraction: float | None = None
+    saturated_fraction: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass
+class LayerStats:
+    """The numbers of one watched module at one step, plus the static facts diagnosis needs."""
+
+    name: str
+    module_type: str
+    index: int
+    calls: int
+    kind: str  # its role: a ``Role`` value
+    act: Moments | None = None
+    grad: Moments | None = None
+    input_rms: float | None = None
+    input_probe: Moments | None = None  # input range and zeros, when no built-in module produced it
+    weight_shape: tuple[int, ...] | None = None
+    weight_std: float | None = None
+    weight_rms: float | None = None
+    fan_in: int | None = None
+    fan_out: int | None = None
+    fans_note: str | None = None  # why fan_in/fan_out are unknown
+    textbook: bool = True  # the gain/sqrt(fan_in) rule applies (not for lookups, RNNs, attention)
+    feeds_norm: bool = False  # its output goes straight into a normalisation layer
+    nonlinearity: Nonlinearity | None = None  # for activation modules: what they apply
+    relu_family: bool = False
+    bounded: bool = False
+    update_ratio: float | None = None  # ||w_new - w_old|| / ||w_old|| across the optimizer step
+    update_base_rms: float | None = None  # rms of w_old
+
+
+@dataclass
+class Histogram:
+    """One layer's activation or gradient histogram at one step, ready for ``add_histogram_raw``.
+
+    ``edges`` has ``len(counts) + 1`` values (left edge of the first bin ... right edge of the
+    last); ``min``/``max``/``num``/``sum``/``sum_squares`` are over every element recorded.
+    """
+
+    layer: str
+    kind: str  # 'act' | 'grad'
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    edges: list[float]
+    counts: list[float]
+
+
+@dataclass
+class StepStats:
+    """One recorded step: its layers' numbers, step-level figures, and its histograms if it had them."""
+
+    layers: list[LayerStats]
+    step: int = 0
+    input_rms: float | None = None
+    output_grad_std: float | None = None
+    not_called: list[str] = field(default_factory=list)
+    rescale_grads: bool = False
+    grad_norm_preclip: float | None = None  # global parameter-gradient norm before the user's clipping
+    grad_norm_postclip: float | None = None  # ... and as the optimizer saw it
+    amp_scale: float | None = None  # GradScaler's scale in effect for this step's backward
+    histograms: list[Histogram] | None = None  # on histogram steps (this rank's own, never reduced)
+
+
+def histogram_window(step: int, every: int) -> int:
+    """The histogram window of ``step``; the first recorded step of each window gets histograms. Windows
+    double up to ``every`` ([0], [1], [2, 3], [4..7]...), then are ``every`` steps long: steps 0, 1, 2, 4,
+    8... below ``every``, then every ``every`` steps, so that a short run has several."""
+    if step < every:
+        return step.bit_length()
+    return every.bit_length() + step // every
