@@ -268,23 +268,6 @@ def test_torch_compile_statistics_equal_eager_without_recompiling():
     model.zero_grad()
 
 
-def test_feeds_norm_is_traced_by_tensor_identity_not_execution_order():
-    torch.manual_seed(0)
-    model = zoo.preact_resnet_fixed(blocks=2, c=8)
-    rec = {}
-    with torchdiag.watch(model) as diag:
-        model(torch.randn(2, 3, 32, 32)).sum().backward()
-        slots = diag._recorder.slots
-        rec = {s.name: s.feeds_norm for s in slots}
-    assert rec["1.conv1"] is True  # conv1 -> bn2 directly
-    assert rec["1.conv2"] is False  # conv2 -> residual sum -> next block's bn1
-    assert rec["0"] is True  # the stem conv's output is the first block's bn1 input
-    model.eval()  # an eval-mode BatchNorm is an affine map with running stats: it normalises nothing
-    with torchdiag.watch(model) as diag:
-        model(torch.randn(2, 3, 32, 32)).sum().backward()
-        assert not any(s.feeds_norm for s in diag._recorder.slots)
-
-
 def test_packed_sequence_namedtuple_and_keyword_only_inputs():
     from collections import namedtuple
 

@@ -56,7 +56,7 @@ def test_layer_stats_equal_plain_formulas():
     assert report["0"].gain == pytest.approx(_ref(acts["0"])["std"] / rms_in, rel=1e-4)
 
 
-def test_shift_is_dropped_on_well_conditioned_layers_and_kept_where_needed():
+def test_a_large_offset_keeps_its_std_across_steps():
     class Offset(nn.Module):
         def forward(self, x):
             return x * 1e-3 + 100.0
@@ -67,8 +67,7 @@ def test_shift_is_dropped_on_well_conditioned_layers_and_kept_where_needed():
             x = torch.randn(4096, 16)
             model(x).sum().backward()
             rep = diag.step()
-        slots = {s.name: s for s in diag._recorder.slots}
-        assert slots["0"].shift_act is False and slots["1"].shift_act is True
+    # (which rows were shifted: tests/test_capture.py); here the figure stays exact either way
     ref = (model[0](x).detach().double() * 1e-3 + 100.0)
     assert rep["1"].act_std == pytest.approx(ref.std(correction=0).item(), rel=1e-3)
 

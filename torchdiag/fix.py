@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import capture, gains
+from . import capture, taxonomy
 from .errors import TorchDiagError
 from .preserve import preserved_state
 from .report import Report
@@ -68,7 +68,7 @@ def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = 
 
 
 # ----------------------------------------------------------------------------- fix_init (LSUV)
-LSUV_TYPES = gains.WEIGHTED  # Linear, Bilinear, Conv1d/2d/3d, ConvTranspose1d/2d/3d
+LSUV_TYPES = taxonomy.LSUV_TYPES  # Linear, Bilinear, Conv1d/2d/3d, ConvTranspose1d/2d/3d (why: taxonomy)
 
 
 def fix_init(model: nn.Module, *inputs: Any, target_std: float = 1.0, tol: float = 0.1, max_iter: int = 10,

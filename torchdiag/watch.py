@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import capture, distributed, gains
-from .buffer import Recorder, describe
+from .buffer import Recorder
 from .config import Config, ConfigLike, resolve_config
 from .diagnose import StepStats, diagnose
 from .errors import TorchDiagError, warn_self
@@ -24,6 +24,7 @@ from .preserve import preserved_state
 from .report import Report
 from .sinks.console import ConsoleSink
 from .sinks.tensorboard import TensorBoardSink, open_writer, writer_logdir
+from .taxonomy import describe, select_modules
 from .verdict import RunFinding, RunVerdict
 
 RescaleSpec = Union[bool, float, Callable[[str, nn.Module], float]]
@@ -49,7 +50,7 @@ class Watcher:
         self._user_writer = writer
         self._rescale = rescale_grads
         self._warn = warn and config.warnings and self._writes
-        self._selected = capture.select_modules(model, config)
+        self._selected = select_modules(model, config)
         if not self._selected:
             raise TorchDiagError(
                 f"no module of {type(model).__name__} was selected for watching: check the config keys "
@@ -95,23 +96,24 @@ class Watcher:
         self._recorder = Recorder(slots, modules, self.config.every,
                                   on_auto_step=_WeakCall(self, "_finish_step_in_hook"),
                                   histogram_every=self.config.histogram_every if histograms else 0)
-        self._recorder.record_eval = self._record_eval
-        self._recorder.scaler = self._scaler
-        self._recorder.auto_step = self._auto_step_on
+        cap = self._recorder.capture
+        cap.record_eval = self._record_eval
+        cap.scaler = self._scaler
+        cap.auto_step = self._auto_step_on
         self._recorder.defer = _defer(self.config.defer_report, model)
         if self._group is not None:
             self._recorder.reducer = distributed.StepReducer(slots, self._group, schedule={
                 "every": self.config.every, "histogram_every": self.config.histogram_every,
                 "profile_every": self.config.profile_every, "defer_report": float(self._recorder.defer)},
                 recorder=self._recorder)
-        capture.attach(self._recorder, modules, roots=[i for i, s in enumerate(slots) if s.is_root])
-        capture.set_recording(self._recorder, self._recorder.recording)
+        capture.attach(cap, modules, roots=[i for i, s in enumerate(slots) if s.is_root])
+        capture.set_recording(cap, cap.recording)
         self._module_refs = [weakref.ref(m) for m in modules]
         self._entered = True
         try:
             self._install_rescale()
             if self._optimizer is not None:
-                self._recorder.auto_step = False  # a step is an optimizer step
+                cap.auto_step = False  # a step is an optimizer step
                 weights = [(i, getattr(m, slot.weight_name)) for i, (slot, m) in enumerate(zip(slots, modules))
                            if slot.is_layer and slot.kind in ("weighted", "norm") and slot.weight_name is not None]
                 owned = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
@@ -132,7 +134,7 @@ class Watcher:
             raise
         # a Watcher dropped without leaving its `with` (garbage-collected) unhooks the model all the same
         self._finalizer = weakref.finalize(self, _abandon, self._module_refs, self._rescale_handles,
-                                           self._optim_monitor, self._tb, id(self._recorder))
+                                           self._optim_monitor, self._tb, id(cap))
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -222,7 +224,7 @@ class Watcher:
             raise TorchDiagError("Watcher.step() called outside the `with torchdiag.watch(...)` block")
         if self._optim_monitor is not None:  # the report the latest optimizer step produced, if any
             return self._step_report if self._step_report_at == self._recorder.step else None
-        self._recorder.auto_step = False
+        self._recorder.capture.auto_step = False
         return self._finish_step()
 
     def _finish_step(self, reduce: bool = True, in_hook: bool = False) -> Report | None:

@@ -1,0 +1,35 @@
+"""The pipeline's units wired by hand, without a Watcher: taxonomy -> capture -> step buffer -> recorder."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+from torch import nn
+
+from torchdiag import capture, taxonomy
+from torchdiag.buffer import Recorder
+from torchdiag.config import resolve_config
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, every: int = 1, histogram_every: int = 0) -> Iterator[Recorder]:
+    """A recorder whose capture is attached to every module ``watch`` would select; no auto-step, no sinks."""
+    cfg = resolve_config(None)
+    chosen = taxonomy.select_modules(model, cfg)
+    modules = [m for _, m in chosen]
+    slots = [taxonomy.describe(n, m, is_layer=True, is_root=m is model, saturation_level=cfg.saturation_level)
+             for n, m in chosen]
+    if not any(m is model for m in modules):
+        modules.append(model)
+        slots.append(taxonomy.describe("", model, is_layer=False, is_root=True, saturation_level=cfg.saturation_level))
+    rec = Recorder(slots, modules, every, on_auto_step=lambda: None, histogram_every=histogram_every)
+    rec.capture.auto_step = False
+    capture.attach(rec.capture, modules, roots=[i for i, s in enumerate(slots) if s.is_root])
+    capture.set_recording(rec.capture, rec.recording)
+    try:
+        yield rec
+    finally:
+        rec.close()
+        capture.detach([weakref.ref(m) for m in modules])

@@ -1,0 +1,195 @@
+"""The step buffer: on-device rows written by the hooks, one host copy per recorded step, decoded on the host.
+
+Each recorded tensor becomes a short row of 0-d moments on its device (``stats``); the row's values are kept
+(never the tensor) until the end of a recorded step, when one ``stack`` per device gathers them and one copy
+brings them to the host. Gathering at the end instead of copying each row into a preallocated buffer saves a
+copy kernel per row (measured: the per-row ``stack(out=buffer[i])`` was a third of the hook's host time on
+small layers).
+
+On histogram steps each activation and gradient also gets a fixed-bin histogram computed on its device
+(``stats.histogram_row``) into a small per-device buffer; it travels to the host in the same single copy.
+
+``decode`` turns the host values into per-(slot, row kind) accumulators: ``stats.Moments`` for moment rows,
+sums of squares for inputs, update norms, the step's clip and scale rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import stats
+from .vocab import Row
+
+STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
+
+# an entry: (slot, row kind, elements of the tensor, device, start among that device's values, width)
+Entry = tuple[int, int, int, torch.device, int, int]
+
+
+@dataclass
+class Pending:
+    """A recorded step whose rows are on their way to the host (or already there)."""
+
+    step: int
+    entries: list[Entry]
+    order: dict[int, int]
+    calls: dict[int, int]
+    reduce: bool
+    hist_entries: list[tuple[int, int, torch.device, int]]
+    # per device: (device, pinned host tensor or list of floats, CUDA event or None, number of values, hist width)
+    copies: list[tuple[torch.device, Any, Any, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class Decoded:
+    """One rank's step on the host, per (slot, row kind): what ``distributed.reduce`` and the merge read."""
+
+    moments: dict[tuple[int, int], stats.Moments] = field(default_factory=dict)
+    sumsq: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # [sum of squares, n]
+    updates: dict[int, list[float]] = field(default_factory=dict)  # [||dw||^2, ||w||^2, n]
+    clip: list[float] | None = None  # [pre, post] or [pre, post, pre_sharded, post_sharded]
+    scale: float | None = None
+
+
+class StepBuffer:
+    """This step's rows per device, and its histogram rows; ``launch`` starts the one host copy."""
+
+    def __init__(self) -> None:
+        self.values: dict[torch.device, list[torch.Tensor]] = {}  # this step's rows (0-d or 1-D), per device
+        self.sizes: dict[torch.device, int] = {}  # number of values in them
+        self.entries: list[Entry] = []
+        # histograms: rows [lo, hi, counts...] in a second per-device buffer, on histogram steps only
+        self._hist_buffers: dict[torch.device, torch.Tensor] = {}
+        self._hist_rows_used: dict[torch.device, int] = {}
+        self.hist_entries: list[tuple[int, int, torch.device, int]] = []
+
+    def write(self, slot: int, kind: int, n: int, device: torch.device, vals: list[torch.Tensor] | torch.Tensor) -> int:
+        """Keep a row until the step ends; returns where its values start among this step's on ``device``.
+
+        A row is 0-d float32 tensors (``stats``' ATen path) or one 1-D float32 tensor (the fused kernel).
+        They stay where the kernels put them (they are allocated anyway) until the step ends, when one
+        stack (or cat) per device gathers them: no copy kernel per row, no host sync.
+        """
+        values = self.values.setdefault(device, [])
+        start = self.sizes.get(device, 0)
+        if isinstance(vals, torch.Tensor):
+            values.append(vals)
+            width = vals.numel()
+        else:
+            values.extend(vals)
+            width = len(vals)
+        self.sizes[device] = start + width
+        self.entries.append((slot, kind, n, device, start, width))
+        return start
+
+    def point(self, slot: int, kind: int, n: int, device: torch.device, start: int, width: int) -> None:
+        """An entry read from a row already written (a producer's output row): no kernel, no value."""
+        self.entries.append((slot, kind, n, device, start, width))
+
+    def write_hist(self, slot: int, kind: int, t: torch.Tensor, row: list[torch.Tensor] | torch.Tensor) -> None:
+        device = t.device
+        buf = self._hist_buffers.get(device)
+        used = self._hist_rows_used.get(device, 0)
+        if buf is None or used == buf.shape[0]:
+            # counts in float64 (exact past 2**24 elements per bin); MPS has no float64
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            new = torch.zeros((max(16, 2 * used), stats.HIST_BINS + 2), dtype=dtype, device=device)
+            if buf is not None:
+                new[:used].copy_(buf[:used])
+            self._hist_buffers[device] = buf = new
+        stats.histogram_row(t, row, buf[used])
+        self._hist_rows_used[device] = used + 1
+        self.hist_entries.append((slot, kind, device, used))
+
+    def mark(self) -> tuple:
+        """Where the buffer stands now, for ``rollback`` (``peek`` adds weight rows, then takes them back)."""
+        return {d: len(v) for d, v in self.values.items()}, dict(self.sizes), len(self.entries)
+
+    def rollback(self, mark: tuple) -> None:
+        lengths, sizes, n_entries = mark
+        self.entries = self.entries[:n_entries]
+        self.values = {d: v[: lengths.get(d, 0)] for d, v in self.values.items()}
+        self.sizes = {d: sizes.get(d, 0) for d in self.values}
+
+    def reset(self) -> None:
+        self.entries = []
+        self.values = {}
+        self.sizes = {}
+        self.hist_entries = []
+        for d in self._hist_rows_used:
+            self._hist_rows_used[d] = 0
+
+    def launch(self, pending: Pending, with_histograms: bool, defer: bool) -> Pending:
+        """Per device one stack of the step's values (histogram rows appended) and its copy to the host: a
+        blocking ``tolist`` or, with ``defer`` on a GPU, a non-blocking copy into pinned memory."""
+        for d, values in self.values.items():
+            if not values:
+                continue
+            if all(v.dim() == 0 for v in values):
+                flat = torch.stack(values)
+            else:
+                flat = torch.cat([v.view(1) if v.dim() == 0 else v for v in values])
+            hused = self._hist_rows_used.get(d, 0) if with_histograms else 0
+            width = self._hist_buffers[d].shape[1] if hused else 0
+            if hused:
+                hbuf = self._hist_buffers[d][:hused]
+                flat = torch.cat((flat.to(hbuf.dtype), hbuf.reshape(-1)))
+            if defer and d.type == "cuda":
+                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(d))
+                pending.copies.append((d, host, event, self.sizes[d], width))
+            else:
+                pending.copies.append((d, flat.tolist(), None, self.sizes[d], width))
+        return pending
+
+
+def arrive(pending: Pending) -> tuple[dict[torch.device, list], dict[torch.device, list]]:
+    """The step's values on the host per device, and its histogram rows (waiting for a copy still running)."""
+    host: dict[torch.device, list] = {}
+    hist_host: dict[torch.device, list] = {}
+    for d, data, event, split, width in pending.copies:
+        if event is not None:
+            if not event.query():  # still running (report() right after a step): wait for it
+                event.synchronize()
+            data = data.tolist()
+        host[d] = data[:split]
+        if width:
+            hist_host[d] = [data[i:i + width] for i in range(split, len(data), width)]
+    return host, hist_host
+
+
+def decode(pending: Pending, host: dict[torch.device, list]) -> Decoded:
+    """Rows -> accumulators, per (slot, row kind); gradient moments are unscaled by the step's AMP scale."""
+    out = Decoded()
+    moms, sq = out.moments, out.sumsq
+    for slot, kind, n, device, row, width in pending.entries:
+        vals = host[device][row:row + width]
+        if kind in (Row.INPUT, Row.ROOT_IN):
+            acc = sq.setdefault((slot, kind), [0.0, 0])
+            if width == 1:
+                acc[0] += vals[0]
+            else:  # the producer's row, [r, sum(x - r), sum((x - r)^2)]: sum(x^2) = M2 + n * mean^2
+                r, sd, sdd = vals[:3]
+                mean = r + sd / n
+                acc[0] += max(sdd - sd * sd / n, 0.0) + n * mean * mean
+            acc[1] += n
+        elif kind == Row.UPDATE:
+            out.updates[slot] = [vals[0], vals[1], n]
+        elif kind == Row.CLIP:
+            out.clip = vals
+        elif kind == Row.SCALE:
+            out.scale = vals[0] if out.scale is None else out.scale
+        else:
+            moms.setdefault((slot, kind), stats.Moments()).add_row(n, vals)
+    scale = out.scale
+    if scale is not None and math.isfinite(scale) and scale > 0:
+        for (_slot, kind), m in moms.items():
+            if kind in (Row.GRAD, Row.ROOT_GRAD):
+                m.rescale(1.0 / scale)
+    return out
