@@ -325,7 +325,7 @@ class Capture:
             info = self.slots[slot]
             info.disabled = True
             warn_self(f"torchdiag: recording '{info.name}' ({info.module_type}) failed and is disabled for the"
-                      f" rest of this watch: {type(e).__name__}: {e}", stacklevel=2)
+                      f" rest of this watch: {type(e).__name__}: {e}")
 
     # ----------------------------------------------------------------- steps
     def new_step(self) -> None:

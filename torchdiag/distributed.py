@@ -299,7 +299,7 @@ class StepReducer:
         warn_self(f"torchdiag: at step {step} rank {g.rank} {what} and not every rank joined: {who}. Statistics"
                   " are not reduced across ranks for the rest of this watch (each rank reports its own); training"
                   " goes on. Every rank must watch, call step() / opt.step() the same number of times and leave the"
-                  f" `with` together [{type(error).__name__}: {detail}]", stacklevel=4)
+                  f" `with` together [{type(error).__name__}: {detail}]")
 
     def leave(self, exc_type: Any = None) -> None:
         """This rank leaves its watch (``Watcher.__exit__``, after its last collective): a key in the store says
@@ -341,7 +341,7 @@ class StepReducer:
             self._disable("statistics of this rank only: the ranks watch different modules")
             warn_self("torchdiag: the ranks of the process group watch different modules (names or types"
                       " differ); statistics are not reduced across ranks for the rest of this watch: each"
-                      " rank reports its own", stacklevel=3)
+                      " rank reports its own")
             return False
         differ = [(k, [r[3 + i] for r in every]) for i, k in enumerate(keys) if len({r[3 + i] for r in every}) > 1]
         steps = [r[2] for r in every]
@@ -353,8 +353,7 @@ class StepReducer:
             warn_self(f"torchdiag: the ranks would record at different steps and run different numbers of"
                       f" collectives ({what}); statistics are not reduced across ranks for the rest of this watch"
                       " (each rank reports its own) instead of hanging: give every rank the same every,"
-                      " histogram_every, profile_every and defer_report, and the same number of step() calls",
-                      stacklevel=3)
+                      " histogram_every, profile_every and defer_report, and the same number of step() calls")
         return not self.disabled
 
     # ---------------------------------------------------------------- pack / unpack
@@ -402,7 +401,7 @@ class StepReducer:
             self._warned_step = True
             warn_self(f"torchdiag: the ranks are at different steps ({-gmx[1]:.0f} to {gmx[0]:.0f}); every rank"
                       " must call step() / opt.step() the same number of times, or statistics of different"
-                      " steps are mixed", stacklevel=2)
+                      " steps are mixed")
         # shift of each moments entry: the centre of the global range, known to every rank now, so the
         # sums below hardly cancel (a constant tensor gives exactly zero variance)
         shifts = []

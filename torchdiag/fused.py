@@ -124,7 +124,7 @@ def _give_up(what: str, e: Exception) -> None:
     global _enabled
     _enabled = False
     warn_self(f"torchdiag: the fused Triton {what} kernel failed ({type(e).__name__}: {e}); using the slower"
-              " ATen path from now on", stacklevel=4, category=RuntimeWarning)
+              " ATen path from now on", category=RuntimeWarning)
 
 
 def row(x: torch.Tensor, saturation: tuple[float, float] | None = None, zeros: bool = False) -> torch.Tensor | None:

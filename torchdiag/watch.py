@@ -94,7 +94,7 @@ class Watcher:
         histograms = self._writes and (callable(getattr(writer, "add_histogram_raw", None)) if writer is not None
                                        else self._logdir is not None)
         self._recorder = Recorder(slots, modules, self.config.every,
-                                  on_auto_step=_WeakCall(self, "_finish_step_in_hook"),
+                                  on_auto_step=_WeakCall(self, "_end_step_in_hook"),
                                   histogram_every=self.config.histogram_every if histograms else 0)
         cap = self._recorder.capture
         cap.record_eval = self._record_eval
@@ -119,7 +119,7 @@ class Watcher:
                 owned = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
                 weights = [(i, w) for i, w in weights if id(w) in owned]  # another optimizer's layers: no ratio
                 self._optim_monitor = OptimizerMonitor(self._optimizer, self._recorder, weights,
-                                                       end_step=_WeakCall(self, "_finish_step_in_hook"),
+                                                       end_step=_WeakCall(self, "_end_step_in_hook"),
                                                        scaler=self._scaler, distributed=self._group is not None)
             if not self._writes:  # not rank 0 of the group: no writer is opened, nothing is written
                 self._tb = None
@@ -142,12 +142,12 @@ class Watcher:
             rec = self._recorder
             if rec is not None and self._group is not None and exc_type is None:
                 if rec.recording:  # every rank leaves at the same step: all join this step's collective
-                    self._finish_step()
+                    self._end_step()
             elif rec is not None and rec.peek_possible():
                 # (under torch.distributed, an exception may be this rank's alone: its own numbers, no collective)
-                self._finish_step(reduce=False)
+                self._end_step(reduce=False)
             if rec is not None and rec.has_pending:  # a deferred step: diagnosed and written before closing
-                self._publish(rec.flush(reduce=self._group is None or exc_type is None))
+                self._end_step(reduce=self._group is None or exc_type is None, deferred_only=True)
         except Exception:  # noqa: BLE001 - never mask the user's exception, never raise from cleanup
             if exc_type is None:
                 raise
@@ -202,7 +202,7 @@ class Watcher:
                 self._tb_failed = True
                 warn_self(f"torchdiag: writing TensorBoard events to {self._sink_name()} failed"
                           f" ({type(e).__name__}: {e}); TensorBoard writing is off for the rest of this watch;"
-                          " training and report() go on", stacklevel=3)
+                          " training and report() go on")
             if self._recorder is not None:
                 self._recorder.histogram_every = 0  # nothing will write them
                 self._recorder.histogram_step = False
@@ -225,26 +225,31 @@ class Watcher:
         if self._optim_monitor is not None:  # the report the latest optimizer step produced, if any
             return self._step_report if self._step_report_at == self._recorder.step else None
         self._recorder.capture.auto_step = False
-        return self._finish_step()
+        return self._end_step()
 
-    def _finish_step(self, reduce: bool = True, in_hook: bool = False) -> Report | None:
+    def _end_step(self, reduce: bool = True, in_hook: bool = False, deferred_only: bool = False) -> Report | None:
+        """The one path that ends a step and publishes what became ready: ``step()``, the auto-step forward
+        pre-hook and ``opt.step()`` (``in_hook``: inside the user's code), leaving the watch, and ``report()``.
+        ``deferred_only``: end no step, complete the deferred one (leaving the watch, ``report()``)."""
         assert self._recorder is not None
+        if deferred_only:
+            return self._publish(self._recorder.flush(reduce=reduce), in_hook=in_hook)
         if self._rescale_hook is not None:
             self._rescale_hook.end_step()
         try:
             stats = self._recorder.end_step(reduce=reduce)
         except Exception as e:  # noqa: BLE001 - torchdiag's own failure: the step is lost, training goes on
             warn_self(f"torchdiag: completing step {self._recorder.step - 1} failed ({type(e).__name__}: {e});"
-                      " its statistics are lost, recording goes on", stacklevel=3)
+                      " its statistics are lost, recording goes on")
             stats = None
         report = self._publish(stats, in_hook=in_hook)
         self._step_report, self._step_report_at = report, self._recorder.step
         return report
 
-    def _finish_step_in_hook(self) -> None:
+    def _end_step_in_hook(self) -> None:
         """A step ended from inside the user's code (the auto-step forward pre-hook, ``opt.step()``)."""
         if not self._closed:
-            self._finish_step(in_hook=True)
+            self._end_step(in_hook=True)
 
     def _publish(self, stats: StepStats | None, in_hook: bool = False) -> Report | None:
         """Diagnose a completed step, warn and write it (with deferral, the step before the one that ended).
@@ -257,7 +262,7 @@ class Watcher:
         try:
             report = self._diagnose(stats)
         except Exception as e:  # noqa: BLE001 - torchdiag's own failure never reaches the training step
-            warn_self(f"torchdiag: diagnosing step {stats.step} failed ({type(e).__name__}: {e})", stacklevel=3)
+            warn_self(f"torchdiag: diagnosing step {stats.step} failed ({type(e).__name__}: {e})")
             return None
         if self._recorder is not None and self._recorder.notes:
             report.notes += self._recorder.notes
@@ -281,10 +286,10 @@ class Watcher:
                 return messages
             except Warning as w:
                 text = str(w)
-                warn_self(text, stacklevel=3)  # prints it, as the filter makes warnings raise
+                warn_self(text)  # prints it, as the filter makes warnings raise
                 messages.append(text.split("): ", 1)[1] if text.startswith("torchdiag (step ") else text)
             except Exception as e:  # noqa: BLE001 - the console sink failed: the step goes on
-                warn_self(f"torchdiag: the console warnings failed ({type(e).__name__}: {e})", stacklevel=3)
+                warn_self(f"torchdiag: the console warnings failed ({type(e).__name__}: {e})")
                 return messages
         return messages
 
@@ -312,7 +317,7 @@ class Watcher:
         numbers of the step in progress, with a note saying so.
         """
         if self._recorder is not None and not self._closed and self._recorder.has_pending:
-            self._publish(self._recorder.flush())  # a deferred step: its copy is done or nearly
+            self._end_step(deferred_only=True)  # a deferred step: its copy is done or nearly
         if self._recorder is not None and not self._closed and (self._group is None or self._last is None):
             stats = self._recorder.peek()
             if stats is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from ..errors import DiagnosticWarning
+from ..errors import DiagnosticWarning, user_stacklevel
 from ..report import Report, one_story
 
 
@@ -20,6 +20,7 @@ class ConsoleSink:
         self._seen: set[tuple] = set()
 
     def write(self, report: Report) -> list[str]:
+        """Warn (attributed to the user's line, ``errors.user_stacklevel``) and return the messages."""
         emitted = []
         fresh = []
         for f in report.new_findings:
@@ -35,5 +36,5 @@ class ConsoleSink:
             cause = key[2]
             (text,) = one_story([(f.layer, f.problem, f.direction, cause, f.message) for f in members])
             emitted.append(text)
-            warnings.warn(f"torchdiag (step {report.step}): {text}", DiagnosticWarning, stacklevel=4)
+            warnings.warn(f"torchdiag (step {report.step}): {text}", DiagnosticWarning, stacklevel=user_stacklevel())
         return emitted
