@@ -23,9 +23,14 @@ from torch import nn
 
 import torchdiag
 from torchdiag import distributed, stats
-from torchdiag.buffer import ACT, GRAD, Slot
+from torchdiag.accumulators import MomentAccumulator
+from torchdiag.stepbuffer import Decoded, reduction_layout
+from torchdiag.taxonomy import Slot
+from torchdiag.vocab import Row
 
 from . import dist_worker as W
+
+ACT, GRAD = Row.ACT, Row.GRAD
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -437,7 +442,6 @@ def test_single_process_never_calls_a_collective(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with torchdiag.watch(model) as diag:
         model(torch.randn(3, 4)).sum().backward()
-        assert diag._recorder.reducer is None
         assert diag.step() is not None
     assert distributed.resolve(None) is None and distributed.rank_zero() and not distributed.is_dist()
 
@@ -460,7 +464,7 @@ def test_ddp_wrapper_is_unwrapped():
 
 # ------------------------------------------------------------------ the reduction itself, two ranks as threads
 class _ThreadGroup:
-    """All-reduce between threads: each StepReducer's collective meets the others' at a barrier."""
+    """All-reduce between threads: each rank's collective meets the others' at a barrier."""
 
     def __init__(self, world: int) -> None:
         self.barrier = threading.Barrier(world)
@@ -485,12 +489,15 @@ class _ThreadGroup:
         return out
 
 
-def _reduce_in_threads(per_rank: list[dict]) -> list:
-    slots = [Slot(name="l", module_type="Linear", kind="weighted", is_layer=True, weight_name="weight")]
+SLOTS = [Slot(name="l", module_type="Linear", kind="weighted", is_layer=True, weight_name="weight")]
+
+
+def _reduce_in_threads(per_rank: list[dict]) -> list[Decoded]:
+    """Each rank's moments through StepReducer.reduce (its layout check and the step-number check included)."""
     group = _ThreadGroup(len(per_rank))
     reducers = []
     for r in range(len(per_rank)):
-        red = distributed.StepReducer(slots, distributed.Group(pg=None, rank=r, world=len(per_rank),
+        red = distributed.StepReducer(SLOTS, distributed.Group(pg=None, rank=r, world=len(per_rank),
                                                                device=torch.device("cpu")))
         red._all_reduce = lambda v, op, r=r: group.all_reduce(r, v, op)
         red._all_gather = lambda v, r=r: group.all_gather(r, v)
@@ -498,9 +505,10 @@ def _reduce_in_threads(per_rank: list[dict]) -> list:
     out: list = [None] * len(per_rank)
 
     def run(r):
-        moms = per_rank[r]
-        order = {0: 0} if moms else {}
-        out[r] = reducers[r].reduce(0, moms, {}, {}, None, None, order, {0: 1} if moms else {})
+        local = Decoded(moments=per_rank[r], order={0: 0} if per_rank[r] else {},
+                        calls={0: 1} if per_rank[r] else {})
+        reduced = reducers[r].reduce(0, local.accumulators(), reduction_layout(SLOTS))
+        out[r] = Decoded.from_accumulators(reduced)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(len(per_rank))]
     for t in threads:
@@ -510,8 +518,8 @@ def _reduce_in_threads(per_rank: list[dict]) -> list:
     return out
 
 
-def _moments(x: torch.Tensor) -> stats.Moments:
-    m = stats.Moments()
+def _moments(x: torch.Tensor) -> MomentAccumulator:
+    m = MomentAccumulator()
     m.add_row(x.numel(), [v.item() for v in stats.act_row(x)])
     return m
 
@@ -522,11 +530,11 @@ def test_reduction_is_exact_where_plain_power_sums_cancel():
     x1 = 1e4 + 3e-2 * torch.randn(3000, dtype=torch.float64) + 0.05
     moms = [{(0, ACT): _moments(x - 1e4), (0, GRAD): _moments(x)} for x in (x0, x1)]
     for m, x in zip(moms, (x0, x1)):  # rows are float32 on the device; these are exact float64 moments
-        m[(0, GRAD)] = stats.Moments(n=x.numel(), mean=x.mean().item(), m2=((x - x.mean()) ** 2).sum().item(),
-                                     min=x.min().item(), max=x.max().item(), calls=1)
+        m[(0, GRAD)] = MomentAccumulator(n=x.numel(), mean=x.mean().item(), m2=((x - x.mean()) ** 2).sum().item(),
+                                         min=x.min().item(), max=x.max().item(), calls=1)
     a, b = _reduce_in_threads(moms)
-    assert a is not None and repr(a) == repr(b)
-    g = a[0][(0, GRAD)]
+    assert a.moments and repr(a) == repr(b)
+    g = a.moments[(0, GRAD)]
     x = torch.cat([x0, x1])
     assert g.n == 4000 and g.std == pytest.approx(x.std(unbiased=False).item(), rel=1e-9)
     assert g.mean == pytest.approx(x.mean().item(), rel=1e-14)
@@ -534,20 +542,20 @@ def test_reduction_is_exact_where_plain_power_sums_cancel():
     # a constant tensor on both ranks: exactly zero variance
     c = torch.full((10,), 3.25)
     a, _ = _reduce_in_threads([{(0, ACT): _moments(c)}, {(0, ACT): _moments(c)}])
-    assert a[0][(0, ACT)].m2 == 0.0 and a[0][(0, ACT)].mean == 3.25
+    assert a.moments[(0, ACT)].m2 == 0.0 and a.moments[(0, ACT)].mean == 3.25
 
 
 def test_reduction_of_nan_and_of_an_empty_rank():
     bad = torch.tensor([1.0, float("nan"), 2.0])
     good = torch.tensor([-4.0, 5.0])
     a, b = _reduce_in_threads([{(0, ACT): _moments(bad)}, {(0, ACT): _moments(good)}])
-    m = a[0][(0, ACT)]
+    m = a.moments[(0, ACT)]
     assert m.nonfinite == 1 and math.isnan(m.min) and math.isnan(m.max) and m.n == 5
     # one rank recorded nothing this step: the other's numbers, the layer present, nothing hangs
     a, b = _reduce_in_threads([{(0, ACT): _moments(good)}, {}])
     assert repr(a) == repr(b)
-    m = a[0][(0, ACT)]
-    assert (m.n, m.mean, m.min, m.max) == (2, 0.5, -4.0, 5.0) and a[5] == {0: 0}
+    m = a.moments[(0, ACT)]
+    assert (m.n, m.mean, m.min, m.max) == (2, 0.5, -4.0, 5.0) and a.order == {0: 0}
     # nobody recorded anything: no layer
     a, _ = _reduce_in_threads([{}, {}])
-    assert a[5] == {} and a[0] == {}
+    assert a.order == {} and a.moments == {}

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import stats
+from . import distributed, stats
+from .accumulators import MomentAccumulator, SumSq, Update
 from .capture import Capture, set_recording
 from .dtensor import local_tensor
-from .stepbuffer import Decoded, Pending, StepBuffer, arrive, decode
+from .stepbuffer import Decoded, Pending, StepBuffer, arrive, decode, reduction_layout
 from .taxonomy import Slot
 from .vocab import Histogram, LayerStats, Moments, Row, StepStats, histogram_window
 
@@ -48,6 +49,7 @@ class Recorder:
         self.defer = False  # complete each recorded step at the next one's end (non-blocking copy on a GPU)
         self._pending: Pending | None = None
         self.notes: list[str] = []  # for the report of the step just completed (a histogram not binned)
+        self._layout: list | None = None  # what the reduction packs (reduction_layout), built at its first use
 
     # what the hooks read, set by the Watcher
     @property
@@ -200,7 +202,7 @@ class Recorder:
                                      edges=edges, counts=counts))
         return out
 
-    def _update_shifts(self, moms: dict[tuple[int, int], stats.Moments]) -> None:
+    def _update_shifts(self, moms: dict[tuple[int, int], MomentAccumulator]) -> None:
         """Shift the next recorded step's moments only where this one was ill-conditioned."""
         for (slot, kind), m in moms.items():
             if slot < 0 or kind not in (ACT, GRAD, WEIGHT):
@@ -213,77 +215,84 @@ class Recorder:
             else:
                 self.slots[slot].shift_weight = bad
 
-    def _merge(self, pending: Pending, step: Decoded, reduce: bool = False) -> tuple[StepStats | None, dict]:
+    def _reduce(self, step: int, local: Decoded, reduce: bool) -> Decoded | None:
+        """The step across ranks (``distributed.reduce``; the identity in a single process). None: no rank ran a
+        watched layer (or, the reduction disabled, this one did not)."""
+        if not (reduce and self.reducer is not None):
+            return Decoded.from_accumulators(distributed.reduce(local.accumulators(), None))
+        if self._layout is None:
+            self._layout = reduction_layout(self.slots)
+        reduced = self.reducer.reduce(step, local.accumulators(), self._layout)
+        out = Decoded.from_accumulators(reduced) if reduced is not None else local
+        return out if out.order else None
+
+    def _merge(self, pending: Pending, local: Decoded, reduce: bool = False) -> tuple[StepStats | None, dict]:
         """Accumulators -> per-layer statistics; with ``reduce``, of the global batch. Also returns this rank's
         own moments (for its histograms). None for a reduced step in which no rank ran a watched layer."""
-        moms, sq, updates, clip, scale = step.moments, step.sumsq, step.updates, step.clip, step.scale
-        self._update_shifts(moms)
-        local_moms, order, calls = moms, pending.order, pending.calls
-        if reduce and self.reducer is not None:
-            reduced = self.reducer.reduce(pending.step, moms, sq, updates, clip, scale, order, calls)
-            if reduced is not None:
-                moms, sq, updates, clip, scale, order, calls = reduced
-            if not order:  # no rank ran a watched layer (or, reduction disabled, this one did not)
-                return None, local_moms
+        self._update_shifts(local.moments)
+        step = self._reduce(pending.step, local, reduce)
+        if step is None:
+            return None, local.moments
+        moms, sq, updates, scale = step.moments, step.sumsq, step.updates, step.scale
         layers = []
         root_in = root_grad = None
-        for slot, index in order.items():
+        for slot, index in step.order.items():
             info = self.slots[slot]
             act, grad, w = (moms.get((slot, k)) for k in (ACT, GRAD, WEIGHT))
             inp = _input_sumsq(sq.get((slot, INPUT)), moms.get((slot, PROBE)))
+            u = updates.get(slot)
             layers.append(LayerStats(
-                name=info.name, module_type=info.module_type, index=index, calls=calls[slot], kind=info.kind,
-                act=_for_diagnosis(act, with_act=True, with_sat=info.saturation is not None), grad=_for_diagnosis(grad),
-                weight_shape=info.weight_shape,
-                input_rms=math.sqrt(inp[0] / inp[1]) if inp and inp[1] else None,
+                name=info.name, module_type=info.module_type, index=index, calls=step.calls[slot], kind=info.kind,
+                act=_for_diagnosis(act, with_act=True, with_sat=info.saturation is not None),
+                grad=_for_diagnosis(grad), weight_shape=info.weight_shape,
+                input_rms=math.sqrt(inp.total / inp.n) if inp and inp.n else None,
                 input_probe=_for_diagnosis(moms.get((slot, PROBE)), with_act=True),
                 weight_std=w.std if w else None, weight_rms=w.rms if w else None,
                 fan_in=info.fan_in, fan_out=info.fan_out, fans_note=info.fans_note, textbook=info.textbook,
-                feeds_norm=info.feeds_norm,
-                nonlinearity=info.nonlinearity,
+                feeds_norm=info.feeds_norm, nonlinearity=info.nonlinearity,
                 relu_family=info.relu_family, bounded=info.saturation is not None,
-                update_ratio=_ratio(updates.get(slot)),
-                update_base_rms=_base_rms(updates.get(slot)),
+                update_ratio=_ratio(u), update_base_rms=_base_rms(u),
             ))
         for slot, info in enumerate(self.slots):
             if info.is_root:
                 r = sq.get((slot, ROOT_IN))
-                root_in = math.sqrt(r[0] / r[1]) if r and r[1] else None
+                root_in = math.sqrt(r.total / r.n) if r and r.n else None
                 g = moms.get((slot, ROOT_GRAD))
                 root_grad = g.std if g else None
-        not_called = [s.name for i, s in enumerate(self.slots) if s.is_layer and i not in order]
+        not_called = [s.name for i, s in enumerate(self.slots) if s.is_layer and i not in step.order]
         result = StepStats(layers=layers, step=pending.step, input_rms=root_in, output_grad_std=root_grad,
                            not_called=not_called, amp_scale=scale)
-        if clip is not None:
-            pre = clip[0] / (scale * scale) if scale else clip[0]
-            result.grad_norm_preclip, result.grad_norm_postclip = math.sqrt(max(pre, 0.0)), math.sqrt(max(clip[1], 0.0))
-        return result, local_moms
+        gn = step.grad_norms
+        if gn is not None:
+            pre, post = gn.pre_sharded + gn.pre_replicated, gn.post_sharded + gn.post_replicated
+            pre = pre / (scale * scale) if scale else pre
+            result.grad_norm_preclip, result.grad_norm_postclip = math.sqrt(max(pre, 0.0)), math.sqrt(max(post, 0.0))
+        return result, local.moments
 
 
-def _input_sumsq(acc: list[float] | None, probe: stats.Moments | None) -> list[float] | None:
-    """[sum of squares, n] of a weighted layer's inputs: calls fed by an activation module wrote only a sum
-    of squares, the others a probe row whose moments give it."""
+def _input_sumsq(acc: SumSq | None, probe: MomentAccumulator | None) -> SumSq | None:
+    """Sum of squares and count of a weighted layer's inputs: calls fed by an activation module wrote only a
+    sum of squares, the others a probe row whose moments give it."""
     if probe is None or probe.n == 0:
         return acc
-    total = [probe.m2 + probe.n * probe.mean * probe.mean, probe.n]
-    return [acc[0] + total[0], acc[1] + total[1]] if acc else total
+    return SumSq(acc.total + probe.sumsq, acc.n + probe.n) if acc else SumSq(probe.sumsq, probe.n)
 
 
-def _base_rms(vals: list[float] | None) -> float | None:
-    """rms of the weights before the update: ``[dd, ww, n]`` (n elements; summed over shards and ranks)."""
-    if vals is None or not vals[2]:
+def _base_rms(u: Update | None) -> float | None:
+    """rms of the weights before the update (n elements; summed over shards and ranks)."""
+    if u is None or not u.n:
         return None
-    return math.sqrt(vals[1] / vals[2])
+    return math.sqrt(u.ww / u.n)
 
 
-def _ratio(vals: list[float] | None) -> float | None:
-    if vals is None:
+def _ratio(u: Update | None) -> float | None:
+    if u is None:
         return None
-    dd, ww = vals[:2]
-    return math.sqrt(dd / ww) if ww > 0 else None  # from all-zero weights there is no ratio
+    return math.sqrt(u.dd / u.ww) if u.ww > 0 else None  # from all-zero weights there is no ratio
 
 
-def _for_diagnosis(m: stats.Moments | None, with_act: bool = False, with_sat: bool = False) -> Moments | None:
+def _for_diagnosis(m: MomentAccumulator | None, with_act: bool = False, with_sat: bool = False) -> Moments | None:
+    """The diagnosis' view of an accumulator (``vocab.Moments``), None where nothing was recorded."""
     if m is None or m.n == 0:
         return None
     zero = m.zeros / m.n if with_act else None

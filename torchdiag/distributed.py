@@ -2,15 +2,17 @@
 
 Under an initialised ``torch.distributed`` process group every rank records its own step as usual
 (``buffer.Recorder``). At the end of each recorded step, after the one host copy, each rank's
-per-layer ``stats.Moments`` (exact for its shard of the batch) are packed into two fixed-shape
-float64 vectors and reduced with one ``all_reduce`` of ``MAX`` (maxima, minima as ``-min``,
-first-call order as ``-index``, the step number) and one of ``SUM`` (element counts, sums and
-sums of squares about a shift every rank knows after the ``MAX``, zero/saturated/NaN
-counts, input sums of squares, update norms, gradient-norm parts). Mean and variance are then
+accumulators (``accumulators``: per-layer moments, exact for its shard of the batch, input sums of
+squares, update norms, gradient-norm parts, first-call order) are reduced by ``reduce``, which packs
+each field by the reduction it declares into two fixed-shape float64 vectors: one ``all_reduce`` of
+``MAX`` (maxima, minima as ``-min``, the step number) and one of ``SUM`` (counts, sums, and sums of
+squares about a shift every rank knows after the ``MAX``). A single process runs the same ``reduce``
+with ``group=None`` (the identity). Mean and variance are then
 exact for the global batch (pooled, as one process would compute them over it). Every rank ends
 with the same ``StepStats`` and so the same report; rank 0 of the group alone writes and warns.
 
-The layout of both vectors depends only on the watched modules (the slots), never on what ran in
+The layout of both vectors (``stepbuffer.reduction_layout``) depends only on the watched modules (the
+slots), never on what ran in
 the step: a layer that ran on one rank only (a conditional branch), or a rank that ran nothing at
 a recorded step, still reduces the same shape, so the collective cannot hang on it. What every
 rank must agree on is the number of steps (``step()`` / ``opt.step()`` calls), as DDP requires too.
@@ -38,18 +40,18 @@ import math
 import os
 import weakref
 import zlib
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from . import stats
+from .accumulators import MAX, MEAN, MIN, SUM, StepNumber, reductions
 from .dtensor import is_sharded, local_tensor, unwrap
 from .errors import TorchDiagError, warn_self
-from .vocab import Row
 
-__all__ = ["Group", "StepReducer", "is_dist", "is_sharded", "local_tensor", "rank", "rank_zero", "resolve",
-           "timeout_s", "unwrap"]
+__all__ = ["Group", "OneRank", "StepReducer", "is_dist", "is_sharded", "local_tensor", "rank", "rank_zero", "reduce",
+           "resolve", "timeout_s", "unwrap"]
 
 
 # ------------------------------------------------------------------ rank helpers
@@ -164,19 +166,105 @@ class _Missing(Exception):
         self.error = error
 
 
-# ------------------------------------------------------------------ the step reduction
+# ------------------------------------------------------------------ the reduction of accumulators
+class OneRank:
+    """A group of one rank: every collective returns what it was given (unit tests of ``reduce``)."""
+
+    def all_reduce(self, values: list[float], op: str) -> list[float]:
+        return list(values)
+
+
+def reduce(accumulators: dict[Hashable, Any], group: Any, layout: Sequence[tuple[Hashable, type]] | None = None
+           ) -> dict[Hashable, Any]:
+    """The accumulators of every rank of ``group`` combined, each field by its declared reduction
+    (``accumulators.reductions``): the same keys and types, global numbers. ``group=None``: a single process,
+    the accumulators as they are.
+
+    ``group`` has ``all_reduce(values, op)`` with op ``"max"`` or ``"sum"`` over a list of floats (a
+    ``StepReducer``'s collective, ``OneRank``). ``layout`` lists every key (and its accumulator type) that any
+    rank may hold, in the same order on every rank, so that every rank packs the same shape whatever it ran;
+    a key absent on a rank (or empty there) adds nothing. Two collectives: one ``MAX`` (maxima, minima as
+    ``-min``), then one ``SUM`` (sums, presence, NaN flags, and pooled moments about the centre of the global
+    range, which every rank knows after the ``MAX``: a constant tensor gives exactly zero variance).
+    Knows nothing of what the accumulators measure.
+    """
+    if group is None:
+        return accumulators
+    if layout is None:
+        layout = [(k, type(a)) for k, a in accumulators.items()]
+    packed = []  # per key: (key, type, its reductions, the rank's accumulator or None)
+    mx: list[float] = []
+    for key, cls in layout:
+        acc = accumulators.get(key)
+        if acc is not None and acc.is_empty():
+            acc = None
+        ops = reductions(cls)
+        packed.append((key, cls, ops, acc))
+        for name, op in ops:
+            if op in (MAX, MIN):
+                v = getattr(acc, name) if acc is not None else math.nan  # absent, or NaN: adds nothing
+                mx.append(_NEG if math.isnan(v) else (v if op == MAX else -v))
+    gmx = group.all_reduce(mx, "max")
+    sm: list[float] = []
+    shifts, i = [], 0
+    for _key, _cls, ops, acc in packed:
+        extremes = {}
+        for name, op in ops:
+            if op in (MAX, MIN):
+                extremes[name] = gmx[i] if op == MAX else -gmx[i]
+                i += 1
+        lo, hi = extremes.get("min", math.nan), extremes.get("max", math.nan)
+        c = 0.5 * (lo + hi) if math.isfinite(lo) and math.isfinite(hi) else 0.0
+        shifts.append((c, extremes))
+        sm.append(1.0 if acc is not None else 0.0)
+        for name, op in ops:
+            if acc is None:
+                sm.append(0.0)
+            elif op in (SUM, MEAN):
+                sm.append(float(getattr(acc, name)))
+            elif op in (MAX, MIN):
+                sm.append(1.0 if math.isnan(getattr(acc, name)) else 0.0)
+            elif name == "mean":  # POOLED: sum(x - c) and sum((x - c)^2) about the common shift
+                sm.append(acc.n * (acc.mean - c))
+            else:
+                d = acc.mean - c
+                sm.append(acc.m2 + acc.n * d * d)
+    gsm = group.all_reduce(sm, "sum")
+    out: dict[Hashable, Any] = {}
+    pos = 0
+    for (key, cls, ops, _acc), (c, extremes) in zip(packed, shifts):
+        present = gsm[pos]
+        values = dict(zip((name for name, _ in ops), gsm[pos + 1:pos + 1 + len(ops)]))
+        pos += 1 + len(ops)
+        if present <= 0:
+            continue
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            op = f.metadata["reduce"]
+            v = values[f.name]
+            if op in (MAX, MIN):
+                kwargs[f.name] = math.nan if v > 0 else extremes[f.name]
+            elif op == MEAN:
+                kwargs[f.name] = v / present
+            elif op == SUM:
+                kwargs[f.name] = int(v) if isinstance(f.default, int) else v
+        if "mean" in values and values.get("n", 0) > 0:  # POOLED
+            n, s1, s2 = values["n"], values["mean"], values["m2"]
+            kwargs["mean"], kwargs["m2"] = c + s1 / n, max(s2 - s1 * s1 / n, 0.0)
+        acc = cls(**kwargs)
+        if not acc.is_empty():
+            out[key] = acc
+    return out
+
+
 _NEG = -math.inf
-_M_SUM = 8  # n, sum(x - c), sum((x - c)^2), zeros, saturated, nonfinite, calls, NaN-in-range
+_STEP_KEY = ("torchdiag", "step")
 
 
 class StepReducer:
-    """Packs one rank's merged step, reduces it over the group, unpacks the global step.
-
-    The layout is fixed at construction from the slots (the watched modules, the same on every rank):
-    moments for each layer's activation and gradient, its weight if it has one, the root's output
-    gradient; sums of squares of weighted layers' inputs and of the model input; update norms of
-    layers with a weight; per layer its first-call order, call count and presence.
-    """
+    """torchdiag's collectives for one watch: its own gloo group, the check at the first recorded step that
+    every rank watches the same modules on the same schedule, ``reduce`` of each recorded step's accumulators,
+    and what a missing rank makes of them (a warning, each rank's own numbers from then on)."""
 
     def __init__(self, slots: list[Any], group: Group, schedule: dict[str, float] | None = None,
                  recorder: Any = None) -> None:
@@ -200,25 +288,6 @@ class StepReducer:
         # the first recorded step, with the layout and the step number; ranks that differ would run different
         # numbers of collectives and hang until the process-group timeout
         self.schedule = dict(schedule or {})
-        self.mkeys: list[tuple[int, int]] = []
-        self.skeys: list[tuple[int, int]] = []
-        self.ukeys: list[int] = []
-        self.lslots: list[int] = []
-        ACT, GRAD, INPUT, PROBE, ROOT_GRAD, ROOT_IN, WEIGHT = (Row.ACT, Row.GRAD, Row.INPUT, Row.PROBE, Row.ROOT_GRAD,
-                                                               Row.ROOT_IN, Row.WEIGHT)
-        for s, info in enumerate(slots):
-            if info.is_layer:
-                self.lslots.append(s)
-                self.mkeys += [(s, ACT), (s, GRAD)]
-                if info.weight_name is not None:
-                    self.mkeys.append((s, WEIGHT))
-                    self.ukeys.append(s)
-                if info.kind == "weighted":
-                    self.skeys.append((s, INPUT))
-                    self.mkeys.append((s, PROBE))  # inputs not fed by an activation module
-            if info.is_root:
-                self.mkeys.append((s, ROOT_GRAD))
-                self.skeys.append((s, ROOT_IN))
         text = "\n".join(f"{i.name}|{i.module_type}|{i.is_layer}|{i.is_root}|{i.weight_name}" for i in slots)
         self._fingerprint = float(zlib.crc32(text.encode())), float(len(slots))
         self._checked = False
@@ -356,19 +425,19 @@ class StepReducer:
                       " histogram_every, profile_every and defer_report, and the same number of step() calls")
         return not self.disabled
 
-    # ---------------------------------------------------------------- pack / unpack
-    def reduce(self, step: int, moms: dict, sq: dict, updates: dict, clip: list[float] | None,
-               scale: float | None, order: dict[int, int], calls: dict[int, int]) -> tuple | None:
-        """The global ``(moms, sq, updates, clip, scale, order, calls)`` of this step, as ``Recorder._merge``
-        holds them locally; None when the reduction is disabled (then the caller keeps its own numbers).
+    # ---------------------------------------------------------------- the step
+    def all_reduce(self, values: list[float], op: str) -> list[float]:
+        """One collective on torchdiag's group (what ``reduce`` calls): ``op`` is ``"max"`` or ``"sum"``."""
+        ops = torch.distributed.ReduceOp
+        return self._all_reduce(values, ops.MAX if op == "max" else ops.SUM)
 
-        ``clip`` is ``[pre, post]`` or ``[pre, post, pre_sharded, post_sharded]``; ``updates[slot]`` is
-        ``[dd, ww, n]``.
-        """
+    def reduce(self, step: int, accumulators: dict, layout: Sequence[tuple[Hashable, type]]) -> dict | None:
+        """The global accumulators of this step (``reduce`` over this rank's group); None when the reduction is
+        disabled (then the caller keeps its own numbers)."""
         out = None
         if not self.disabled and (self._checked or self._check_layout(step)):
             try:
-                out = self._reduce(step, moms, sq, updates, clip, scale, order, calls)
+                out = self._reduce(step, accumulators, layout)
                 self._last = step
             except _Missing as e:
                 self._failed(step, "reduced", e.error)
@@ -377,100 +446,13 @@ class StepReducer:
             rec.notes.append(self.note)  # the report says whose numbers it holds
         return out
 
-    def _reduce(self, step: int, moms: dict, sq: dict, updates: dict, clip: list[float] | None,
-                scale: float | None, order: dict[int, int], calls: dict[int, int]) -> tuple:
-        MAX, SUM = torch.distributed.ReduceOp.MAX, torch.distributed.ReduceOp.SUM
-        # ---- MAX: step, scale, max / -min per moments, -first-call index and calls per layer
-        mx: list[float] = [float(step), -float(step), scale if scale is not None else _NEG]
-        nan_range = []
-        for key in self.mkeys:
-            m = moms.get(key)
-            if m is None or m.n == 0:
-                mx += [_NEG, _NEG]
-                nan_range.append(0.0)
-            elif math.isnan(m.min) or math.isnan(m.max):
-                mx += [_NEG, _NEG]
-                nan_range.append(1.0)
-            else:
-                mx += [m.max, -m.min]
-                nan_range.append(0.0)
-        for s in self.lslots:
-            mx += [-float(order[s]) if s in order else _NEG, float(calls.get(s, 0))]
-        gmx = self._all_reduce(mx, MAX)
-        if gmx[0] != -gmx[1] and not self._warned_step:
+    def _reduce(self, step: int, accumulators: dict, layout: Sequence[tuple[Hashable, type]]) -> dict:
+        accumulators = {**accumulators, _STEP_KEY: StepNumber(low=float(step), high=float(step))}
+        out = reduce(accumulators, self, [*layout, (_STEP_KEY, StepNumber)])
+        steps = out.pop(_STEP_KEY)
+        if steps.low != steps.high and not self._warned_step:
             self._warned_step = True
-            warn_self(f"torchdiag: the ranks are at different steps ({-gmx[1]:.0f} to {gmx[0]:.0f}); every rank"
+            warn_self(f"torchdiag: the ranks are at different steps ({steps.low:.0f} to {steps.high:.0f}); every rank"
                       " must call step() / opt.step() the same number of times, or statistics of different"
                       " steps are mixed")
-        # shift of each moments entry: the centre of the global range, known to every rank now, so the
-        # sums below hardly cancel (a constant tensor gives exactly zero variance)
-        shifts = []
-        for i in range(len(self.mkeys)):
-            hi, lo = gmx[3 + 2 * i], -gmx[4 + 2 * i]
-            shifts.append(0.5 * (lo + hi) if math.isfinite(lo) and math.isfinite(hi) else 0.0)
-        # ---- SUM
-        sm: list[float] = [1.0]
-        if clip is not None:
-            pre_sh, post_sh = (clip[2], clip[3]) if len(clip) >= 4 else (0.0, 0.0)
-            sm += [1.0, clip[0] - pre_sh, clip[1] - post_sh, pre_sh, post_sh]
-        else:
-            sm += [0.0] * 5
-        for key, c, nan in zip(self.mkeys, shifts, nan_range):
-            m = moms.get(key)
-            if m is None or m.n == 0:
-                sm += [0.0] * _M_SUM
-                continue
-            d = m.mean - c
-            sm += [float(m.n), m.n * d, m.m2 + m.n * d * d, m.zeros, m.saturated,
-                   float(m.nonfinite), float(m.calls), nan]
-        for key in self.skeys:
-            acc = sq.get(key)
-            sm += [acc[0], float(acc[1])] if acc else [0.0, 0.0]
-        for s in self.ukeys:
-            u = updates.get(s)
-            sm += [u[0], u[1], float(u[2]), 1.0] if u is not None else [0.0] * 4
-        for s in self.lslots:
-            sm.append(1.0 if s in order else 0.0)
-        gsm = self._all_reduce(sm, SUM)
-        return self._unpack(gmx, gsm, shifts)
-
-    def _unpack(self, gmx: list[float], gsm: list[float], shifts: list[float]) -> tuple:
-        scale = gmx[2] if math.isfinite(gmx[2]) else None
-        clip = None
-        if gsm[1] > 0:
-            repl_pre, repl_post, sh_pre, sh_post = gsm[2:6]
-            clip = [sh_pre + repl_pre / gsm[1], sh_post + repl_post / gsm[1]]  # replicated: mean over ranks
-        moms: dict[tuple[int, int], stats.Moments] = {}
-        pos = 6
-        for i, key in enumerate(self.mkeys):
-            n, s1, s2, zeros, saturated, nonfinite, mcalls, nan = gsm[pos:pos + _M_SUM]
-            pos += _M_SUM
-            if n <= 0:
-                continue
-            hi, lo = gmx[3 + 2 * i], -gmx[4 + 2 * i]
-            m = stats.Moments(n=int(n), mean=shifts[i] + s1 / n, m2=max(s2 - s1 * s1 / n, 0.0),
-                              min=math.nan if nan else lo, max=math.nan if nan else hi, zeros=zeros,
-                              saturated=saturated, nonfinite=int(nonfinite), calls=int(mcalls))
-            moms[key] = m
-        sq = {}
-        for key in self.skeys:
-            total, n = gsm[pos:pos + 2]
-            pos += 2
-            if n > 0:
-                sq[key] = [total, int(n)]
-        updates = {}
-        for s in self.ukeys:
-            dd, ww, n, has = gsm[pos:pos + 4]
-            pos += 4
-            if has > 0:
-                updates[s] = [dd, ww, n]
-        base = 3 + 2 * len(self.mkeys)
-        first: list[tuple[float, int]] = []
-        calls: dict[int, int] = {}
-        for j, s in enumerate(self.lslots):
-            if gsm[pos + j] > 0:
-                first.append((-gmx[base + 2 * j], s))
-                calls[s] = int(gmx[base + 2 * j + 1])
-        # first-call order: the earliest position any rank ran the layer at (ties: registration order)
-        order = {s: i for i, (_, s) in enumerate(sorted(first))}
-        return moms, sq, updates, clip, scale, order, calls
+        return out

@@ -1,4 +1,4 @@
-"""Pure statistics: tensors -> on-device moment rows, host rows -> merged moments.
+"""Pure statistics: tensors -> on-device moment rows (merged on the host by ``accumulators``).
 
 Each recorded tensor becomes one short row of float32 numbers computed where the tensor
 lives, with no host synchronisation: a ``sum`` and a ``dot(x, x)`` (measured on CPU at a
@@ -19,15 +19,15 @@ full pass (~20x a ``sum``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from . import fused
+from .accumulators import MomentAccumulator
 
 # Row layouts. Activation: r, sum(x-r), sum((x-r)^2), min, max, nonzero count (NaN: not counted),
 # saturated count (NaN: not counted). Gradient / weight: r, sum(x-r), sum((x-r)^2)[, min, max].
-ACT_COLS = 7
+ACT_COLS = MomentAccumulator.ACT_COLS
 SHIFT_RATIO = 10.0  # |mean| / std above which the next recorded step subtracts a shift first
 
 _CONST: dict[tuple[torch.device, float], torch.Tensor] = {}
@@ -154,74 +154,7 @@ def sumsq(x: torch.Tensor) -> torch.Tensor:
     return q
 
 
-@dataclass
-class Moments:
-    """Exact moments of everything merged so far, in float64 on the host."""
-
-    n: int = 0
-    mean: float = 0.0
-    m2: float = 0.0  # sum of squared deviations from the mean
-    min: float = math.inf
-    max: float = -math.inf
-    zeros: float = 0.0
-    saturated: float = 0.0
-    nonfinite: int = 0  # number of merged calls whose tensor held NaN/Inf
-    calls: int = 0
-
-    def add_row(self, n: int, row: list[float]) -> None:
-        """Merge one call's row (see ``act_row`` / ``grad_row``)."""
-        self.calls += 1
-        r, sd, sdd = row[:3]
-        if len(row) >= 5:
-            mn, mx = row[3:5]
-            finite = math.isfinite(mn) and math.isfinite(mx) and not math.isnan(sd)
-            if math.isnan(mn) or math.isnan(mx):
-                self.min, self.max = math.nan, math.nan
-            else:
-                self.min, self.max = min(self.min, mn), max(self.max, mx)
-        else:
-            finite = math.isfinite(sd) and math.isfinite(sdd)
-        if not finite:
-            self.nonfinite += 1
-        if len(row) >= ACT_COLS:
-            nonzero, sat = row[5:7]
-            self.zeros += n - nonzero  # NaN when not counted
-            self.saturated += sat
-        mean = r + sd / n
-        m2 = max(sdd - sd * sd / n, 0.0)
-        self.merge(n, mean, m2)
-
-    def merge(self, n: int, mean: float, m2: float) -> None:
-        """Chan et al. parallel merge of (n, mean, M2)."""
-        if n == 0:
-            return
-        tot = self.n + n
-        delta = mean - self.mean
-        self.mean += delta * n / tot
-        self.m2 += m2 + delta * delta * self.n * n / tot
-        self.n = tot
-
-    def rescale(self, factor: float) -> None:
-        """Moments of ``factor * x`` (GradScaler: report unscaled gradients)."""
-        self.mean *= factor
-        self.m2 *= factor * factor
-        self.min, self.max = sorted((self.min * factor, self.max * factor))
-
-    @property
-    def var(self) -> float:
-        return self.m2 / self.n if self.n else math.nan
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.var) if self.n else math.nan
-
-    @property
-    def rms(self) -> float:
-        return math.sqrt(self.var + self.mean * self.mean) if self.n else math.nan
-
-    @property
-    def absmax(self) -> float:
-        return max(abs(self.min), abs(self.max))
+Moments = MomentAccumulator  # the host-side accumulator of a row's moments (``accumulators``)
 
 
 # ------------------------------------------------------------------ histograms

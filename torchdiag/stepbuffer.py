@@ -9,8 +9,9 @@ small layers).
 On histogram steps each activation and gradient also gets a fixed-bin histogram computed on its device
 (``stats.histogram_row``) into a small per-device buffer; it travels to the host in the same single copy.
 
-``decode`` turns the host values into per-(slot, row kind) accumulators: ``stats.Moments`` for moment rows,
-sums of squares for inputs, update norms, the step's clip and scale rows.
+``decode`` turns the host values into per-(slot, row kind) accumulators (``accumulators``): moments for
+moment rows, sums of squares for inputs, update norms, the step's gradient norms and AMP scale;
+``reduction_layout`` lists every accumulator a step can hold, for the cross-rank reduction.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 
 from . import stats
-from .vocab import Row
+from .accumulators import GradNorms, LayerCall, MomentAccumulator, Scale, SumSq, Update
+from .vocab import Role, Row
 
 STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 
@@ -46,13 +48,72 @@ class Pending:
 
 @dataclass
 class Decoded:
-    """One rank's step on the host, per (slot, row kind): what ``distributed.reduce`` and the merge read."""
+    """One step's accumulators on the host, per (slot, row kind): what the merge into ``LayerStats`` reads,
+    and (flattened by ``accumulators``) what ``distributed.reduce`` reduces across ranks."""
 
-    moments: dict[tuple[int, int], stats.Moments] = field(default_factory=dict)
-    sumsq: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # [sum of squares, n]
-    updates: dict[int, list[float]] = field(default_factory=dict)  # [||dw||^2, ||w||^2, n]
-    clip: list[float] | None = None  # [pre, post] or [pre, post, pre_sharded, post_sharded]
+    moments: dict[tuple[int, int], MomentAccumulator] = field(default_factory=dict)
+    sumsq: dict[tuple[int, int], SumSq] = field(default_factory=dict)  # INPUT, ROOT_IN
+    updates: dict[int, Update] = field(default_factory=dict)
+    grad_norms: GradNorms | None = None
     scale: float | None = None
+    order: dict[int, int] = field(default_factory=dict)  # slot -> first-call position
+    calls: dict[int, int] = field(default_factory=dict)
+
+    def accumulators(self) -> dict[tuple, Any]:
+        """Every accumulator under its key of ``reduction_layout``."""
+        out: dict[tuple, Any] = {}
+        out.update(self.moments)
+        out.update(self.sumsq)
+        for slot, u in self.updates.items():
+            out[(slot, Row.UPDATE)] = u
+        if self.grad_norms is not None:
+            out[(STEP_SLOT, Row.CLIP)] = self.grad_norms
+        if self.scale is not None:
+            out[(STEP_SLOT, Row.SCALE)] = Scale(self.scale)
+        for slot, index in self.order.items():
+            out[(slot, _CALL)] = LayerCall(first=float(index), calls=self.calls.get(slot, 0))
+        return out
+
+    @classmethod
+    def from_accumulators(cls, accs: dict[tuple, Any]) -> Decoded:
+        out = cls()
+        first = []
+        for key, acc in accs.items():
+            if isinstance(acc, MomentAccumulator):
+                out.moments[key] = acc
+            elif isinstance(acc, SumSq):
+                out.sumsq[key] = acc
+            elif isinstance(acc, Update):
+                out.updates[key[0]] = acc
+            elif isinstance(acc, GradNorms):
+                out.grad_norms = acc
+            elif isinstance(acc, Scale):
+                out.scale = acc.value if math.isfinite(acc.value) else None
+            elif isinstance(acc, LayerCall):
+                first.append((acc.first, key[0]))
+                out.calls[key[0]] = int(acc.calls)
+        # first-call order: the earliest position any rank ran the layer at (ties: registration order)
+        out.order = {s: i for i, (_, s) in enumerate(sorted(first))}
+        return out
+
+
+_CALL = "call"  # the row-kind place of a layer's LayerCall in an accumulator key
+
+
+def reduction_layout(slots: list[Any]) -> list[tuple[tuple, type]]:
+    """Every accumulator a step of these slots can hold, in a fixed order: what ``distributed.reduce`` packs
+    (the same on every rank, whatever ran in the step, so the collective has the same shape everywhere)."""
+    keys: list[tuple[tuple, type]] = [((STEP_SLOT, Row.SCALE), Scale), ((STEP_SLOT, Row.CLIP), GradNorms)]
+    for s, info in enumerate(slots):
+        if info.is_layer:
+            keys += [((s, _CALL), LayerCall), ((s, Row.ACT), MomentAccumulator), ((s, Row.GRAD), MomentAccumulator)]
+            if info.weight_name is not None:
+                keys += [((s, Row.WEIGHT), MomentAccumulator), ((s, Row.UPDATE), Update)]
+            if info.kind == Role.WEIGHTED:
+                keys += [((s, Row.INPUT), SumSq), ((s, Row.PROBE), MomentAccumulator)]  # PROBE: inputs not
+        if info.is_root:  # fed by an activation module
+            keys += [((s, Row.ROOT_GRAD), MomentAccumulator), ((s, Row.ROOT_IN), SumSq)]
+    return keys
 
 
 class StepBuffer:
@@ -166,27 +227,33 @@ def arrive(pending: Pending) -> tuple[dict[torch.device, list], dict[torch.devic
 
 def decode(pending: Pending, host: dict[torch.device, list]) -> Decoded:
     """Rows -> accumulators, per (slot, row kind); gradient moments are unscaled by the step's AMP scale."""
-    out = Decoded()
+    out = Decoded(order=pending.order, calls=pending.calls)
     moms, sq = out.moments, out.sumsq
     for slot, kind, n, device, row, width in pending.entries:
         vals = host[device][row:row + width]
         if kind in (Row.INPUT, Row.ROOT_IN):
-            acc = sq.setdefault((slot, kind), [0.0, 0])
+            acc = sq.get((slot, kind))
+            if acc is None:
+                acc = sq[(slot, kind)] = SumSq()
             if width == 1:
-                acc[0] += vals[0]
+                acc.total += vals[0]
             else:  # the producer's row, [r, sum(x - r), sum((x - r)^2)]: sum(x^2) = M2 + n * mean^2
                 r, sd, sdd = vals[:3]
                 mean = r + sd / n
-                acc[0] += max(sdd - sd * sd / n, 0.0) + n * mean * mean
-            acc[1] += n
+                acc.total += max(sdd - sd * sd / n, 0.0) + n * mean * mean
+            acc.n += n
         elif kind == Row.UPDATE:
-            out.updates[slot] = [vals[0], vals[1], n]
-        elif kind == Row.CLIP:
-            out.clip = vals
+            out.updates[slot] = Update(vals[0], vals[1], n)
+        elif kind == Row.CLIP:  # [pre, post] or, distributed, [pre, post, pre_sharded, post_sharded]
+            pre_sh, post_sh = (vals[2], vals[3]) if len(vals) >= 4 else (0.0, 0.0)
+            out.grad_norms = GradNorms(vals[0] - pre_sh, vals[1] - post_sh, pre_sh, post_sh)
         elif kind == Row.SCALE:
             out.scale = vals[0] if out.scale is None else out.scale
         else:
-            moms.setdefault((slot, kind), stats.Moments()).add_row(n, vals)
+            m = moms.get((slot, kind))
+            if m is None:
+                m = moms[(slot, kind)] = MomentAccumulator()
+            m.add_row(n, vals)
     scale = out.scale
     if scale is not None and math.isfinite(scale) and scale > 0:
         for (_slot, kind), m in moms.items():

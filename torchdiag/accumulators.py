@@ -1,0 +1,180 @@
+"""Host-side accumulators of one step, each field declaring how it combines across ranks.
+
+A leaf (it imports nothing else of torchdiag). Every field of an accumulator carries its cross-rank
+reduction in its metadata, as torchmetrics' ``add_state(..., dist_reduce_fx=...)`` does, so that
+``distributed.reduce`` packs any accumulator without knowing what it measures:
+
+* ``SUM``: summed over ranks (counts, sums of squares);
+* ``MAX`` / ``MIN``: the extreme over ranks (a NaN on any rank makes the result NaN);
+* ``MEAN``: the mean over the ranks that hold the accumulator (replicated figures, DDP's gradient norm);
+* ``POOLED``: ``mean`` and ``m2`` of a ``MomentAccumulator``, pooled exactly over ranks about a shift every
+  rank knows (the centre of the global range), so that they do not cancel where ``|mean| >> std``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+SUM, MAX, MIN, MEAN, POOLED = "sum", "max", "min", "mean", "pooled"
+
+
+def state(default: Any, reduce: str) -> Any:
+    """A dataclass field with its cross-rank reduction."""
+    return field(default=default, metadata={"reduce": reduce})
+
+
+def reductions(acc: Any) -> list[tuple[str, str]]:
+    """``[(field name, reduction), ...]`` of an accumulator (class or instance), in declaration order."""
+    return [(f.name, f.metadata["reduce"]) for f in fields(acc)]
+
+
+@dataclass
+class MomentAccumulator:
+    """Exact moments of everything merged so far, in float64 on the host."""
+
+    n: int = state(0, SUM)
+    mean: float = state(0.0, POOLED)
+    m2: float = state(0.0, POOLED)  # sum of squared deviations from the mean
+    min: float = state(math.inf, MIN)
+    max: float = state(-math.inf, MAX)
+    zeros: float = state(0.0, SUM)
+    saturated: float = state(0.0, SUM)
+    nonfinite: int = state(0, SUM)  # number of merged calls whose tensor held NaN/Inf
+    calls: int = state(0, SUM)
+
+    ACT_COLS = 7  # an activation row: r, sum(x-r), sum((x-r)^2), min, max, nonzero count, saturated count
+
+    def add_row(self, n: int, row: list[float]) -> None:
+        """Merge one call's row (see ``stats.act_row`` / ``stats.grad_row``)."""
+        self.calls += 1
+        r, sd, sdd = row[:3]
+        if len(row) >= 5:
+            mn, mx = row[3:5]
+            finite = math.isfinite(mn) and math.isfinite(mx) and not math.isnan(sd)
+            if math.isnan(mn) or math.isnan(mx):
+                self.min, self.max = math.nan, math.nan
+            else:
+                self.min, self.max = min(self.min, mn), max(self.max, mx)
+        else:
+            finite = math.isfinite(sd) and math.isfinite(sdd)
+        if not finite:
+            self.nonfinite += 1
+        if len(row) >= self.ACT_COLS:
+            nonzero, sat = row[5:7]
+            self.zeros += n - nonzero  # NaN when not counted
+            self.saturated += sat
+        mean = r + sd / n
+        m2 = max(sdd - sd * sd / n, 0.0)
+        self.merge(n, mean, m2)
+
+    def merge(self, n: int, mean: float, m2: float) -> None:
+        """Chan et al. parallel merge of (n, mean, M2)."""
+        if n == 0:
+            return
+        tot = self.n + n
+        delta = mean - self.mean
+        self.mean += delta * n / tot
+        self.m2 += m2 + delta * delta * self.n * n / tot
+        self.n = tot
+
+    def rescale(self, factor: float) -> None:
+        """Moments of ``factor * x`` (GradScaler: report unscaled gradients)."""
+        self.mean *= factor
+        self.m2 *= factor * factor
+        self.min, self.max = sorted((self.min * factor, self.max * factor))
+
+    def is_empty(self) -> bool:
+        return self.n == 0
+
+    @property
+    def var(self) -> float:
+        return self.m2 / self.n if self.n else math.nan
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var) if self.n else math.nan
+
+    @property
+    def rms(self) -> float:
+        return math.sqrt(self.var + self.mean * self.mean) if self.n else math.nan
+
+    @property
+    def absmax(self) -> float:
+        return max(abs(self.min), abs(self.max))
+
+    @property
+    def sumsq(self) -> float:
+        """sum(x^2) = M2 + n * mean^2."""
+        return self.m2 + self.n * self.mean * self.mean
+
+
+@dataclass
+class SumSq:
+    """A sum of squares and its element count (a weighted layer's input, the model's input)."""
+
+    total: float = state(0.0, SUM)
+    n: int = state(0, SUM)
+
+    def is_empty(self) -> bool:
+        return self.n == 0
+
+
+@dataclass
+class Update:
+    """||w_new - w_old||^2, ||w_old||^2 and the elements of one layer across an optimizer step (sharded
+    parameters: each rank's shard, summed)."""
+
+    dd: float = state(0.0, SUM)
+    ww: float = state(0.0, SUM)
+    n: float = state(0.0, SUM)
+
+    def is_empty(self) -> bool:
+        return False
+
+
+@dataclass
+class GradNorms:
+    """The step's gradient sum of squares before and after the user's clipping: replicated parameters' parts
+    are the same on every rank (averaged), sharded ones' are summed over shards."""
+
+    pre_replicated: float = state(0.0, MEAN)
+    post_replicated: float = state(0.0, MEAN)
+    pre_sharded: float = state(0.0, SUM)
+    post_sharded: float = state(0.0, SUM)
+
+    def is_empty(self) -> bool:
+        return False
+
+
+@dataclass
+class Scale:
+    """GradScaler's scale in effect for the step's backward."""
+
+    value: float = state(-math.inf, MAX)
+
+    def is_empty(self) -> bool:
+        return False
+
+
+@dataclass
+class LayerCall:
+    """A layer's first-call position in the step and how often it was called (per rank: the earliest, the most)."""
+
+    first: float = state(math.inf, MIN)
+    calls: int = state(0, MAX)
+
+    def is_empty(self) -> bool:
+        return False
+
+
+@dataclass
+class StepNumber:
+    """The step number on every rank: ``low != high`` means the ranks are at different steps."""
+
+    low: float = state(math.inf, MIN)
+    high: float = state(-math.inf, MAX)
+
+    def is_empty(self) -> bool:
+        return False
