@@ -18,6 +18,7 @@ from . import capture, taxonomy
 from .errors import TorchDiagError
 from .preserve import preserved_state
 from .report import Report
+from .watch import check
 
 
 def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = True) -> dict[str, float]:
@@ -131,7 +132,6 @@ def fix_init(model: nn.Module, *inputs: Any, target_std: float = 1.0, tol: float
     if capture.is_watched(model):
         raise TorchDiagError(f"fix_init(): {type(model).__name__} is being watched; call fix_init before entering"
                              " `with torchdiag.watch(...)` (or after leaving it)")
-    from .watch import check  # watch imports this module
 
     with preserved_state(model), torch.no_grad():
         layers = _discover(model, inputs)

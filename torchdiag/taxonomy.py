@@ -46,7 +46,9 @@ def select_modules(model: nn.Module, config: Config) -> list[tuple[str, nn.Modul
 
 @dataclass
 class Slot:
-    """Static facts about one registered module (no reference to the module itself)."""
+    """One registered module (no reference to the module itself): its static facts from ``describe``, then what
+    capture and the recorder learn as the watch runs (``feeds_norm``, ``count_zeros``, the shift policy,
+    this step's ``calls``, ``disabled`` after a failure)."""
 
     name: str
     module_type: str
