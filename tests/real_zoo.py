@@ -403,17 +403,10 @@ CASES = HEALTHY + BROKEN
 
 # ----------------------------------------------------------------------------- running
 def verdict(case: Case, optimizer: str, fired: dict[str, tuple[str, int]]) -> str | None:
-    """None if what fired is right for the case, else why not (as tests/zoo.py's ``verdict``)."""
-    if case.healthy:
-        return None if not fired else f"false alarm: {fired}"
-    expect = case.expect_sgd if optimizer == "sgd" and case.expect_sgd else case.expect
-    got = {flag: layer for flag, (layer, _) in fired.items()}
-    missing = {f: layer for f, layer in expect.items() if got.get(f) != layer}
-    if missing:
-        return f"expected {expect}, got {fired}"
-    first = min(fired[f][1] for f in expect)
-    extra = {f: v for f, v in fired.items() if f not in expect and v[1] <= first}
-    return f"unexpected at the first bad step: {extra}" if extra else None
+    """None if what fired is right for the case, else why not: the hand-built zoo's rule (``tests/zoo.py``)."""
+    from .zoo import verdict as zoo_verdict
+
+    return zoo_verdict(case, optimizer, fired)
 
 
 def _optimizer(case: Case, name: str, model: nn.Module) -> torch.optim.Optimizer:
