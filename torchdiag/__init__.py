@@ -5,6 +5,7 @@ from __future__ import annotations
 from .config import Config
 from .errors import ConfigError, DiagnosticWarning, TorchDiagError
 from .fix import apply_suggestions, fix_init
+from .origin import NonfiniteOrigin, locate_nonfinite
 from .report import LayerReport, Report
 from .watch import Watcher, check, watch
 
@@ -15,6 +16,7 @@ __all__ = [
     "ConfigError",
     "DiagnosticWarning",
     "LayerReport",
+    "NonfiniteOrigin",
     "Report",
     "TorchDiagError",
     "Watcher",
@@ -22,5 +24,6 @@ __all__ = [
     "apply_suggestions",
     "check",
     "fix_init",
+    "locate_nonfinite",
     "watch",
 ]

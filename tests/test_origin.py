@@ -1,0 +1,174 @@
+"""locate_nonfinite: the operator, module and line that produced the first NaN/Inf of a batch.
+
+Each broken model is built so that the right answer is known before torchdiag is asked: one operator in one
+module turns finite inputs into a non-finite output, at a line of this file found by reading its source.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchdiag
+from torchdiag.errors import TorchDiagError
+
+
+def _line_of(fn, needle: str) -> str:
+    lines, start = inspect.getsourcelines(fn)
+    for i, text in enumerate(lines):
+        if needle in text:
+            return f"{inspect.getsourcefile(fn)}:{start + i}"
+    raise AssertionError(f"{needle!r} not in {fn}")
+
+
+class LogOfShifted(nn.Module):
+    """log(x - 1): NaN wherever the input is below 1 (a ReLU output is, mostly)."""
+
+    def forward(self, x):
+        y = x * 1.0
+        return torch.log(y - 1.0)
+
+
+class SqrtLayer(nn.Module):
+    """sqrt is finite at 0 in the forward; its derivative 1/(2 sqrt(x)) is Inf there."""
+
+    def forward(self, x):
+        return torch.sqrt(x)
+
+
+def _log_net():
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(16, 16), LogOfShifted())
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), inner, nn.Linear(16, 4))
+
+
+def _sqrt_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), SqrtLayer(), nn.Linear(16, 4))
+    return net
+
+
+def test_a_log_of_negatives_is_traced_to_that_op_module_and_line():
+    net, x = _log_net(), torch.randn(32, 8)
+    # first principles: the inner Linear's output minus 1 is negative somewhere, so log makes NaN there
+    with torch.no_grad():
+        assert (net[2][0](net[1](net[0](x))) < 1).any()
+    origin = torchdiag.locate_nonfinite(net, x)
+    assert origin is not None
+    assert (origin.phase, origin.module, origin.op, origin.value) == ("forward", "2.1", "aten.log", "NaN")
+    assert origin.source == _line_of(LogOfShifted.forward, "torch.log")
+    assert origin.parameter is None and origin.step is None
+    assert str(origin).startswith("NaN first produced by `aten.log` in '2.1' (forward)")
+
+
+def test_an_inf_made_only_in_the_backward_is_traced_to_sqrt():
+    net, x = _sqrt_net(), torch.randn(32, 8)
+    with torch.no_grad():  # the forward is finite; the ReLU makes exact zeros, where sqrt's slope is Inf
+        out = net(x)
+        assert torch.isfinite(out).all() and (net[1](net[0](x)) == 0).any()
+    origin = torchdiag.locate_nonfinite(net, x)
+    assert origin is not None
+    assert (origin.phase, origin.module, origin.op) == ("backward", "2", "aten.sqrt")
+    assert origin.source == _line_of(SqrtLayer.forward, "torch.sqrt")
+
+
+def test_a_healthy_batch_has_no_origin_and_training_state_is_untouched():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 2))
+    x = torch.randn(16, 8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert torchdiag.locate_nonfinite(net, x) is None
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm's running stats included
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in net.parameters())
+    assert net.training
+
+
+def test_the_loss_outside_the_model_and_a_user_loss_fn():
+    net, x = nn.Sequential(nn.Linear(8, 4), nn.Tanh()), torch.randn(16, 8)
+
+    def loss_fn(out):
+        return torch.log(out).sum()  # tanh < 0 somewhere: NaN in the loss, outside any module
+
+    origin = torchdiag.locate_nonfinite(net, x, loss_fn=loss_fn)
+    assert (origin.phase, origin.module, origin.op) == ("forward", None, "aten.log")
+    assert origin.source == _line_of(loss_fn, "torch.log")
+    assert "outside any module" in str(origin)
+
+
+def test_half_precision_overflow_names_the_matmul():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).half()
+    with torch.no_grad():
+        net[0].weight.fill_(0.1), net[0].bias.zero_()  # h = 0.1 * sum(x) ~ 50, finite
+        net[1].weight.fill_(300.0)  # 64 * 300 * 50 ~ 1e6 > 65504: the second matmul overflows fp16
+    x = (torch.randn(8, 64).abs() * 10).half()
+    with torch.no_grad():
+        h = net[0](x)
+        assert torch.isfinite(h).all() and not torch.isfinite(net[1](h)).all()
+    origin = torchdiag.locate_nonfinite(net, x)
+    assert (origin.phase, origin.module, origin.value) == ("forward", "1", "Inf")
+    assert origin.op in ("aten.addmm", "aten.mm", "aten.linear")
+
+
+def test_a_parameter_already_non_finite_and_an_input_with_nan():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[1].bias[0] = float("inf")
+    origin = torchdiag.locate_nonfinite(net, torch.randn(2, 4))
+    assert (origin.phase, origin.parameter, origin.module, origin.value) == ("forward", "1.bias", "1", "Inf")
+    assert "already in parameter '1.bias'" in str(origin)
+    net = nn.Linear(4, 2)
+    x = torch.randn(2, 4)
+    x[0, 0] = float("nan")
+    origin = torchdiag.locate_nonfinite(net, x)
+    assert origin.phase == "forward" and origin.op is None and "input" in origin.note
+
+
+def test_under_autocast_and_for_a_compiled_model():
+    net, x = _log_net(), torch.randn(32, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        origin = torchdiag.locate_nonfinite(net, x)
+    assert (origin.phase, origin.module, origin.op) == ("forward", "2.1", "aten.log")
+    compiled = torch.compile(net, backend="eager")  # replayed eagerly: never compiled here
+    origin = torchdiag.locate_nonfinite(compiled, x)
+    assert (origin.phase, origin.module, origin.op) == ("forward", "2.1", "aten.log")
+
+
+def test_keyword_inputs_reach_the_forward():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, *, shift):
+            return F.softplus(self.lin(x)) - shift
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kw, self.log = KW(), LogOfShifted()
+
+        def forward(self, x, shift=0.0):
+            return self.log(self.kw(x, shift=shift))
+
+    assert torchdiag.locate_nonfinite(Net(), torch.randn(4, 4), shift=-100.0) is None  # softplus + 100 - 1 > 0
+    origin = torchdiag.locate_nonfinite(Net(), torch.randn(4, 4), shift=5.0)
+    assert (origin.module, origin.op) == ("log", "aten.log")
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(TypeError, match=r"locate_nonfinite\(model=\.\.\.\): expected a torch.nn.Module, got int"):
+        torchdiag.locate_nonfinite(3, torch.ones(1))
+    with pytest.raises(TypeError, match="give the batch"):
+        torchdiag.locate_nonfinite(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"loss_fn=\.\.\.\): expected a callable"):
+        torchdiag.locate_nonfinite(nn.Linear(2, 2), torch.ones(1, 2), loss_fn=3)
+    with pytest.raises(TorchDiagError, match="raised RuntimeError"):
+        torchdiag.locate_nonfinite(nn.Linear(2, 2), torch.ones(1, 3))

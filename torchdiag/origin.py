@@ -1,0 +1,365 @@
+"""Where a NaN/Inf was produced: the operator, the module it ran in, the user's line.
+
+The step's sums say *that* a module's output or gradient held a non-finite value, at no extra cost;
+they cannot say which operator made it. This module replays one batch with an operator-level check:
+
+* forward: a ``TorchDispatchMode`` sees every ATen call; the origin is the first call whose floating
+  inputs were all finite and whose output is not (``aten.log`` of a negative, an fp16 ``aten.mm`` that
+  overflowed). The module is the innermost one whose forward was running (a stack kept by forward
+  pre/post hooks), the line the first frame outside torch and torchdiag;
+* backward: each autograd node gets a hook; the origin is the first node whose incoming gradients were
+  finite and whose outgoing ones are not (``SqrtBackward0`` at exact zeros is ``aten.sqrt``). Nodes are
+  owned by the innermost module during whose forward they were created; their line is the one anomaly
+  mode recorded when they were (``torch.autograd.detect_anomaly(check_nan=False)``, only in the replay).
+
+The replay leaves training as it was: parameters are only read (gradients come from
+``torch.autograd.grad``, ``.grad`` is untouched), and buffers, train/eval modes and the RNG are restored
+(``preserved_state``, as ``check()`` does). It costs one check per operator, so it runs once, after a trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import TorchDiagError, _internal_dirs
+from .preserve import preserved_state
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+@dataclass(frozen=True)
+class NonfiniteOrigin:
+    """Where the first NaN/Inf of a run (or of a replayed batch) was produced.
+
+    Attributes:
+        phase: ``"forward"``, ``"backward"`` or ``"optimizer"``.
+        module: qualified name of the innermost (watched) module during whose forward or backward it was
+            produced; ``None`` outside every module (in the loss, or in the model's own forward body).
+        op: the operator that turned finite inputs into a non-finite output (``"aten.log"``, ``"aten.sqrt"``
+            for its backward); ``None`` for ``"optimizer"`` and where it could not be replayed.
+        parameter: for ``"optimizer"``, the parameter the update made non-finite; for ``"forward"``, a
+            parameter that already was non-finite when the forward read it.
+        step: the step it was produced at (``None`` from ``locate_nonfinite``).
+        source: the user's ``file:line`` of the operator's call, where it is known.
+        value: ``"NaN"`` or ``"Inf"`` (the first non-finite value's kind).
+        note: how it was found, or why it could not be narrowed down further.
+    """
+
+    phase: str
+    module: str | None = None
+    op: str | None = None
+    parameter: str | None = None
+    step: int | None = None
+    source: str | None = None
+    value: str = "NaN"
+    note: str | None = None
+
+    def __str__(self) -> str:
+        """One line: "NaN first produced by `aten.log` in 'encoder.2.act' (forward, step 41), at train.py:88"."""
+        if self.phase == "optimizer":
+            head = f"{self.value} first produced by the optimizer's update of '{self.parameter}'"
+        elif self.op is not None:
+            head = f"{self.value} first produced by `{self.op}`"
+            if self.phase == "backward":
+                head += "'s backward"
+        elif self.parameter is not None:
+            head = f"{self.value} already in parameter '{self.parameter}'"
+        else:
+            head = f"{self.value} first seen"
+        where = f" in '{self.module}'" if self.module else ("" if self.phase == "optimizer" else " outside any module")
+        when = self.phase if self.step is None else f"{self.phase}, step {self.step}"
+        line = f"{head}{where} ({when})"
+        if self.source:
+            line += f", at {self.source}"
+        return line
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "module": self.module, "op": self.op, "parameter": self.parameter,
+                "step": self.step, "source": self.source, "value": self.value, "note": self.note}
+
+
+def _value_kind(t: torch.Tensor) -> str:
+    return "NaN" if bool(torch.isnan(t).any()) else "Inf"
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def _float_leaves(obj: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(obj) if isinstance(t, torch.Tensor) and (t.is_floating_point()
+            or t.is_complex()) and t.numel() > 0]
+
+
+def user_source(frames: Iterator[tuple[str, int]]) -> str | None:
+    """``file:line`` of the first frame (innermost first) outside torch and torchdiag."""
+    internal = _internal_dirs()
+    for filename, lineno in frames:
+        if not filename.startswith(internal) and not filename.startswith("<"):
+            return f"{filename}:{lineno}"
+    return None
+
+
+def _live_frames() -> Iterator[tuple[str, int]]:
+    frame = sys._getframe(1)
+    while frame is not None:
+        yield frame.f_code.co_filename, frame.f_lineno
+        frame = frame.f_back
+
+
+_ANOMALY_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def _node_source(node: Any) -> str | None:
+    """The user's line that created an autograd node, from the traceback anomaly mode stored on it."""
+    try:
+        stack = node.metadata.get("traceback_")
+    except Exception:  # noqa: BLE001 - a node without metadata
+        return None
+    if not stack:
+        return None
+    text = "".join(stack) if isinstance(stack, (list, tuple)) else str(stack)
+    frames = [(f, int(n)) for f, n in _ANOMALY_FRAME.findall(text)]
+    return user_source(iter(reversed(frames)))  # format_stack is outermost first
+
+
+def backward_op(node: Any) -> str:
+    """``SqrtBackward0`` -> ``aten.sqrt``; ``NativeLayerNormBackward0`` -> ``aten.native_layer_norm``."""
+    name = re.sub(r"Backward\d*$", "", type(node).__name__ if not hasattr(node, "name") else node.name())
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+    return f"aten.{name}"
+
+
+# ops whose output is uninitialised memory: garbage, not a computation that went wrong
+_UNINITIALISED = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted")
+
+
+class _Modules:
+    """The stack of running forwards and which module created each autograd node (innermost first)."""
+
+    def __init__(self, names: Mapping[nn.Module, str]) -> None:
+        self.names = names
+        self.stack: list[tuple[str, int]] = []  # (name, sequence number of its start)
+        self.seq = 0
+        self.owner: dict[Any, tuple[str, int]] = {}  # node -> (module name, start of that call)
+        self._inputs: list[set[Any]] = []
+
+    @property
+    def current(self) -> str | None:
+        return self.stack[-1][0] if self.stack else None
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.seq += 1
+        self.stack.append((self.names[module], self.seq))
+        self._inputs.append({t.grad_fn for t in _float_leaves((args, kwargs)) if t.grad_fn is not None})
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self.stack:
+            return
+        name, start = self.stack.pop()
+        stop = self._inputs.pop()
+        # nodes created since this call started belong to it unless an inner call (ended already) took them
+        todo = [t.grad_fn for t in _float_leaves(output) if t.grad_fn is not None]
+        seen: set[Any] = set()
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen or node in stop:
+                continue
+            seen.add(node)
+            owned = self.owner.get(node)
+            if owned is not None and owned[1] < start:
+                continue  # made before this call began: outside it
+            if owned is None:
+                self.owner[node] = (name, start)
+            todo.extend(fn for fn, _ in node.next_functions)
+
+
+class _ForwardCheck(TorchDispatchMode):
+    """The first ATen call that turned finite inputs into a non-finite output."""
+
+    def __init__(self, modules: _Modules) -> None:
+        super().__init__()
+        self.modules = modules
+        self.found: NonfiniteOrigin | None = None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if self.found is not None or func.overloadpacket.__name__ in _UNINITIALISED:
+            return func(*args, **kwargs)
+        inputs_finite = all(_finite(t) for t in _float_leaves((args, kwargs)))  # before: in-place ops write them
+        out = func(*args, **kwargs)
+        if inputs_finite:
+            bad = next((t for t in _float_leaves(out) if not _finite(t)), None)
+            if bad is not None:
+                self.found = NonfiniteOrigin("forward", module=self.modules.current,
+                                             op=f"aten.{func.overloadpacket.__name__}",
+                                             source=user_source(_live_frames()), value=_value_kind(bad))
+        return out
+
+
+class _BackwardCheck:
+    """A hook on every autograd node of the loss's graph: the first node whose outgoing gradients are
+    non-finite although its incoming ones were finite."""
+
+    def __init__(self, modules: _Modules) -> None:
+        self.modules = modules
+        self.found: NonfiniteOrigin | None = None
+        self.handles: list[Any] = []
+
+    def install(self, roots: list[Any]) -> None:
+        todo, seen = list(roots), set()
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if type(node).__name__ != "AccumulateGrad":
+                self.handles.append(node.register_hook(self._make_hook(node)))
+            todo.extend(fn for fn, _ in node.next_functions)
+
+    def _make_hook(self, node: Any) -> Callable[..., None]:
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            if self.found is not None:
+                return
+            if not all(_finite(g) for g in _float_leaves(grad_outputs)):
+                return
+            bad = next((g for g in _float_leaves(grad_inputs) if not _finite(g)), None)
+            if bad is not None:
+                owner = self.modules.owner.get(node)
+                self.found = NonfiniteOrigin("backward", module=owner[0] if owner else None, op=backward_op(node),
+                                             source=_node_source(node), value=_value_kind(bad))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@contextlib.contextmanager
+def _module_hooks(names: Mapping[nn.Module, str], modules: _Modules) -> Iterator[None]:
+    handles = []
+    try:
+        for m in names:
+            handles.append(m.register_forward_pre_hook(modules.pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(modules.post, with_kwargs=True, always_call=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _anomaly() -> contextlib.AbstractContextManager:
+    """Anomaly mode records each node's creation traceback (the backward origin's line); its NaN check is off."""
+    try:
+        return torch.autograd.detect_anomaly(check_nan=False)
+    except TypeError:  # an older torch without check_nan: no lines for backward origins
+        return contextlib.nullcontext()
+
+
+def replay(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
+           loss_fn: Callable[[Any], torch.Tensor] | None = None,
+           names: Mapping[nn.Module, str] | None = None,
+           parameters: Mapping[str, torch.Tensor] | None = None) -> NonfiniteOrigin | None:
+    """Run ``model(*args, **kwargs)`` and a backward of its loss with the operator-level checks.
+
+    ``names`` maps the modules to attribute to their names (default: every submodule). ``parameters``
+    replaces some of the model's parameters for the replay (``torch.func.functional_call``: the weights
+    from before an optimizer step). Returns ``None`` when everything stayed finite.
+    """
+    from .watch import projection_loss  # the loss check() uses without loss_fn
+
+    kwargs = kwargs or {}
+    if names is None:
+        names = {m: n for n, m in model.named_modules() if n}
+    params = dict(model.named_parameters())
+    if parameters:
+        params.update(parameters)
+    owners = {id(p): n for n, p in params.items()}
+    for name, p in params.items():
+        if p.is_floating_point() and not _finite(p.detach()):
+            module = name.rpartition(".")[0] or None
+            return NonfiniteOrigin("forward", module=module, parameter=owners.get(id(p), name),
+                                   value=_value_kind(p.detach()),
+                                   note="a parameter was non-finite before the forward read it")
+    for t in _float_leaves((args, kwargs)):
+        if not _finite(t):
+            return NonfiniteOrigin("forward", value=_value_kind(t), note="the input batch already held NaN/Inf")
+
+    modules = _Modules(names)
+    fwd, bwd = _ForwardCheck(modules), _BackwardCheck(modules)
+    with preserved_state(model), torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anomaly mode's "this mode will increase the runtime"
+        with _anomaly():
+            with _module_hooks(names, modules):
+                with fwd:
+                    if parameters:
+                        replaced = {n: p.detach().requires_grad_(True) for n, p in parameters.items()}
+                        out = torch.func.functional_call(model, replaced, args, kwargs)
+                    else:
+                        out = model(*args, **kwargs)
+                    loss = loss_fn(out) if loss_fn is not None else projection_loss(out)
+            if fwd.found is not None:
+                return fwd.found
+            if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+                return None
+            targets = [p for p in (replaced.values() if parameters else ()) if p.requires_grad]
+            targets += [p for n, p in model.named_parameters() if p.requires_grad and n not in (parameters or {})]
+            if not targets:
+                return None
+            bwd.install([loss.grad_fn])
+            try:
+                torch.autograd.grad(loss, targets, allow_unused=True)
+            finally:
+                bwd.remove()
+    return bwd.found
+
+
+def locate_nonfinite(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None,
+                     **kwargs: Any) -> NonfiniteOrigin | None:
+    """Replay one batch and say where its first NaN/Inf is produced, or ``None`` if all stays finite.
+
+    The forward ``model(*inputs, **kwargs)`` runs under an operator-level check, then the backward of
+    ``loss_fn(output)`` (default: the fixed random projection ``check()`` uses). Parameters, ``.grad``,
+    buffers, train/eval modes and the RNG state are as they were afterwards.
+
+    Example:
+        >>> import torch, torchdiag
+        >>> class Log(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.log(x)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), Log())
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.fill_(-1.0), net[0].bias.zero_()
+        >>> origin = torchdiag.locate_nonfinite(net, torch.ones(2, 4))
+        >>> origin.phase, origin.module, origin.op
+        ('forward', '1', 'aten.log')
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"locate_nonfinite(model=...): expected a torch.nn.Module, got {type(model).__name__}")
+    if not inputs and not kwargs:
+        raise TypeError("locate_nonfinite(model, *inputs): give the batch the model's forward takes")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"locate_nonfinite(loss_fn=...): expected a callable of the model's output, got"
+                        f" {type(loss_fn).__name__}")
+    target = getattr(model, "_orig_mod", model)  # a torch.compile'd model: replayed eagerly
+    try:
+        return replay(target, inputs, kwargs, loss_fn=loss_fn)
+    except TorchDiagError:
+        raise
+    except Exception as e:
+        raise TorchDiagError(f"locate_nonfinite(): the model raised {type(e).__name__} on the given inputs: {e}") from e
+
+
+__all__ = ["NonfiniteOrigin", "locate_nonfinite", "replay", "PHASES"]
