@@ -48,6 +48,18 @@ class Config:
     profile_every: int
     overview_every: int
     defer_report: str
+    nonfinite_origin: bool
+    attention_rules: bool
+    attention_sample: int
+    attention_logit_max: float
+    attention_entropy_min: float
+    output_logits_rule: bool
+    output_logz_max: float
+    adam_epsilon_rule: bool
+    adam_epsilon_factor: float
+    loss_spike_sigma: float
+    loss_spike_window: int
+    loss_spike_min_steps: int
 
     @classmethod
     def defaults(cls) -> Config:
@@ -228,10 +240,23 @@ _TYPES = {
     "profile_every": "int",
     "overview_every": "int",
     "defer_report": "choice",
+    "nonfinite_origin": "bool",
+    "attention_rules": "bool",
+    "attention_sample": "int",
+    "attention_logit_max": "float",
+    "attention_entropy_min": "float",
+    "output_logits_rule": "bool",
+    "output_logz_max": "float",
+    "adam_epsilon_rule": "bool",
+    "adam_epsilon_factor": "float",
+    "loss_spike_sigma": "float",
+    "loss_spike_window": "int",
+    "loss_spike_min_steps": "int",
 }
 _CHOICES = {"defer_report": ("auto", "always", "never")}
 _MIN_INT = {"every": 1, "min_repeats": 2, "finding_steps": 1, "finding_window": 1, "histogram_every": 0,
-            "profile_every": 0, "overview_every": 0}
+            "profile_every": 0, "overview_every": 0, "attention_sample": 1, "loss_spike_window": 2,
+            "loss_spike_min_steps": 2}
 _FLOAT_RANGE = {
     "vanishing_ratio": (0.0, 1.0),
     "exploding_ratio": (1.0, math.inf),
@@ -242,6 +267,11 @@ _FLOAT_RANGE = {
     "scale_tolerance": (0.0, math.inf),
     "update_ratio_high": (0.0, math.inf),
     "update_ratio_low": (-1e-300, 1.0),  # 0 turns the low side off
+    "attention_logit_max": (0.0, math.inf),
+    "attention_entropy_min": (-1e-300, 1.0),  # 0 turns it off
+    "output_logz_max": (0.0, math.inf),
+    "adam_epsilon_factor": (-1e-300, math.inf),  # 0 turns it off
+    "loss_spike_sigma": (0.0, math.inf),
 }
 
 

@@ -57,6 +57,9 @@ class OptimizerMonitor:
         self._params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self._acc: dict[int, torch.Tensor] = {}
         self._prev: dict[int, torch.Tensor] = {}
+        self.keep_all = False  # also snapshot the other parameters (the non-finite origin's replay needs them all)
+        self._others: dict[int, torch.Tensor] = {}  # id(param) -> its value before the update
+        self._pre_update: dict[int, torch.Tensor] = {}  # id(param) -> before the update, for the step ending now
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
         if hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
             for p in self._params:
@@ -66,6 +69,7 @@ class OptimizerMonitor:
         for h in self._handles:
             h.remove()
         self._handles, self._prev, self._acc, self._pre_sums = [], {}, {}, None
+        self._others, self._pre_update = {}, {}
 
     def _recording(self) -> Any:
         rec = self._recorder()
@@ -131,6 +135,9 @@ class OptimizerMonitor:
             w = ref()
             if w is not None:
                 self._prev[slot] = local_tensor(w.detach()).clone()  # FSDP2: this rank's shard
+        if self.keep_all and not self._distributed:
+            layer_ids = {id(ref()) for _, ref in self._layers}
+            self._others = {id(p): p.detach().clone() for p in self._params if id(p) not in layer_ids}
 
     def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         rec = self._recording()
@@ -142,5 +149,18 @@ class OptimizerMonitor:
                     if w.numel() == 0:  # an empty shard
                         continue
                     rec.write_update(slot, w.numel(), w.device, [stats.sumsq(w - prev), stats.sumsq(prev)])
-            self._prev = {}
-        self._end_step()
+            if self.keep_all and not self._distributed:
+                self._pre_update = dict(self._others)
+                for slot, ref in self._layers:
+                    w = ref()
+                    if w is not None and slot in self._prev:
+                        self._pre_update[id(w)] = self._prev[slot]
+            self._prev, self._others = {}, {}
+        try:
+            self._end_step()
+        finally:
+            self._pre_update = {}
+
+    def pre_update(self) -> dict[int, torch.Tensor]:
+        """While the step that ``opt.step()`` ends is published: ``id(param) -> its value before the update``."""
+        return self._pre_update

@@ -20,6 +20,7 @@ The replay leaves training as it was: parameters are only read (gradients come f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import sys
 import warnings
@@ -33,6 +34,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import TorchDiagError, _internal_dirs
+from .losses import projection_loss
 from .preserve import preserved_state
 
 PHASES = ("forward", "backward", "optimizer")
@@ -278,8 +280,6 @@ def replay(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     replaces some of the model's parameters for the replay (``torch.func.functional_call``: the weights
     from before an optimizer step). Returns ``None`` when everything stayed finite.
     """
-    from .watch import projection_loss  # the loss check() uses without loss_fn
-
     kwargs = kwargs or {}
     if names is None:
         names = {m: n for n, m in model.named_modules() if n}
@@ -363,3 +363,104 @@ def locate_nonfinite(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], to
 
 
 __all__ = ["NonfiniteOrigin", "locate_nonfinite", "replay", "PHASES"]
+
+
+class Tripwire:
+    """The watch's side of the origin: keeps the batch of the latest recorded forward of the model (a reference
+    to the user's own arguments, taken as the forward returns, dropped when the step ends) and, after the first
+    step whose statistics hold a NaN/Inf, finds where it was produced (once per watch).
+
+    The replay runs on the weights the step's forward saw when it can: the current weights if they are
+    finite, else (with ``optimizer=``) the weights from before that step's update; otherwise it says why not.
+    """
+
+    def __init__(self, model: nn.Module, layers: Mapping[nn.Module, str], recording: Callable[[], bool]) -> None:
+        self._model = model
+        self._layers = layers
+        self._recording = recording
+        self._batch: tuple[tuple, dict] | None = None
+        self._handle: Any = None
+        self.origin: NonfiniteOrigin | None = None
+        self.scaler = False  # a GradScaler is in use: backward-only non-finite steps are its skipped steps
+
+    def install(self) -> None:
+        from .signals import GlobalHooks
+
+        self._handle = GlobalHooks.add(self._model, post=self._post)
+
+    def remove(self) -> None:
+        from .signals import GlobalHooks
+
+        if self._handle is not None:
+            GlobalHooks.discard(self._handle)
+            self._handle = None
+        self._batch = None
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        from .runtime import in_backward, tracing
+
+        if self.origin is None and module.training and torch.is_grad_enabled() and not tracing() \
+                and not in_backward() and self._recording():
+            self._batch = (args, kwargs)
+
+    def take_batch(self) -> tuple[tuple, dict] | None:
+        """The batch of the step that ends (the reference is dropped here)."""
+        batch, self._batch = self._batch, None
+        return batch
+
+    def after_step(self, report: Any, batch: tuple[tuple, dict] | None,
+                   pre_update: Mapping[str, torch.Tensor] | None = None) -> NonfiniteOrigin | None:
+        """The origin of the step's first NaN/Inf, if this step has the run's first; ``None`` otherwise."""
+        if self.origin is not None:
+            return None
+        forward, backward = report.first_nonfinite, report.first_nonfinite_grad
+        if forward is None and backward is None:
+            origin = self._optimizer_origin(report)
+        elif forward is None and self.scaler:
+            return None  # GradScaler's skipped step: the scaler doing its job
+        else:
+            origin = self._replayed(report, batch, pre_update)
+        self.origin = origin
+        return origin
+
+    def _optimizer_origin(self, report: Any) -> NonfiniteOrigin | None:
+        """Finite activations and gradients, non-finite weights after the update: the optimizer made them."""
+        # a ratio past 1e3 (update_ratio_high is 0.5) is an update that blew up: only then are the weights read
+        if not any(r.update_ratio is not None and not r.update_ratio <= 1e3 for r in report.layers):
+            return None
+        for name, p in self._model.named_parameters():
+            if p.is_floating_point() and not _finite(p.detach()):
+                return NonfiniteOrigin("optimizer", module=name.rpartition(".")[0] or None, parameter=name,
+                                       step=report.step, value=_value_kind(p.detach()),
+                                       note="the gradients were finite; the optimizer's update was not")
+        return None
+
+    def _replayed(self, report: Any, batch: tuple[tuple, dict] | None,
+                  pre_update: Mapping[str, torch.Tensor] | None) -> NonfiniteOrigin:
+        phase = "forward" if report.first_nonfinite is not None else "backward"
+        module = report.first_nonfinite or report.first_nonfinite_grad
+        coarse = NonfiniteOrigin(phase, module=module, step=report.step)
+        if batch is None:
+            return dataclasses.replace(coarse, note="the batch of that step was not kept (the model's forward ran"
+                                                    " outside a recorded training step): the first module that held it")
+        params = {n: p for n, p in self._model.named_parameters() if p.is_floating_point()}
+        finite = all(_finite(p.detach()) for p in params.values())
+        replace = None
+        if not finite:
+            if pre_update and all(_finite(p.detach()) for n, p in params.items() if n not in pre_update):
+                replace, note = dict(pre_update), "replayed on the weights from before that step's update"
+            else:
+                return dataclasses.replace(coarse, note="not replayed: that step's update already made the weights"
+                                           " non-finite; watch(..., optimizer=opt) keeps the weights from before it, or"
+                                           " call torchdiag.locate_nonfinite(model, batch) from a checkpoint")
+        else:
+            note = "replayed on the weights after that step"
+        try:
+            found = replay(self._model, batch[0], batch[1], names=self._layers, parameters=replace)
+        except Exception as e:  # noqa: BLE001 - the replay is torchdiag's: it never raises into training
+            return dataclasses.replace(coarse, note=f"the replay failed ({type(e).__name__}: {e}): the first module"
+                                                    " that held it")
+        if found is None:
+            return dataclasses.replace(coarse, note="the replay of that step's batch stayed finite (a random op, or the"
+                                                    " weights changed): the first module that held it")
+        return dataclasses.replace(found, step=report.step, note=found.note or note)

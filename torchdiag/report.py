@@ -10,7 +10,8 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-STATUSES = ("exploding", "vanishing", "nonfinite", "dead", "saturated", "large_updates", "small_updates")
+STATUSES = ("exploding", "vanishing", "nonfinite", "dead", "saturated", "large_updates", "small_updates",
+            "attention_logits", "attention_entropy", "output_logits", "adam_epsilon")
 
 
 @dataclass
@@ -56,6 +57,10 @@ class LayerReport:
     suggested_scale: float | None = None
     measured_scale: float | None = None  # textbook gain / measured gain on the actual inputs (LSUV reasoning)
     suggested_init: str | None = None
+    attention_logit_max: float | None = None  # attention layers: the largest q.k/sqrt(d) on the sampled queries
+    attention_entropy: float | None = None  # ... their heads' mean entropy over the uniform one (1 uniform, 0 one-hot)
+    output_logz: float | None = None  # the layer making the output logits: their mean log-sum-exp
+    adam_grad_rms: float | None = None  # with an Adam optimizer: the weight gradient's rms as the optimizer sees it
     status: set[str] = field(default_factory=set)
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -101,6 +106,8 @@ class Report:
     first_nonfinite_grad: str | None = None  # finite forward, NaN/Inf gradient: the first layer it reached
     run_findings: list[Any] = field(default_factory=list)  # the run's findings so far (torchdiag.verdict.RunFinding)
     new_findings: list[Any] = field(default_factory=list, repr=False)  # those that became findings at this step
+    nonfinite_origin: Any = None  # where the run's first NaN/Inf was produced (torchdiag.NonfiniteOrigin), once found
+    loss_spikes: list[Any] = field(default_factory=list)  # spikes found at this step (torchdiag.instability.LossSpike)
 
     @property
     def flagged(self) -> list[LayerReport]:
@@ -125,6 +132,8 @@ class Report:
             "grad_norm_preclip": self.grad_norm_preclip,
             "grad_norm_postclip": self.grad_norm_postclip,
             "clipped": self.clipped,
+            "nonfinite_origin": None if self.nonfinite_origin is None else self.nonfinite_origin.as_dict(),
+            "loss_spikes": [dataclasses.asdict(x) for x in self.loss_spikes],
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -293,6 +302,10 @@ def render(report: Report, *, color: bool = False, width: int = 100) -> str:
     if report.first_nonfinite:
         lines.extend(paint(x, _RED) for x in _wrap(f"first non-finite output: {report.first_nonfinite}", width,
                                                     "", "  "))
+    if report.nonfinite_origin is not None:
+        lines.extend(paint(x, _RED) for x in _wrap(str(report.nonfinite_origin), width, "! ", "  "))
+    for spike in report.loss_spikes:
+        lines.extend(paint(x, _RED) for x in _wrap(spike.message, width, "! ", "  "))
     items = [(layer.name, f.problem, f.direction, f.cause, f.message)
              for layer in report.flagged for f in layer.findings]
     for text in one_story(items):

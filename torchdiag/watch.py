@@ -19,9 +19,11 @@ from .buffer import Recorder
 from .config import Config, ConfigLike, resolve_config
 from .diagnose import StepStats, diagnose
 from .errors import TorchDiagError, warn_self
+from .losses import projection_loss
 from .optim import OptimizerMonitor
 from .preserve import preserved_state
 from .report import Report
+from .sentinel import Sentinel
 from .sinks.console import ConsoleSink
 from .sinks.tensorboard import TensorBoardSink, open_writer, writer_logdir
 from .taxonomy import describe, select_modules
@@ -69,6 +71,7 @@ class Watcher:
         self._closed = False
         self._rescale_handles: list[Any] = []
         self._rescale_hook: _RescaleHook | None = None
+        self._sentinel: Sentinel | None = None
         self._record_eval = record_eval
         self._tb_failed = False
         self._finalizer: Any = None
@@ -121,6 +124,7 @@ class Watcher:
                 self._optim_monitor = OptimizerMonitor(self._optimizer, self._recorder, weights,
                                                        end_step=_WeakCall(self, "_end_step_in_hook"),
                                                        scaler=self._scaler, distributed=self._group is not None)
+            self._install_sentinel(model)
             if not self._writes:  # not rank 0 of the group: no writer is opened, nothing is written
                 self._tb = None
             elif self._user_writer is not None:
@@ -134,7 +138,7 @@ class Watcher:
             raise
         # a Watcher dropped without leaving its `with` (garbage-collected) unhooks the model all the same
         self._finalizer = weakref.finalize(self, _abandon, self._module_refs, self._rescale_handles,
-                                           self._optim_monitor, self._tb, id(cap))
+                                           self._optim_monitor, self._tb, id(cap), self._sentinel)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -173,6 +177,9 @@ class Watcher:
         if self._optim_monitor is not None:
             self._optim_monitor.remove()
             self._optim_monitor = None
+        if self._sentinel is not None:
+            self._sentinel.remove()
+            self._sentinel = None  # it holds the model
         self._optimizer = self._scaler = None
         capture.detach(self._module_refs)
         self._module_refs = []
@@ -214,14 +221,19 @@ class Watcher:
             return None
 
     # ------------------------------------------------------------ steps
-    def step(self) -> Report | None:
+    def step(self, loss: Any = None) -> Report | None:
         """End the current step. Returns its report if the step was recorded, else None.
 
         With ``watch(..., optimizer=opt)`` steps end at each ``opt.step()`` instead; then this only
         returns the report of the step that just ended (None if it was not recorded).
+
+        ``loss`` (a float or a 0-d tensor, optional): the step's loss, for the loss-spike monitor. A tensor is
+        kept detached and read with the next recorded step (no host sync on the steps in between).
         """
         if self._recorder is None or self._closed:
             raise TorchDiagError("Watcher.step() called outside the `with torchdiag.watch(...)` block")
+        if loss is not None and self._sentinel is not None:
+            self._sentinel.add_loss(self._recorder.step - (self._optim_monitor is not None), loss)
         if self._optim_monitor is not None:  # the report the latest optimizer step produced, if any
             return self._step_report if self._step_report_at == self._recorder.step else None
         self._recorder.capture.auto_step = False
@@ -236,6 +248,8 @@ class Watcher:
             return self._publish(self._recorder.flush(reduce=reduce), in_hook=in_hook)
         if self._rescale_hook is not None:
             self._rescale_hook.end_step()
+        if self._sentinel is not None:
+            self._sentinel.end_step(self._recorder.step, self._recorder.recording)
         try:
             stats = self._recorder.end_step(reduce=reduce)
         except Exception as e:  # noqa: BLE001 - torchdiag's own failure: the step is lost, training goes on
@@ -267,6 +281,11 @@ class Watcher:
         if self._recorder is not None and self._recorder.notes:
             report.notes += self._recorder.notes
             self._recorder.notes = []
+        if self._sentinel is not None:
+            try:
+                self._sentinel.publish(report)
+            except Exception as e:  # noqa: BLE001 - torchdiag's own failure never reaches the training step
+                warn_self(f"torchdiag: the instability signals of step {stats.step} failed ({type(e).__name__}: {e})")
         self._last = report
         report.new_findings = self._verdict.add(report)
         report.run_findings = self._verdict.findings()
@@ -387,6 +406,18 @@ class Watcher:
                 factors[m] = float(factor)
         return factors
 
+    def _install_sentinel(self, model: nn.Module) -> None:
+        """The divergence signals, loss spikes and non-finite origin (``sentinel.py``)."""
+        rec = self._recorder
+        assert rec is not None
+        layers = {m: s.name for s, m in zip(self._slots, self._modules) if s.is_layer and s.name}
+        weights = {id(getattr(m, s.weight_name)): s.name for s, m in zip(self._slots, self._modules)
+                   if s.is_layer and s.weight_name is not None and s.name}
+        recording = _recording_of(rec)
+        self._sentinel = Sentinel(model, layers, self.config, recording, optimizer=self._optimizer,
+                                  scaler=self._scaler, weights=weights, monitor=self._optim_monitor)
+        self._sentinel.install()
+
     def _install_rescale(self) -> None:
         if len(self._rescale_factors):
             self._rescale_hook = _RescaleHook(self._rescale_factors)
@@ -430,6 +461,15 @@ class _RescaleHook:
             handle.remove()
 
 
+def _recording_of(recorder: Recorder) -> Callable[[], bool]:
+    ref = weakref.ref(recorder)
+
+    def recording() -> bool:
+        rec = ref()
+        return rec is not None and rec.recording and not rec.closed
+    return recording
+
+
 class _WeakCall:
     """``getattr(obj, name)()`` without keeping ``obj`` alive (the optimizer's hooks and the recorder hold this)."""
 
@@ -443,9 +483,12 @@ class _WeakCall:
             getattr(obj, self._name)()
 
 
-def _abandon(module_refs: list, rescale_handles: list, monitor: Any, tb: Any, recorder_id: int) -> None:
+def _abandon(module_refs: list, rescale_handles: list, monitor: Any, tb: Any, recorder_id: int,
+             sentinel: Any = None) -> None:
     """A Watcher garbage-collected inside its watch (entered, never exited): remove what it added."""
     try:
+        if sentinel is not None:
+            sentinel.remove()
         capture.forget(recorder_id)
         capture.detach(module_refs)
         for h in rescale_handles:
@@ -654,20 +697,7 @@ def _check(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report
             targets += [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
             if isinstance(loss, torch.Tensor) and loss.requires_grad and targets:
                 torch.autograd.grad(loss, targets, allow_unused=True)
-            report = w.report()
+            report = w.step() or w.report()  # the step ends: its signals (attention, logits) are read with it
         if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
             report.notes.append("the loss does not require grad: no gradient was measured")
     return report
-
-
-def projection_loss(output: Any) -> torch.Tensor:
-    """A fixed random projection of every floating tensor in ``output`` (seeded, so repeatable)."""
-    gen = torch.Generator().manual_seed(0)
-    total = None
-    for t in capture.iter_float_tensors(output):
-        r = torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype)
-        term = (t * r).sum()
-        total = term if total is None else total + term
-    if total is None:
-        raise TorchDiagError("check(): the model's output holds no floating-point tensor; pass loss_fn=")
-    return total

@@ -1,0 +1,87 @@
+"""The watch's instability side: the divergence signals, the loss-spike monitor and the non-finite origin,
+wired as one unit (``Watcher`` calls it where a step ends and where a report is published)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from . import instability, signals
+from .errors import warn_self
+from .origin import Tripwire
+
+
+class Sentinel:
+    """Signals, loss spikes and the non-finite origin of one watch."""
+
+    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any, recording: Callable[[], bool],
+                 optimizer: Any = None, scaler: Any = None, weights: dict[int, str] | None = None,
+                 monitor: Any = None) -> None:
+        self._cfg = config
+        self._signals = signals.Signals(model, layers, config, recording, optimizer=optimizer)
+        self._signals.watch_weights(weights or {})
+        self._tripwire = Tripwire(model, layers, recording) if config.nonfinite_origin else None
+        if self._tripwire is not None:
+            self._tripwire.scaler = scaler is not None
+            if monitor is not None:
+                monitor.keep_all = True
+        self._monitor = monitor
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self.spikes = instability.LossSpikes(config)
+        self._pending: list[tuple[int, dict[str, Any], Any]] = []  # (step, raw signals, batch)
+        self._losses: list[tuple[int, Any]] = []  # of steps that ended unrecorded: judged at the next report
+
+    def install(self) -> None:
+        self._signals.install()
+        if self._tripwire is not None:
+            self._tripwire.install()
+
+    def remove(self) -> None:
+        self._signals.remove()
+        if self._tripwire is not None:
+            self._tripwire.remove()
+        self._pending, self._losses = [], []
+
+    @property
+    def origin(self) -> Any:
+        return None if self._tripwire is None else self._tripwire.origin
+
+    def add_loss(self, step: int, loss: Any) -> None:
+        self._signals.add_loss(step, loss)
+
+    def end_step(self, step: int, recorded: bool) -> None:
+        """A step ends: keep what it measured (still on the device) for its report."""
+        raw = self._signals.take()
+        if not recorded:
+            self._losses += raw["losses"]
+            return
+        batch = self._tripwire.take_batch() if self._tripwire is not None else None
+        self._pending.append((step, raw, batch))
+
+    def publish(self, report: Any) -> None:
+        """Add the signals' findings, the loss spikes and the non-finite origin to the report of a step."""
+        mine = [p for p in self._pending if p[0] <= report.step]
+        self._pending = [p for p in self._pending if p[0] > report.step]
+        raw = next((r for s, r, _ in mine if s == report.step), None)
+        batch = next((b for s, _, b in mine if s == report.step), None)
+        losses = self._losses + [x for s, r, _ in mine if r is not raw for x in r["losses"]]
+        self._losses = []
+        sig = signals.read(raw if raw is not None else _EMPTY, losses)
+        instability.judge(report, sig, self._cfg)
+        self.spikes.add_layers(report)
+        report.loss_spikes = self.spikes.feed(sorted(sig.losses))
+        if self._tripwire is not None:
+            pre = None
+            if self._monitor is not None:
+                pre = {self._names[i]: t for i, t in self._monitor.pre_update().items() if i in self._names}
+            fresh = self._tripwire.after_step(report, batch, pre_update=pre)
+            report.nonfinite_origin = self._tripwire.origin
+            if fresh is not None:
+                warn_self(f"torchdiag (step {report.step}): {fresh}" + (f" ({fresh.note})" if fresh.note else ""))
+        for spike in report.loss_spikes:
+            warn_self(f"torchdiag (step {report.step}): {spike.message}")
+
+
+_EMPTY: dict[str, Any] = {"attention": {}, "logz": None, "softmax": None, "adam": {}, "losses": []}

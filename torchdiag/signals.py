@@ -1,0 +1,477 @@
+"""Signals that precede divergence: attention logits and entropy, the output logits' log Z, gradients near
+Adam's epsilon, and the loss. Recorded on recorded steps only, on a bounded sample, as on-device 0-d tensors
+read with the step (one ``tolist`` per step).
+
+* attention: ``nn.MultiheadAttention`` (q and k rebuilt from its input projection) and every
+  ``F.scaled_dot_product_attention`` call made inside a module whose class name says ``Attention`` (Hugging
+  Face's sdpa path, most hand-written blocks); an eager Hugging Face attention that returns its probabilities
+  gives their entropy. Per layer: the largest logit ``q.k * scale`` over the allowed keys and the mean over
+  heads of the attention's normalised entropy (entropy / log of the number of allowed keys: 1 is uniform, 0 is
+  one-hot), on up to ``attention_sample`` evenly spaced queries of the first two sequences;
+* output logits: ``log Z = logsumexp`` over the last dimension of the model's output (or its ``.logits``),
+  mean over up to 256 rows, and whether its gradient sums to zero along that dimension (what the gradient of
+  any softmax cross-entropy does: ``p - y``), which says these are logits of a softmax loss;
+* Adam's epsilon: at ``opt.step()`` of a recorded step, each watched weight's gradient rms over its non-zero
+  entries (an embedding's unused rows are not small gradients), with its group's ``eps``;
+* the loss: ``Watcher.step(loss=...)`` keeps it (detached) until the next recorded step reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runtime import first_float_tensor, is_compiling
+
+_LOGIT_ROWS = 256
+
+
+@dataclass
+class StepSignals:
+    """What the signals measured at one recorded step (plain floats)."""
+
+    attention: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (max logit, entropy)
+    logz: float | None = None  # mean log-sum-exp of the output logits
+    softmax_output: bool = False  # the output's gradient sums to zero along its last dimension
+    adam: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (gradient rms, eps)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) since the last recorded step
+
+
+def attention_figures(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, allowed: Any = None,
+                      additive: torch.Tensor | None = None, causal: bool = False,
+                      max_queries: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max logit over allowed keys, mean over heads of the normalised entropy) for ``q`` (B, H, Sq, D) and
+    ``k`` (B, Hk, Sk, D), on the first two sequences and up to ``max_queries`` evenly spaced queries.
+
+    ``allowed`` is a boolean mask broadcastable to (B, H, Sq, Sk), True where a query may attend; ``additive``
+    a float mask added to the logits (``-inf`` excludes); ``causal`` the top-left causal mask of SDPA."""
+    q, k = q[:2].detach().float(), k[:2].detach().float()
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    sq, sk = q.shape[-2], k.shape[-2]
+    idx = torch.linspace(0, sq - 1, min(sq, max_queries), device=q.device).round().long().unique()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (q[:, :, idx] @ k.transpose(-1, -2)) * scale  # (b, H, nq, Sk)
+    ok = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+    if causal:
+        ok &= torch.arange(sk, device=q.device)[None, :] <= idx[:, None]
+    if allowed is not None:
+        ok &= _rows(allowed, logits.shape, idx).to(torch.bool)
+    scores = logits
+    if additive is not None:
+        add = _rows(additive, logits.shape, idx).float()
+        ok &= torch.isfinite(add) | (add > 0)
+        scores = logits + torch.where(torch.isfinite(add), add, torch.zeros_like(add))
+    neg = torch.finfo(torch.float32).min
+    top = torch.where(ok, logits, torch.full_like(logits, neg)).amax()
+    scores = torch.where(ok, scores, torch.full_like(scores, -math.inf))
+    logp = torch.log_softmax(scores, dim=-1)
+    p = logp.exp()
+    ent = -(torch.where(ok, p * logp, torch.zeros_like(p))).sum(-1)  # (b, H, nq)
+    n = ok.sum(-1)
+    rows = n > 1
+    norm = torch.where(rows, ent / torch.log(n.clamp(min=2).float()), torch.zeros_like(ent))
+    per_head = norm.sum(dim=(0, 2)) / rows.sum(dim=(0, 2)).clamp(min=1)
+    has = rows.any(dim=2).any(dim=0)
+    entropy = (per_head * has).sum() / has.sum().clamp(min=1)
+    return top, entropy
+
+
+def entropy_of_probs(p: torch.Tensor, max_queries: int = 64) -> torch.Tensor:
+    """Mean over heads of the normalised entropy of attention probabilities (B, H, Sq, Sk)."""
+    p = p[:2].detach().float()
+    sq = p.shape[-2]
+    idx = torch.linspace(0, sq - 1, min(sq, max_queries), device=p.device).round().long().unique()
+    p = p[:, :, idx]
+    ok = p > 0
+    ent = -(torch.where(ok, p * p.clamp(min=1e-30).log(), torch.zeros_like(p))).sum(-1)
+    n = ok.sum(-1)
+    rows = n > 1
+    norm = torch.where(rows, ent / torch.log(n.clamp(min=2).float()), torch.zeros_like(ent))
+    per_head = norm.sum(dim=(0, 2)) / rows.sum(dim=(0, 2)).clamp(min=1)
+    has = rows.any(dim=2).any(dim=0)
+    value = (per_head * has).sum() / has.sum().clamp(min=1)
+    probs = ((p >= 0).all() & ((p.sum(-1) - 1).abs() < 1e-3).all())  # else not probabilities (T5: a position bias)
+    return torch.where(probs, value, torch.full_like(value, math.nan))
+
+
+def _rows(mask: torch.Tensor, shape: torch.Size, idx: torch.Tensor) -> torch.Tensor:
+    """A mask broadcastable to (B, H, Sq, Sk), cut to the sampled sequences and queries."""
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m[: shape[0]] if m.shape[0] > 1 else m
+    m = m[:, :, idx] if m.shape[2] > 1 else m
+    return m.expand(shape)
+
+
+def _mha_figures(m: nn.MultiheadAttention, args: tuple, kwargs: dict, max_queries: int) -> tuple[Any, Any] | None:
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+    got = dict(zip(names, args))
+    got.update({k: v for k, v in kwargs.items() if k in names})
+    query, key = got.get("query"), got.get("key")
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or query.dim() != 3:
+        return None
+    if not m.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    query, key = query[:2], key[:2]
+    e, h = m.embed_dim, m.num_heads
+    if m.in_proj_weight is not None:
+        wq, wk = m.in_proj_weight[:e], m.in_proj_weight[e: 2 * e]
+    else:
+        wq, wk = m.q_proj_weight, m.k_proj_weight
+    bq = bk = None
+    if m.in_proj_bias is not None:
+        bq, bk = m.in_proj_bias[:e], m.in_proj_bias[e: 2 * e]
+    with torch.no_grad():
+        q = F.linear(query.detach(), wq.detach(), None if bq is None else bq.detach())
+        k = F.linear(key.detach(), wk.detach(), None if bk is None else bk.detach())
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        q = q.view(b, sq, h, e // h).transpose(1, 2)
+        k = k.view(b, sk, h, e // h).transpose(1, 2)
+        allowed, additive = None, None
+        kpm, am = got.get("key_padding_mask"), got.get("attn_mask")
+        if isinstance(kpm, torch.Tensor):
+            keep = ~kpm[:2].bool() if kpm.dtype == torch.bool else torch.isfinite(kpm[:2]) & (kpm[:2] == 0)
+            allowed = keep[:, None, None, :]
+        if isinstance(am, torch.Tensor):
+            if am.dim() == 3:  # (N * H, L, S)
+                am = am.view(-1, h, am.shape[-2], am.shape[-1])[:2]
+            if am.dtype == torch.bool:
+                keep = ~am
+                allowed = keep if allowed is None else allowed & keep
+            else:
+                additive = am
+        return attention_figures(q, k, allowed=allowed, additive=additive, max_queries=max_queries)
+
+
+class GlobalHooks:
+    """Module hooks kept out of the model: two process-wide hooks look each module up here, so that a watched
+    model still pickles, deep-copies (a copy is not recorded) and saves without torchdiag's callbacks in it.
+    ``torch.compile`` traces past them (they return at once while compiling)."""
+
+    pre: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args)]
+    post: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args, kwargs, output)]
+    handles: list[Any] = []
+
+    @classmethod
+    def add(cls, module: nn.Module, pre: Callable[..., None] | None = None,
+            post: Callable[..., None] | None = None) -> tuple[nn.Module, Any, Any]:
+        if pre is not None:
+            cls.pre.setdefault(module, []).append(pre)
+        if post is not None:
+            cls.post.setdefault(module, []).append(post)
+        if not cls.handles:
+            cls.handles.append(nn.modules.module.register_module_forward_pre_hook(_global_pre))
+            cls.handles.append(nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True,
+                                                                              always_call=True))
+        return module, pre, post
+
+    @classmethod
+    def discard(cls, entry: tuple[nn.Module, Any, Any]) -> None:
+        module, pre, post = entry
+        for table, fn in ((cls.pre, pre), (cls.post, post)):
+            fns = table.get(module)
+            if fns is not None and fn in fns:
+                fns.remove(fn)
+                if not fns:
+                    del table[module]
+        if not cls.pre and not cls.post:
+            while cls.handles:
+                cls.handles.pop().remove()
+
+
+def _global_pre(module: nn.Module, args: tuple) -> None:
+    if is_compiling():
+        return
+    fns = GlobalHooks.pre.get(module)
+    if fns:
+        for fn in list(fns):
+            _guarded(fn, module, args)
+
+
+def _global_post(module: nn.Module, args: tuple, kwargs: dict | None = None, output: Any = None) -> None:
+    if is_compiling():
+        return
+    fns = GlobalHooks.post.get(module)
+    if fns:
+        for fn in list(fns):
+            _guarded(fn, module, args, kwargs, output)
+
+
+def _guarded(fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - a failure of torchdiag's own hook is reported, never raised
+        from .errors import warn_self
+
+        warn_self(f"torchdiag: a signal hook failed ({type(e).__name__}: {e}); training goes on")
+
+
+class _SDPA:
+    """``F.scaled_dot_product_attention`` wrapped, while at least one watch records attention."""
+
+    users = 0
+    original: Any = None
+    lock = threading.Lock()
+    local = threading.local()  # .stack: the Signals whose attention module is running, innermost last
+
+    @classmethod
+    def acquire(cls) -> None:
+        with cls.lock:
+            if cls.users == 0:
+                cls.original = F.scaled_dot_product_attention
+                F.scaled_dot_product_attention = _sdpa_wrapper
+            cls.users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        with cls.lock:
+            cls.users -= 1
+            if cls.users == 0 and cls.original is not None:
+                if F.scaled_dot_product_attention is _sdpa_wrapper:
+                    F.scaled_dot_product_attention = cls.original
+                cls.original = None
+
+
+def _sdpa_wrapper(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
+                  is_causal: bool = False, scale: float | None = None, **kwargs: Any) -> Any:
+    original = _SDPA.original
+    out = original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                   **kwargs)
+    if is_compiling():
+        return out
+    stack = getattr(_SDPA.local, "stack", None)
+    if stack and stack[-1][0] is not None:
+        owner, name = stack[-1]
+        try:
+            owner.on_sdpa(name, query, key, attn_mask, is_causal, scale)
+        except Exception:  # noqa: BLE001, S110 - torchdiag's figures never break the user's attention
+            pass
+    return out
+
+
+class Signals:
+    """The hooks of the divergence signals on one watched model; see the module docstring."""
+
+    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any,
+                 recording: Callable[[], bool], optimizer: Any = None) -> None:
+        self._model = model
+        self._names = {m: n for n, m in model.named_modules()}
+        self._layers = layers  # watched module -> its name in reports
+        self._cfg = config
+        self._recording = recording
+        self._optimizer = optimizer
+        self._handles: list[Any] = []
+        self._sdpa = False
+        self._attention: dict[str, tuple[Any, Any]] = {}
+        self._sdpa_seen: set[str] = set()
+        self._logz: Any = None
+        self._softmax: Any = None
+        self._adam: dict[str, tuple[Any, float]] = {}
+        self._losses: list[tuple[int, Any]] = []
+
+    # ------------------------------------------------------------------ wiring
+    def install(self) -> None:
+        cfg = self._cfg
+        if cfg.attention_rules:
+            for m in self._model.modules():
+                if isinstance(m, nn.MultiheadAttention):
+                    self._handles.append(GlobalHooks.add(m, self._mha_pre, self._mha_post))
+                elif "attention" in type(m).__name__.lower() and any(True for _ in m.parameters()):
+                    self._handles.append(GlobalHooks.add(m, self._attn_pre, self._attn_post))
+            if self._handles:
+                _SDPA.acquire()
+                self._sdpa = True
+        if cfg.output_logits_rule:
+            self._handles.append(GlobalHooks.add(self._model, post=self._root_post))
+        if cfg.adam_epsilon_rule and self._optimizer is not None and _adam_like(self._optimizer):
+            self._opt_handle = self._optimizer.register_step_pre_hook(self._opt_pre)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            GlobalHooks.discard(h)
+        self._handles = []
+        if getattr(self, "_opt_handle", None) is not None:
+            self._opt_handle.remove()
+            self._opt_handle = None
+        if self._sdpa:
+            _SDPA.release()
+            self._sdpa = False
+
+    def _name(self, m: nn.Module) -> str:
+        """The report's name for a module: its own, or its first watched descendant's (a container's q/k/v)."""
+        if m in self._layers:
+            return self._layers[m]
+        for sub in m.modules():
+            if sub in self._layers:
+                return self._layers[sub]
+        return self._names.get(m, type(m).__name__)
+
+    def _on(self) -> bool:
+        return not is_compiling() and torch.is_grad_enabled() and self._recording()
+
+    # ------------------------------------------------------------------ attention
+    def _mha_pre(self, m: nn.Module, args: tuple) -> None:
+        _SDPA.local.__dict__.setdefault("stack", []).append((None, None))  # its own SDPA call is not counted again
+
+    def _mha_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        stack = getattr(_SDPA.local, "stack", None)
+        if stack:
+            stack.pop()
+        if not self._on():
+            return
+        try:
+            figs = _mha_figures(m, args, kwargs, self._cfg.attention_sample)
+        except Exception:  # noqa: BLE001 - an input layout this cannot read: no attention figures for it
+            figs = None
+        if figs is not None:
+            self._attention[self._name(m)] = figs
+
+    def _attn_pre(self, m: nn.Module, args: tuple) -> None:
+        stack = _SDPA.local.__dict__.setdefault("stack", [])
+        stack.append((self, self._name(m)) if self._on() else (None, None))
+
+    def _attn_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        stack = getattr(_SDPA.local, "stack", None)
+        if stack:
+            owner, name = stack.pop()
+            if owner is self and name not in self._sdpa_seen and isinstance(output, tuple) and len(output) > 1:
+                probs = output[1]
+                if isinstance(probs, torch.Tensor) and probs.dim() == 4 and probs.is_floating_point():
+                    try:  # eager attention returned its probabilities: their entropy (no logits to read)
+                        self._attention[name] = (None, entropy_of_probs(probs, self._cfg.attention_sample))
+                    except Exception:  # noqa: BLE001, S110 - not probabilities after all
+                        pass
+
+    def on_sdpa(self, name: str, q: Any, k: Any, mask: Any, causal: bool, scale: float | None) -> None:
+        if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4):
+            return
+        allowed = additive = None
+        if isinstance(mask, torch.Tensor):
+            allowed, additive = (mask, None) if mask.dtype == torch.bool else (None, mask)
+        try:
+            with torch.no_grad():
+                figs = attention_figures(q, k, scale=scale, allowed=allowed, additive=additive, causal=causal,
+                                         max_queries=self._cfg.attention_sample)
+        except Exception:  # noqa: BLE001 - a layout this cannot read
+            return
+        prev = self._attention.get(name)
+        if prev is not None and prev[0] is not None and name in self._sdpa_seen:  # called again: the larger logit
+            figs = (torch.maximum(prev[0], figs[0]), torch.minimum(prev[1], figs[1]))
+        self._attention[name] = figs
+        self._sdpa_seen.add(name)
+
+    # ------------------------------------------------------------------ output logits
+    def _root_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._on():
+            return
+        t = getattr(output, "logits", None)
+        if not isinstance(t, torch.Tensor):
+            t = first_float_tensor((output,))
+        if t is None or t.dim() < 2 or t.shape[-1] < 2 or not t.requires_grad:
+            return
+        with torch.no_grad():
+            rows = t.detach().reshape(-1, t.shape[-1])
+            step = max(1, rows.shape[0] // _LOGIT_ROWS)
+            self._logz = torch.logsumexp(rows[::step][:_LOGIT_ROWS].float(), dim=-1).mean()
+        try:
+            t.register_hook(self._logits_grad)
+        except RuntimeError:  # a leaf or a tensor that cannot take hooks
+            pass
+
+    def _logits_grad(self, g: torch.Tensor) -> None:
+        with torch.no_grad():
+            rows = g.detach().reshape(-1, g.shape[-1]).float()
+            self._softmax = rows.sum(-1).abs().sum() / rows.abs().sum().clamp(min=1e-30)
+
+    # ------------------------------------------------------------------ Adam's epsilon
+    def _opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._recording():
+            return
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                eps = group.get("eps")
+                if not isinstance(eps, (int, float)) or eps <= 0:
+                    continue
+                for p in group["params"]:
+                    name = self._weights.get(id(p)) if hasattr(self, "_weights") else None
+                    if name is None or p.grad is None or p.grad.is_sparse:
+                        continue
+                    g = p.grad.detach()
+                    nnz = torch.count_nonzero(g).clamp(min=1)
+                    self._adam[name] = ((g.float().pow(2).sum() / nnz).sqrt(), float(eps))
+
+    def watch_weights(self, weights: dict[int, str]) -> None:
+        """``id(weight) -> layer name`` of the watched weights Adam's epsilon is compared with."""
+        self._weights = weights
+
+    # ------------------------------------------------------------------ loss
+    def add_loss(self, step: int, loss: Any) -> None:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise TypeError(f"step(loss=...): expected a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+            self._losses.append((step, loss.detach().reshape(())))
+        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            self._losses.append((step, float(loss)))
+        else:
+            raise TypeError(f"step(loss=...): expected a float or a 0-d tensor, got {type(loss).__name__}")
+
+    # ------------------------------------------------------------------ the step
+    def take(self) -> dict[str, Any]:
+        """What this step measured, still on the device (no copy), and start the next step."""
+        raw = {"attention": self._attention, "logz": self._logz, "softmax": self._softmax, "adam": self._adam,
+               "losses": self._losses}
+        self._attention, self._sdpa_seen, self._adam, self._losses = {}, set(), {}, []
+        self._logz = self._softmax = None
+        return raw
+
+
+def read(raw: dict[str, Any], losses: list[tuple[int, Any]] = ()) -> StepSignals:
+    """Plain floats of what ``Signals.take`` gave (one host copy per device), with ``losses`` of earlier steps."""
+    losses = list(losses) + list(raw["losses"])
+    entries: list[tuple[str, Any, Any]] = []
+    for name, (top, ent) in raw["attention"].items():
+        entries += [("att_max", name, top), ("att_ent", name, ent)]
+    entries += [("logz", None, raw["logz"]), ("softmax", None, raw["softmax"])]
+    entries += [("adam", name, rms) for name, (rms, _eps) in raw["adam"].items()]
+    entries += [("loss", i, loss) for i, (_step, loss) in enumerate(losses)]
+    got = _read(entries)
+    out = StepSignals()
+    for name in raw["attention"]:
+        out.attention[name] = (got.get(("att_max", name), math.nan), got.get(("att_ent", name), math.nan))
+    out.logz = got.get(("logz", None))
+    soft = got.get(("softmax", None))
+    out.softmax_output = soft is not None and soft < 1e-3
+    out.adam = {name: (got[("adam", name)], eps) for name, (_rms, eps) in raw["adam"].items() if ("adam", name) in got}
+    out.losses = [(step, got[("loss", i)]) for i, (step, _) in enumerate(losses)]
+    return out
+
+
+def _read(entries: list[tuple[str, Any, Any]]) -> dict[tuple[str, Any], float]:
+    """Floats of (kind, key, tensor-or-float) entries: one stacked copy per device, NaN values left out."""
+    got: dict[tuple[str, Any], float] = {}
+    by_device: dict[torch.device, list[tuple[tuple[str, Any], torch.Tensor]]] = {}
+    for kind, key, v in entries:
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(((kind, key), v.detach().float().reshape(())))
+        elif v is not None:
+            got[(kind, key)] = float(v)
+    for items in by_device.values():
+        for (k, _), x in zip(items, torch.stack([t for _, t in items]).tolist()):
+            got[k] = x
+    return {k: v for k, v in got.items() if not (k[0] != "loss" and math.isnan(v))}
+
+
+def _adam_like(optimizer: Any) -> bool:
+    """An optimizer whose update divides by sqrt(v) + eps: every group has ``eps`` and ``betas``."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    return bool(groups) and all("eps" in g and "betas" in g for g in groups)
