@@ -378,9 +378,10 @@ BROKEN = [
     Case("bert_init_range_1", "transformers", _hf("BertForSequenceClassification", "BertConfig", num_labels=CLASSES,
          initializer_range=1.0, **_BERTLIKE), _seq_cls(), False,
          "initializer_range 1 (50x BERT's 0.02): q and k have std 8 after the LayerNorm'd input, so the attention"
-         " logits have std ~64 and the softmax is one-hot (invisible: a function, not a module); the LayerNorms"
-         " hold every block at unit scale, so no drift; the pooler's Linear (N(0,1), 64 inputs) gives its tanh"
-         " pre-activations of std 8: ~75 % of the outputs beyond 0.99", {"saturated": "bert.pooler.activation"}),
+         " logits have std ~64 and the softmax is one-hot: attention entropy collapsed from block 0 (on its first"
+         " watched layer, the query); the LayerNorms hold every block at unit scale, so no drift; the pooler's"
+         " Linear (N(0,1), 64 inputs) gives its tanh pre-activations of std 8: ~75 % of the outputs beyond 0.99",
+         {"saturated": "bert.pooler.activation", "attention_entropy": "bert.encoder.layer.0.attention.self.query"}),
 ]
 
 BROKEN += [

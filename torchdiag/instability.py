@@ -26,8 +26,13 @@ def _row(report: Report, name: str) -> LayerReport | None:
     return next((r for r in report.layers if r.name == name), None)
 
 
-def judge(report: Report, sig: StepSignals, cfg: Any) -> None:
-    """Add the attention, output-logit and Adam-epsilon findings of one recorded step to ``report``."""
+def judge(report: Report, sig: StepSignals, cfg: Any, adam_before: set[str] = frozenset()) -> set[str]:
+    """Add the attention, output-logit and Adam-epsilon findings of one recorded step to ``report``.
+
+    ``adam_before``: the layers whose gradient was near Adam's eps at the previous recorded step; a layer is flagged
+    when it is at two in a row (Adam's first updates move a layer-scaled branch, ConvNeXt's gamma = 1e-6, whose
+    gradients start near eps; one step later the scale has grown out of it). Returns this step's such layers."""
+    near: set[str] = set()
     for name, (top, ent) in sig.attention.items():
         row = _row(report, name)
         if row is None:
@@ -63,6 +68,8 @@ def judge(report: Report, sig: StepSignals, cfg: Any) -> None:
             continue
         row.adam_grad_rms = rms
         if rms < cfg.adam_epsilon_factor * eps:
+            near.add(name)
+        if name in near and name in adam_before:
             suggest = 10.0 ** math.floor(math.log10(rms / 100.0))
             _flag(row, Finding(
                 "adam_epsilon", None, rms / eps, cfg.adam_epsilon_factor, "adam_epsilon_factor",
@@ -70,6 +77,7 @@ def judge(report: Report, sig: StepSignals, cfg: Any) -> None:
                 f" (adam_epsilon_factor {cfg.adam_epsilon_factor:g}): the update m/(sqrt(v)+eps) is damped by"
                 f" ~{eps / (rms + eps):.0%}. Fix: eps={suggest:.0e} (Wortsman et al. 2023), or a loss scale that"
                 " does not shrink the gradients."))
+    return near
 
 
 @dataclass

@@ -32,6 +32,8 @@ class Sentinel:
         self.spikes = instability.LossSpikes(config)
         self._pending: list[tuple[int, dict[str, Any], Any]] = []  # (step, raw signals, batch)
         self._losses: list[tuple[int, Any]] = []  # of steps that ended unrecorded: judged at the next report
+        self._ended = -1  # the step that ended last
+        self._adam_near: set[str] = set()  # layers near Adam's eps at the previous recorded step
 
     def install(self) -> None:
         self._signals.install()
@@ -54,6 +56,7 @@ class Sentinel:
     def end_step(self, step: int, recorded: bool) -> None:
         """A step ends: keep what it measured (still on the device) for its report."""
         raw = self._signals.take()
+        self._ended = step
         if not recorded:
             self._losses += raw["losses"]
             return
@@ -69,12 +72,12 @@ class Sentinel:
         losses = self._losses + [x for s, r, _ in mine if r is not raw for x in r["losses"]]
         self._losses = []
         sig = signals.read(raw if raw is not None else _EMPTY, losses)
-        instability.judge(report, sig, self._cfg)
+        self._adam_near = instability.judge(report, sig, self._cfg, self._adam_near)
         self.spikes.add_layers(report)
         report.loss_spikes = self.spikes.feed(sorted(sig.losses))
         if self._tripwire is not None:
             pre = None
-            if self._monitor is not None:
+            if self._monitor is not None and report.step == self._ended:  # deferred: that snapshot is a later step's
                 pre = {self._names[i]: t for i, t in self._monitor.pre_update().items() if i in self._names}
             fresh = self._tripwire.after_step(report, batch, pre_update=pre)
             report.nonfinite_origin = self._tripwire.origin
