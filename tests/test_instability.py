@@ -323,3 +323,25 @@ def test_no_spike_on_a_noisy_healthy_loss_and_bad_loss_arguments():
             diag.step(loss="1.0")
         with pytest.raises(TypeError, match=r"expected a scalar loss, got a tensor of shape \(2,\)"):
             diag.step(loss=torch.ones(2))
+
+
+def test_the_signals_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    model = Encoder(scale=60.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torchdiag.watch(model, logdir=tmp_path, optimizer=opt) as diag:
+            y = torch.randint(0, 4, (2, 24))
+            F.cross_entropy(model(torch.randn(2, 24, 16)).reshape(-1, 4), y.reshape(-1)).backward()
+            opt.step()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    row = diag.report()
+    for tag, value in (("attention_logit_max/attn", row["attn"].attention_logit_max),
+                       ("attention_entropy/attn", row["attn"].attention_entropy),
+                       ("output_logz/out", row["out"].output_logz), ("adam_grad_rms/inp", row["inp"].adam_grad_rms)):
+        assert value is not None, tag
+        assert acc.Scalars(tag)[-1].value == pytest.approx(value, rel=1e-6), tag

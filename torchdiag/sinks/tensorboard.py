@@ -48,6 +48,10 @@ SCALARS = {
     "zero_fraction": "zero_frac",
     "gain": "gain",
     "update_ratio": "update_ratio",
+    "attention_logit_max": "attention_logit_max",
+    "attention_entropy": "attention_entropy",
+    "output_logz": "output_logz",
+    "adam_grad_rms": "adam_grad_rms",
 }
 LOG10 = {"act_std": "log10_act_std", "grad_std": "log10_grad_std"}  # metric -> its log10 twin
 FLUSH_SECS = 30  # an owned writer flushes at least this often: a hard crash loses at most this much
