@@ -18,10 +18,10 @@ class Sentinel:
 
     def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any, recording: Callable[[], bool],
                  optimizer: Any = None, scaler: Any = None, weights: dict[int, str] | None = None,
-                 monitor: Any = None) -> None:
+                 lookups: set[int] = frozenset(), monitor: Any = None) -> None:
         self._cfg = config
         self._signals = signals.Signals(model, layers, config, recording, optimizer=optimizer)
-        self._signals.watch_weights(weights or {})
+        self._signals.watch_weights(weights or {}, lookups)
         self._tripwire = Tripwire(model, layers, recording) if config.nonfinite_origin else None
         if self._tripwire is not None:
             self._tripwire.scaler = scaler is not None

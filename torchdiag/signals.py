@@ -11,8 +11,8 @@ read with the step (one ``tolist`` per step).
 * output logits: ``log Z = logsumexp`` over the last dimension of the model's output (or its ``.logits``),
   mean over up to 256 rows, and whether its gradient sums to zero along that dimension (what the gradient of
   any softmax cross-entropy does: ``p - y``), which says these are logits of a softmax loss;
-* Adam's epsilon: at ``opt.step()`` of a recorded step, each watched weight's gradient rms over its non-zero
-  entries (an embedding's unused rows are not small gradients), with its group's ``eps``;
+* Adam's epsilon: at ``opt.step()`` of a recorded step, each watched weight's gradient rms (one fused norm per
+  device; an embedding's over its non-zero entries: unused rows are not small gradients), with its group's ``eps``;
 * the loss: ``Watcher.step(loss=...)`` keeps it (detached) until the next recorded step reads it.
 """
 
@@ -53,13 +53,18 @@ def attention_figures(q: torch.Tensor, k: torch.Tensor, *, scale: float | None =
 
     ``allowed`` is a boolean mask broadcastable to (B, H, Sq, Sk), True where a query may attend; ``additive``
     a float mask added to the logits (``-inf`` excludes); ``causal`` the top-left causal mask of SDPA."""
-    q, k = q[:2].detach().float(), k[:2].detach().float()
+    q, k = q[:2].detach(), k[:2].detach()
     if k.shape[1] != q.shape[1]:  # grouped-query attention
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     sq, sk = q.shape[-2], k.shape[-2]
-    idx = torch.linspace(0, sq - 1, min(sq, max_queries), device=q.device).round().long().unique()
+    idx = _query_sample(sq, max_queries, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = (q[:, :, idx] @ k.transpose(-1, -2)) * scale  # (b, H, nq, Sk)
+    logits = (q[:, :, idx].float() @ k.float().transpose(-1, -2)) * scale  # (b, H, nq, Sk)
+    if not causal and allowed is None and additive is None:  # every key allowed: no mask to build
+        logp = torch.log_softmax(logits, dim=-1)
+        ent = -(logp.exp() * logp).sum(-1)  # (b, H, nq)
+        norm = ent / math.log(sk) if sk > 1 else torch.zeros_like(ent)
+        return logits.amax(), norm.mean()
     ok = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
     if causal:
         ok &= torch.arange(sk, device=q.device)[None, :] <= idx[:, None]
@@ -70,12 +75,9 @@ def attention_figures(q: torch.Tensor, k: torch.Tensor, *, scale: float | None =
         add = _rows(additive, logits.shape, idx).float()
         ok &= torch.isfinite(add) | (add > 0)
         scores = logits + torch.where(torch.isfinite(add), add, torch.zeros_like(add))
-    neg = torch.finfo(torch.float32).min
-    top = torch.where(ok, logits, torch.full_like(logits, neg)).amax()
-    scores = torch.where(ok, scores, torch.full_like(scores, -math.inf))
-    logp = torch.log_softmax(scores, dim=-1)
-    p = logp.exp()
-    ent = -(torch.where(ok, p * logp, torch.zeros_like(p))).sum(-1)  # (b, H, nq)
+    top = logits.masked_fill(~ok, torch.finfo(torch.float32).min).amax()
+    logp = torch.log_softmax(scores.masked_fill(~ok, -math.inf), dim=-1)
+    ent = -(torch.where(ok, logp.exp() * logp, torch.zeros_like(logp))).sum(-1)  # (b, H, nq)
     n = ok.sum(-1)
     rows = n > 1
     norm = torch.where(rows, ent / torch.log(n.clamp(min=2).float()), torch.zeros_like(ent))
@@ -85,12 +87,26 @@ def attention_figures(q: torch.Tensor, k: torch.Tensor, *, scale: float | None =
     return top, entropy
 
 
+_SAMPLES: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _query_sample(sq: int, max_queries: int, device: torch.device) -> torch.Tensor:
+    """Up to ``max_queries`` evenly spaced query positions (first and last included), cached per shape."""
+    key = (sq, max_queries, device)
+    idx = _SAMPLES.get(key)
+    if idx is None:
+        n = min(sq, max_queries)
+        picks = sorted({round(i * (sq - 1) / (n - 1)) for i in range(n)}) if n > 1 else [0]
+        idx = _SAMPLES[key] = torch.tensor(picks, dtype=torch.long, device=device)
+        if len(_SAMPLES) > 256:
+            _SAMPLES.clear()
+    return idx
+
+
 def entropy_of_probs(p: torch.Tensor, max_queries: int = 64) -> torch.Tensor:
     """Mean over heads of the normalised entropy of attention probabilities (B, H, Sq, Sk)."""
-    p = p[:2].detach().float()
-    sq = p.shape[-2]
-    idx = torch.linspace(0, sq - 1, min(sq, max_queries), device=p.device).round().long().unique()
-    p = p[:, :, idx]
+    p = p[:2].detach()
+    p = p[:, :, _query_sample(p.shape[-2], max_queries, p.device)].float()
     ok = p > 0
     ent = -(torch.where(ok, p * p.clamp(min=1e-30).log(), torch.zeros_like(p))).sum(-1)
     n = ok.sum(-1)
@@ -271,6 +287,7 @@ class Signals:
         self._recording = recording
         self._optimizer = optimizer
         self._handles: list[Any] = []
+        self._name_of: dict[nn.Module, str] = {}
         self._sdpa = False
         self._attention: dict[str, tuple[Any, Any]] = {}
         self._sdpa_seen: set[str] = set()
@@ -278,6 +295,8 @@ class Signals:
         self._softmax: Any = None
         self._adam: dict[str, tuple[Any, float]] = {}
         self._losses: list[tuple[int, Any]] = []
+        self._weights: dict[int, str] = {}
+        self._lookups: set[int] = set()
 
     # ------------------------------------------------------------------ wiring
     def install(self) -> None:
@@ -293,6 +312,7 @@ class Signals:
                 self._sdpa = True
         if cfg.output_logits_rule:
             self._handles.append(GlobalHooks.add(self._model, post=self._root_post))
+        self._opt_handle = None
         if cfg.adam_epsilon_rule and self._optimizer is not None and _adam_like(self._optimizer):
             self._opt_handle = self._optimizer.register_step_pre_hook(self._opt_pre)
 
@@ -300,7 +320,7 @@ class Signals:
         for h in self._handles:
             GlobalHooks.discard(h)
         self._handles = []
-        if getattr(self, "_opt_handle", None) is not None:
+        if self._opt_handle is not None:
             self._opt_handle.remove()
             self._opt_handle = None
         if self._sdpa:
@@ -309,11 +329,18 @@ class Signals:
 
     def _name(self, m: nn.Module) -> str:
         """The report's name for a module: its own, or its first watched descendant's (a container's q/k/v)."""
+        name = self._name_of.get(m)
+        if name is None:
+            name = self._name_of[m] = self._find_name(m)
+        return name
+
+    def _find_name(self, m: nn.Module) -> str:
         if m in self._layers:
             return self._layers[m]
-        for sub in m.modules():
-            if sub in self._layers:
-                return self._layers[sub]
+        watched = [sub for sub in m.modules() if sub in self._layers]
+        weighted = [sub for sub in watched if any(p.dim() >= 2 for p in sub.parameters(recurse=False))]
+        if weighted or watched:  # the q (or qkv) projection, not a dropout registered before it (ALBERT)
+            return self._layers[(weighted or watched)[0]]
         return self._names.get(m, type(m).__name__)
 
     def _on(self) -> bool:
@@ -397,22 +424,36 @@ class Signals:
     def _opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._recording():
             return
-        with torch.no_grad():
-            for group in optimizer.param_groups:
-                eps = group.get("eps")
-                if not isinstance(eps, (int, float)) or eps <= 0:
+        names, grads, lookups, eps = [], [], [], []
+        for group in optimizer.param_groups:
+            e = group.get("eps")
+            if not isinstance(e, (int, float)) or e <= 0:
+                continue
+            for p in group["params"]:
+                name = self._weights.get(id(p))
+                if name is None or p.grad is None or p.grad.is_sparse:
                     continue
-                for p in group["params"]:
-                    name = self._weights.get(id(p)) if hasattr(self, "_weights") else None
-                    if name is None or p.grad is None or p.grad.is_sparse:
-                        continue
-                    g = p.grad.detach()
-                    nnz = torch.count_nonzero(g).clamp(min=1)
-                    self._adam[name] = ((g.float().pow(2).sum() / nnz).sqrt(), float(eps))
+                names.append(name)
+                grads.append(p.grad.detach())
+                lookups.append(id(p) in self._lookups)
+                eps.append(float(e))
+        if not grads:
+            return
+        with torch.no_grad():
+            by_device: dict[torch.device, list[int]] = {}
+            for i, g in enumerate(grads):
+                by_device.setdefault(g.device, []).append(i)
+            for idx in by_device.values():  # one fused norm per device; a lookup's unused rows are not counted
+                norms = torch._foreach_norm([grads[i] for i in idx]) if hasattr(torch, "_foreach_norm") \
+                    else [torch.linalg.vector_norm(grads[i]) for i in idx]
+                for i, norm in zip(idx, norms):
+                    n = torch.count_nonzero(grads[i]).clamp(min=1) if lookups[i] else grads[i].numel()
+                    self._adam[names[i]] = (norm.float() / (n ** 0.5 if isinstance(n, int) else n.sqrt()), eps[i])
 
-    def watch_weights(self, weights: dict[int, str]) -> None:
-        """``id(weight) -> layer name`` of the watched weights Adam's epsilon is compared with."""
-        self._weights = weights
+    def watch_weights(self, weights: dict[int, str], lookups: set[int] = frozenset()) -> None:
+        """``id(weight) -> layer name`` of the watched weights Adam's epsilon is compared with; ``lookups``: the ids
+        of embedding tables, whose gradient rms is over the rows a batch used."""
+        self._weights, self._lookups = weights, set(lookups)
 
     # ------------------------------------------------------------------ loss
     def add_loss(self, step: int, loss: Any) -> None:

@@ -413,9 +413,10 @@ class Watcher:
         layers = {m: s.name for s, m in zip(self._slots, self._modules) if s.is_layer and s.name}
         weights = {id(getattr(m, s.weight_name)): s.name for s, m in zip(self._slots, self._modules)
                    if s.is_layer and s.weight_name is not None and s.name}
+        lookups = {id(m.weight) for m in self._modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
         recording = _recording_of(rec)
         self._sentinel = Sentinel(model, layers, self.config, recording, optimizer=self._optimizer,
-                                  scaler=self._scaler, weights=weights, monitor=self._optim_monitor)
+                                  scaler=self._scaler, weights=weights, lookups=lookups, monitor=self._optim_monitor)
         self._sentinel.install()
 
     def _install_rescale(self) -> None:
