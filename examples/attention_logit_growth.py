@@ -5,7 +5,7 @@ rate, once as it is and once with qk-layernorm (a LayerNorm on q and on k before
 records the largest attention logit of each layer on every recorded step; the first run's logits grow past
 ``attention_logit_max`` and are flagged ``attention_logits``, the second's stay small.
 
-    python examples/attention_logit_growth.py [--steps 300] [--lr 0.03]
+    python examples/attention_logit_growth.py [--steps 150] [--lr 0.3]
 """
 
 from __future__ import annotations
@@ -90,14 +90,14 @@ def train(qk_norm: bool, steps: int, lr: float, every: int = 10) -> dict:
                     tops = [r.attention_logit_max for r in report.layers if r.attention_logit_max is not None]
                     logits_max.append((report.step, max(tops)))
     flagged = sorted({f.problem for f in diag.findings if f.problem.startswith("attention")})
-    return {"final_loss": loss.item(), "logits_max": logits_max, "findings": flagged,
+    return {"model": model, "final_loss": loss.item(), "logits_max": logits_max, "findings": flagged,
             "warnings": [str(w.message) for w in caught if "attention" in str(w.message)]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=0.03)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=0.3)
     args = parser.parse_args()
     print(f"TinyLM (2 blocks, d 64, 4 heads), AdamW lr {args.lr:g}, {args.steps} steps; largest attention logit")
     print("| step | " + " | ".join(["no qk-norm", "qk-layernorm"]) + " |\n| --- | --- | --- |")

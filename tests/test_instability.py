@@ -345,3 +345,45 @@ def test_the_signals_reach_tensorboard(tmp_path):
                        ("output_logz/out", row["out"].output_logz), ("adam_grad_rms/inp", row["inp"].adam_grad_rms)):
         assert value is not None, tag
         assert acc.Scalars(tag)[-1].value == pytest.approx(value, rel=1e-6), tag
+
+
+def _example(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _max_logit_by_hand(model, tokens) -> float:
+    """Every block's q.k/sqrt(d) under the causal mask, from the attention inputs a plain forward hook saw."""
+    seen = []
+    hooks = [b.attn.register_forward_hook(lambda m, a, o: seen.append((m, a[0]))) for b in model.blocks]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    top = -math.inf
+    for m, x in seen:
+        b, s, d = x.shape
+        q, k, _ = m.qkv(x).view(b, s, 3, m.heads, d // m.heads).permute(2, 0, 3, 1, 4)
+        q, k = m.q_norm(q), m.k_norm(k)
+        z = q @ k.transpose(-1, -2) / math.sqrt(d // m.heads)
+        z = z.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), -math.inf)
+        top = max(top, z.max().item())
+    return top
+
+
+def test_attention_logits_grow_at_a_high_learning_rate_unless_qk_layernorm():
+    """Wortsman et al. 2023's first instability at small scale: AdamW at lr 0.3, 30 steps of a 2-block LM."""
+    ex = _example("attention_logit_growth")
+    tokens = next(ex.batches(1, seed=7))[:, :-1]
+    plain, normed = (ex.train(qk_norm, steps=30, lr=0.3, every=5) for qk_norm in (False, True))
+    assert "attention_logits" in plain["findings"] and plain["warnings"]
+    assert normed["findings"] == [] and normed["warnings"] == []
+    assert plain["logits_max"][-1][1] > 1e3 > normed["logits_max"][-1][1]
+    # first principles, without torchdiag: the trained models' logits on a new batch
+    assert _max_logit_by_hand(plain["model"], tokens) > 1e3 > _max_logit_by_hand(normed["model"], tokens)
