@@ -3,6 +3,7 @@ epsilon, loss spikes), each against a plain tensor computation of the same figur
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import statistics
@@ -16,7 +17,7 @@ from torch import nn
 import torchdiag
 from torchdiag.signals import attention_figures
 
-from .test_origin import SqrtLayer
+from .test_origin import SqrtLayer, _line_of
 
 
 # ------------------------------------------------------------------ the non-finite origin in a watch
@@ -387,3 +388,53 @@ def test_attention_logits_grow_at_a_high_learning_rate_unless_qk_layernorm():
     assert plain["logits_max"][-1][1] > 1e3 > normed["logits_max"][-1][1]
     # first principles, without torchdiag: the trained models' logits on a new batch
     assert _max_logit_by_hand(plain["model"], tokens) > 1e3 > _max_logit_by_hand(normed["model"], tokens)
+
+
+class Flaky(nn.Module):
+    """log(x - 10) on the calls listed, log(x + 10) otherwise: a NaN the replay (another call) cannot reproduce."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.calls, self.bad = 0, set(bad_calls)
+
+    def forward(self, x):
+        self.calls += 1
+        shift = -10.0 if self.calls in self.bad else 10.0
+        return torch.log(torch.sigmoid(x) * 5 + shift)
+
+
+def _flaky_run(bad_calls, watched):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), Flaky(bad_calls), nn.Linear(8, 2))
+    outs, reports = [], []
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        diag = torchdiag.watch(net) if watched else contextlib.nullcontext()
+        with diag:
+            for _ in range(5):
+                out = net(torch.randn(4, 8, generator=gen))
+                out.sum().backward()
+                outs.append(out.detach().clone())
+                outs.append(net[0].weight.grad.clone())
+                if watched:
+                    reports.append(diag.step())
+    return net, outs, reports, [str(w.message) for w in caught]
+
+
+def test_a_trip_the_replay_cannot_reproduce_is_found_live_on_the_next_recorded_step():
+    # step 2's forward is Flaky's call 3, its replay call 4 (finite), step 3's forward call 5 (NaN again)
+    net, outs, reports, caught = _flaky_run({3, 5}, watched=True)
+    first = reports[2].nonfinite_origin
+    assert (first.phase, first.module, first.op, first.step) == ("forward", "1", None, 2)
+    assert "stayed finite" in first.note and "checked live" in first.note
+    live = reports[3].nonfinite_origin
+    assert (live.phase, live.module, live.op, live.step) == ("forward", "1", "aten.log", 3)
+    assert live.source == _line_of(Flaky.forward, "torch.log") and "found live at step 3" in live.note
+    assert reports[4].nonfinite_origin == live
+    assert any("NaN first produced by `aten.log` in '1' (forward, step 3)" in t for t in caught)
+    assert net[1].calls == 6  # five steps and one replay
+    # the live check only read values: outputs and gradients equal those of an unwatched run (no replay call there)
+    _, plain, _, _ = _flaky_run({3, 4}, watched=False)
+    for a, b in zip(outs, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

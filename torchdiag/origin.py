@@ -365,6 +365,49 @@ def locate_nonfinite(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], to
 __all__ = ["NonfiniteOrigin", "locate_nonfinite", "replay", "PHASES"]
 
 
+class _LiveCheck:
+    """The operator-level check on the user's own forward and backward of one recorded step (when no replay could
+    narrow a trip down): entered as the model's forward starts, left as it returns; the backward's node hooks are
+    on the graph it made. It only reads values (numbers, RNG, graph: as without it)."""
+
+    def __init__(self, names: Mapping[nn.Module, str]) -> None:
+        self.modules = _Modules(names)
+        self.fwd = _ForwardCheck(self.modules)
+        self.bwd = _BackwardCheck(self.modules)
+        self._entries: list[Any] = []
+        self._anomaly: Any = None
+        self._warnings: Any = None
+
+    def start(self) -> None:
+        from .signals import GlobalHooks
+
+        for m in self.modules.names:
+            self._entries.append(GlobalHooks.add(m, pre=lambda mod, a: self.modules.pre(mod, a, {}),
+                                                 post=self.modules.post))
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+        self._anomaly = _anomaly()
+        self._anomaly.__enter__()
+        self.fwd.__enter__()
+
+    def stop(self, output: Any) -> None:
+        from .signals import GlobalHooks
+
+        self.fwd.__exit__(None, None, None)
+        self._anomaly.__exit__(None, None, None)
+        self._warnings.__exit__(None, None, None)
+        for e in self._entries:
+            GlobalHooks.discard(e)
+        self._entries = []
+        if self.fwd.found is None:
+            self.bwd.install([t.grad_fn for t in _float_leaves(output) if t.grad_fn is not None])
+
+    def result(self) -> NonfiniteOrigin | None:
+        self.bwd.remove()
+        return self.fwd.found or self.bwd.found
+
+
 class Tripwire:
     """The watch's side of the origin: keeps the batch of the latest recorded forward of the model (a reference
     to the user's own arguments, taken as the forward returns, dropped when the step ends) and, after the first
@@ -382,11 +425,21 @@ class Tripwire:
         self._handle: Any = None
         self.origin: NonfiniteOrigin | None = None
         self.scaler = False  # a GradScaler is in use: backward-only non-finite steps are its skipped steps
+        self._armed = False  # the origin is a module only: check the next recorded step live
+        self._live: _LiveCheck | None = None
 
     def install(self) -> None:
         from .signals import GlobalHooks
 
-        self._handle = GlobalHooks.add(self._model, post=self._post)
+        self._handle = GlobalHooks.add(self._model, pre=self._pre, post=self._post)
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        from .runtime import in_backward, tracing
+
+        if self._armed and self._live is None and module.training and torch.is_grad_enabled() and not tracing() \
+                and not in_backward() and self._recording():
+            self._live = _LiveCheck({m: n for m, n in self._layers.items() if n})
+            self._live.start()
 
     def remove(self) -> None:
         from .signals import GlobalHooks
@@ -395,10 +448,16 @@ class Tripwire:
             GlobalHooks.discard(self._handle)
             self._handle = None
         self._batch = None
+        if self._live is not None:
+            self._live.result()
+            self._live = None
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         from .runtime import in_backward, tracing
 
+        live = self._live
+        if live is not None and live.fwd is not None and live._entries:
+            live.stop(output)
         if self.origin is None and module.training and torch.is_grad_enabled() and not tracing() \
                 and not in_backward() and self._recording():
             self._batch = (args, kwargs)
@@ -410,7 +469,17 @@ class Tripwire:
 
     def after_step(self, report: Any, batch: tuple[tuple, dict] | None,
                    pre_update: Mapping[str, torch.Tensor] | None = None) -> NonfiniteOrigin | None:
-        """The origin of the step's first NaN/Inf, if this step has the run's first; ``None`` otherwise."""
+        """The origin of the step's first NaN/Inf, if this step has the run's first (or the live check of this step
+        found the one a replay could not); ``None`` otherwise."""
+        if self._live is not None:  # this step ran under the live check
+            found, self._live, self._armed = self._live.result(), None, False
+            if found is not None:
+                self.origin = dataclasses.replace(found, step=report.step, note=f"found live at step {report.step}:"
+                                                  f" step {self.origin.step} {self.origin.note}")
+                return self.origin
+            self.origin = dataclasses.replace(self.origin, note=f"{self.origin.note}; the live check of step"
+                                              f" {report.step} saw no NaN/Inf produced")
+            return None
         if self.origin is not None:
             return None
         forward, backward = report.first_nonfinite, report.first_nonfinite_grad
@@ -420,6 +489,9 @@ class Tripwire:
             return None  # GradScaler's skipped step: the scaler doing its job
         else:
             origin = self._replayed(report, batch, pre_update)
+            if origin.op is None and origin.parameter is None and origin.note and "not replayed" not in origin.note:
+                self._armed = True  # no replay could narrow it down: the next recorded step is checked live
+                origin = dataclasses.replace(origin, note=f"{origin.note}; the next recorded step is checked live")
         self.origin = origin
         return origin
 
