@@ -528,7 +528,8 @@ class Tripwire:
         else:
             note = "replayed on the weights after that step"
         try:
-            found = replay(self._model, batch[0], batch[1], names=self._layers, parameters=replace)
+            target = getattr(self._model, "_orig_mod", self._model)  # a torch.compile'd model: replayed eagerly
+            found = replay(target, batch[0], batch[1], names=self._layers, parameters=replace)
         except Exception as e:  # noqa: BLE001 - the replay is torchdiag's: it never raises into training
             return dataclasses.replace(coarse, note=f"the replay failed ({type(e).__name__}: {e}): the first module"
                                                     " that held it")
