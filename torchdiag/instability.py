@@ -55,13 +55,13 @@ def judge(report: Report, sig: StepSignals, cfg: Any, adam_before: set[str] = fr
     if sig.logz is not None and sig.softmax_output and report.layers:
         head = next((r for r in reversed(report.layers) if r.fan_in is not None), report.layers[-1])
         head.output_logz = sig.logz
-        if math.isfinite(sig.logz) and abs(sig.logz) > cfg.output_logz_max:
+        if math.isfinite(sig.logz) and sig.logz < -cfg.output_logz_max:
             _flag(head, Finding(
-                "output_logits", None, sig.logz, cfg.output_logz_max, "output_logz_max",
-                f"'{head.name}': the output logits drifted: mean log Z = {sig.logz:.3g} (output_logz_max"
-                f" {cfg.output_logz_max:g}); the softmax ignores this offset, so nothing pulls it back, and the"
-                " logits lose precision (bf16 spacing is 0.25 at |50|). Fix: add z-loss, 1e-4 * logsumexp(logits)**2"
-                " (PaLM; Wortsman et al. 2023)."))
+                "output_logits", None, sig.logz, -cfg.output_logz_max, "output_logz_max",
+                f"'{head.name}': the output logits diverged: mean log Z = {sig.logz:.3g} (below -output_logz_max"
+                f" {cfg.output_logz_max:g}); every logit went very negative, the softmax ignores that offset so"
+                " nothing pulls it back, and the logits lose precision (bf16 spacing is 0.25 at |50|). Fix: add"
+                " z-loss, 1e-4 * logsumexp(logits)**2 (PaLM; Wortsman et al. 2023)."))
     for name, (rms, eps) in sig.adam.items():
         row = _row(report, name)
         if row is None or not (rms > 0 and math.isfinite(rms)):
@@ -73,7 +73,7 @@ def judge(report: Report, sig: StepSignals, cfg: Any, adam_before: set[str] = fr
             suggest = 10.0 ** math.floor(math.log10(rms / 100.0))
             _flag(row, Finding(
                 "adam_epsilon", None, rms / eps, cfg.adam_epsilon_factor, "adam_epsilon_factor",
-                f"'{name}': its gradient rms {rms:.2g} is within {rms / eps:.2g}x of Adam's eps {eps:g}"
+                f"'{name}': its gradient rms {rms:.2g} is {rms / eps:.2g} x Adam's eps {eps:g}"
                 f" (adam_epsilon_factor {cfg.adam_epsilon_factor:g}): the update m/(sqrt(v)+eps) is damped by"
                 f" ~{eps / (rms + eps):.0%}. Fix: eps={suggest:.0e} (Wortsman et al. 2023), or a loss scale that"
                 " does not shrink the gradients."))
@@ -110,33 +110,41 @@ class LossSpikes:
         self._losses: deque[float] = deque(maxlen=cfg.loss_spike_window)
         self._layers: deque[tuple[int, dict[str, tuple[float | None, float | None]]]] = deque(maxlen=64)
         self.spikes: list[LossSpike] = []
+        self._streak: list[float] = []  # consecutive spiking losses: one episode, reported once
 
     def add_layers(self, report: Report) -> None:
         """The recorded step's per-layer gradient norms and update ratios (what a spike is traced to)."""
         self._layers.append((report.step, {r.name: (r.grad_norm, r.update_ratio) for r in report.layers}))
 
     def feed(self, losses: list[tuple[int, float]]) -> list[LossSpike]:
+        """Judge new (step, loss) pairs; return the spikes that start an episode (consecutive spiking losses are one
+        episode; three in a row are a new level, which joins the baseline)."""
         found = []
         for step, loss in losses:
             if not math.isfinite(loss):
-                continue  # non-finite values are the non-finite rule's
+                continue  # a non-finite loss is the non-finite origin's
             if len(self._losses) >= self.min_steps:
                 mean = statistics.fmean(self._losses)
                 std = max(statistics.pstdev(self._losses, mean), 1e-3 * abs(mean), 1e-12)
                 if loss > mean + self.sigma * std:
-                    spike = LossSpike(step, loss, mean, std, (loss - mean) / std, self._first_jumps(step))
-                    found.append(spike)
-                    continue  # a spike is not part of the baseline the next losses are judged against
+                    if not self._streak:
+                        found.append(LossSpike(step, loss, mean, std, (loss - mean) / std, self._first_jumps(step)))
+                    self._streak.append(loss)
+                    if len(self._streak) >= 3:  # not a spike: the loss moved to a new level
+                        self._losses.extend(self._streak)
+                        self._streak = []
+                    continue
+            self._streak = []
             self._losses.append(loss)
         self.spikes += found
         return found
 
-    def _first_jumps(self, step: int, factor: float = 3.0, top: int = 3) -> list[tuple[str, str, int]]:
+    def _first_jumps(self, step: int, factor: float = 3.0, top: int = 3, near: int = 8) -> list[tuple[str, str, int]]:
         """Layers whose gradient norm or update ratio went above ``factor`` x its median over the recorded steps
-        before, at or before ``step``: the earliest first."""
+        before, in the last ``near`` recorded steps up to ``step``: the earliest first."""
         history = [(s, layers) for s, layers in self._layers if s <= step]
         first: dict[tuple[str, str], int] = {}
-        for i in range(3, len(history)):
+        for i in range(max(3, len(history) - near), len(history)):
             s, layers = history[i]
             for name, values in layers.items():
                 for what, idx in (("gradient", 0), ("update", 1)):

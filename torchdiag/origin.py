@@ -20,7 +20,9 @@ The replay leaves training as it was: parameters are only read (gradients come f
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import math
 import re
 import sys
 import warnings
@@ -187,8 +189,41 @@ class _Modules:
             todo.extend(fn for fn, _ in node.next_functions)
 
 
+def _made(inputs: list[torch.Tensor], scalars: list[float], outputs: list[torch.Tensor]) -> torch.Tensor | None:
+    """The output that this call made non-finite, if any: a NaN from inputs without NaN, or an Inf from inputs all
+    finite (Python scalars included). An Inf written on purpose (``masked_fill(mask, -inf)``, ``full(..., -inf)``:
+    attention masks) has an infinite scalar input; what is computed from it is judged by the NaN rule alone."""
+    bad = [t for t in outputs if not _finite(t)]
+    if not bad:
+        return None
+    nan_in = any(bool(torch.isnan(t).any()) for t in inputs)
+    nan_out = next((t for t in bad if bool(torch.isnan(t).any())), None)
+    if nan_out is not None and not nan_in:
+        return nan_out
+    finite_in = not nan_in and all(_finite(t) for t in inputs) and all(math.isfinite(x) for x in scalars)
+    return bad[0] if finite_in else None
+
+
+def _scalars(obj: Any) -> list[float]:
+    return [float(x) for x in pytree.tree_leaves(obj) if isinstance(x, float)]
+
+
+def _internal_call() -> bool:
+    """The op was called by torchdiag's own code (capture's statistics, the signals), not by the model: the first
+    frame outside torch is one of torchdiag's, other than the replay's own (which drives the model)."""
+    torch_dir = _internal_dirs()[1:]
+    here = _internal_dirs()[0]
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(torch_dir):
+        frame = frame.f_back
+    if frame is None:
+        return False
+    name = frame.f_code.co_filename
+    return name.startswith(here) and not name.endswith(("origin.py", "losses.py"))
+
+
 class _ForwardCheck(TorchDispatchMode):
-    """The first ATen call that turned finite inputs into a non-finite output."""
+    """The first ATen call that made a non-finite output (``_made``)."""
 
     def __init__(self, modules: _Modules) -> None:
         super().__init__()
@@ -197,16 +232,15 @@ class _ForwardCheck(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if self.found is not None or func.overloadpacket.__name__ in _UNINITIALISED:
+        if self.found is not None or func.overloadpacket.__name__ in _UNINITIALISED or _internal_call():
             return func(*args, **kwargs)
-        inputs_finite = all(_finite(t) for t in _float_leaves((args, kwargs)))  # before: in-place ops write them
-        out = func(*args, **kwargs)
-        if inputs_finite:
-            bad = next((t for t in _float_leaves(out) if not _finite(t)), None)
-            if bad is not None:
-                self.found = NonfiniteOrigin("forward", module=self.modules.current,
-                                             op=f"aten.{func.overloadpacket.__name__}",
-                                             source=user_source(_live_frames()), value=_value_kind(bad))
+        inputs = [t.clone() if func._schema.is_mutable else t for t in _float_leaves((args, kwargs))]
+        out = func(*args, **kwargs)  # (in-place ops write their inputs: those were cloned before)
+        bad = _made(inputs, _scalars((args, kwargs)), _float_leaves(out))
+        if bad is not None:
+            self.found = NonfiniteOrigin("forward", module=self.modules.current,
+                                         op=f"aten.{func.overloadpacket.__name__}",
+                                         source=user_source(_live_frames()), value=_value_kind(bad))
         return out
 
 
@@ -234,9 +268,7 @@ class _BackwardCheck:
         def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
             if self.found is not None:
                 return
-            if not all(_finite(g) for g in _float_leaves(grad_outputs)):
-                return
-            bad = next((g for g in _float_leaves(grad_inputs) if not _finite(g)), None)
+            bad = _made(_float_leaves(grad_outputs), [], _float_leaves(grad_inputs))
             if bad is not None:
                 owner = self.modules.owner.get(node)
                 self.found = NonfiniteOrigin("backward", module=owner[0] if owner else None, op=backward_op(node),
@@ -421,12 +453,14 @@ class Tripwire:
         self._model = model
         self._layers = layers
         self._recording = recording
-        self._batch: tuple[tuple, dict] | None = None
+        self._batch: tuple | None = None  # (args, kwargs, autocast state)
         self._handle: Any = None
         self.origin: NonfiniteOrigin | None = None
         self.scaler = False  # a GradScaler is in use: backward-only non-finite steps are its skipped steps
         self._armed = False  # the origin is a module only: check the next recorded step live
         self._live: _LiveCheck | None = None
+        self.no_snapshot = ("watch(..., optimizer=opt) keeps the weights from before the update, or call"
+                            " torchdiag.locate_nonfinite(model, batch) from a checkpoint")
 
     def install(self) -> None:
         from .signals import GlobalHooks
@@ -460,22 +494,22 @@ class Tripwire:
             live.stop(output)
         if self.origin is None and module.training and torch.is_grad_enabled() and not tracing() \
                 and not in_backward() and self._recording():
-            self._batch = (args, kwargs)
+            self._batch = (args, kwargs, _autocast_state())
 
-    def take_batch(self) -> tuple[tuple, dict] | None:
+    def take_batch(self) -> tuple | None:
         """The batch of the step that ends (the reference is dropped here)."""
         batch, self._batch = self._batch, None
         return batch
 
-    def after_step(self, report: Any, batch: tuple[tuple, dict] | None,
-                   pre_update: Mapping[str, torch.Tensor] | None = None) -> NonfiniteOrigin | None:
+    def after_step(self, report: Any, batch: tuple | None, pre_update: Mapping[str, torch.Tensor] | None = None,
+                   bad_loss: tuple[int, str] | None = None) -> NonfiniteOrigin | None:
         """The origin of the step's first NaN/Inf, if this step has the run's first (or the live check of this step
         found the one a replay could not); ``None`` otherwise."""
         if self._live is not None:  # this step ran under the live check
             found, self._live, self._armed = self._live.result(), None, False
             if found is not None:
-                self.origin = dataclasses.replace(found, step=report.step, note=f"found live at step {report.step}:"
-                                                  f" step {self.origin.step} {self.origin.note}")
+                self.origin = dataclasses.replace(found, step=report.step, note=f"found live at step {report.step}"
+                                                  f" (step {self.origin.step}'s could not be narrowed down)")
                 return self.origin
             self.origin = dataclasses.replace(self.origin, note=f"{self.origin.note}; the live check of step"
                                               f" {report.step} saw no NaN/Inf produced")
@@ -483,7 +517,12 @@ class Tripwire:
         if self.origin is not None:
             return None
         forward, backward = report.first_nonfinite, report.first_nonfinite_grad
-        if forward is None and backward is None:
+        if forward is None and bad_loss is not None:  # finite outputs, a non-finite loss: the loss computation
+            step, value = bad_loss
+            origin = NonfiniteOrigin("forward", step=step, value=value, note="the loss given to step(loss=) was"
+                                     " non-finite while every output of the model was finite: the loss computation made"
+                                     " it; torchdiag.locate_nonfinite(model, batch, loss_fn=your_loss) names its op")
+        elif forward is None and backward is None:
             origin = self._optimizer_origin(report)
         elif forward is None and self.scaler:
             return None  # GradScaler's skipped step: the scaler doing its job
@@ -507,29 +546,38 @@ class Tripwire:
                                        note="the gradients were finite; the optimizer's update was not")
         return None
 
-    def _replayed(self, report: Any, batch: tuple[tuple, dict] | None,
+    def _replayed(self, report: Any, batch: tuple | None,
                   pre_update: Mapping[str, torch.Tensor] | None) -> NonfiniteOrigin:
         phase = "forward" if report.first_nonfinite is not None else "backward"
         module = report.first_nonfinite or report.first_nonfinite_grad
         coarse = NonfiniteOrigin(phase, module=module, step=report.step)
         if batch is None:
-            return dataclasses.replace(coarse, note="the batch of that step was not kept (the model's forward ran"
+            return dataclasses.replace(coarse, note="the batch of that step was not kept (its forward ran compiled, or"
                                                     " outside a recorded training step): the first module that held it")
-        params = {n: p for n, p in self._model.named_parameters() if p.is_floating_point()}
-        finite = all(_finite(p.detach()) for p in params.values())
+        args, kwargs, autocast = batch
+        model = getattr(self._model, "_orig_mod", self._model)  # a torch.compile'd model: replayed eagerly
+        params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
         replace = None
-        if not finite:
+        if not all(_finite(p.detach()) for p in params.values()):
             if pre_update and all(_finite(p.detach()) for n, p in params.items() if n not in pre_update):
                 replace, note = dict(pre_update), "replayed on the weights from before that step's update"
             else:
-                return dataclasses.replace(coarse, note="not replayed: that step's update already made the weights"
-                                           " non-finite; watch(..., optimizer=opt) keeps the weights from before it, or"
-                                           " call torchdiag.locate_nonfinite(model, batch) from a checkpoint")
+                return dataclasses.replace(coarse, note=f"not replayed: that step's update already made the weights"
+                                                        f" non-finite; {self.no_snapshot}")
         else:
             note = "replayed on the weights after that step"
         try:
-            target = getattr(self._model, "_orig_mod", self._model)  # a torch.compile'd model: replayed eagerly
-            found = replay(target, batch[0], batch[1], names=self._layers, parameters=replace)
+            # a copy of the modules sharing the parameters: no hook of the watch sees the replay, buffers stay
+            twin = copy.deepcopy(model, {id(p): p for p in model.parameters()})
+        except Exception as e:  # noqa: BLE001 - a module that cannot be copied (a lock, a file)
+            return dataclasses.replace(coarse, note=f"not replayed: the model cannot be copied ({type(e).__name__}:"
+                                                    f" {e}); call torchdiag.locate_nonfinite(model, batch)")
+        names = {t: self._layers[m] for m, t in zip(model.modules(), twin.modules()) if self._layers.get(m)}
+        try:
+            with contextlib.ExitStack() as stack:
+                for device_type, dtype in autocast:  # the step's autocast, as it ran
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype))
+                found = replay(twin, args, kwargs, names=names, parameters=replace)
         except Exception as e:  # noqa: BLE001 - the replay is torchdiag's: it never raises into training
             return dataclasses.replace(coarse, note=f"the replay failed ({type(e).__name__}: {e}): the first module"
                                                     " that held it")
@@ -537,3 +585,18 @@ class Tripwire:
             return dataclasses.replace(coarse, note="the replay of that step's batch stayed finite (a random op, or the"
                                                     " weights changed): the first module that held it")
         return dataclasses.replace(found, step=report.step, note=found.note or note)
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    """The autocast contexts in effect: (device type, dtype) of each enabled one."""
+    out = []
+    for device_type in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(device_type):
+                out.append((device_type, torch.get_autocast_dtype(device_type)))
+        except (TypeError, AttributeError, RuntimeError):  # torch < 2.4: the older per-device queries
+            if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+                out.append(("cpu", torch.get_autocast_cpu_dtype()))
+            elif device_type == "cuda" and torch.is_autocast_enabled():
+                out.append(("cuda", torch.get_autocast_gpu_dtype()))
+    return out

@@ -3,6 +3,7 @@ wired as one unit (``Watcher`` calls it where a step ends and where a report is 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,15 +19,21 @@ class Sentinel:
 
     def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any, recording: Callable[[], bool],
                  optimizer: Any = None, scaler: Any = None, weights: dict[int, str] | None = None,
-                 lookups: set[int] = frozenset(), monitor: Any = None) -> None:
+                 lookups: set[int] = frozenset(), monitor: Any = None, deferred: bool = False,
+                 distributed: bool = False) -> None:
         self._cfg = config
         self._signals = signals.Signals(model, layers, config, recording, optimizer=optimizer)
         self._signals.watch_weights(weights or {}, lookups)
-        self._tripwire = Tripwire(model, layers, recording) if config.nonfinite_origin else None
+        # under torch.distributed a one-rank replay of a sharded or synchronised forward would wait on its collectives
+        self._tripwire = Tripwire(model, layers, recording) if config.nonfinite_origin and not distributed else None
         if self._tripwire is not None:
             self._tripwire.scaler = scaler is not None
-            if monitor is not None:
-                monitor.keep_all = True
+            if monitor is not None and not deferred:
+                monitor.keep_all = True  # the weights from before the update, for a replay after it
+            elif monitor is not None:
+                self._tripwire.no_snapshot = ("with defer_report 'auto' on a GPU the step's statistics are read after"
+                                              " the next update; defer_report='never' lets torchdiag replay on the"
+                                              " weights from before it")
         self._monitor = monitor
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.spikes = instability.LossSpikes(config)
@@ -79,7 +86,8 @@ class Sentinel:
             pre = None
             if self._monitor is not None and report.step == self._ended:  # deferred: that snapshot is a later step's
                 pre = {self._names[i]: t for i, t in self._monitor.pre_update().items() if i in self._names}
-            fresh = self._tripwire.after_step(report, batch, pre_update=pre)
+            bad = next(((s, "NaN" if math.isnan(v) else "Inf") for s, v in sig.losses if not math.isfinite(v)), None)
+            fresh = self._tripwire.after_step(report, batch, pre_update=pre, bad_loss=bad)
             report.nonfinite_origin = self._tripwire.origin
             if fresh is not None:
                 warn_self(f"torchdiag (step {report.step}): {fresh}" + (f" ({fresh.note})" if fresh.note else ""))

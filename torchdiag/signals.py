@@ -19,6 +19,7 @@ read with the step (one ``tolist`` per step).
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import weakref
 from collections.abc import Callable
@@ -71,10 +72,11 @@ def attention_figures(q: torch.Tensor, k: torch.Tensor, *, scale: float | None =
     if allowed is not None:
         ok &= _rows(allowed, logits.shape, idx).to(torch.bool)
     scores = logits
-    if additive is not None:
+    if additive is not None:  # -inf, or the dtype's lowest value (Hugging Face's masks), excludes a key
+        lowest = torch.finfo(additive.dtype).min / 2 if additive.is_floating_point() else -math.inf
         add = _rows(additive, logits.shape, idx).float()
-        ok &= torch.isfinite(add) | (add > 0)
-        scores = logits + torch.where(torch.isfinite(add), add, torch.zeros_like(add))
+        ok &= torch.isfinite(add) & (add > lowest)
+        scores = logits + torch.where(ok, add, torch.zeros_like(add))
     top = logits.masked_fill(~ok, torch.finfo(torch.float32).min).amax()
     logp = torch.log_softmax(scores.masked_fill(~ok, -math.inf), dim=-1)
     ent = -(torch.where(ok, logp.exp() * logp, torch.zeros_like(logp))).sum(-1)  # (b, H, nq)
@@ -236,14 +238,14 @@ class _SDPA:
     """``F.scaled_dot_product_attention`` wrapped, while at least one watch records attention."""
 
     users = 0
-    original: Any = None
+    original: Any = F.scaled_dot_product_attention  # the real function (never None: references outlive a watch)
     lock = threading.Lock()
     local = threading.local()  # .stack: the Signals whose attention module is running, innermost last
 
     @classmethod
     def acquire(cls) -> None:
         with cls.lock:
-            if cls.users == 0:
+            if cls.users == 0 and F.scaled_dot_product_attention is not _sdpa_wrapper:
                 cls.original = F.scaled_dot_product_attention
                 F.scaled_dot_product_attention = _sdpa_wrapper
             cls.users += 1
@@ -252,24 +254,22 @@ class _SDPA:
     def release(cls) -> None:
         with cls.lock:
             cls.users -= 1
-            if cls.users == 0 and cls.original is not None:
-                if F.scaled_dot_product_attention is _sdpa_wrapper:
-                    F.scaled_dot_product_attention = cls.original
-                cls.original = None
+            if cls.users == 0 and F.scaled_dot_product_attention is _sdpa_wrapper:
+                F.scaled_dot_product_attention = cls.original  # kept: a reference taken meanwhile still works
 
 
-def _sdpa_wrapper(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
-                  is_causal: bool = False, scale: float | None = None, **kwargs: Any) -> Any:
-    original = _SDPA.original
-    out = original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                   **kwargs)
+def _sdpa_wrapper(*args: Any, **kwargs: Any) -> Any:
+    out = _SDPA.original(*args, **kwargs)
     if is_compiling():
         return out
     stack = getattr(_SDPA.local, "stack", None)
     if stack and stack[-1][0] is not None:
         owner, name = stack[-1]
         try:
-            owner.on_sdpa(name, query, key, attn_mask, is_causal, scale)
+            named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args))
+            named.update(kwargs)
+            owner.on_sdpa(name, named.get("query"), named.get("key"), named.get("attn_mask"),
+                          bool(named.get("is_causal", False)), named.get("scale"))
         except Exception:  # noqa: BLE001, S110 - torchdiag's figures never break the user's attention
             pass
     return out
@@ -417,13 +417,24 @@ class Signals:
 
     def _logits_grad(self, g: torch.Tensor) -> None:
         with torch.no_grad():
-            rows = g.detach().reshape(-1, g.shape[-1]).float()
+            rows = g.detach().reshape(-1, g.shape[-1])
+            rows = rows[:: max(1, rows.shape[0] // _LOGIT_ROWS)][:_LOGIT_ROWS].float()
             self._softmax = rows.sum(-1).abs().sum() / rows.abs().sum().clamp(min=1e-30)
 
     # ------------------------------------------------------------------ Adam's epsilon
     def _opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        try:
+            self._adam_rms(optimizer, kwargs)
+        except Exception as e:  # noqa: BLE001 - inside the user's opt.step(): reported, never raised
+            from .errors import warn_self
+
+            warn_self(f"torchdiag: reading the gradients for Adam's epsilon failed ({type(e).__name__}: {e})")
+
+    def _adam_rms(self, optimizer: Any, kwargs: Any) -> None:
         if not self._recording():
             return
+        # a fused optimizer under a GradScaler gets the scale and unscales inside its kernel: divide by it here
+        scale = (kwargs or {}).get("grad_scale", getattr(optimizer, "grad_scale", None))
         names, grads, lookups, eps = [], [], [], []
         for group in optimizer.param_groups:
             e = group.get("eps")
@@ -448,7 +459,10 @@ class Signals:
                     else [torch.linalg.vector_norm(grads[i]) for i in idx]
                 for i, norm in zip(idx, norms):
                     n = torch.count_nonzero(grads[i]).clamp(min=1) if lookups[i] else grads[i].numel()
-                    self._adam[names[i]] = (norm.float() / (n ** 0.5 if isinstance(n, int) else n.sqrt()), eps[i])
+                    rms = norm.float() / (n ** 0.5 if isinstance(n, int) else n.sqrt())
+                    if isinstance(scale, torch.Tensor):
+                        rms = rms / scale.to(rms.device).float().reshape(())
+                    self._adam[names[i]] = (rms, eps[i])
 
     def watch_weights(self, weights: dict[int, str], lookups: set[int] = frozenset()) -> None:
         """``id(weight) -> layer name`` of the watched weights Adam's epsilon is compared with; ``lookups``: the ids
@@ -461,7 +475,7 @@ class Signals:
             if loss.numel() != 1:
                 raise TypeError(f"step(loss=...): expected a scalar loss, got a tensor of shape {tuple(loss.shape)}")
             self._losses.append((step, loss.detach().reshape(())))
-        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # Python and NumPy numbers
             self._losses.append((step, float(loss)))
         else:
             raise TypeError(f"step(loss=...): expected a float or a 0-d tensor, got {type(loss).__name__}")

@@ -346,6 +346,8 @@ class Watcher:
                                         f" reduced across the {self._group.world} ranks (that happens when the step"
                                         " ends)")
                 report.run_findings = self._verdict.findings()  # the steps that ended (this one has not yet)
+                if self._sentinel is not None:
+                    report.nonfinite_origin = self._sentinel.origin
                 return report
         if self._last is not None:
             return self._last
@@ -416,7 +418,8 @@ class Watcher:
         lookups = {id(m.weight) for m in self._modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
         recording = _recording_of(rec)
         self._sentinel = Sentinel(model, layers, self.config, recording, optimizer=self._optimizer,
-                                  scaler=self._scaler, weights=weights, lookups=lookups, monitor=self._optim_monitor)
+                                  scaler=self._scaler, weights=weights, lookups=lookups, monitor=self._optim_monitor,
+                                  deferred=rec.defer, distributed=self._group is not None)
         self._sentinel.install()
 
     def _install_rescale(self) -> None:
