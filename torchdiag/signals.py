@@ -80,13 +80,17 @@ def attention_figures(q: torch.Tensor, k: torch.Tensor, *, scale: float | None =
     top = logits.masked_fill(~ok, torch.finfo(torch.float32).min).amax()
     logp = torch.log_softmax(scores.masked_fill(~ok, -math.inf), dim=-1)
     ent = -(torch.where(ok, logp.exp() * logp, torch.zeros_like(logp))).sum(-1)  # (b, H, nq)
-    n = ok.sum(-1)
+    return top, _mean_normalised(ent, ok.sum(-1))
+
+
+def _mean_normalised(ent: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Mean over heads of each head's mean entropy / log(keys it could attend to), rows with one key left out.
+    ``ent`` and ``n`` are (b, H, nq)."""
     rows = n > 1
     norm = torch.where(rows, ent / torch.log(n.clamp(min=2).float()), torch.zeros_like(ent))
     per_head = norm.sum(dim=(0, 2)) / rows.sum(dim=(0, 2)).clamp(min=1)
     has = rows.any(dim=2).any(dim=0)
-    entropy = (per_head * has).sum() / has.sum().clamp(min=1)
-    return top, entropy
+    return (per_head * has).sum() / has.sum().clamp(min=1)
 
 
 _SAMPLES: dict[tuple[int, int, torch.device], torch.Tensor] = {}
@@ -111,12 +115,7 @@ def entropy_of_probs(p: torch.Tensor, max_queries: int = 64) -> torch.Tensor:
     p = p[:, :, _query_sample(p.shape[-2], max_queries, p.device)].float()
     ok = p > 0
     ent = -(torch.where(ok, p * p.clamp(min=1e-30).log(), torch.zeros_like(p))).sum(-1)
-    n = ok.sum(-1)
-    rows = n > 1
-    norm = torch.where(rows, ent / torch.log(n.clamp(min=2).float()), torch.zeros_like(ent))
-    per_head = norm.sum(dim=(0, 2)) / rows.sum(dim=(0, 2)).clamp(min=1)
-    has = rows.any(dim=2).any(dim=0)
-    value = (per_head * has).sum() / has.sum().clamp(min=1)
+    value = _mean_normalised(ent, ok.sum(-1))
     probs = ((p >= 0).all() & ((p.sum(-1) - 1).abs() < 1e-3).all())  # else not probabilities (T5: a position bias)
     return torch.where(probs, value, torch.full_like(value, math.nan))
 
