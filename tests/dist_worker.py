@@ -158,6 +158,30 @@ def scenario_every(rank: int, world: int, outdir: str) -> dict:
             "report": report, "x": x, "state": model[0].state_dict()}
 
 
+def scenario_signals(rank: int, world: int, outdir: str) -> dict:
+    """Attention figures and log Z under DDP: every rank reports the same, reduced across ranks."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 2, batch_first=True)
+    with torch.no_grad():
+        attn.in_proj_weight[:32] *= 3.0
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), Attend(attn), nn.Linear(16, 5)))
+    torch.manual_seed(100 + rank)
+    x, y = torch.randn(2, 12, 8) * (1 + rank), torch.randint(0, 5, (2, 12))
+    with torchdiag.watch(model, config={"warnings": False}) as diag:
+        torch.nn.functional.cross_entropy(model(x).reshape(-1, 5), y.reshape(-1)).backward()
+        report = diag.step().to_dict()
+    return {"report": report, "x": x, "state": model.module.state_dict()}
+
+
+class Attend(nn.Module):
+    def __init__(self, attn: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attn(h, h, h, need_weights=False)[0]
+
+
 def _diag_warnings(caught: list) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
 

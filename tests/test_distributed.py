@@ -81,7 +81,8 @@ def run_ranks(scenarios: list[str], outdir: Path, env: dict[str, str] | None = N
 def runs(tmp_path_factory):
     """One 2-rank run of every scenario (one process pair keeps the file fast); results per rank."""
     outdir = tmp_path_factory.mktemp("dist")
-    scenarios = ["ddp", "ddp_deferred", "branch", "groups", "steps", "every"] + (["fsdp"] if _fsdp2() else [])
+    scenarios = ["ddp", "ddp_deferred", "branch", "groups", "steps", "every", "signals"]
+    scenarios += ["fsdp"] if _fsdp2() else []
     run_ranks(scenarios, outdir)
     results = {s: [torch.load(outdir / f"{s}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
                for s in scenarios}
@@ -135,6 +136,30 @@ def check_layer(layer: dict, outs: list[torch.Tensor], grads: list[torch.Tensor]
 
 
 # ------------------------------------------------------------------ DDP
+def test_ddp_attention_and_logit_figures_are_reduced_across_ranks(runs):
+    r0, r1 = runs["signals"]
+    assert r0["report"] == r1["report"]
+    rows = {la["name"]: la for la in r0["report"]["layers"]}
+    sd = r0["state"]
+    tops, ents, logzs = [], [], []
+    ref = nn.Sequential(nn.Linear(8, 16), W.Attend(nn.MultiheadAttention(16, 2, batch_first=True)), nn.Linear(16, 5))
+    ref.load_state_dict(sd)
+    for r in (r0, r1):  # each rank's own figures, by hand from its batch
+        h = r["x"] @ sd["0.weight"].T + sd["0.bias"]
+        w, b = sd["1.attn.in_proj_weight"], sd["1.attn.in_proj_bias"]
+        q = (h @ w[:16].T + b[:16]).view(2, 12, 2, 8).transpose(1, 2)
+        k = (h @ w[16:32].T + b[16:32]).view(2, 12, 2, 8).transpose(1, 2)
+        z = q @ k.transpose(-1, -2) / math.sqrt(8)
+        p = z.softmax(-1)
+        tops.append(z.max().item())
+        ents.append((-(p * p.clamp(min=1e-30).log()).sum(-1) / math.log(12)).mean().item())
+        with torch.no_grad():
+            logzs.append(torch.logsumexp(ref(r["x"]), dim=-1).mean().item())
+    assert rows["1.attn"]["attention_logit_max"] == pytest.approx(max(tops), rel=1e-4)  # the largest of any rank
+    assert rows["1.attn"]["attention_entropy"] == pytest.approx(sum(ents) / 2, rel=1e-4)  # the mean over ranks
+    assert rows["2"]["output_logz"] == pytest.approx(sum(logzs) / 2, rel=1e-4)
+
+
 def test_ddp_global_statistics_equal_those_of_the_concatenated_batch(runs):
     r0, r1 = runs["ddp"]
     assert sorted(r0["reports"]) == [0, 2]  # every=2, three optimizer steps: the same recorded steps on each rank

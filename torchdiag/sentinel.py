@@ -20,8 +20,10 @@ class Sentinel:
     def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any, recording: Callable[[], bool],
                  optimizer: Any = None, scaler: Any = None, weights: dict[int, str] | None = None,
                  lookups: set[int] = frozenset(), monitor: Any = None, deferred: bool = False,
-                 distributed: bool = False) -> None:
+                 distributed: bool = False, reducer: Callable[[], Any] | None = None) -> None:
         self._cfg = config
+        self._reducer = reducer  # under torch.distributed: the watch's StepReducer (all_reduce of float lists)
+        self._adam_weights = sorted(set((weights or {}).values()))
         self._signals = signals.Signals(model, layers, config, recording, optimizer=optimizer)
         self._signals.watch_weights(weights or {}, lookups)
         # under torch.distributed a one-rank replay of a sharded or synchronised forward would wait on its collectives
@@ -76,9 +78,14 @@ class Sentinel:
         self._pending = [p for p in self._pending if p[0] > report.step]
         raw = next((r for s, r, _ in mine if s == report.step), None)
         batch = next((b for s, _, b in mine if s == report.step), None)
-        losses = self._losses + [x for s, r, _ in mine if r is not raw for x in r["losses"]]
+        losses = self._losses + [x for s, r, _ in mine if r is not raw and isinstance(r, dict) for x in r["losses"]]
         self._losses = []
         sig = signals.read(raw if raw is not None else _EMPTY, losses)
+        reducer = self._reducer() if self._reducer is not None else None
+        # under torch.distributed, a step the watch reduced across ranks (every rank publishes it) gets the same
+        # figures on every rank, so the same report; a step kept to this rank's own numbers keeps its own
+        if reducer is not None and not reducer.disabled and getattr(reducer, "_last", None) == report.step:
+            sig = signals.reduce_across(sig, self._signals.attention_layers, self._adam_weights, reducer.all_reduce)
         self._adam_near = instability.judge(report, sig, self._cfg, self._adam_near)
         self.spikes.add_layers(report)
         report.loss_spikes = self.spikes.feed(sorted(sig.losses))

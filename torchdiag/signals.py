@@ -296,6 +296,7 @@ class Signals:
         self._losses: list[tuple[int, Any]] = []
         self._weights: dict[int, str] = {}
         self._lookups: set[int] = set()
+        self.attention_layers: list[str] = []  # the names attention figures can have (a fixed cross-rank layout)
 
     # ------------------------------------------------------------------ wiring
     def install(self) -> None:
@@ -306,6 +307,9 @@ class Signals:
                     self._handles.append(GlobalHooks.add(m, self._mha_pre, self._mha_post))
                 elif "attention" in type(m).__name__.lower() and any(True for _ in m.parameters()):
                     self._handles.append(GlobalHooks.add(m, self._attn_pre, self._attn_post))
+                else:
+                    continue
+                self.attention_layers.append(self._name(m))
             if self._handles:
                 _SDPA.acquire()
                 self._sdpa = True
@@ -529,3 +533,36 @@ def _adam_like(optimizer: Any) -> bool:
     """An optimizer whose update divides by sqrt(v) + eps: every group has ``eps`` and ``betas``."""
     groups = getattr(optimizer, "param_groups", None) or []
     return bool(groups) and all("eps" in g and "betas" in g for g in groups)
+
+
+def reduce_across(sig: StepSignals, attention: list[str], weights: list[str], all_reduce: Callable) -> StepSignals:
+    """The step's signals over every rank (``all_reduce(values, "max" | "sum")``, the watch's collective), in a
+    layout every rank shares: the largest attention logit, the mean entropy and log Z over the ranks that measured
+    them, the softmax test of any rank, the gradient rms of each weight (DDP's gradients agree anyway). Losses stay
+    each rank's own."""
+    names = sorted(set(attention))
+    mx = [sig.attention.get(n, (-math.inf, math.nan))[0] for n in names]
+    mx = [v if math.isfinite(v) else -math.inf for v in mx] + [0.0 if sig.softmax_output else 1.0]
+    sm: list[float] = []
+    for n in names:
+        ent = sig.attention.get(n, (math.nan, math.nan))[1]
+        sm += [ent, 1.0] if math.isfinite(ent) else [0.0, 0.0]
+    sm += [sig.logz, 1.0] if sig.logz is not None and math.isfinite(sig.logz) else [0.0, 0.0]
+    for w in weights:
+        rms, eps = sig.adam.get(w, (math.nan, 0.0))
+        sm += [rms * rms, 1.0, eps] if math.isfinite(rms) else [0.0, 0.0, 0.0]
+    gmx, gsm = all_reduce(mx, "max"), all_reduce(sm, "sum")
+    out = StepSignals(losses=sig.losses)
+    for i, n in enumerate(names):
+        top, (total, count) = gmx[i], gsm[2 * i: 2 * i + 2]
+        if math.isfinite(top) or count:
+            out.attention[n] = (top if math.isfinite(top) else math.nan, total / count if count else math.nan)
+    out.softmax_output = gmx[len(names)] == 0.0  # every rank's output passed the softmax test
+    at = 2 * len(names)
+    out.logz = gsm[at] / gsm[at + 1] if gsm[at + 1] else None
+    at += 2
+    for i, w in enumerate(weights):
+        total, count, eps = gsm[at + 3 * i: at + 3 * i + 3]
+        if count:
+            out.adam[w] = (math.sqrt(total / count), eps / count)
+    return out

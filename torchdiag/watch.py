@@ -419,7 +419,8 @@ class Watcher:
         recording = _recording_of(rec)
         self._sentinel = Sentinel(model, layers, self.config, recording, optimizer=self._optimizer,
                                   scaler=self._scaler, weights=weights, lookups=lookups, monitor=self._optim_monitor,
-                                  deferred=rec.defer, distributed=self._group is not None)
+                                  deferred=rec.defer, distributed=self._group is not None,
+                                  reducer=lambda: rec.reducer if self._group is not None else None)
         self._sentinel.install()
 
     def _install_rescale(self) -> None:
