@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import first_float_tensor, is_compiling
+from .runtime import first_float_tensor, is_compiling, tracing
 
 _LOGIT_ROWS = 256
 
@@ -207,7 +207,7 @@ class GlobalHooks:
 
 
 def _global_pre(module: nn.Module, args: tuple) -> None:
-    if is_compiling():
+    if tracing():  # torch.compile, torch.export, torch.jit.trace: nothing of torchdiag's in their graphs
         return
     fns = GlobalHooks.pre.get(module)
     if fns:
@@ -216,7 +216,7 @@ def _global_pre(module: nn.Module, args: tuple) -> None:
 
 
 def _global_post(module: nn.Module, args: tuple, kwargs: dict | None = None, output: Any = None) -> None:
-    if is_compiling():
+    if tracing():
         return
     fns = GlobalHooks.post.get(module)
     if fns:
@@ -259,7 +259,7 @@ class _SDPA:
 
 def _sdpa_wrapper(*args: Any, **kwargs: Any) -> Any:
     out = _SDPA.original(*args, **kwargs)
-    if is_compiling():
+    if tracing():
         return out
     stack = getattr(_SDPA.local, "stack", None)
     if stack and stack[-1][0] is not None:
@@ -407,7 +407,7 @@ class Signals:
         t = getattr(output, "logits", None)
         if not isinstance(t, torch.Tensor):
             t = first_float_tensor((output,))
-        if t is None or t.dim() < 2 or t.shape[-1] < 2 or not t.requires_grad:
+        if t is None or t.dim() < 2 or t.shape[-1] < 2 or t.grad_fn is None:  # (a leaf: a hook would stay on it)
             return
         with torch.no_grad():
             rows = t.detach().reshape(-1, t.shape[-1])
