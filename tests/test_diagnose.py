@@ -6,7 +6,7 @@ import math
 import pytest
 
 from torchdiag.config import Config
-from torchdiag.diagnose import LayerStats, Moments, StepStats, diagnose
+from torchdiag.diagnose import LayerStats, StepStats, Summary, diagnose
 from torchdiag.gains import Nonlinearity
 
 CFG = Config.defaults()
@@ -14,7 +14,7 @@ CFG = Config.defaults()
 
 def mom(rms, zero=None, sat=None, nonfinite=False, mean=0.0):
     std = math.sqrt(max(rms * rms - mean * mean, 0.0))
-    return Moments(n=1000, mean=mean, std=std, rms=rms, absmax=3 * rms, nonfinite=nonfinite,
+    return Summary(n=1000, mean=mean, std=std, rms=rms, absmax=3 * rms, nonfinite=nonfinite,
                    zero_fraction=zero, saturated_fraction=sat)
 
 
@@ -22,11 +22,11 @@ def chain(fwd, bwd, width=64, weight_std=None):
     """Linear/ReLU pairs with the given output and gradient rms per pair."""
     layers, i = [], 0
     for f, b in zip(fwd, bwd):
-        layers.append(LayerStats(name=f"lin{i}", module_type="Linear", index=2 * i, calls=1, kind="weighted",
+        layers.append(LayerStats(name=f"lin{i}", module_type="Linear", index=2 * i, calls=1, role="weighted",
                                  act=mom(f), grad=mom(b), weight_shape=(width, width),
                                  weight_std=weight_std or 1 / math.sqrt(width), weight_rms=1.0,
                                  fan_in=width, fan_out=width))
-        layers.append(LayerStats(name=f"relu{i}", module_type="ReLU", index=2 * i + 1, calls=1, kind="activation",
+        layers.append(LayerStats(name=f"relu{i}", module_type="ReLU", index=2 * i + 1, calls=1, role="activation",
                                  act=mom(f / math.sqrt(2), zero=0.5), grad=mom(b), nonlinearity=Nonlinearity("relu"),
                                  relu_family=True))
         i += 1
@@ -87,7 +87,7 @@ def test_too_few_repeats_are_not_judged():
 
 def test_zero_gradient_behind_zero_weights_is_a_note_not_vanishing():
     layers = chain([1.0] * 6, [0.0] * 6)
-    layers.append(LayerStats(name="head", module_type="Linear", index=12, calls=1, kind="weighted",
+    layers.append(LayerStats(name="head", module_type="Linear", index=12, calls=1, role="weighted",
                              act=mom(0.0), grad=mom(1.0), weight_shape=(4, 64), weight_std=0.0,
                              weight_rms=0.0, fan_in=64, fan_out=4))
     rep = diagnose(StepStats(layers), CFG)
@@ -109,11 +109,11 @@ def test_first_nonfinite_is_the_culprit_and_later_layers_are_not_drift():
 
 
 def test_dead_and_saturated_thresholds():
-    dead = LayerStats(name="r", module_type="ReLU", index=0, calls=1, kind="activation", act=mom(0.01, zero=0.95),
+    dead = LayerStats(name="r", module_type="ReLU", index=0, calls=1, role="activation", act=mom(0.01, zero=0.95),
                       relu_family=True, nonlinearity=Nonlinearity("relu"))
-    half = LayerStats(name="r2", module_type="ReLU", index=1, calls=1, kind="activation", act=mom(1, zero=0.6),
+    half = LayerStats(name="r2", module_type="ReLU", index=1, calls=1, role="activation", act=mom(1, zero=0.6),
                       relu_family=True, nonlinearity=Nonlinearity("relu"))
-    sat = LayerStats(name="t", module_type="Tanh", index=2, calls=1, kind="activation", act=mom(0.9, sat=0.4),
+    sat = LayerStats(name="t", module_type="Tanh", index=2, calls=1, role="activation", act=mom(0.9, sat=0.4),
                      bounded=True, nonlinearity=Nonlinearity("tanh"))
     rep = diagnose(StepStats([dead, half, sat]), CFG)
     assert rep["r"].status == {"dead"} and rep["r2"].status == set() and rep["t"].status == {"saturated"}
@@ -124,10 +124,10 @@ def test_dead_and_saturated_thresholds():
 
 def test_normalised_layer_gets_no_scale():
     layers = [
-        LayerStats(name="conv", module_type="Conv2d", index=0, calls=1, kind="weighted", act=mom(5.0),
+        LayerStats(name="conv", module_type="Conv2d", index=0, calls=1, role="weighted", act=mom(5.0),
                    weight_shape=(8, 8, 3, 3), weight_std=0.5, weight_rms=1.0, fan_in=72, fan_out=72),
-        LayerStats(name="bn", module_type="BatchNorm2d", index=1, calls=1, kind="norm", act=mom(1.0)),
-        LayerStats(name="relu", module_type="ReLU", index=2, calls=1, kind="activation", act=mom(0.8, zero=0.5),
+        LayerStats(name="bn", module_type="BatchNorm2d", index=1, calls=1, role="norm", act=mom(1.0)),
+        LayerStats(name="relu", module_type="ReLU", index=2, calls=1, role="activation", act=mom(0.8, zero=0.5),
                    relu_family=True, nonlinearity=Nonlinearity("relu")),
     ]
     rep = diagnose(StepStats(layers), CFG)
@@ -153,7 +153,7 @@ def test_layers_feeding_a_norm_are_not_judged_forward_but_are_backward():
 
 
 def test_lookups_recurrent_and_attention_get_no_textbook_scale():
-    emb = LayerStats(name="emb", module_type="Embedding", index=0, calls=1, kind="weighted", act=mom(1.0),
+    emb = LayerStats(name="emb", module_type="Embedding", index=0, calls=1, role="weighted", act=mom(1.0),
                      weight_shape=(100, 16), weight_std=1.0, weight_rms=4.0, fan_in=16, fan_out=100,
                      textbook=False)
     rep = diagnose(StepStats([emb]), CFG)
@@ -174,11 +174,11 @@ def test_measured_and_textbook_scales_disagreeing_say_which_to_trust():
 
 
 def test_functional_activation_inferred_from_the_next_input_probe():
-    a = LayerStats(name="a", module_type="Linear", index=0, calls=1, kind="weighted", act=mom(1.4),
+    a = LayerStats(name="a", module_type="Linear", index=0, calls=1, role="weighted", act=mom(1.4),
                    weight_shape=(64, 64), weight_std=1 / 8, weight_rms=1.0, fan_in=64, fan_out=64)
-    probe = Moments(n=1000, mean=0.56, std=0.82, rms=1.0, absmax=4.0, nonfinite=False, zero_fraction=0.5,
+    probe = Summary(n=1000, mean=0.56, std=0.82, rms=1.0, absmax=4.0, nonfinite=False, zero_fraction=0.5,
                     min=0.0, max=4.0)
-    b = LayerStats(name="b", module_type="Linear", index=1, calls=1, kind="weighted", act=mom(1.4),
+    b = LayerStats(name="b", module_type="Linear", index=1, calls=1, role="weighted", act=mom(1.4),
                    weight_shape=(64, 64), weight_std=1 / 8, weight_rms=1.0, fan_in=64, fan_out=64,
                    input_probe=probe)
     rep = diagnose(StepStats([a, b]), CFG)
@@ -199,7 +199,7 @@ def _counting_chain(n):
 
     layers = [Counted(**{f.name: getattr(s, f.name) for f in dataclasses.fields(LayerStats)})
               for s in chain([1.0] * n, [0.0] * n)]
-    layers.append(Counted(name="head", module_type="Linear", index=2 * n, calls=1, kind="weighted", act=mom(0.0),
+    layers.append(Counted(name="head", module_type="Linear", index=2 * n, calls=1, role="weighted", act=mom(0.0),
                           grad=mom(1.0), weight_shape=(4, 64), weight_std=0.0, weight_rms=0.0, fan_in=64, fan_out=4))
     return layers, reads
 

@@ -514,7 +514,7 @@ class _ThreadGroup:
         return out
 
 
-SLOTS = [Slot(name="l", module_type="Linear", kind="weighted", is_layer=True, weight_name="weight")]
+SLOTS = [Slot(name="l", module_type="Linear", role="weighted", is_layer=True, weight_name="weight")]
 
 
 def _reduce_in_threads(per_rank: list[dict]) -> list[Decoded]:
@@ -543,7 +543,7 @@ def _reduce_in_threads(per_rank: list[dict]) -> list[Decoded]:
     return out
 
 
-def _moments(x: torch.Tensor) -> MomentAccumulator:
+def _accumulated(x: torch.Tensor) -> MomentAccumulator:
     m = MomentAccumulator()
     m.add_row(x.numel(), [v.item() for v in stats.act_row(x)])
     return m
@@ -553,7 +553,7 @@ def test_reduction_is_exact_where_plain_power_sums_cancel():
     # |mean| / std = 1e6: sums of squares about zero would lose every digit of the variance in float64
     x0 = 1e4 + 1e-2 * torch.randn(1000, dtype=torch.float64)
     x1 = 1e4 + 3e-2 * torch.randn(3000, dtype=torch.float64) + 0.05
-    moms = [{(0, ACT): _moments(x - 1e4), (0, GRAD): _moments(x)} for x in (x0, x1)]
+    moms = [{(0, ACT): _accumulated(x - 1e4), (0, GRAD): _accumulated(x)} for x in (x0, x1)]
     for m, x in zip(moms, (x0, x1)):  # rows are float32 on the device; these are exact float64 moments
         m[(0, GRAD)] = MomentAccumulator(n=x.numel(), mean=x.mean().item(), m2=((x - x.mean()) ** 2).sum().item(),
                                          min=x.min().item(), max=x.max().item(), calls=1)
@@ -566,18 +566,18 @@ def test_reduction_is_exact_where_plain_power_sums_cancel():
     assert (g.min, g.max) == (x.min().item(), x.max().item())
     # a constant tensor on both ranks: exactly zero variance
     c = torch.full((10,), 3.25)
-    a, _ = _reduce_in_threads([{(0, ACT): _moments(c)}, {(0, ACT): _moments(c)}])
+    a, _ = _reduce_in_threads([{(0, ACT): _accumulated(c)}, {(0, ACT): _accumulated(c)}])
     assert a.moments[(0, ACT)].m2 == 0.0 and a.moments[(0, ACT)].mean == 3.25
 
 
 def test_reduction_of_nan_and_of_an_empty_rank():
     bad = torch.tensor([1.0, float("nan"), 2.0])
     good = torch.tensor([-4.0, 5.0])
-    a, b = _reduce_in_threads([{(0, ACT): _moments(bad)}, {(0, ACT): _moments(good)}])
+    a, b = _reduce_in_threads([{(0, ACT): _accumulated(bad)}, {(0, ACT): _accumulated(good)}])
     m = a.moments[(0, ACT)]
     assert m.nonfinite == 1 and math.isnan(m.min) and math.isnan(m.max) and m.n == 5
     # one rank recorded nothing this step: the other's numbers, the layer present, nothing hangs
-    a, b = _reduce_in_threads([{(0, ACT): _moments(good)}, {}])
+    a, b = _reduce_in_threads([{(0, ACT): _accumulated(good)}, {}])
     assert repr(a) == repr(b)
     m = a.moments[(0, ACT)]
     assert (m.n, m.mean, m.min, m.max) == (2, 0.5, -4.0, 5.0) and a.order == {0: 0}

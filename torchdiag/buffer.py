@@ -24,7 +24,7 @@ from .capture import Capture, set_recording
 from .dtensor import local_tensor
 from .stepbuffer import Decoded, Pending, StepBuffer, arrive, decode, reduction_layout
 from .taxonomy import Slot
-from .vocab import Histogram, LayerStats, Moments, Row, StepStats, histogram_window
+from .vocab import Histogram, LayerStats, Row, StepStats, Summary, histogram_window
 
 ACT, GRAD, INPUT, WEIGHT, PROBE = Row.ACT, Row.GRAD, Row.INPUT, Row.WEIGHT, Row.PROBE
 ROOT_IN, ROOT_GRAD, UPDATE, CLIP = Row.ROOT_IN, Row.ROOT_GRAD, Row.UPDATE, Row.CLIP
@@ -197,7 +197,7 @@ class Recorder:
                 lo, hi, counts = stats.merge_histograms(rs)
                 bins = len(counts)
                 edges = [lo + (hi - lo) * i / bins for i in range(bins)] + [hi]
-                out.append(Histogram(layer=self.slots[slot].name, kind=label, min=m.min, max=m.max, num=m.n,
+                out.append(Histogram(layer=self.slots[slot].name, quantity=label, min=m.min, max=m.max, num=m.n,
                                      sum=m.mean * m.n, sum_squares=m.m2 + m.n * m.mean * m.mean,
                                      edges=edges, counts=counts))
         return out
@@ -242,7 +242,7 @@ class Recorder:
             inp = _input_sumsq(sq.get((slot, INPUT)), moms.get((slot, PROBE)))
             u = updates.get(slot)
             layers.append(LayerStats(
-                name=info.name, module_type=info.module_type, index=index, calls=step.calls[slot], kind=info.kind,
+                name=info.name, module_type=info.module_type, index=index, calls=step.calls[slot], role=info.role,
                 act=_for_diagnosis(act, with_act=True, with_sat=info.saturation is not None),
                 grad=_for_diagnosis(grad), weight_shape=info.weight_shape,
                 input_rms=math.sqrt(inp.total / inp.n) if inp and inp.n else None,
@@ -291,12 +291,12 @@ def _ratio(u: Update | None) -> float | None:
     return math.sqrt(u.dd / u.ww) if u.ww > 0 else None  # from all-zero weights there is no ratio
 
 
-def _for_diagnosis(m: MomentAccumulator | None, with_act: bool = False, with_sat: bool = False) -> Moments | None:
-    """The diagnosis' view of an accumulator (``vocab.Moments``), None where nothing was recorded."""
+def _for_diagnosis(m: MomentAccumulator | None, with_act: bool = False, with_sat: bool = False) -> Summary | None:
+    """The diagnosis' view of an accumulator (``vocab.Summary``), None where nothing was recorded."""
     if m is None or m.n == 0:
         return None
     zero = m.zeros / m.n if with_act else None
     sat = m.saturated / m.n if with_sat else None
-    return Moments(n=m.n, mean=m.mean, std=m.std, rms=m.rms, absmax=m.absmax, nonfinite=m.nonfinite > 0,
+    return Summary(n=m.n, mean=m.mean, std=m.std, rms=m.rms, absmax=m.absmax, nonfinite=m.nonfinite > 0,
                    min=m.min if math.isfinite(m.min) else None, max=m.max if math.isfinite(m.max) else None,
                    zero_fraction=zero, saturated_fraction=sat)

@@ -163,28 +163,28 @@ def _load_yaml(text: str, source: str) -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
-    kind = _TYPES[key]
+    value_type = _VALUE_TYPES[key]
 
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"{source}: key {key!r} expects {expected}, got {value!r} ({type(value).__name__})")
 
-    if kind == "bool":
+    if value_type == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if kind == "int":
+    if value_type == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         lo = _MIN_INT[key]
         if value < lo:
             raise bad(f"an integer >= {lo}")
         return value
-    if kind == "choice":
+    if value_type == "choice":
         allowed = _CHOICES[key]
         if value not in allowed:
             raise bad("one of " + ", ".join(repr(a) for a in allowed))
         return value
-    if kind == "float":
+    if value_type == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad("a finite number")
         lo, hi = _FLOAT_RANGE[key]
@@ -217,7 +217,7 @@ def _check_relations(cfg: Config, source: str) -> None:
         )
 
 
-_TYPES = {
+_VALUE_TYPES = {
     "every": "int",
     "include": "strs",
     "exclude": "strs",

@@ -27,9 +27,9 @@ from . import gains
 from .config import Config
 from .gains import Nonlinearity
 from .report import Finding, LayerReport, Report
-from .vocab import LayerStats, Moments, StepStats
+from .vocab import LayerStats, Role, StepStats, Summary
 
-__all__ = ["LayerStats", "Moments", "StepStats", "diagnose"]
+__all__ = ["LayerStats", "StepStats", "Summary", "diagnose"]
 
 
 def _finite(x: float | None) -> float | None:
@@ -42,7 +42,7 @@ def diagnose(stats: StepStats, config: Config) -> Report:
     rows = [_base_row(s, stats) for s in layers]
     notes: list[str] = []
     for pos, s in enumerate(layers):
-        if s.kind == "weighted":
+        if s.role == Role.WEIGHTED:
             _suggest(rows[pos], s, layers[pos + 1 :], config)
 
     first_nonfinite = None
@@ -119,14 +119,14 @@ def _suggest(row: LayerReport, s: LayerStats, after: list[LayerStats], cfg: Conf
     """Nonlinearity that follows a weighted layer, and the textbook fix for its weights."""
     nl, normalised, inferred = gains.LINEAR, None, False
     for nxt in after:
-        if nxt.kind == "weighted":
+        if nxt.role == Role.WEIGHTED:
             guess = _infer_functional(nxt.input_probe) if normalised is None else None
             if guess is not None:
                 nl, inferred = guess, True
             break
-        if nxt.kind == "norm" and normalised is None:
+        if nxt.role == Role.NORM and normalised is None:
             normalised = nxt
-        if nxt.kind == "activation" and nxt.nonlinearity is not None:
+        if nxt.role == Role.ACTIVATION and nxt.nonlinearity is not None:
             nl = nxt.nonlinearity
             break
     row.nonlinearity = str(nl)
@@ -198,7 +198,7 @@ def _updates(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, not
                   " Fix: raise the learning rate, or check its gradient (see backward drift).")
 
 
-def _infer_functional(probe: Moments | None) -> Nonlinearity | None:
+def _infer_functional(probe: Summary | None) -> Nonlinearity | None:
     """Which pointwise activation produced a tensor, from its range and zeros (None: cannot tell)."""
     if probe is None or probe.nonfinite or probe.n == 0:
         return None
@@ -249,8 +249,8 @@ def _dead_or_saturated(row: LayerReport, s: LayerStats, cfg: Config) -> None:
               " (its suggestion uses the gain for this activation).")
 
 
-def _role(name: str) -> str:
-    """The layer's role in its repeated block: its qualified name with the block indices taken out (``blocks.3.fc``
+def _name_pattern(name: str) -> str:
+    """The layer's place in its repeated block: its qualified name with the block indices taken out (``blocks.3.fc``
     and ``conv3`` number their block too; members of one chain that play alternating roles, ``fc1``/``fc2``, only
     add a periodic offset, which the median of pairwise slopes does not follow)."""
     return _DIGITS.sub("*", name)
@@ -263,10 +263,10 @@ _QUERY_KEY = re.compile(r"(^|[._])(q|k|query|key|queries|keys|q_proj|k_proj|q_li
 
 
 def _chain_key(s: LayerStats) -> tuple | None:
-    """Layers that play one role in repeated blocks; whether a normalisation follows is part of it (it undoes
+    """Layers that have one place in repeated blocks; whether a normalisation follows is part of it (it undoes
     forward scale)."""
-    if s.kind in ("weighted", "activation"):
-        return (_role(s.name), s.module_type, s.feeds_norm)
+    if s.role in (Role.WEIGHTED, Role.ACTIVATION):
+        return (_name_pattern(s.name), s.module_type, s.feeds_norm)
     return None
 
 
@@ -286,15 +286,15 @@ def _drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes
     for pos in range(len(layers) - 1, -1, -1):
         zero_after[pos] = zero_after[pos + 1] or (pos + 1 < len(layers) and zero[pos + 1])
     _zero_grad_notes(rows, layers, zero, notes)
-    norms = [s.index for s in layers if s.kind == "norm"]
-    for (role, _, feeds_norm), members in chains.items():
+    norms = [s.index for s in layers if s.role == Role.NORM]
+    for (pattern, _, feeds_norm), members in chains.items():
         if len(members) < cfg.min_repeats:
             continue
         first, last = layers[members[0]].index, layers[members[-1]].index
         normalized = any(first < i < last for i in norms)
         if not feeds_norm:
             _judge(rows, layers, members, cfg, "forward", zero, normalized)
-        if not _QUERY_KEY.search(role):  # their gradient is second order in the attention logits: not a trunk figure
+        if not _QUERY_KEY.search(pattern):  # their gradient is second order in the attention logits: not a trunk figure
             _judge(rows, layers, members, cfg, "backward", zero_after, normalized)
 
 
@@ -324,7 +324,7 @@ def _figure(s: LayerStats, forward: bool) -> tuple[float | None, bool]:
 
 def _shape(s: LayerStats, forward: bool) -> object:
     """What makes two members of a chain the same size: the weight's shape, or the tensor's size per call."""
-    if s.weight_shape is not None and s.kind == "weighted":
+    if s.weight_shape is not None and s.role == Role.WEIGHTED:
         return s.weight_shape
     m = s.act if forward else s.grad
     return None if m is None else m.n // max(s.calls, 1)
@@ -380,16 +380,16 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
     cause = layers[cause_pos]
     per = math.exp(slope if forward else -slope)
     s0, s1 = layers[members[0]], layers[members[-1]]
-    kind = f"{len(members)} repeated {s0.module_type} layers ('{s0.name}' … '{s1.name}')"
+    chain = f"{len(members)} repeated {s0.module_type} layers ('{s0.name}' … '{s1.name}')"
     what = "output rms" if forward else "output gradient norm"
     how = "from the first to the last measured" if forward else "from the last to the first (towards the input)"
-    if cause.kind == "norm" and any(f.key == "norm_weight" for f in rows[cause_pos].findings):
-        rows[cause_pos].notes.append(f"along {kind} the {what} changes {total:.3g}× ({direction}): a consequence of"
+    if cause.role == Role.NORM and any(f.key == "norm_weight" for f in rows[cause_pos].findings):
+        rows[cause_pos].notes.append(f"along {chain} the {what} changes {total:.3g}× ({direction}): a consequence of"
                                      " the near-zero normalisation weights")
         return
     fixable, fix = _drift_fix(rows, layers, members, cause_pos, problem, forward, cfg)
     lead = (f"'{cause.name}' ({cause.module_type}) and the layers of its kind make the signal {problem} ({direction}):"
-            f" along {kind} the {what} changes {per:.3g}× per layer, {total:.3g}× {how} ({key} {thr:g}). Fix: {fix}")
+            f" along {chain} the {what} changes {per:.3g}× per layer, {total:.3g}× {how} ({key} {thr:g}). Fix: {fix}")
     if not any(f.problem == problem and f.direction == direction for f in rows[cause_pos].findings):
         _flag(rows[cause_pos], problem, direction, total, thr, key, lead, cause.name, len(members), fixable)
         if fixable is False:
@@ -400,7 +400,7 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
         at = math.exp(slope * (k - k0) if forward else -slope * (k1 - k))  # the trend at its place
         s = layers[pos]
         _flag(rows[pos], problem, direction, at, thr, key,
-              f"'{s.name}' ({s.module_type}) is {problem} ({direction}): {at:.3g}× at its place along {kind};"
+              f"'{s.name}' ({s.module_type}) is {problem} ({direction}): {at:.3g}× at its place along {chain};"
               f" see '{cause.name}'", cause.name, 1, fixable)
 
 
@@ -413,11 +413,11 @@ def _cause(layers: list[LayerStats], pos: int) -> int:
     weighted layer before it in execution order (an activation has no weights)."""
     for p in range(pos + 1):
         w = _pre_step_rms(layers[p])
-        if layers[p].kind == "norm" and w is not None and 0 < w < _SMALL_NORM_WEIGHT:
+        if layers[p].role == Role.NORM and w is not None and 0 < w < _SMALL_NORM_WEIGHT:
             return p
     for p in range(pos, -1, -1):
         s = layers[p]
-        if s.kind == "weighted":
+        if s.role == Role.WEIGHTED:
             return pos if s.feeds_norm and p != pos else p  # behind a norm its weight scale is undone
     return pos
 
@@ -425,7 +425,8 @@ def _cause(layers: list[LayerStats], pos: int) -> int:
 def _small_norm_weights(rows: list[LayerReport], layers: list[LayerStats]) -> None:
     """A normalisation layer whose weights start near zero (but not at exactly zero, a zero-init branch) scales every
     signal through it down by their rms: vanishing (forward), blamed on the first such layer."""
-    small = [p for p, s in enumerate(layers) if s.kind == "norm" and 0 < (_pre_step_rms(s) or 0) < _SMALL_NORM_WEIGHT]
+    small = [p for p, s in enumerate(layers)
+             if s.role == Role.NORM and 0 < (_pre_step_rms(s) or 0) < _SMALL_NORM_WEIGHT]
     if not small:
         return
     first = layers[small[0]]
@@ -454,7 +455,7 @@ def _drift_fix(rows: list[LayerReport], layers: list[LayerStats], chain: list[in
     if not forward and problem == "vanishing" and row.nonlinearity == "sigmoid":
         return False, ("sigmoid's slope is at most 1/4, so the gradient shrinks at every layer whatever the weight"
                        " scale; use ReLU/GELU/SiLU, or add normalisation (LayerNorm/BatchNorm) between the layers")
-    weighted = [rows[p] for p in dict.fromkeys([cause_pos, *chain]) if layers[p].kind == "weighted"]
+    weighted = [rows[p] for p in dict.fromkeys([cause_pos, *chain]) if layers[p].role == Role.WEIGHTED]
     scales = sorted(r.suggested_scale for r in weighted if r.suggested_scale is not None
                     and math.isfinite(r.suggested_scale))
     if scales:

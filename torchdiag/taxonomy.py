@@ -52,7 +52,7 @@ class Slot:
 
     name: str
     module_type: str
-    kind: str  # its role: a ``Role`` value
+    role: str  # a ``Role`` value
     is_layer: bool  # reported as a layer (the root may be registered only for its input/output)
     is_root: bool = False
     saturation: tuple[float, float] | None = None  # (centre, half width) of the saturation test
@@ -65,13 +65,18 @@ class Slot:
     fans_note: str | None = None  # why the fans are unknown
     textbook: bool = True  # a Linear/Conv-like layer the fan_in rule applies to
     feeds_norm: bool = False  # its output was seen going straight into a normalisation layer
-    pure: bool = False  # a torch built-in whose output is exactly what its kind says (no hidden activation)
+    pure: bool = False  # a torch built-in whose output is exactly what its role says (no hidden activation)
     count_zeros: bool = False  # count zeros of its output (ReLU family, or a layer whose output feeds a probe)
     shift_act: bool = True  # take moments about a shift (first recorded step, or |mean| >> std last time)
     shift_grad: bool = True
     shift_weight: bool = True
     calls: int = 0
     disabled: bool = False
+
+    @property
+    def kind(self) -> str:
+        """The role under its former name, for ``capture`` and ``stepbuffer`` until they read ``role``."""
+        return self.role
 
 
 def role(module: nn.Module) -> str:
@@ -89,12 +94,12 @@ def role(module: nn.Module) -> str:
 
 def describe(name: str, module: nn.Module, *, is_layer: bool, is_root: bool, saturation_level: float) -> Slot:
     """The static facts of one watched module: its role, weight, fans, nonlinearity, saturation test."""
-    kind = role(module)
+    its_role = role(module)
     relu = isinstance(module, gains.RELU_FAMILY)
     builtin = type(module).__module__.startswith("torch.")
-    slot = Slot(name=name, module_type=type(module).__name__, kind=kind, is_layer=is_layer, is_root=is_root,
+    slot = Slot(name=name, module_type=type(module).__name__, role=its_role, is_layer=is_layer, is_root=is_root,
                 relu_family=relu, count_zeros=relu, nonlinearity=gains.nonlinearity_of(module),
-                pure=builtin and kind in (Role.WEIGHTED, Role.NORM, Role.ACTIVATION))
+                pure=builtin and its_role in (Role.WEIGHTED, Role.NORM, Role.ACTIVATION))
     rng = gains.saturation_range(module)
     if rng is not None:
         slot.saturation = (rng[0], rng[1] * saturation_level)
@@ -103,7 +108,7 @@ def describe(name: str, module: nn.Module, *, is_layer: bool, is_root: bool, sat
     if w is not None:
         slot.weight_name, p = w
         slot.weight_shape = tuple(p.shape)
-    if kind == Role.WEIGHTED:  # fans per module kind, as torch.nn.init computes them; never guessed
+    if its_role == Role.WEIGHTED:  # fans per module type, as torch.nn.init computes them; never guessed
         fans, slot.fans_note = gains.fans_or_reason(module)
         f = (fans or {}).get(slot.weight_name) if slot.weight_name else None
         if f is not None:

@@ -26,7 +26,7 @@ class Row(enum.IntEnum):
 
 
 class Role:
-    """A watched module's role in the network (``LayerStats.kind``): plain strings, compared as such."""
+    """A watched module's role in the network (``LayerStats.role``): plain strings, compared as such."""
 
     WEIGHTED = "weighted"  # has a >= 2-D parameter (Linear, Conv, Embedding, attention, a custom layer...)
     ACTIVATION = "activation"
@@ -48,8 +48,9 @@ class Nonlinearity:
 
 
 @dataclass
-class Moments:
-    """What the diagnosis needs of one recorded tensor family (plain floats)."""
+class Summary:
+    """What the diagnosis needs of one recorded tensor family (plain floats), read from a host-side
+    ``accumulators.MomentAccumulator``."""
 
     n: int
     mean: float
@@ -71,11 +72,11 @@ class LayerStats:
     module_type: str
     index: int
     calls: int
-    kind: str  # its role: a ``Role`` value
-    act: Moments | None = None
-    grad: Moments | None = None
+    role: str  # a ``Role`` value
+    act: Summary | None = None
+    grad: Summary | None = None
     input_rms: float | None = None
-    input_probe: Moments | None = None  # input range and zeros, when no built-in module produced it
+    input_probe: Summary | None = None  # input range and zeros, when no built-in module produced it
     weight_shape: tuple[int, ...] | None = None
     weight_std: float | None = None
     weight_rms: float | None = None
@@ -100,7 +101,7 @@ class Histogram:
     """
 
     layer: str
-    kind: str  # 'act' | 'grad'
+    quantity: str  # 'act' | 'grad'
     min: float
     max: float
     num: int

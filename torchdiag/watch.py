@@ -28,6 +28,7 @@ from .sinks.console import ConsoleSink
 from .sinks.tensorboard import TensorBoardSink, open_writer, writer_logdir
 from .taxonomy import describe, select_modules
 from .verdict import RunFinding, RunVerdict
+from .vocab import Role
 
 RescaleSpec = Union[bool, float, Callable[[str, nn.Module], float]]
 
@@ -118,7 +119,8 @@ class Watcher:
             if self._optimizer is not None:
                 cap.auto_step = False  # a step is an optimizer step
                 weights = [(i, getattr(m, slot.weight_name)) for i, (slot, m) in enumerate(zip(slots, modules))
-                           if slot.is_layer and slot.kind in ("weighted", "norm") and slot.weight_name is not None]
+                           if slot.is_layer and slot.role in (Role.WEIGHTED, Role.NORM)
+                           and slot.weight_name is not None]
                 owned = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
                 weights = [(i, w) for i, w in weights if id(w) in owned]  # another optimizer's layers: no ratio
                 self._optim_monitor = OptimizerMonitor(self._optimizer, self._recorder, weights,
@@ -387,7 +389,7 @@ class Watcher:
         if self._rescale is False:
             return factors
         for (name, m), info in zip(self._selected, slots):  # slots[i] describes self._selected[i]
-            if info.kind != "weighted":
+            if info.role != Role.WEIGHTED:
                 continue
             if self._rescale is True:
                 if info.fan_in is None or not info.fan_out:

@@ -784,7 +784,7 @@ def add_histograms(writer: Any, histograms: list[Histogram], step: int) -> None:
     fw = getattr(writer, "_get_file_writer", None)
     values = []
     for h in histograms:
-        tag, limits, counts = f"{h.kind}/{layer_tag(h.layer)}", list(h.edges), [0.0, *h.counts]
+        tag, limits, counts = f"{h.quantity}/{layer_tag(h.layer)}", list(h.edges), [0.0, *h.counts]
         if callable(fw):
             values.append(Summary.Value(tag=tag, histo=HistogramProto(
                 min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares, bucket_limit=limits,
