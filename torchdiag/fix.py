@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from . import capture, taxonomy
+from .accumulators import MomentAccumulator
 from .errors import TorchDiagError
 from .preserve import preserved_state
 from .report import Report
@@ -176,76 +173,17 @@ def _run(model: nn.Module, inputs: tuple, done: Callable[[], bool] = lambda: Fal
             f" {type(e).__name__}: {e} (inputs: {_input_text(inputs)})") from e
 
 
-_NORM_FUNCS = {F.layer_norm: "layer_norm", F.group_norm: "group_norm", F.batch_norm: "batch_norm",
-               F.instance_norm: "instance_norm"}
-if hasattr(F, "rms_norm"):
-    _NORM_FUNCS[F.rms_norm] = "rms_norm"
-# ops whose output is the same signal at the same scale (reshaped, or dropout's unbiased mask)
-_SAME_SIGNAL = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-                torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape,
-                torch.Tensor.contiguous, torch.Tensor.permute, torch.permute, torch.Tensor.transpose,
-                torch.transpose, torch.Tensor.unsqueeze, torch.Tensor.squeeze}
-
-
-def _normalises(func: Callable, args: tuple, kwargs: dict) -> bool:
-    """Whether a normalisation call uses the statistics of the tensor it gets (so it undoes any scale)."""
-    name = _NORM_FUNCS[func]
-    if name not in ("batch_norm", "instance_norm"):
-        return True
-    try:
-        bound = inspect.signature(func).bind(*args, **kwargs)
-    except TypeError:
-        return False
-    bound.apply_defaults()
-    a = bound.arguments
-    if name == "batch_norm":
-        return bool(a["training"]) or a["running_mean"] is None
-    return bool(a["use_input_stats"])
-
-
-class _Tracer(TorchFunctionMode):
-    """Sees every torch call of one no-grad forward: which ops consume each weighted layer's output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.producers: dict[int, tuple[weakref.ref, _Layer]] = {}
-
-    def mark(self, t: Any, layer: _Layer) -> None:
-        if isinstance(t, torch.Tensor):
-            self.producers[id(t)] = (weakref.ref(t), layer)
-
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        tensorish = isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and any(
-            isinstance(o, torch.Tensor) for o in out))
-        if out is not None and not tensorish:
-            return out  # metadata (size, dim, dtype, item...): not a use of the signal
-        for pos, a in enumerate(list(args) + list(kwargs.values())):
-            entry = self.producers.get(id(a)) if isinstance(a, torch.Tensor) else None
-            if entry is None or entry[0]() is not a:
-                continue
-            layer = entry[1]
-            if func in _SAME_SIGNAL:
-                self.mark(out, layer)
-            elif func in _NORM_FUNCS and pos == 0 and _normalises(func, args, kwargs):
-                layer.consumers.add("norm")
-            else:
-                layer.consumers.add("other")
-        return out
-
-
 def _discover(model: nn.Module, inputs: tuple) -> list[_Layer]:
     """One traced forward: the weighted layers in execution order, their call counts and what uses their output."""
     names = {m: n for n, m in model.named_modules()}
     found: dict[nn.Module, _Layer] = {}
-    tracer = _Tracer()
+    tracer = taxonomy.ConsumerTracer()
 
     def post(module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(module, LSUV_TYPES) and module in names:
             layer = found.setdefault(module, _Layer(names[module], module))
             layer.calls += 1
-            tracer.mark(output, layer)
+            tracer.mark(output, layer.consumers)
 
     handle = nn.modules.module.register_module_forward_hook(post)
     try:
@@ -257,11 +195,11 @@ def _discover(model: nn.Module, inputs: tuple) -> list[_Layer]:
 
 
 class _Meter:
-    """Output std of one layer over its calls in one forward (float64, exact parallel merge)."""
+    """Output std of one layer over its calls in one forward (float64, Chan's merge of ``MomentAccumulator``)."""
 
     def __init__(self, calls: int) -> None:
         self.calls, self.seen = calls, 0
-        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+        self.moments = MomentAccumulator()
         self.nonfinite = False
 
     def done(self) -> bool:
@@ -274,19 +212,14 @@ class _Meter:
             if not bool(torch.isfinite(x).all()):
                 self.nonfinite = True
             var, mean = torch.var_mean(x, correction=0)
-            n, m, v = x.numel(), float(mean), float(var)
-            total = self.n + n
-            delta = m - self.mean
-            self.m2 += v * n + delta * delta * self.n * n / total
-            self.mean += delta * n / total
-            self.n = total
+            self.moments.merge(x.numel(), float(mean), float(var) * x.numel())
         self.seen += 1
         if self.done():
             raise _Stop
 
     @property
     def std(self) -> float:
-        return math.sqrt(self.m2 / self.n) if self.n else math.nan
+        return self.moments.std
 
 
 def _measure(model: nn.Module, inputs: tuple, layer: _Layer) -> _Meter:

@@ -72,8 +72,14 @@ def is_norm(module: nn.Module) -> bool:
 def normalises(module: nn.Module) -> bool:
     """Whether a norm layer divides by statistics of its input now (an eval-mode BatchNorm is affine)."""
     if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
-        return module.training or not module.track_running_stats
+        return uses_input_statistics(module.training, module.track_running_stats)
     return is_norm(module)
+
+
+def uses_input_statistics(training: bool, running_stats: bool) -> bool:
+    """A batch or instance normalisation divides by the statistics of the tensor it gets (and so undoes any scale)
+    in training mode or without running statistics; else it applies its running ones, a fixed affine map."""
+    return training or not running_stats
 
 
 def is_activation(module: nn.Module) -> bool:

@@ -3,16 +3,27 @@
 One place for what the rest of the pipeline asks about a module: selection (``select_modules``), its role
 (``Role``: a weighted layer is one with a >= 2-D parameter of its own), its main weight and fans
 (``describe`` -> ``Slot``), and what ``fix_init`` rescales (``LSUV_TYPES``). The arithmetic on these
-facts (gains, fans per module kind, the init table) is ``gains``.
+facts (gains, fans per module type, the init table) is ``gains``.
+
+The same questions of torch functions (``NORM_FUNCTIONS``, ``SAME_SIGNAL_FUNCTIONS``, ``ConsumerTracer``) serve
+``fix_init``, which traces what consumes a layer's output through every torch call of a no-grad forward;
+a watch traces it between watched modules (``capture``), and both ask ``gains.uses_input_statistics``
+whether a normalisation undoes the scale it gets.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import gains
 from .config import Config
@@ -134,3 +145,67 @@ def norm_weight(module: nn.Module) -> tuple[str, torch.Tensor] | None:
     """A normalisation layer's affine ``weight``, if it has one."""
     w = getattr(module, "weight", None)
     return ("weight", w) if isinstance(w, torch.Tensor) and w.dim() >= 1 else None
+
+
+# ----------------------------------------------------------------------------- what consumes a tensor (functional)
+NORM_FUNCTIONS = {F.layer_norm: "layer_norm", F.group_norm: "group_norm", F.batch_norm: "batch_norm",
+                  F.instance_norm: "instance_norm"}
+if hasattr(F, "rms_norm"):
+    NORM_FUNCTIONS[F.rms_norm] = "rms_norm"
+# ops whose output is the same signal at the same scale (reshaped, or dropout's unbiased mask)
+SAME_SIGNAL_FUNCTIONS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape,
+    torch.Tensor.contiguous, torch.Tensor.permute, torch.permute, torch.Tensor.transpose,
+    torch.transpose, torch.Tensor.unsqueeze, torch.Tensor.squeeze}
+
+
+def function_normalises(func: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether a normalisation call uses the statistics of the tensor it gets (so it undoes any scale): the rule
+    of ``gains.normalises`` for a module, asked of the call (``F.batch_norm``...) it makes."""
+    name = NORM_FUNCTIONS[func]
+    if name not in ("batch_norm", "instance_norm"):
+        return True
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    bound.apply_defaults()
+    a = bound.arguments
+    if name == "batch_norm":
+        return gains.uses_input_statistics(bool(a["training"]), a["running_mean"] is not None)
+    return bool(a["use_input_stats"])  # what InstanceNorm passes: uses_input_statistics(training, tracked)
+
+
+class ConsumerTracer(TorchFunctionMode):
+    """Sees every torch call of a forward: what consumes each marked tensor. A normalisation that undoes scale
+    (``function_normalises``) adds ``"norm"`` to the tensor's set, any other use ``"other"``; a same-signal op
+    (dropout, reshapes) marks its output with the same set. Metadata calls (size, dtype, item) are no use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._marked: dict[int, tuple[weakref.ref, set[str]]] = {}
+
+    def mark(self, t: Any, consumers: set[str]) -> None:
+        if isinstance(t, torch.Tensor):
+            self._marked[id(t)] = (weakref.ref(t), consumers)
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensorish = isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and any(
+            isinstance(o, torch.Tensor) for o in out))
+        if out is not None and not tensorish:
+            return out  # metadata (size, dim, dtype, item...): not a use of the signal
+        for pos, a in enumerate(list(args) + list(kwargs.values())):
+            entry = self._marked.get(id(a)) if isinstance(a, torch.Tensor) else None
+            if entry is None or entry[0]() is not a:
+                continue
+            consumers = entry[1]
+            if func in SAME_SIGNAL_FUNCTIONS:
+                self.mark(out, consumers)
+            elif func in NORM_FUNCTIONS and pos == 0 and function_normalises(func, args, kwargs):
+                consumers.add("norm")
+            else:
+                consumers.add("other")
+        return out
