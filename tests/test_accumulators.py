@@ -1,4 +1,4 @@
-"""accumulators and distributed.reduce as units: against plain formulas, in one process, no process group."""
+"""accumulators and distributed.reduce (reduction.py) as units: plain formulas, one process, no process group."""
 
 from __future__ import annotations
 

@@ -1,15 +1,12 @@
-"""Distributed: global statistics across ranks (DDP, FSDP2), rank-0 sinks.
+"""Distributed: global statistics across ranks (DDP, FSDP2), rank-0 sinks; the process-group plumbing.
 
 Under an initialised ``torch.distributed`` process group every rank records its own step as usual
 (``buffer.Recorder``). At the end of each recorded step, after the one host copy, each rank's
-accumulators (``accumulators``: per-layer moments, exact for its shard of the batch, input sums of
-squares, update norms, gradient-norm parts, first-call order) are reduced by ``reduce``, which packs
-each field by the reduction it declares into two fixed-shape float64 vectors: one ``all_reduce`` of
-``MAX`` (maxima, minima as ``-min``, the step number) and one of ``SUM`` (counts, sums, and sums of
-squares about a shift every rank knows after the ``MAX``). A single process runs the same ``reduce``
-with ``group=None`` (the identity). Mean and variance are then
-exact for the global batch (pooled, as one process would compute them over it). Every rank ends
-with the same ``StepStats`` and so the same report; rank 0 of the group alone writes and warns.
+accumulators are reduced by ``reduce`` (``reduction.py``: each field packed by the reduction it declares,
+one ``MAX`` and one ``SUM`` collective; a single process runs the same ``reduce`` with ``group=None``, the
+identity). Mean and variance are then exact for the global batch. Every rank ends with the same
+``StepStats`` and so the same report; rank 0 of the group alone writes and warns. This module holds the
+rest: which group (``resolve``), and ``StepReducer``, which runs those collectives for one watch.
 
 The layout of both vectors (``stepbuffer.reduction_layout``) depends only on the watched modules (the
 slots), never on what ran in
@@ -41,14 +38,15 @@ import os
 import weakref
 import zlib
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .accumulators import MAX, MEAN, MIN, SUM, StepNumber, reductions
+from .accumulators import StepNumber
 from .dtensor import is_sharded, local_tensor, unwrap
 from .errors import TorchDiagError, warn_self
+from .reduction import OneRank, reduce
 
 __all__ = ["Group", "OneRank", "StepReducer", "is_dist", "is_sharded", "local_tensor", "rank", "rank_zero", "reduce",
            "resolve", "timeout_s", "unwrap"]
@@ -166,98 +164,6 @@ class _Missing(Exception):
         self.error = error
 
 
-# ------------------------------------------------------------------ the reduction of accumulators
-class OneRank:
-    """A group of one rank: every collective returns what it was given (unit tests of ``reduce``)."""
-
-    def all_reduce(self, values: list[float], op: str) -> list[float]:
-        return list(values)
-
-
-def reduce(accumulators: dict[Hashable, Any], group: Any, layout: Sequence[tuple[Hashable, type]] | None = None
-           ) -> dict[Hashable, Any]:
-    """The accumulators of every rank of ``group`` combined, each field by its declared reduction
-    (``accumulators.reductions``): the same keys and types, global numbers. ``group=None``: a single process,
-    the accumulators as they are.
-
-    ``group`` has ``all_reduce(values, op)`` with op ``"max"`` or ``"sum"`` over a list of floats (a
-    ``StepReducer``'s collective, ``OneRank``). ``layout`` lists every key (and its accumulator type) that any
-    rank may hold, in the same order on every rank, so that every rank packs the same shape whatever it ran;
-    a key absent on a rank (or empty there) adds nothing. Two collectives: one ``MAX`` (maxima, minima as
-    ``-min``), then one ``SUM`` (sums, presence, NaN flags, and pooled moments about the centre of the global
-    range, which every rank knows after the ``MAX``: a constant tensor gives exactly zero variance).
-    Knows nothing of what the accumulators measure.
-    """
-    if group is None:
-        return accumulators
-    if layout is None:
-        layout = [(k, type(a)) for k, a in accumulators.items()]
-    packed = []  # per key: (key, type, its reductions, the rank's accumulator or None)
-    mx: list[float] = []
-    for key, cls in layout:
-        acc = accumulators.get(key)
-        if acc is not None and acc.is_empty():
-            acc = None
-        ops = reductions(cls)
-        packed.append((key, cls, ops, acc))
-        for name, op in ops:
-            if op in (MAX, MIN):
-                v = getattr(acc, name) if acc is not None else math.nan  # absent, or NaN: adds nothing
-                mx.append(_NEG if math.isnan(v) else (v if op == MAX else -v))
-    gmx = group.all_reduce(mx, "max")
-    sm: list[float] = []
-    shifts, i = [], 0
-    for _key, _cls, ops, acc in packed:
-        extremes = {}
-        for name, op in ops:
-            if op in (MAX, MIN):
-                extremes[name] = gmx[i] if op == MAX else -gmx[i]
-                i += 1
-        lo, hi = extremes.get("min", math.nan), extremes.get("max", math.nan)
-        c = 0.5 * (lo + hi) if math.isfinite(lo) and math.isfinite(hi) else 0.0
-        shifts.append((c, extremes))
-        sm.append(1.0 if acc is not None else 0.0)
-        for name, op in ops:
-            if acc is None:
-                sm.append(0.0)
-            elif op in (SUM, MEAN):
-                sm.append(float(getattr(acc, name)))
-            elif op in (MAX, MIN):
-                sm.append(1.0 if math.isnan(getattr(acc, name)) else 0.0)
-            elif name == "mean":  # POOLED: sum(x - c) and sum((x - c)^2) about the common shift
-                sm.append(acc.n * (acc.mean - c))
-            else:
-                d = acc.mean - c
-                sm.append(acc.m2 + acc.n * d * d)
-    gsm = group.all_reduce(sm, "sum")
-    out: dict[Hashable, Any] = {}
-    pos = 0
-    for (key, cls, ops, _acc), (c, extremes) in zip(packed, shifts):
-        present = gsm[pos]
-        values = dict(zip((name for name, _ in ops), gsm[pos + 1:pos + 1 + len(ops)]))
-        pos += 1 + len(ops)
-        if present <= 0:
-            continue
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            op = f.metadata["reduce"]
-            v = values[f.name]
-            if op in (MAX, MIN):
-                kwargs[f.name] = math.nan if v > 0 else extremes[f.name]
-            elif op == MEAN:
-                kwargs[f.name] = v / present
-            elif op == SUM:
-                kwargs[f.name] = int(v) if isinstance(f.default, int) else v
-        if "mean" in values and values.get("n", 0) > 0:  # POOLED
-            n, s1, s2 = values["n"], values["mean"], values["m2"]
-            kwargs["mean"], kwargs["m2"] = c + s1 / n, max(s2 - s1 * s1 / n, 0.0)
-        acc = cls(**kwargs)
-        if not acc.is_empty():
-            out[key] = acc
-    return out
-
-
-_NEG = -math.inf
 _STEP_KEY = ("torchdiag", "step")
 
 
