@@ -95,13 +95,23 @@ def test_a_cycle_is_found():
 
 def test_leaf_modules_import_nothing_of_torchdiag():
     graph = _graph()
-    for leaf in ("torchdiag.vocab", "torchdiag.errors", "torchdiag.dtensor"):
+    for leaf in ("torchdiag.vocab", "torchdiag.errors", "torchdiag.dtensor", "torchdiag.accumulators",
+                 "torchdiag.tags"):
         assert graph[leaf] == set(), (leaf, graph[leaf])
 
 
 def test_sinks_and_diagnosis_know_nothing_of_hooks():
     graph = _graph()
     hook_side = {"torchdiag.buffer", "torchdiag.capture", "torchdiag.watch", "torchdiag.optim"}
-    for m in ("torchdiag.diagnose", "torchdiag.report", "torchdiag.verdict", "torchdiag.sinks.console",
-              "torchdiag.sinks.tensorboard", "torchdiag.summarize", "torchdiag.stats", "torchdiag.config"):
+    for m in ("torchdiag.diagnose", "torchdiag.rules", "torchdiag.drift", "torchdiag.report", "torchdiag.verdict",
+              "torchdiag.sinks.console", "torchdiag.sinks.tensorboard", "torchdiag.sinks.overview",
+              "torchdiag.sinks.png", "torchdiag.sinks.layout", "torchdiag.summarize", "torchdiag.logreader",
+              "torchdiag.eventfiles", "torchdiag.tags", "torchdiag.reduction", "torchdiag.stats", "torchdiag.config"):
         assert not graph[m] & hook_side, (m, graph[m] & hook_side)
+
+
+def test_summarize_reads_the_tag_schema_not_the_sink():
+    graph = _graph()
+    for m in ("torchdiag.summarize", "torchdiag.logreader"):
+        assert not {n for n in graph[m] if n.startswith("torchdiag.sinks")}, (m, graph[m])
+    assert "torchdiag.tags" in graph["torchdiag.logreader"] and "torchdiag.tags" in graph["torchdiag.sinks.tensorboard"]

@@ -23,8 +23,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 import torchdiag
 from torchdiag import cli
+from torchdiag import tags as schema
 from torchdiag.config import Config
-from torchdiag.sinks import tensorboard as tbsink
+from torchdiag.sinks import overview, png
 from torchdiag.stats import HIST_BINS
 
 ALL = {ea.SCALARS: 0, ea.TENSORS: 0, ea.HISTOGRAMS: 0}
@@ -37,7 +38,7 @@ def load(path):
 
 
 def texts(acc, tag):
-    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag + tbsink.TEXT_SUFFIX)]
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag + schema.TEXT_SUFFIX)]
 
 
 class Capture:
@@ -169,14 +170,14 @@ def test_nonfinite_layer_gets_a_flag_not_a_histogram(tmp_path):
     acc = load(tmp_path)
     hist_tags = acc.Tags()["histograms"]
     assert {"act/0", "act/1"} <= set(hist_tags) and "act/2" not in hist_tags
-    (state,) = [json.loads(e.tensor_proto.string_val[0]) for e in acc.Tensors(tbsink.STATE_TAG)]
+    (state,) = [json.loads(e.tensor_proto.string_val[0]) for e in acc.Tensors(schema.STATE_TAG)]
     assert state["status"].get("2") == ["nonfinite"] and state["first_nonfinite"] == "2"
     assert not any("nonfinite" in v for k, v in state["status"].items() if k != "2")
     # the heatmaps paint the NaN cell violet, not a colour of the scale
-    (img,) = acc.Images(tbsink.HEATMAP_TAGS["act_std"])
+    (img,) = acc.Images(schema.HEATMAP_TAGS["act_std"])
     _, _, px = decode_png(img.encoded_image_string)
-    x0, y0, cw, ch = tbsink.heatmap_geometry(3, 1, len("0 Linear"))  # rows tall enough for 'index type' labels
-    assert px[y0 + 2 * ch][x0] == tbsink.NONFINITE and px[y0][x0] != tbsink.NONFINITE
+    x0, y0, cw, ch = overview.heatmap_geometry(3, 1, len("0 Linear"))  # rows tall enough for 'index type' labels
+    assert px[y0 + 2 * ch][x0] == png.NONFINITE and px[y0][x0] != png.NONFINITE
 
 
 # ----------------------------------------------------------------- flags, text, layout, profile
@@ -192,12 +193,12 @@ def test_flags_appear_and_recover_and_summarize_says_when(tmp_path, capsys):
     acc = load(tmp_path / "run")
     # no per-layer 0/1 flag scalars (smoothing turns them into waves): a count, and the flags in the state record
     assert not [t for t in acc.Tags()["scalars"] if t.startswith("flag/")]
-    assert [e.value for e in acc.Scalars(tbsink.FLAGGED_TAG)] == [0.0, 1.0, 1.0, 0.0]
-    states = [(e.step, json.loads(e.tensor_proto.string_val[0])["status"]) for e in acc.Tensors(tbsink.STATE_TAG)]
+    assert [e.value for e in acc.Scalars(schema.FLAGGED_TAG)] == [0.0, 1.0, 1.0, 0.0]
+    states = [(e.step, json.loads(e.tensor_proto.string_val[0])["status"]) for e in acc.Tensors(schema.STATE_TAG)]
     assert states == [(0, {}), (1, {"1": ["dead"]}), (2, {"1": ["dead"]}), (3, {})]
     # which steps warn is the console's business (the run-level verdict may wait for a flag to persist)
-    written = tbsink.WARNINGS_TAG + tbsink.TEXT_SUFFIX in acc.Tags()["tensors"]
-    warned = texts(acc, tbsink.WARNINGS_TAG) if written else []
+    written = schema.WARNINGS_TAG + schema.TEXT_SUFFIX in acc.Tags()["tensors"]
+    warned = texts(acc, schema.WARNINGS_TAG) if written else []
 
     # the whole run: dead at 2 of the last 4 recorded steps, not at the first, is not a finding (finding_steps 3)
     assert cli.main(["summarize", str(tmp_path)]) == 0
@@ -233,15 +234,15 @@ def test_report_text_layers_text_and_depth_profile(tmp_path):
     model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
     diag, reports = train(model, 4, logdir=tmp_path, config={"profile_every": 2})
     acc = load(tmp_path)
-    (step, layers), = texts(acc, tbsink.LAYERS_TAG)
+    (step, layers), = texts(acc, schema.LAYERS_TAG)
     assert step == 0 and "| 3 | 3 | Tanh |" in layers
-    report_texts = dict(texts(acc, tbsink.REPORT_TAG))
+    report_texts = dict(texts(acc, schema.REPORT_TAG))
     assert sorted(report_texts) == [0, 2, 3]  # every profile_every steps and the last step
     assert report_texts[3] == "```\n" + str(diag.report()) + "\n```"
     # no sub-runs any more: the depth profile is an image of the run itself, at steps 0, 1, 2 and the last
     assert sorted(os.listdir(tmp_path)) == [f for f in os.listdir(tmp_path) if "tfevents" in f]
-    assert [e.step for e in acc.Images(tbsink.PROFILE_TAG)] == [0, 1, 2, 3]
-    assert not any(t.startswith(tbsink.PROFILE_DIR) for t in acc.Tags()["scalars"])
+    assert [e.step for e in acc.Images(schema.PROFILE_TAG)] == [0, 1, 2, 3]
+    assert not any(t.startswith(schema.PROFILE_DIR) for t in acc.Tags()["scalars"])
 
 
 def acc_values(acc, tag):
@@ -296,7 +297,7 @@ def test_user_writer_layout_once_and_subruns_under_its_logdir(tmp_path):
     assert {t for t in tags if any(re.match(r, t) for r in enc)} == {
         f"log10_{m}/encoder.0.{p}" for m in ("act_std", "grad_std") for p in ("fc", "act")}
     assert_every_chart_has_tags(charts, tags)
-    assert not os.path.exists(tmp_path / tbsink.PROFILE_DIR)
+    assert not os.path.exists(tmp_path / schema.PROFILE_DIR)
 
 
 def test_duck_typed_writer_gets_scalars_only():
@@ -316,7 +317,7 @@ def test_duck_typed_writer_gets_scalars_only():
         model(torch.randn(4, 12)).sum().backward()
         rep = diag.step()
     got = {t: v for t, v, s in w.scalars if s == 0}
-    assert got["act_std/0"] == pytest.approx(rep["0"].act_std) and got[tbsink.FLAGGED_TAG] == 0
+    assert got["act_std/0"] == pytest.approx(rep["0"].act_std) and got[schema.FLAGGED_TAG] == 0
 
 
 # ----------------------------------------------------------------- flushing
@@ -331,7 +332,7 @@ def test_owned_writer_flushed_when_the_loop_raises(tmp_path):
                 diag.step()
     acc = load(tmp_path)
     assert [e.step for e in acc.Scalars("act_std/0")] == [0, 1, 2]  # the interrupted step too
-    assert [s for s, _ in texts(acc, tbsink.REPORT_TAG)] == [0, 2]
+    assert [s for s, _ in texts(acc, schema.REPORT_TAG)] == [0, 2]
 
 
 def test_atexit_flushes_an_open_watch_and_close_unregisters(tmp_path, monkeypatch):
@@ -497,7 +498,7 @@ def test_tensorboard_server_serves_scalars_histograms_and_layout(tmp_path):
         assert "update_ratio" not in per_metric
 
         images = _get(port, "/data/plugin/images/tags")["exp"]
-        assert sorted(images) == sorted([*tbsink.HEATMAP_TAGS.values(), tbsink.PROFILE_TAG])
+        assert sorted(images) == sorted([*schema.HEATMAP_TAGS.values(), schema.PROFILE_TAG])
         # the overview sorts before every other tag: TensorBoard's dashboards list tags in this order
         all_tags = set(images) | set(_get(port, "/data/plugin/scalars/tags")["exp"]) | set(
             _get(port, "/data/plugin/histograms/tags")["exp"])
@@ -641,7 +642,7 @@ def heatmap_cells(acc, tag, n_rows, n_cols):
     img = acc.Images(tag)[-1]
     w, h, px = decode_png(img.encoded_image_string)
     assert (w, h) == (img.width, img.height)
-    x0, y0, cw, ch = tbsink.heatmap_geometry(n_rows, n_cols, 3)  # row labels are the layer indices here
+    x0, y0, cw, ch = overview.heatmap_geometry(n_rows, n_cols, 3)  # row labels are the layer indices here
     assert y0 + n_rows * ch < h and x0 + n_cols * cw <= w
     # the grid: one row of cells per layer, nothing coloured right above or below it
     assert all(px[y0 - 1][x0 + k * cw] == (255, 255, 255) for k in range(n_cols))
@@ -658,10 +659,10 @@ def test_overview_heatmap_marks_the_flagged_cells(tmp_path, init, broken):
     flagged = {(r.step, layer.name) for r in reports for layer in r.flagged}
     assert bool(flagged) == broken  # Xavier before ReLU vanishes over 24 layers; Kaiming does not
     acc = load(tmp_path)
-    assert [e.step for e in acc.Images(tbsink.HEATMAP_TAGS["act_std"])] == [0, 1, 2]
+    assert [e.step for e in acc.Images(schema.HEATMAP_TAGS["act_std"])] == [0, 1, 2]
     names = [layer.name for layer in reports[-1].layers]
     assert len(names) == 49
-    for metric, tag in tbsink.HEATMAP_TAGS.items():
+    for metric, tag in schema.HEATMAP_TAGS.items():
         cell = heatmap_cells(acc, tag, len(names), 3)
         for k in range(3):
             vals = {n: acc.Scalars(f"{metric}/{n}")[k].value for n in names}
@@ -676,7 +677,7 @@ def test_overview_heatmap_marks_the_flagged_cells(tmp_path, init, broken):
                     assert corner[2] > corner[0] + 15, (metric, k, n, ratio, corner)
                 elif abs(ratio) < 0.05:  # at the median: near white
                     assert min(corner) > 200, (metric, k, n, ratio, corner)
-    img = acc.Images(tbsink.PROFILE_TAG)[-1]
+    img = acc.Images(schema.PROFILE_TAG)[-1]
     w, h, _ = decode_png(img.encoded_image_string)
     assert (w, h) == (img.width, img.height)
 
@@ -684,15 +685,15 @@ def test_overview_heatmap_marks_the_flagged_cells(tmp_path, init, broken):
 def test_overview_keeps_a_bounded_number_of_columns():
     from torchdiag.report import LayerReport, Report
 
-    hist = tbsink.History()
-    for step in range(3 * tbsink.MAX_COLUMNS):
+    hist = overview.History()
+    for step in range(3 * overview.MAX_COLUMNS):
         hist.add(Report(layers=[LayerReport(name="a", module_type="Linear", index=0, calls=1, act_std=1.0,
                                             grad_std=1.0, status={"dead"} if step == 5 else set())], step=step))
-    assert len(hist.columns) <= tbsink.MAX_COLUMNS
-    assert hist.columns[0][0] == 0 and hist.columns[-1][1] == 3 * tbsink.MAX_COLUMNS - 1
+    assert len(hist.columns) <= overview.MAX_COLUMNS
+    assert hist.columns[0][0] == 0 and hist.columns[-1][1] == 3 * overview.MAX_COLUMNS - 1
     assert sum(bool(c[3]) for c in hist.columns) == 1  # a flag survives the merging
-    w, h, _ = decode_png(tbsink.render_heatmap(hist, "act_std").png())
-    assert w <= 2 * tbsink.IMAGE_W and h <= 2 * tbsink.IMAGE_H
+    w, h, _ = decode_png(overview.render_heatmap(hist, "act_std").png())
+    assert w <= 2 * overview.IMAGE_W and h <= 2 * overview.IMAGE_H
 
 
 # ----------------------------------------------------------------- summarize: order, suggestions, runs, damage
@@ -785,12 +786,12 @@ def test_the_heatmap_marks_findings_not_one_step_wobbles():
     from torchdiag.verdict import RunVerdict
 
     def black_pixels(hist):
-        _, _, rows = decode_png(tbsink.render_heatmap(hist, "act_std").png())
+        _, _, rows = decode_png(overview.render_heatmap(hist, "act_std").png())
         return sum(1 for row in rows for rgb in row if tuple(rgb) == (0, 0, 0))
 
     counts = {}
     for flagged_steps in ((), (5,), (5, 6, 7)):  # never, once (a wobble), 3 steps running (a finding: finding_steps 3)
-        hist, verdict = tbsink.History(), RunVerdict(3, 5)
+        hist, verdict = overview.History(), RunVerdict(3, 5)
         for step in range(10):
             bad = step in flagged_steps
             row = LayerReport(name="a", module_type="ReLU", index=0, calls=1, act_std=1.0, grad_std=1.0,

@@ -30,8 +30,10 @@ from torch import nn
 
 from .errors import TorchDiagError
 from .report import STATUSES, Report, common_prefix, elide_name, fit_widths, render, suggestion_text, use_color
+from .verdict import ERROR, FLAGGED, OK, decide
 
-OK, FLAGGED, ERROR = 0, 1, 2
+__all__ = ["ERROR", "FLAGGED", "OK", "CheckError", "add_arguments", "run_check"]
+
 
 DTYPES = {
     "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
@@ -353,14 +355,10 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
     fail = set(STATUSES) if args.fail_on is None else set(args.fail_on)
     print(header, file=out)
     print(render_check(report, model, shapes, color=use_color(out)), file=out)
-    found = {p for layer in report.flagged for p in layer.status}
-    hit = [p for p in STATUSES if p in found & fail]
-    if hit:
-        print(f"FAIL: {', '.join(hit)} flagged", file=out)
-        return FLAGGED
-    if found:
-        print(f"OK: {', '.join(p for p in STATUSES if p in found)} flagged, not in --fail-on", file=out)
-    return OK
+    verdict = decide({p for layer in report.flagged for p in layer.status}, fail, verb="flagged")
+    if verdict.found:
+        print(verdict.line, file=out)
+    return verdict.status
 
 
 def _check(args: argparse.Namespace) -> tuple[Report, str, nn.Module, dict[str, str]]:

@@ -5,15 +5,21 @@ step), non-finite (never noise), or persistent (raised at ``finding_steps`` of t
 recorded steps). A finding keeps the step it first appeared at and whether it has recovered (not raised at
 the latest recorded step). ``report()``, ``summarize``, ``check`` and the demo
 judge a run by its findings, so their verdict does not depend on which step they read.
+
+``decide`` turns the problems found into the verdict line and exit status of ``torchdiag check`` and
+``torchdiag summarize`` (``OK`` 0, ``FLAGGED`` 1; ``ERROR`` 2 is theirs: nothing could be judged).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Config
+from .report import STATUSES
+
+OK, FLAGGED, ERROR = 0, 1, 2  # the exit status of `torchdiag check` and `torchdiag summarize`
 
 #: (layer name, problem, direction): one flag on one layer
 Key = tuple[str, str, "str | None"]
@@ -146,3 +152,37 @@ def verdict_of(reports: Iterable, config: Config | None = None) -> list[RunFindi
     for r in reports:
         v.add(r)
     return v.findings()
+
+
+@dataclass
+class Verdict:
+    """The judgement of one report or run: exit status (``OK`` or ``FLAGGED``), one line, what it blames."""
+
+    status: int
+    line: str
+    problems: list[str]  # the problems that count (in ``fail_on``), in ``STATUSES`` order
+    layers: list[str] = field(default_factory=list)  # the layers flagged, in execution order
+    found: list[str] = field(default_factory=list)  # every problem found, in ``STATUSES`` order
+
+
+def decide(found: Iterable[str], fail_on: Iterable[str], *, verb: str, where: str = "",
+           layers: Iterable[str] = ()) -> Verdict:
+    """The verdict of ``torchdiag check`` and ``torchdiag summarize``: ``FLAGGED`` when a problem found is one of
+    ``fail_on``, else ``OK``; the line says which (``verb``: "flagged", "found"; ``where``: "at step 3"...).
+
+    Example:
+        >>> decide({"dead", "vanishing"}, {"dead"}, verb="found", where="at step 2").line
+        'FAIL: dead found at step 2'
+        >>> decide({"vanishing"}, {"dead"}, verb="flagged").status
+        0
+    """
+    found, fail = set(found), set(fail_on)
+    seen = [p for p in STATUSES if p in found]
+    hit = [p for p in seen if p in fail]
+    at = f" {where}" if where else ""
+    if hit:
+        return Verdict(FLAGGED, f"FAIL: {', '.join(hit)} {verb}{at}", hit, list(layers), seen)
+    if seen:
+        return Verdict(OK, f"OK: {', '.join(seen)} {verb}{at}, not in --fail-on"
+                           f" ({', '.join(p for p in STATUSES if p in fail)})", [], list(layers), seen)
+    return Verdict(OK, f"OK: nothing {verb}{at}", [], [], [])
