@@ -39,12 +39,12 @@ def step_time(model: nn.Module, x: torch.Tensor, steps: int, watch: bool) -> tup
         return out
 
     times = []
-    watch_module = None
+    publish_module = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if watch:
-            watch_module = sys.modules["torchdiag.watch"]  # (torchdiag.watch is also the function)
-            watch_module.diagnose = timed
+            publish_module = sys.modules["torchdiag.publish"]  # where a watch diagnoses each completed step
+            publish_module.diagnose = timed
             ctx = torchdiag.watch(model)
         else:
             ctx = None
@@ -59,8 +59,8 @@ def step_time(model: nn.Module, x: torch.Tensor, steps: int, watch: bool) -> tup
         finally:
             if ctx is not None:
                 ctx.__exit__(None, None, None)
-            if watch_module is not None:
-                watch_module.diagnose = original
+            if publish_module is not None:
+                publish_module.diagnose = original
     return statistics.median(times[1:]), statistics.median(spent[1:]) if len(spent) > 1 else 0.0
 
 

@@ -137,6 +137,16 @@ class Recorder:
         set_recording(self.capture, False)
         self.capture.remove_leaf_hooks()
 
+    def histograms_off(self) -> None:
+        """No more histograms in this watch (nothing will write them: TensorBoard writing failed)."""
+        self.histogram_every = 0
+        self.histogram_step = False
+
+    def take_notes(self) -> list[str]:
+        """The notes for the report of the step just completed (a histogram not binned), handed over once."""
+        notes, self.notes = self.notes, []
+        return notes
+
     @property
     def has_pending(self) -> bool:
         return self._pending is not None

@@ -362,9 +362,9 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
 
 
 def _check(args: argparse.Namespace) -> tuple[Report, str, nn.Module, dict[str, str]]:
+    from .checking import check
     from .config import resolve_config
     from .errors import ConfigError
-    from .watch import check
 
     try:
         config = resolve_config(args.config) if args.config is not None else None

@@ -12,10 +12,10 @@ from torch import nn
 
 from . import capture, taxonomy
 from .accumulators import MomentAccumulator
+from .checking import check
 from .errors import TorchDiagError
 from .preserve import preserved_state
 from .report import Report
-from .watch import check
 
 
 def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = True) -> dict[str, float]:

@@ -30,6 +30,7 @@ import torch
 
 from . import stats
 from .dtensor import is_sharded, local_tensor
+from .vocab import Role
 
 
 def _sumsq_grad(g: torch.Tensor) -> torch.Tensor:
@@ -164,3 +165,12 @@ class OptimizerMonitor:
     def pre_update(self) -> dict[int, torch.Tensor]:
         """While the step that ``opt.step()`` ends is published: ``id(param) -> its value before the update``."""
         return self._pre_update
+
+
+def watched_weights(optimizer: Any, slots: list[Any], modules: list[Any]) -> list[tuple[int, torch.Tensor]]:
+    """``(slot, main weight)`` of the watched weighted and norm layers whose weight ``optimizer`` steps: another
+    optimizer's layers get no update ratio."""
+    weights = [(i, getattr(m, slot.weight_name)) for i, (slot, m) in enumerate(zip(slots, modules))
+               if slot.is_layer and slot.role in (Role.WEIGHTED, Role.NORM) and slot.weight_name is not None]
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [(i, w) for i, w in weights if id(w) in owned]

@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import gains
 from .config import Config
+from .errors import TorchDiagError
 from .vocab import Nonlinearity, Role
 
 # What fix_init (LSUV) rescales: the textbook layers (Linear, Bilinear, Conv1d/2d/3d, ConvTranspose1d/2d/3d), a
@@ -52,6 +53,18 @@ def select_modules(model: nn.Module, config: Config) -> list[tuple[str, nn.Modul
         if any(fnmatch.fnmatchcase(name, g) for g in config.exclude):
             continue
         chosen.append((name, m))
+    return chosen
+
+
+def select_watched(model: nn.Module, config: Config) -> list[tuple[str, nn.Module]]:
+    """``select_modules``, which must select something: else a ``TorchDiagError`` naming the config keys."""
+    chosen = select_modules(model, config)
+    if not chosen:
+        raise TorchDiagError(
+            f"no module of {type(model).__name__} was selected for watching: check the config keys "
+            f"'include' {list(config.include)}, 'exclude' {list(config.exclude)}, 'exclude_types' "
+            f"{list(config.exclude_types)}"
+        )
     return chosen
 
 
@@ -88,6 +101,19 @@ class Slot:
     def kind(self) -> str:
         """The role under its former name, for ``capture`` and ``stepbuffer`` until they read ``role``."""
         return self.role
+
+
+def describe_watched(model: nn.Module, selected: list[tuple[str, nn.Module]], saturation_level: float
+                     ) -> tuple[list[nn.Module], list[Slot]]:
+    """The modules a watch registers and their slots: the selected ones (``select_modules``), then the model itself
+    if no slot is its own (registered for its input and output alone)."""
+    modules = [m for _, m in selected]
+    slots = [describe(n, m, is_layer=True, is_root=m is model, saturation_level=saturation_level)
+             for n, m in selected]
+    if not any(m is model for m in modules):
+        modules.append(model)
+        slots.append(describe("", model, is_layer=False, is_root=True, saturation_level=saturation_level))
+    return modules, slots
 
 
 def role(module: nn.Module) -> str:
