@@ -6,12 +6,11 @@ copy completes at once or at the next step's end (``defer``), and the shift poli
 where the last recorded step was ill-conditioned). At the end of a recorded step it adds the weight rows,
 launches the one host copy, decodes it, reduces it across ranks (``reducer``, a ``distributed.StepReducer``:
 every rank runs the collective at every recorded step, also one where it ran nothing; histograms stay
-local) and merges the result into per-layer ``LayerStats``.
+local) and hands the result to ``assemble`` for the step's ``LayerStats`` and histograms.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,17 +18,16 @@ import torch
 from torch import nn
 
 from . import distributed, stats
-from .accumulators import MomentAccumulator, SumSq, Update
+from .accumulators import MomentAccumulator
+from .assemble import histograms, step_stats
 from .capture import Capture, set_recording
 from .dtensor import local_tensor
 from .stepbuffer import Decoded, Pending, StepBuffer, arrive, decode, reduction_layout
 from .taxonomy import Slot
-from .vocab import Histogram, LayerStats, Row, StepStats, Summary, histogram_window
+from .vocab import Row, StepStats, histogram_window
 
-ACT, GRAD, INPUT, WEIGHT, PROBE = Row.ACT, Row.GRAD, Row.INPUT, Row.WEIGHT, Row.PROBE
-ROOT_IN, ROOT_GRAD, UPDATE, CLIP = Row.ROOT_IN, Row.ROOT_GRAD, Row.UPDATE, Row.CLIP
+ACT, GRAD, WEIGHT, UPDATE, CLIP = Row.ACT, Row.GRAD, Row.WEIGHT, Row.UPDATE, Row.CLIP
 _STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
-_HIST_KINDS = {ACT: "act", GRAD: "grad"}
 
 
 class Recorder:
@@ -184,43 +182,18 @@ class Recorder:
         host, hist_host = arrive(pending)
         result, moms = self._merge(pending, decode(pending, host), reduce and pending.reduce)
         if pending.hist_entries and result is not None:
-            result.histograms = self._histograms(pending, hist_host, moms)
+            result.histograms = histograms(self.slots, pending, hist_host, moms, self.notes)
         return result
-
-    def _histograms(self, pending: Pending, hist_host: dict, moms: dict) -> list[Histogram]:
-        rows: dict[tuple[int, int], list[list[float]]] = {}
-        for slot, kind, device, row in pending.hist_entries:
-            if device in hist_host:
-                rows.setdefault((slot, kind), []).append(hist_host[device][row])
-        out = []
-        for slot in pending.order:
-            for kind, label in _HIST_KINDS.items():
-                rs = rows.get((slot, kind))
-                m = moms.get((slot, kind))
-                if not rs or m is None or m.n == 0:
-                    continue  # not recorded
-                if not all(math.isfinite(r[0]) and math.isfinite(r[1]) for r in rs):
-                    if math.isfinite(m.min) and math.isfinite(m.max):  # finite, but too wide to bin in float32
-                        self.notes.append(f"'{self.slots[slot].name}': no {label} histogram at step {pending.step}:"
-                                          f" its range [{m.min:.3g}, {m.max:.3g}] is too wide to bin in float32")
-                    continue  # NaN/Inf in the tensor: no meaningful bins (its flag says so)
-                lo, hi, counts = stats.merge_histograms(rs)
-                bins = len(counts)
-                edges = [lo + (hi - lo) * i / bins for i in range(bins)] + [hi]
-                out.append(Histogram(layer=self.slots[slot].name, quantity=label, min=m.min, max=m.max, num=m.n,
-                                     sum=m.mean * m.n, sum_squares=m.m2 + m.n * m.mean * m.mean,
-                                     edges=edges, counts=counts))
-        return out
 
     def _update_shifts(self, moms: dict[tuple[int, int], MomentAccumulator]) -> None:
         """Shift the next recorded step's moments only where this one was ill-conditioned."""
-        for (slot, kind), m in moms.items():
-            if slot < 0 or kind not in (ACT, GRAD, WEIGHT):
+        for (slot, row_type), m in moms.items():
+            if slot < 0 or row_type not in (ACT, GRAD, WEIGHT):
                 continue
             bad = m.nonfinite > 0 or not abs(m.mean) <= stats.SHIFT_RATIO * m.std  # `not <=`: NaN is bad too
-            if kind == ACT:
+            if row_type == ACT:
                 self.slots[slot].shift_act = bad
-            elif kind == GRAD:
+            elif row_type == GRAD:
                 self.slots[slot].shift_grad = bad
             else:
                 self.slots[slot].shift_weight = bad
@@ -243,70 +216,4 @@ class Recorder:
         step = self._reduce(pending.step, local, reduce)
         if step is None:
             return None, local.moments
-        moms, sq, updates, scale = step.moments, step.sumsq, step.updates, step.scale
-        layers = []
-        root_in = root_grad = None
-        for slot, index in step.order.items():
-            info = self.slots[slot]
-            act, grad, w = (moms.get((slot, k)) for k in (ACT, GRAD, WEIGHT))
-            inp = _input_sumsq(sq.get((slot, INPUT)), moms.get((slot, PROBE)))
-            u = updates.get(slot)
-            layers.append(LayerStats(
-                name=info.name, module_type=info.module_type, index=index, calls=step.calls[slot], role=info.role,
-                act=_for_diagnosis(act, with_act=True, with_sat=info.saturation is not None),
-                grad=_for_diagnosis(grad), weight_shape=info.weight_shape,
-                input_rms=math.sqrt(inp.total / inp.n) if inp and inp.n else None,
-                input_probe=_for_diagnosis(moms.get((slot, PROBE)), with_act=True),
-                weight_std=w.std if w else None, weight_rms=w.rms if w else None,
-                fan_in=info.fan_in, fan_out=info.fan_out, fans_note=info.fans_note, textbook=info.textbook,
-                feeds_norm=info.feeds_norm, nonlinearity=info.nonlinearity,
-                relu_family=info.relu_family, bounded=info.saturation is not None,
-                update_ratio=_ratio(u), update_base_rms=_base_rms(u),
-            ))
-        for slot, info in enumerate(self.slots):
-            if info.is_root:
-                r = sq.get((slot, ROOT_IN))
-                root_in = math.sqrt(r.total / r.n) if r and r.n else None
-                g = moms.get((slot, ROOT_GRAD))
-                root_grad = g.std if g else None
-        not_called = [s.name for i, s in enumerate(self.slots) if s.is_layer and i not in step.order]
-        result = StepStats(layers=layers, step=pending.step, input_rms=root_in, output_grad_std=root_grad,
-                           not_called=not_called, amp_scale=scale)
-        gn = step.grad_norms
-        if gn is not None:
-            pre, post = gn.pre_sharded + gn.pre_replicated, gn.post_sharded + gn.post_replicated
-            pre = pre / (scale * scale) if scale else pre
-            result.grad_norm_preclip, result.grad_norm_postclip = math.sqrt(max(pre, 0.0)), math.sqrt(max(post, 0.0))
-        return result, local.moments
-
-
-def _input_sumsq(acc: SumSq | None, probe: MomentAccumulator | None) -> SumSq | None:
-    """Sum of squares and count of a weighted layer's inputs: calls fed by an activation module wrote only a
-    sum of squares, the others a probe row whose moments give it."""
-    if probe is None or probe.n == 0:
-        return acc
-    return SumSq(acc.total + probe.sumsq, acc.n + probe.n) if acc else SumSq(probe.sumsq, probe.n)
-
-
-def _base_rms(u: Update | None) -> float | None:
-    """rms of the weights before the update (n elements; summed over shards and ranks)."""
-    if u is None or not u.n:
-        return None
-    return math.sqrt(u.ww / u.n)
-
-
-def _ratio(u: Update | None) -> float | None:
-    if u is None:
-        return None
-    return math.sqrt(u.dd / u.ww) if u.ww > 0 else None  # from all-zero weights there is no ratio
-
-
-def _for_diagnosis(m: MomentAccumulator | None, with_act: bool = False, with_sat: bool = False) -> Summary | None:
-    """The diagnosis' view of an accumulator (``vocab.Summary``), None where nothing was recorded."""
-    if m is None or m.n == 0:
-        return None
-    zero = m.zeros / m.n if with_act else None
-    sat = m.saturated / m.n if with_sat else None
-    return Summary(n=m.n, mean=m.mean, std=m.std, rms=m.rms, absmax=m.absmax, nonfinite=m.nonfinite > 0,
-                   min=m.min if math.isfinite(m.min) else None, max=m.max if math.isfinite(m.max) else None,
-                   zero_fraction=zero, saturated_fraction=sat)
+        return step_stats(self.slots, pending.step, step), local.moments
