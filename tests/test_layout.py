@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "torchdiag"
@@ -115,3 +116,12 @@ def test_summarize_reads_the_tag_schema_not_the_sink():
     for m in ("torchdiag.summarize", "torchdiag.logreader"):
         assert not {n for n in graph[m] if n.startswith("torchdiag.sinks")}, (m, graph[m])
     assert "torchdiag.tags" in graph["torchdiag.logreader"] and "torchdiag.tags" in graph["torchdiag.sinks.tensorboard"]
+
+
+def test_the_readme_inside_map_names_every_module_and_only_modules_that_exist():
+    readme = (PKG.parent / "README.md").read_text()
+    inside = readme[readme.index("## Inside"):]
+    inside = inside[:inside.index("\n## ", 1)]
+    named = {n for n in re.findall(r"`([\w/]+\.py)`", inside) if not n.startswith("tests/")}
+    files = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert named == files, (sorted(files - named), sorted(named - files))

@@ -10,6 +10,8 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tags import STEP_TAGS, layer_tag
+
 STATUSES = ("exploding", "vanishing", "nonfinite", "dead", "saturated", "large_updates", "small_updates",
             "attention_logits", "attention_entropy", "output_logits", "adam_epsilon")
 
@@ -82,6 +84,11 @@ class LayerReport:
         return d
 
 
+
+#: the measured float fields of a ``LayerReport``: what ``Report.scalars`` gives per layer
+SCALAR_FIELDS = tuple(f.name for f in dataclasses.fields(LayerReport) if f.type == "float | None")
+
+
 @dataclass
 class Report:
     """Per-layer diagnosis of one recorded step.
@@ -119,6 +126,36 @@ class Report:
             if layer.name == name:
                 return layer
         raise KeyError(f"no layer named {name!r} in this report; layers are {[x.name for x in self.layers]}")
+
+    def scalars(self) -> dict[str, float]:
+        """The step's numbers as one flat dict, for any logger (``wandb.log``, Lightning's ``log_dict``...).
+
+        Keys are ``"<layer>/<field>"`` for every measured float field of every layer (``act_std``, ``grad_norm``,
+        ``gain``, ``update_ratio``, ``suggested_scale``...; the root module's layer is ``"(root)"``; a value that
+        was not measured is left out), then the step's own figures without a layer: ``flagged_layers`` and,
+        where measured, ``grad_norm_preclip``, ``grad_norm_postclip``, ``clipped`` (0 or 1), ``amp_scale``,
+        ``amp_skipped_steps``: the numbers TensorBoard gets.
+
+        Example:
+            >>> import torch, torchdiag
+            >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
+            >>> scalars = torchdiag.check(net, torch.randn(8, 16)).scalars()
+            >>> sorted(k for k in scalars if k.startswith("1/"))[:3]
+            ['1/act_absmax', '1/act_mean', '1/act_rms']
+        """
+        out: dict[str, float] = {}
+        for layer in self.layers:
+            name = layer_tag(layer.name)
+            for attr in SCALAR_FIELDS:
+                v = getattr(layer, attr)
+                if v is not None:
+                    out[f"{name}/{attr}"] = float(v)
+        out["flagged_layers"] = float(len(self.flagged))
+        for attr in STEP_TAGS.values():
+            v = getattr(self, attr)
+            if v is not None:
+                out[attr] = float(v)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
