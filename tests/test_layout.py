@@ -104,7 +104,8 @@ def test_leaf_modules_import_nothing_of_torchdiag():
 def test_sinks_and_diagnosis_know_nothing_of_hooks():
     graph = _graph()
     hook_side = {"torchdiag.buffer", "torchdiag.capture", "torchdiag.watch", "torchdiag.optim"}
-    for m in ("torchdiag.diagnose", "torchdiag.rules", "torchdiag.drift", "torchdiag.report", "torchdiag.verdict",
+    for m in ("torchdiag.diagnose", "torchdiag.rules", "torchdiag.drift", "torchdiag.report", "torchdiag.render",
+              "torchdiag.verdict",
               "torchdiag.sinks.console", "torchdiag.sinks.tensorboard", "torchdiag.sinks.overview",
               "torchdiag.sinks.png", "torchdiag.sinks.layout", "torchdiag.summarize", "torchdiag.logreader",
               "torchdiag.eventfiles", "torchdiag.tags", "torchdiag.reduction", "torchdiag.stats", "torchdiag.config"):

@@ -30,7 +30,8 @@ from torch import nn
 
 from .check_table import ShapeRecorder, render_check
 from .errors import TorchDiagError
-from .report import STATUSES, Report, use_color
+from .render import use_color
+from .report import STATUSES, Report
 from .verdict import ERROR, FLAGGED, OK, decide
 
 __all__ = ["ERROR", "FLAGGED", "OK", "CheckError", "add_arguments", "run_check"]

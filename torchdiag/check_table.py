@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .report import Report, common_prefix, elide_name, fit_widths, render, suggestion_text
+from .render import common_prefix, elide_name, fit_widths, render, suggestion_text
+from .report import Report
 
 
 def _count(n: int) -> str:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fix import apply_suggestions
-from .report import render, run_lines, use_color
+from .render import render, run_lines, use_color
 from .watch import watch
 
 

@@ -40,7 +40,8 @@ from .logreader import (
     span,
     summarize_run,
 )
-from .report import STATUSES, render, use_color
+from .render import render, use_color
+from .report import STATUSES
 from .verdict import ERROR, FLAGGED, OK, RunFinding, RunVerdict, Verdict, decide
 
 NO_DATA = ERROR  # exit status 2: nothing could be judged

@@ -5,7 +5,8 @@ from __future__ import annotations
 import warnings
 
 from ..errors import DiagnosticWarning, user_stacklevel
-from ..report import Report, one_story
+from ..render import one_story
+from ..report import Report
 
 
 class ConsoleSink:
