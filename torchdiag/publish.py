@@ -92,6 +92,19 @@ class Publisher:
             report.amp_skipped_steps = self.skipped.add(report.amp_scale)
         return report
 
+    def provisional(self, stats: StepStats, group: Any = None) -> Report:
+        """The report of the step in progress (``Watcher.report()`` before it ended), not published: under
+        torch.distributed this rank's own numbers, with a note saying so; the run's findings of the steps that
+        ended (this one has not yet)."""
+        report = self.diagnose(stats)
+        if group is not None:
+            report.notes.append(f"rank {group.rank}'s own statistics of the step in progress: not yet reduced across"
+                                f" the {group.world} ranks (that happens when the step ends)")
+        report.run_findings = self.verdict.findings()
+        if self.sentinel is not None:
+            report.nonfinite_origin = self.sentinel.origin
+        return report
+
     def publish(self, stats: StepStats | None, in_hook: bool = False,
                 take_notes: Callable[[], list[str]] | None = None) -> Report | None:
         """Diagnose a completed step, warn and write it; ``take_notes``: the recorder's notes for its report.

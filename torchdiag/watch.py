@@ -19,6 +19,7 @@ from .arguments import check_watch_arguments
 from .buffer import Recorder
 from .config import Config, ConfigLike
 from .errors import TorchDiagError, warn_self
+from .installed import Installed, WeakCall, abandon
 from .optim import OptimizerMonitor, watched_weights
 from .publish import Publisher
 from .report import Report
@@ -48,14 +49,13 @@ class Watcher:
         self._user_writer = writer
         selected = select_watched(model, config)
         self._recorder: Recorder | None = None
-        self._module_refs: list[weakref.ref] = []
+        self._installed = Installed()  # what the watch adds beyond its recorder, removed in one place
         self._out = Publisher(config, warn=warn and config.warnings and self._writes,
                               rescaled=rescale_grads is not False, scaler=scaler, logdir=logdir, writer=writer)
         self._step_report: Report | None = None  # what the latest end of a step produced, at step number:
         self._step_report_at = -1
         self._entered = False
         self._closed = False
-        self._rescale_handles: list[Any] = []
         self._rescale_hook: RescaleHook | None = None
         self._sentinel: Sentinel | None = None
         self._record_eval = record_eval
@@ -75,7 +75,7 @@ class Watcher:
         writer = self._user_writer  # histograms are binned only when something will write them
         histograms = self._writes and (callable(getattr(writer, "add_histogram_raw", None)) if writer is not None
                                        else self._logdir is not None)
-        self._recorder = rec = _recorder(self.config, slots, modules, model, _WeakCall(self, "_end_step_in_hook"),
+        self._recorder = rec = _recorder(self.config, slots, modules, model, WeakCall(self, "_end_step_in_hook"),
                                          histograms, self._group)
         cap = rec.capture
         cap.record_eval = self._record_eval
@@ -83,20 +83,22 @@ class Watcher:
         cap.auto_step = self._auto_step_on
         capture.attach(cap, modules, roots=[i for i, s in enumerate(slots) if s.is_root])
         capture.set_recording(cap, cap.recording)
-        self._module_refs = [weakref.ref(m) for m in modules]
+        installed = self._installed
+        installed.module_refs = [weakref.ref(m) for m in modules]
         self._entered = True
         try:
             if len(self._rescale_factors):
                 self._rescale_hook = RescaleHook(self._rescale_factors)
-                self._rescale_handles.append(self._rescale_hook.install())
+                installed.add(self._rescale_hook.install())
             if self._optimizer is not None:
                 cap.auto_step = False  # a step is an optimizer step
-                self._optim_monitor = OptimizerMonitor(self._optimizer, rec,
-                                                       watched_weights(self._optimizer, slots, modules),
-                                                       end_step=_WeakCall(self, "_end_step_in_hook"),
-                                                       scaler=self._scaler, distributed=self._group is not None)
-            self._sentinel = self._out.sentinel = _sentinel(model, slots, modules, self.config, rec, self._optimizer,
-                                                            self._scaler, self._optim_monitor, self._group is not None)
+                self._optim_monitor = installed.add(OptimizerMonitor(
+                    self._optimizer, rec, watched_weights(self._optimizer, slots, modules),
+                    end_step=WeakCall(self, "_end_step_in_hook"), scaler=self._scaler,
+                    distributed=self._group is not None))
+            self._sentinel = self._out.sentinel = installed.add(_sentinel(
+                model, slots, modules, self.config, rec, self._optimizer, self._scaler, self._optim_monitor,
+                self._group is not None))
             self._out.on_sink_failed = rec.histograms_off
             if self._writes:  # not rank 0 of the group: no writer is opened, nothing is written
                 self._out.open_sink()
@@ -104,8 +106,7 @@ class Watcher:
             self._close()
             raise
         # a Watcher dropped without leaving its `with` (garbage-collected) unhooks the model all the same
-        self._finalizer = weakref.finalize(self, _abandon, self._module_refs, self._rescale_handles,
-                                           self._optim_monitor, self._out.tb, id(cap), self._sentinel)
+        self._finalizer = weakref.finalize(self, abandon, installed, self._out.tb, id(cap))
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -138,18 +139,9 @@ class Watcher:
             self._finalizer = None
         if self._recorder is not None:
             self._recorder.close()
-        for h in self._rescale_handles:
-            h.remove()
-        self._rescale_handles = []
-        if self._optim_monitor is not None:
-            self._optim_monitor.remove()
-            self._optim_monitor = None
-        if self._sentinel is not None:
-            self._sentinel.remove()
-            self._sentinel = self._out.sentinel = None  # it holds the model
+        self._installed.remove()
+        self._optim_monitor = self._sentinel = self._out.sentinel = None  # the sentinel holds the model
         self._optimizer = self._scaler = None
-        capture.detach(self._module_refs)
-        self._module_refs = []
         self._model = None
         self._modules = []
         self._out.close()  # never raises: a user's exception in the `with` stays theirs
@@ -212,15 +204,7 @@ class Watcher:
         if self._recorder is not None and not self._closed and (self._group is None or self._out.last is None):
             stats = self._recorder.peek()
             if stats is not None:
-                report = self._out.diagnose(stats)
-                if self._group is not None:
-                    report.notes.append(f"rank {self._group.rank}'s own statistics of the step in progress: not yet"
-                                        f" reduced across the {self._group.world} ranks (that happens when the step"
-                                        " ends)")
-                report.run_findings = self._out.verdict.findings()  # the steps that ended (this one has not yet)
-                if self._sentinel is not None:
-                    report.nonfinite_origin = self._sentinel.origin
-                return report
+                return self._out.provisional(stats, self._group)
         if self._out.last is not None:
             return self._out.last
         notes = ["no step was recorded: run a forward (and backward) pass with grad enabled inside the watch"]
@@ -250,37 +234,6 @@ class Watcher:
     def step_count(self) -> int:
         """The number of the current step (0 until the first ``step()``)."""
         return self._recorder.step if self._recorder is not None else 0
-
-
-class _WeakCall:
-    """``getattr(obj, name)()`` without keeping ``obj`` alive (the optimizer's hooks and the recorder hold this)."""
-
-    def __init__(self, obj: Any, name: str) -> None:
-        self._ref = weakref.ref(obj)
-        self._name = name
-
-    def __call__(self) -> None:
-        obj = self._ref()
-        if obj is not None:
-            getattr(obj, self._name)()
-
-
-def _abandon(module_refs: list, rescale_handles: list, monitor: Any, tb: Any, recorder_id: int,
-             sentinel: Any = None) -> None:
-    """A Watcher garbage-collected inside its watch (entered, never exited): remove what it added."""
-    try:
-        if sentinel is not None:
-            sentinel.remove()
-        capture.forget(recorder_id)
-        capture.detach(module_refs)
-        for h in rescale_handles:
-            h.remove()
-        if monitor is not None:
-            monitor.remove()
-        if tb is not None:
-            tb.close()
-    except Exception:  # noqa: BLE001, S110 - called by the garbage collector: nothing to raise into
-        pass
 
 
 def _recorder(config: Config, slots: list[Any], modules: list[nn.Module], model: nn.Module, on_auto_step: Any,
