@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchdiag
-from torchdiag.signals import attention_figures
+from torchdiag.attention import attention_figures
 
 from .test_origin import SqrtLayer, _line_of
 

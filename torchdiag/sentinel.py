@@ -11,7 +11,7 @@ from torch import nn
 
 from . import instability, signals
 from .errors import warn_self
-from .origin import Tripwire
+from .tripwire import Tripwire
 
 
 class Sentinel:

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import math
 import numbers
-import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .runtime import first_float_tensor, is_compiling, tracing
+from .attention import SDPA, attention_figures, entropy_of_probs, mha_figures
+from .globalhooks import GlobalHooks
+from .runtime import first_float_tensor, is_compiling
 
 _LOGIT_ROWS = 256
 
@@ -44,234 +43,6 @@ class StepSignals:
     softmax_output: bool = False  # the output's gradient sums to zero along its last dimension
     adam: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (gradient rms, eps)
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) since the last recorded step
-
-
-def attention_figures(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, allowed: Any = None,
-                      additive: torch.Tensor | None = None, causal: bool = False,
-                      max_queries: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max logit over allowed keys, mean over heads of the normalised entropy) for ``q`` (B, H, Sq, D) and
-    ``k`` (B, Hk, Sk, D), on the first two sequences and up to ``max_queries`` evenly spaced queries.
-
-    ``allowed`` is a boolean mask broadcastable to (B, H, Sq, Sk), True where a query may attend; ``additive``
-    a float mask added to the logits (``-inf`` excludes); ``causal`` the top-left causal mask of SDPA."""
-    q, k = q[:2].detach(), k[:2].detach()
-    if k.shape[1] != q.shape[1]:  # grouped-query attention
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    sq, sk = q.shape[-2], k.shape[-2]
-    idx = _query_sample(sq, max_queries, q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = (q[:, :, idx].float() @ k.float().transpose(-1, -2)) * scale  # (b, H, nq, Sk)
-    if not causal and allowed is None and additive is None:  # every key allowed: no mask to build
-        logp = torch.log_softmax(logits, dim=-1)
-        ent = -(logp.exp() * logp).sum(-1)  # (b, H, nq)
-        norm = ent / math.log(sk) if sk > 1 else torch.zeros_like(ent)
-        return logits.amax(), norm.mean()
-    ok = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
-    if causal:
-        ok &= torch.arange(sk, device=q.device)[None, :] <= idx[:, None]
-    if allowed is not None:
-        ok &= _rows(allowed, logits.shape, idx).to(torch.bool)
-    scores = logits
-    if additive is not None:  # -inf, or the dtype's lowest value (Hugging Face's masks), excludes a key
-        lowest = torch.finfo(additive.dtype).min / 2 if additive.is_floating_point() else -math.inf
-        add = _rows(additive, logits.shape, idx).float()
-        ok &= torch.isfinite(add) & (add > lowest)
-        scores = logits + torch.where(ok, add, torch.zeros_like(add))
-    top = logits.masked_fill(~ok, torch.finfo(torch.float32).min).amax()
-    logp = torch.log_softmax(scores.masked_fill(~ok, -math.inf), dim=-1)
-    ent = -(torch.where(ok, logp.exp() * logp, torch.zeros_like(logp))).sum(-1)  # (b, H, nq)
-    return top, _mean_normalised(ent, ok.sum(-1))
-
-
-def _mean_normalised(ent: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Mean over heads of each head's mean entropy / log(keys it could attend to), rows with one key left out.
-    ``ent`` and ``n`` are (b, H, nq)."""
-    rows = n > 1
-    norm = torch.where(rows, ent / torch.log(n.clamp(min=2).float()), torch.zeros_like(ent))
-    per_head = norm.sum(dim=(0, 2)) / rows.sum(dim=(0, 2)).clamp(min=1)
-    has = rows.any(dim=2).any(dim=0)
-    return (per_head * has).sum() / has.sum().clamp(min=1)
-
-
-_SAMPLES: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-
-def _query_sample(sq: int, max_queries: int, device: torch.device) -> torch.Tensor:
-    """Up to ``max_queries`` evenly spaced query positions (first and last included), cached per shape."""
-    key = (sq, max_queries, device)
-    idx = _SAMPLES.get(key)
-    if idx is None:
-        n = min(sq, max_queries)
-        picks = sorted({round(i * (sq - 1) / (n - 1)) for i in range(n)}) if n > 1 else [0]
-        idx = _SAMPLES[key] = torch.tensor(picks, dtype=torch.long, device=device)
-        if len(_SAMPLES) > 256:
-            _SAMPLES.clear()
-    return idx
-
-
-def entropy_of_probs(p: torch.Tensor, max_queries: int = 64) -> torch.Tensor:
-    """Mean over heads of the normalised entropy of attention probabilities (B, H, Sq, Sk)."""
-    p = p[:2].detach()
-    p = p[:, :, _query_sample(p.shape[-2], max_queries, p.device)].float()
-    ok = p > 0
-    ent = -(torch.where(ok, p * p.clamp(min=1e-30).log(), torch.zeros_like(p))).sum(-1)
-    value = _mean_normalised(ent, ok.sum(-1))
-    probs = ((p >= 0).all() & ((p.sum(-1) - 1).abs() < 1e-3).all())  # else not probabilities (T5: a position bias)
-    return torch.where(probs, value, torch.full_like(value, math.nan))
-
-
-def _rows(mask: torch.Tensor, shape: torch.Size, idx: torch.Tensor) -> torch.Tensor:
-    """A mask broadcastable to (B, H, Sq, Sk), cut to the sampled sequences and queries."""
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    m = m[: shape[0]] if m.shape[0] > 1 else m
-    m = m[:, :, idx] if m.shape[2] > 1 else m
-    return m.expand(shape)
-
-
-def _mha_figures(m: nn.MultiheadAttention, args: tuple, kwargs: dict, max_queries: int) -> tuple[Any, Any] | None:
-    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
-    got = dict(zip(names, args))
-    got.update({k: v for k, v in kwargs.items() if k in names})
-    query, key = got.get("query"), got.get("key")
-    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or query.dim() != 3:
-        return None
-    if not m.batch_first:
-        query, key = query.transpose(0, 1), key.transpose(0, 1)
-    query, key = query[:2], key[:2]
-    e, h = m.embed_dim, m.num_heads
-    if m.in_proj_weight is not None:
-        wq, wk = m.in_proj_weight[:e], m.in_proj_weight[e: 2 * e]
-    else:
-        wq, wk = m.q_proj_weight, m.k_proj_weight
-    bq = bk = None
-    if m.in_proj_bias is not None:
-        bq, bk = m.in_proj_bias[:e], m.in_proj_bias[e: 2 * e]
-    with torch.no_grad():
-        q = F.linear(query.detach(), wq.detach(), None if bq is None else bq.detach())
-        k = F.linear(key.detach(), wk.detach(), None if bk is None else bk.detach())
-        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-        q = q.view(b, sq, h, e // h).transpose(1, 2)
-        k = k.view(b, sk, h, e // h).transpose(1, 2)
-        allowed, additive = None, None
-        kpm, am = got.get("key_padding_mask"), got.get("attn_mask")
-        if isinstance(kpm, torch.Tensor):
-            keep = ~kpm[:2].bool() if kpm.dtype == torch.bool else torch.isfinite(kpm[:2]) & (kpm[:2] == 0)
-            allowed = keep[:, None, None, :]
-        if isinstance(am, torch.Tensor):
-            if am.dim() == 3:  # (N * H, L, S)
-                am = am.view(-1, h, am.shape[-2], am.shape[-1])[:2]
-            if am.dtype == torch.bool:
-                keep = ~am
-                allowed = keep if allowed is None else allowed & keep
-            else:
-                additive = am
-        return attention_figures(q, k, allowed=allowed, additive=additive, max_queries=max_queries)
-
-
-class GlobalHooks:
-    """Module hooks kept out of the model: two process-wide hooks look each module up here, so that a watched
-    model still pickles, deep-copies (a copy is not recorded) and saves without torchdiag's callbacks in it.
-    ``torch.compile`` traces past them (they return at once while compiling)."""
-
-    pre: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args)]
-    post: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args, kwargs, output)]
-    handles: list[Any] = []
-
-    @classmethod
-    def add(cls, module: nn.Module, pre: Callable[..., None] | None = None,
-            post: Callable[..., None] | None = None) -> tuple[nn.Module, Any, Any]:
-        if pre is not None:
-            cls.pre.setdefault(module, []).append(pre)
-        if post is not None:
-            cls.post.setdefault(module, []).append(post)
-        if not cls.handles:
-            cls.handles.append(nn.modules.module.register_module_forward_pre_hook(_global_pre))
-            cls.handles.append(nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True,
-                                                                              always_call=True))
-        return module, pre, post
-
-    @classmethod
-    def discard(cls, entry: tuple[nn.Module, Any, Any]) -> None:
-        module, pre, post = entry
-        for table, fn in ((cls.pre, pre), (cls.post, post)):
-            fns = table.get(module)
-            if fns is not None and fn in fns:
-                fns.remove(fn)
-                if not fns:
-                    del table[module]
-        if not cls.pre and not cls.post:
-            while cls.handles:
-                cls.handles.pop().remove()
-
-
-def _global_pre(module: nn.Module, args: tuple) -> None:
-    if tracing():  # torch.compile, torch.export, torch.jit.trace: nothing of torchdiag's in their graphs
-        return
-    fns = GlobalHooks.pre.get(module)
-    if fns:
-        for fn in list(fns):
-            _guarded(fn, module, args)
-
-
-def _global_post(module: nn.Module, args: tuple, kwargs: dict | None = None, output: Any = None) -> None:
-    if tracing():
-        return
-    fns = GlobalHooks.post.get(module)
-    if fns:
-        for fn in list(fns):
-            _guarded(fn, module, args, kwargs, output)
-
-
-def _guarded(fn: Callable[..., None], *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception as e:  # noqa: BLE001 - a failure of torchdiag's own hook is reported, never raised
-        from .errors import warn_self
-
-        warn_self(f"torchdiag: a signal hook failed ({type(e).__name__}: {e}); training goes on")
-
-
-class _SDPA:
-    """``F.scaled_dot_product_attention`` wrapped, while at least one watch records attention."""
-
-    users = 0
-    original: Any = F.scaled_dot_product_attention  # the real function (never None: references outlive a watch)
-    lock = threading.Lock()
-    local = threading.local()  # .stack: the Signals whose attention module is running, innermost last
-
-    @classmethod
-    def acquire(cls) -> None:
-        with cls.lock:
-            if cls.users == 0 and F.scaled_dot_product_attention is not _sdpa_wrapper:
-                cls.original = F.scaled_dot_product_attention
-                F.scaled_dot_product_attention = _sdpa_wrapper
-            cls.users += 1
-
-    @classmethod
-    def release(cls) -> None:
-        with cls.lock:
-            cls.users -= 1
-            if cls.users == 0 and F.scaled_dot_product_attention is _sdpa_wrapper:
-                F.scaled_dot_product_attention = cls.original  # kept: a reference taken meanwhile still works
-
-
-def _sdpa_wrapper(*args: Any, **kwargs: Any) -> Any:
-    out = _SDPA.original(*args, **kwargs)
-    if tracing():
-        return out
-    stack = getattr(_SDPA.local, "stack", None)
-    if stack and stack[-1][0] is not None:
-        owner, name = stack[-1]
-        try:
-            named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args))
-            named.update(kwargs)
-            owner.on_sdpa(name, named.get("query"), named.get("key"), named.get("attn_mask"),
-                          bool(named.get("is_causal", False)), named.get("scale"))
-        except Exception:  # noqa: BLE001, S110 - torchdiag's figures never break the user's attention
-            pass
-    return out
 
 
 class Signals:
@@ -311,7 +82,7 @@ class Signals:
                     continue
                 self.attention_layers.append(self._name(m))
             if self._handles:
-                _SDPA.acquire()
+                SDPA.acquire()
                 self._sdpa = True
         if cfg.output_logits_rule:
             self._handles.append(GlobalHooks.add(self._model, post=self._root_post))
@@ -327,7 +98,7 @@ class Signals:
             self._opt_handle.remove()
             self._opt_handle = None
         if self._sdpa:
-            _SDPA.release()
+            SDPA.release()
             self._sdpa = False
 
     def _name(self, m: nn.Module) -> str:
@@ -351,27 +122,27 @@ class Signals:
 
     # ------------------------------------------------------------------ attention
     def _mha_pre(self, m: nn.Module, args: tuple) -> None:
-        _SDPA.local.__dict__.setdefault("stack", []).append((None, None))  # its own SDPA call is not counted again
+        SDPA.local.__dict__.setdefault("stack", []).append((None, None))  # its own SDPA call is not counted again
 
     def _mha_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        stack = getattr(_SDPA.local, "stack", None)
+        stack = getattr(SDPA.local, "stack", None)
         if stack:
             stack.pop()
         if not self._on():
             return
         try:
-            figs = _mha_figures(m, args, kwargs, self._cfg.attention_sample)
+            figs = mha_figures(m, args, kwargs, self._cfg.attention_sample)
         except Exception:  # noqa: BLE001 - an input layout this cannot read: no attention figures for it
             figs = None
         if figs is not None:
             self._attention[self._name(m)] = figs
 
     def _attn_pre(self, m: nn.Module, args: tuple) -> None:
-        stack = _SDPA.local.__dict__.setdefault("stack", [])
+        stack = SDPA.local.__dict__.setdefault("stack", [])
         stack.append((self, self._name(m)) if self._on() else (None, None))
 
     def _attn_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        stack = getattr(_SDPA.local, "stack", None)
+        stack = getattr(SDPA.local, "stack", None)
         if stack:
             owner, name = stack.pop()
             if owner is self and name not in self._sdpa_seen and isinstance(output, tuple) and len(output) > 1:
