@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scalars-only", action="store_true",
                    help="no histograms or overview images: the per-step cost a long run pays (each round here is a"
                         " new watch, whose first steps get histograms and images at steps 0, 1, 2, 4...)")
+    p.add_argument("--without-signals", action="store_true",
+                   help="the new version with its instability signals and non-finite tripwire off: the cost of the"
+                        " rest alone (when the old version predates them)")
     a = p.parse_args(argv)
     src = Path(a.old) / "torchdiag"
     if not (src / "__init__.py").is_file():
@@ -54,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.scalars_only:  # each round is a new watch: the images and histograms of a run's first steps dominate
         cfg["histogram_every"] = 0
     known = {f.name for f in dataclasses.fields(torchdiag.Config)}
-    new_cfg = dict(cfg, overview_every=0) if a.scalars_only and "overview_every" in known else cfg
+    new_cfg = dict(cfg, overview_every=0) if a.scalars_only and "overview_every" in known else dict(cfg)
+    if a.without_signals:
+        new_cfg.update(attention_rules=False, output_logits_rule=False, adam_epsilon_rule=False,
+                       nonfinite_origin=False)
     variants = {"none": lambda: overhead.NoMonitor(),
                 "old every=1": lambda: torchdiag_old.watch(model, logdir=f"{tmp}/old", config=cfg),
                 "new every=1": lambda: torchdiag.watch(model, logdir=f"{tmp}/new", config=new_cfg)}
