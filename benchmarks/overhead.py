@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py [--workload mlp|cnn|transformer|all] [--device cpu|cuda]
                                   [--rounds N] [--threads 1] [--json out.json] [--quick]
+                                  [--compiled | --no-compiled] [--backend inductor]
 
 Variants run interleaved round by round in one process (these machines are noisy: never
 compare figures from two runs); the table gives the median step time and its ratio to no
@@ -9,12 +10,18 @@ monitoring, and the peak memory of each variant (CPU: peak RSS, reset before eac
 through /proc/self/clear_refs; CUDA: max_memory_allocated). On CUDA it also counts host
 syncs during a recorded step (torch.cuda.set_sync_debug_mode). CPU runs default to 1 torch
 thread: on a shared 2-core box a busy second core makes 2-thread timings meaningless.
+
+Compiled (``torch.compile(model)``, default on): every variant gets its own deep copy of the model, compiled
+once, with its watch (or hooks) open for the whole run so that rounds interleave without recompiling; ratios are
+against the compiled model without monitoring. The graph breaks and graphs Dynamo made while each variant warmed
+up come from ``torch._dynamo.utils.counters``. ``--quick`` compiles with ``aot_eager`` (no C++ compile in CI).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import sys
@@ -172,6 +179,30 @@ class NoMonitor(_Hooks):
     pass
 
 
+_FLOOR = torch.zeros(1)  # the compiled read floor's sink: the graph adds into it
+
+
+def _floor_grad(g):
+    _FLOOR.add_(g.detach().sum().to(_FLOOR.device))
+
+
+class CompiledReadFloor(_Hooks):
+    """The read floor as a compiled graph can have it: one ``sum`` per activation and gradient, added in place
+    into a tensor the graph mutates (what torchdiag's compiled path does with its seven statistics)."""
+
+    def __init__(self, model):
+        super().__init__()
+        for m in model.modules():
+            if next(m.children(), None) is None or next(m.parameters(recurse=False), None) is not None:
+                self.handles.append(m.register_forward_hook(self._fwd))
+
+    @staticmethod
+    def _fwd(m, args, out):
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            _FLOOR.add_(out.detach().sum().to(_FLOOR.device))
+            out.register_hook(_floor_grad)
+
+
 def variants(logdir: str) -> dict[str, Callable[[nn.Module], contextlib.AbstractContextManager]]:
     hist_key = "histogram_every" in {f for f in torchdiag.Config.__dataclass_fields__}
     out = {
@@ -264,6 +295,66 @@ def run_workload(name: str, device: torch.device, rounds: int, steps: int, quick
     return rows
 
 
+def compiled_variants(logdir: str) -> dict[str, Callable[[nn.Module], contextlib.AbstractContextManager]]:
+    cfg = {"warnings": False}
+    return {
+        "compiled none": lambda m: NoMonitor(),
+        "compiled read floor": CompiledReadFloor,
+        "compiled torchdiag every=1": lambda m: torchdiag.watch(m, logdir=f"{logdir}/c1", config=cfg),
+        "compiled torchdiag every=10": lambda m: torchdiag.watch(m, logdir=f"{logdir}/c10", every=10, config=cfg),
+        "compiled torchdiag every=100": lambda m: torchdiag.watch(m, logdir=f"{logdir}/c100", every=100,
+                                                                  config=cfg),
+    }
+
+
+def run_compiled(name: str, device: torch.device, rounds: int, steps: int, quick: bool, backend: str) -> dict:
+    """Compiled variants, each on its own compiled copy with its monitor open for the whole run."""
+    import torch._dynamo
+
+    model, loss_fn = {**WORKLOADS, **CUDA_WORKLOADS}[name](device, quick)
+    cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {}
+    counts: dict[str, tuple[int, int]] = {}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        warnings.simplefilter("ignore")
+        torch._dynamo.reset()
+        runs, made = {}, []
+        for i, (vname, make) in enumerate(compiled_variants(tmp).items()):
+            copy_ = copy.deepcopy(model)
+            # a class of its own per variant: Dynamo guards the root's type, never the hooks, so that no variant
+            # runs a graph another one traced (a copy of the same model would otherwise reuse it)
+            copy_.__class__ = type(f"{type(model).__name__}_{i}", (type(model),), {})
+            made.append((vname, copy_, stack.enter_context(make(copy_))))  # every hook in place before tracing
+        for vname, copy_, mon in made:
+            opt = torch.optim.SGD(copy_.parameters(), lr=1e-3)
+            run = torch.compile(copy_, backend=backend)
+            c = torch._dynamo.utils.counters
+            breaks0, graphs0 = sum(c["graph_break"].values()), c["stats"]["unique_graphs"]
+            for _ in range(3):  # warm-up: the recorded graph and (every > 1) the unrecorded one
+                loss_fn(run).backward()
+                opt.step()
+                opt.zero_grad()
+                mon.step()
+            counts[vname] = (sum(c["graph_break"].values()) - breaks0, c["stats"]["unique_graphs"] - graphs0)
+            runs[vname] = (run, opt, mon)
+        for _ in range(rounds):
+            for vname, (run, opt, mon) in runs.items():
+                for _ in range(steps):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    loss_fn(run).backward()
+                    opt.step()
+                    opt.zero_grad()
+                    mon.step()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times.setdefault(vname, []).append(time.perf_counter() - t0)
+    base = statistics.median(times["compiled none"])
+    return {vname: {"median_ms": statistics.median(ts) * 1e3, "ratio": statistics.median(ts) / base,
+                    "graph_breaks": counts[vname][0], "graphs": counts[vname][1]} for vname, ts in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", default="all", choices=["all", *WORKLOADS, *CUDA_WORKLOADS])
@@ -273,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="tiny models, few steps: proves it runs, asserts nothing")
+    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time torch.compile(model) variants (default on)")
+    p.add_argument("--backend", default=None, help="torch.compile backend (default inductor, quick aot_eager)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -295,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
             mem = f"{r['peak_mb'] / base_peak:.3f}" if r["peak_mb"] and base_peak else "-"
             syncs = "-" if r["syncs"] is None else str(r["syncs"])
             print(f"  {vname:32s} {r['median_ms']:10.2f} {r['ratio']:7.3f} {peak:>9s} {mem:>9s} {syncs:>6s}")
+        if a.compiled and hasattr(torch, "compile"):
+            backend = a.backend or ("aot_eager" if a.quick else "inductor")
+            crows = run_compiled(name, device, rounds, steps, a.quick, backend)
+            results[name + " compiled"] = crows
+            head = f"compiled ({backend})"
+            print(f"  {head:32s} {'median ms':>10s} {'ratio':>7s} {'breaks':>9s} {'graphs':>9s}")
+            for vname, r in crows.items():
+                print(f"  {vname:32s} {r['median_ms']:10.2f} {r['ratio']:7.3f} {r['graph_breaks']:9d} {r['graphs']:9d}")
         print()
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -22,6 +22,7 @@ from .accumulators import MomentAccumulator
 from .assemble import histograms, step_stats
 from .capture import Capture, set_recording
 from .dtensor import local_tensor
+from .errors import warn_self
 from .stepbuffer import Decoded, Pending, StepBuffer, arrive, decode, reduction_layout
 from .taxonomy import Slot
 from .vocab import Row, StepStats, histogram_window
@@ -103,7 +104,8 @@ class Recorder:
             if pending is not None:
                 result = self._complete(pending, reduce)
             collective = reduce and self.reducer is not None
-            if cap.recording and (cap.order or collective):
+            self._check_compiled()
+            if cap.recording and (cap.order or self._traced() or collective):
                 pending = self._launch(with_histograms=cap.histogram_step, reduce=collective, defer=self.defer)
                 if cap.histogram_step:
                     self._hist_window = histogram_window(self.step, self.histogram_every)
@@ -150,7 +152,32 @@ class Recorder:
         return self._pending is not None
 
     def peek_possible(self) -> bool:
-        return self.recording and bool(self.capture.order)
+        if not self.recording:
+            return False
+        if self.capture.order:
+            return True
+        gate = self.capture.gate  # compiled graphs ran in this step: their calls counts (a read, not the hot path)
+        return bool(self._traced()) and bool(gate.acc[:, 0, 0].any())
+
+    def _traced(self) -> dict[int, int]:
+        """Slots traced into a recorded compiled graph (``compiled``), in trace order."""
+        gate = self.capture.gate
+        return gate.traced if gate is not None else {}
+
+    def _check_compiled(self) -> None:
+        """A recorded step in which the root ran but nothing was recorded or traced: its compiled code was traced
+        before this watch began (Dynamo does not guard on global hooks), so it runs without them. Said once."""
+        cap = self.capture
+        if (cap.recording and cap.root_calls and not cap.order and not self._traced()
+                and not getattr(self, "_said_stale", False)):
+            self._said_stale = True
+            root = next((s.module_type for s in self.slots if s.is_root), "the model")
+            self.notes.append(
+                f"{root} ran compiled code that torch.compile traced before this watch began: it is not recorded"
+                " (Dynamo does not retrace a graph when hooks are added). Start the watch before the compiled"
+                " model's first call, or call torch.compiler.reset() after torchdiag.watch(...) to recompile it"
+                " (that recompiles every compiled model of the process)")
+            warn_self("torchdiag: " + self.notes[-1])
 
     def peek(self) -> StepStats | None:
         """This rank's own statistics of the step in progress (never a collective); the step is left as it was."""
@@ -164,6 +191,15 @@ class Recorder:
     def _launch(self, with_histograms: bool, reduce: bool, defer: bool) -> Pending:
         """Weight rows, then the step's one host copy (``StepBuffer.launch``)."""
         order = self.capture.order
+        traced = self._traced()
+        if traced:  # the compiled graphs' accumulator: its slots (those that did not run drop out in decode)
+            order = dict(order)
+            for slot in traced:
+                order.setdefault(slot, len(order))
+            cap = self.capture
+            if cap.scaler is not None and not cap.scale_written:
+                cap.write_scale()
+            self.buffer.write_compiled(cap.gate.block())
         for slot in order:  # weights: once per step, on device, into the same buffer
             info = self.slots[slot]
             m = self.capture.modules[slot]()
@@ -214,6 +250,6 @@ class Recorder:
         own moments (for its histograms). None for a reduced step in which no rank ran a watched layer."""
         self._update_shifts(local.moments)
         step = self._reduce(pending.step, local, reduce)
-        if step is None:
+        if step is None or not step.order:  # (a compiled step whose graphs did not run)
             return None, local.moments
         return step_stats(self.slots, pending.step, step), local.moments

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import gains, stats
+from . import compiled, gains, stats
 from .errors import TorchDiagError, warn_self
 from .runtime import first_float_tensor, in_backward, in_functorch, is_compiling, iter_float_tensors, tracing
 from .stepbuffer import STEP_SLOT, StepBuffer
@@ -37,52 +37,61 @@ _ROOTS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.
 _RECORDING: set[int] = set()
 
 
+# id(module) -> the finalizer that forgets its compiled plan if it is garbage-collected while watched
+_FINALIZERS: dict[int, Any] = {}
+
+
 def set_recording(cap: Any, on: bool) -> None:
-    """Whether ``cap``'s forward hook work is on (its current step is recorded)."""
+    """Whether ``cap``'s forward hook work is on (its current step is recorded): for the eager hooks, and for
+    the compiled graphs (a guard on ``gate.on``: the recorded graph or the model's own)."""
     if on:
         _RECORDING.add(id(cap))
     else:
         _RECORDING.discard(id(cap))
-
-
-def _eager(fn: Any) -> Any:
-    """``fn`` as a hook that runs eagerly under torch.compile (a graph break at each watched module).
-
-    Eager calls go straight to ``fn``: ``torch.compiler.disable``'s wrapper costs ~10 us per call
-    (measured), which every module call of the model would pay. While Dynamo traces, the
-    ``is_compiling()`` test is true and the call goes to the disabled copy instead, which makes the
-    graph break there and runs the hook eagerly. Built when the first watch starts, not at import:
-    ``torch.compiler.disable`` loads the compiler stack, which costs seconds.
-    """
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    if disable is None:
-        return fn
-    disabled = disable(fn)
-
-    def hook(*args: Any) -> Any:
-        if is_compiling():
-            return disabled(*args)
-        return fn(*args)
-
-    return hook
+    gate = getattr(cap, "gate", None)
+    if gate is not None:
+        gate.on = on
 
 
 def _pre_hook(module: nn.Module, args: tuple) -> None:
+    if is_compiling():  # Dynamo traces this: the compiled path, no graph break (``compiled``)
+        compiled.on_pre(module, args)
+        return
     entry = _ROOTS.get(module)
-    if entry is not None:
-        rec = entry[0]()
-        if rec is not None:
-            rec.on_pre(entry[1], module)
+    if entry is None:
+        if module.__class__.__name__ == "OptimizedModule":  # torch.compile(model): its wrapper runs eagerly
+            _wrapper(module, True)
+        return
+    rec = entry[0]()
+    if rec is not None:
+        rec.on_pre(entry[1], module)
 
 
-def _post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+def _wrapper(module: nn.Module, entering: bool) -> None:
+    """torch.compile(model)'s wrapper around a watched root: its forward starts a step (auto-step), eagerly,
+    before the compiled graph runs; the root's own pre-hook, traced into that graph, cannot."""
+    key = compiled.wrapper_call(module, entering)
+    inner = module._modules.get("_orig_mod")
+    entry = _ROOTS.get(inner) if key is not None and inner is not None else None
+    rec = entry[0]() if entry is not None else None
+    if rec is not None:
+        rec.on_wrapper(entry[1], inner, entering)
+
+
+def _post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    if is_compiling():
+        return compiled.on_forward(module, args, output)  # the output, tapped for its gradient (or None)
     if not _RECORDING:  # no watch records this step: every module call of the model passes here
+        if module.__class__.__name__ == "OptimizedModule":
+            _wrapper(module, False)
         return
     entry = _REGISTRY.get(module)
     if entry is not None:
         rec = entry[0]()
         if rec is not None:
             rec.on_forward(entry[1], module, args, output)
+    elif module.__class__.__name__ == "OptimizedModule":
+        _wrapper(module, False)
 
 
 def attach(cap: Any, modules: list[nn.Module], roots: list[int] = ()) -> None:
@@ -99,9 +108,23 @@ def attach(cap: Any, modules: list[nn.Module], roots: list[int] = ()) -> None:
         _REGISTRY[m] = (ref, i)
     for i in roots:
         _ROOTS[modules[i]] = (ref, i)
+    cap.gate = compiled.new_gate(len(modules), _device_of(modules), cap.record_eval)
+    for i, m in enumerate(modules):
+        compiled.register(id(m), compiled.plan_for(i, cap.slots[i], cap.gate))
+        _FINALIZERS[id(m)] = weakref.finalize(m, compiled.forget_module, id(m))
+    weakref.finalize(cap, compiled.drop_gate, cap.gate.key)
     if not _HANDLES:
-        _HANDLES.append(nn.modules.module.register_module_forward_pre_hook(_eager(_pre_hook)))
-        _HANDLES.append(nn.modules.module.register_module_forward_hook(_eager(_post_hook)))
+        _HANDLES.append(nn.modules.module.register_module_forward_pre_hook(_pre_hook))
+        _HANDLES.append(nn.modules.module.register_module_forward_hook(_post_hook))
+
+
+def _device_of(modules: list[nn.Module]) -> torch.device:
+    """Where the compiled accumulator lives: the device of the model's first parameter or buffer."""
+    for m in modules:
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+            if not nn.parameter.is_lazy(t):
+                return t.device
+    return torch.device("cpu")
 
 
 def detach(modules: list[weakref.ref]) -> None:
@@ -111,6 +134,10 @@ def detach(modules: list[weakref.ref]) -> None:
         if m is not None:
             _REGISTRY.pop(m, None)
             _ROOTS.pop(m, None)
+            compiled.forget_module(id(m))
+            fin = _FINALIZERS.pop(id(m), None)
+            if fin is not None:
+                fin.detach()
     if len(_REGISTRY) == 0:
         while _HANDLES:
             _HANDLES.pop().remove()
@@ -178,17 +205,29 @@ class Capture:
         # gradient hooks on tensors that outlive the step (a parameter returned through Identity / Dropout(0)):
         # removed when the step ends, or they would pile up one per step
         self._leaf_hooks: list[Any] = []
+        self.gate: Any = None  # compiled.Gate: what the compiled graphs read and add to (set by ``attach``)
+        self.root_calls = 0  # training forwards of the root in this step (eager or through torch.compile's wrapper)
 
     # ----------------------------------------------------------------- module hooks
-    def on_pre(self, slot: int, module: nn.Module) -> None:
+    def on_wrapper(self, slot: int, module: nn.Module, entering: bool) -> None:
+        """torch.compile(model)'s wrapper around the root, entered or left (eagerly): entering it is the root's
+        forward for auto-steps (inside, the root's own pre-hook is traced, or skipped if it runs eagerly)."""
+        if entering:
+            self.on_pre(slot, module, wrapper=True)
+
+    def on_pre(self, slot: int, module: nn.Module, wrapper: bool = False) -> None:
         """The root's forward pre-hook: a second training forward of the model ends the step (auto-step)."""
         info = self.slots[slot]
-        if not info.is_root or self.closed or not self.auto_step:
+        if not wrapper and self.gate is not None and compiled.is_wrapped(self.gate.key):
+            return  # the eager fallback of a compiled root: its wrapper's hook counted this forward
+        if not info.is_root or self.closed:
             return
         if module.training and torch.is_grad_enabled() and not in_backward() and not in_functorch():
-            if self._root_called:
-                self._on_auto_step()
-            self._root_called = True
+            if self.auto_step:
+                if self._root_called:
+                    self._on_auto_step()
+                self._root_called = True
+            self.root_calls += 1
 
     def on_forward(self, slot: int, module: nn.Module, args: tuple, output: Any) -> None:
         if not self.recording or self.closed or not torch.is_grad_enabled() or tracing() or in_functorch():
@@ -336,8 +375,11 @@ class Capture:
         self._rows = {}
         self.order = {}
         self._root_called = False
+        self.root_calls = 0
         for s in self.slots:
             s.calls = 0
+        if self.gate is not None and self.gate.traced:
+            self.gate.reset()
 
     def remove_leaf_hooks(self) -> None:
         hooks, self._leaf_hooks = self._leaf_hooks, []

@@ -27,6 +27,7 @@ from .accumulators import GradNorms, LayerCall, MomentAccumulator, Scale, SumSq,
 from .vocab import Role, Row
 
 STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
+COMPILED = -2  # the row kind of an entry holding the compiled graphs' accumulator (``compiled.Gate.acc``)
 
 # an entry: (slot, row kind, elements of the tensor, device, start among that device's values, width)
 Entry = tuple[int, int, int, torch.device, int, int]
@@ -147,6 +148,12 @@ class StepBuffer:
         self.entries.append((slot, kind, n, device, start, width))
         return start
 
+    def write_compiled(self, acc: torch.Tensor) -> None:
+        """The compiled graphs' accumulator of this step (``compiled``: [slots, kinds, cols] power sums), as one
+        value among the eager rows: the same single host copy."""
+        self.write(STEP_SLOT, COMPILED, acc.shape[0], acc.device, acc.reshape(-1).float()
+                   if acc.device.type == "mps" else acc.reshape(-1))
+
     def point(self, slot: int, kind: int, n: int, device: torch.device, start: int, width: int) -> None:
         """An entry read from a row already written (a producer's output row): no kernel, no value."""
         self.entries.append((slot, kind, n, device, start, width))
@@ -227,11 +234,13 @@ def arrive(pending: Pending) -> tuple[dict[torch.device, list], dict[torch.devic
 
 def decode(pending: Pending, host: dict[torch.device, list]) -> Decoded:
     """Rows -> accumulators, per (slot, row kind); gradient moments are unscaled by the step's AMP scale."""
-    out = Decoded(order=pending.order, calls=pending.calls)
+    out = Decoded(order=dict(pending.order), calls=dict(pending.calls))
     moms, sq = out.moments, out.sumsq
     for slot, kind, n, device, row, width in pending.entries:
         vals = host[device][row:row + width]
-        if kind in (Row.INPUT, Row.ROOT_IN):
+        if kind == COMPILED:
+            _decode_compiled(out, vals, n)
+        elif kind in (Row.INPUT, Row.ROOT_IN):
             acc = sq.get((slot, kind))
             if acc is None:
                 acc = sq[(slot, kind)] = SumSq()
@@ -254,9 +263,47 @@ def decode(pending: Pending, host: dict[torch.device, list]) -> Decoded:
             if m is None:
                 m = moms[(slot, kind)] = MomentAccumulator()
             m.add_row(n, vals)
+    if any(c == 0 for c in out.calls.values()):  # slots traced into a recorded graph that did not run this step
+        ran = sorted((i, s) for s, i in out.order.items() if out.calls.get(s, 0) > 0)
+        out.order = {s: i for i, (_, s) in enumerate(ran)}
+        out.calls = {s: out.calls[s] for s in out.order}
+        for key in [k for k in moms if k[0] >= 0 and k[0] not in out.order]:
+            del moms[key]
+        for key in [k for k in sq if k[0] not in out.order]:
+            del sq[key]
     scale = out.scale
     if scale is not None and math.isfinite(scale) and scale > 0:
         for (_slot, kind), m in moms.items():
             if kind in (Row.GRAD, Row.ROOT_GRAD):
                 m.rescale(1.0 / scale)
     return out
+
+
+_COMPILED_KINDS = (Row.ACT, Row.GRAD, Row.INPUT, Row.ROOT_IN, Row.ROOT_GRAD)  # compiled.ACT... in this order
+
+
+def _decode_compiled(out: Decoded, vals: list[float], slots: int) -> None:
+    """The compiled graphs' accumulator: per slot and kind ``[calls, n, sum, sum of squares, nonzero,
+    saturated, -min, max]`` (``compiled``), into the same accumulators as eager rows."""
+    width = len(vals) // (slots * len(_COMPILED_KINDS))
+    for slot in range(slots):
+        for k, kind in enumerate(_COMPILED_KINDS):
+            base = (slot * len(_COMPILED_KINDS) + k) * width
+            calls, n, s, q, nonzero, sat, negmin, mx = vals[base:base + width]
+            if kind == Row.ACT and calls and slot in out.calls:
+                out.calls[slot] += int(calls)
+            if n <= 0:
+                continue
+            n_int = int(n)
+            if kind in (Row.INPUT, Row.ROOT_IN):
+                acc = out.sumsq.get((slot, kind))
+                if acc is None:
+                    acc = out.sumsq[(slot, kind)] = SumSq()
+                acc.total += q
+                acc.n += n_int
+                continue
+            m = out.moments.get((slot, kind))
+            if m is None:
+                m = out.moments[(slot, kind)] = MomentAccumulator()
+            row = [0.0, s, q, -negmin, mx, nonzero, sat] if kind == Row.ACT else [0.0, s, q]
+            m.add_row(n_int, row)

@@ -1,0 +1,279 @@
+"""The compiled path (issue #18): under torch.compile the statistics are traced into the graph, with no graph
+break caused by torchdiag, at most two graphs per model (recorded and not), the same numbers as eager."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torchdiag
+
+dynamo = pytest.importorskip("torch._dynamo")
+if not hasattr(torch, "compile"):
+    pytest.skip("torch.compile is not available", allow_module_level=True)
+
+BACKEND = "aot_eager"  # Dynamo and AOT autograd (the graphs inductor gets), without inductor's compile time
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    with warnings.catch_warnings():
+        # PyTorch warns that global module hooks also see torch.compile's OptimizedModule
+        warnings.filterwarnings("ignore", message=".*global hooks.*")
+        yield
+    dynamo.reset()
+
+
+def _breaks() -> int:
+    return sum(dynamo.utils.counters["graph_break"].values())
+
+
+def _graphs() -> int:
+    return dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+
+
+def _transformer() -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    return nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Linear(16, 4))
+
+
+def _one_step(model: nn.Module, run: nn.Module, x: torch.Tensor, **kw) -> torchdiag.Report:
+    with torchdiag.watch(model, warnings=False, **kw) as diag:
+        run(x).square().mean().backward()
+        return diag.step()
+
+
+FIELDS = ("act_mean", "act_std", "act_absmax", "zero_fraction", "saturated_fraction", "grad_std", "grad_norm",
+          "weight_std", "gain", "calls")
+
+
+def _assert_same(eager: torchdiag.Report, comp: torchdiag.Report) -> None:
+    assert [r.name for r in comp.layers] == [r.name for r in eager.layers]
+    for a, b in zip(eager.layers, comp.layers):
+        for f in FIELDS:
+            va, vb = getattr(a, f), getattr(b, f)
+            if va is None:
+                assert vb is None, (a.name, f)
+            else:
+                assert vb == pytest.approx(va, rel=1e-5, abs=1e-7), (a.name, f, va, vb)
+
+
+@pytest.mark.parametrize("make", [_net, _transformer], ids=["mlp", "transformer"])
+def test_compiled_statistics_equal_eager_and_no_graph_break(make):
+    x = torch.randn(8, 5, 16) if make is _transformer else torch.randn(8, 16)
+    eager_model = make()
+    eager = _one_step(eager_model, eager_model, x)
+    model = make()
+    comp = _one_step(model, torch.compile(model, backend=BACKEND), x)
+    assert _breaks() == 0, dict(dynamo.utils.counters["graph_break"])
+    assert _graphs() == 1
+    assert len(comp.layers) == len(eager.layers) > 3
+    _assert_same(eager, comp)
+    for p, q in zip(eager_model.parameters(), model.parameters()):  # the same training step
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_compiled_statistics_against_plain_tensor_ops():
+    model = _net()
+    x = torch.randn(8, 16)
+    y0 = model[0](x)
+    h = torch.relu(y0)
+    h.retain_grad()
+    model[4](torch.tanh(model[2](h))).square().mean().backward()
+    g = h.grad.double()
+    model.zero_grad()
+    rep = _one_step(model, torch.compile(model, backend=BACKEND), x)
+    relu = rep.layers[1]
+    h64 = h.detach().double()
+    assert relu.name == "1"
+    assert relu.act_mean == pytest.approx(h64.mean().item(), rel=1e-6)
+    assert relu.act_std == pytest.approx(h64.std(unbiased=False).item(), rel=1e-6)
+    assert relu.zero_fraction == pytest.approx((h64 == 0).double().mean().item())
+    assert relu.act_absmax == pytest.approx(h64.abs().max().item(), rel=1e-6)
+    assert relu.grad_std == pytest.approx(g.std(unbiased=False).item(), rel=1e-5)
+    assert relu.grad_norm == pytest.approx(g.norm().item(), rel=1e-5)
+    assert rep.layers[0].gain == pytest.approx(y0.detach().double().std(unbiased=False).item()
+                                               / x.double().square().mean().sqrt().item(), rel=1e-5)
+
+
+def test_unrecorded_steps_run_the_second_graph_without_recompiling():
+    model = _net()
+    run = torch.compile(model, backend=BACKEND)
+    x = torch.randn(8, 16)
+    reports = []
+    with torchdiag.watch(model, every=3, warnings=False) as diag:
+        for i in range(8):
+            run(x).square().mean().backward()
+            reports.append(diag.step())
+            if i == 1:
+                graphs = _graphs()
+    assert graphs == 2  # recorded and not
+    assert _graphs() == 2 and _breaks() == 0
+    assert [r is not None for r in reports] == [i % 3 == 0 for i in range(8)]
+    assert all(len(r.layers) == 5 for r in reports if r is not None)
+
+
+@pytest.mark.parametrize("summed", [False, True], ids=["backward-each", "one-backward"])
+def test_microbatches_and_a_shared_module_merge_like_eager(summed):
+    shared = nn.Linear(8, 8)
+    net = nn.Sequential(shared, nn.ReLU(inplace=True), shared)  # (in place on a tapped output)
+    xs = [torch.randn(4, 8), torch.randn(4, 8)]
+    reports = []
+    for compiled in (False, True):
+        model = copy.deepcopy(net)
+        run = torch.compile(model, backend=BACKEND) if compiled else model
+        with torchdiag.watch(model, warnings=False, auto_step=False) as diag:
+            if summed:  # two forwards of one graph, then one backward through both
+                sum(run(x).sum() for x in xs).backward()
+            else:  # gradient accumulation: two forwards and backwards in one step
+                for x in xs:
+                    run(x).sum().backward()
+            reports.append(diag.step())
+    eager, comp = reports
+    assert eager.layers[0].calls == 4
+    _assert_same(eager, comp)
+
+
+def test_an_unwatched_model_compiles_exactly_as_without_torchdiag():
+    graphs: list[str] = []
+
+    def backend(gm, example_inputs):  # the graph's inputs (their order may differ) and its operations
+        nodes = gm.graph.nodes
+        graphs.append((sorted(n.name for n in nodes if n.op == "placeholder"),
+                       [(n.op, str(n.target), str(n.args)) for n in nodes if n.op != "placeholder"]))
+        return gm.forward
+
+    x = torch.randn(8, 16)
+    plain = _net()
+    torch.compile(plain, backend=backend)(x).sum().backward()
+    dynamo.reset()
+    other, model = nn.Linear(3, 3), _net()
+    with torchdiag.watch(other, warnings=False):
+        torch.compile(model, backend=backend)(x).sum().backward()
+    assert _breaks() == 0
+    assert len(graphs) == 2 and graphs[0] == graphs[1]
+
+
+def test_a_model_compiled_and_run_before_watch_is_said_once_and_recorded_after_reset():
+    model = _net()
+    run = torch.compile(model, backend=BACKEND)
+    x = torch.randn(8, 16)
+    run(x).sum().backward()
+    with torchdiag.watch(model, warnings=False) as diag:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                run(x).sum().backward()
+                diag.step()
+        said = [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
+        assert len(said) == 1 and "torch.compiler.reset()" in said[0], said
+        torch.compiler.reset()
+        run(x).sum().backward()
+        rep = diag.step()
+    assert rep is not None and len(rep.layers) == 5
+
+
+def test_compiled_training_is_bit_identical_with_and_without_torchdiag():
+    finals = []
+    x, y = torch.randn(16, 16), torch.randn(16, 4)
+    for watched in (False, True):
+        dynamo.reset()
+        model = _net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run = torch.compile(model, backend=BACKEND)
+        ctx = torchdiag.watch(model, every=2, warnings=False) if watched else None
+        if ctx is not None:
+            ctx.__enter__()
+        for _ in range(4):
+            (run(x) - y).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if ctx is not None:
+                ctx.step()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+def test_compiled_nonfinite_output_is_flagged_like_eager():
+    reports = []
+    for compiled in (False, True):
+        model = _net()
+        with torch.no_grad():
+            model[2].weight[0, 0] = math.inf
+        x = torch.randn(8, 16)
+        reports.append(_one_step(model, torch.compile(model, backend=BACKEND) if compiled else model, x))
+    eager, comp = reports
+    assert comp.first_nonfinite == eager.first_nonfinite == "2"
+
+
+class _Broken(nn.Module):
+    """A model whose own forward breaks the graph (and checkpoints a block): several graphs, and a region whose
+    forward re-runs in backward."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+        self.checkpointed = checkpointed
+
+    def forward(self, x):
+        h = self.a(x)
+        torch._dynamo.graph_break()
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.b, h, use_reentrant=False)
+        else:
+            h = self.b(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["graph-break", "checkpoint"])
+def test_the_models_own_graph_breaks_and_checkpointing(checkpointed):
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    plain = _Broken(checkpointed)
+    torch.compile(plain, backend=BACKEND)(x).sum().backward()
+    breaks = _breaks()
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    model = copy.deepcopy(plain)
+    eager_model = copy.deepcopy(plain)
+    eager = _one_step(eager_model, eager_model, x)
+    comp = _one_step(model, torch.compile(model, backend=BACKEND), x)
+    assert _breaks() == breaks  # the model's own, none added
+    recorded = {r.name for r in comp.layers}
+    if checkpointed:  # modules inside a checkpointed region are not traced (their forward re-runs in backward)
+        assert recorded == {"a.0", "a.1", "head"}, recorded
+        eager.layers = [r for r in eager.layers if r.name in recorded]
+        comp.layers = [r for r in comp.layers if r.name in recorded]
+        for r in (*eager.layers, *comp.layers):
+            r.gain = None  # (head's input comes from the unrecorded block)
+    _assert_same(eager, comp)
+    for p, q in zip(eager_model.parameters(), model.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_two_forwards_then_one_backward_never_raises():
+    model = _net()
+    run = torch.compile(model, backend=BACKEND)
+    x = torch.randn(8, 16)
+    with torchdiag.watch(model, warnings=False) as diag:
+        for _ in range(2):
+            loss = run(x).sum() + run(x).sum()  # the second forward is an auto-step
+            loss.backward()
+        rep = diag.report()
+    assert rep.layers and rep.layers[0].grad_std is not None
