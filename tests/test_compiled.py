@@ -277,3 +277,20 @@ def test_two_forwards_then_one_backward_never_raises():
             loss.backward()
         rep = diag.report()
     assert rep.layers and rep.layers[0].grad_std is not None
+
+
+def test_model_compile_says_once_that_steps_end_at_step_and_records_them():
+    model = _net()
+    model.compile(backend=BACKEND)
+    x = torch.randn(8, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(model, warnings=False, every=2) as diag:
+            reports = []
+            for _ in range(4):
+                model(x).sum().backward()
+                reports.append(diag.step())
+    said = [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
+    assert len(said) == 1 and "diag.step()" in said[0], said
+    assert [r is not None for r in reports] == [True, False, True, False]
+    assert len(reports[2].layers) == 5 and _breaks() == 0

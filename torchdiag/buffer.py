@@ -168,8 +168,12 @@ class Recorder:
         """A recorded step in which the root ran but nothing was recorded or traced: its compiled code was traced
         before this watch began (Dynamo does not guard on global hooks), so it runs without them. Said once."""
         cap = self.capture
-        if (cap.recording and cap.root_calls and not cap.order and not self._traced()
-                and not getattr(self, "_said_stale", False)):
+        if not cap.recording or cap.order or self._traced() or getattr(self, "_said_stale", False):
+            return
+        root = cap.modules[cap.root_slot]() if cap.root_slot is not None else None
+        # the root ran through torch.compile(model)'s wrapper, or it was compiled in place (model.compile(): no
+        # hook runs eagerly at its forward, so that it ran at all cannot be seen)
+        if cap.wrapped_calls or getattr(root, "_compiled_call_impl", None) is not None:
             self._said_stale = True
             root = next((s.module_type for s in self.slots if s.is_root), "the model")
             self.notes.append(

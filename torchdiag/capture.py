@@ -109,6 +109,7 @@ def attach(cap: Any, modules: list[nn.Module], roots: list[int] = ()) -> None:
     for i in roots:
         _ROOTS[modules[i]] = (ref, i)
     cap.gate = compiled.new_gate(len(modules), _device_of(modules), cap.record_eval)
+    cap.gate.capture = ref
     for i, m in enumerate(modules):
         compiled.register(id(m), compiled.plan_for(i, cap.slots[i], cap.gate))
         _FINALIZERS[id(m)] = weakref.finalize(m, compiled.forget_module, id(m))
@@ -201,12 +202,12 @@ class Capture:
         # id(output) -> (weak ref, its _version, slot, device, row start): every activation row of this step
         self._rows: dict[int, tuple[weakref.ref, int, int, torch.device, int]] = {}
         self._root_called = False
-        self._root_slot = next((i for i, s in enumerate(slots) if s.is_root), None)
+        self._root_slot = self.root_slot = next((i for i, s in enumerate(slots) if s.is_root), None)
         # gradient hooks on tensors that outlive the step (a parameter returned through Identity / Dropout(0)):
         # removed when the step ends, or they would pile up one per step
         self._leaf_hooks: list[Any] = []
         self.gate: Any = None  # compiled.Gate: what the compiled graphs read and add to (set by ``attach``)
-        self.root_calls = 0  # training forwards of the root in this step (eager or through torch.compile's wrapper)
+        self.wrapped_calls = 0  # calls of the root through torch.compile(model)'s wrapper in this step
 
     # ----------------------------------------------------------------- module hooks
     def on_wrapper(self, slot: int, module: nn.Module, entering: bool) -> None:
@@ -227,7 +228,8 @@ class Capture:
                 if self._root_called:
                     self._on_auto_step()
                 self._root_called = True
-            self.root_calls += 1
+            if wrapper:  # (after the auto-step: counted in the step this forward belongs to)
+                self.wrapped_calls += 1
 
     def on_forward(self, slot: int, module: nn.Module, args: tuple, output: Any) -> None:
         if not self.recording or self.closed or not torch.is_grad_enabled() or tracing() or in_functorch():
@@ -375,7 +377,7 @@ class Capture:
         self._rows = {}
         self.order = {}
         self._root_called = False
-        self.root_calls = 0
+        self.wrapped_calls = 0
         for s in self.slots:
             s.calls = 0
         if self.gate is not None and self.gate.traced:

@@ -5,24 +5,25 @@ code below is written for Dynamo to trace: a lookup of the module in a plain dic
 (``_PLANS``: Dynamo guards on that one key, so an unwatched model's graph does not depend on any watch), a
 read of the watch's ``Gate.on`` (a guard Dynamo specialises on: at most two graphs per model, recorded and
 not, and no recompilation per step), and torch ops whose results are added in place into ``Gate.acc``, a
-float64 tensor the watch owns (the graph mutates it; inductor fuses each reduction with the kernel that
-produced the tensor). Gradients: a tensor hook (``functools.partial`` of a module-level function), which
-Dynamo compiles into the backward graph, adds the gradient's row to the same tensor.
+float64 tensor the watch owns (the graph mutates it; inductor fuses the reductions with each other and, where
+it can, with the kernel that produced the tensor). Gradients: each watched output goes through ``_Tap``, an
+identity whose backward returns the gradient's row as the gradient of ``Gate.probe``; autograd sums the rows
+of every backward into ``probe.grad`` (nothing is mutated in a backward graph: see ``Gate``).
 
 Rows are power sums, so that every call of a step adds to them (microbatches, shared modules): per call
 the float32 sums about the tensor's first element ``r`` (no cancellation), turned into sums about zero in
 float64 before they are added. ``acc[slot, kind]`` holds ``[calls, n, sum(x), sum(x^2), nonzero count,
-saturated count, -min, max]``. At the end of a recorded step the recorder hands the whole tensor to the
-step buffer (the same one host copy as eager rows) and resets it.
+saturated count, -min, max]``. At the end of a recorded step the recorder hands ``acc + probe.grad`` to the
+step buffer (the same one host copy as eager rows) and starts new ones.
 
 What the compiled path does not trace (the eager hooks do): which recorded output a layer reads (so no
-functional activation is inferred between layers and ``feeds_norm`` is not learned under compile), the
-forward that activation checkpointing re-runs, ``torch.func`` transforms, histograms. Under
-``model.compile()`` or a compiled step function no hook runs eagerly, so a step ends at ``diag.step()`` or
-``opt.step()`` (``optimizer=``) only; ``torch.compile(model)`` keeps auto-steps (its wrapper's hooks run
-eagerly).
+functional activation is inferred between layers and ``feeds_norm`` is not learned under compile), modules
+inside a higher-order op's body (activation checkpointing re-runs it in backward), ``torch.func`` transforms,
+histograms, gradients taken with ``torch.autograd.grad`` (they never reach ``probe.grad``), outputs other than
+a tensor or a tuple/list of tensors (no gradient row). Under ``model.compile()`` or a compiled step function no
+hook runs eagerly, so a step ends at ``diag.step()`` or ``opt.step()`` (``optimizer=``) only (said once);
+``torch.compile(model)`` keeps auto-steps (its wrapper's hooks run eagerly).
 """
-
 from __future__ import annotations
 
 import itertools
@@ -76,7 +77,8 @@ class Gate:
         self.acc = self.probe.detach()  # (replaced by reset)
         self.traced: dict[int, int] = {}  # slot -> position in trace order, of layers in a recorded graph
         self.reset()
-        self.step_function = False  # a trace of the root not entered through torch.compile(model)'s wrapper
+        self.capture: Any = None  # a weak reference to the watch's Capture (read while Dynamo traces)
+        self.said_no_auto_step = False
 
     def reset(self) -> None:
         """A new step: a new forward accumulator (nothing edits the old one in place) and no gradient rows."""
@@ -134,10 +136,19 @@ def _traced(key: int, slot: int) -> int:
 
 @_constant
 def _traced_root(key: int) -> int:
-    """The root traced outside torch.compile(model)'s wrapper: no hook runs eagerly at its forward."""
+    """Called by Dynamo while it traces the root's forward. Outside torch.compile(model)'s wrapper
+    (``model.compile()``, a compiled training step) no hook runs eagerly at the root's forward, so auto-steps
+    cannot happen: said once."""
     gate = _GATES.get(key)
-    if gate is not None and key not in _WRAPPED:
-        gate.step_function = True
+    cap = gate.capture() if gate is not None and gate.capture is not None else None
+    if cap is not None and cap.auto_step and key not in _WRAPPED and not gate.said_no_auto_step:
+        gate.said_no_auto_step = True
+        from .errors import warn_self
+
+        warn_self("torchdiag: the watched model runs inside a compiled graph that no eager hook enters"
+                  " (model.compile() or a compiled training step): its forward cannot end a step, so steps end"
+                  " only at diag.step(), or at opt.step() with watch(..., optimizer=opt); torch.compile(model)"
+                  " keeps automatic steps")
     return 0
 
 
