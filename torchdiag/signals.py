@@ -63,10 +63,8 @@ class Signals:
         self._sdpa_seen: set[str] = set()
         self._logz: Any = None
         self._softmax: Any = None
-        self._adam: dict[str, tuple[Any, float]] = {}
         self._losses: list[tuple[int, Any]] = []
-        self._weights: dict[int, str] = {}
-        self._lookups: set[int] = set()
+        self._adam_meter = AdamGradients({}, set(), recording)
         self.attention_layers: list[str] = []  # the names attention figures can have (a fixed cross-rank layout)
 
     # ------------------------------------------------------------------ wiring
@@ -88,7 +86,7 @@ class Signals:
             self._handles.append(GlobalHooks.add(self._model, post=self._root_post))
         self._opt_handle = None
         if cfg.adam_epsilon_rule and self._optimizer is not None and _adam_like(self._optimizer):
-            self._opt_handle = self._optimizer.register_step_pre_hook(self._opt_pre)
+            self._opt_handle = self._optimizer.register_step_pre_hook(self._adam_meter.pre_step)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -196,7 +194,45 @@ class Signals:
             self._softmax = rows.sum(-1).abs().sum() / rows.abs().sum().clamp(min=1e-30)
 
     # ------------------------------------------------------------------ Adam's epsilon
-    def _opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def watch_weights(self, weights: dict[int, str], lookups: set[int] = frozenset()) -> None:
+        """``id(weight) -> layer name`` of the watched weights Adam's epsilon is compared with; ``lookups``: the ids
+        of embedding tables, whose gradient rms is over the rows a batch used."""
+        self._adam_meter = AdamGradients(weights, set(lookups), self._recording)
+
+    # ------------------------------------------------------------------ loss
+    def add_loss(self, step: int, loss: Any) -> None:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise TypeError(f"step(loss=...): expected a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+            self._losses.append((step, loss.detach().reshape(())))
+        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # Python and NumPy numbers
+            self._losses.append((step, float(loss)))
+        else:
+            raise TypeError(f"step(loss=...): expected a float or a 0-d tensor, got {type(loss).__name__}")
+
+    # ------------------------------------------------------------------ the step
+    def take(self) -> dict[str, Any]:
+        """What this step measured, still on the device (no copy), and start the next step."""
+        raw = {"attention": self._attention, "logz": self._logz, "softmax": self._softmax,
+               "adam": self._adam_meter.take(), "losses": self._losses}
+        self._attention, self._sdpa_seen, self._losses = {}, set(), []
+        self._logz = self._softmax = None
+        return raw
+
+
+class AdamGradients:
+    """At ``opt.step()`` of a recorded step, each watched weight's gradient rms as an Adam-family optimizer sees it
+    (unscaled, one fused norm per device), with its group's ``eps``: what ``adam_epsilon`` is judged on."""
+
+    def __init__(self, weights: dict[int, str], lookups: set[int], recording: Callable[[], bool]) -> None:
+        self._weights, self._lookups, self._recording = weights, lookups, recording
+        self._rms: dict[str, tuple[Any, float]] = {}
+
+    def take(self) -> dict[str, tuple[Any, float]]:
+        rms, self._rms = self._rms, {}
+        return rms
+
+    def pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         try:
             self._adam_rms(optimizer, kwargs)
         except Exception as e:  # noqa: BLE001 - inside the user's opt.step(): reported, never raised
@@ -236,32 +272,7 @@ class Signals:
                     rms = norm.float() / (n ** 0.5 if isinstance(n, int) else n.sqrt())
                     if isinstance(scale, torch.Tensor):
                         rms = rms / scale.to(rms.device).float().reshape(())
-                    self._adam[names[i]] = (rms, eps[i])
-
-    def watch_weights(self, weights: dict[int, str], lookups: set[int] = frozenset()) -> None:
-        """``id(weight) -> layer name`` of the watched weights Adam's epsilon is compared with; ``lookups``: the ids
-        of embedding tables, whose gradient rms is over the rows a batch used."""
-        self._weights, self._lookups = weights, set(lookups)
-
-    # ------------------------------------------------------------------ loss
-    def add_loss(self, step: int, loss: Any) -> None:
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                raise TypeError(f"step(loss=...): expected a scalar loss, got a tensor of shape {tuple(loss.shape)}")
-            self._losses.append((step, loss.detach().reshape(())))
-        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # Python and NumPy numbers
-            self._losses.append((step, float(loss)))
-        else:
-            raise TypeError(f"step(loss=...): expected a float or a 0-d tensor, got {type(loss).__name__}")
-
-    # ------------------------------------------------------------------ the step
-    def take(self) -> dict[str, Any]:
-        """What this step measured, still on the device (no copy), and start the next step."""
-        raw = {"attention": self._attention, "logz": self._logz, "softmax": self._softmax, "adam": self._adam,
-               "losses": self._losses}
-        self._attention, self._sdpa_seen, self._adam, self._losses = {}, set(), {}, []
-        self._logz = self._softmax = None
-        return raw
+                    self._rms[names[i]] = (rms, eps[i])
 
 
 def read(raw: dict[str, Any], losses: list[tuple[int, Any]] = ()) -> StepSignals:
