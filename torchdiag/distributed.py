@@ -262,6 +262,11 @@ class StepReducer:
         return not self.disabled
 
     # ---------------------------------------------------------------- the step
+    @property
+    def last_reduced(self) -> int | None:
+        """The last step whose statistics were reduced across the ranks (every rank has the same report of it)."""
+        return self._last
+
     def all_reduce(self, values: list[float], op: str) -> list[float]:
         """One collective on torchdiag's group (what ``reduce`` calls): ``op`` is ``"max"`` or ``"sum"``."""
         ops = torch.distributed.ReduceOp

@@ -144,8 +144,8 @@ def _scalars(obj: Any) -> list[float]:
 def _internal_call() -> bool:
     """The op was called by torchdiag's own code (capture's statistics, the signals), not by the model: the first
     frame outside torch is one of torchdiag's, other than the replay's own (which drives the model)."""
-    torch_dir = _internal_dirs()[1:]
-    here = _internal_dirs()[0]
+    here, *torch_dirs = _internal_dirs()
+    torch_dir = tuple(torch_dirs)
     frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.startswith(torch_dir):
         frame = frame.f_back

@@ -78,13 +78,13 @@ class Sentinel:
         self._pending = [p for p in self._pending if p[0] > report.step]
         raw = next((r for s, r, _ in mine if s == report.step), None)
         batch = next((b for s, _, b in mine if s == report.step), None)
-        losses = self._losses + [x for s, r, _ in mine if r is not raw and isinstance(r, dict) for x in r["losses"]]
+        losses = self._losses + [x for _, r, _ in mine if r is not raw for x in r["losses"]]
         self._losses = []
         sig = signals.read(raw if raw is not None else _EMPTY, losses)
         reducer = self._reducer() if self._reducer is not None else None
         # under torch.distributed, a step the watch reduced across ranks (every rank publishes it) gets the same
         # figures on every rank, so the same report; a step kept to this rank's own numbers keeps its own
-        if reducer is not None and not reducer.disabled and getattr(reducer, "_last", None) == report.step:
+        if reducer is not None and not reducer.disabled and reducer.last_reduced == report.step:
             sig = signals.reduce_across(sig, self._signals.attention_layers, self._adam_weights, reducer.all_reduce)
         self._adam_near = instability.judge(report, sig, self._cfg, self._adam_near)
         self.spikes.add_layers(report)
