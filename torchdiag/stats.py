@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from . import fused
+from . import cpurow, fused
 from .accumulators import MomentAccumulator
 
 # Row layouts. Activation: r, sum(x-r), sum((x-r)^2), min, max, nonzero count (NaN: not counted),
@@ -97,6 +97,15 @@ def _moments64(x: torch.Tensor) -> list[torch.Tensor]:
     return [r, d.sum(), torch.dot(d, d)]
 
 
+def _cpu_row(x: torch.Tensor, saturation: tuple[float, float] | None = None, zeros: bool = False) -> torch.Tensor:
+    """The whole row from the CPU kernel in one read (``cpurow``), always about the first element (free there);
+    recomputed in float64 where its float sums are not reliable (as ``_moments``)."""
+    row, reliable = cpurow.row(x, True, SHIFT_RATIO, saturation, zeros)
+    if not reliable:
+        row[:3] = torch.stack(_moments64(x))
+    return row
+
+
 def _minmax(x: torch.Tensor) -> list[torch.Tensor]:
     mn, mx = torch.aminmax(x)
     return [mn, mx] if x.dtype == _F32 else [mn.float(), mx.float()]
@@ -113,6 +122,8 @@ def grad_row(g: torch.Tensor, shift: bool = True, minmax: bool = False) -> list[
         row = fused.row(x)
         if row is not None:
             return row
+    if cpurow.usable(x):
+        return _cpu_row(x)
     row = _moments(x, shift)
     if minmax:
         row += _minmax(x)
@@ -132,6 +143,8 @@ def act_row(y: torch.Tensor, saturation: tuple[float, float] | None = None, shif
         row = fused.row(x, saturation, zeros)
         if row is not None:
             return row
+    if cpurow.usable(x):
+        return _cpu_row(x, saturation, zeros)
     row = _moments(x, shift) + _minmax(x)
     row.append(torch.sign(x).sum(dtype=_F32) if zeros else _const(x.device, math.nan))
     if saturation is None:

@@ -1,0 +1,139 @@
+"""The CPU statistics kernel (torchdiag.cpurow): its row against float64 tensor ops, the same row from its
+AVX2 and baseline builds, and the ATen path where it cannot be built."""
+
+from __future__ import annotations
+
+import math
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchdiag import cpurow, stats
+
+pytestmark = pytest.mark.skipif(cpurow.status() != "on", reason=f"CPU kernel not built: {cpurow.status()}")
+
+SAT = (0.0, 0.9)
+
+
+def expected(x: torch.Tensor, saturation=None, zeros=False) -> list[float]:
+    """The row by definition, in float64: about r = x[0]; min/max NaN when x holds a NaN (torch.aminmax)."""
+    d = x.double()
+    r = d[0]
+    nan = bool(torch.isnan(d).any())
+    row = [r.item(), (d - r).sum().item(), ((d - r) ** 2).sum().item(),
+           math.nan if nan else d.min().item(), math.nan if nan else d.max().item(),
+           float((d != 0).sum()) if zeros else math.nan]
+    if saturation is None:
+        row.append(math.nan)
+    else:
+        c, h = saturation
+        row.append(float(((d - c).abs() > h).sum()))
+    return row
+
+
+def close(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
+    for u, v in zip(a, b):
+        if math.isnan(u) or math.isnan(v):
+            if not (math.isnan(u) and math.isnan(v)):
+                return False
+        elif not u == pytest.approx(v, rel=rel, abs=rel * max(1.0, abs(b[2]) ** 0.5 * 1e-2)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 4095, 4096, 4097, 65536 + 37, 300_001])
+def test_row_equals_float64_definition(n):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * 3 + 1).relu_() - 0.5  # zeros and values past the saturation rails
+    x[torch.rand(n, generator=g) < 0.3] = 0.0
+    got = stats.act_row(x, SAT, zeros=True)
+    assert isinstance(got, torch.Tensor), "a float32 CPU tensor goes through the kernel"
+    assert close(got.tolist(), expected(x, SAT, zeros=True))
+    plain = stats.act_row(x).tolist()
+    assert close(plain, expected(x))
+    assert math.isnan(plain[5]) and math.isnan(plain[6])  # counts not asked for
+    assert close(stats.grad_row(x).tolist()[:5], expected(x)[:5])
+
+
+def test_nonfinite_values_propagate_like_aminmax():
+    x = torch.randn(10_000)
+    x[1234] = math.inf
+    row = stats.act_row(x).tolist()
+    assert row[4] == math.inf and math.isfinite(row[3]) and row[2] == math.inf
+    x[777] = math.nan
+    row = stats.act_row(x).tolist()
+    assert math.isnan(row[1]) and math.isnan(row[3]) and math.isnan(row[4])
+    mn, mx = torch.aminmax(x)
+    assert math.isnan(mn.item()) and math.isnan(mx.item())  # the ATen path's semantics, kept
+
+
+def test_unreliable_float_sums_are_redone_in_float64():
+    """|x| ~ 1e20: x^2 overflows float32; the row falls back to float64 (as the ATen path) and stays exact."""
+    x = torch.full((5000,), 1e20)
+    x[::2] = 2e20
+    row = stats.act_row(x).tolist()
+    d = x.double()
+    assert row[2] == pytest.approx(((d - d[0]) ** 2).sum().item(), rel=1e-9)
+    assert row[1] == pytest.approx((d - d[0]).sum().item(), rel=1e-9)
+
+
+def test_strided_and_half_precision_tensors():
+    """A strided tensor is flattened (a copy) and goes through the kernel; half precision takes the ATen path."""
+    x = torch.randn(64, 64)
+    strided = x.t()[:, :10]
+    assert close(stats.act_row(strided).tolist(), expected(strided.reshape(-1)))
+    assert isinstance(stats.act_row(x.bfloat16()), list)
+
+
+def test_aten_path_when_switched_off_gives_the_same_statistics():
+    x = (torch.randn(50_000) * 2 + 0.3).relu()  # the zeros count is of a non-negative output (ReLU family)
+    kernel = stats.act_row(x, SAT, zeros=True)
+    cpurow.set_enabled(False)
+    try:
+        aten = stats.act_row(x, SAT, zeros=True, shift=True)
+        assert isinstance(aten, list)
+        aten = torch.stack(aten).double()
+    finally:
+        cpurow.set_enabled(True)
+    assert cpurow.status() == "on"
+    # the same moments about the same shift, min, max and counts; float32 sums in another order
+    assert torch.allclose(kernel, aten, rtol=1e-5, atol=1e-3, equal_nan=True)
+
+
+def test_no_compiler_means_the_aten_path_and_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHDIAG_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpurow, "compiler", lambda: shutil.which("false"))  # every build fails
+    cpurow.set_enabled(True)
+    try:
+        assert "build failed" in cpurow.status()
+        assert isinstance(stats.act_row(torch.randn(100)), list)
+    finally:
+        monkeypatch.undo()
+        cpurow.set_enabled(True)
+    assert cpurow.status() == "on"
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+def test_avx2_and_baseline_builds_give_bit_identical_rows(tmp_path):
+    """The row must not depend on the CPU's instruction set: the same source built for the x86-64 baseline
+    (SSE2) and for AVX2 gives the same bits, also for a tail that is not a whole vector."""
+    if "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2")
+    cc = cpurow.compiler()
+    builds = {}
+    for name, extra in {"base": ("-DTD_ONE_TARGET",), "avx2": ("-DTD_ONE_TARGET", "-mavx2", "-mfma")}.items():
+        path = tmp_path / f"{name}.so"
+        cpurow.build(path, cc, extra)
+        builds[name] = cpurow.load(path)
+    g = torch.Generator().manual_seed(0)
+    for n in (33, 4096 * 3 + 5, 200_003):
+        x = torch.randn(n, generator=g) * 5 + 2
+        rows = []
+        for fns in builds.values():
+            out = torch.empty(7, dtype=torch.float64)
+            fns[3](x.data_ptr(), n, 1, 0.0, 0.9, 10.0, out.data_ptr())
+            rows.append(out)
+        assert torch.equal(rows[0].nan_to_num(), rows[1].nan_to_num()), (n, rows)
