@@ -4,15 +4,17 @@
                                   [--rounds N] [--threads 1] [--json out.json] [--quick]
                                   [--compiled | --no-compiled] [--backend inductor]
 
-Every variant trains its own deep copy of the model, with its monitor open for the whole run (a watch's
-first steps, 0, 1, 2, 4 and 8, are histogram steps: the warm-up passes them, so what is timed is a long
-run's steady state). Variants run interleaved round by round in one process (these machines are noisy:
-never compare figures from two runs). Per variant the table gives the median recorded step ("rec"), the
-median other step, and the amortised step ``(rec + (every - 1) * other) / every`` with its ratio to no
-monitoring; and the peak memory over a variant's first step of each round (CPU: peak RSS, reset through
-/proc/self/clear_refs, so it includes every variant's copy; CUDA: max_memory_allocated). On CUDA it also
-counts host syncs during a recorded step (torch.cuda.set_sync_debug_mode). CPU runs default to 1 torch
-thread: on a shared 2-core box a busy second core makes 2-thread timings meaningless.
+Every variant trains its own deep copy of the model, with its monitor open for the whole run. After a few
+warm-up steps each watch is numbered on to step 1000: a watch's first steps (0, 1, 2, 4, 8... up to 100) get
+histograms and overview images, and what is timed is a long run's steady state, where one step in 100 does.
+Variants run interleaved round by round in one process (these machines are noisy: never compare figures from
+two runs): each round is one step of every variant, in a rotating order, and each step's time is divided by
+the unmonitored step of its round. Per variant the table gives the median recorded step ("rec"), the median
+other step, and the amortised ratio ``(rec + (every - 1) * other) / every`` of the per-round ratios (its "step
+ms" is that ratio times the unmonitored median); and the peak memory over a variant's first step of each round (CPU: peak RSS, reset through /proc/self/clear_refs, so it includes every
+variant's copy; CUDA: max_memory_allocated). On CUDA it also counts host syncs during a recorded step
+(torch.cuda.set_sync_debug_mode). CPU runs default to 1 torch thread: on a shared 2-core box a busy second core
+makes 2-thread timings meaningless.
 
 Compiled (``torch.compile(model)``, default on): every variant gets its own deep copy of the model, compiled
 once, with its watch (or hooks) open for the whole run so that rounds interleave without recompiling; ratios are
@@ -251,58 +253,86 @@ def _every(vname: str) -> int:
 
 
 def _timed(runs: dict, rounds: int, steps: int, cuda: bool, on_step=None) -> dict[str, dict]:
-    """Round by round, ``steps`` steps of each variant in turn. Per variant: the median recorded step, the median
-    other step, and the amortised step ``(recorded + (every - 1) * other) / every``, whose ratio to the first
-    variant's is the overhead. With ``every=1`` the default ``histogram_every=100`` makes one step in 100 a
-    histogram step, which the median does not see (the ``+ histograms`` variant shows that cost)."""
-    rec: dict[str, list[float]] = {v: [] for v in runs}
-    other: dict[str, list[float]] = {v: [] for v in runs}
-    for _ in range(rounds):
-        for vname, (run, opt, mon, loss_fn) in runs.items():
-            for i in range(steps):
-                recorded = _recorded(mon)
-                if on_step is not None:
-                    on_step(vname, i, "begin")
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                loss_fn(run).backward()
-                opt.step()
-                opt.zero_grad()
-                mon.step()
-                if cuda:
-                    torch.cuda.synchronize()
-                (rec if recorded else other)[vname].append(time.perf_counter() - t0)
-                if on_step is not None:
-                    on_step(vname, i, "end")
+    """``rounds * steps`` rounds of one step of each variant, in an order that rotates (these machines are noisy:
+    pairing each step with the unmonitored one of the same round cancels the drift between rounds). Per variant:
+    the median ratio of its recorded steps to the first variant's step of the same round, the same for its other
+    steps, and the amortised ratio ``(recorded + (every - 1) * other) / every``; the step times are medians. With
+    ``every=1`` one step in 100 is a histogram step (``histogram_every=100``), which the median does not see (the
+    ``+ histograms`` variant shows that cost)."""
+    names = list(runs)
+    base_name = names[0]
+    times: dict[str, list[tuple[float, bool]]] = {v: [] for v in names}
+    for i in range(rounds * steps):
+        k = i % len(names)
+        for vname in names[k:] + names[:k]:
+            run, opt, mon, loss_fn = runs[vname]
+            recorded = _recorded(mon)
+            if on_step is not None:
+                on_step(vname, i % steps, "begin")
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss_fn(run).backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step()
+            if cuda:
+                torch.cuda.synchronize()
+            times[vname].append((time.perf_counter() - t0, recorded))
+            if on_step is not None:
+                on_step(vname, i % steps, "end")
+    base = [t for t, _ in times[base_name]]
     out = {}
-    for vname in runs:
-        r = statistics.median(rec[vname]) if rec[vname] else None
-        o = statistics.median(other[vname]) if other[vname] else None
+    for vname in names:
+        rec = [t / b for (t, r), b in zip(times[vname], base) if r]
+        other = [t / b for (t, r), b in zip(times[vname], base) if not r]
+        r = statistics.median(rec) if rec else None
+        o = statistics.median(other) if other else None
         every = _every(vname)
-        if r is None or o is None or every == 1:
-            amortised = r if r is not None else o
-        else:
-            amortised = (r + (every - 1) * o) / every
-        out[vname] = {"recorded_ms": r and r * 1e3, "other_ms": o and o * 1e3, "median_ms": amortised * 1e3}
-    base = out[next(iter(runs))]["median_ms"]
-    for row in out.values():
-        row["ratio"] = row["median_ms"] / base
+        ratio = (r if r is not None else o) if (r is None or o is None or every == 1) else (r + (every - 1) * o) / every
+        rec_ms = [t for t, rr in times[vname] if rr]
+        other_ms = [t for t, rr in times[vname] if not rr]
+        out[vname] = {"ratio": ratio, "median_ms": ratio * statistics.median(base) * 1e3,
+                      "recorded_ms": statistics.median(rec_ms) * 1e3 if rec_ms else None,
+                      "other_ms": statistics.median(other_ms) * 1e3 if other_ms else None}
     return out
 
 
 def _warm(runs: dict, steps: int) -> None:
+    """Warm-up steps, then each watch moved on to step 1000: a watch's first steps (0, 1, 2, 4, 8... up to 100)
+    get histograms and overview images, so that a short benchmark would time a run's first minutes; past them,
+    one recorded step in 100 does (what a long run sees)."""
     for run, opt, mon, loss_fn in runs.values():
         for _ in range(steps):
             loss_fn(run).backward()
             opt.step()
             opt.zero_grad()
             mon.step()
+        _fast_forward(mon, FAST_FORWARD)
+
+
+FAST_FORWARD = 1000
+
+
+def _fast_forward(mon, step: int) -> None:
+    """Number a watch's next step ``step`` (between two steps; the benchmark looks inside the recorder)."""
+    rec = getattr(mon, "_recorder", None)
+    if rec is None:
+        return
+    from torchdiag.capture import set_recording
+    from torchdiag.vocab import histogram_window
+
+    rec.step = step
+    rec._hist_window = histogram_window(step - 1, rec.histogram_every) if rec.histogram_every else -1
+    cap = rec.capture
+    cap.recording = step % rec.every == 0
+    set_recording(cap, cap.recording and not cap.closed)
+    cap.histogram_step = rec._histogram_due()
 
 
 def run_workload(name: str, device: torch.device, rounds: int, steps: int, quick: bool) -> dict:
-    """Eager variants, each on its own copy of the model with its monitor open for the whole run: what is timed
-    is the steady state of a long run (a watch's first steps, 0, 1, 2, 4 and 8, are histogram steps)."""
+    """Eager variants, each on its own copy of the model with its monitor open for the whole run, timed from
+    step 1000 on (``_warm``): the steady state of a long run."""
     model, loss_fn = {**WORKLOADS, **CUDA_WORKLOADS}[name](device, quick)
     cuda = device.type == "cuda"
     syncs: dict[str, int] = {}
@@ -314,7 +344,7 @@ def run_workload(name: str, device: torch.device, rounds: int, steps: int, quick
             copy_ = copy.deepcopy(model)
             runs[vname] = (copy_, torch.optim.SGD(copy_.parameters(), lr=1e-3), stack.enter_context(make(copy_)),
                            loss_fn)
-        _warm(runs, 2 if quick else 10)  # allocator, kernels, TensorBoard import; past the histogram ramp
+        _warm(runs, 2 if quick else 5)  # allocator, kernels, TensorBoard import
         state: dict = {}
 
         def on_step(vname: str, i: int, when: str) -> None:
@@ -380,8 +410,8 @@ def run_compiled(name: str, device: torch.device, rounds: int, steps: int, quick
             run = torch.compile(copy_, backend=backend)
             c = torch._dynamo.utils.counters
             breaks0, graphs0 = sum(c["graph_break"].values()), c["stats"]["unique_graphs"]
-            # warm-up: the recorded graph and (every > 1) the unrecorded one; past the histogram ramp
-            _warm({vname: (run, opt, mon, loss_fn)}, 3 if quick else 10)
+            # warm-up: the recorded graph and (every > 1) the unrecorded one
+            _warm({vname: (run, opt, mon, loss_fn)}, 3)
             counts[vname] = (sum(c["graph_break"].values()) - breaks0, c["stats"]["unique_graphs"] - graphs0)
             runs[vname] = (run, opt, mon, loss_fn)
         rows = _timed(runs, rounds, steps, cuda)
@@ -416,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
              if a.workload == "all" else [a.workload])
     results = {}
     what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {a.threads} torch thread(s)"
-    print(f"torch {torch.__version__}, {what}; {rounds} rounds x {steps} steps, variants interleaved\n")
+    print(f"torch {torch.__version__}, {what}; {rounds * steps} rounds of one step of each variant, interleaved\n")
     for name in names:
         rows = run_workload(name, device, rounds, steps, a.quick)
         results[name] = rows
