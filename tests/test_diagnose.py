@@ -225,3 +225,27 @@ def test_a_nan_made_in_the_backward_pass_is_nonfinite_on_the_first_layer_it_reac
     assert (f.problem, f.direction) == ("nonfinite", "backward")
     assert all("nonfinite" in rep[f"lin{k}"].status for k in range(4))
     assert all(not rep[f"lin{k}"].findings or rep[f"lin{k}"].findings[0].problem != "nonfinite" for k in range(4))
+
+
+def test_drift_slope_is_the_theil_sen_median_whether_lists_or_tensors(monkeypatch):
+    """The chain's slope is the median of its pairwise slopes (Theil-Sen; statistics.median of every pair for a
+    chain of one shape up to 64 members), the same to the bit from the list and the tensor code."""
+    import random
+    import statistics
+
+    from torchdiag import drift
+
+    rng = random.Random(0)
+    for n in (2, 3, 5, 24, 25, 40, 64, 65, 130, 500):
+        for mixed in (False, True):
+            xs = sorted(rng.sample(range(3 * n), n))
+            ys = [rng.gauss(0.0, 1.0) - 0.05 * k for k in range(n)]
+            shapes = [rng.choice([(8, 8), (16, 8), None]) for _ in range(n)] if mixed else [(8, 8)] * n
+            got = {}
+            for members in (0, 10_000):  # every chain through the tensors, then every chain through the lists
+                monkeypatch.setattr(drift, "_LIST_MEMBERS", members)
+                got[members] = drift._slope(xs, ys, shapes)
+            assert got[0] == got[10_000], (n, mixed)
+            if not mixed and n <= 64:
+                pairs = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(n) for j in range(i + 1, n)]
+                assert got[0] == statistics.median(pairs)

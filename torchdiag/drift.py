@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 from .config import Config
 from .report import LayerReport
 from .rules import fix_text, flag
@@ -100,22 +102,54 @@ def _shape(s: LayerStats, forward: bool) -> object:
     return None if m is None else m.n // max(s.calls, 1)
 
 
+def _pairs(n: int) -> tuple[int, list[tuple[int, int]] | None]:
+    """The pairs of members compared: all of them up to 64 members; past that members ``i = stride * a`` against
+    ``j = stride * b + 1`` for ``b >= a`` (at most ~2,000 pairs). Returns the stride, and the pairs as a list for a
+    chain short enough that lists are cheaper than tensor ops (None: ``_slope`` builds them as tensors)."""
+    stride = -(-n // 64)
+    if n > _LIST_MEMBERS:
+        return stride, None
+    return stride, [(i, j) for i in range(0, n, stride) for j in range(i + 1, n, stride)]
+
+
+_LIST_MEMBERS = 24  # measured: lists cost 0.13 ms at 24 members (276 pairs) against 0.25 ms of tensor ops; at 64
+# members (2,016 pairs) 3.4 ms against 0.5 ms
+
+
 def _slope(xs: list[int], ys: list[float], shapes: list) -> float:
     """Median of the pairwise slopes of ``ys`` against ``xs`` (Theil-Sen): one odd member moves it little.
 
     Pairs of members of one shape only, where there are enough: a width or resolution change between stages (with
     an init that is not variance-preserving, or a normalisation whose gradient goes as 1/std) is a step, not a
-    trend; a plain stack whose every layer has its own shape is compared across shapes.
+    trend; a plain stack whose every layer has its own shape is compared across shapes. Long chains use float64
+    tensor ops: the same IEEE divisions and order statistics as the lists, so the same slope to the bit (tested).
     """
     n = len(ys)
-    stride = -(-n // 64)  # long chains: pairs at a spread of positions, at most ~2,000 of them
-    pairs = [(i, j) for i in range(0, n, stride) for j in range(i + 1, n, stride)]
-    same = [(i, j) for i, j in pairs if shapes[i] == shapes[j]]
-    if len(same) >= max(3, len(pairs) // 8):
-        pairs = same
-    slopes = sorted((ys[j] - ys[i]) / (xs[j] - xs[i]) for i, j in pairs)
-    mid = len(slopes) // 2
-    return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
+    stride, pairs = _pairs(n)
+    if pairs is not None:
+        same = [(i, j) for i, j in pairs if shapes[i] == shapes[j]]
+        if len(same) >= max(3, len(pairs) // 8):
+            pairs = same
+        slopes = sorted((ys[j] - ys[i]) / (xs[j] - xs[i]) for i, j in pairs)
+        mid = len(slopes) // 2
+        return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
+    a, b = torch.triu_indices(-(-n // stride), -(-(n - 1) // stride), 0)
+    i, j = a * stride, b * stride + 1
+    keep = j < n
+    i, j = i[keep], j[keep]
+    ids: dict = {}
+    shape_id = torch.tensor([ids.setdefault(sh, len(ids)) for sh in shapes])
+    same_t = shape_id[i] == shape_id[j]
+    if int(same_t.sum()) >= max(3, i.numel() // 8):
+        i, j = i[same_t], j[same_t]
+    x = torch.tensor(xs, dtype=torch.float64)
+    y = torch.tensor(ys, dtype=torch.float64)
+    sorted_t = ((y[j] - y[i]) / (x[j] - x[i])).sort().values
+    mid = sorted_t.numel() // 2
+    if sorted_t.numel() % 2:
+        return sorted_t[mid].item()
+    lo, hi = sorted_t[mid - 1: mid + 1].tolist()
+    return 0.5 * (lo + hi)
 
 
 def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cfg: Config, direction: str,
