@@ -4,8 +4,10 @@ AVX2 and baseline builds, and the ATen path where it cannot be built."""
 from __future__ import annotations
 
 import math
+import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,8 +46,15 @@ def close(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
     return True
 
 
+@pytest.fixture
+def kernel_for_any_size(monkeypatch):
+    """Every size through the kernel whatever the thread count (past 256K elements it yields to ATen's parallel
+    passes with more than 2 threads)."""
+    monkeypatch.setattr(cpurow, "SERIAL_N", 1 << 40)
+
+
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 4095, 4096, 4097, 65536 + 37, 300_001])
-def test_row_equals_float64_definition(n):
+def test_row_equals_float64_definition(n, kernel_for_any_size):
     g = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=g) * 3 + 1).relu_() - 0.5  # zeros and values past the saturation rails
     x[torch.rand(n, generator=g) < 0.3] = 0.0
@@ -78,6 +87,17 @@ def test_unreliable_float_sums_are_redone_in_float64():
     d = x.double()
     assert row[2] == pytest.approx(((d - d[0]) ** 2).sum().item(), rel=1e-9)
     assert row[1] == pytest.approx((d - d[0]).sum().item(), rel=1e-9)
+
+
+def test_tensors_without_plain_storage_take_the_aten_path():
+    """A wrapper subclass (DTensor, a tensor subclass) reports contiguous float32 but has no data pointer of its
+    own: handing it to C would read address 0 and kill the process, so it takes the ATen path."""
+    two = pytest.importorskip("torch.testing._internal.two_tensor")
+    a = torch.randn(1000)
+    x = two.TwoTensor(a, a.clone())
+    assert not cpurow.usable(x) and not cpurow.usable(torch._efficientzerotensor(10))
+    row = stats.act_row(x)
+    assert isinstance(row, list)
 
 
 def test_strided_and_half_precision_tensors():
@@ -116,10 +136,33 @@ def test_no_compiler_means_the_aten_path_and_a_reason(monkeypatch, tmp_path):
     assert cpurow.status() == "on"
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX owners and modes")
+def test_a_cache_others_can_write_to_is_not_loaded_from(monkeypatch, tmp_path):
+    """A predictable library name in a directory someone else can write to could be their code: torchdiag builds
+    a private copy instead, and a fresh cache of its own is used as it is."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("TORCHDIAG_CACHE", str(shared))
+    try:
+        cpurow.set_enabled(True)
+        assert cpurow.status() == "on" and cpurow.library_path().parent != shared
+        own = tmp_path / "own"
+        monkeypatch.setenv("TORCHDIAG_CACHE", str(own))
+        cpurow.set_enabled(True)
+        assert cpurow.status() == "on" and cpurow.library_path().parent == own
+        assert close(stats.act_row(torch.arange(5.0)).tolist(), expected(torch.arange(5.0)))
+    finally:
+        monkeypatch.undo()
+        cpurow.set_enabled(True)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux",
+                    reason="x86 instruction sets, read from /proc/cpuinfo")
 def test_avx2_and_baseline_builds_give_bit_identical_rows(tmp_path):
     """The row must not depend on the CPU's instruction set: the same source built for the x86-64 baseline
-    (SSE2) and for AVX2 gives the same bits, also for a tail that is not a whole vector."""
+    (SSE2) and for AVX2 (with FMA available) gives the same bits, also for a tail that is not a whole vector and
+    for NaN, infinities, signed zeros and denormals."""
     if "avx2" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("this CPU has no AVX2")
     cc = cpurow.compiler()
@@ -129,11 +172,18 @@ def test_avx2_and_baseline_builds_give_bit_identical_rows(tmp_path):
         cpurow.build(path, cc, extra)
         builds[name] = cpurow.load(path)
     g = torch.Generator().manual_seed(0)
-    for n in (33, 4096 * 3 + 5, 200_003):
-        x = torch.randn(n, generator=g) * 5 + 2
-        rows = []
-        for fns in builds.values():
-            out = torch.empty(7, dtype=torch.float64)
-            fns[3](x.data_ptr(), n, 1, 0.0, 0.9, 10.0, out.data_ptr())
-            rows.append(out)
-        assert torch.equal(rows[0].nan_to_num(), rows[1].nan_to_num()), (n, rows)
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-42, math.inf, -math.inf, 3.0e38])
+    inputs = [torch.randn(n, generator=g) * 5 + 2 for n in (33, 4096 * 3 + 5, 200_003)]
+    inputs += [torch.cat((special[:4], torch.randn(50, generator=g))), special[:4].repeat(9), special[:5],
+               torch.cat((torch.randn(20, generator=g), torch.tensor([math.nan]), special))]
+    for x in inputs:
+        for variant in range(4):
+            rows = []
+            for fns in builds.values():
+                out = torch.empty(7, dtype=torch.float64)
+                fns[variant](x.data_ptr(), x.numel(), 1, 0.0, 0.9, 10.0, out.data_ptr())
+                rows.append(out)
+            same = torch.equal(rows[0].isnan(), rows[1].isnan()) and torch.equal(rows[0].nan_to_num(),
+                                                                                  rows[1].nan_to_num())
+            same = same and torch.equal(rows[0].signbit(), rows[1].signbit())
+            assert same, (x.numel(), variant, rows)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -54,17 +55,41 @@ def compiler() -> str | None:
 
 
 def build(out: Path, cc: str, extra: tuple[str, ...] = ()) -> None:
-    """Compile ``_rows.c`` into the shared library ``out`` (atomically: concurrent ranks may race)."""
+    """Compile ``_rows.c`` into the shared library ``out``. Published with a hard link, never over an existing
+    file: processes building at once (ranks, nodes sharing a home) keep the first one, which others may have
+    mapped already."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)], check=True, capture_output=True,
-                       timeout=120)
-        os.replace(tmp, out)
+        done = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0 and not extra:  # no function multiversioning (musl, old compilers): one target
+            done = subprocess.run([cc, *FLAGS, "-DTD_ONE_TARGET", "-o", tmp, str(SOURCE)], capture_output=True,
+                                  text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[:300]}")
+        os.chmod(tmp, 0o755)
+        try:
+            os.link(tmp, out)
+        except FileExistsError:
+            pass
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
+
+
+def _trusted(path: Path) -> bool:
+    """A library torchdiag may load: owned by this user, in a directory owned by this user, neither writable by
+    anyone else (a predictable name in a shared directory could be someone else's code)."""
+    if not hasattr(os, "geteuid"):
+        return True  # (no POSIX owners: the cache is the user's own profile directory)
+    try:
+        for st in (path.stat(), path.parent.stat()):
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def load(path: Path) -> tuple:
@@ -76,6 +101,26 @@ def load(path: Path) -> tuple:
         f.restype = ctypes.c_int
         fns.append(f)
     return tuple(fns)
+
+
+def _cached(cc: str) -> tuple[tuple, Path]:
+    """The kernel from the cache (built there if missing); where the cache cannot be used (not writable, not
+    this user's, on a filesystem that cannot map libraries), a build of this process's own."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, str(shutil.which(cc)), " ".join(FLAGS),
+                                     sys.platform, platform.machine()]).encode()).hexdigest()[:16]
+    name = f"rows-{key}.so"
+    try:
+        path = cache_dir() / name
+        if not path.exists():
+            build(path, cc)
+        if _trusted(path):
+            return load(path), path
+    except (OSError, RuntimeError):
+        pass
+    private = Path(tempfile.mkdtemp(prefix="torchdiag-")) / name
+    build(private, cc)
+    return load(private), private
 
 
 def _library() -> tuple | None:
@@ -94,19 +139,9 @@ def _library() -> tuple | None:
             _state["why"] = "no C compiler ($CC, cc, gcc or clang)"
             return None
         try:
-            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-            key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()
-                                 + sys.platform.encode()).hexdigest()[:16]
-            path = cache_dir() / f"rows-{key}.so"
-            if not path.exists():
-                try:
-                    build(path, cc)
-                except OSError:  # the cache directory is not writable: this process's own temporary one
-                    path = Path(tempfile.mkdtemp(prefix="torchdiag-")) / path.name
-                    build(path, cc)
-            _state["fns"] = load(path)
+            _state["fns"], _state["path"] = _cached(cc)
         except Exception as e:  # noqa: BLE001 - no kernel: the ATen path, never an error in the user's step
-            _state["why"] = f"the build failed ({type(e).__name__}: {str(e)[:200]})"
+            _state["why"] = f"the build failed ({type(e).__name__}: {str(e)[:300]})"
     return _state["fns"]
 
 
@@ -114,8 +149,8 @@ def set_enabled(on: bool) -> None:
     """Use the kernel (where it builds) or the ATen path from now on, process-wide (as ``TORCHDIAG_CPU_KERNEL``;
     for A/B measurements and tests)."""
     with _lock:
-        _state.pop("fns", None)
-        _state.pop("why", None)
+        for key in ("fns", "why", "path"):
+            _state.pop(key, None)
         _state["off"] = not on
 
 
@@ -124,10 +159,17 @@ def status() -> str:
     return "on" if _library() is not None else _state.get("why", "off")
 
 
+def library_path() -> Path | None:
+    """The shared library in use (None: the ATen path)."""
+    return _state.get("path") if _library() is not None else None
+
+
 def usable(x: torch.Tensor) -> bool:
     """Whether ``x`` (flat) goes through the kernel: a contiguous float32 CPU tensor, where it wins."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0
-            and (x.numel() <= SERIAL_N or torch.get_num_threads() <= 2) and _library() is not None)
+    # a plain tensor with storage: a wrapper subclass (DTensor, a tensor subclass) or a ZeroTensor has data_ptr 0
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and x.numel() > 0 and (x.numel() <= SERIAL_N or torch.get_num_threads() <= 2) and x.data_ptr() != 0
+            and _library() is not None)
 
 
 def row(x: torch.Tensor, shift: bool, ratio: float, saturation: tuple[float, float] | None = None,

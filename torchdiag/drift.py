@@ -134,9 +134,7 @@ def _slope(xs: list[int], ys: list[float], shapes: list) -> float:
         mid = len(slopes) // 2
         return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
     a, b = torch.triu_indices(-(-n // stride), -(-(n - 1) // stride), 0)
-    i, j = a * stride, b * stride + 1
-    keep = j < n
-    i, j = i[keep], j[keep]
+    i, j = a * stride, b * stride + 1  # (j < n: b < ceil((n - 1) / stride))
     ids: dict = {}
     shape_id = torch.tensor([ids.setdefault(sh, len(ids)) for sh in shapes])
     same_t = shape_id[i] == shape_id[j]

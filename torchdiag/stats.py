@@ -26,7 +26,8 @@ from . import cpurow, fused
 from .accumulators import MomentAccumulator
 
 # Row layouts. Activation: r, sum(x-r), sum((x-r)^2), min, max, nonzero count (NaN: not counted),
-# saturated count (NaN: not counted). Gradient / weight: r, sum(x-r), sum((x-r)^2)[, min, max].
+# saturated count (NaN: not counted). Gradient / weight (ATen path): r, sum(x-r), sum((x-r)^2)[, min, max]; from
+# a kernel (fused on CUDA, cpurow on the CPU) every row is an activation row, a 1-D tensor (min and max come free).
 ACT_COLS = MomentAccumulator.ACT_COLS
 SHIFT_RATIO = 10.0  # |mean| / std above which the next recorded step subtracts a shift first
 
@@ -115,7 +116,8 @@ def grad_row(g: torch.Tensor, shift: bool = True, minmax: bool = False) -> list[
     """Moments of a gradient (or weight): shift, sum and sum of squares about it[, min, max].
 
     On a GPU with Triton, for a large tensor: the fused kernel's whole activation row (one read; min and
-    max come free).
+    max come free). A float32 CPU tensor: the CPU kernel's (``cpurow``), always about the first element
+    (``shift`` is for the ATen passes, where the subtraction costs a pass).
     """
     x = _flat(g)
     if fused.usable(x, small_ok=minmax):  # histogram steps: the fused histogram reads min/max from this row
@@ -134,9 +136,10 @@ def act_row(y: torch.Tensor, saturation: tuple[float, float] | None = None, shif
             zeros: bool = False) -> list[torch.Tensor] | torch.Tensor:
     """Moments of an activation, its min and max, and the counts a rule needs.
 
-    ``zeros``: count non-zero elements of a non-negative output (ReLU family): ``sum(sign(y))``,
-    branch-free (``count_nonzero`` is ~10x slower on ReLU outputs). ``saturation``:
-    ``(centre, half_width)``: count elements with ``|y - centre| > half_width``.
+    ``zeros``: count non-zero elements of a non-negative output (ReLU family): ``sum(sign(y))`` on the
+    ATen path, branch-free (``count_nonzero`` is ~10x slower on ReLU outputs); the kernels count ``y != 0``,
+    the same for the non-negative outputs it is asked of. ``saturation``: ``(centre, half_width)``: count
+    elements with ``|y - centre| > half_width``. ``shift``: as in ``grad_row``.
     """
     x = _flat(y)
     if fused.usable(x):

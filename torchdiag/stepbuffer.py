@@ -132,7 +132,8 @@ class StepBuffer:
     def write(self, slot: int, kind: int, n: int, device: torch.device, vals: list[torch.Tensor] | torch.Tensor) -> int:
         """Keep a row until the step ends; returns where its values start among this step's on ``device``.
 
-        A row is 0-d float32 tensors (``stats``' ATen path) or one 1-D float32 tensor (the fused kernel).
+        A row is 0-d float32 tensors (``stats``' ATen path) or one 1-D tensor (float32 from the fused CUDA
+        kernel, float64 from the CPU kernel); ``launch``'s ``cat`` promotes.
         They stay where the kernels put them (they are allocated anyway) until the step ends, when one
         stack (or cat) per device gathers them: no copy kernel per row, no host sync.
         """
