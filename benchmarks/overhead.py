@@ -11,8 +11,9 @@ Variants run interleaved round by round in one process (these machines are noisy
 two runs): each round is one step of every variant, in a rotating order, and each step's time is divided by
 the unmonitored step of its round. Per variant the table gives the median recorded step ("rec"), the median
 other step, and the amortised ratio ``(rec + (every - 1) * other) / every`` of the per-round ratios (its "step
-ms" is that ratio times the unmonitored median); and the peak memory over a variant's first step of each round (CPU: peak RSS, reset through /proc/self/clear_refs, so it includes every
-variant's copy; CUDA: max_memory_allocated). On CUDA it also counts host syncs during a recorded step
+ms" is that ratio times the unmonitored median); and the peak memory over a variant's first step of each
+round (CPU: peak RSS, reset through /proc/self/clear_refs, so it includes every variant's copy; CUDA:
+max_memory_allocated). On CUDA it also counts host syncs during a recorded step
 (torch.cuda.set_sync_debug_mode). CPU runs default to 1 torch thread: on a shared 2-core box a busy second core
 makes 2-thread timings meaningless.
 

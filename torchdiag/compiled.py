@@ -167,10 +167,11 @@ def _in_subgraph() -> bool:
 
 # ------------------------------------------------------------------ traced hooks
 def _sums(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """sum(x) and sum(x^2) in float64, from float32 sums about the first element (one fused read)."""
-    f = x.detach().reshape(-1)
+    """sum(x) and sum(x^2) in float64, from float32 sums about the first element (one fused read). No reshape:
+    the reductions take the tensor in its own layout (flattening a channels-last activation would copy it)."""
+    f = x.detach()
     n = f.numel()
-    r = f[0].to(_F32)
+    r = f[(0,) * f.dim()].to(_F32)
     d = f.to(_F32) - r
     s = d.sum()
     q = (d * d).sum()
@@ -187,7 +188,7 @@ def _add(acc: torch.Tensor, kind: int, x: torch.Tensor, calls: float, act: Plan 
     if act is None:
         row = torch.stack((one * calls, one * n, s, q, nan, nan))
     else:
-        f = x.detach().reshape(-1)
+        f = x.detach()
         nz = (f != 0).sum(dtype=dt) if act.zeros else nan
         if not act.saturation:
             sat = nan
