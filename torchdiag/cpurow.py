@@ -164,17 +164,21 @@ def library_path() -> Path | None:
     return _state.get("path") if _library() is not None else None
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def usable(x: torch.Tensor) -> bool:
-    """Whether ``x`` (flat) goes through the kernel: a contiguous float32 CPU tensor, where it wins."""
-    # a plain tensor with storage: a wrapper subclass (DTensor, a tensor subclass) or a ZeroTensor has data_ptr 0
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+    """Whether ``x`` goes through the kernel: a contiguous float32 CPU tensor, where it wins."""
+    # a plain tensor (or parameter) with storage: a wrapper subclass (DTensor, a tensor subclass) or a ZeroTensor
+    # has data_ptr 0
+    return (type(x) in _PLAIN and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
             and x.numel() > 0 and (x.numel() <= SERIAL_N or torch.get_num_threads() <= 2) and x.data_ptr() != 0
             and _library() is not None)
 
 
 def row(x: torch.Tensor, shift: bool, ratio: float, saturation: tuple[float, float] | None = None,
         zeros: bool = False) -> tuple[torch.Tensor, bool]:
-    """The 7 statistics of the flat float32 CPU tensor ``x`` as one float64 tensor (``stats.act_row``'s
+    """The 7 statistics of the contiguous float32 CPU tensor ``x`` (any shape) as one float64 tensor (``stats.act_row``'s
     columns, min and max always), and whether its sums are reliable to float accuracy (``stats._reliable``)."""
     fns = _library()
     out = torch.empty(7, dtype=torch.float64)
