@@ -178,8 +178,9 @@ def usable(x: torch.Tensor) -> bool:
 
 def row(x: torch.Tensor, shift: bool, ratio: float, saturation: tuple[float, float] | None = None,
         zeros: bool = False) -> tuple[torch.Tensor, bool]:
-    """The 7 statistics of the contiguous float32 CPU tensor ``x`` (any shape) as one float64 tensor (``stats.act_row``'s
-    columns, min and max always), and whether its sums are reliable to float accuracy (``stats._reliable``)."""
+    """The 7 statistics of the contiguous float32 CPU tensor ``x`` (any shape) as one float64 tensor
+    (``stats.act_row``'s columns, min and max always), and whether its sums are reliable to float accuracy
+    (``stats._reliable``)."""
     fns = _library()
     out = torch.empty(7, dtype=torch.float64)
     c, h = saturation if saturation is not None else (0.0, 0.0)
