@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py [--workload mlp|cnn|transformer|all] [--device cpu|cuda]
                                   [--rounds N] [--threads 1] [--json out.json] [--quick]
-                                  [--compiled | --no-compiled] [--backend inductor]
+                                  [--compiled | --no-compiled] [--no-eager] [--backend inductor]
 
 Every variant trains its own deep copy of the model, with its monitor open for the whole run. After a few
 warm-up steps each watch is numbered on to step 1000: a watch's first steps (0, 1, 2, 4, 8... up to 100) get
@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny models, few steps: proves it runs, asserts nothing")
     p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch.compile(model) variants (default on)")
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the eager variants (default on; --no-eager: the compiled ones only)")
     p.add_argument("--backend", default=None, help="torch.compile backend (default inductor, quick aot_eager)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -449,16 +451,17 @@ def main(argv: list[str] | None = None) -> int:
     what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {a.threads} torch thread(s)"
     print(f"torch {torch.__version__}, {what}; {rounds * steps} rounds of one step of each variant, interleaved\n")
     for name in names:
-        rows = run_workload(name, device, rounds, steps, a.quick)
-        results[name] = rows
         print(f"{name}:")
-        print(f"  {'variant':32s} {'step ms':>8s} {'ratio':>7s} {'rec ms':>8s} {'other ms':>8s} {'peak MB':>8s}"
-              f" {'syncs':>6s}")
-        for vname, r in rows.items():
-            peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] else "-"
-            syncs = "-" if r["syncs"] is None else str(r["syncs"])
-            print(f"  {vname:32s} {r['median_ms']:8.2f} {r['ratio']:7.3f} {_ms(r['recorded_ms'])} {_ms(r['other_ms'])}"
-                  f" {peak:>8s} {syncs:>6s}")
+        if a.eager:
+            rows = run_workload(name, device, rounds, steps, a.quick)
+            results[name] = rows
+            print(f"  {'variant':32s} {'step ms':>8s} {'ratio':>7s} {'rec ms':>8s} {'other ms':>8s} {'peak MB':>8s}"
+                  f" {'syncs':>6s}")
+            for vname, r in rows.items():
+                peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] else "-"
+                syncs = "-" if r["syncs"] is None else str(r["syncs"])
+                print(f"  {vname:32s} {r['median_ms']:8.2f} {r['ratio']:7.3f} {_ms(r['recorded_ms'])}"
+                      f" {_ms(r['other_ms'])} {peak:>8s} {syncs:>6s}")
         if a.compiled and hasattr(torch, "compile"):
             backend = a.backend or ("aot_eager" if a.quick else "inductor")
             crows = run_compiled(name, device, rounds, steps, a.quick, backend)
