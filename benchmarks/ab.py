@@ -1,21 +1,23 @@
 """Two versions of torchdiag side by side in one process: ``every=1`` step time against no monitoring.
 
     git worktree add /tmp/old <commit>
-    python benchmarks/ab.py --old /tmp/old [--workload mlp|cnn|transformer] [--rounds 8]
+    python benchmarks/ab.py --old /tmp/old [--workload mlp|cnn|transformer] [--rounds 8] [--steps 4]
 
-The old checkout's package is copied under another name (``torchdiag_old``) so both import at once;
-variants run interleaved round by round (this machine is noisy: compare only within one run).
+The old checkout's package is copied under another name (``torchdiag_old``) so both import at once. Measured as
+``overhead.py`` does (``overhead.warm`` / ``overhead.timed``): each variant trains its own copy of the model with
+its watch open for the whole run, numbered on to step 1000, and each round is one step of every variant, paired
+with the unmonitored step of its round (this machine is noisy: compare only within one run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -35,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--scalars-only", action="store_true",
-                   help="no histograms or overview images: the per-step cost a long run pays (each round here is a"
-                        " new watch, whose first steps get histograms and images at steps 0, 1, 2, 4...)")
+                   help="no histograms or overview images (the median hides the 1 step in 100 that has them)")
     p.add_argument("--without-signals", action="store_true",
                    help="the new version with its instability signals and non-finite tripwire off: the cost of the"
                         " rest alone (when the old version predates them)")
@@ -52,34 +53,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, loss_fn = overhead.WORKLOADS[a.workload](torch.device("cpu"), False)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     cfg = {"warnings": False}
-    if a.scalars_only:  # each round is a new watch: the images and histograms of a run's first steps dominate
+    if a.scalars_only:
         cfg["histogram_every"] = 0
     known = {f.name for f in dataclasses.fields(torchdiag.Config)}
     new_cfg = dict(cfg, overview_every=0) if a.scalars_only and "overview_every" in known else dict(cfg)
     if a.without_signals:
         new_cfg.update(attention_rules=False, output_logits_rule=False, adam_epsilon_rule=False,
                        nonfinite_origin=False)
-    variants = {"none": lambda: overhead.NoMonitor(),
-                "old every=1": lambda: torchdiag_old.watch(model, logdir=f"{tmp}/old", config=cfg),
-                "new every=1": lambda: torchdiag.watch(model, logdir=f"{tmp}/new", config=new_cfg)}
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    makers = {"none": lambda m: overhead.NoMonitor(),
+              "old every=1": lambda m: torchdiag_old.watch(m, logdir=f"{tmp}/old", config=cfg),
+              "new every=1": lambda m: torchdiag.watch(m, logdir=f"{tmp}/new", config=new_cfg)}
     warnings.simplefilter("ignore")
-    for r in range(a.rounds + 1):  # the first round warms up
-        for name, make in variants.items():
-            with make() as mon:
-                for _ in range(a.steps):
-                    t0 = time.perf_counter()
-                    loss_fn(model).backward()
-                    opt.step()
-                    opt.zero_grad()
-                    mon.step()
-                    if r:
-                        times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["none"])
-    print(f"{a.workload}: none {base * 1e3:.1f} ms; " +
-          ", ".join(f"{k} {statistics.median(v) / base:.3f}x" for k, v in times.items() if k != "none"))
+    with contextlib.ExitStack() as stack:
+        runs = {}
+        for name, make in makers.items():
+            m = copy.deepcopy(model)
+            runs[name] = (m, torch.optim.SGD(m.parameters(), lr=1e-3), stack.enter_context(make(m)), loss_fn)
+        overhead.warm(runs, 5)
+        rows = overhead.timed(runs, a.rounds, a.steps)
+    print(f"{a.workload}: none {rows['none']['median_ms']:.1f} ms; " +
+          ", ".join(f"{k} {r['ratio']:.3f}x" for k, r in rows.items() if k != "none"))
     return 0
 
 

@@ -15,7 +15,6 @@ import copy
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchdiag  # noqa: E402
-from benchmarks.overhead import WORKLOADS  # noqa: E402
+from benchmarks.overhead import WORKLOADS, NoMonitor, train_step  # noqa: E402
 from torchdiag import cpurow  # noqa: E402
 
 
@@ -33,13 +32,7 @@ def run(name: str, steps: int) -> dict[str, float]:
     opts = {id(m): torch.optim.SGD(m.parameters(), lr=1e-3) for m in (model, plain)}
 
     def step(m, w=None):
-        t = time.perf_counter()
-        loss_fn(m).backward()
-        opts[id(m)].step()
-        opts[id(m)].zero_grad()
-        if w is not None:
-            w.step()
-        return time.perf_counter() - t
+        return train_step(m, opts[id(m)], w if w is not None else NoMonitor(), loss_fn)
 
     ratios: dict[str, list[float]] = {"kernel": [], "aten": []}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

@@ -253,7 +253,17 @@ def _every(vname: str) -> int:
     return int(vname.split("every=")[1].split()[0]) if "every=" in vname else 1
 
 
-def _timed(runs: dict, rounds: int, steps: int, cuda: bool, on_step=None) -> dict[str, dict]:
+def train_step(run, opt, mon, loss_fn) -> float:
+    """One step of a variant (forward, backward, optimizer, the monitor's step); its wall time in seconds."""
+    t0 = time.perf_counter()
+    loss_fn(run).backward()
+    opt.step()
+    opt.zero_grad()
+    mon.step()
+    return time.perf_counter() - t0
+
+
+def timed(runs: dict, rounds: int, steps: int, cuda: bool = False, on_step=None) -> dict[str, dict]:
     """``rounds * steps`` rounds of one step of each variant, in an order that rotates (these machines are noisy:
     pairing each step with the unmonitored one of the same round cancels the drift between rounds). Per variant:
     the median ratio of its recorded steps to the first variant's step of the same round, the same for its other
@@ -272,14 +282,13 @@ def _timed(runs: dict, rounds: int, steps: int, cuda: bool, on_step=None) -> dic
                 on_step(vname, i % steps, "begin")
             if cuda:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss_fn(run).backward()
-            opt.step()
-            opt.zero_grad()
-            mon.step()
-            if cuda:
+                t0 = time.perf_counter()
+                train_step(run, opt, mon, loss_fn)
                 torch.cuda.synchronize()
-            times[vname].append((time.perf_counter() - t0, recorded))
+                dt = time.perf_counter() - t0
+            else:
+                dt = train_step(run, opt, mon, loss_fn)
+            times[vname].append((dt, recorded))
             if on_step is not None:
                 on_step(vname, i % steps, "end")
     base = [t for t, _ in times[base_name]]
@@ -299,16 +308,13 @@ def _timed(runs: dict, rounds: int, steps: int, cuda: bool, on_step=None) -> dic
     return out
 
 
-def _warm(runs: dict, steps: int) -> None:
+def warm(runs: dict, steps: int) -> None:
     """Warm-up steps, then each watch moved on to step 1000: a watch's first steps (0, 1, 2, 4, 8... up to 100)
     get histograms and overview images, so that a short benchmark would time a run's first minutes; past them,
     one recorded step in 100 does (what a long run sees)."""
     for run, opt, mon, loss_fn in runs.values():
         for _ in range(steps):
-            loss_fn(run).backward()
-            opt.step()
-            opt.zero_grad()
-            mon.step()
+            train_step(run, opt, mon, loss_fn)
         _fast_forward(mon, FAST_FORWARD)
 
 
@@ -320,8 +326,9 @@ def _fast_forward(mon, step: int) -> None:
     rec = getattr(mon, "_recorder", None)
     if rec is None:
         return
-    from torchdiag.capture import set_recording
-    from torchdiag.vocab import histogram_window
+    package = type(rec).__module__.rsplit(".", 1)[0]  # (torchdiag, or an older copy of it: benchmarks/ab.py)
+    set_recording = sys.modules[package + ".capture"].set_recording
+    histogram_window = sys.modules[package + ".vocab"].histogram_window
 
     rec.step = step
     rec._hist_window = histogram_window(step - 1, rec.histogram_every) if rec.histogram_every else -1
@@ -333,7 +340,7 @@ def _fast_forward(mon, step: int) -> None:
 
 def run_workload(name: str, device: torch.device, rounds: int, steps: int, quick: bool) -> dict:
     """Eager variants, each on its own copy of the model with its monitor open for the whole run, timed from
-    step 1000 on (``_warm``): the steady state of a long run."""
+    step 1000 on (``warm``): the steady state of a long run."""
     model, loss_fn = {**WORKLOADS, **CUDA_WORKLOADS}[name](device, quick)
     cuda = device.type == "cuda"
     syncs: dict[str, int] = {}
@@ -345,7 +352,7 @@ def run_workload(name: str, device: torch.device, rounds: int, steps: int, quick
             copy_ = copy.deepcopy(model)
             runs[vname] = (copy_, torch.optim.SGD(copy_.parameters(), lr=1e-3), stack.enter_context(make(copy_)),
                            loss_fn)
-        _warm(runs, 2 if quick else 5)  # allocator, kernels, TensorBoard import
+        warm(runs, 2 if quick else 5)  # allocator, kernels, TensorBoard import
         state: dict = {}
 
         def on_step(vname: str, i: int, when: str) -> None:
@@ -370,7 +377,7 @@ def run_workload(name: str, device: torch.device, rounds: int, steps: int, quick
             peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
             peaks[vname] = max(peaks.get(vname) or 0.0, peak or 0.0) or None
 
-        rows = _timed(runs, rounds, steps, cuda, on_step)
+        rows = timed(runs, rounds, steps, cuda, on_step)
     for vname, row in rows.items():
         row["peak_mb"] = peaks.get(vname)
         row["syncs"] = syncs.get(vname)
@@ -412,10 +419,10 @@ def run_compiled(name: str, device: torch.device, rounds: int, steps: int, quick
             c = torch._dynamo.utils.counters
             breaks0, graphs0 = sum(c["graph_break"].values()), c["stats"]["unique_graphs"]
             # warm-up: the recorded graph and (every > 1) the unrecorded one
-            _warm({vname: (run, opt, mon, loss_fn)}, 3)
+            warm({vname: (run, opt, mon, loss_fn)}, 3)
             counts[vname] = (sum(c["graph_break"].values()) - breaks0, c["stats"]["unique_graphs"] - graphs0)
             runs[vname] = (run, opt, mon, loss_fn)
-        rows = _timed(runs, rounds, steps, cuda)
+        rows = timed(runs, rounds, steps, cuda)
     for vname, row in rows.items():
         row["graph_breaks"], row["graphs"] = counts[vname]
     return rows

@@ -16,61 +16,62 @@
 #define BLOCK 4096
 #define PREFETCH 1024 /* elements ahead: the kernel is otherwise bound by memory latency */
 
+typedef struct {
+    float s[LANES], q[LANES], nz[LANES], st[LANES]; /* this block's sums: reset per block */
+    float mn[LANES], mx[LANES];
+    int nan[LANES];
+} lanes_t;
+
+/* element v into lane j */
+static inline __attribute__((always_inline)) void
+add(lanes_t *L, int j, float v, float r, float c, float h, int zeros, int sat)
+{
+    float d = v - r;
+    L->s[j] += d;
+    L->q[j] += d * d;
+    L->nan[j] |= v != v;
+    L->mn[j] = v < L->mn[j] ? v : L->mn[j];
+    L->mx[j] = v > L->mx[j] ? v : L->mx[j];
+    if (zeros) L->nz[j] += v != 0.0f ? 1.0f : 0.0f;
+    if (sat) L->st[j] += fabsf(v - c) > h ? 1.0f : 0.0f;
+}
+
 static inline __attribute__((always_inline)) int
 row_impl(const float *x, int64_t n, int shift, float c, float h, double ratio, int zeros, int sat, double *out)
 {
     float r = shift && n > 0 ? x[0] : 0.0f;
-    float mn[LANES], mx[LANES];
-    int nan[LANES];
+    lanes_t L;
     double S = 0.0, Q = 0.0, NZ = 0.0, ST = 0.0;
     for (int j = 0; j < LANES; j++) {
-        mn[j] = INFINITY;
-        mx[j] = -INFINITY;
-        nan[j] = 0;
+        L.mn[j] = INFINITY;
+        L.mx[j] = -INFINITY;
+        L.nan[j] = 0;
     }
     for (int64_t i = 0; i < n; i += BLOCK) {
         int64_t end = i + BLOCK < n ? i + BLOCK : n;
-        float s[LANES] = {0}, q[LANES] = {0}, nz[LANES] = {0}, st[LANES] = {0};
+        for (int j = 0; j < LANES; j++)
+            L.s[j] = L.q[j] = L.nz[j] = L.st[j] = 0.0f;
         int64_t k = i;
         for (; k + LANES <= end; k += LANES) {
             __builtin_prefetch(x + k + PREFETCH); /* a hint (never faults): ~2x on a cold tensor */
-            for (int j = 0; j < LANES; j++) {
-                float v = x[k + j];
-                float d = v - r;
-                s[j] += d;
-                q[j] += d * d;
-                nan[j] |= v != v;
-                mn[j] = v < mn[j] ? v : mn[j];
-                mx[j] = v > mx[j] ? v : mx[j];
-                if (zeros) nz[j] += v != 0.0f ? 1.0f : 0.0f;
-                if (sat) st[j] += fabsf(v - c) > h ? 1.0f : 0.0f;
-            }
+            for (int j = 0; j < LANES; j++)
+                add(&L, j, x[k + j], r, c, h, zeros, sat);
         }
-        for (; k < end; k++) { /* the last block's tail: the lane it would have in a full block */
-            int j = (int)(k % LANES);
-            float v = x[k];
-            float d = v - r;
-            s[j] += d;
-            q[j] += d * d;
-            nan[j] |= v != v;
-            mn[j] = v < mn[j] ? v : mn[j];
-            mx[j] = v > mx[j] ? v : mx[j];
-            if (zeros) nz[j] += v != 0.0f ? 1.0f : 0.0f;
-            if (sat) st[j] += fabsf(v - c) > h ? 1.0f : 0.0f;
-        }
+        for (; k < end; k++) /* the last block's tail: the lane it would have in a full block */
+            add(&L, (int)(k % LANES), x[k], r, c, h, zeros, sat);
         for (int j = 0; j < LANES; j++) {
-            S += s[j];
-            Q += q[j];
-            NZ += nz[j];
-            ST += st[j];
+            S += L.s[j];
+            Q += L.q[j];
+            NZ += L.nz[j];
+            ST += L.st[j];
         }
     }
-    float a = mn[0], b = mx[0];
-    int any_nan = nan[0];
+    float a = L.mn[0], b = L.mx[0];
+    int any_nan = L.nan[0];
     for (int j = 1; j < LANES; j++) {
-        a = mn[j] < a ? mn[j] : a;
-        b = mx[j] > b ? mx[j] : b;
-        any_nan |= nan[j];
+        a = L.mn[j] < a ? L.mn[j] : a;
+        b = L.mx[j] > b ? L.mx[j] : b;
+        any_nan |= L.nan[j];
     }
     out[0] = r;
     out[1] = S;
