@@ -79,6 +79,30 @@ def test_nonfinite_values_propagate_like_aminmax():
     assert math.isnan(mn.item()) and math.isnan(mx.item())  # the ATen path's semantics, kept
 
 
+@pytest.mark.parametrize("case", ["both infinities", "infinite first element", "float lanes overflow both ways",
+                                  "nan after infinities", "nan last"])
+def test_min_and_max_are_nan_exactly_when_aminmax_says_so(case):
+    """The kernel learns of a NaN from its sum, which infinities of both signs also make NaN: min and max must
+    still be NaN only when the tensor holds one (as ``torch.aminmax``), in every way the sum can go NaN."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3 * 4096 + 7, generator=g)
+    if case == "both infinities":
+        x[100], x[5000] = math.inf, -math.inf
+    elif case == "infinite first element":  # the shift r = x[0] = inf: x[0] - r is NaN
+        x[0] = math.inf
+    elif case == "float lanes overflow both ways":  # finite values whose float32 lane sums reach +inf and -inf
+        x[0] = 0.0  # the shift: the lanes' d = x - r are then +-3e38
+        x[16:4096:16], x[1:4096:16] = 3e38, -3e38
+    elif case == "nan after infinities":
+        x[10], x[20], x[9000] = math.inf, -math.inf, math.nan
+    else:
+        x[-1] = math.nan
+    row = torch.as_tensor(stats.act_row(x, shift=False)).tolist()
+    mn, mx = (v.item() for v in torch.aminmax(x))
+    for got, want in ((row[3], mn), (row[4], mx)):
+        assert (math.isnan(got) and math.isnan(want)) or got == want, (case, row, mn, mx)
+
+
 def test_unreliable_float_sums_are_redone_in_float64():
     """|x| ~ 1e20: x^2 overflows float32; the row falls back to float64 (as the ATen path) and stays exact."""
     x = torch.full((5000,), 1e20)

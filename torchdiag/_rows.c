@@ -19,7 +19,6 @@
 typedef struct {
     float s[LANES], q[LANES], nz[LANES], st[LANES]; /* this block's sums: reset per block */
     float mn[LANES], mx[LANES];
-    int nan[LANES];
 } lanes_t;
 
 /* element v into lane j */
@@ -29,7 +28,6 @@ add(lanes_t *L, int j, float v, float r, float c, float h, int zeros, int sat)
     float d = v - r;
     L->s[j] += d;
     L->q[j] += d * d;
-    L->nan[j] |= v != v;
     L->mn[j] = v < L->mn[j] ? v : L->mn[j];
     L->mx[j] = v > L->mx[j] ? v : L->mx[j];
     if (zeros) L->nz[j] += v != 0.0f ? 1.0f : 0.0f;
@@ -45,7 +43,6 @@ row_impl(const float *x, int64_t n, int shift, float c, float h, double ratio, i
     for (int j = 0; j < LANES; j++) {
         L.mn[j] = INFINITY;
         L.mx[j] = -INFINITY;
-        L.nan[j] = 0;
     }
     for (int64_t i = 0; i < n; i += BLOCK) {
         int64_t end = i + BLOCK < n ? i + BLOCK : n;
@@ -67,12 +64,16 @@ row_impl(const float *x, int64_t n, int shift, float c, float h, double ratio, i
         }
     }
     float a = L.mn[0], b = L.mx[0];
-    int any_nan = L.nan[0];
     for (int j = 1; j < LANES; j++) {
         a = L.mn[j] < a ? L.mn[j] : a;
         b = L.mx[j] > b ? L.mx[j] : b;
-        any_nan |= L.nan[j];
     }
+    /* A NaN in x makes S NaN (every element is added into it); S is also NaN without one when infinities of
+     * both signs meet (x holding both, r infinite, float lanes overflowing both ways): only then look. */
+    int any_nan = 0;
+    if (isnan(S))
+        for (int64_t k = 0; k < n && !any_nan; k++)
+            any_nan = x[k] != x[k];
     out[0] = r;
     out[1] = S;
     out[2] = Q;
