@@ -28,7 +28,7 @@ from .registry import (  # noqa: F401 - the registry's functions, as capture.att
     is_watched,
     set_recording,
 )
-from .runtime import first_float_tensor, in_backward, in_functorch, iter_float_tensors, tracing
+from .runtime import first_float_tensor, float_tensors, in_backward, in_functorch, iter_float_tensors, tracing
 from .stepbuffer import STEP_SLOT, StepBuffer
 from .vocab import Role, Row
 
@@ -130,12 +130,13 @@ class Capture:
             src = self._outputs.get(id(x)) if x is not None else None
             if src is None and x is not None and x._base is not None:  # a view of it (flatten, reshape, transpose)
                 src = self._outputs.get(id(x._base))
-            self._trace_norm_inputs(slot, info, module, src, output)
+            outs = float_tensors(output)
+            self._trace_norm_inputs(slot, info, module, src, outs)
             weighted_input = info.kind == Role.WEIGHTED and x is not None
             # looked up before this module's own rows: an in-place module's output is its input
             producer = self._producer(x) if weighted_input else None
             rows = self._rows
-            for t in iter_float_tensors(output):
+            for t in outs:
                 start = self.add(slot, Row.ACT, t, info.saturation)
                 rows[id(t)] = (weakref.ref(t), t._version, slot, t.device, start)
                 if t.requires_grad:
@@ -191,7 +192,8 @@ class Capture:
         else:
             self.buffer.write(slot, Row.PROBE, n, x.device, stats.act_row(x, shift=False, zeros=True))
 
-    def _trace_norm_inputs(self, slot: int, info: Any, module: nn.Module, src: int | None, output: Any) -> None:
+    def _trace_norm_inputs(self, slot: int, info: Any, module: nn.Module, src: int | None,
+                           outs: tuple[torch.Tensor, ...]) -> None:
         """Mark layers whose output goes straight (through dropout/identity) into a normalisation layer.
 
         ``src`` is the slot whose output this module's input is. Identity of the tensor object, not
@@ -204,10 +206,10 @@ class Capture:
                     if gains.normalises(module):
                         self.slots[src].feeds_norm = True
                 else:
-                    for t in iter_float_tensors(output):
+                    for t in outs:
                         self._outputs[id(t)] = src
         if info.kind != Role.PASSTHROUGH:
-            self._outputs = {id(t): slot for t in iter_float_tensors(output)}
+            self._outputs = {id(t): slot for t in outs}
 
     # ----------------------------------------------------------------- rows
     def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> int:

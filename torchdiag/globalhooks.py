@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .runtime import tracing
+from .runtime import is_compiling, tracing
 
 
 class GlobalHooks:
@@ -19,6 +19,7 @@ class GlobalHooks:
     pre: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args)]
     post: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args, kwargs, output)]
     handles: list[Any] = []
+    ids: set[int] = set()  # id() of the modules in either table: every other module call returns at once
 
     @classmethod
     def add(cls, module: nn.Module, pre: Callable[..., None] | None = None,
@@ -27,6 +28,7 @@ class GlobalHooks:
             cls.pre.setdefault(module, []).append(pre)
         if post is not None:
             cls.post.setdefault(module, []).append(post)
+        cls.ids.add(id(module))
         if not cls.handles:
             cls.handles.append(nn.modules.module.register_module_forward_pre_hook(_global_pre))
             cls.handles.append(nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True,
@@ -42,13 +44,17 @@ class GlobalHooks:
                 fns.remove(fn)
                 if not fns:
                     del table[module]
+        if module not in cls.pre and module not in cls.post:
+            cls.ids.discard(id(module))
         if not cls.pre and not cls.post:
             while cls.handles:
                 cls.handles.pop().remove()
 
 
 def _global_pre(module: nn.Module, args: tuple) -> None:
-    if tracing():  # torch.compile, torch.export, torch.jit.trace: nothing of torchdiag's in their graphs
+    # torch.compile, torch.export, torch.jit.trace: nothing of torchdiag's in their graphs (Dynamo: before any
+    # lookup, which it would guard on)
+    if is_compiling() or id(module) not in GlobalHooks.ids or tracing():
         return
     fns = GlobalHooks.pre.get(module)
     if fns:
@@ -57,7 +63,7 @@ def _global_pre(module: nn.Module, args: tuple) -> None:
 
 
 def _global_post(module: nn.Module, args: tuple, kwargs: dict | None = None, output: Any = None) -> None:
-    if tracing():
+    if is_compiling() or id(module) not in GlobalHooks.ids or tracing():
         return
     fns = GlobalHooks.post.get(module)
     if fns:

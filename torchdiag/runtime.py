@@ -13,7 +13,7 @@ import torch
 def iter_float_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
     """Every floating-point tensor in a (nested) output: tensors, tuples, lists, dicts, dataclasses."""
     if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() and obj.numel() > 0 and obj.layout == torch.strided:
+        if _is_float_tensor(obj):
             yield obj
         return
     if _depth > 4:
@@ -29,7 +29,21 @@ def iter_float_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
             yield from iter_float_tensors(getattr(obj, f.name, None), _depth + 1)
 
 
+def _is_float_tensor(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.numel() > 0 and t.layout == torch.strided
+
+
+def float_tensors(obj: Any) -> tuple[torch.Tensor, ...]:
+    """``iter_float_tensors`` as a tuple; a single tensor (most module outputs) without a generator."""
+    if isinstance(obj, torch.Tensor):
+        return (obj,) if _is_float_tensor(obj) else ()
+    return tuple(iter_float_tensors(obj))
+
+
 def first_float_tensor(args: tuple) -> torch.Tensor | None:
+    """The first floating-point tensor of ``iter_float_tensors(args)``; a leading one without a generator."""
+    if args and isinstance(args[0], torch.Tensor) and _is_float_tensor(args[0]):
+        return args[0]
     return next(iter_float_tensors(args), None)
 
 
