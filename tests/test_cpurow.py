@@ -211,3 +211,43 @@ def test_avx2_and_baseline_builds_give_bit_identical_rows(tmp_path):
                                                                                   rows[1].nan_to_num())
             same = same and torch.equal(rows[0].signbit(), rows[1].signbit())
             assert same, (x.numel(), variant, rows)
+
+
+def test_a_watched_step_reads_the_same_from_the_host_block_as_from_float64_tensor_ops():
+    """A watch writes the kernel's rows into one host block per step (growing it past its first 64 rows here:
+    40 Linear + ReLU pairs and a Tanh head give 160+ rows), and peeking at the step in progress rolls its weight
+    rows back. Each layer's statistics must be those of its own tensors, computed here in float64."""
+    from torch import nn
+
+    import torchdiag
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(40) for m in (nn.Linear(16, 16), nn.ReLU())], nn.Linear(16, 4), nn.Tanh())
+    x = torch.randn(32, 16)
+    outs, grads = {}, {}
+
+    def keep(name):
+        def hook(module, args, out):
+            outs[name] = out.detach().double()
+            out.register_hook(lambda g: grads.__setitem__(name, g.double()))
+        return hook
+
+    for name, m in model.named_children():
+        m.register_forward_hook(keep(name))
+    with torchdiag.watch(model, config={"warnings": False}) as diag:
+        model(x).sum().backward()
+        diag.report()  # a peek: weight rows written, then rolled back
+        report = diag.step()
+        assert diag._recorder.buffer._block.shape[0] >= 128  # (private: the block grew)
+    assert len(report.layers) == len(model)
+    for layer in report.layers:
+        y, g = outs[layer.name], grads[layer.name]
+        assert layer.act_std == pytest.approx(y.std(correction=0).item(), rel=1e-5), layer.name
+        assert layer.act_mean == pytest.approx(y.mean().item(), rel=1e-4, abs=1e-6), layer.name
+        assert layer.grad_std == pytest.approx(g.std(correction=0).item(), rel=1e-5), layer.name
+        module = model[int(layer.name)]
+        if isinstance(module, nn.ReLU):
+            assert layer.zero_fraction == pytest.approx((y == 0).double().mean().item()), layer.name
+        elif isinstance(module, nn.Linear):
+            w = module.weight.detach().double()
+            assert layer.weight_std == pytest.approx(w.std(correction=0).item(), rel=1e-5), layer.name

@@ -130,7 +130,8 @@ def test_warnings_as_errors_never_raise_out_of_the_users_forward(monkeypatch, ca
     def boom(*a, **k):
         raise RuntimeError("internal")
 
-    monkeypatch.setattr(stats, "act_row", boom)  # torchdiag's own recording fails
+    monkeypatch.setattr(stats, "act_row", boom)  # torchdiag's own recording fails (the ATen path's rows,
+    monkeypatch.setattr(stats, "cpu_row_into", boom)  # and the CPU kernel's)
     torch.manual_seed(0)
     model = net()
     x = torch.randn(4, 8)

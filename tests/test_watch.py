@@ -321,7 +321,8 @@ def test_error_in_torchdiag_hook_code_never_reaches_training(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("internal")
 
-    monkeypatch.setattr(stats, "act_row", boom)
+    monkeypatch.setattr(stats, "act_row", boom)  # the ATen path's rows
+    monkeypatch.setattr(stats, "cpu_row_into", boom)  # the CPU kernel's
     model = small_net()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

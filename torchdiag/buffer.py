@@ -210,7 +210,8 @@ class Recorder:
             if info.weight_name is not None and m is not None:
                 w = getattr(m, info.weight_name, None)
                 w = local_tensor(w) if isinstance(w, torch.Tensor) else None  # FSDP2: this rank's shard
-                if w is not None and w.numel() > 0 and w.layout == torch.strided:
+                if w is not None and w.numel() > 0 and w.layout == torch.strided \
+                        and self.buffer.kernel_row(slot, WEIGHT, w) is None:
                     self.buffer.write(slot, WEIGHT, w.numel(), w.device, stats.grad_row(w, shift=info.shift_weight))
         buf = self.buffer
         pending = Pending(step=self.step, entries=buf.entries, order=dict(order),

@@ -29,7 +29,7 @@ from .registry import (  # noqa: F401 - the registry's functions, as capture.att
     set_recording,
 )
 from .runtime import first_float_tensor, float_tensors, in_backward, in_functorch, iter_float_tensors, tracing
-from .stepbuffer import STEP_SLOT, StepBuffer
+from .stepbuffer import KERNEL_ROWS, STEP_SLOT, StepBuffer
 from .vocab import Role, Row
 
 __all__ = ["Capture", "attach", "detach", "first_float_tensor", "forget", "global_hooks_installed", "in_backward",
@@ -137,8 +137,8 @@ class Capture:
             producer = self._producer(x) if weighted_input else None
             rows = self._rows
             for t in outs:
-                start = self.add(slot, Row.ACT, t, info.saturation)
-                rows[id(t)] = (weakref.ref(t), t._version, slot, t.device, start)
+                where, start = self.add(slot, Row.ACT, t, info.saturation)
+                rows[id(t)] = (weakref.ref(t), t._version, slot, where, start)
                 if t.requires_grad:
                     self._hook(t, partial(_grad_hook, self._ref, slot, Row.GRAD, self.generation))
             if weighted_input:
@@ -158,15 +158,15 @@ class Capture:
             self._leaf_hooks.append(handle)
 
     # ----------------------------------------------------------------- dataflow tracing
-    def _producer(self, x: torch.Tensor) -> tuple[int, torch.device, int] | None:
-        """(slot, device, row start) of the recorded activation row of exactly this tensor, unchanged since."""
+    def _producer(self, x: torch.Tensor) -> tuple[int, Any, int] | None:
+        """(slot, where its values are (a device or the host block), row start) of the recorded activation row of
+        exactly this tensor, unchanged since."""
         entry = self._rows.get(id(x))
         if entry is None or entry[0]() is not x or entry[1] != x._version:
             return None  # not a watched module's output, or edited in place since its row was taken
         return entry[2:]
 
-    def _input_row(self, slot: int, x: torch.Tensor, src: int | None,
-                   producer: tuple[int, torch.device, int] | None) -> None:
+    def _input_row(self, slot: int, x: torch.Tensor, src: int | None, producer: tuple[int, Any, int] | None) -> None:
         """A weighted layer's input: its rms, and (when no activation module produced it) its range and zeros,
         which tell which functional activation (F.relu, torch.tanh...) ran before the layer.
 
@@ -189,7 +189,7 @@ class Capture:
             p.count_zeros = True
         if src is not None and self.slots[src].kind == Role.ACTIVATION:
             self.buffer.write(slot, Row.INPUT, n, x.device, [stats.sumsq(x)])
-        else:
+        elif self.buffer.kernel_row(slot, Row.PROBE, x, zeros=True) is None:
             self.buffer.write(slot, Row.PROBE, n, x.device, stats.act_row(x, shift=False, zeros=True))
 
     def _trace_norm_inputs(self, slot: int, info: Any, module: nn.Module, src: int | None,
@@ -212,18 +212,26 @@ class Capture:
             self._outputs = {id(t): slot for t in outs}
 
     # ----------------------------------------------------------------- rows
-    def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> int:
-        """Write ``t``'s row; returns where its values start in this step's values of its device."""
+    def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> tuple[Any, int]:
+        """Write ``t``'s row; returns where its values are (its device, or the CPU kernel's host block) and where
+        they start there."""
         info = self.slots[slot]
         hist = self.histogram_step and kind in _HIST_KINDS
-        if kind == Row.ACT:
+        buf = self.buffer
+        act = kind == Row.ACT
+        start = buf.kernel_row(slot, kind, t, saturation if act else None, act and info.count_zeros)
+        if start is not None:
+            if hist:
+                buf.write_hist(slot, kind, t, buf.kernel_row_values(start))
+            return KERNEL_ROWS, start
+        if act:
             row = stats.act_row(t, saturation, shift=info.shift_act, zeros=info.count_zeros)
         else:
             row = stats.grad_row(t, shift=info.shift_grad, minmax=hist)
-        start = self.buffer.write(slot, kind, t.numel(), t.device, row)
+        start = buf.write(slot, kind, t.numel(), t.device, row)
         if hist:
-            self.buffer.write_hist(slot, kind, t, row)
-        return start
+            buf.write_hist(slot, kind, t, row)
+        return t.device, start
 
     def write_scale(self) -> None:
         """GradScaler's scale in effect for this step's backward (read in stream order, no sync)."""

@@ -181,9 +181,15 @@ def row(x: torch.Tensor, shift: bool, ratio: float, saturation: tuple[float, flo
     """The 7 statistics of the contiguous float32 CPU tensor ``x`` (any shape) as one float64 tensor
     (``stats.act_row``'s columns, min and max always), and whether its sums are reliable to float accuracy
     (``stats._reliable``)."""
-    fns = _library()
     out = torch.empty(7, dtype=torch.float64)
+    return out, row_into(x, out.data_ptr(), shift, ratio, saturation, zeros)
+
+
+def row_into(x: torch.Tensor, out_ptr: int, shift: bool, ratio: float,
+             saturation: tuple[float, float] | None = None, zeros: bool = False) -> bool:
+    """``row``, written into the 7 float64 values at address ``out_ptr`` (a row of a block the caller owns: no
+    tensor per row); whether its sums are reliable."""
+    fns = _library()
     c, h = saturation if saturation is not None else (0.0, 0.0)
     fn = fns[(1 if zeros else 0) + (2 if saturation is not None else 0)]
-    ok = fn(x.data_ptr(), x.numel(), int(shift), c, h, ratio, out.data_ptr())
-    return out, bool(ok)
+    return bool(fn(x.data_ptr(), x.numel(), int(shift), c, h, ratio, out_ptr))

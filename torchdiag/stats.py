@@ -101,10 +101,17 @@ def _moments64(x: torch.Tensor) -> list[torch.Tensor]:
 def _cpu_row(x: torch.Tensor, saturation: tuple[float, float] | None = None, zeros: bool = False) -> torch.Tensor:
     """The whole row from the CPU kernel in one read (``cpurow``), always about the first element (free there);
     recomputed in float64 where its float sums are not reliable (as ``_moments``)."""
-    row, reliable = cpurow.row(x, True, SHIFT_RATIO, saturation, zeros)
-    if not reliable:
-        row[:3] = torch.stack(_moments64(_flat(x)))
-    return row
+    row = torch.empty((1, ACT_COLS), dtype=torch.float64)
+    cpu_row_into(x, row, 0, saturation, zeros)
+    return row[0]
+
+
+def cpu_row_into(x: torch.Tensor, block: torch.Tensor, i: int, saturation: tuple[float, float] | None = None,
+                 zeros: bool = False) -> None:
+    """``_cpu_row`` of ``x`` (``cpurow.usable``) into row ``i`` of ``block``, a contiguous float64 [rows, 7]
+    tensor (the step buffer's host block: no tensor per row)."""
+    if not cpurow.row_into(x, block.data_ptr() + i * ACT_COLS * 8, True, SHIFT_RATIO, saturation, zeros):
+        block[i, :3] = torch.stack(_moments64(_flat(x)))
 
 
 def _minmax(x: torch.Tensor) -> list[torch.Tensor]:

@@ -22,15 +22,17 @@ from typing import Any
 
 import torch
 
-from . import stats
+from . import cpurow, stats
 from .accumulators import GradNorms, LayerCall, MomentAccumulator, Scale, SumSq, Update
 from .vocab import Role, Row
 
 STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 COMPILED = -2  # the row kind of an entry holding the compiled graphs' accumulator (``compiled.Gate.acc``)
+# where an entry's values are, in place of a device: the CPU kernel's rows, in the step's host block
+KERNEL_ROWS = "cpu kernel rows"
 
-# an entry: (slot, row kind, elements of the tensor, device, start among that device's values, width)
-Entry = tuple[int, int, int, torch.device, int, int]
+# an entry: (slot, row kind, elements of the tensor, device or KERNEL_ROWS, start among its values, width)
+Entry = tuple[int, int, int, Any, int, int]
 
 
 @dataclass
@@ -128,6 +130,10 @@ class StepBuffer:
         self._hist_buffers: dict[torch.device, torch.Tensor] = {}
         self._hist_rows_used: dict[torch.device, int] = {}
         self.hist_entries: list[tuple[int, int, torch.device, int]] = []
+        # the CPU kernel's rows of this step, written in place (``kernel_row``): float64 [capacity, 7], kept
+        # across steps (it only grows)
+        self._block = torch.empty((0, stats.ACT_COLS), dtype=torch.float64)
+        self._block_used = 0
 
     def write(self, slot: int, kind: int, n: int, device: torch.device, vals: list[torch.Tensor] | torch.Tensor) -> int:
         """Keep a row until the step ends; returns where its values start among this step's on ``device``.
@@ -148,6 +154,29 @@ class StepBuffer:
         self.sizes[device] = start + width
         self.entries.append((slot, kind, n, device, start, width))
         return start
+
+    def kernel_row(self, slot: int, kind: int, x: torch.Tensor, saturation: tuple[float, float] | None = None,
+                   zeros: bool = False) -> int | None:
+        """The row of a tensor the CPU kernel takes (``cpurow.usable``), written by it straight into this step's
+        host block: no tensor per row (nor the garbage collector's work on it), and the block goes to the host
+        in one ``tolist``. Returns where its values start among ``KERNEL_ROWS``'; None where the kernel does
+        not take ``x`` (then ``write`` a ``stats`` row)."""
+        if not cpurow.usable(x):
+            return None
+        i = self._block_used
+        if i == self._block.shape[0]:
+            grown = torch.empty((max(64, 2 * i), stats.ACT_COLS), dtype=torch.float64)
+            grown[:i].copy_(self._block[:i])
+            self._block = grown
+        stats.cpu_row_into(x, self._block, i, saturation, zeros)
+        self._block_used = i + 1
+        start = i * stats.ACT_COLS
+        self.entries.append((slot, kind, x.numel(), KERNEL_ROWS, start, stats.ACT_COLS))
+        return start
+
+    def kernel_row_values(self, start: int) -> torch.Tensor:
+        """The row ``kernel_row`` wrote at ``start`` (a view: for a histogram step's binning range)."""
+        return self._block[start // stats.ACT_COLS]
 
     def write_compiled(self, acc: torch.Tensor) -> None:
         """The compiled graphs' accumulator of this step (``compiled``: [slots, kinds, cols] power sums), as one
@@ -176,10 +205,10 @@ class StepBuffer:
 
     def mark(self) -> tuple:
         """Where the buffer stands now, for ``rollback`` (``peek`` adds weight rows, then takes them back)."""
-        return {d: len(v) for d, v in self.values.items()}, dict(self.sizes), len(self.entries)
+        return {d: len(v) for d, v in self.values.items()}, dict(self.sizes), len(self.entries), self._block_used
 
     def rollback(self, mark: tuple) -> None:
-        lengths, sizes, n_entries = mark
+        lengths, sizes, n_entries, self._block_used = mark
         self.entries = self.entries[:n_entries]
         self.values = {d: v[: lengths.get(d, 0)] for d, v in self.values.items()}
         self.sizes = {d: sizes.get(d, 0) for d in self.values}
@@ -189,6 +218,7 @@ class StepBuffer:
         self.values = {}
         self.sizes = {}
         self.hist_entries = []
+        self._block_used = 0
         for d in self._hist_rows_used:
             self._hist_rows_used[d] = 0
 
@@ -215,6 +245,9 @@ class StepBuffer:
                 pending.copies.append((d, host, event, self.sizes[d], width))
             else:
                 pending.copies.append((d, flat.tolist(), None, self.sizes[d], width))
+        if self._block_used:  # the CPU kernel's rows: already on the host
+            rows = self._block[:self._block_used].reshape(-1).tolist()
+            pending.copies.append((KERNEL_ROWS, rows, None, len(rows), 0))
         return pending
 
 
