@@ -562,3 +562,43 @@ def test_check_runs_a_model_that_sets_requires_grad_on_its_input_view():
     with torch.no_grad():
         expected = model.conv(x[:, None]).std(unbiased=False).item()
     assert report["conv"].grad_std is not None and report["conv"].act_std == pytest.approx(expected, rel=1e-4)
+
+
+class _GcProbeWriter:
+    """A user writer (``add_scalar`` only) that notes whether automatic garbage collection was on when
+    torchdiag wrote to it, at the end of a step."""
+
+    def __init__(self):
+        self.gc_on: list[bool] = []
+
+    def add_scalar(self, tag, value, step):
+        self.gc_on.append(gc.isenabled())
+
+
+@pytest.mark.parametrize("user_gc", [True, False])
+def test_garbage_collection_is_paused_while_a_step_ends_and_left_as_the_user_had_it(user_gc, monkeypatch):
+    model = small_net()
+    writer = _GcProbeWriter()
+    was = gc.isenabled()
+    (gc.enable if user_gc else gc.disable)()
+    try:
+        with torchdiag.watch(model, writer=writer, config={"warnings": False}) as diag:
+            for _ in range(2):
+                model(torch.randn(4, 16)).sum().backward()
+                assert gc.isenabled() == user_gc  # the user's forward and backward run as they set it
+                diag.step()
+                assert gc.isenabled() == user_gc
+            assert writer.gc_on and not any(writer.gc_on)  # off while torchdiag wrote the step
+            from torchdiag.buffer import Recorder
+
+            def fail(*a, **k):
+                raise RuntimeError("internal")
+
+            monkeypatch.setattr(Recorder, "end_step", fail)  # torchdiag's own failure inside the paused part
+            model(torch.randn(4, 16)).sum().backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                diag.step()
+            assert gc.isenabled() == user_gc
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -6,6 +6,9 @@ brings them to the host. Gathering at the end instead of copying each row into a
 copy kernel per row (measured: the per-row ``stack(out=buffer[i])`` was a third of the hook's host time on
 small layers).
 
+A contiguous float32 CPU tensor's row is written by the CPU kernel (``cpurow``) straight into one float64 host
+block per step instead (``kernel_row``): no tensor per row; its entries name ``KERNEL_ROWS`` in place of a device.
+
 On histogram steps each activation and gradient also gets a fixed-bin histogram computed on its device
 (``stats.histogram_row``) into a small per-device buffer; it travels to the host in the same single copy.
 
