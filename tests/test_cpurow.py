@@ -236,9 +236,11 @@ def test_a_watched_step_reads_the_same_from_the_host_block_as_from_float64_tenso
         m.register_forward_hook(keep(name))
     with torchdiag.watch(model, config={"warnings": False}) as diag:
         model(x).sum().backward()
-        diag.report()  # a peek: weight rows written, then rolled back
+        peek = diag.report()  # a peek: weight rows written, then rolled back
         report = diag.step()
         assert diag._recorder.buffer._block.shape[0] >= 128  # (private: the block grew)
+    assert [(p.name, p.act_std, p.grad_std, p.weight_std) for p in peek.layers] == \
+        [(r.name, r.act_std, r.grad_std, r.weight_std) for r in report.layers]
     assert len(report.layers) == len(model)
     for layer in report.layers:
         y, g = outs[layer.name], grads[layer.name]

@@ -158,6 +158,25 @@ def test_shared_module_histogram_merges_every_call(tmp_path):
     assert abs(mean - both.mean().item()) < width
 
 
+def test_histograms_of_a_model_fed_token_ids(tmp_path):
+    """An Embedding-first CPU model without optimizer=: every one of its rows goes to the CPU kernel's host block,
+    so the step has no other CPU value (no float input, no update rows); its histograms must still be written,
+    each counting the elements of its tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    cap = Capture(model[1])
+    ids = torch.randint(0, 50, (8, 5))
+    with torchdiag.watch(model, logdir=tmp_path, config={"histogram_every": 1, "warnings": False}) as diag:
+        model(ids).pow(2).mean().backward()  # (a contiguous output gradient: .sum()'s is an expanded view)
+        diag.step()
+    acc = load(tmp_path)
+    assert {"act/1", "grad/1", "act/2", "act/3"} <= set(acc.Tags()["histograms"])
+    h = acc.Histograms("act/1")[0].histogram_value
+    y = cap.acts[0]
+    assert h.num == y.numel() == sum(h.bucket)
+    assert (h.min, h.max) == (pytest.approx(y.min().item()), pytest.approx(y.max().item()))
+
+
 def test_nonfinite_layer_gets_a_flag_not_a_histogram(tmp_path):
     model = mlp()
     with torch.no_grad():

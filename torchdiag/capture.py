@@ -72,8 +72,9 @@ class Capture:
         self._ref = weakref.ref(self)  # what the gradient hooks hold: never the capture itself
         self.order: dict[int, int] = {}  # slot -> first-call position in this step
         self._outputs: dict[int, int] = {}  # id(output tensor) -> slot, of the module that ran last
-        # id(output) -> (weak ref, its _version, slot, device, row start): every activation row of this step
-        self._rows: dict[int, tuple[weakref.ref, int, int, torch.device, int]] = {}
+        # id(output) -> (weak ref, its _version, slot, where (device or KERNEL_ROWS), row start): every activation
+        # row of this step
+        self._rows: dict[int, tuple[weakref.ref, int, int, Any, int]] = {}
         self._root_called = False
         self._root_slot = self.root_slot = next((i for i, s in enumerate(slots) if s.is_root), None)
         # gradient hooks on tensors that outlive the step (a parameter returned through Identity / Dropout(0)):

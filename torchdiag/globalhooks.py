@@ -47,6 +47,7 @@ class GlobalHooks:
         if module not in cls.pre and module not in cls.post:
             cls.ids.discard(id(module))
         if not cls.pre and not cls.post:
+            cls.ids.clear()  # (ids of modules dropped without a discard)
             while cls.handles:
                 cls.handles.pop().remove()
 

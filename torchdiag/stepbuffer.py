@@ -48,8 +48,9 @@ class Pending:
     calls: dict[int, int]
     reduce: bool
     hist_entries: list[tuple[int, int, torch.device, int]]
-    # per device: (device, pinned host tensor or list of floats, CUDA event or None, number of values, hist width)
-    copies: list[tuple[torch.device, Any, Any, int, int]] = field(default_factory=list)
+    # per device (or KERNEL_ROWS): (it, pinned host tensor or list of floats, CUDA event or None, number of values,
+    # hist width)
+    copies: list[tuple[Any, Any, Any, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -171,8 +172,8 @@ class StepBuffer:
             grown = torch.empty((max(64, 2 * i), stats.ACT_COLS), dtype=torch.float64)
             grown[:i].copy_(self._block[:i])
             self._block = grown
+        self._block_used = i + 1  # reserved before the kernel runs (ctypes lets other threads run meanwhile)
         stats.cpu_row_into(x, self._block, i, saturation, zeros)
-        self._block_used = i + 1
         start = i * stats.ACT_COLS
         self.entries.append((slot, kind, x.numel(), KERNEL_ROWS, start, stats.ACT_COLS))
         return start
@@ -228,14 +229,19 @@ class StepBuffer:
     def launch(self, pending: Pending, with_histograms: bool, defer: bool) -> Pending:
         """Per device one stack of the step's values (histogram rows appended) and its copy to the host: a
         blocking ``tolist`` or, with ``defer`` on a GPU, a non-blocking copy into pinned memory."""
-        for d, values in self.values.items():
-            if not values:
+        hist_devices = [d for d, used in self._hist_rows_used.items() if used] if with_histograms else []
+        # (a device may hold histogram rows and no value: its rows all went to the CPU kernel's block)
+        for d in [*self.values, *(d for d in hist_devices if d not in self.values)]:
+            values = self.values.get(d, [])
+            hused = self._hist_rows_used.get(d, 0) if with_histograms else 0
+            if not values and not hused:
                 continue
-            if all(v.dim() == 0 for v in values):
+            if not values:
+                flat = torch.empty(0, device=d)
+            elif all(v.dim() == 0 for v in values):
                 flat = torch.stack(values)
             else:
                 flat = torch.cat([v.view(1) if v.dim() == 0 else v for v in values])
-            hused = self._hist_rows_used.get(d, 0) if with_histograms else 0
             width = self._hist_buffers[d].shape[1] if hused else 0
             if hused:
                 hbuf = self._hist_buffers[d][:hused]
@@ -245,9 +251,9 @@ class StepBuffer:
                 host.copy_(flat, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(d))
-                pending.copies.append((d, host, event, self.sizes[d], width))
+                pending.copies.append((d, host, event, self.sizes.get(d, 0), width))
             else:
-                pending.copies.append((d, flat.tolist(), None, self.sizes[d], width))
+                pending.copies.append((d, flat.tolist(), None, self.sizes.get(d, 0), width))
         if self._block_used:  # the CPU kernel's rows: already on the host
             rows = self._block[:self._block_used].reshape(-1).tolist()
             pending.copies.append((KERNEL_ROWS, rows, None, len(rows), 0))
