@@ -6,6 +6,7 @@ import contextlib
 import weakref
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from torchdiag import capture, taxonomy
@@ -33,3 +34,20 @@ def recording(model: nn.Module, every: int = 1, histogram_every: int = 0) -> Ite
     finally:
         rec.close()
         capture.detach([weakref.ref(m) for m in modules])
+
+
+def spy(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Independent copies of each direct child's output and of the gradient at it (of its last call), by name:
+    the plain tensors a test computes its expected statistics from."""
+    acts: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            acts[name] = out.detach().clone()
+            out.register_hook(lambda g: grads.__setitem__(name, g.detach().clone()))
+        return hook
+
+    for name, m in model.named_children():
+        m.register_forward_hook(keep(name))
+    return acts, grads

@@ -15,6 +15,8 @@ import torch
 
 from torchdiag import cpurow, stats
 
+from .recording import spy
+
 pytestmark = pytest.mark.skipif(cpurow.status() != "on", reason=f"CPU kernel not built: {cpurow.status()}")
 
 SAT = (0.0, 0.9)
@@ -224,16 +226,7 @@ def test_a_watched_step_reads_the_same_from_the_host_block_as_from_float64_tenso
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(40) for m in (nn.Linear(16, 16), nn.ReLU())], nn.Linear(16, 4), nn.Tanh())
     x = torch.randn(32, 16)
-    outs, grads = {}, {}
-
-    def keep(name):
-        def hook(module, args, out):
-            outs[name] = out.detach().double()
-            out.register_hook(lambda g: grads.__setitem__(name, g.double()))
-        return hook
-
-    for name, m in model.named_children():
-        m.register_forward_hook(keep(name))
+    outs, grads = spy(model)
     with torchdiag.watch(model, config={"warnings": False}) as diag:
         model(x).sum().backward()
         peek = diag.report()  # a peek: weight rows written, then rolled back
@@ -243,7 +236,7 @@ def test_a_watched_step_reads_the_same_from_the_host_block_as_from_float64_tenso
         [(r.name, r.act_std, r.grad_std, r.weight_std) for r in report.layers]
     assert len(report.layers) == len(model)
     for layer in report.layers:
-        y, g = outs[layer.name], grads[layer.name]
+        y, g = outs[layer.name].double(), grads[layer.name].double()
         assert layer.act_std == pytest.approx(y.std(correction=0).item(), rel=1e-5), layer.name
         assert layer.act_mean == pytest.approx(y.mean().item(), rel=1e-4, abs=1e-6), layer.name
         assert layer.grad_std == pytest.approx(g.std(correction=0).item(), rel=1e-5), layer.name

@@ -9,6 +9,8 @@ from torch import nn
 import torchdiag
 from torchdiag import stats
 
+from .recording import spy
+
 
 def _ref(t):
     t = t.detach().double().reshape(-1)
@@ -24,17 +26,7 @@ def test_layer_stats_equal_plain_formulas():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
     x = torch.randn(128, 32)
-    acts, grads = {}, {}
-
-    def spy(name):
-        def hook(mod, args, out):
-            acts[name] = out.detach().clone()
-            out.register_hook(lambda g: grads.__setitem__(name, g.clone()))
-
-        return hook
-
-    for name, m in model.named_children():
-        m.register_forward_hook(spy(name))
+    acts, grads = spy(model)
     report = torchdiag.check(model, x)
     for layer in report.layers:
         ref = _ref(acts[layer.name])

@@ -176,19 +176,11 @@ def usable(x: torch.Tensor) -> bool:
             and _library() is not None)
 
 
-def row(x: torch.Tensor, shift: bool, ratio: float, saturation: tuple[float, float] | None = None,
-        zeros: bool = False) -> tuple[torch.Tensor, bool]:
-    """The 7 statistics of the contiguous float32 CPU tensor ``x`` (any shape) as one float64 tensor
-    (``stats.act_row``'s columns, min and max always), and whether its sums are reliable to float accuracy
-    (``stats._reliable``)."""
-    out = torch.empty(7, dtype=torch.float64)
-    return out, row_into(x, out.data_ptr(), shift, ratio, saturation, zeros)
-
-
 def row_into(x: torch.Tensor, out_ptr: int, shift: bool, ratio: float,
              saturation: tuple[float, float] | None = None, zeros: bool = False) -> bool:
-    """``row``, written into the 7 float64 values at address ``out_ptr`` (a row of a block the caller owns: no
-    tensor per row); whether its sums are reliable."""
+    """The 7 statistics of the contiguous float32 CPU tensor ``x`` (any shape; ``usable``), ``stats.act_row``'s
+    columns with min and max always, written as float64 at address ``out_ptr`` (a row of a block the caller
+    owns: no tensor per row); returns whether its sums are reliable to float accuracy (``stats._reliable``)."""
     fns = _library()
     c, h = saturation if saturation is not None else (0.0, 0.0)
     fn = fns[(1 if zeros else 0) + (2 if saturation is not None else 0)]

@@ -102,16 +102,6 @@ def _shape(s: LayerStats, forward: bool) -> object:
     return None if m is None else m.n // max(s.calls, 1)
 
 
-def _pairs(n: int) -> tuple[int, list[tuple[int, int]] | None]:
-    """The pairs of members compared: all of them up to 64 members; past that members ``i = stride * a`` against
-    ``j = stride * b + 1`` for ``b >= a`` (at most ~2,000 pairs). Returns the stride, and the pairs as a list for a
-    chain short enough that lists are cheaper than tensor ops (None: ``_slope`` builds them as tensors)."""
-    stride = -(-n // 64)
-    if n > _LIST_MEMBERS:
-        return stride, None
-    return stride, [(i, j) for i in range(0, n, stride) for j in range(i + 1, n, stride)]
-
-
 _LIST_MEMBERS = 24  # measured: lists cost 0.13 ms at 24 members (276 pairs) against 0.25 ms of tensor ops; at 64
 # members (2,016 pairs) 3.4 ms against 0.5 ms
 
@@ -125,16 +115,18 @@ def _slope(xs: list[int], ys: list[float], shapes: list) -> float:
     tensor ops: the same IEEE divisions and order statistics as the lists, so the same slope to the bit (tested).
     """
     n = len(ys)
-    stride, pairs = _pairs(n)
-    if pairs is not None:
+    stride = -(-n // 64)  # long chains: pairs at a spread of positions, at most ~2,000 of them
+    if n <= _LIST_MEMBERS:
+        pairs = [(i, j) for i in range(0, n, stride) for j in range(i + 1, n, stride)]
         same = [(i, j) for i, j in pairs if shapes[i] == shapes[j]]
         if len(same) >= max(3, len(pairs) // 8):
             pairs = same
         slopes = sorted((ys[j] - ys[i]) / (xs[j] - xs[i]) for i, j in pairs)
         mid = len(slopes) // 2
         return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
+    # the same pairs as tensors: i = stride * a against j = stride * b + 1 for b >= a (j < n: b < ceil((n-1)/stride))
     a, b = torch.triu_indices(-(-n // stride), -(-(n - 1) // stride), 0)
-    i, j = a * stride, b * stride + 1  # (j < n: b < ceil((n - 1) / stride))
+    i, j = a * stride, b * stride + 1
     ids: dict = {}
     shape_id = torch.tensor([ids.setdefault(sh, len(ids)) for sh in shapes])
     same_t = shape_id[i] == shape_id[j]

@@ -124,16 +124,15 @@ def grad_row(g: torch.Tensor, shift: bool = True, minmax: bool = False) -> list[
 
     On a GPU with Triton, for a large tensor: the fused kernel's whole activation row (one read; min and
     max come free). A float32 CPU tensor: the CPU kernel's (``cpurow``), always about the first element
-    (``shift`` is for the ATen passes, where the subtraction costs a pass).
+    (``shift`` is for the ATen passes, where the subtraction costs a pass). A watch's hooks ask the step buffer
+    first (``StepBuffer.kernel_row``), which writes a contiguous one's row in place; here it is a tensor.
     """
-    if cpurow.usable(g):  # contiguous float32 on the CPU: read as it is, without a flattening view (~4 us a row)
-        return _cpu_row(g)
     x = _flat(g)
     if fused.usable(x, small_ok=minmax):  # histogram steps: the fused histogram reads min/max from this row
         row = fused.row(x)
         if row is not None:
             return row
-    if cpurow.usable(x):  # strided or channels-last: its flat copy or view
+    if cpurow.usable(x):
         return _cpu_row(x)
     row = _moments(x, shift)
     if minmax:
@@ -150,8 +149,6 @@ def act_row(y: torch.Tensor, saturation: tuple[float, float] | None = None, shif
     the same for the non-negative outputs it is asked of. ``saturation``: ``(centre, half_width)``: count
     elements with ``|y - centre| > half_width``. ``shift``: as in ``grad_row``.
     """
-    if cpurow.usable(y):  # (as in grad_row)
-        return _cpu_row(y, saturation, zeros)
     x = _flat(y)
     if fused.usable(x):
         row = fused.row(x, saturation, zeros)

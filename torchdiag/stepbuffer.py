@@ -229,11 +229,10 @@ class StepBuffer:
     def launch(self, pending: Pending, with_histograms: bool, defer: bool) -> Pending:
         """Per device one stack of the step's values (histogram rows appended) and its copy to the host: a
         blocking ``tolist`` or, with ``defer`` on a GPU, a non-blocking copy into pinned memory."""
-        hist_devices = [d for d, used in self._hist_rows_used.items() if used] if with_histograms else []
-        # (a device may hold histogram rows and no value: its rows all went to the CPU kernel's block)
-        for d in [*self.values, *(d for d in hist_devices if d not in self.values)]:
-            values = self.values.get(d, [])
-            hused = self._hist_rows_used.get(d, 0) if with_histograms else 0
+        hist_used = self._hist_rows_used if with_histograms else {}
+        # a device may hold histogram rows and no value (its rows all went to the CPU kernel's block)
+        for d in dict.fromkeys([*self.values, *hist_used]):
+            values, hused = self.values.get(d, []), hist_used.get(d, 0)
             if not values and not hused:
                 continue
             if not values:
