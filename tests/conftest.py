@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+from tests.thirdparty import import_torchvision
+
+import_torchvision()
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
