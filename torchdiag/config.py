@@ -35,6 +35,8 @@ class Config:
     vanishing_ratio: float
     exploding_ratio: float
     normalized_ratio: float
+    layer_step_ratio: float
+    drift_change_ratio: float
     dead_fraction: float
     saturation_level: float
     saturated_fraction: float
@@ -227,6 +229,8 @@ _VALUE_TYPES = {
     "vanishing_ratio": "float",
     "exploding_ratio": "float",
     "normalized_ratio": "float",
+    "layer_step_ratio": "float",
+    "drift_change_ratio": "float",
     "dead_fraction": "float",
     "saturation_level": "float",
     "saturated_fraction": "float",
@@ -261,6 +265,8 @@ _FLOAT_RANGE = {
     "vanishing_ratio": (0.0, 1.0),
     "exploding_ratio": (1.0, math.inf),
     "normalized_ratio": (1.0, math.inf),
+    "layer_step_ratio": (1.0, math.inf),
+    "drift_change_ratio": (1.0, math.inf),
     "dead_fraction": (0.0, 1.0),
     "saturation_level": (0.0, 1.0),
     "saturated_fraction": (0.0, 1.0),

@@ -37,8 +37,12 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def diagnose(stats: StepStats, config: Config) -> Report:
-    """Turn one step's statistics into a Report (flags, gains, suggestions)."""
+def diagnose(stats: StepStats, config: Config, baseline: drift.Baseline | None = None) -> Report:
+    """Turn one step's statistics into a Report (flags, gains, suggestions).
+
+    ``baseline``: what the run's earlier recorded steps fixed (``drift.Baseline``); without it, or before it has
+    a step, this is the first recorded step and is judged as the init."""
+    trained = baseline is not None and baseline.started
     layers = sorted(stats.layers, key=lambda s: s.index)
     rows = [_base_row(s, stats) for s in layers]
     notes: list[str] = []
@@ -46,14 +50,14 @@ def diagnose(stats: StepStats, config: Config) -> Report:
         if s.role == Role.WEIGHTED:
             rules.suggest(rows[pos], s, layers[pos + 1 :], config)
 
-    first_nonfinite = rules.nonfinite_forward(rows, layers)
+    first_nonfinite = rules.nonfinite_forward(rows, layers, trained)
     for row, s in zip(rows, layers):
-        rules.dead_or_saturated(row, s, config)
+        rules.dead_or_saturated(row, s, config, trained)
     first_nonfinite_grad = rules.nonfinite_backward(rows, layers) if first_nonfinite is None else None
 
-    if stats.step == 0:  # the first recorded step: the init as it was drawn
+    if not trained:  # the first recorded step: the init as it was drawn
         drift.small_norm_weights(rows, layers)
-    drift.drift(rows, layers, config, notes)
+    seen = drift.drift(rows, layers, config, notes, baseline)
     drift.explain_by_dead(rows)
     rules.updates(rows, layers, config, notes)
 
@@ -61,7 +65,7 @@ def diagnose(stats: StepStats, config: Config) -> Report:
         notes.append("watched but never called in this step: " + ", ".join(stats.not_called))
     report = Report(layers=rows, step=stats.step, first_nonfinite=first_nonfinite, notes=notes,
                     first_nonfinite_grad=first_nonfinite_grad,
-                    rescale_grads=stats.rescale_grads, amp_scale=stats.amp_scale)
+                    rescale_grads=stats.rescale_grads, amp_scale=stats.amp_scale, drift_seen=seen)
     pre, post = stats.grad_norm_preclip, stats.grad_norm_postclip
     if pre is not None and post is not None and math.isfinite(pre):
         report.grad_norm_preclip, report.grad_norm_postclip = pre, post

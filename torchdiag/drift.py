@@ -6,12 +6,22 @@ output gradient norm: a robust slope (Theil-Sen) in log units gives the change p
 and a total outside [vanishing_ratio, exploding_ratio] is drift, blamed on the layer whose weights to change
 (``_cause``) with the fix that applies (``_drift_fix``). Near-zero normalisation weights, dead ReLUs and
 all-zero weights explain what would otherwise look like vanishing. Pure, like ``rules``.
+
+Three judgements, by what the run has seen (``Baseline``):
+
+* the init (a chain's first recorded step): the band above; a single member whose gain stands out from its
+  chain's by ``layer_step_ratio`` is that layer's own problem (``_outliers``), taken out of the trend;
+* a trained net (later steps, a chain inside the band at its start): the drift's change since that start,
+  outside ``drift_change_ratio``, is the optimisation's doing (never fixed by rescaling weights);
+* a chain flagged at its start stays judged by the band: an init problem persists or recovers.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import statistics
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,7 +57,33 @@ def _pre_step_rms(s: LayerStats) -> float | None:
     return s.update_base_rms if s.update_base_rms is not None else s.weight_rms
 
 
-def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes: list[str]) -> None:
+#: a chain and a direction: (name pattern, module type, feeds a norm, 'forward' | 'backward')
+ChainKey = tuple[str, str, bool, str]
+
+
+@dataclass
+class Baseline:
+    """What the run's earlier recorded steps fixed: each chain's drift at its first recorded step (and whether the
+    band flagged it then), and the layers named alone as mis-scaled at the first recorded step."""
+
+    totals: dict[ChainKey, tuple[float, bool]] = field(default_factory=dict)
+    outliers: set[str] = field(default_factory=set)
+    started: bool = False  # a step was committed: later steps judge a trained net
+
+    def commit(self, seen: Baseline) -> None:
+        """Take one published step's chains: a chain keeps the drift of the first step it was judged at."""
+        for key, value in seen.totals.items():
+            self.totals.setdefault(key, value)
+        if not self.started:
+            self.outliers |= seen.outliers
+        self.started = True
+
+
+def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes: list[str],
+          baseline: Baseline | None = None) -> Baseline:
+    """Judge every chain of this step (see the module's docstring); returns what this step saw, for ``baseline``."""
+    baseline = baseline or Baseline()
+    seen = Baseline()
     chains: dict[tuple, list[int]] = {}
     for pos, s in enumerate(layers):
         key = _chain_key(s)
@@ -59,15 +95,74 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
         zero_after[pos] = zero_after[pos + 1] or (pos + 1 < len(layers) and zero[pos + 1])
     _zero_grad_notes(rows, layers, zero, notes)
     norms = [s.index for s in layers if s.role == Role.NORM]
-    for (pattern, _, feeds_norm), members in chains.items():
-        if len(members) < cfg.min_repeats:
-            continue
+    long_chains = {key: members for key, members in chains.items() if len(members) >= cfg.min_repeats}
+    outliers = _outliers(rows, layers, long_chains.values(), cfg,
+                         None if not baseline.started else baseline.outliers)
+    seen.outliers = {layers[p].name for p in outliers}
+    for (pattern, module_type, feeds_norm), members in long_chains.items():
         first, last = layers[members[0]].index, layers[members[-1]].index
         normalized = any(first < i < last for i in norms)
-        if not feeds_norm:
-            _judge(rows, layers, members, cfg, "forward", zero, normalized)
-        if not _QUERY_KEY.search(pattern):  # their gradient is second order in the attention logits: not a trunk figure
-            _judge(rows, layers, members, cfg, "backward", zero_after, normalized)
+        for direction in ("forward", "backward"):
+            if direction == "forward" and feeds_norm:
+                continue
+            if direction == "backward" and _QUERY_KEY.search(pattern):
+                continue  # their gradient is second order in the attention logits: not a trunk figure
+            key = (pattern, module_type, feeds_norm, direction)
+            judged = _judge(rows, layers, members, cfg, direction, zero if direction == "forward" else zero_after,
+                            normalized, outliers, baseline.totals.get(key), baseline.started)
+            if judged is not None:
+                seen.totals[key] = judged
+    return seen
+
+
+def _outliers(rows: list[LayerReport], layers: list[LayerStats], chains, cfg: Config,
+              known: set[str] | None) -> dict[int, float]:
+    """Chain members that alone scale the signal: ``{position: factor}`` where a member's measured gain is at least
+    ``layer_step_ratio`` times above (or below) the median gain of the members of its weight shape.
+
+    At the first recorded step each is flagged on itself, with its own factor. Later (``known``: the layers found
+    then) only those are followed, so that the trend of their chain stays judged without their step: a trained
+    net's members legitimately part ways.
+    """
+    found: dict[int, float] = {}
+    limit = cfg.layer_step_ratio
+    for members in chains:
+        weighted = [p for p in members if layers[p].role == Role.WEIGHTED and not layers[p].feeds_norm
+                    and rows[p].gain is not None and rows[p].gain > 0 and math.isfinite(rows[p].gain)]
+        by_shape: dict[object, list[int]] = {}
+        for p in weighted:
+            by_shape.setdefault(layers[p].weight_shape, []).append(p)
+        for group in by_shape.values():
+            if len(group) < cfg.min_repeats:
+                continue
+            typical = statistics.median(rows[p].gain for p in group)
+            odd = {p: rows[p].gain / typical for p in group if not 1 / limit < rows[p].gain / typical < limit}
+            if len(odd) > max(1, len(group) // 4):
+                continue  # many members apart from the median is no single layer's doing
+            for p, factor in odd.items():
+                if known is None or layers[p].name in known:
+                    found[p] = factor
+    if known is None:
+        for p, factor in found.items():
+            _flag_outlier(rows[p], layers[p], factor, cfg)
+    elif known:
+        for p, factor in found.items():  # still there: the init problem persists
+            _flag_outlier(rows[p], layers[p], factor, cfg)
+    return found
+
+
+def _flag_outlier(row: LayerReport, s: LayerStats, factor: float, cfg: Config) -> None:
+    problem = "exploding" if factor > 1 else "vanishing"
+    textbook = (f"; its weight std is ×{1 / row.suggested_scale:.3g} the {row.suggested_init} scale"
+                if row.suggested_scale else "")
+    flag(row, problem, "forward", factor, cfg.layer_step_ratio if factor > 1 else 1 / cfg.layer_step_ratio,
+         "layer_step_ratio",
+         f"'{s.name}' ({s.module_type}) alone makes the signal {problem}: its gain is ×{factor:.3g} that of the"
+         f" other layers of its shape and role (layer_step_ratio {cfg.layer_step_ratio:g}), so everything after it"
+         f" (forward) and before it (backward) is scaled by that much{textbook}. Fix: multiply its weights by"
+         f" {1 / factor:.3g} (torchdiag.apply_suggestions does it) or re-initialise it"
+         + (f" with {row.suggested_init}" if row.suggested_init else ""),
+         s.name, 1, True, reason="init")
 
 
 def _figure(s: LayerStats, forward: bool) -> tuple[float | None, bool]:
@@ -143,7 +238,12 @@ def _slope(xs: list[int], ys: list[float], shapes: list) -> float:
 
 
 def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cfg: Config, direction: str,
-           zero: list[bool], normalized: bool) -> None:
+           zero: list[bool], normalized: bool, outliers: dict[int, float], start: tuple[float, bool] | None,
+           trained: bool) -> tuple[float, bool] | None:
+    """Judge one chain in one direction; returns (its drift, whether the band flagged it), or None: not measured.
+
+    ``start``: the chain's (drift, flagged) at the first step it was judged at; ``trained``: a step was published
+    before this one (so a chain first judged now is judged later, from this start)."""
     forward = direction == "forward"
     seq = []  # (ordinal in the chain, pos, figure) of members with a usable, finite measurement
     skip = set()  # members that are not part of a drift: exact zeros from all-zero weights (a note instead)
@@ -158,17 +258,26 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
         elif fig is not None:
             seq.append((k, pos, fig))
     if len(seq) < cfg.min_repeats:
-        return
-    # per repeat, in log units; backward the gradient flows from the last member to the first
-    slope = _slope([k for k, _, _ in seq], [math.log(max(fig, _TINY)) for _, _, fig in seq],
-                   [_shape(layers[pos], forward) for _, pos, _ in seq])
+        return None
+    # per repeat, in log units; backward the gradient flows from the last member to the first. A mis-scaled layer
+    # named alone (``_outliers``) scales the members after it (forward) or before it (backward): taken out here
+    ys = [math.log(max(fig, _TINY)) - sum(math.log(f) for p, f in outliers.items() if (p <= pos if forward else
+                                                                                         p > pos))
+          for _, pos, fig in seq]
+    slope = _slope([k for k, _, _ in seq], ys, [_shape(layers[pos], forward) for _, pos, _ in seq])
     k0, k1 = seq[0][0], seq[-1][0]
     total = math.exp(slope * (k1 - k0) if forward else -slope * (k1 - k0))
     lo, hi, key_lo, key_hi = cfg.vanishing_ratio, cfg.exploding_ratio, "vanishing_ratio", "exploding_ratio"
     if normalized:
         lo, hi, key_lo, key_hi = 1 / cfg.normalized_ratio, cfg.normalized_ratio, "normalized_ratio", "normalized_ratio"
-    if lo <= total <= hi:
-        return
+    banded = not lo <= total <= hi
+    if start is None and trained:
+        return total, False  # first measured on a trained net (a branch that grew out of zero): its start from now
+    if start is not None and not start[1]:
+        _judge_change(rows, layers, members, seq, cfg, direction, total, start[0], normalized)
+        return total, banded
+    if not banded:
+        return total, False
     problem, thr, key = ("vanishing", lo, key_lo) if total < lo else ("exploding", hi, key_hi)
     cause_pos = _cause(layers, seq[0][1])
     cause = layers[cause_pos]
@@ -180,22 +289,60 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
     if cause.role == Role.NORM and any(f.key == "norm_weight" for f in rows[cause_pos].findings):
         rows[cause_pos].notes.append(f"along {chain} the {what} changes {total:.3g}× ({direction}): a consequence of"
                                      " the near-zero normalisation weights")
-        return
+        return total, True
     fixable, fix = _drift_fix(rows, layers, members, cause_pos, problem, forward, cfg)
+    reason = "architecture" if fixable is False else "init"
     lead = (f"'{cause.name}' ({cause.module_type}) and the layers of its kind make the signal {problem} ({direction}):"
             f" along {chain} the {what} changes {per:.3g}× per layer, {total:.3g}× {how} ({key} {thr:g}). Fix: {fix}")
     if not any(f.problem == problem and f.direction == direction for f in rows[cause_pos].findings):
-        flag(rows[cause_pos], problem, direction, total, thr, key, lead, cause.name, len(members), fixable)
+        flag(rows[cause_pos], problem, direction, total, thr, key, lead, cause.name, len(members), fixable,
+             reason=reason)
         if fixable is False:
             rows[cause_pos].notes.append(f"init cannot fix this {problem} ({direction}) drift: {fix}")
-    for k, pos in enumerate(members):  # every member of a drifting chain is part of it (and gets its own scale)
+    _flag_members(rows, layers, members, cause_pos, skip, problem, direction, thr, key, chain, cause.name, fixable,
+                  reason, lambda k: math.exp(slope * (k - k0) if forward else -slope * (k1 - k)))
+    return total, True
+
+
+def _flag_members(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cause_pos: int, skip: set,
+                  problem: str, direction: str, thr: float, key: str, chain: str, cause: str, fixable: bool | None,
+                  reason: str, at_place) -> None:
+    """Every member of a drifting chain is part of it (and gets its own figure at its place)."""
+    for k, pos in enumerate(members):
         if pos == cause_pos or pos in skip:
             continue
-        at = math.exp(slope * (k - k0) if forward else -slope * (k1 - k))  # the trend at its place
+        at = at_place(k)
         s = layers[pos]
         flag(rows[pos], problem, direction, at, thr, key,
-              f"'{s.name}' ({s.module_type}) is {problem} ({direction}): {at:.3g}× at its place along {chain};"
-              f" see '{cause.name}'", cause.name, 1, fixable)
+             f"'{s.name}' ({s.module_type}) is {problem} ({direction}): {at:.3g}× at its place along {chain};"
+             f" see '{cause}'", cause, 1, fixable, reason=reason)
+
+
+def _judge_change(rows: list[LayerReport], layers: list[LayerStats], members: list[int], seq: list, cfg: Config,
+                  direction: str, total: float, start: float, normalized: bool) -> None:
+    """A trained chain: its drift against its own start. Moved by ``drift_change_ratio`` (``normalized_ratio`` for
+    a chain with norms between its members), it is the optimisation's doing: the fix is the learning rate."""
+    limit = cfg.normalized_ratio if normalized else cfg.drift_change_ratio
+    key = "normalized_ratio" if normalized else "drift_change_ratio"
+    change = total / start if start > 0 else math.inf
+    if 1 / limit <= change <= limit:
+        return
+    problem, thr = ("vanishing", 1 / limit) if change < 1 else ("exploding", limit)
+    forward = direction == "forward"
+    cause_pos = _cause(layers, seq[0][1])
+    cause = layers[cause_pos]
+    s0, s1 = layers[members[0]], layers[members[-1]]
+    chain = f"{len(members)} repeated {s0.module_type} layers ('{s0.name}' … '{s1.name}')"
+    what = "output rms" if forward else "output gradient norm"
+    lead = (f"'{cause.name}' ({cause.module_type}) and the layers of its kind became {problem} ({direction}) in"
+            f" training: along {chain} the {what} changed {total:.3g}× over the chain, against {start:.3g}× when the"
+            f" run started ({change:.3g}× since; {key} {limit:g}). The updates did this, not the init. Fix: lower"
+            " the learning rate, add warm-up, or clip gradients (torch.nn.utils.clip_grad_norm_)")
+    if not any(f.problem == problem and f.direction == direction for f in rows[cause_pos].findings):
+        flag(rows[cause_pos], problem, direction, change, thr, key, lead, cause.name, len(members), False,
+             reason="optimisation")
+    _flag_members(rows, layers, members, cause_pos, set(), problem, direction, thr, key, chain, cause.name, False,
+                  "optimisation", lambda k: change)
 
 
 _TINY = 1e-45  # below float32's smallest subnormal: an exact zero (underflow) in log space
@@ -234,7 +381,7 @@ def small_norm_weights(rows: list[LayerReport], layers: list[LayerStats]) -> Non
         flag(rows[p], "vanishing", "forward", _pre_step_rms(s), _SMALL_NORM_WEIGHT, "norm_weight",
               msg if i == 0 else f"'{s.name}' ({s.module_type}): weights of rms {_pre_step_rms(s):.3g}; see"
               f" '{first.name}'",
-              first.name, len(small) if i == 0 else 1, True)
+              first.name, len(small) if i == 0 else 1, True, reason="init")
 
 
 # a normalisation layer whose weight rms is below this scales every signal through it down by as much (its init

@@ -9,6 +9,7 @@ from typing import Any
 from .amp import SkippedSteps
 from .config import Config
 from .diagnose import diagnose
+from .drift import Baseline
 from .errors import warn_self
 from .report import Report
 from .sinks.console import ConsoleSink
@@ -33,6 +34,7 @@ class Publisher:
         self.skipped = SkippedSteps(scaler) if scaler is not None else None
         self.console = ConsoleSink()
         self.verdict = RunVerdict.from_config(config)
+        self.baseline = Baseline()  # what the published steps fixed: the init is judged once, a trained net by change
         self.tb: TensorBoardSink | None = None
         self.last: Report | None = None  # the latest step published
         self.on_sink_failed: Callable[[], None] | None = None
@@ -87,7 +89,7 @@ class Publisher:
     # ------------------------------------------------------------ a step
     def diagnose(self, stats: StepStats) -> Report:
         stats.rescale_grads = self.rescaled
-        report = diagnose(stats, self.config)
+        report = diagnose(stats, self.config, self.baseline)
         if report.amp_scale is not None and self.skipped is not None:
             report.amp_skipped_steps = self.skipped.add(report.amp_scale)
         return report
@@ -127,6 +129,7 @@ class Publisher:
             except Exception as e:  # noqa: BLE001 - torchdiag's own failure never reaches the training step
                 warn_self(f"torchdiag: the instability signals of step {stats.step} failed ({type(e).__name__}: {e})")
         self.last = report
+        self.baseline.commit(report.drift_seen)
         report.new_findings = self.verdict.add(report)
         report.run_findings = self.verdict.findings()
         messages = (self._console_write_in_hook(report) if in_hook else self.console.write(report)) if self.warn \

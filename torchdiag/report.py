@@ -30,6 +30,13 @@ class Finding:
     cause: str | None = None  # drift: the weighted layer whose weights to change (this layer or the one feeding it)
     covers: int = 1  # drift: how many layers of the same chain this finding stands for
     fixable: bool | None = None  # drift: whether re-initialising the weights fixes it (None: not known)
+    reason: str | None = None  # the cause, one of REASONS (None: not known)
+
+
+#: what a finding is blamed on, each with its kind of fix: the weights as drawn (rescale or re-initialise), the
+#: architecture (no init fixes it), the training (learning rate, warm-up, clipping, Adam's eps: never a weight
+#: rescale), a half-precision dtype's range (a GradScaler, bf16, a layer kept in float32)
+REASONS = ("init", "architecture", "optimisation", "precision")
 
 
 @dataclass
@@ -77,7 +84,7 @@ class LayerReport:
         """Flagged with a drift or saturation that multiplying its weights by ``suggested_scale`` fixes."""
         return self.suggested_scale is not None and any(
             f.problem in ("vanishing", "exploding", "saturated") and f.fixable is not False and f.key != "norm_weight"
-            for f in self.findings)
+            and f.reason in (None, "init") for f in self.findings)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -116,6 +123,7 @@ class Report:
     new_findings: list[Any] = field(default_factory=list, repr=False)  # those that became findings at this step
     nonfinite_origin: Any = None  # where the run's first NaN/Inf was produced (torchdiag.NonfiniteOrigin), once found
     loss_spikes: list[Any] = field(default_factory=list)  # spikes found at this step (torchdiag.instability.LossSpike)
+    drift_seen: Any = field(default=None, repr=False)  # the chains' drift at this step (torchdiag.drift.Baseline)
 
     @property
     def flagged(self) -> list[LayerReport]:

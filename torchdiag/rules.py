@@ -13,10 +13,15 @@ from .gains import Nonlinearity
 from .report import Finding, LayerReport
 from .vocab import LayerStats, Role, Summary
 
+#: the fix for what appeared after updates: the training's settings, never a weight rescale
+OPTIMISATION_FIX = ("lower the learning rate, add warm-up, or clip gradients (torch.nn.utils.clip_grad_norm_); not a"
+                    " weight rescale: the init was fine when the run started")
 
-def nonfinite_forward(rows: list[LayerReport], layers: list[LayerStats]) -> str | None:
+
+def nonfinite_forward(rows: list[LayerReport], layers: list[LayerStats], trained: bool = False) -> str | None:
     """Flag NaN/Inf outputs: the first layer in execution order whose output holds it is the culprit (its name is
-    returned), the layers after it are contaminated."""
+    returned), the layers after it are contaminated. ``trained``: a step was recorded before this one, so the
+    updates since are the cause (the fix is the learning rate, not the weights' scale)."""
     first_nonfinite = None
     for row, s in zip(rows, layers):
         if s.act is not None and s.act.nonfinite:
@@ -25,7 +30,8 @@ def nonfinite_forward(rows: list[LayerReport], layers: list[LayerStats]) -> str 
                 flag(row, "nonfinite", None, math.nan, 0.0, "-",
                      f"'{s.name}' ({s.module_type}) is the first layer whose output holds NaN/Inf"
                      f" (absmax {s.act.absmax:g}); everything after it is contaminated."
-                     f" Fix: {fix_text(row)}")
+                     f" Fix: {OPTIMISATION_FIX if trained else fix_text(row)}",
+                     reason="optimisation" if trained else None)
             else:
                 row.status.add("nonfinite")
     return first_nonfinite
@@ -125,12 +131,12 @@ def updates(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, note
             flag(row, "large_updates", None, ratio, cfg.update_ratio_high, "update_ratio_high",
                   f"'{row.name}' ({row.module_type}) gets large_updates: one optimizer step moved its weights by"
                   f" {ratio:.3g} of their norm (update_ratio_high {cfg.update_ratio_high:g}; ~1e-3 is typical)."
-                  " Fix: lower the learning rate or clip gradients.")
+                  " Fix: lower the learning rate or clip gradients.", reason="optimisation")
         elif 0.0 < ratio < cfg.update_ratio_low:  # update_ratio_low 0 turns this off
             flag(row, "small_updates", None, ratio, cfg.update_ratio_low, "update_ratio_low",
                   f"'{row.name}' ({row.module_type}) gets small_updates: one optimizer step moved its weights by"
                   f" only {ratio:.3g} of their norm (update_ratio_low {cfg.update_ratio_low:g})."
-                  " Fix: raise the learning rate, or check its gradient (see backward drift).")
+                  " Fix: raise the learning rate, or check its gradient (see backward drift).", reason="optimisation")
 
 
 def _infer_functional(probe: Summary | None) -> Nonlinearity | None:
@@ -161,24 +167,31 @@ def fix_text(row: LayerReport) -> str:
 
 
 def flag(row: LayerReport, problem: str, direction: str | None, value: float, threshold: float,
-          key: str, message: str, cause: str | None = None, covers: int = 1, fixable: bool | None = None) -> None:
+         key: str, message: str, cause: str | None = None, covers: int = 1, fixable: bool | None = None,
+         reason: str | None = None) -> None:
     row.status.add(problem)
-    row.findings.append(Finding(problem, direction, value, threshold, key, message, cause, covers, fixable))
+    row.findings.append(Finding(problem, direction, value, threshold, key, message, cause, covers, fixable, reason))
 
 
-def dead_or_saturated(row: LayerReport, s: LayerStats, cfg: Config) -> None:
+def dead_or_saturated(row: LayerReport, s: LayerStats, cfg: Config, trained: bool = False) -> None:
+    """Dead ReLU-family and saturated tanh/sigmoid outputs; ``trained``: they appeared after updates."""
     if s.act is None or s.act.nonfinite:
         return
+    reason = "optimisation" if trained else "init"
     z = s.act.zero_fraction
     if s.relu_family and z is not None and z >= cfg.dead_fraction:
         flag(row, "dead", None, z, cfg.dead_fraction, "dead_fraction",
               f"'{s.name}' ({s.module_type}) is dead: {z:.1%} of its outputs are exactly zero"
               f" (dead_fraction {cfg.dead_fraction:g}), so almost no gradient passes. Fix: check the"
-              " biases and init of the layer before it, lower the learning rate, or use LeakyReLU.")
+              + (f" {OPTIMISATION_FIX}, or use LeakyReLU." if trained else
+                 " biases and init of the layer before it, lower the learning rate, or use LeakyReLU."),
+              reason=reason)
     sat = s.act.saturated_fraction
     if s.bounded and sat is not None and sat >= cfg.saturated_fraction:
         flag(row, "saturated", None, sat, cfg.saturated_fraction, "saturated_fraction",
               f"'{s.name}' ({s.module_type}) is saturated: {sat:.1%} of its outputs are beyond"
               f" {cfg.saturation_level:g} of its range (saturated_fraction {cfg.saturated_fraction:g}),"
-              " where its derivative is near zero. Fix: scale down the weights of the layer before it"
-              " (its suggestion uses the gain for this activation).")
+              " where its derivative is near zero. Fix: "
+              + (f"{OPTIMISATION_FIX}." if trained else "scale down the weights of the layer before it"
+                 " (its suggestion uses the gain for this activation)."),
+              reason=reason)

@@ -40,6 +40,7 @@ class RunFinding:
     recovered: bool  # not raised at the latest recorded step
     message: str  # the latest step's sentence, with its fix
     cause: str | None = None  # the weighted layer whose weights to change (drift), or None
+    reason: str | None = None  # what it is blamed on: 'init', 'architecture', 'optimisation', 'precision' (REASONS)
 
     def describe(self) -> str:
         where = f" ({self.direction})" if self.direction else ""
@@ -58,6 +59,7 @@ class _Seen:
     steps: int
     message: str
     cause: str | None
+    reason: str | None = None
     finding: bool = False
     found_at: int | None = None  # the step it became a finding at
 
@@ -94,25 +96,28 @@ class RunVerdict:
     def add(self, report) -> list[RunFinding]:
         """Take one recorded step's report; return the flags that became findings at this step."""
         return self.add_flags(report.step, ((layer.name, layer.module_type, layer.index, problem, direction, message,
-                                             cause) for layer in report.layers
-                                            for problem, direction, message, cause in _flags(layer)))
+                                             cause, reason) for layer in report.layers
+                                            for problem, direction, message, cause, reason in _flags(layer)))
 
     def add_flags(self, step: int, flags: Iterable[tuple]) -> list[RunFinding]:
         """Take one recorded step's flags, each ``(layer, module_type, index, problem, direction, message, cause)``
-        (what ``summarize`` reads back from a logdir); return those that became findings at this step."""
+        and optionally its reason (what ``summarize`` reads back from a logdir); return those that became findings
+        at this step."""
         if self._first is None:
             self._first = step
         self._recorded.append(step)
         oldest = self._recorded[0]
         new: list[RunFinding] = []
         raised_now: set[Key] = set()
-        for name, module_type, index, problem, direction, message, cause in flags:
+        for name, module_type, index, problem, direction, message, cause, *reason in flags:
             key = (name, problem, direction)
             raised_now.add(key)
             seen = self._seen.get(key)
             if seen is None:
                 seen = self._seen[key] = _Seen(module_type, index, step, step, 0, message, cause)
             seen.last_step, seen.message, seen.cause = step, message, cause
+            if reason and (seen.reason is None or seen.steps == 0):
+                seen.reason = reason[0]  # the cause it first had (an init problem stays one)
             seen.steps += 1
             hist = self._raised.setdefault(key, deque())
             hist.append(step)
@@ -136,14 +141,14 @@ class RunVerdict:
         name, problem, direction = key
         recovered = seen.last_step != self._recorded[-1]
         return RunFinding(name, seen.module_type, seen.index, problem, direction, seen.first_step, seen.last_step,
-                          seen.steps, recovered, seen.message, seen.cause)
+                          seen.steps, recovered, seen.message, seen.cause, seen.reason)
 
 
-def _flags(layer) -> Iterable[tuple[str, str | None, str, str | None]]:
-    """(problem, direction, message, cause) of each finding a layer carries at one step. Flags without a sentence
-    of their own (the layers after the first non-finite one) are its consequences, not findings."""
+def _flags(layer) -> Iterable[tuple[str, str | None, str, str | None, str | None]]:
+    """(problem, direction, message, cause, reason) of each finding a layer carries at one step. Flags without a
+    sentence of their own (the layers after the first non-finite one) are its consequences, not findings."""
     for f in layer.findings:
-        yield f.problem, f.direction, f.message, f.cause
+        yield f.problem, f.direction, f.message, f.cause, f.reason
 
 
 def verdict_of(reports: Iterable, config: Config | None = None) -> list[RunFinding]:
