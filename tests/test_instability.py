@@ -305,9 +305,10 @@ def test_a_loss_spike_against_the_runs_own_losses_names_the_layers_that_jumped_f
                 spikes += report.loss_spikes
         caught_all = [str(w.message) for w in caught]
     assert [s.step for s in spikes] == [40]
-    prev = losses[:40]
-    mean, std = statistics.fmean(prev), statistics.pstdev(prev)
-    assert spikes[0].sigmas == pytest.approx((5.0 - mean) / std, rel=1e-6)
+    logs = [math.log(torch.tensor(x).item()) for x in losses[:40]]  # robust: median, 1.4826 MAD of the float32 logs
+    med = statistics.median(logs)
+    mad = 1.4826 * statistics.median(abs(v - med) for v in logs)
+    assert spikes[0].sigmas == pytest.approx((math.log(5.0) - med) / mad, rel=1e-6)
     assert spikes[0].layers and all(step == 38 for _, _, step in spikes[0].layers)
     assert any("loss spike at step 40" in t for t in caught_all)
 
@@ -573,3 +574,25 @@ def test_the_report_of_a_step_in_progress_keeps_the_origin():
     assert in_progress.step == 2 and in_progress.first_nonfinite is None
     origin = in_progress.nonfinite_origin  # (the shift was reset before the replay ran: the module, checked live)
     assert origin is not None and (origin.phase, origin.module, origin.step) == ("forward", "2", 1)
+
+
+def test_a_heavy_tailed_loss_near_zero_is_no_spike_but_a_real_spike_still_is():
+    """A classifier near zero loss: batch losses spread over a factor of a few (log-normal), one batch at ~7x the
+    typical loss. On the raw scale that is many Gaussian sigmas; on the log scale with a robust spread it is noise.
+    A loss that leaves the run's level by orders of magnitude is still a spike."""
+    gen = torch.Generator().manual_seed(0)
+    healthy = (0.04 * torch.exp(0.6 * torch.randn(200, generator=gen))).tolist()
+    healthy[150] = 0.27
+    raw = healthy[:150]
+    assert (0.27 - statistics.fmean(raw)) / statistics.pstdev(raw) > 6  # what a Gaussian 6-sigma rule flagged
+    model = nn.Linear(4, 1)
+    with torchdiag.watch(model) as diag:
+        for value in healthy:
+            model(torch.randn(8, 4)).sum().backward()
+            assert diag.step(loss=value).loss_spikes == []
+        model(torch.randn(8, 4)).sum().backward()
+        (spike,) = diag.step(loss=40.0).loss_spikes  # 1000x the typical loss
+    logs = [math.log(x) for x in healthy[-128:]]
+    med = statistics.median(logs)
+    assert spike.sigmas == pytest.approx((math.log(40.0) - med) / (1.4826 * statistics.median(
+        abs(v - med) for v in logs)), rel=1e-6)

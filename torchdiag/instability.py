@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,27 +83,48 @@ def judge(report: Report, sig: StepSignals, cfg: Any, adam_before: set[str] = fr
 
 @dataclass
 class LossSpike:
-    """A loss far above the run's recent losses, and the layers whose gradient or update norm spiked first."""
+    """A loss far above the run's recent losses, and the layers whose gradient or update norm spiked first.
+
+    ``median`` and ``scale`` are those of the recent losses, in log units where every loss is positive (the log of a
+    loss is what a training curve shows; near zero its raw value is heavy-tailed), else in the loss's own units;
+    ``sigmas`` is how many robust standard deviations (1.4826 MAD) above the median the loss is."""
 
     step: int
     loss: float
-    mean: float
-    std: float
+    median: float
+    scale: float
     sigmas: float
     layers: list[tuple[str, str, int]] = field(default_factory=list)  # (layer, 'gradient' | 'update', step)
+    log: bool = True
 
     @property
     def message(self) -> str:
         first = "; first to spike: " + ", ".join(f"'{n}' {what} norm at step {s}" for n, what, s in self.layers) \
             if self.layers else ""
-        return (f"loss spike at step {self.step}: {self.loss:.4g} is {self.sigmas:.1f} sigma above the mean"
-                f" {self.mean:.4g} (std {self.std:.2g}) of the steps before it{first}. Fix: lower the learning rate"
+        typical = math.exp(self.median) if self.log else self.median
+        units = f"{math.expm1(self.scale):.2g} of it" if self.log else f"{self.scale:.2g}"
+        return (f"loss spike at step {self.step}: {self.loss:.4g} is {self.sigmas:.1f} robust sigma above the median"
+                f" {typical:.4g} (spread {units}) of the steps before it{first}. Fix: lower the learning rate"
                 " or clip gradients; skip the batch if it repeats.")
 
 
+def robust_z(history: Sequence[float], x: float) -> tuple[float, float, float, bool]:
+    """(median, robust std, z of ``x``, in log units?) of ``history``: the median and 1.4826 x the median absolute
+    deviation, of the logs where ``x`` and every loss are positive. The std is at least 0.1 % (of the median,
+    or in log units): a flat loss's rounding is not a spike."""
+    log = x > 0 and min(history) > 0
+    vals = [math.log(v) for v in history] if log else list(history)
+    y = math.log(x) if log else x
+    med = statistics.median(vals)
+    mad = statistics.median(abs(v - med) for v in vals) * 1.4826
+    scale = max(mad, 1e-3 if log else 1e-3 * abs(med), 1e-12)
+    return med, scale, (y - med) / scale, log
+
+
 class LossSpikes:
-    """Loss spikes against the run's own recent losses (``loss_spike_sigma`` over ``loss_spike_window`` steps),
-    and which layers' gradient or update norms jumped first in the recorded steps before one."""
+    """Loss spikes against the run's own recent losses (``loss_spike_sigma`` robust standard deviations over
+    ``loss_spike_window`` steps), and which layers' gradient or update norms jumped first in the recorded steps
+    before one."""
 
     def __init__(self, cfg: Any) -> None:
         self.sigma = cfg.loss_spike_sigma
@@ -124,20 +146,32 @@ class LossSpikes:
             if not math.isfinite(loss):
                 continue  # a non-finite loss is the non-finite origin's
             if len(self._losses) >= self.min_steps:
-                mean = statistics.fmean(self._losses)
-                std = max(statistics.pstdev(self._losses, mean), 1e-3 * abs(mean), 1e-12)
-                if loss > mean + self.sigma * std:
+                med, scale, z, log = robust_z(self._losses, loss)
+                if z > self.sigma:
                     if not self._streak:
-                        found.append(LossSpike(step, loss, mean, std, (loss - mean) / std, self._first_jumps(step)))
+                        found.append(LossSpike(step, loss, med, scale, z, self._first_jumps(step), log))
                     self._streak.append(loss)
                     if len(self._streak) >= 3:  # not a spike: the loss moved to a new level
-                        self._losses.extend(self._streak)
-                        self._streak = []
+                        self._move_level()
                     continue
             self._streak = []
             self._losses.append(loss)
         self.spikes += found
         return found
+
+    def _move_level(self) -> None:
+        """The recent losses moved to the streak's level (their median shifted onto the streak's, in log units where
+        every loss is positive): the noise learnt so far is kept, the level is the new one."""
+        old, new = list(self._losses), self._streak
+        if min(old + new) > 0:
+            shift = statistics.median(math.log(x) for x in new) - statistics.median(math.log(x) for x in old)
+            moved = [x * math.exp(shift) for x in old]
+        else:
+            shift = statistics.median(new) - statistics.median(old)
+            moved = [x + shift for x in old]
+        self._losses.clear()
+        self._losses.extend(moved + new)
+        self._streak = []
 
     def _first_jumps(self, step: int, factor: float = 3.0, top: int = 3, near: int = 8) -> list[tuple[str, str, int]]:
         """Layers whose gradient norm or update ratio went above ``factor`` x its median over the recorded steps
