@@ -78,3 +78,10 @@ def test_the_readme_and_docs_say_nothing_of_files_users_do_not_have():
         text = page.read_text()
         assert "reference/0" not in text, page.name
         assert not re.search(r"(?<![\w/])#\d+\b", text), (page.name, re.findall(r".{30}#\d+.{10}", text))
+
+
+def test_the_changelog_has_the_version_of_the_package():
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    text = (ROOT / "CHANGELOG.md").read_text()
+    headings = re.findall(r"^## \[([^\]]+)\]", text, re.M)
+    assert headings[:2] == ["Unreleased", version], headings
