@@ -514,7 +514,7 @@ def table(cases: list[Case] | None = None, optimizers=("adamw", "sgd"), steps: i
 
 
 def model_table(cases: list[Case] | None = None, steps: int = 3, white: bool = False, out=sys.stdout) -> int:
-    """One row per model (the README's table): what fired where over its four runs (AdamW and SGD, with and
+    """One row per model (the table in docs/diagnosis.md): what fired where over its four runs (AdamW and SGD, with and
     without ``optimizer=``), what should; returns the number of healthy model-runs with a false alarm."""
     cases = CASES if cases is None else cases
     print("| library | model | healthy | what fired (first layer @ step, over AdamW/SGD, with/without optimizer=)"
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--white-noise", action="store_true", help="white-noise images instead of smooth ones")
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--by-model", action="store_true", help="one row per model (the README's table)")
+    parser.add_argument("--by-model", action="store_true", help="one row per model (the table in docs/diagnosis.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cases = CASES

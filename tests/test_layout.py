@@ -119,10 +119,10 @@ def test_summarize_reads_the_tag_schema_not_the_sink():
     assert "torchdiag.tags" in graph["torchdiag.logreader"] and "torchdiag.tags" in graph["torchdiag.sinks.tensorboard"]
 
 
-def test_the_readme_inside_map_names_every_module_and_only_modules_that_exist():
-    readme = (PKG.parent / "README.md").read_text()
-    inside = readme[readme.index("## Inside"):]
-    inside = inside[:inside.index("\n## ", 1)]
+def test_the_internals_map_names_every_module_and_only_modules_that_exist():
+    page = (PKG.parent / "docs" / "internals.md").read_text()
+    inside = page[page.index("## Stages and files"):]
+    inside = inside[:inside.index("\n## ", 1)] if "\n## " in inside[1:] else inside
     named = {n for n in re.findall(r"`([\w/]+\.py)`", inside) if not n.startswith("tests/")}
     files = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     assert named == files, (sorted(files - named), sorted(named - files))

@@ -2,7 +2,7 @@
 
 Every model is built in code (no downloads). Each case says what it is, why it is healthy or
 broken, and for broken ones which flag must fire and on which layer first.
-Run ``python -m tests.zoo`` for the table of every model against every flag (it is in the README).
+Run ``python -m tests.zoo`` for the table of every model against every flag (it is in docs/diagnosis.md).
 """
 
 from __future__ import annotations
