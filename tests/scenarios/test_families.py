@@ -98,7 +98,7 @@ RUNS = [(c, "adamw", True, "smooth") for c in fam.HEALTHY]
 # a subset in the other combinations (cheap ones, and every family where some combination fires today)
 _SUBSET = ["tv_resnet18_zero_init_residual", "timm_resnet18", "timm_regnetx_002", "timm_nf_regnet_b0",
            "timm_efficientnet_b0", "timm_mobilenetv2_050", "timm_vit_tiny", "timm_convnext_atto", "tv_densenet_small",
-           "tv_squeezenet1_1", "tv_mobilenet_v3_small", "timm_swin_tiny_custom"]
+           "tv_squeezenet1_1"]
 for _name in _SUBSET:
     for _combo in (("adamw", False, "smooth"), ("sgd", True, "smooth"), ("adamw", True, "white")):
         if _name == "timm_resnet18" and _combo[1]:
@@ -138,8 +138,11 @@ def _conv_x50_reference() -> float:
 
 
 @pytest.mark.xfail(strict=True, reason="torchdiag is silent today (AdamW lr 1e-3, optimizer=, smooth images, 4 steps:"
-                   " no warning, no finding, no flag on layer3.0.conv2); without optimizer= it only raises the"
-                   " zero-init-BN false alarm on layer1.0.bn3")
+                   " no warning, no finding, no flag on layer3.0.conv2, whose row does carry suggested_scale 0.01998,"
+                   " i.e. x1/50, shown only on flagged layers): it feeds BatchNorm layer3.0.bn2, so its forward is"
+                   " not judged, its update ratio is not judged ('feeds a normalisation') and its backward figure is"
+                   " taken times its own output std (drift._figure), which cancels the 1/50; without optimizer= it"
+                   " only raises the zero-init-BN false alarm on layer1.0.bn3")
 def test_one_conv_times_50_is_named_alone_with_its_fix():
     ref = _conv_x50_reference()
     assert 1 / 55 < ref < 1 / 45  # the model really has that conv at 50x its init
@@ -157,9 +160,12 @@ def test_one_conv_times_50_is_named_by_check():
     assert [layer.name for layer in report.flagged] == [CONV_X50]
 
 
-@pytest.mark.xfail(strict=True, reason="torchdiag is silent today: after Adam's first step the loss goes ~3.0 ->"
-                   " ~150 and classifier.0's output rms jumps many times, but no layer is flagged at step 1 (update"
-                   " ratio ~lr/0.01 = 0.1 < update_ratio_high 0.5) and there is no finding")
+@pytest.mark.xfail(strict=True, reason="torchdiag is silent today (AdamW lr 1e-3, optimizer=, smooth images): after"
+                   " Adam's first step the loss goes 3.03 -> 150, classifier.0's output rms 1.91 -> 17.3 (9x) and the"
+                   " logits' std 0.72 -> 63, but nothing is flagged at step 0 or 1: classifier.0's update ratio is"
+                   " 0.074 (< update_ratio_high 0.5; Adam moves each weight by ~lr = 0.1 of the N(0, 0.01) init, the"
+                   " harm is the coherent sum over 25,088 inputs), and 3 classifier Linears are under min_repeats 4"
+                   " for a drift chain")
 def test_vgg11_bn_adamw_first_step_blamed_on_the_optimisation():
     case = BY_NAME["tv_vgg11_bn_adamw_lr1e-3"]
     rms: list[float] = []  # classifier.0's output rms at each forward, measured here, not by torchdiag
