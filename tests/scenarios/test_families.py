@@ -51,7 +51,9 @@ _NF_RESNET_WHITE = (
 _NF_REGNET_WHITE = (
     "white-noise input: 'vanishing (forward)' and '(backward)' at step 0 on the 4 stage downsample convs"
     " stages.{0..3}.0.downsample.conv (one per stage, every one its own shape, so compared across stages): 0.46x"
-    " per stage, ~0.09x total; the 2x2 average-pool downsample halves the rms of white noise at every stage")
+    " per stage, ~0.09x total; the 2x2 average-pool downsample (DownsampleAvg) halves the rms of white noise at"
+    " every stage; also 'vanishing (forward)' along the 48 stages.*.*.conv1/2/3 ScaledStdConv2d, 0.944x per layer,"
+    " 0.067x total")
 _NF_REGNET_SGD = (
     "SGD lr 0.01, smooth images: 'exploding (backward)' at step 1 along the 32 squeeze-excite convs"
     " stages.*.*.attn.fc1/fc2 (one chain), 1.18x per layer, 186x from the last to the first, blamed on"
@@ -75,7 +77,8 @@ for _o in ("adamw", "sgd"):
             KNOWN[("timm_resnet18", _o, _p, _k)] = _TIMM_RESNET18.format(
                 when="at step 1 with optimizer= (bn2 weights ~lr after the first step)" if _p else
                 "at step 0 without optimizer= (bn2 read after opt.step(): not seen as all-zero, the exact-zero"
-                " act1 gradients of step 0 enter the fit as 1e-45)")
+                " act1 gradients of step 0 enter the fit as 1e-45: 4.03e-08x per layer, 1.21e-111x; plus the"
+                " zero-init-BN warning on layer1.0.bn2, weights of rms 0.001)")
             KNOWN[("timm_nf_resnet26", _o, _p, "white")] = _NF_RESNET_WHITE
             KNOWN[("timm_nf_regnet_b0", _o, _p, "white")] = _NF_REGNET_WHITE
     KNOWN[("timm_nf_regnet_b0", "sgd", True, "smooth")] = _NF_REGNET_SGD
