@@ -396,11 +396,20 @@ HEALTHY = [
     Case("llama_adamw_cosine", "llama", "adamw_cosine", 3e-3, LM_STEPS, batch=16, warmup=15, clip=1.0),
 ]
 
+# Too high a learning rate, decided from first principles: SGD at lr 3 on a 12-layer ReLU MLP (gradient ~1 per unit:
+# steps far larger than the 0.09 weight scale, a positive feedback through 12 layers); Adam at lr 0.3 (every weight
+# moves by ~0.3 per step, 3x the Kaiming std); AdamW at lr 0.3 without warm-up on a byte LM (GPT-2/Llama train at
+# ~3e-3: embeddings drawn at 0.02 move by 15x their norm on the first step). A slow divergence (attention logits
+# growing for tens of steps before the loss goes) did not show in these pre-norm models within 300 steps: GPT-2 at
+# lr 0.05 / 0.1 and Llama at 0.03 / 0.1 pass 1e3 logits at steps 10-65, then plateau at loss ~2.8-3.2 (healthy 2.3).
 DIVERGING = [
     Case("mlp_sgd_lr3", "mlp12", "sgd", 3.0, 60, diverges=True),
     Case("mlp_adam_lr0.3", "mlp12", "adam", 0.3, 60, diverges=True),
     Case("gpt2_adamw_lr0.3", "gpt2", "adamw", 0.3, 40, batch=16, diverges=True),
     Case("llama_adamw_lr0.3", "llama", "adamw", 0.3, 40, batch=16, diverges=True),
+    # the same without optimizer=: no update ratio, so what is left to warn must come from the forward/backward
+    Case("mlp_adam_lr0.3_no_opt_arg", "mlp12", "adam", 0.3, 60, optimizer_arg=False, diverges=True),
+    Case("gpt2_adamw_lr0.3_no_opt_arg", "gpt2", "adamw", 0.3, 40, batch=16, optimizer_arg=False, diverges=True),
 ]
 
 CASES = {c.name: c for c in HEALTHY + DIVERGING}
