@@ -131,6 +131,11 @@ class Capture:
             src = self._outputs.get(id(x)) if x is not None else None
             if src is None and x is not None and x._base is not None:  # a view of it (flatten, reshape, transpose)
                 src = self._outputs.get(id(x._base))
+            if src is None and x is not None:
+                # the unchanged output of a module that ran earlier: a module with children of its own (timm's
+                # BatchNormAct2d runs its act inside) gets its input from the layer before its children ran
+                earlier = self._producer(x)
+                src = earlier[0] if earlier is not None else None
             outs = float_tensors(output)
             self._trace_norm_inputs(slot, info, module, src, outs)
             weighted_input = info.kind == Role.WEIGHTED and x is not None
