@@ -37,6 +37,7 @@ class Config:
     normalized_ratio: float
     layer_step_ratio: float
     drift_change_ratio: float
+    jump_ratio: float
     dead_fraction: float
     saturation_level: float
     saturated_fraction: float
@@ -231,6 +232,7 @@ _VALUE_TYPES = {
     "normalized_ratio": "float",
     "layer_step_ratio": "float",
     "drift_change_ratio": "float",
+    "jump_ratio": "float",
     "dead_fraction": "float",
     "saturation_level": "float",
     "saturated_fraction": "float",
@@ -267,6 +269,7 @@ _FLOAT_RANGE = {
     "normalized_ratio": (1.0, math.inf),
     "layer_step_ratio": (1.0, math.inf),
     "drift_change_ratio": (1.0, math.inf),
+    "jump_ratio": (1.0, math.inf),
     "dead_fraction": (0.0, 1.0),
     "saturation_level": (0.0, 1.0),
     "saturated_fraction": (0.0, 1.0),

@@ -65,7 +65,8 @@ def diagnose(stats: StepStats, config: Config, baseline: drift.Baseline | None =
         notes.append("watched but never called in this step: " + ", ".join(stats.not_called))
     report = Report(layers=rows, step=stats.step, first_nonfinite=first_nonfinite, notes=notes,
                     first_nonfinite_grad=first_nonfinite_grad,
-                    rescale_grads=stats.rescale_grads, amp_scale=stats.amp_scale, drift_seen=seen)
+                    rescale_grads=stats.rescale_grads, amp_scale=stats.amp_scale, drift_seen=seen,
+                    trained=trained, output_grad_std=_finite(stats.output_grad_std))
     pre, post = stats.grad_norm_preclip, stats.grad_norm_postclip
     if pre is not None and post is not None and math.isfinite(pre):
         report.grad_norm_preclip, report.grad_norm_postclip = pre, post

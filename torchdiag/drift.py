@@ -27,20 +27,24 @@ import torch
 
 from .config import Config
 from .report import LayerReport
-from .rules import fix_text, flag
+from .rules import OPTIMISATION_FIX, fix_text, flag
 from .vocab import LayerStats, Role
 
 
 def _name_pattern(name: str) -> str:
     """The layer's place in its repeated block: its qualified name with the block indices taken out (``blocks.3.fc``
-    and ``conv3`` number their block too; members of one chain that play alternating roles, ``fc1``/``fc2``, only
-    add a periodic offset, which the median of pairwise slopes does not follow)."""
-    return _DIGITS.sub("*", name)
+    → ``blocks.*.fc``; ``conv3`` numbers its block too where no index does: ``conv*``). Where an index already
+    numbers the block (``layer1.0.act1``), the digits of the last part name a role inside it (``act1`` before the
+    residual sum, ``act2`` after it): kept, so that two roles are never one chain."""
+    parts = name.split(".")
+    indexed = any(p.isdigit() for p in parts[:-1])
+    last = parts[-1] if indexed and not parts[-1].isdigit() else _DIGITS.sub("*", parts[-1])
+    return ".".join([_DIGITS.sub("*", p) for p in parts[:-1]] + [last])
 
 
 _DIGITS = re.compile(r"\d+")
 # attention's query and key projections, by the names PyTorch and Hugging Face models give them
-_QUERY_KEY = re.compile(r"(^|[._])(q|k|query|key|queries|keys|q_proj|k_proj|q_lin|k_lin|to_q|to_k|wq|wk|qk|"
+QUERY_KEY = re.compile(r"(^|[._])(q|k|query|key|queries|keys|q_proj|k_proj|q_lin|k_lin|to_q|to_k|wq|wk|qk|"
                         r"queries_keys_values|query_key_value|qkv|in_proj)(\.linear)?$")
 
 
@@ -50,6 +54,28 @@ def _chain_key(s: LayerStats) -> tuple | None:
     if s.role in (Role.WEIGHTED, Role.ACTIVATION):
         return (_name_pattern(s.name), s.module_type, s.feeds_norm)
     return None
+
+
+def _gated(s: LayerStats) -> bool:
+    """Its output gets an exactly-zero gradient: something after it multiplies it by zero (a zero-initialised gate,
+    skipinit gain or branch scale, a parameter of any name). Until that grows, the layer's scale reaches neither
+    the loss nor the layers before it, so neither its forward nor its backward figure is drift."""
+    g = s.grad
+    return g is not None and not g.nonfinite and g.rms == 0.0
+
+
+def _zero_in_forward(s: LayerStats) -> bool:
+    """Its weights were all zero in the recorded forward (a zero-init branch, head or norm). Without
+    ``optimizer=`` the weights are read when the step ends, after the update has moved them by ~lr, so a constant
+    output (std exactly 0: zero weights times anything, plus a constant bias) of a layer whose weights are still
+    tiny says so too."""
+    if _pre_step_rms(s) == 0:
+        return True
+    a, w = s.act, s.weight_rms
+    if a is None or a.nonfinite or a.std != 0 or w is None or s.update_base_rms is not None:
+        return False
+    small = _SMALL_NORM_WEIGHT if s.role == Role.NORM else 0.05 / math.sqrt(s.fan_in) if s.fan_in else 0.0
+    return w < small
 
 
 def _pre_step_rms(s: LayerStats) -> float | None:
@@ -68,6 +94,8 @@ class Baseline:
 
     totals: dict[ChainKey, tuple[float, bool]] = field(default_factory=dict)
     outliers: set[str] = field(default_factory=set)
+    gains: dict[str, float] = field(default_factory=dict)  # each weighted layer's gain at the latest recorded step
+    gated: set[str] = field(default_factory=set)  # layers behind a zero gate at the first recorded step
     started: bool = False  # a step was committed: later steps judge a trained net
 
     def commit(self, seen: Baseline) -> None:
@@ -76,6 +104,8 @@ class Baseline:
             self.totals.setdefault(key, value)
         if not self.started:
             self.outliers |= seen.outliers
+            self.gated |= seen.gated
+        self.gains.update(seen.gains)
         self.started = True
 
 
@@ -89,7 +119,7 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
         key = _chain_key(s)
         if key is not None:
             chains.setdefault(key, []).append(pos)
-    zero = [_pre_step_rms(s) == 0 for s in layers]
+    zero = [_zero_in_forward(s) for s in layers]
     zero_after = [False] * (len(layers) + 1)  # zero_after[p]: a layer after position p has all-zero weights
     for pos in range(len(layers) - 1, -1, -1):
         zero_after[pos] = zero_after[pos + 1] or (pos + 1 < len(layers) and zero[pos + 1])
@@ -99,17 +129,22 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
     outliers = _outliers(rows, layers, long_chains.values(), cfg,
                          None if not baseline.started else baseline.outliers)
     seen.outliers = {layers[p].name for p in outliers}
+    seen.gated = {s.name for s in layers if _gated(s)}
+    outliers = {p: f for p, f in outliers.items() if not layers[p].feeds_norm}  # a norm after it undoes its scale
+    _jumps(rows, layers, cfg, baseline.gains if baseline.started else {})
+    seen.gains = {s.name: rows[p].gain for p, s in enumerate(layers)
+                  if s.role == Role.WEIGHTED and rows[p].gain and math.isfinite(rows[p].gain)}
     for (pattern, module_type, feeds_norm), members in long_chains.items():
         first, last = layers[members[0]].index, layers[members[-1]].index
         normalized = any(first < i < last for i in norms)
         for direction in ("forward", "backward"):
             if direction == "forward" and feeds_norm:
                 continue
-            if direction == "backward" and _QUERY_KEY.search(pattern):
+            if direction == "backward" and QUERY_KEY.search(pattern):
                 continue  # their gradient is second order in the attention logits: not a trunk figure
             key = (pattern, module_type, feeds_norm, direction)
             judged = _judge(rows, layers, members, cfg, direction, zero if direction == "forward" else zero_after,
-                            normalized, outliers, baseline.totals.get(key), baseline.started)
+                            normalized, outliers, baseline.totals.get(key), baseline.started, baseline.gated)
             if judged is not None:
                 seen.totals[key] = judged
     return seen
@@ -118,48 +153,100 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
 def _outliers(rows: list[LayerReport], layers: list[LayerStats], chains, cfg: Config,
               known: set[str] | None) -> dict[int, float]:
     """Chain members that alone scale the signal: ``{position: factor}`` where a member's measured gain is at least
-    ``layer_step_ratio`` times above (or below) the median gain of the members of its weight shape.
+    ``layer_step_ratio`` times above (or below) the median gain of its chain's weighted members (a fan-in init
+    keeps the gain whatever the width, so members of every stage are compared).
 
     At the first recorded step each is flagged on itself, with its own factor. Later (``known``: the layers found
     then) only those are followed, so that the trend of their chain stays judged without their step: a trained
-    net's members legitimately part ways.
+    net's members legitimately part ways. A member that feeds a normalisation is flagged too (the norm undoes its
+    scale forward, but its own updates shrink by as much).
     """
     found: dict[int, float] = {}
-    limit = cfg.layer_step_ratio
     for members in chains:
-        weighted = [p for p in members if layers[p].role == Role.WEIGHTED and not layers[p].feeds_norm
-                    and rows[p].gain is not None and rows[p].gain > 0 and math.isfinite(rows[p].gain)]
-        by_shape: dict[object, list[int]] = {}
-        for p in weighted:
-            by_shape.setdefault(layers[p].weight_shape, []).append(p)
-        for group in by_shape.values():
-            if len(group) < cfg.min_repeats:
-                continue
-            typical = statistics.median(rows[p].gain for p in group)
-            odd = {p: rows[p].gain / typical for p in group if not 1 / limit < rows[p].gain / typical < limit}
-            if len(odd) > max(1, len(group) // 4):
-                continue  # many members apart from the median is no single layer's doing
-            for p, factor in odd.items():
-                if known is None or layers[p].name in known:
-                    found[p] = factor
-    if known is None:
+        kinds: dict[object, list[int]] = {}
+        for p in members:
+            if layers[p].role == Role.WEIGHTED and _usable(rows[p].gain) and _usable(rows[p].suggested_scale):
+                kinds.setdefault(_kind(layers[p]), []).append(p)
+        for group in kinds.values():
+            _odd_members(rows, layers, group, cfg, known, found)
+    if known is None or known:  # the first step: new findings; later: the init problems that persist
         for p, factor in found.items():
             _flag_outlier(rows[p], layers[p], factor, cfg)
-    elif known:
-        for p, factor in found.items():  # still there: the init problem persists
-            _flag_outlier(rows[p], layers[p], factor, cfg)
     return found
+
+
+def _kind(s: LayerStats) -> object:
+    """What makes two weighted layers alike beyond their place: a depthwise 3x3 and a pointwise 1x1 conv of one
+    block (torchvision's ``block.0``, ``block.1``) are drawn, and behave, differently."""
+    shape = s.weight_shape or ()
+    return (s.module_type, len(shape), shape[2:], len(shape) > 2 and shape[1] == 1)
+
+
+def _odd_members(rows: list[LayerReport], layers: list[LayerStats], group: list[int], cfg: Config,
+                 known: set[str] | None, found: dict[int, float]) -> None:
+    """Add to ``found`` the members of ``group`` (weighted layers of one kind in one chain) that stand apart."""
+    if len(group) < cfg.min_repeats:
+        return
+    limit = cfg.layer_step_ratio
+    typical = statistics.median(rows[p].gain for p in group)
+    textbook = statistics.median(rows[p].suggested_scale for p in group)
+    # the gain says it stands apart; its weights, against the textbook scale of their own fan, say why. Both, in the
+    # same direction and each by the limit: a gain that differs for another reason (the pooled input of a
+    # squeeze-excite, the few tokens of a late attention window) is not one layer's weights
+    odd = {p: rows[p].gain / typical for p in group
+           if _apart(rows[p].gain / typical, limit) and _apart(textbook / rows[p].suggested_scale, limit)
+           and (rows[p].gain > typical) == (textbook > rows[p].suggested_scale)}
+    if len(odd) > max(1, len(group) // 4):
+        return  # many members apart from the median is no single layer's doing
+    found.update((p, f) for p, f in odd.items() if known is None or layers[p].name in known)
+
+
+def _jumps(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, before: dict[str, float]) -> None:
+    """A weighted layer whose own gain, std(out)/rms(in), changed by ``jump_ratio`` between two recorded steps, to a
+    gain as far off the textbook one: the update in between moved its weights along its inputs (Adam moves every
+    weight by ~lr, and summed over a wide layer's inputs that is many times its output). Not for layers a
+    normalisation follows (their scale is undone), nor for weights growing out of a (near-)zero init."""
+    limit = cfg.jump_ratio
+    for row, s in zip(rows, layers):
+        was = before.get(s.name)
+        if not was or row.gain is None or not math.isfinite(row.gain) or s.feeds_norm or s.role != Role.WEIGHTED:
+            continue
+        base = _pre_step_rms(s)
+        if not base or not s.fan_in or base < 0.05 / math.sqrt(s.fan_in):
+            continue
+        change = row.gain / was
+        if 1 / limit <= change <= limit:
+            continue
+        off = row.measured_scale  # the factor that would give it the textbook gain now
+        if off is None or (1 / limit <= off if change > 1 else off <= limit):
+            continue  # it jumped, but to a gain a unit-gain init would have (a small-init head growing into its role)
+        problem = "exploding" if change > 1 else "vanishing"
+        ratio = f" (the update moved its weights by {s.update_ratio:.2g} of their norm)" if s.update_ratio else ""
+        flag(row, problem, "forward", change, limit if change > 1 else 1 / limit, "jump_ratio",
+             f"'{s.name}' ({s.module_type}) is {problem}: its gain changed ×{change:.3g} since the last recorded step"
+             f" (jump_ratio {limit:g}){ratio}: an update moved its weights along its inputs, summed over"
+             f" {s.fan_in} of them. Fix: {OPTIMISATION_FIX}", s.name, 1, False, reason="optimisation")
+
+
+def _apart(ratio: float, limit: float) -> bool:
+    return not 1 / limit < ratio < limit
+
+
+def _usable(x: float | None) -> bool:
+    return x is not None and x > 0 and math.isfinite(x)
 
 
 def _flag_outlier(row: LayerReport, s: LayerStats, factor: float, cfg: Config) -> None:
     problem = "exploding" if factor > 1 else "vanishing"
     textbook = (f"; its weight std is ×{1 / row.suggested_scale:.3g} the {row.suggested_init} scale"
                 if row.suggested_scale else "")
+    effect = (f"the normalisation after it undoes that forward, but its own updates are ×{1 / factor:.3g} as large"
+              " against its weights (it learns that much more slowly; ×{0:.3g} under SGD)".format(1 / factor ** 2)
+              if s.feeds_norm else "so everything after it (forward) and before it (backward) is scaled by that much")
     flag(row, problem, "forward", factor, cfg.layer_step_ratio if factor > 1 else 1 / cfg.layer_step_ratio,
          "layer_step_ratio",
-         f"'{s.name}' ({s.module_type}) alone makes the signal {problem}: its gain is ×{factor:.3g} that of the"
-         f" other layers of its shape and role (layer_step_ratio {cfg.layer_step_ratio:g}), so everything after it"
-         f" (forward) and before it (backward) is scaled by that much{textbook}. Fix: multiply its weights by"
+         f"'{s.name}' ({s.module_type}) alone is {problem}: its gain is ×{factor:.3g} that of the other layers of its"
+         f" role (layer_step_ratio {cfg.layer_step_ratio:g}): {effect}{textbook}. Fix: multiply its weights by"
          f" {1 / factor:.3g} (torchdiag.apply_suggestions does it) or re-initialise it"
          + (f" with {row.suggested_init}" if row.suggested_init else ""),
          s.name, 1, True, reason="init")
@@ -195,6 +282,12 @@ def _shape(s: LayerStats, forward: bool) -> object:
         return s.weight_shape
     m = s.act if forward else s.grad
     return None if m is None else m.n // max(s.calls, 1)
+
+
+def _size(s: LayerStats, forward: bool) -> int | None:
+    """The tensor's elements per call."""
+    m = s.act if forward else s.grad
+    return None if m is None or not m.n else m.n // max(s.calls, 1)
 
 
 _LIST_MEMBERS = 24  # measured: lists cost 0.13 ms at 24 members (276 pairs) against 0.25 ms of tensor ops; at 64
@@ -239,14 +332,18 @@ def _slope(xs: list[int], ys: list[float], shapes: list) -> float:
 
 def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cfg: Config, direction: str,
            zero: list[bool], normalized: bool, outliers: dict[int, float], start: tuple[float, bool] | None,
-           trained: bool) -> tuple[float, bool] | None:
+           trained: bool, gated: set[str] = frozenset()) -> tuple[float, bool] | None:
     """Judge one chain in one direction; returns (its drift, whether the band flagged it), or None: not measured.
 
     ``start``: the chain's (drift, flagged) at the first step it was judged at; ``trained``: a step was published
-    before this one (so a chain first judged now is judged later, from this start)."""
+    before this one (so a chain first judged now is judged later, from this start); ``gated``: the layers behind a
+    zero gate at the first recorded step, left out while they grow (below 1/``exploding_ratio`` of the others)."""
     forward = direction == "forward"
     seq = []  # (ordinal in the chain, pos, figure) of members with a usable, finite measurement
     skip = set()  # members that are not part of a drift: exact zeros from all-zero weights (a note instead)
+    # gradients that shrink through float32's range to exact zeros (a vanishing stack) are underflow, not a gate
+    underflow = any(g is not None and not g.nonfinite and 0 < g.rms < _UNDERFLOWING
+                    for g in (layers[pos].grad for pos in members))
     for k, pos in enumerate(members):
         fig, nonfinite = _figure(layers[pos], forward)
         if nonfinite:
@@ -255,8 +352,16 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
             continue
         if fig is not None and fig == 0.0 and zero[pos]:
             skip.add(pos)
+        elif fig is not None and not underflow and _gated(layers[pos]):
+            skip.add(pos)  # behind a zero gate (a skipinit gain, a zero-init branch scale): its scale reaches nothing
         elif fig is not None:
             seq.append((k, pos, fig))
+    growing = [m for m in seq if layers[m[1]].name in gated]
+    if growing:  # a gated branch grows out of zero after the first updates: judged once it has reached its scale
+        others = [m[2] for m in seq if layers[m[1]].name not in gated]
+        if others:
+            floor = statistics.median(others) / cfg.exploding_ratio
+            seq = [m for m in seq if layers[m[1]].name not in gated or m[2] >= floor]
     if len(seq) < cfg.min_repeats:
         return None
     # per repeat, in log units; backward the gradient flows from the last member to the first. A mis-scaled layer
@@ -264,7 +369,16 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
     ys = [math.log(max(fig, _TINY)) - sum(math.log(f) for p, f in outliers.items() if (p <= pos if forward else
                                                                                          p > pos))
           for _, pos, fig in seq]
-    slope = _slope([k for k, _, _ in seq], ys, [_shape(layers[pos], forward) for _, pos, _ in seq])
+    xs, shapes = [k for k, _, _ in seq], [_shape(layers[pos], forward) for _, pos, _ in seq]
+    slope = _slope(xs, ys, shapes)
+    sizes = [_size(layers[pos], forward) for _, pos, _ in seq]
+    if None not in sizes and len(set(sizes)) > 1:
+        # members of different sizes (resolution, width): an average pooling keeps a smooth signal's rms, and a white
+        # noise's rms over the square root of its size (a 2x2 average halves white noise's rms); backward, the norm
+        # per call and the rms per element: the figure of the two that moves less is the one judged, as drift that
+        # depends on the input's spectrum is not the init's
+        by_norm = _slope(xs, [y - 0.5 * math.log(n) for y, n in zip(ys, sizes)], shapes)
+        slope = min(slope, by_norm, key=abs)
     k0, k1 = seq[0][0], seq[-1][0]
     total = math.exp(slope * (k1 - k0) if forward else -slope * (k1 - k0))
     lo, hi, key_lo, key_hi = cfg.vanishing_ratio, cfg.exploding_ratio, "vanishing_ratio", "exploding_ratio"
@@ -346,6 +460,7 @@ def _judge_change(rows: list[LayerReport], layers: list[LayerStats], members: li
 
 
 _TINY = 1e-45  # below float32's smallest subnormal: an exact zero (underflow) in log space
+_UNDERFLOWING = 1e-30  # a gradient this small is on its way to float32's underflow (a gate gives exact zeros at once)
 
 
 def _cause(layers: list[LayerStats], pos: int) -> int:
@@ -354,7 +469,8 @@ def _cause(layers: list[LayerStats], pos: int) -> int:
     weighted layer before it in execution order (an activation has no weights)."""
     for p in range(pos + 1):
         w = _pre_step_rms(layers[p])
-        if layers[p].role == Role.NORM and w is not None and 0 < w < _SMALL_NORM_WEIGHT:
+        if layers[p].role == Role.NORM and w is not None and 0 < w < _SMALL_NORM_WEIGHT \
+                and not _zero_in_forward(layers[p]):
             return p
     for p in range(pos, -1, -1):
         s = layers[p]
@@ -367,7 +483,7 @@ def small_norm_weights(rows: list[LayerReport], layers: list[LayerStats]) -> Non
     """A normalisation layer whose weights start near zero (but not at exactly zero, a zero-init branch) scales every
     signal through it down by their rms: vanishing (forward), blamed on the first such layer."""
     small = [p for p, s in enumerate(layers)
-             if s.role == Role.NORM and 0 < (_pre_step_rms(s) or 0) < _SMALL_NORM_WEIGHT]
+             if s.role == Role.NORM and 0 < (_pre_step_rms(s) or 0) < _SMALL_NORM_WEIGHT and not _zero_in_forward(s)]
     if not small:
         return
     first = layers[small[0]]

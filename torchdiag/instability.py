@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .drift import QUERY_KEY
 from .report import Finding, LayerReport, Report
 from .signals import StepSignals
 
@@ -27,12 +28,15 @@ def _row(report: Report, name: str) -> LayerReport | None:
     return next((r for r in report.layers if r.name == name), None)
 
 
-def judge(report: Report, sig: StepSignals, cfg: Any, adam_before: set[str] = frozenset()) -> set[str]:
+def judge(report: Report, sig: StepSignals, cfg: Any, adam_before: set[str] = frozenset(),
+          pull_start: float | None = None) -> set[str]:
     """Add the attention, output-logit and Adam-epsilon findings of one recorded step to ``report``.
 
     ``adam_before``: the layers whose gradient was near Adam's eps at the previous recorded step; a layer is flagged
     when it is at two in a row (Adam's first updates move a layer-scaled branch, ConvNeXt's gamma = 1e-6, whose
-    gradients start near eps; one step later the scale has grown out of it). Returns this step's such layers."""
+    gradients start near eps; one step later the scale has grown out of it). ``pull_start``: the gradient std at the
+    model's output at the first recorded step; once it has fallen a thousandfold the model has fitted its data and
+    small gradients are not eps's doing. Returns this step's such layers."""
     near: set[str] = set()
     for name, (top, ent) in sig.attention.items():
         row = _row(report, name)
@@ -40,19 +44,21 @@ def judge(report: Report, sig: StepSignals, cfg: Any, adam_before: set[str] = fr
             continue
         row.attention_logit_max = None if math.isnan(top) else top
         row.attention_entropy = None if math.isnan(ent) else ent
+        reason = "optimisation" if report.trained else "init"
+        fix = "qk-layernorm (normalise q and k before the dot product) or QK-clip, or a lower learning rate" \
+            if report.trained else _query_key_init(report, name)
         if math.isfinite(top) and top > cfg.attention_logit_max:
             _flag(row, Finding(
                 "attention_logits", None, top, cfg.attention_logit_max, "attention_logit_max",
                 f"'{name}': the largest attention logit q.k/sqrt(d) is {top:.3g} (attention_logit_max"
                 f" {cfg.attention_logit_max:g}): attention goes one-hot and small transformers whose logits passed"
-                " 1e4 all diverged (Wortsman et al. 2023). Fix: qk-layernorm (normalise q and k before the dot"
-                " product) or QK-clip, or a lower learning rate."))
+                f" 1e4 all diverged (Wortsman et al. 2023). Fix: {fix}.", reason=reason))
         if math.isfinite(ent) and ent < cfg.attention_entropy_min:
             _flag(row, Finding(
                 "attention_entropy", None, ent, cfg.attention_entropy_min, "attention_entropy_min",
                 f"'{name}': attention entropy collapsed: its heads average {ent:.3f} of the uniform entropy"
                 f" (attention_entropy_min {cfg.attention_entropy_min:g}), near one-hot (ViT-22B, Dehghani et al."
-                " 2023). Fix: qk-layernorm, or a lower learning rate."))
+                f" 2023). Fix: {fix}.", reason=reason))
     if sig.logz is not None and sig.softmax_output and report.layers:
         head = next((r for r in reversed(report.layers) if r.fan_in is not None), report.layers[-1])
         head.output_logz = sig.logz
@@ -62,12 +68,15 @@ def judge(report: Report, sig: StepSignals, cfg: Any, adam_before: set[str] = fr
                 f"'{head.name}': the output logits diverged: mean log Z = {sig.logz:.3g} (below -output_logz_max"
                 f" {cfg.output_logz_max:g}); every logit went very negative, the softmax ignores that offset so"
                 " nothing pulls it back, and the logits lose precision (bf16 spacing is 0.25 at |50|). Fix: add"
-                " z-loss, 1e-4 * logsumexp(logits)**2 (PaLM; Wortsman et al. 2023)."))
+                " z-loss, 1e-4 * logsumexp(logits)**2 (PaLM; Wortsman et al. 2023).", reason="optimisation"))
+    pull = report.output_grad_std
     for name, (rms, eps) in sig.adam.items():
         row = _row(report, name)
         if row is None or not (rms > 0 and math.isfinite(rms)):
             continue
         row.adam_grad_rms = rms
+        if pull is not None and pull_start and pull < _FITTED * pull_start:
+            continue  # the loss's own pull fell a thousandfold since the start (a fitted model): nothing to learn
         if rms < cfg.adam_epsilon_factor * eps:
             near.add(name)
         if name in near and name in adam_before:
@@ -77,8 +86,25 @@ def judge(report: Report, sig: StepSignals, cfg: Any, adam_before: set[str] = fr
                 f"'{name}': its gradient rms {rms:.2g} is {rms / eps:.2g} x Adam's eps {eps:g}"
                 f" (adam_epsilon_factor {cfg.adam_epsilon_factor:g}): the update m/(sqrt(v)+eps) is damped by"
                 f" ~{eps / (rms + eps):.0%}. Fix: eps={suggest:.0e} (Wortsman et al. 2023), or a loss scale that"
-                " does not shrink the gradients."))
+                " does not shrink the gradients.", reason="optimisation"))
     return near
+
+
+_FITTED = 1e-3  # the output gradient at this fraction of its start: the loss is (near) zero, nothing left to learn
+
+
+def _query_key_init(report: Report, attention: str) -> str:
+    """The init fix for attention that is one-hot before any update: the scale of its query/key weights."""
+    qk = [r for r in report.layers if r.name.startswith(attention + ".") and QUERY_KEY.search(r.name)
+          and r.weight_std and r.fan_in]
+    if not qk:
+        return "the query/key weights are too large at init: re-initialise them (std 1/sqrt(d_model) or the 0.02 of" \
+               " GPT-2/BERT), or add qk-layernorm"
+    r = max(qk, key=lambda r: r.weight_std * math.sqrt(r.fan_in))
+    unit = 1 / math.sqrt(r.fan_in)
+    return (f"nothing was trained yet: '{r.name}' has weight std {r.weight_std:.3g}, ×{r.weight_std / unit:.3g} the"
+            f" 1/sqrt(fan_in) = {unit:.3g} of a unit-gain init (GPT-2/BERT use 0.02); re-initialise the query/key"
+            " weights at that scale, or add qk-layernorm")
 
 
 @dataclass

@@ -124,6 +124,8 @@ class Report:
     nonfinite_origin: Any = None  # where the run's first NaN/Inf was produced (torchdiag.NonfiniteOrigin), once found
     loss_spikes: list[Any] = field(default_factory=list)  # spikes found at this step (torchdiag.instability.LossSpike)
     drift_seen: Any = field(default=None, repr=False)  # the chains' drift at this step (torchdiag.drift.Baseline)
+    trained: bool = False  # a step was recorded before this one: what appears now is the training's doing
+    output_grad_std: float | None = None  # std of the gradient at the model's output (the loss's pull)
 
     @property
     def flagged(self) -> list[LayerReport]:

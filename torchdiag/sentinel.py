@@ -43,6 +43,7 @@ class Sentinel:
         self._losses: list[tuple[int, Any]] = []  # of steps that ended unrecorded: judged at the next report
         self._ended = -1  # the step that ended last
         self._adam_near: set[str] = set()  # layers near Adam's eps at the previous recorded step
+        self._pull_start: float | None = None  # the gradient std at the model's output, first recorded step
 
     def install(self) -> None:
         self._signals.install()
@@ -86,7 +87,9 @@ class Sentinel:
         # figures on every rank, so the same report; a step kept to this rank's own numbers keeps its own
         if reducer is not None and not reducer.disabled and reducer.last_reduced == report.step:
             sig = signals.reduce_across(sig, self._signals.attention_layers, self._adam_weights, reducer.all_reduce)
-        self._adam_near = instability.judge(report, sig, self._cfg, self._adam_near)
+        if self._pull_start is None:
+            self._pull_start = report.output_grad_std
+        self._adam_near = instability.judge(report, sig, self._cfg, self._adam_near, self._pull_start)
         self.spikes.add_layers(report)
         report.loss_spikes = self.spikes.feed(sorted(sig.losses))
         if self._tripwire is not None:

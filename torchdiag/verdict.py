@@ -1,10 +1,11 @@
 """Run-level verdict: which per-step flags are findings of the run. Pure Python, no tensors.
 
 A per-step flag is evidence; a finding is a flag that is an init problem (raised at the first recorded
-step), non-finite (never noise), or persistent (raised at ``finding_steps`` of the last ``finding_window``
-recorded steps). A finding keeps the step it first appeared at and whether it has recovered (not raised at
-the latest recorded step). ``report()``, ``summarize``, ``check`` and the demo
-judge a run by its findings, so their verdict does not depend on which step they read.
+step), non-finite (never noise), a divergence the updates made (``_URGENT``, with reason ``optimisation``), or
+persistent (raised at ``finding_steps`` of the last ``finding_window`` recorded steps). A finding keeps the step
+it first appeared at and whether it has recovered (not raised at the latest recorded step). ``report()``,
+``summarize``, ``check`` and the demo judge a run by its findings, so their verdict does not depend on which step
+they read.
 
 ``decide`` turns the problems found into the verdict line and exit status of ``torchdiag check`` and
 ``torchdiag summarize`` (``OK`` 0, ``FLAGGED`` 1; ``ERROR`` 2 is theirs: nothing could be judged).
@@ -20,6 +21,11 @@ from .config import Config
 from .report import STATUSES
 
 OK, FLAGGED, ERROR = 0, 1, 2  # the exit status of `torchdiag check` and `torchdiag summarize`
+
+#: what a trained run's updates did that is never a wobble: a chain whose drift moved orders of magnitude from its
+#: start, attention or output logits past the figures every diverged run passed. Findings when first raised, so the
+#: warning comes while the loss diverges, not steps later.
+_URGENT = frozenset({"exploding", "vanishing", "attention_logits", "attention_entropy", "output_logits"})
 
 #: (layer name, problem, direction): one flag on one layer
 Key = tuple[str, str, "str | None"]
@@ -123,7 +129,8 @@ class RunVerdict:
             hist.append(step)
             while hist and hist[0] < oldest:
                 hist.popleft()
-            if not seen.finding and (step == self._first or problem == "nonfinite" or len(hist) >= self.steps):
+            immediate = problem == "nonfinite" or (reason and reason[0] == "optimisation" and problem in _URGENT)
+            if not seen.finding and (step == self._first or immediate or len(hist) >= self.steps):
                 seen.finding, seen.found_at = True, step
                 new.append(self._finding(key, seen))
         for key, hist in self._raised.items():
