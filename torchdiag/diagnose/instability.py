@@ -2,7 +2,7 @@
 output-logit drift, gradients at Adam's epsilon, loss spikes. Pure: numbers and config in, findings out.
 
 Thresholds and their reasons are in ``defaults.yaml``; every rule is checked against the healthy real
-architectures of ``tests/real_zoo.py`` (silent on each) and against the broken cases of the papers.
+architectures of ``tests/helpers/real_zoo.py`` (silent on each) and against the broken cases of the papers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..report.report import Finding, LayerReport, Report
-from ..signals.signals import StepSignals
+from ..vocab import StepSignals
 
 
 def _flag(row: LayerReport, f: Finding) -> None:

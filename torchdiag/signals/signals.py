@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,20 +28,10 @@ from torch import nn
 
 from ..capture.globalhooks import GlobalHooks
 from ..capture.runtime import first_float_tensor, is_compiling
+from ..vocab import StepSignals
 from ._attention import SDPA, attention_figures, entropy_of_probs, mha_figures
 
 _LOGIT_ROWS = 256
-
-
-@dataclass
-class StepSignals:
-    """What the signals measured at one recorded step (plain floats)."""
-
-    attention: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (max logit, entropy)
-    logz: float | None = None  # mean log-sum-exp of the output logits
-    softmax_output: bool = False  # the output's gradient sums to zero along its last dimension
-    adam: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (gradient rms, eps)
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) since the last recorded step
 
 
 class Signals:
