@@ -816,7 +816,7 @@ def test_the_heatmap_marks_findings_not_one_step_wobbles():
             row = LayerReport(name="a", module_type="ReLU", index=0, calls=1, act_std=1.0, grad_std=1.0,
                               status={"dead"} if bad else set())
             if bad:
-                row.findings.append(torchdiag.report.Finding("dead", None, 0.95, 0.9, "dead_fraction", "dead"))
+                row.findings.append(torchdiag.report.report.Finding("dead", None, 0.95, 0.9, "dead_fraction", "dead"))
             other = LayerReport(name="b", module_type="Linear", index=1, calls=1, act_std=2.0, grad_std=2.0)
             report = Report(layers=[row, other], step=step)
             verdict.add(report)
