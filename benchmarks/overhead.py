@@ -44,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchdiag  # noqa: E402
-from tests import zoo  # noqa: E402
+from tests.helpers import zoo  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- workloads

@@ -32,8 +32,8 @@ except ImportError:  # the older package name
     from pytorch_lightning.loggers import TensorBoardLogger
 
 import torchdiag
+from torchdiag.cli._summarize import summarize
 from torchdiag.integrations.lightning import TorchDiagCallback
-from torchdiag.summarize import summarize
 
 DIM, WIDTH, DEPTH, CLASSES = 32, 64, 8, 4
 

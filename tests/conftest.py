@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.thirdparty import import_torchvision
+from tests.helpers.thirdparty import import_torchvision
 
 import_torchvision()
 

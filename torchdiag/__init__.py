@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .checking import check
+from .checks.checking import check
+from .checks.fix import apply_suggestions, fix_init
 from .config import Config
 from .errors import ConfigError, DiagnosticWarning, TorchDiagError
-from .fix import apply_suggestions, fix_init
-from .origin import NonfiniteOrigin, locate_nonfinite
-from .report import LayerReport, Report
+from .origin.origin import NonfiniteOrigin, locate_nonfinite
+from .report.report import LayerReport, Report
 from .watch import Watcher, watch
 
 __version__ = "0.1.0"

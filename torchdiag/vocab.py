@@ -1,4 +1,5 @@
-"""Shared vocabulary of the pipeline: row kinds, layer roles, the per-step numbers and histograms.
+"""Shared vocabulary of the pipeline: row kinds, layer roles, the per-step numbers and histograms,
+the divergence signals of a step.
 
 A leaf: it imports nothing else of torchdiag, so that capture, the step buffer, the reduction, diagnosis
 and the sinks can all speak it without importing each other. Plain data, no tensors.
@@ -125,6 +126,17 @@ class StepStats:
     grad_norm_postclip: float | None = None  # ... and as the optimizer saw it
     amp_scale: float | None = None  # GradScaler's scale in effect for this step's backward
     histograms: list[Histogram] | None = None  # on histogram steps (this rank's own, never reduced)
+
+
+@dataclass
+class StepSignals:
+    """What the signals measured at one recorded step (plain floats)."""
+
+    attention: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (max logit, entropy)
+    logz: float | None = None  # mean log-sum-exp of the output logits
+    softmax_output: bool = False  # the output's gradient sums to zero along its last dimension
+    adam: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (gradient rms, eps)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) since the last recorded step
 
 
 def histogram_window(step: int, every: int) -> int:

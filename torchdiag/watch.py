@@ -16,19 +16,20 @@ from typing import Any
 
 from torch import nn
 
-from . import capture, distributed
-from .arguments import check_watch_arguments
-from .buffer import Recorder
+from ._arguments import check_watch_arguments
+from .capture import capture
+from .capture.installed import Installed, WeakCall, abandon
 from .config import Config, ConfigLike
+from .diagnose.verdict import RunFinding
 from .errors import TorchDiagError, warn_self
-from .installed import Installed, WeakCall, abandon
-from .optim import OptimizerMonitor, watched_weights
-from .publish import Publisher
-from .report import Report
-from .rescale import RescaleHook, RescaleSpec, factors
-from .sentinel import Sentinel
-from .taxonomy import describe_watched, select_watched
-from .verdict import RunFinding
+from .layers.taxonomy import describe_watched, select_watched
+from .record.buffer import Recorder
+from .reduce import distributed
+from .report.report import Report
+from .signals.sentinel import Sentinel
+from .sinks.publish import Publisher
+from .training.optim import OptimizerMonitor, watched_weights
+from .training.rescale import RescaleHook, RescaleSpec, factors
 
 __all__ = ["RescaleSpec", "Watcher", "watch"]
 

@@ -1,6 +1,6 @@
 """Model families from timm and torchvision at their library's own init: healthy ones must stay silent.
 
-tests/real_zoo.py covers Hugging Face transformers; this covers the vision families people train from
+tests/helpers/real_zoo.py covers Hugging Face transformers; this covers the vision families people train from
 timm and torchvision (ResNet, NF-nets, MLP-Mixer, ResMLP, ConvNeXt, Swin, ViT/DeiT, EfficientNet,
 MobileNet, RegNet, DenseNet, GhostNet, RepVGG, SqueezeNet, VGG), each built at random init with a small
 ``num_classes`` and a small image size, and two broken cases whose right answer is decided from first
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchdiag
-from tests.thirdparty import import_torchvision
+from tests.helpers.thirdparty import import_torchvision
 
 CLASSES = 10
 BATCH = 4

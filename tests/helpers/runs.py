@@ -155,7 +155,7 @@ class Mixer(nn.Module):
 
 def _transformers() -> None:
     """transformers imports torchvision when it is installed: load it beside the CPU torch first."""
-    from tests.thirdparty import import_torchvision
+    from tests.helpers.thirdparty import import_torchvision
 
     import_torchvision()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..report import Report
+from ..report.report import Report
 from ..watch import Watcher
 from . import _common
 

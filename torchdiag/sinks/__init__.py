@@ -1,1 +1,1 @@
-"""Sinks only write: console warnings and TensorBoard."""
+"""Sinks: console warnings and TensorBoard (its event files), and publishing a completed step to them."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import warnings
 
 from ..errors import DiagnosticWarning, user_stacklevel
-from ..render import one_story
-from ..report import Report
+from ..report.render import one_story
+from ..report.report import Report
 
 
 class ConsoleSink:

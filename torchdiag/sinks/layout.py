@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ..tags import FLAGGED_TAG, LOG10, SCALARS, STEP_TAGS, layer_tag
+from ..report.tags import FLAGGED_TAG, LOG10, SCALARS, STEP_TAGS, layer_tag
 
 
 def block_of(name: str) -> str | None:

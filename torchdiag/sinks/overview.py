@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from ..report import Report
-from ..tags import HEATMAP_TAGS, layer_tag
+from ..report.report import Report
+from ..report.tags import HEATMAP_TAGS, layer_tag
 from .png import (
     BACKWARD,
     BLACK,
@@ -108,8 +108,8 @@ def render_heatmap(history: History, metric: str) -> Canvas:
     """Layers (rows, execution order) x recorded steps (columns). Colour: log10 of the layer's std over the
     median layer's std at the same step (blue below, red above, saturating at ``SPAN`` decades), so that a
     column shows how the signal drifts with depth at that step. A black dot marks a flagged cell whose flag is a
-    finding of the run (``torchdiag.verdict``: not a one-step wobble), violet a NaN/Inf value, grey a layer that did
-    not run."""
+    finding of the run (``torchdiag.diagnose.verdict``: not a one-step wobble), violet a NaN/Inf value, grey a layer
+    that did not run."""
     rows, cols = history.rows(), history.columns
     _, _, _, ch0 = heatmap_geometry(len(rows), len(cols), 4)
     labels = _row_labels(rows, ch0)

@@ -34,9 +34,8 @@ import weakref
 from typing import Any
 
 from ..config import Config
-from ..eventfiles import use_compiled_crc
-from ..report import Report
-from ..tags import (
+from ..report.report import Report
+from ..report.tags import (
     FLAGGED_TAG,
     HEATMAP_TAGS,
     LAYER_INDEX_TAG,
@@ -59,6 +58,7 @@ from ..tags import (
     state_record,
 )
 from ..vocab import Histogram, histogram_window
+from .eventfiles import use_compiled_crc
 from .layout import custom_layout
 from .overview import History, render_heatmap, render_profile
 from .png import Canvas

@@ -1,0 +1,152 @@
+"""The registry of watched modules and the two process-wide module hooks that look them up.
+
+Module hooks are registered once for the whole process (``torch.nn.modules.module.register_module_forward_hook``)
+and look the module up in a ``WeakKeyDictionary``: nothing is stored on the user's modules, so ``copy.deepcopy``
+(EMA models), ``pickle`` and ``torch.save`` work inside a watch, and a copy is not recorded. While Dynamo traces,
+the hooks go down the compiled path (``compiled``), without a graph break.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TorchDiagError
+from . import _compiled as compiled
+from .runtime import is_compiling
+
+# module -> (weak reference to its watch's Capture, slot index)
+_REGISTRY: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.WeakKeyDictionary()
+_HANDLES: list[Any] = []
+# the watched roots alone: the pre hook, which only counts steps at a root's forward, looks here
+_ROOTS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.WeakKeyDictionary()
+# id() of the captures whose current step is recorded: on other steps the forward hook returns at once
+_RECORDING: set[int] = set()
+
+
+# id(module) -> the finalizer that forgets its compiled plan if it is garbage-collected while watched
+_FINALIZERS: dict[int, Any] = {}
+
+
+def set_recording(cap: Any, on: bool) -> None:
+    """Whether ``cap``'s forward hook work is on (its current step is recorded): for the eager hooks, and for
+    the compiled graphs (a guard on ``gate.on``: the recorded graph or the model's own)."""
+    if on:
+        _RECORDING.add(id(cap))
+    else:
+        _RECORDING.discard(id(cap))
+    gate = getattr(cap, "gate", None)
+    if gate is not None:
+        gate.on = on
+
+
+def _pre_hook(module: nn.Module, args: tuple) -> None:
+    if is_compiling():  # Dynamo traces this: the compiled path, no graph break (``compiled``)
+        compiled.on_pre(module, args)
+        return
+    entry = _ROOTS.get(module)
+    if entry is None:
+        if module.__class__.__name__ == "OptimizedModule":  # torch.compile(model): its wrapper runs eagerly
+            _wrapper(module, True)
+        return
+    rec = entry[0]()
+    if rec is not None:
+        rec.on_pre(entry[1], module)
+
+
+def _wrapper(module: nn.Module, entering: bool) -> None:
+    """torch.compile(model)'s wrapper around a watched root: its forward starts a step (auto-step), eagerly,
+    before the compiled graph runs; the root's own pre-hook, traced into that graph, cannot."""
+    key = compiled.wrapper_call(module, entering)
+    inner = module._modules.get("_orig_mod")
+    entry = _ROOTS.get(inner) if key is not None and inner is not None else None
+    rec = entry[0]() if entry is not None else None
+    if rec is not None:
+        rec.on_wrapper(entry[1], inner, entering)
+
+
+def _post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    if is_compiling():
+        return compiled.on_forward(module, args, output)  # the output, tapped for its gradient (or None)
+    if not _RECORDING:  # no watch records this step: every module call of the model passes here
+        if module.__class__.__name__ == "OptimizedModule":
+            _wrapper(module, False)
+        return
+    entry = _REGISTRY.get(module)
+    if entry is not None:
+        rec = entry[0]()
+        if rec is not None:
+            rec.on_forward(entry[1], module, args, output)
+    elif module.__class__.__name__ == "OptimizedModule":
+        _wrapper(module, False)
+
+
+def attach(cap: Any, modules: list[nn.Module], roots: list[int] = ()) -> None:
+    """Register ``modules`` (slot i = modules[i]) for ``cap`` (a ``Capture``), ``modules[i]`` for i in ``roots`` as the
+    model whose forward starts a step; install the global hooks once."""
+    taken = [m for m in modules if is_watched(m)]
+    if taken:
+        raise TorchDiagError(
+            f"{type(taken[0]).__name__} is already watched by another torchdiag.watch; nested or "
+            "concurrent watches of the same modules are not supported: leave the first watch before starting another"
+        )
+    ref = weakref.ref(cap)
+    for i, m in enumerate(modules):
+        _REGISTRY[m] = (ref, i)
+    for i in roots:
+        _ROOTS[modules[i]] = (ref, i)
+    cap.gate = compiled.new_gate(len(modules), _device_of(modules), cap.record_eval)
+    cap.gate.capture = ref
+    for i, m in enumerate(modules):
+        compiled.register(id(m), compiled.plan_for(i, cap.slots[i], cap.gate))
+        _FINALIZERS[id(m)] = weakref.finalize(m, compiled.forget_module, id(m))
+    weakref.finalize(cap, compiled.drop_gate, cap.gate.key)
+    if not _HANDLES:
+        _HANDLES.append(nn.modules.module.register_module_forward_pre_hook(_pre_hook))
+        _HANDLES.append(nn.modules.module.register_module_forward_hook(_post_hook))
+
+
+def _device_of(modules: list[nn.Module]) -> torch.device:
+    """Where the compiled accumulator lives: the device of the model's first parameter or buffer."""
+    for m in modules:
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+            if not nn.parameter.is_lazy(t):
+                return t.device
+    return torch.device("cpu")
+
+
+def detach(modules: list[weakref.ref]) -> None:
+    """Unregister modules; remove the global hooks when no module is watched any more."""
+    for r in modules:
+        m = r()
+        if m is not None:
+            _REGISTRY.pop(m, None)
+            _ROOTS.pop(m, None)
+            compiled.forget_module(id(m))
+            fin = _FINALIZERS.pop(id(m), None)
+            if fin is not None:
+                fin.detach()
+    if len(_REGISTRY) == 0:
+        while _HANDLES:
+            _HANDLES.pop().remove()
+
+
+def is_watched(module: nn.Module) -> bool:
+    """Whether a live, open watch holds ``module`` (a Watcher dropped without leaving its ``with`` holds none)."""
+    entry = _REGISTRY.get(module)
+    if entry is None:
+        return False
+    rec = entry[0]()
+    return rec is not None and not getattr(rec, "closed", False)
+
+
+def forget(capture_id: int) -> None:
+    """A watch that was garbage-collected without being closed: its step is no longer recorded."""
+    _RECORDING.discard(capture_id)
+
+
+def global_hooks_installed() -> bool:
+    return bool(_HANDLES)

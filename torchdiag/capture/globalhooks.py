@@ -1,0 +1,81 @@
+"""Module hooks kept out of the model: two process-wide hooks that look each module up in a weak table."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .runtime import is_compiling, tracing
+
+
+class GlobalHooks:
+    """Module hooks kept out of the model: two process-wide hooks look each module up here, so that a watched
+    model still pickles, deep-copies (a copy is not recorded) and saves without torchdiag's callbacks in it.
+    ``torch.compile`` traces past them (they return at once while compiling)."""
+
+    pre: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args)]
+    post: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args, kwargs, output)]
+    handles: list[Any] = []
+    ids: set[int] = set()  # id() of the modules in either table: every other module call returns at once
+
+    @classmethod
+    def add(cls, module: nn.Module, pre: Callable[..., None] | None = None,
+            post: Callable[..., None] | None = None) -> tuple[nn.Module, Any, Any]:
+        if pre is not None:
+            cls.pre.setdefault(module, []).append(pre)
+        if post is not None:
+            cls.post.setdefault(module, []).append(post)
+        cls.ids.add(id(module))
+        if not cls.handles:
+            cls.handles.append(nn.modules.module.register_module_forward_pre_hook(_global_pre))
+            cls.handles.append(nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True,
+                                                                              always_call=True))
+        return module, pre, post
+
+    @classmethod
+    def discard(cls, entry: tuple[nn.Module, Any, Any]) -> None:
+        module, pre, post = entry
+        for table, fn in ((cls.pre, pre), (cls.post, post)):
+            fns = table.get(module)
+            if fns is not None and fn in fns:
+                fns.remove(fn)
+                if not fns:
+                    del table[module]
+        if module not in cls.pre and module not in cls.post:
+            cls.ids.discard(id(module))
+        if not cls.pre and not cls.post:
+            cls.ids.clear()  # (ids of modules dropped without a discard)
+            while cls.handles:
+                cls.handles.pop().remove()
+
+
+def _global_pre(module: nn.Module, args: tuple) -> None:
+    # torch.compile, torch.export, torch.jit.trace: nothing of torchdiag's in their graphs (Dynamo: before any
+    # lookup, which it would guard on)
+    if is_compiling() or id(module) not in GlobalHooks.ids or tracing():
+        return
+    fns = GlobalHooks.pre.get(module)
+    if fns:
+        for fn in list(fns):
+            _guarded(fn, module, args)
+
+
+def _global_post(module: nn.Module, args: tuple, kwargs: dict | None = None, output: Any = None) -> None:
+    if is_compiling() or id(module) not in GlobalHooks.ids or tracing():
+        return
+    fns = GlobalHooks.post.get(module)
+    if fns:
+        for fn in list(fns):
+            _guarded(fn, module, args, kwargs, output)
+
+
+def _guarded(fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - a failure of torchdiag's own hook is reported, never raised
+        from ..errors import warn_self
+
+        warn_self(f"torchdiag: a signal hook failed ({type(e).__name__}: {e}); training goes on")

@@ -1,0 +1,1 @@
+"""``check()``, ``fix_init`` and ``apply_suggestions``: one recorded pass of a model, and fixes applied in place."""

@@ -1,0 +1,92 @@
+"""``check``: one recorded forward and backward pass of a model, its diagnosis, the model left as it was
+(without ``loss_fn``, ``losses.projection_loss``)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigLike, resolve_config
+from ..errors import TorchDiagError
+from ..origin.losses import projection_loss
+from ..origin.preserve import preserved_state
+from ..report.report import Report
+from ..watch import Watcher
+
+
+def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None,
+          config: ConfigLike = None) -> Report:
+    """Run one recorded forward and backward pass and return its diagnosis.
+
+    Parameters, ``.grad``, buffers (BatchNorm running statistics included), train/eval mode
+    and the global RNG state are as they were afterwards. Without ``loss_fn`` the loss is a
+    fixed random projection of every floating output, so gradients are not degenerate.
+
+    Example:
+        >>> import torch, torchdiag
+        >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
+        >>> report = torchdiag.check(net, torch.randn(8, 16))
+        >>> report.flagged
+        []
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"check(model=...): expected a torch.nn.Module, got {type(model).__name__}")
+    if not inputs:
+        raise TypeError("check(model, *inputs): give at least one input for the model's forward")
+    cfg = resolve_config(config, every=1)
+    if any(nn.parameter.is_lazy(t) for t in (*model.parameters(), *model.buffers())):
+        return _check_lazy(model, inputs, loss_fn, cfg)
+    return _check(model, inputs, loss_fn, cfg)
+
+
+def _check_lazy(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report:
+    """``check`` of a model with lazy modules (``LazyLinear``...): the inputs would materialise them, so that
+    later training would start from other weights. A copy is materialised and checked instead."""
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"} - {None})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            twin = copy.deepcopy(model)
+        except Exception as e:
+            lazy = [n or type(m).__name__ for n, m in model.named_modules()
+                    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+            raise TorchDiagError(f"check(): the model has lazy modules with uninitialised parameters or buffers"
+                                 f" ({', '.join(lazy[:5])}), which check() would initialise and which cannot be"
+                                 " copied: run one forward pass of the model first to initialise them") from e
+        try:
+            with torch.no_grad():
+                twin(*inputs)  # materialises the lazy parameters of the copy
+        except Exception as e:
+            raise TorchDiagError(f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e
+        report = _check(twin, inputs, loss_fn, cfg)
+    report.notes.append("the model has lazy modules: a copy was initialised by these inputs and checked; the model"
+                        " itself is left uninitialised, as it was")
+    return report
+
+
+def _check(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report:
+    with preserved_state(model), torch.enable_grad():
+        w = Watcher(model, cfg, logdir=None, writer=None, rescale_grads=False, warn=False, record_eval=True)
+        with w:
+            # inputs need a gradient only where no parameter gives the graph one: a model may set requires_grad
+            # on views of its input itself (Hugging Face's Wav2Vec2 feature encoder), which a leaf input forbids
+            trainable = any(p.requires_grad for p in model.parameters())
+            xs = tuple(x.detach().clone().requires_grad_(not trainable) if isinstance(x, torch.Tensor)
+                       and x.is_floating_point() else x for x in inputs)
+            try:
+                out = model(*xs)
+            except Exception as e:
+                raise TorchDiagError(
+                    f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e
+            loss = loss_fn(out) if loss_fn is not None else projection_loss(out)
+            targets = [p for p in model.parameters() if p.requires_grad]
+            targets += [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+            if isinstance(loss, torch.Tensor) and loss.requires_grad and targets:
+                torch.autograd.grad(loss, targets, allow_unused=True)
+            report = w.step() or w.report()  # the step ends: its signals (attention, logits) are read with it
+        if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
+            report.notes.append("the loss does not require grad: no gradient was measured")
+    return report

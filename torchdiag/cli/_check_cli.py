@@ -1,0 +1,292 @@
+"""``torchdiag check MODULE:FACTORY --input-shape 32,3,32,32``: diagnose a model of yours from the shell.
+
+MODULE is a dotted module importable from the current directory (``models.resnet``) or a path to a
+``.py`` file (``src/models.py``); FACTORY is a callable in it that returns an ``nn.Module`` (a function,
+a class), or an ``nn.Module`` instance; ``A.b`` reaches an attribute of an attribute. The factory is
+called with no arguments after ``torch.manual_seed(--seed)``; the input is random (standard normal for
+floating dtypes, uniform integers in ``[0, --int-high)`` for integer dtypes) from a generator with the
+same seed, so a run is repeatable. ``torchdiag.check`` runs one forward and backward pass on it and the
+report is printed: per layer, its parameters and output shape (as Lightning's ``ModelSummary``) beside the
+statistics, within 100 columns (``check_table``).
+
+Exit status: 0 nothing flagged, 1 something flagged (``--fail-on`` restricts which problems count),
+2 the model could not be checked (import error, missing attribute, a factory that fails or returns no
+``nn.Module``, a bad shape or dtype, a model that fails on the input, a bad config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+from ..checks.check_table import ShapeRecorder, render_check
+from ..diagnose.verdict import ERROR, FLAGGED, OK, decide
+from ..errors import TorchDiagError
+from ..report.render import use_color
+from ..report.report import STATUSES, Report
+
+__all__ = ["ERROR", "FLAGGED", "OK", "CheckError", "add_arguments", "run_check"]
+
+
+DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
+    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
+    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+
+
+class CheckError(Exception):
+    """The model could not be checked; exit status 2 with this message."""
+
+
+# ------------------------------------------------------------------ argument types
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"32,3,32,32"`` (or ``32x3x32x32``) -> ``(32, 3, 32, 32)``; every size a positive integer."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of positive integers such as 32,3,32,32; got {text!r}")
+    return shape
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    key = text.strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def parse_problems(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in STATUSES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(STATUSES)}; got {text!r}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="MODULE:FACTORY",
+                        help="a dotted module importable from the current directory, or a path to a .py file, then"
+                             " ':' and a callable in it returning an nn.Module (e.g. models:make_resnet)")
+    parser.add_argument("--input-shape", type=parse_shape, action="append", required=True, metavar="SHAPE",
+                        help="shape of the random input, comma-separated (e.g. 32,3,32,32); repeat it for a model"
+                             " that takes several inputs")
+    parser.add_argument("--dtype", type=parse_dtype, action="append", default=None, metavar="DTYPE",
+                        help="dtype of the input (default float32); once for every input, or once per"
+                             " --input-shape. Integer dtypes (int64 for token ids) need --int-high")
+    parser.add_argument("--int-high", type=int, default=None, metavar="N",
+                        help="integer inputs are drawn uniformly from [0, N) (e.g. the vocabulary size)")
+    parser.add_argument("--config", default=None, metavar="YAML", help="a torchdiag config file (thresholds...)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the factory and of the input (default 0)")
+    parser.add_argument("--device", default="cpu",
+                        help="run the model there (default cpu); one this PyTorch build cannot use exits 2")
+    parser.add_argument("--fail-on", type=parse_problems, default=None, metavar="PROBLEMS",
+                        help=f"exit 1 only for these problems, comma-separated, from: {','.join(STATUSES)}"
+                             " (default: any)")
+
+
+# ------------------------------------------------------------------ loading
+def load_factory(target: str) -> tuple[Any, str]:
+    """``MODULE:FACTORY`` -> (the object named FACTORY, a description). Raises ``CheckError``."""
+    module_part, sep, attr = target.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise CheckError(f"expected MODULE:FACTORY (e.g. models:make_model or path/to/models.py:make_model),"
+                         f" got {target!r}")
+    module = _import(module_part)
+    obj: Any = module
+    for name in attr.split("."):
+        if not hasattr(obj, name):
+            where = getattr(module, "__file__", None) or module_part
+            public = sorted(n for n in dir(module) if not n.startswith("_"))
+            raise CheckError(f"{module_part!r} ({where}) has no attribute {attr!r}; it has: "
+                             f"{', '.join(public[:30])}{' ...' if len(public) > 30 else ''}")
+        obj = getattr(obj, name)
+    return obj, f"{module_part}:{attr}"
+
+
+def _import(spec: str) -> Any:
+    looks_like_path = spec.endswith(".py") or os.sep in spec or (os.altsep is not None and os.altsep in spec)
+    if looks_like_path:
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise CheckError(f"cannot import {spec!r}: no such file")
+        parent = str(path.parent)
+        if parent not in sys.path:
+            sys.path.insert(0, parent)  # so that the file's own imports of its neighbours work
+        name = f"_torchdiag_check_{path.stem}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise CheckError(f"cannot import {spec!r}: not a Python file")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # SyntaxError, ImportError, whatever the file raises (SystemExit included)
+            sys.modules.pop(name, None)
+            raise CheckError(f"cannot import {spec!r}: {type(e).__name__}: {e}") from e
+        return module
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(spec)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # ImportError, and whatever the module itself raises (SystemExit included)
+        hint = ""
+        if isinstance(e, ModuleNotFoundError) and e.name and spec.startswith(e.name):
+            hint = f" (looked in the current directory {cwd} and on sys.path; or give a path: path/to/file.py)"
+        raise CheckError(f"cannot import {spec!r}: {type(e).__name__}: {e}{hint}") from e
+
+
+def build_model(obj: Any, what: str) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise CheckError(f"{what} is not callable (it is of type {type(obj).__name__}); expected a function or class"
+                         " returning an nn.Module, or an nn.Module")
+    try:
+        model = obj()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        raise CheckError(f"{what}() raised {type(e).__name__}: {e} (the factory is called with no arguments)") from e
+    if not isinstance(model, nn.Module):
+        raise CheckError(f"{what}() returned an object of type {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def make_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype] | None, int_high: int | None,
+                seed: int, device: str) -> list[torch.Tensor]:
+    if dtypes is None:
+        dtypes = [torch.float32]
+    if len(dtypes) == 1:
+        dtypes = list(dtypes) * len(shapes)
+    if len(dtypes) != len(shapes):
+        raise CheckError(f"give --dtype once, or once per --input-shape ({len(shapes)}); got {len(dtypes)}")
+    gen = torch.Generator().manual_seed(seed)
+    inputs = []
+    for shape, dtype in zip(shapes, dtypes):
+        if dtype.is_floating_point:
+            x = torch.randn(shape, generator=gen).to(dtype)
+        elif dtype == torch.bool:
+            x = torch.randint(0, 2, shape, generator=gen).bool()
+        else:
+            if int_high is None:
+                raise CheckError(f"an integer input ({str(dtype).removeprefix('torch.')}) needs --int-high N: values"
+                                 " are drawn from [0, N), e.g. N = the vocabulary size")
+            if int_high < 1:
+                raise CheckError(f"--int-high must be >= 1, got {int_high}")
+            x = torch.randint(0, int_high, shape, generator=gen, dtype=torch.int64).to(dtype)
+        inputs.append(x)
+    try:
+        return [x.to(device) for x in inputs]
+    except Exception as e:  # noqa: BLE001 - AssertionError ("Torch not compiled with CUDA enabled") included
+        raise CheckError(f"--device {device!r}: {e}") from e
+
+
+def check_device(text: str) -> str:
+    """``--device``: a device this PyTorch build can use, else ``CheckError`` (one line, exit 2)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise CheckError(f"--device {text!r} is not a device name: {str(e).splitlines()[0]}") from e
+    if device.type in ("cpu", "meta"):
+        return text
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        built = f"this PyTorch {torch.__version__} has no {device.type} support"
+        if device.type == "cuda" and torch.version.cuda is not None or device.type != "cuda" and _built(device.type):
+            built = f"no {device.type} device is available to this PyTorch {torch.__version__}"
+        raise CheckError(f"--device {text!r}: {built} (torch.{device.type}.is_available() is False); try --device cpu")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise CheckError(f"--device {text!r}: there are {count()} {device.type} device(s), numbered from 0")
+    return text
+
+
+def _built(kind: str) -> bool:
+    """Whether this PyTorch build was compiled with ``kind`` support (best effort)."""
+    for probe in (getattr(getattr(torch.backends, kind, None), "is_built", None),
+                  getattr(getattr(torch, kind, None), "_is_compiled", None)):
+        if callable(probe):
+            try:
+                return bool(probe())
+            except Exception:  # noqa: BLE001, S112 - a probe that fails says nothing
+                continue
+    return False
+
+
+def _describe(inputs: Iterable[torch.Tensor]) -> str:
+    return ", ".join(f"({','.join(map(str, x.shape))}) {str(x.dtype).removeprefix('torch.')}" for x in inputs)
+
+
+# ------------------------------------------------------------------ command
+def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run ``torchdiag check`` with parsed arguments; return the exit status (0, 1 or 2)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    try:
+        report, header, model, shapes = _check(args)
+    except CheckError as e:
+        print(f"torchdiag check: {e}", file=err)
+        return ERROR
+    fail = set(STATUSES) if args.fail_on is None else set(args.fail_on)
+    print(header, file=out)
+    print(render_check(report, model, shapes, color=use_color(out)), file=out)
+    verdict = decide({p for layer in report.flagged for p in layer.status}, fail, verb="flagged")
+    if verdict.found:
+        print(verdict.line, file=out)
+    return verdict.status
+
+
+def _check(args: argparse.Namespace) -> tuple[Report, str, nn.Module, dict[str, str]]:
+    from ..checks.checking import check
+    from ..config import resolve_config
+    from ..errors import ConfigError
+
+    try:
+        config = resolve_config(args.config) if args.config is not None else None
+    except ConfigError as e:
+        raise CheckError(str(e)) from e
+    check_device(args.device)
+    obj, what = load_factory(args.target)
+    torch.manual_seed(args.seed)
+    model = build_model(obj, what)
+    inputs = make_inputs(args.input_shape, args.dtype, args.int_high, args.seed, args.device)
+    try:
+        model = model.to(args.device)
+    except Exception as e:  # noqa: BLE001 - whatever the move raises: exit 2, not a traceback
+        raise CheckError(f"--device {args.device!r}: cannot move the model there: {e}") from e
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    mismatch = any(x.is_floating_point() and x.dtype not in params for x in inputs) and bool(params)
+    try:
+        with ShapeRecorder(model) as rec:
+            report = check(model, *inputs, config=config)
+    except TorchDiagError as e:
+        hint = (f" (the model's parameters are {', '.join(sorted(str(d).removeprefix('torch.') for d in params))})"
+                if mismatch else "")
+        raise CheckError(f"{type(model).__name__} on input {_describe(inputs)}: {e}{hint}") from e
+    except Exception as e:  # noqa: BLE001 - a model that fails in backward, or a bad loss: exit 2, not a traceback
+        raise CheckError(f"{type(model).__name__} on input {_describe(inputs)}: {type(e).__name__}: {e}") from e
+    n_params = sum(p.numel() for p in model.parameters())
+    header = (f"torchdiag check {what}: {type(model).__name__} ({n_params:,} parameters), input {_describe(inputs)},"
+              f" seed {args.seed}")
+    return report, header, model, rec.shapes

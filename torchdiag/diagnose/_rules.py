@@ -1,0 +1,197 @@
+"""The per-layer rules of the diagnosis: NaN/Inf, dead and saturated activations, update ratios, and the
+textbook init a weighted layer is held against (with the nonlinearity that follows it). Pure: numbers in,
+flags and notes on the ``LayerReport`` rows out. Thresholds are config keys (``defaults.yaml``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..config import Config
+from ..layers import gains
+from ..layers.gains import Nonlinearity
+from ..report.report import Finding, LayerReport
+from ..vocab import LayerStats, Role, Summary
+
+#: the fix for what appeared after updates: the training's settings, never a weight rescale
+OPTIMISATION_FIX = ("lower the learning rate, add warm-up, or clip gradients (torch.nn.utils.clip_grad_norm_); not a"
+                    " weight rescale: the init was fine when the run started")
+
+
+def nonfinite_forward(rows: list[LayerReport], layers: list[LayerStats], trained: bool = False) -> str | None:
+    """Flag NaN/Inf outputs: the first layer in execution order whose output holds it is the culprit (its name is
+    returned), the layers after it are contaminated. ``trained``: a step was recorded before this one, so the
+    updates since are the cause (the fix is the learning rate, not the weights' scale)."""
+    first_nonfinite = None
+    for row, s in zip(rows, layers):
+        if s.act is not None and s.act.nonfinite:
+            if first_nonfinite is None:
+                first_nonfinite = s.name
+                flag(row, "nonfinite", None, math.nan, 0.0, "-",
+                     f"'{s.name}' ({s.module_type}) is the first layer whose output holds NaN/Inf"
+                     f" (absmax {s.act.absmax:g}); everything after it is contaminated."
+                     f" Fix: {OPTIMISATION_FIX if trained else fix_text(row)}",
+                     reason="optimisation" if trained else None)
+            else:
+                row.status.add("nonfinite")
+    return first_nonfinite
+
+
+def nonfinite_backward(rows: list[LayerReport], layers: list[LayerStats]) -> str | None:
+    """With every forward output finite, a NaN/Inf made in the backward pass: the first layer it reaches, loss side
+    first, is the culprit (its name is returned); every layer whose output gradient holds it is flagged."""
+    first_nonfinite_grad = None
+    for row, s in zip(reversed(rows), reversed(layers)):
+        if s.grad is not None and s.grad.nonfinite:
+            first_nonfinite_grad = s.name
+            flag(row, "nonfinite", "backward", math.nan, 0.0, "-",
+                 f"'{s.name}' ({s.module_type}) is the first layer, in backward order, whose output gradient"
+                 " holds NaN/Inf while every forward output is finite: an operation's backward made it"
+                 " (sqrt or log at 0, a division by a zero norm, a custom autograd function)."
+                 " Fix: guard that operation (add an epsilon, clamp its input)")
+            break
+    for row, s in zip(rows, layers):
+        if s.grad is not None and s.grad.nonfinite:
+            row.status.add("nonfinite")
+    return first_nonfinite_grad
+
+
+def suggest(row: LayerReport, s: LayerStats, after: list[LayerStats], cfg: Config) -> None:
+    """Nonlinearity that follows a weighted layer, and the textbook fix for its weights."""
+    nl, normalised, inferred = gains.LINEAR, None, False
+    for nxt in after:
+        if nxt.role == Role.WEIGHTED:
+            guess = _infer_functional(nxt.input_probe) if normalised is None else None
+            if guess is not None:
+                nl, inferred = guess, True
+            break
+        if nxt.role == Role.NORM and normalised is None:
+            normalised = nxt
+        if nxt.role == Role.ACTIVATION and nxt.nonlinearity is not None:
+            nl = nxt.nonlinearity
+            break
+    row.nonlinearity = str(nl)
+    if inferred:
+        row.notes.append(f"nonlinearity '{nl}' inferred from the next layer's input range and zeros"
+                         " (a functional activation such as F.relu in forward(), not a module)")
+    if not s.textbook:
+        row.notes.append(f"{s.module_type}: the gain/sqrt(fan_in) rule does not describe it, so no scale is"
+                         " suggested (a lookup sums nothing; recurrent and attention weights feed no single"
+                         " pointwise activation)")
+        return
+    if s.fan_in is None:
+        row.notes.append(s.fans_note or f"{s.module_type}: fans and textbook gain are not defined")
+        return
+    row.suggested_init = gains.suggested_init(nl, s.fan_in)
+    if s.weight_std is not None and not math.isfinite(s.weight_std):
+        row.notes.append("its weights hold NaN/Inf (an optimizer update diverged, or they were loaded so): nothing"
+                         " to rescale; lower the learning rate, clip gradients, or restore a checkpoint")
+        return
+    if not s.weight_std:
+        if s.weight_rms == 0:
+            row.notes.append("weights are all zero (zero init): nothing to rescale")
+        return
+    row.suggested_scale = gains.target_std(s.fan_in, nl) / s.weight_std
+    if row.gain:  # LSUV reasoning: the factor that gives this layer the textbook gain on its actual inputs
+        row.measured_scale = gains.gain(nl) / row.gain
+        ratio = row.measured_scale / row.suggested_scale
+        if not 1 / (1 + cfg.scale_tolerance) <= ratio <= 1 + cfg.scale_tolerance:
+            row.notes.append(
+                f"measured scale ×{row.measured_scale:.3g} and textbook ×{row.suggested_scale:.3g} disagree by more"
+                f" than scale_tolerance {cfg.scale_tolerance:g}: the weights or inputs are not i.i.d. (trained or"
+                " structured weights, correlated inputs). Trust the measured one for this data (fix_init does),"
+                " the textbook one for a fresh random init.")
+    if normalised is not None:
+        row.notes.append(f"followed by {normalised.module_type} '{normalised.name}': its weight scale"
+                         " barely changes the forward signal")
+
+
+def updates(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes: list[str]) -> None:
+    """Update-to-weight ratio band (needs ``watch(..., optimizer=)``)."""
+    measured = [(row, s.update_ratio) for row, s in zip(rows, layers) if s.update_ratio is not None]
+    for row, ratio in measured:
+        row.update_ratio = ratio
+    if measured and all(r == 0.0 for _, r in measured):
+        notes.append("the optimizer step changed no watched weight (learning rate 0, e.g. warm-up start?)")
+        return
+    for (row, ratio), s in zip(measured, [s for s in layers if s.update_ratio is not None]):
+        if not math.isfinite(ratio):
+            continue
+        if s.fan_in is None:  # a token, a gate, a bias table: no scale to hold the step against (zero init is common)
+            continue
+        if s.feeds_norm:
+            # scale-invariant weights: a large step only grows their norm, which lowers their effective learning rate
+            row.notes.append("feeds a normalisation: its weight scale is undone, so the update ratio is not judged")
+            continue
+        if s.fan_in and s.update_base_rms is not None and s.update_base_rms < 0.05 / math.sqrt(s.fan_in):
+            # weights still growing out of a zero init (zero head, zero-init gate): any step is "large"
+            row.notes.append("weights near zero before the step (zero init?): update ratio not judged")
+            continue
+        if ratio > cfg.update_ratio_high:
+            flag(row, "large_updates", None, ratio, cfg.update_ratio_high, "update_ratio_high",
+                  f"'{row.name}' ({row.module_type}) gets large_updates: one optimizer step moved its weights by"
+                  f" {ratio:.3g} of their norm (update_ratio_high {cfg.update_ratio_high:g}; ~1e-3 is typical)."
+                  " Fix: lower the learning rate or clip gradients.", reason="optimisation")
+        elif 0.0 < ratio < cfg.update_ratio_low:  # update_ratio_low 0 turns this off
+            flag(row, "small_updates", None, ratio, cfg.update_ratio_low, "update_ratio_low",
+                  f"'{row.name}' ({row.module_type}) gets small_updates: one optimizer step moved its weights by"
+                  f" only {ratio:.3g} of their norm (update_ratio_low {cfg.update_ratio_low:g})."
+                  " Fix: raise the learning rate, or check its gradient (see backward drift).", reason="optimisation")
+
+
+def _infer_functional(probe: Summary | None) -> Nonlinearity | None:
+    """Which pointwise activation produced a tensor, from its range and zeros (None: cannot tell)."""
+    if probe is None or probe.nonfinite or probe.n == 0:
+        return None
+    lo, hi, zeros = probe.min, probe.max, probe.zero_fraction
+    if lo is None or hi is None:
+        return None
+    if hi <= 0 or probe.std == 0:
+        return None  # all zeros (underflow, a dead layer): nothing to read
+    if lo >= 0 and zeros is not None and 0.2 <= zeros < 0.99:
+        return Nonlinearity("relu")
+    if -1.0 <= lo <= -0.9 and 0.9 <= hi <= 1.0 and probe.std > 0.4:
+        # reaches both rails with its mass spread out (a linear Gaussian signal of this range has std ~0.2)
+        return Nonlinearity("tanh")
+    if 0 < lo and hi < 1.0 and hi - lo > 0.5:
+        return Nonlinearity("sigmoid")
+    if -0.28 <= lo < -0.01 and hi > 1.0:  # GELU's minimum is -0.170, SiLU's -0.278
+        return Nonlinearity("gelu" if lo >= -0.171 else "silu")
+    return None
+
+
+def fix_text(row: LayerReport) -> str:
+    if row.suggested_scale is not None and row.suggested_init is not None:
+        return f"multiply its weights by {row.suggested_scale:.3g} or use {row.suggested_init}"
+    return "check the weights, the learning rate and the inputs of this layer"
+
+
+def flag(row: LayerReport, problem: str, direction: str | None, value: float, threshold: float,
+         key: str, message: str, cause: str | None = None, covers: int = 1, fixable: bool | None = None,
+         reason: str | None = None) -> None:
+    row.status.add(problem)
+    row.findings.append(Finding(problem, direction, value, threshold, key, message, cause, covers, fixable, reason))
+
+
+def dead_or_saturated(row: LayerReport, s: LayerStats, cfg: Config, trained: bool = False) -> None:
+    """Dead ReLU-family and saturated tanh/sigmoid outputs; ``trained``: they appeared after updates."""
+    if s.act is None or s.act.nonfinite:
+        return
+    reason = "optimisation" if trained else "init"
+    z = s.act.zero_fraction
+    if s.relu_family and z is not None and z >= cfg.dead_fraction:
+        flag(row, "dead", None, z, cfg.dead_fraction, "dead_fraction",
+              f"'{s.name}' ({s.module_type}) is dead: {z:.1%} of its outputs are exactly zero"
+              f" (dead_fraction {cfg.dead_fraction:g}), so almost no gradient passes. Fix: check the"
+              + (f" {OPTIMISATION_FIX}, or use LeakyReLU." if trained else
+                 " biases and init of the layer before it, lower the learning rate, or use LeakyReLU."),
+              reason=reason)
+    sat = s.act.saturated_fraction
+    if s.bounded and sat is not None and sat >= cfg.saturated_fraction:
+        flag(row, "saturated", None, sat, cfg.saturated_fraction, "saturated_fraction",
+              f"'{s.name}' ({s.module_type}) is saturated: {sat:.1%} of its outputs are beyond"
+              f" {cfg.saturation_level:g} of its range (saturated_fraction {cfg.saturated_fraction:g}),"
+              " where its derivative is near zero. Fix: "
+              + (f"{OPTIMISATION_FIX}." if trained else "scale down the weights of the layer before it"
+                 " (its suggestion uses the gain for this activation)."),
+              reason=reason)

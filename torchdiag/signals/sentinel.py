@@ -1,0 +1,109 @@
+"""The watch's instability side: the divergence signals, the loss-spike monitor and the non-finite origin,
+wired as one unit (``Watcher`` calls it where a step ends and where a report is published)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ..diagnose import instability
+from ..errors import warn_self
+from ..origin.tripwire import Tripwire
+from . import signals
+
+
+class Sentinel:
+    """Signals, loss spikes and the non-finite origin of one watch."""
+
+    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any, recording: Callable[[], bool],
+                 optimizer: Any = None, scaler: Any = None, weights: dict[int, str] | None = None,
+                 lookups: set[int] = frozenset(), monitor: Any = None, deferred: bool = False,
+                 distributed: bool = False, reducer: Callable[[], Any] | None = None) -> None:
+        self._cfg = config
+        self._reducer = reducer  # under torch.distributed: the watch's StepReducer (all_reduce of float lists)
+        self._adam_weights = sorted(set((weights or {}).values()))
+        self._signals = signals.Signals(model, layers, config, recording, optimizer=optimizer)
+        self._signals.watch_weights(weights or {}, lookups)
+        # under torch.distributed a one-rank replay of a sharded or synchronised forward would wait on its collectives
+        self._tripwire = Tripwire(model, layers, recording) if config.nonfinite_origin and not distributed else None
+        if self._tripwire is not None:
+            self._tripwire.scaler = scaler is not None
+            if monitor is not None and not deferred:
+                monitor.keep_all = True  # the weights from before the update, for a replay after it
+            elif monitor is not None:
+                self._tripwire.no_snapshot = ("with defer_report 'auto' on a GPU the step's statistics are read after"
+                                              " the next update; defer_report='never' lets torchdiag replay on the"
+                                              " weights from before it")
+        self._monitor = monitor
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self.spikes = instability.LossSpikes(config)
+        self._pending: list[tuple[int, dict[str, Any], Any]] = []  # (step, raw signals, batch)
+        self._losses: list[tuple[int, Any]] = []  # of steps that ended unrecorded: judged at the next report
+        self._ended = -1  # the step that ended last
+        self._adam_near: set[str] = set()  # layers near Adam's eps at the previous recorded step
+        self._pull_start: float | None = None  # the gradient std at the model's output, first recorded step
+
+    def install(self) -> None:
+        self._signals.install()
+        if self._tripwire is not None:
+            self._tripwire.install()
+
+    def remove(self) -> None:
+        self._signals.remove()
+        if self._tripwire is not None:
+            self._tripwire.remove()
+        self._pending, self._losses = [], []
+
+    @property
+    def origin(self) -> Any:
+        return None if self._tripwire is None else self._tripwire.origin
+
+    def add_loss(self, step: int, loss: Any) -> None:
+        self._signals.add_loss(step, loss)
+
+    def end_step(self, step: int, recorded: bool) -> None:
+        """A step ends: keep what it measured (still on the device) for its report."""
+        raw = self._signals.take()
+        self._ended = step
+        if not recorded:
+            self._losses += raw["losses"]
+            return
+        batch = self._tripwire.take_batch() if self._tripwire is not None else None
+        self._pending.append((step, raw, batch))
+
+    def publish(self, report: Any) -> None:
+        """Add the signals' findings, the loss spikes and the non-finite origin to the report of a step."""
+        mine = [p for p in self._pending if p[0] <= report.step]
+        self._pending = [p for p in self._pending if p[0] > report.step]
+        raw = next((r for s, r, _ in mine if s == report.step), None)
+        batch = next((b for s, _, b in mine if s == report.step), None)
+        losses = self._losses + [x for _, r, _ in mine if r is not raw for x in r["losses"]]
+        self._losses = []
+        sig = signals.read(raw if raw is not None else _EMPTY, losses)
+        reducer = self._reducer() if self._reducer is not None else None
+        # under torch.distributed, a step the watch reduced across ranks (every rank publishes it) gets the same
+        # figures on every rank, so the same report; a step kept to this rank's own numbers keeps its own
+        if reducer is not None and not reducer.disabled and reducer.last_reduced == report.step:
+            sig = signals.reduce_across(sig, self._signals.attention_layers, self._adam_weights, reducer.all_reduce)
+        if self._pull_start is None:
+            self._pull_start = report.output_grad_std
+        self._adam_near = instability.judge(report, sig, self._cfg, self._adam_near, self._pull_start)
+        self.spikes.add_layers(report)
+        report.loss_spikes = self.spikes.feed(sorted(sig.losses))
+        if self._tripwire is not None:
+            pre = None
+            if self._monitor is not None and report.step == self._ended:  # deferred: that snapshot is a later step's
+                pre = {self._names[i]: t for i, t in self._monitor.pre_update().items() if i in self._names}
+            bad = next(((s, "NaN" if math.isnan(v) else "Inf") for s, v in sig.losses if not math.isfinite(v)), None)
+            fresh = self._tripwire.after_step(report, batch, pre_update=pre, bad_loss=bad)
+            report.nonfinite_origin = self._tripwire.origin
+            if fresh is not None:
+                warn_self(f"torchdiag (step {report.step}): {fresh}" + (f" ({fresh.note})" if fresh.note else ""))
+        for spike in report.loss_spikes:
+            warn_self(f"torchdiag (step {report.step}): {spike.message}")
+
+
+_EMPTY: dict[str, Any] = {"attention": {}, "logz": None, "softmax": None, "adam": {}, "losses": []}

@@ -1,0 +1,339 @@
+"""Signals that precede divergence: attention logits and entropy, the output logits' log Z, gradients near
+Adam's epsilon, and the loss. Recorded on recorded steps only, on a bounded sample, as on-device 0-d tensors
+read with the step (one ``tolist`` per step).
+
+* attention: ``nn.MultiheadAttention`` (q and k rebuilt from its input projection) and every
+  ``F.scaled_dot_product_attention`` call made inside a module whose class name says ``Attention`` (Hugging
+  Face's sdpa path, most hand-written blocks); an eager Hugging Face attention that returns its probabilities
+  gives their entropy. Per layer: the largest logit ``q.k * scale`` over the allowed keys and the mean over
+  heads of the attention's normalised entropy (entropy / log of the number of allowed keys: 1 is uniform, 0 is
+  one-hot), on up to ``attention_sample`` evenly spaced queries of the first two sequences;
+* output logits: ``log Z = logsumexp`` over the last dimension of the model's output (or its ``.logits``),
+  mean over up to 256 rows, and whether its gradient sums to zero along that dimension (what the gradient of
+  any softmax cross-entropy does: ``p - y``), which says these are logits of a softmax loss;
+* Adam's epsilon: at ``opt.step()`` of a recorded step, each watched weight's gradient rms (one fused norm per
+  device; an embedding's over its non-zero entries: unused rows are not small gradients), with its group's ``eps``;
+* the loss: ``Watcher.step(loss=...)`` keeps it (detached) until the next recorded step reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..capture.globalhooks import GlobalHooks
+from ..capture.runtime import first_float_tensor, is_compiling
+from ..vocab import StepSignals
+from ._attention import SDPA, attention_figures, entropy_of_probs, mha_figures
+
+_LOGIT_ROWS = 256
+
+
+class Signals:
+    """The hooks of the divergence signals on one watched model; see the module docstring."""
+
+    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any,
+                 recording: Callable[[], bool], optimizer: Any = None) -> None:
+        self._model = model
+        self._names = {m: n for n, m in model.named_modules()}
+        self._layers = layers  # watched module -> its name in reports
+        self._cfg = config
+        self._recording = recording
+        self._optimizer = optimizer
+        self._handles: list[Any] = []
+        self._name_of: dict[nn.Module, str] = {}
+        self._sdpa = False
+        self._attention: dict[str, tuple[Any, Any]] = {}
+        self._sdpa_seen: set[str] = set()
+        self._logz: Any = None
+        self._softmax: Any = None
+        self._losses: list[tuple[int, Any]] = []
+        self._adam_meter = AdamGradients({}, set(), recording)
+        self.attention_layers: list[str] = []  # the names attention figures can have (a fixed cross-rank layout)
+
+    # ------------------------------------------------------------------ wiring
+    def install(self) -> None:
+        cfg = self._cfg
+        if cfg.attention_rules:
+            for m in self._model.modules():
+                if isinstance(m, nn.MultiheadAttention):
+                    self._handles.append(GlobalHooks.add(m, self._mha_pre, self._mha_post))
+                elif "attention" in type(m).__name__.lower() and any(True for _ in m.parameters()):
+                    self._handles.append(GlobalHooks.add(m, self._attn_pre, self._attn_post))
+                else:
+                    continue
+                self.attention_layers.append(self._name(m))
+            if self._handles:
+                SDPA.acquire()
+                self._sdpa = True
+        if cfg.output_logits_rule:
+            self._handles.append(GlobalHooks.add(self._model, post=self._root_post))
+        self._opt_handle = None
+        if cfg.adam_epsilon_rule and self._optimizer is not None and _adam_like(self._optimizer):
+            self._opt_handle = self._optimizer.register_step_pre_hook(self._adam_meter.pre_step)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            GlobalHooks.discard(h)
+        self._handles = []
+        if self._opt_handle is not None:
+            self._opt_handle.remove()
+            self._opt_handle = None
+        if self._sdpa:
+            SDPA.release()
+            self._sdpa = False
+
+    def _name(self, m: nn.Module) -> str:
+        """The report's name for a module: its own, or its first watched descendant's (a container's q/k/v)."""
+        name = self._name_of.get(m)
+        if name is None:
+            name = self._name_of[m] = self._find_name(m)
+        return name
+
+    def _find_name(self, m: nn.Module) -> str:
+        if m in self._layers:
+            return self._layers[m]
+        watched = [sub for sub in m.modules() if sub in self._layers]
+        weighted = [sub for sub in watched if any(p.dim() >= 2 for p in sub.parameters(recurse=False))]
+        if weighted or watched:  # the q (or qkv) projection, not a dropout registered before it (ALBERT)
+            return self._layers[(weighted or watched)[0]]
+        return self._names.get(m, type(m).__name__)
+
+    def _on(self) -> bool:
+        return not is_compiling() and torch.is_grad_enabled() and self._recording()
+
+    # ------------------------------------------------------------------ attention
+    def _mha_pre(self, m: nn.Module, args: tuple) -> None:
+        SDPA.local.__dict__.setdefault("stack", []).append((None, None))  # its own SDPA call is not counted again
+
+    def _mha_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        stack = getattr(SDPA.local, "stack", None)
+        if stack:
+            stack.pop()
+        if not self._on():
+            return
+        try:
+            figs = mha_figures(m, args, kwargs, self._cfg.attention_sample)
+        except Exception:  # noqa: BLE001 - an input layout this cannot read: no attention figures for it
+            figs = None
+        if figs is not None:
+            self._attention[self._name(m)] = figs
+
+    def _attn_pre(self, m: nn.Module, args: tuple) -> None:
+        stack = SDPA.local.__dict__.setdefault("stack", [])
+        stack.append((self, self._name(m)) if self._on() else (None, None))
+
+    def _attn_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        stack = getattr(SDPA.local, "stack", None)
+        if stack:
+            owner, name = stack.pop()
+            if owner is self and name not in self._sdpa_seen and isinstance(output, tuple) and len(output) > 1:
+                probs = output[1]
+                if isinstance(probs, torch.Tensor) and probs.dim() == 4 and probs.is_floating_point():
+                    try:  # eager attention returned its probabilities: their entropy (no logits to read)
+                        self._attention[name] = (None, entropy_of_probs(probs, self._cfg.attention_sample))
+                    except Exception:  # noqa: BLE001, S110 - not probabilities after all
+                        pass
+
+    def on_sdpa(self, name: str, q: Any, k: Any, mask: Any, causal: bool, scale: float | None) -> None:
+        if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4):
+            return
+        allowed = additive = None
+        if isinstance(mask, torch.Tensor):
+            allowed, additive = (mask, None) if mask.dtype == torch.bool else (None, mask)
+        try:
+            with torch.no_grad():
+                figs = attention_figures(q, k, scale=scale, allowed=allowed, additive=additive, causal=causal,
+                                         max_queries=self._cfg.attention_sample)
+        except Exception:  # noqa: BLE001 - a layout this cannot read
+            return
+        prev = self._attention.get(name)
+        if prev is not None and prev[0] is not None and name in self._sdpa_seen:  # called again: the larger logit
+            figs = (torch.maximum(prev[0], figs[0]), torch.minimum(prev[1], figs[1]))
+        self._attention[name] = figs
+        self._sdpa_seen.add(name)
+
+    # ------------------------------------------------------------------ output logits
+    def _root_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._on():
+            return
+        t = getattr(output, "logits", None)
+        if not isinstance(t, torch.Tensor):
+            t = first_float_tensor((output,))
+        if t is None or t.dim() < 2 or t.shape[-1] < 2 or t.grad_fn is None:  # (a leaf: a hook would stay on it)
+            return
+        with torch.no_grad():
+            rows = t.detach().reshape(-1, t.shape[-1])
+            step = max(1, rows.shape[0] // _LOGIT_ROWS)
+            self._logz = torch.logsumexp(rows[::step][:_LOGIT_ROWS].float(), dim=-1).mean()
+        try:
+            t.register_hook(self._logits_grad)
+        except RuntimeError:  # a leaf or a tensor that cannot take hooks
+            pass
+
+    def _logits_grad(self, g: torch.Tensor) -> None:
+        with torch.no_grad():
+            rows = g.detach().reshape(-1, g.shape[-1])
+            rows = rows[:: max(1, rows.shape[0] // _LOGIT_ROWS)][:_LOGIT_ROWS].float()
+            self._softmax = rows.sum(-1).abs().sum() / rows.abs().sum().clamp(min=1e-30)
+
+    # ------------------------------------------------------------------ Adam's epsilon
+    def watch_weights(self, weights: dict[int, str], lookups: set[int] = frozenset()) -> None:
+        """``id(weight) -> layer name`` of the watched weights Adam's epsilon is compared with; ``lookups``: the ids
+        of embedding tables, whose gradient rms is over the rows a batch used."""
+        self._adam_meter = AdamGradients(weights, set(lookups), self._recording)
+
+    # ------------------------------------------------------------------ loss
+    def add_loss(self, step: int, loss: Any) -> None:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise TypeError(f"step(loss=...): expected a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+            self._losses.append((step, loss.detach().reshape(())))
+        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # Python and NumPy numbers
+            self._losses.append((step, float(loss)))
+        else:
+            raise TypeError(f"step(loss=...): expected a float or a 0-d tensor, got {type(loss).__name__}")
+
+    # ------------------------------------------------------------------ the step
+    def take(self) -> dict[str, Any]:
+        """What this step measured, still on the device (no copy), and start the next step."""
+        raw = {"attention": self._attention, "logz": self._logz, "softmax": self._softmax,
+               "adam": self._adam_meter.take(), "losses": self._losses}
+        self._attention, self._sdpa_seen, self._losses = {}, set(), []
+        self._logz = self._softmax = None
+        return raw
+
+
+class AdamGradients:
+    """At ``opt.step()`` of a recorded step, each watched weight's gradient rms as an Adam-family optimizer sees it
+    (unscaled, one fused norm per device), with its group's ``eps``: what ``adam_epsilon`` is judged on."""
+
+    def __init__(self, weights: dict[int, str], lookups: set[int], recording: Callable[[], bool]) -> None:
+        self._weights, self._lookups, self._recording = weights, lookups, recording
+        self._rms: dict[str, tuple[Any, float]] = {}
+
+    def take(self) -> dict[str, tuple[Any, float]]:
+        rms, self._rms = self._rms, {}
+        return rms
+
+    def pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        try:
+            self._adam_rms(optimizer, kwargs)
+        except Exception as e:  # noqa: BLE001 - inside the user's opt.step(): reported, never raised
+            from ..errors import warn_self
+
+            warn_self(f"torchdiag: reading the gradients for Adam's epsilon failed ({type(e).__name__}: {e})")
+
+    def _adam_rms(self, optimizer: Any, kwargs: Any) -> None:
+        if not self._recording():
+            return
+        # a fused optimizer under a GradScaler gets the scale and unscales inside its kernel: divide by it here
+        scale = (kwargs or {}).get("grad_scale", getattr(optimizer, "grad_scale", None))
+        names, grads, lookups, eps = [], [], [], []
+        for group in optimizer.param_groups:
+            e = group.get("eps")
+            if not isinstance(e, (int, float)) or e <= 0:
+                continue
+            for p in group["params"]:
+                name = self._weights.get(id(p))
+                if name is None or p.grad is None or p.grad.is_sparse:
+                    continue
+                names.append(name)
+                grads.append(p.grad.detach())
+                lookups.append(id(p) in self._lookups)
+                eps.append(float(e))
+        if not grads:
+            return
+        with torch.no_grad():
+            by_device: dict[torch.device, list[int]] = {}
+            for i, g in enumerate(grads):
+                by_device.setdefault(g.device, []).append(i)
+            for idx in by_device.values():  # one fused norm per device; a lookup's unused rows are not counted
+                norms = torch._foreach_norm([grads[i] for i in idx]) if hasattr(torch, "_foreach_norm") \
+                    else [torch.linalg.vector_norm(grads[i]) for i in idx]
+                for i, norm in zip(idx, norms):
+                    n = torch.count_nonzero(grads[i]).clamp(min=1) if lookups[i] else grads[i].numel()
+                    rms = norm.float() / (n ** 0.5 if isinstance(n, int) else n.sqrt())
+                    if isinstance(scale, torch.Tensor):
+                        rms = rms / scale.to(rms.device).float().reshape(())
+                    self._rms[names[i]] = (rms, eps[i])
+
+
+def read(raw: dict[str, Any], losses: list[tuple[int, Any]] = ()) -> StepSignals:
+    """Plain floats of what ``Signals.take`` gave (one host copy per device), with ``losses`` of earlier steps."""
+    losses = list(losses) + list(raw["losses"])
+    entries: list[tuple[str, Any, Any]] = []
+    for name, (top, ent) in raw["attention"].items():
+        entries += [("att_max", name, top), ("att_ent", name, ent)]
+    entries += [("logz", None, raw["logz"]), ("softmax", None, raw["softmax"])]
+    entries += [("adam", name, rms) for name, (rms, _eps) in raw["adam"].items()]
+    entries += [("loss", i, loss) for i, (_step, loss) in enumerate(losses)]
+    got = _read(entries)
+    out = StepSignals()
+    for name in raw["attention"]:
+        out.attention[name] = (got.get(("att_max", name), math.nan), got.get(("att_ent", name), math.nan))
+    out.logz = got.get(("logz", None))
+    soft = got.get(("softmax", None))
+    out.softmax_output = soft is not None and soft < 1e-3
+    out.adam = {name: (got[("adam", name)], eps) for name, (_rms, eps) in raw["adam"].items() if ("adam", name) in got}
+    out.losses = [(step, got[("loss", i)]) for i, (step, _) in enumerate(losses)]
+    return out
+
+
+def _read(entries: list[tuple[str, Any, Any]]) -> dict[tuple[str, Any], float]:
+    """Floats of (kind, key, tensor-or-float) entries: one stacked copy per device, NaN values left out."""
+    got: dict[tuple[str, Any], float] = {}
+    by_device: dict[torch.device, list[tuple[tuple[str, Any], torch.Tensor]]] = {}
+    for kind, key, v in entries:
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(((kind, key), v.detach().float().reshape(())))
+        elif v is not None:
+            got[(kind, key)] = float(v)
+    for items in by_device.values():
+        for (k, _), x in zip(items, torch.stack([t for _, t in items]).tolist()):
+            got[k] = x
+    return {k: v for k, v in got.items() if not (k[0] != "loss" and math.isnan(v))}
+
+
+def _adam_like(optimizer: Any) -> bool:
+    """An optimizer whose update divides by sqrt(v) + eps: every group has ``eps`` and ``betas``."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    return bool(groups) and all("eps" in g and "betas" in g for g in groups)
+
+
+def reduce_across(sig: StepSignals, attention: list[str], weights: list[str], all_reduce: Callable) -> StepSignals:
+    """The step's signals over every rank (``all_reduce(values, "max" | "sum")``, the watch's collective), in a
+    layout every rank shares: the largest attention logit, the mean entropy and log Z over the ranks that measured
+    them, the softmax test of any rank, the gradient rms of each weight (DDP's gradients agree anyway). Losses stay
+    each rank's own."""
+    names = sorted(set(attention))
+    mx = [sig.attention.get(n, (-math.inf, math.nan))[0] for n in names]
+    mx = [v if math.isfinite(v) else -math.inf for v in mx] + [0.0 if sig.softmax_output else 1.0]
+    sm: list[float] = []
+    for n in names:
+        ent = sig.attention.get(n, (math.nan, math.nan))[1]
+        sm += [ent, 1.0] if math.isfinite(ent) else [0.0, 0.0]
+    sm += [sig.logz, 1.0] if sig.logz is not None and math.isfinite(sig.logz) else [0.0, 0.0]
+    for w in weights:
+        rms, eps = sig.adam.get(w, (math.nan, 0.0))
+        sm += [rms * rms, 1.0, eps] if math.isfinite(rms) else [0.0, 0.0, 0.0]
+    gmx, gsm = all_reduce(mx, "max"), all_reduce(sm, "sum")
+    out = StepSignals(losses=sig.losses)
+    for i, n in enumerate(names):
+        top, (total, count) = gmx[i], gsm[2 * i: 2 * i + 2]
+        if math.isfinite(top) or count:
+            out.attention[n] = (top if math.isfinite(top) else math.nan, total / count if count else math.nan)
+    out.softmax_output = gmx[len(names)] == 0.0  # every rank's output passed the softmax test
+    at = 2 * len(names)
+    out.logz = gsm[at] / gsm[at + 1] if gsm[at + 1] else None
+    at += 2
+    for i, w in enumerate(weights):
+        total, count, eps = gsm[at + 3 * i: at + 3 * i + 3]
+        if count:
+            out.adam[w] = (math.sqrt(total / count), eps / count)
+    return out
