@@ -63,6 +63,8 @@ class Config:
     loss_spike_sigma: float
     loss_spike_window: int
     loss_spike_min_steps: int
+    forecast_horizon: int
+    forecast_window: int
 
     @classmethod
     def defaults(cls) -> Config:
@@ -258,11 +260,13 @@ _VALUE_TYPES = {
     "loss_spike_sigma": "float",
     "loss_spike_window": "int",
     "loss_spike_min_steps": "int",
+    "forecast_horizon": "int",
+    "forecast_window": "int",
 }
 _CHOICES = {"defer_report": ("auto", "always", "never")}
 _MIN_INT = {"every": 1, "min_repeats": 2, "finding_steps": 1, "finding_window": 1, "histogram_every": 0,
             "profile_every": 0, "overview_every": 0, "attention_sample": 1, "loss_spike_window": 2,
-            "loss_spike_min_steps": 2}
+            "loss_spike_min_steps": 2, "forecast_horizon": 0, "forecast_window": 3}
 _FLOAT_RANGE = {
     "vanishing_ratio": (0.0, 1.0),
     "exploding_ratio": (1.0, math.inf),

@@ -34,6 +34,9 @@ _T: Any = None  # the transformers module, imported once on first use
 def _tf() -> Any:
     global _T
     if _T is None:
+        from tests.helpers.thirdparty import import_torchvision
+
+        import_torchvision()  # transformers imports it when it is installed (also outside pytest: python -m ...)
         import transformers
 
         transformers.logging.set_verbosity_error()

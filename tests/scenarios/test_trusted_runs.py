@@ -121,3 +121,79 @@ def test_a_learning_rate_that_blows_the_net_up_is_blamed_on_the_optimisation_not
     assert found and {f.reason for f in found} == {"optimisation"}
     assert told and not any("multiply" in t or "kaiming" in t for t in told)
     assert torchdiag.apply_suggestions(model, diag.report()) == {}
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.inp = nn.Linear(16, d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.out = nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(a + h)
+
+
+def _hand_logit_max(model: _Attention, x: torch.Tensor) -> float:
+    """max over heads, queries and keys of q.k/sqrt(d_head), from the module's own weights."""
+    with torch.no_grad():
+        h = model.inp(x)
+        d, heads = h.shape[-1], model.attn.num_heads
+        w, b = model.attn.in_proj_weight, model.attn.in_proj_bias
+        q = (h @ w[:d].T + b[:d]).view(*h.shape[:2], heads, d // heads).transpose(1, 2)
+        k = (h @ w[d:2 * d].T + b[d:2 * d]).view(*h.shape[:2], heads, d // heads).transpose(1, 2)
+        return (q @ k.transpose(-1, -2) / math.sqrt(d // heads)).max().item()
+
+
+def test_a_growing_attention_logit_is_forecast_with_its_steps_to_go_before_it_crosses():
+    """The query and key weights grow 12 % a step (what a too-high learning rate does to them over tens of steps,
+    Wortsman et al. 2023): the largest logit grows ~1.25x a step, from ~2 to past attention_logit_max (1000) in
+    ~30 steps. Right answer: a warning with the steps to go while the logit is still far below the threshold, its
+    estimate near the crossing measured by hand."""
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(2, 24, 16)
+    threshold = torchdiag.Config.defaults().attention_logit_max
+    logits, forecasts = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(model) as diag:
+            for _ in range(60):
+                logits.append(_hand_logit_max(model, x))
+                model(x).pow(2).mean().backward()
+                model.zero_grad()
+                forecasts += diag.step().forecasts
+                with torch.no_grad():
+                    model.attn.in_proj_weight[:64] *= 1.12
+    crossed = next(i for i, v in enumerate(logits) if v > threshold)
+    assert 15 < crossed < 50  # the scenario is what it says
+    (said,) = [f for f in forecasts if f.figure == "attention logit"]
+    assert said.layer == "attn" and said.step < crossed
+    assert said.value == pytest.approx(logits[said.step], rel=1e-3)
+    actual = crossed - said.step
+    assert 0.5 * actual <= said.steps_to_go <= 1.5 * actual + 1
+    print(f"\nforecast at step {said.step}: crosses in ~{said.steps_to_go:.0f} steps; crossed at step {crossed}"
+          f" (lead {actual} steps)")
+    assert any(f"crosses attention_logit_max {threshold:g} in ~" in str(w.message) for w in caught)
+
+
+def test_attention_one_hot_before_any_update_is_blamed_on_the_query_key_init():
+    """BERT with initializer_range 1.0 (50x the 0.02 its config normally asks for), checked before any training:
+    its attention is one-hot from block 0. Nothing was trained, so the cause is the init and the fix is the
+    query/key weights' scale, not qk-layernorm-or-a-lower-learning-rate; the message gives the weights' std
+    against 1/sqrt(fan_in), which we compute from the module itself."""
+    from tests.helpers import real_zoo
+
+    case = next(c for c in real_zoo.BROKEN if c.name == "bert_init_range_1")
+    torch.manual_seed(0)
+    model = case.build()
+    report = real_zoo.check_case(case)
+    found = [(row.name, f) for row in report.layers for f in row.findings if f.problem == "attention_entropy"]
+    assert found and all(f.reason == "init" for _, f in found)
+    name, first = found[0]
+    assert "learning rate" not in first.message and "nothing was trained yet" in first.message
+    modules = dict(model.named_modules())
+    unit = 1 / math.sqrt(modules[name].weight.shape[1])
+    told = {f"×{modules[name.rsplit('.', 1)[0] + '.' + p].weight.std().item() / unit:.3g}" for p in ("query", "key")}
+    assert any(t in first.message for t in told), first.message

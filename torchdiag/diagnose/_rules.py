@@ -112,7 +112,8 @@ def updates(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, note
     for row, ratio in measured:
         row.update_ratio = ratio
     if measured and all(r == 0.0 for _, r in measured):
-        notes.append("the optimizer step changed no watched weight (learning rate 0, e.g. warm-up start?)")
+        notes.append("the optimizer step changed no watched weight: either every gradient it got was zero (a dead"
+                     " network, or the step skipped) or its learning rate is 0 (a warm-up that starts at 0)")
         return
     for (row, ratio), s in zip(measured, [s for s in layers if s.update_ratio is not None]):
         if not math.isfinite(ratio):

@@ -95,8 +95,9 @@ _FITTED = 1e-3  # the output gradient at this fraction of its start: the loss is
 
 def _query_key_init(report: Report, attention: str) -> str:
     """The init fix for attention that is one-hot before any update: the scale of its query/key weights."""
-    qk = [r for r in report.layers if r.name.startswith(attention + ".") and QUERY_KEY.search(r.name)
-          and r.weight_std and r.fan_in]
+    parent = attention.rpartition(".")[0]  # the figures sit on the attention module, or on its query projection
+    qk = [r for r in report.layers if (r.name.startswith(attention + ".") or r.name.rpartition(".")[0] == parent)
+          and QUERY_KEY.search(r.name) and r.weight_std and r.fan_in]
     if not qk:
         return "the query/key weights are too large at init: re-initialise them (std 1/sqrt(d_model) or the 0.02 of" \
                " GPT-2/BERT), or add qk-layernorm"
@@ -217,3 +218,101 @@ class LossSpikes:
                         first[(name, what)] = s
         ranked = sorted(first.items(), key=lambda kv: kv[1])
         return [(name, what, s) for (name, what), s in ranked[:top]]
+
+
+@dataclass
+class Forecast:
+    """A figure that leads divergence, on a steady trend towards its threshold: the steps to go at that rate."""
+
+    step: int
+    layer: str | None  # None: the model's output
+    figure: str  # 'attention logit' | 'output log Z'
+    value: float
+    threshold: float
+    key: str  # the config key of the threshold
+    steps_to_go: float
+    rate: float  # per step: a factor (geometric figures) or an amount (log Z)
+
+    @property
+    def message(self) -> str:
+        where = f"'{self.layer}'" if self.layer else "the output"
+        per = f"×{self.rate:.3g} per step" if self.figure != "output log Z" else f"{self.rate:+.3g} per step"
+        return (f"at this rate the {self.figure} of {where} crosses {self.key} {self.threshold:g} in"
+                f" ~{self.steps_to_go:.0f} steps (now {self.value:.3g}, {per} over the last recorded steps):"
+                " a divergence on its way. Fix: lower the learning rate or clip gradients now, and "
+                + ("add qk-layernorm (normalise q and k before their dot product)" if self.figure == "attention logit"
+                   else "add z-loss, 1e-4 * logsumexp(logits)**2") + ".")
+
+
+_FORECAST_FROM = 1 / 30  # a figure is extrapolated once it is within 30x of its threshold (an attention logit of 33)
+
+
+class Forecasts:
+    """Steps to divergence: each leading figure's recent trend (a full ``forecast_window`` of recorded steps, the
+    figure within 30x of its threshold), extrapolated to its threshold; warned once per figure and layer when it
+    arrives within ``forecast_horizon`` steps. The update ratio is not extrapolated: Adam's and a warm-up's first
+    steps grow it steadily in healthy runs, and ``large_updates`` says when it is too large."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.horizon, self.window = cfg.forecast_horizon, cfg.forecast_window
+        self.cfg = cfg
+        self._history: dict[tuple[str, str | None], deque[tuple[int, float]]] = {}
+        self._told: set[tuple[str, str | None]] = set()
+
+    def feed(self, report: Report) -> list[Forecast]:
+        """Take one recorded step's figures; return the forecasts that are new at this step."""
+        if self.horizon <= 0:
+            return []
+        cfg, step, out = self.cfg, report.step, []
+        figures: list[tuple[str, str | None, float | None, float, str, bool]] = []
+        for row in report.layers:
+            figures.append(("attention logit", row.name, row.attention_logit_max, cfg.attention_logit_max,
+                            "attention_logit_max", True))
+            if row.output_logz is not None:
+                figures.append(("output log Z", None, -row.output_logz, cfg.output_logz_max, "output_logz_max",
+                                False))
+        for figure, layer, value, threshold, key, geometric in figures:
+            if value is None or not math.isfinite(value) or (geometric and value <= 0):
+                continue
+            hist = self._history.setdefault((figure, layer), deque(maxlen=self.window))
+            hist.append((step, math.log(value) if geometric else value))
+            if len(hist) < self.window or value >= threshold or value < threshold * _FORECAST_FROM:
+                continue  # a full window, on the way up: a healthy run's first steps grow its logits too
+            found = self._extrapolate(hist, math.log(threshold) if geometric else threshold)
+            if found is None or (figure, layer) in self._told:
+                continue
+            to_go, slope = found
+            if to_go <= self.horizon:
+                self._told.add((figure, layer))
+                sign = 1 if geometric else -1  # log Z is watched as -log Z, told as itself
+                out.append(Forecast(step, layer, figure, sign * value, sign * threshold, key, to_go,
+                                    math.exp(slope) if geometric else -slope))
+        return out
+
+    @staticmethod
+    def _extrapolate(hist: deque[tuple[int, float]], target: float) -> tuple[float, float] | None:
+        """(steps until the least-squares line through ``hist`` reaches ``target``, its slope per step), for a
+        steady rise that is not slowing down (at least 4 points, 3 of 4 of its steps upward, the later half's slope
+        at least 3/4 of the earlier half's), else None."""
+        if len(hist) < 4:
+            return None
+        xs, ys = [float(s) for s, _ in hist], [y for _, y in hist]
+        ups = sum(b > a for a, b in zip(ys, ys[1:]))
+        if ups < 0.75 * (len(ys) - 1):
+            return None
+        slope = _ls_slope(xs, ys)
+        if slope is None or slope <= 0:
+            return None
+        half = len(xs) // 2
+        late = _ls_slope(xs[half:], ys[half:]) if len(xs) - half >= 2 else None
+        early = _ls_slope(xs[: half + 1], ys[: half + 1])
+        if late is None or early is None or late < 0.75 * early:
+            return None  # slowing down (a warm-up's linear ramp is, in log units): not a runaway
+        return (target - ys[-1]) / slope, slope
+
+
+def _ls_slope(xs: list[float], ys: list[float]) -> float | None:
+    """The least-squares slope of ``ys`` against ``xs`` (None where every x is the same)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return None if sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx

@@ -123,6 +123,7 @@ class Report:
     new_findings: list[Any] = field(default_factory=list, repr=False)  # those that became findings at this step
     nonfinite_origin: Any = None  # where the run's first NaN/Inf was produced (torchdiag.NonfiniteOrigin), once found
     loss_spikes: list[Any] = field(default_factory=list)  # spikes found at this step (torchdiag.instability.LossSpike)
+    forecasts: list[Any] = field(default_factory=list)  # trends warned at this step (torchdiag.instability.Forecast)
     drift_seen: Any = field(default=None, repr=False)  # the chains' drift at this step (torchdiag.drift.Baseline)
     trained: bool = False  # a step was recorded before this one: what appears now is the training's doing
     output_grad_std: float | None = None  # std of the gradient at the model's output (the loss's pull)
@@ -182,6 +183,7 @@ class Report:
             "clipped": self.clipped,
             "nonfinite_origin": None if self.nonfinite_origin is None else self.nonfinite_origin.as_dict(),
             "loss_spikes": [dataclasses.asdict(x) for x in self.loss_spikes],
+            "forecasts": [dataclasses.asdict(x) for x in self.forecasts],
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
         }

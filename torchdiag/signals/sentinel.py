@@ -40,6 +40,7 @@ class Sentinel:
         self._monitor = monitor
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.spikes = instability.LossSpikes(config)
+        self.forecasts = instability.Forecasts(config)
         self._pending: list[tuple[int, dict[str, Any], Any]] = []  # (step, raw signals, batch)
         self._losses: list[tuple[int, Any]] = []  # of steps that ended unrecorded: judged at the next report
         self._ended = -1  # the step that ended last
@@ -93,6 +94,7 @@ class Sentinel:
         self._adam_near = instability.judge(report, sig, self._cfg, self._adam_near, self._pull_start)
         self.spikes.add_layers(report)
         report.loss_spikes = self.spikes.feed(sorted(sig.losses))
+        report.forecasts = self.forecasts.feed(report)
         if self._tripwire is not None:
             pre = None
             if self._monitor is not None and report.step == self._ended:  # deferred: that snapshot is a later step's
@@ -102,8 +104,8 @@ class Sentinel:
             report.nonfinite_origin = self._tripwire.origin
             if fresh is not None:
                 warn_self(f"torchdiag (step {report.step}): {fresh}" + (f" ({fresh.note})" if fresh.note else ""))
-        for spike in report.loss_spikes:
-            warn_self(f"torchdiag (step {report.step}): {spike.message}")
+        for said in [*report.loss_spikes, *report.forecasts]:
+            warn_self(f"torchdiag (step {report.step}): {said.message}")
 
 
 _EMPTY: dict[str, Any] = {"attention": {}, "logz": None, "softmax": None, "adam": {}, "losses": []}
