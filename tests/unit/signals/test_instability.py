@@ -444,6 +444,77 @@ def test_a_trip_the_replay_cannot_reproduce_is_found_live_on_the_next_recorded_s
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+class Interrupted(Flaky):
+    """Flaky that raises KeyboardInterrupt (Ctrl-C) at one call."""
+
+    def __init__(self, bad_calls, interrupt_call):
+        super().__init__(bad_calls)
+        self.interrupt = interrupt_call
+
+    def forward(self, x):
+        if CALLS["n"] + 1 == self.interrupt:
+            CALLS["n"] += 1
+            raise KeyboardInterrupt
+        return super().forward(x)
+
+
+def _interrupted_run(watched):
+    # watched: step 2 (call 3) trips, its replay (call 4) stays finite, step 3 (call 5) runs under the live check
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), Interrupted({3}, 5 if watched else 4), nn.Linear(8, 2))
+    gen = torch.Generator().manual_seed(1)
+    outs = []
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        try:
+            with torchdiag.watch(net) if watched else contextlib.nullcontext() as diag:
+                for _ in range(5):
+                    out = net(torch.randn(4, 8, generator=gen))
+                    out.sum().backward()
+                    outs.append(out.detach().clone())
+                    outs.append(net[0].weight.grad.clone())
+                    if watched:
+                        diag.step()
+        except KeyboardInterrupt:
+            pass
+    return outs
+
+
+def test_ctrl_c_during_the_live_checked_step_leaves_no_dispatch_or_anomaly_mode_on():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    filters = list(warnings.filters)
+    outs = _interrupted_run(watched=True)
+    assert len(outs) == 6  # three steps, then Ctrl-C in the fourth's forward
+    assert _get_current_dispatch_mode() is None
+    assert not torch.is_anomaly_enabled()
+    assert warnings.filters == filters
+    plain = _interrupted_run(watched=False)
+    assert len(plain) == len(outs)
+    for a, b in zip(outs, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_ctrl_c_caught_inside_the_watch_leaves_the_live_checks_modes_at_the_steps_end():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), Interrupted({3}, 5), nn.Linear(8, 2))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with torchdiag.watch(net) as diag:
+            for _ in range(4):
+                try:
+                    net(torch.randn(4, 8)).sum().backward()
+                except KeyboardInterrupt:
+                    pass
+                diag.step()
+                assert _get_current_dispatch_mode() is None and not torch.is_anomaly_enabled()
+            net(torch.randn(4, 8)).sum().backward()  # the loop goes on
+            diag.step()
+    assert _get_current_dispatch_mode() is None and not torch.is_anomaly_enabled()
+
+
 # ------------------------------------------------------------------ what an independent review found
 class MaskedAttention(nn.Module):
     """nanoGPT's causal attention: an Inf written on purpose by masked_fill, then softmax."""
