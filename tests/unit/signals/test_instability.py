@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 import statistics
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -217,6 +219,53 @@ def test_sdpa_inside_an_attention_module_with_a_causal_mask():
     assert row.attention_logit_max == pytest.approx(top, rel=1e-4)
     assert row.attention_entropy == pytest.approx(ref_ent, rel=1e-4)
     assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention  # restored after the watch
+
+
+class InterruptedAttention(CausalSelfAttention):
+    """Ctrl-C in the middle of the attention forward (after its SDPA call), on the call numbered ``at``."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = super().forward(x)
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return out
+
+
+def _attention_run(watched, model_ref=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), InterruptedAttention(at=2), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    try:
+        with torchdiag.watch(model, optimizer=opt) if watched else contextlib.nullcontext():
+            for _ in range(3):
+                opt.zero_grad()
+                model(torch.randn(2, 8, 16, generator=gen)).pow(2).mean().backward()
+                opt.step()
+    except KeyboardInterrupt:
+        pass
+    weights = [p.detach().clone() for p in model.parameters()]
+    if model_ref is not None:
+        model_ref.append(weakref.ref(model))
+    return weights
+
+
+def test_ctrl_c_inside_an_attention_forward_leaves_no_sdpa_entry_that_keeps_the_model_alive():
+    from torchdiag.signals._attention import SDPA
+
+    refs = []
+    weights = _attention_run(watched=True, model_ref=refs)
+    gc.collect()
+    assert refs[0]() is None
+    assert not getattr(SDPA.local, "stack", [])
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    for a, b in zip(weights, _attention_run(watched=False)):  # training as without the watch
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_attention_figures_with_grouped_query_heads_and_a_boolean_mask():
