@@ -306,7 +306,7 @@ def _defer(setting: str, model: nn.Module) -> bool:
     return any(t.is_cuda for t in (*model.parameters(), *model.buffers()))
 
 
-def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: Any = None,
+def watch(model: nn.Module, *, logdir: str | bytes | os.PathLike | None = None, writer: Any = None,
           config: ConfigLike = None, every: int | None = None, rescale_grads: RescaleSpec = False,
           scaler: Any = None, optimizer: Any = None, process_group: Any = None,
           auto_step: bool = True, **config_keys: Any) -> Watcher:

@@ -47,7 +47,13 @@ def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = 
     if not isinstance(report, Report):
         raise TypeError("apply_suggestions(report=...): expected a torchdiag.Report (from torchdiag.check or"
                         f" Watcher.report()), got {type(report).__name__}")
+    _check_bool("apply_suggestions", "only_flagged", only_flagged)
     modules = dict(model.named_modules())
+    if report.layers and not any(layer.name in modules for layer in report.layers):
+        shown = ", ".join(repr(layer.name) for layer in report.layers[:3])
+        raise ValueError(f"apply_suggestions(report=...): none of the report's layers ({shown}"
+                         f"{', ...' if len(report.layers) > 3 else ''}) are in this model ({type(model).__name__}):"
+                         " pass the report made from this model")
     applied: dict[str, float] = {}
     scaled: set[int] = set()  # weights already scaled (tied: one tensor, several layers)
     with torch.no_grad():
@@ -64,6 +70,11 @@ def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = 
                 w.mul_(scale)
                 applied[layer.name] = scale
     return applied
+
+
+def _check_bool(function: str, arg: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{function}({arg}=...): expected a bool, got {type(value).__name__} ({value!r})")
 
 
 # ----------------------------------------------------------------------------- fix_init (LSUV)
@@ -126,6 +137,7 @@ def fix_init(model: nn.Module, *inputs: Any, target_std: float = 1.0, tol: float
             raise ValueError(f"fix_init({arg}=...): expected a finite number > 0, got {value!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"fix_init(max_iter=...): expected an integer >= 1, got {max_iter!r}")
+    _check_bool("fix_init", "zero_bias", zero_bias)
 
     if capture.is_watched(model):
         raise TorchDiagError(f"fix_init(): {type(model).__name__} is being watched; call fix_init before entering"
