@@ -44,12 +44,14 @@ def check_watch_arguments(model: Any, *, logdir: Any, writer: Any, config: Confi
     if not isinstance(auto_step, bool):
         raise TypeError(f"watch(auto_step=...): expected True or False, got {auto_step!r} ({type(auto_step).__name__})")
     if logdir is not None:
-        if not isinstance(logdir, (str, os.PathLike)):
-            raise TypeError(f"watch(logdir=...): expected a path (str or os.PathLike), got {logdir!r}"
+        if not isinstance(logdir, (str, bytes, os.PathLike)):
+            raise TypeError(f"watch(logdir=...): expected a path (str, bytes or os.PathLike), got {logdir!r}"
                             f" ({type(logdir).__name__})")
         path = os.fspath(logdir)
         if ("\0" if isinstance(path, str) else b"\0") in path:
             raise ValueError(f"watch(logdir=...): the path holds a NUL byte, which no file system allows: {logdir!r}")
+        if isinstance(path, bytes):  # a bytes path, as os.fsencode makes it: its str form from here on
+            logdir = os.fsdecode(path)
     if logdir is not None and writer is not None:
         raise TorchDiagError("watch(): pass either logdir= or writer=, not both")
     if writer is not None and not callable(getattr(writer, "add_scalar", None)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -81,7 +82,7 @@ class Config:
         for key, value in d.items():
             if key not in allowed:
                 raise ConfigError(
-                    f"{source}: unknown key {key!r}; allowed keys are {', '.join(sorted(allowed))}"
+                    f"{source}: unknown key {_short_repr(key)}; allowed keys are {', '.join(sorted(allowed))}"
                 )
             values[key] = _coerce(key, value, source)
         cfg = cls(**values)
@@ -144,7 +145,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if first is not key_node.start_mark:
                 raise yaml.constructor.ConstructorError(
                     f"while constructing a mapping (first given on line {first.line + 1})", node.start_mark,
-                    f"duplicate key {key!r}: each key may appear once", key_node.start_mark)
+                    f"duplicate key {_short_repr(key)}: each key may appear once", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -164,14 +165,53 @@ def _load_yaml(text: str, source: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values at the top level, got {type(data).__name__}")
+    sizes: dict[int, int] = {}
+    for key, value in data.items():
+        if _expanded_size(value, sizes) > MAX_EXPANDED_VALUES:
+            raise ConfigError(f"{source}: key {_short_repr(key)}: its YAML aliases expand to more than"
+                              f" {MAX_EXPANDED_VALUES:,} values (an alias bomb?); write the values out")
     return data
+
+
+MAX_EXPANDED_VALUES = 100_000  # values a key's YAML may expand to through its aliases (&a ... *a)
+
+
+def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
+    """How many values ``value`` holds once its YAML aliases are expanded (a shared list counted at each use), in
+    time linear in the distinct objects; a structure that contains itself counts as too large."""
+    if not isinstance(value, (list, tuple, dict)):
+        return 1
+    known = sizes.get(id(value))
+    if known is not None:
+        return known
+    sizes[id(value)] = MAX_EXPANDED_VALUES + 1  # while counting it: a recursive alias is too large
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    total = 1
+    for item in items:
+        total += _expanded_size(item, sizes)
+        if total > MAX_EXPANDED_VALUES:
+            break
+    sizes[id(value)] = total = min(total, MAX_EXPANDED_VALUES + 1)
+    return total
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 8, 8, 8, 8
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 120, 120, 60
+
+
+def _short_repr(value: Any) -> str:
+    """``repr`` bounded in length and in the work it does (a nested or aliased value: ``[[1, 2, ...], ...]``)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 200 else text[:196] + " ..."
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
     value_type = _VALUE_TYPES[key]
 
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: key {key!r} expects {expected}, got {value!r} ({type(value).__name__})")
+        return ConfigError(f"{source}: key {key!r} expects {expected}, got {_short_repr(value)}"
+                           f" ({type(value).__name__})")
 
     if value_type == "bool":
         if not isinstance(value, bool):

@@ -126,10 +126,13 @@ class Watcher:
             self._close()
             raise
         # a Watcher dropped without leaving its `with` (garbage-collected) unhooks the model all the same
-        self._finalizer = weakref.finalize(self, abandon, installed, self._out.tb, id(cap))
+        self._finalizer = weakref.finalize(self, abandon, installed, self._out.tb, id(cap), os.getpid())
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._foreign():  # a forked child leaving the parent's `with`: unhook here, write and join nothing
+            self._close()
+            return
         try:
             rec = self._recorder
             if rec is not None and self._group is not None and exc_type is None:
@@ -150,10 +153,17 @@ class Watcher:
                 self._recorder.reducer.leave(exc_type)
             self._close()
 
+    def _foreign(self) -> bool:
+        """In another process than the one that entered the watch (a forked child: a DataLoader worker, an
+        ``os.fork()`` inside the ``with``): the watch records nothing there, ends no step and writes nothing."""
+        rec = self._recorder
+        return rec is not None and rec.capture.foreign
+
     def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        foreign = self._foreign()
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
@@ -164,7 +174,8 @@ class Watcher:
         self._optimizer = self._scaler = None
         self._model = None
         self._modules = []
-        self._out.close()  # never raises: a user's exception in the `with` stays theirs
+        if not foreign:  # (a forked child's copy of the writer: its thread is the parent's, flushing it would block)
+            self._out.close()  # never raises: a user's exception in the `with` stays theirs
 
     # ------------------------------------------------------------ steps
     def step(self, loss: Any = None) -> Report | None:
@@ -190,7 +201,10 @@ class Watcher:
         pre-hook and ``opt.step()`` (``in_hook``: inside the user's code), leaving the watch, and ``report()``.
         ``deferred_only``: end no step, complete the deferred one (leaving the watch, ``report()``).
 
-        Python's automatic garbage collection is paused meanwhile (``_collection_paused``)."""
+        Python's automatic garbage collection is paused meanwhile (``_collection_paused``). In a process forked
+        from the one that entered the watch, nothing (``_foreign``)."""
+        if self._foreign():
+            return None
         with _collection_paused():
             return self._end_step_now(reduce, in_hook, deferred_only)
 
@@ -306,7 +320,7 @@ def _defer(setting: str, model: nn.Module) -> bool:
     return any(t.is_cuda for t in (*model.parameters(), *model.buffers()))
 
 
-def watch(model: nn.Module, *, logdir: str | os.PathLike | None = None, writer: Any = None,
+def watch(model: nn.Module, *, logdir: str | bytes | os.PathLike | None = None, writer: Any = None,
           config: ConfigLike = None, every: int | None = None, rescale_grads: RescaleSpec = False,
           scaler: Any = None, optimizer: Any = None, process_group: Any = None,
           auto_step: bool = True, **config_keys: Any) -> Watcher:

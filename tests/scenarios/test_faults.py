@@ -219,3 +219,55 @@ def test_a_nan_made_only_in_the_backward_pass_is_reported_nonfinite():
     # (the ReLU's backward zeroes the gradient where its output was 0, so the NaN stops there)
     assert "nonfinite" not in report["0"].status and torch.isfinite(model[0].weight.grad).all()
     assert any(f.problem == "nonfinite" for f in diag.findings)
+
+
+# ---------------------------------------------------------------------------------------------- forked children
+def _teacher_in_child(model, xs, conn):
+    """A DataLoader worker calling the watched teacher net with grad (forward and backward, several times)."""
+    grads = []
+    for x in xs:
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        grads.append([p.grad.numpy().copy() for p in model.parameters()])  # (tensors would go by shared memory)
+    conn.send(grads)
+    conn.close()
+
+
+def test_a_watched_model_run_in_a_forked_child_records_and_writes_nothing_there(tmp_path):
+    import multiprocessing
+
+    torch.manual_seed(0)
+    teacher = net()
+    plain = net()
+    plain.load_state_dict(teacher.state_dict())
+    xs = [torch.randn(4, 8) for _ in range(3)]
+    ctx = multiprocessing.get_context("fork")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with the writer's thread running: the point
+        with torchdiag.watch(teacher, logdir=tmp_path) as diag:
+            sgd_steps(teacher, xs[:2])  # auto-step: each training forward of the teacher starts a step
+            plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)  # the parent's training, unwatched
+            for x in xs[:2]:
+                plain(x).pow(2).mean().backward()
+                plain_opt.step()
+                plain_opt.zero_grad()
+            before = len(list(tmp_path.iterdir()))
+            parent_end, child_end = ctx.Pipe(duplex=False)
+            child = ctx.Process(target=_teacher_in_child, args=(teacher, xs, child_end))
+            child.start()
+            child_end.close()
+            got = parent_end.recv() if parent_end.poll(30) else None
+            child.join(10)
+            alive = child.is_alive()
+            if alive:
+                child.kill()
+                child.join()
+            assert not alive and child.exitcode == 0 and got is not None
+            sgd_steps(teacher, xs[2:])  # the parent's watch goes on
+            assert diag.step_count == 2 and diag.report().layers
+        assert len(list(tmp_path.iterdir())) == before  # the child opened no event file of its own
+    for x, grads in zip(xs, got):  # the child's gradients, as without the watch
+        plain.zero_grad()
+        plain(x).pow(2).mean().backward()
+        for a, b in zip(grads, plain.parameters()):
+            torch.testing.assert_close(torch.from_numpy(a), b.grad, rtol=0, atol=0)

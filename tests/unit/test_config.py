@@ -1,9 +1,11 @@
 """Config: defaults file, overrides, and errors that name the key."""
 
 import dataclasses
+import time
 
 import pytest
 import yaml
+from torch import nn
 
 import torchdiag
 from torchdiag.config import DEFAULTS_PATH, Config
@@ -82,3 +84,32 @@ def test_a_yaml_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
     path.write_bytes("every: 2\n# r\xe9glage\n".encode("latin-1"))
     with pytest.raises(torchdiag.ConfigError, match=r"latin1.yaml.*line 2: not UTF-8"):
         Config.from_yaml(path)
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """``- &a [1, ... 1]``, ``- &b [*a, ... *a]``, ...: 9 ** levels values once expanded, a few hundred as loaded."""
+    names = "abcdefghijklmnopqrstuvwxyz"
+    lines = ["  - &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for prev, name in zip(names, names[1:levels]):
+        lines.append(f"  - &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines)
+
+
+def test_a_yaml_alias_bomb_under_a_known_key_is_refused_at_once_naming_the_key(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text("every: 2\ninclude:\n" + _alias_bomb() + "\n")
+    start = time.perf_counter()
+    with pytest.raises(torchdiag.ConfigError, match="key 'include'") as err:
+        torchdiag.watch(nn.Linear(2, 2), config=str(path))
+    assert time.perf_counter() - start < 1.0
+    assert "aliases" in str(err.value) and len(str(err.value)) < 1000
+
+
+def test_a_nested_value_in_an_error_message_is_truncated_and_the_error_names_the_key():
+    nested = [1] * 9
+    for _ in range(8):
+        nested = [nested] * 9  # shared references: 9**9 values in repr
+    start = time.perf_counter()
+    with pytest.raises(torchdiag.ConfigError, match="key 'include' expects a list of strings") as err:
+        torchdiag.watch(nn.Linear(2, 2), config={"include": nested})
+    assert time.perf_counter() - start < 1.0 and len(str(err.value)) < 1000

@@ -3,6 +3,7 @@
 import copy
 import gc
 import io
+import os
 import pickle
 import warnings
 import weakref
@@ -313,6 +314,27 @@ def test_unwritable_logdir_names_the_path(tmp_path):
     blocker.write_text("x")
     with pytest.raises(torchdiag.TorchDiagError, match="file"):
         torchdiag.watch(small_net(), logdir=blocker / "sub")
+
+
+def test_a_bytes_logdir_is_accepted_as_its_fsdecoded_path(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = small_net()
+    ref = copy.deepcopy(model)
+    x = torch.randn(8, 16)
+    logdir = tmp_path / "rün"
+    torch.manual_seed(1)
+    with torchdiag.watch(model, logdir=os.fsencode(logdir)) as diag:
+        model(x).sum().backward()
+        diag.step()
+    torch.manual_seed(1)
+    ref(x).sum().backward()  # training as without the watch (the same dropout draws)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ref.parameters(), model.parameters()))
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("act_std/0")] == [0]
+    with pytest.raises(ValueError, match="NUL byte"):
+        torchdiag.watch(small_net(), logdir=b"a\0b")
 
 
 def test_error_in_torchdiag_hook_code_never_reaches_training(monkeypatch):

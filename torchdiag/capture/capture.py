@@ -9,6 +9,7 @@ the rows are reduced.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -55,7 +56,10 @@ class Capture:
         self.scaler: Any = None  # a GradScaler: its scale is written with the step's first gradient row
         self.scale_written = False
         self.generation = 0  # of the step in progress: a gradient hook of an earlier step writes nothing
-        self.recording = True
+        self._recording = True
+        # the process that entered the watch: in a forked child (a DataLoader worker running the watched model)
+        # the watch records nothing, and nothing of it ends a step or writes (its writer's thread is not there)
+        self.pid = os.getpid()
         self.histogram_step = False
         self.auto_step = True
         self.closed = False
@@ -77,6 +81,21 @@ class Capture:
         self.gate: Any = None  # compiled.Gate: what the compiled graphs read and add to (set by ``attach``)
         self.wrapped_calls = 0  # calls of the root through torch.compile(model)'s wrapper in this step
 
+    @property
+    def recording(self) -> bool:
+        """Whether the current step is recorded (set by the recorder); never in a process forked from the one that
+        entered the watch."""
+        return self._recording and os.getpid() == self.pid
+
+    @recording.setter
+    def recording(self, on: bool) -> None:
+        self._recording = on
+
+    @property
+    def foreign(self) -> bool:
+        """Running in another process than the one that entered the watch (a forked child)."""
+        return os.getpid() != self.pid
+
     # ----------------------------------------------------------------- module hooks
     def on_wrapper(self, slot: int, module: nn.Module, entering: bool) -> None:
         """torch.compile(model)'s wrapper around the root, entered or left (eagerly): entering it is the root's
@@ -89,7 +108,7 @@ class Capture:
         info = self.slots[slot]
         if not wrapper and self.gate is not None and compiled.is_wrapped(self.gate.key):
             return  # the eager fallback of a compiled root: its wrapper's hook counted this forward
-        if not info.is_root or self.closed:
+        if not info.is_root or self.closed or self.foreign:
             return
         if module.training and torch.is_grad_enabled() and not in_backward() and not in_functorch():
             if self.auto_step:

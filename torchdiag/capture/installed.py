@@ -4,6 +4,7 @@ reference to the Watcher); ``WeakCall`` lets hooks call back into a Watcher with
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any
 
@@ -44,12 +45,13 @@ class Installed:
         self.module_refs = []
 
 
-def abandon(installed: Installed, tb: Any, capture_id: int) -> None:
-    """A Watcher garbage-collected inside its watch (entered, never exited): remove what it added."""
+def abandon(installed: Installed, tb: Any, capture_id: int, pid: int | None = None) -> None:
+    """A Watcher garbage-collected inside its watch (entered, never exited): remove what it added. In a process
+    forked from ``pid``, the one that entered it, its TensorBoard writer is not closed (its thread is not there)."""
     try:
         capture.forget(capture_id)
         installed.remove()
-        if tb is not None:
+        if tb is not None and (pid is None or os.getpid() == pid):
             tb.close()
     except Exception:  # noqa: BLE001, S110 - called by the garbage collector: nothing to raise into
         pass

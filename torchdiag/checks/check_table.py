@@ -3,6 +3,8 @@ beside the statistics of the report, within a width; and the output shapes of on
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any
 
 import torch
@@ -62,6 +64,22 @@ _RIGHT = {0, 3, 5, 6, 7}
 _SHRINK = ((1, 28), (9, 16), (4, 12), (1, 16), (9, 10), (8, 8), (1, 8), (4, 8), (2, 14), (2, 10))  # type last
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escaped(text: str) -> str:
+    """Control characters (a newline in a layer's name) written as their escapes, so that a row stays one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _printable(report: Report) -> Report:
+    """The report itself, or a copy whose layer names hold no control characters (for ``render``'s table)."""
+    if not any(_CONTROL.search(layer.name) for layer in report.layers):
+        return report
+    return dataclasses.replace(report, layers=[dataclasses.replace(layer, name=_escaped(layer.name))
+                                               for layer in report.layers])
+
+
 def _g(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
@@ -84,7 +102,7 @@ def summary_table(report: Report, model: nn.Module, shapes: dict[str, str], widt
     rows = []
     for layer in report.layers:
         params = counts.get(layer.name, 0)
-        rows.append([str(layer.index), layer.name[len(prefix):] or "(root)", layer.module_type,
+        rows.append([str(layer.index), _escaped(layer.name[len(prefix):]) or "(root)", _escaped(layer.module_type),
                      _count(params) if params else "-", shapes.get(layer.name, "-"), _g(layer.act_std),
                      _g(layer.grad_std), _g(layer.gain), ",".join(sorted(layer.status)) or "ok",
                      suggestion_text(layer)])
@@ -104,15 +122,16 @@ def render_check(report: Report, model: nn.Module, shapes: dict[str, str], color
                  width: int = 100) -> str:
     """The report of ``render``, with its table replaced by ``summary_table`` (the findings and notes below it
     as ``render`` writes them). If ``render``'s layout is not the one expected, both are printed."""
-    text = render(report, color=False, width=width)
+    shown = _printable(report)  # render's own table, one line per layer
+    text = render(shown, color=False, width=width)
     lines = text.splitlines()
     n = len(report.layers)
     table = summary_table(report, model, shapes, width)
     fits = len(lines) >= 2 + n and lines[1].split()[:1] == ["#"] and all(
         lines[2 + i].split()[:1] == [str(layer.index)] for i, layer in enumerate(report.layers))
     if not fits:
-        return "\n".join(table) + "\n" + render(report, color=color, width=width)
+        return "\n".join(table) + "\n" + render(shown, color=color, width=width)
     red, reset = "\033[1;31m", "\033[0m"
     body = [table[0]] + [red + t + reset if color and layer.status else t for t, layer in zip(table[1:], report.layers)]
-    rest = render(report, color=color, width=width).splitlines()[2 + n:]
+    rest = render(shown, color=color, width=width).splitlines()[2 + n:]
     return "\n".join([lines[0], *body, *rest])

@@ -37,6 +37,9 @@ def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor]
         raise TypeError(f"check(model=...): expected a torch.nn.Module, got {type(model).__name__}")
     if not inputs:
         raise TypeError("check(model, *inputs): give at least one input for the model's forward")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError("check(loss_fn=...): expected a callable that takes the model's output and returns a scalar"
+                        f" loss tensor, got {type(loss_fn).__name__}")
     cfg = resolve_config(config, every=1)
     if any(nn.parameter.is_lazy(t) for t in (*model.parameters(), *model.buffers())):
         return _check_lazy(model, inputs, loss_fn, cfg)
@@ -82,6 +85,9 @@ def _check(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report
                 raise TorchDiagError(
                     f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e
             loss = loss_fn(out) if loss_fn is not None else projection_loss(out)
+            if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+                raise ValueError(f"check(loss_fn=...): expected the loss function to return a scalar (one element),"
+                                 f" got a tensor of shape {tuple(loss.shape)}; reduce it, e.g. with .mean()")
             targets = [p for p in model.parameters() if p.requires_grad]
             targets += [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
             if isinstance(loss, torch.Tensor) and loss.requires_grad and targets:

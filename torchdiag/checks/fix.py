@@ -47,7 +47,13 @@ def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = 
     if not isinstance(report, Report):
         raise TypeError("apply_suggestions(report=...): expected a torchdiag.Report (from torchdiag.check or"
                         f" Watcher.report()), got {type(report).__name__}")
+    _check_bool("apply_suggestions", "only_flagged", only_flagged)
     modules = dict(model.named_modules())
+    if report.layers and not any(layer.name in modules for layer in report.layers):
+        shown = ", ".join(repr(layer.name) for layer in report.layers[:3])
+        raise ValueError(f"apply_suggestions(report=...): none of the report's layers ({shown}"
+                         f"{', ...' if len(report.layers) > 3 else ''}) are in this model ({type(model).__name__}):"
+                         " pass the report made from this model")
     applied: dict[str, float] = {}
     scaled: set[int] = set()  # weights already scaled (tied: one tensor, several layers)
     with torch.no_grad():
@@ -64,6 +70,11 @@ def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = 
                 w.mul_(scale)
                 applied[layer.name] = scale
     return applied
+
+
+def _check_bool(function: str, arg: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{function}({arg}=...): expected a bool, got {type(value).__name__} ({value!r})")
 
 
 # ----------------------------------------------------------------------------- fix_init (LSUV)
@@ -126,6 +137,7 @@ def fix_init(model: nn.Module, *inputs: Any, target_std: float = 1.0, tol: float
             raise ValueError(f"fix_init({arg}=...): expected a finite number > 0, got {value!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"fix_init(max_iter=...): expected an integer >= 1, got {max_iter!r}")
+    _check_bool("fix_init", "zero_bias", zero_bias)
 
     if capture.is_watched(model):
         raise TorchDiagError(f"fix_init(): {type(model).__name__} is being watched; call fix_init before entering"
@@ -196,11 +208,13 @@ def _discover(model: nn.Module, inputs: tuple) -> list[_Layer]:
 
 
 class _Meter:
-    """Output std of one layer over its calls in one forward (float64, Chan's merge of ``MomentAccumulator``)."""
+    """Output std of one layer over its calls in one forward (float64, Chan's merge of ``MomentAccumulator``), and
+    the std of the part of it that its weight makes (the output less its bias): what a rescale of the weight moves."""
 
     def __init__(self, calls: int) -> None:
         self.calls, self.seen = calls, 0
         self.moments = MomentAccumulator()
+        self.weighted = MomentAccumulator()
         self.nonfinite = False
 
     def done(self) -> bool:
@@ -214,6 +228,9 @@ class _Meter:
                 self.nonfinite = True
             var, mean = torch.var_mean(x, correction=0)
             self.moments.merge(x.numel(), float(mean), float(var) * x.numel())
+            w = x - _bias_part(module, x) if t is output else x
+            var, mean = torch.var_mean(w, correction=0)
+            self.weighted.merge(w.numel(), float(mean), float(var) * w.numel())
         self.seen += 1
         if self.done():
             raise _Stop
@@ -221,6 +238,27 @@ class _Meter:
     @property
     def std(self) -> float:
         return self.moments.std
+
+    @property
+    def weighted_std(self) -> float:
+        return self.weighted.std
+
+
+def _bias_part(module: nn.Module, out: torch.Tensor) -> torch.Tensor | float:
+    """The layer's bias as it is added to its output (0 without one): its channel dimension is the last for
+    ``Linear``/``Bilinear``, the first after the batch for convolutions (the first of an unbatched input)."""
+    bias = getattr(module, "bias", None)
+    if not isinstance(bias, torch.Tensor) or bias.numel() == 0:
+        return 0.0
+    b = bias.detach().to(torch.float64)
+    if isinstance(module, (nn.Linear, nn.Bilinear)):
+        return b if out.shape[-1:] == b.shape else 0.0
+    weight = getattr(module, "weight", None)
+    spatial = weight.dim() - 2 if isinstance(weight, torch.Tensor) else out.dim() - 2
+    channel = out.dim() - spatial - 1
+    if channel < 0 or out.shape[channel] != b.numel():
+        return 0.0
+    return b.view(-1, *([1] * spatial))
 
 
 def _measure(model: nn.Module, inputs: tuple, layer: _Layer) -> _Meter:
@@ -249,6 +287,9 @@ def _skip_reason(layer: _Layer, weight: Any, done: dict[int, str]) -> str | None
     return None
 
 
+_NO_SIGNAL = 1e-6  # the weight's part of a layer's output std, relative to the target, below which it is ~0
+
+
 def _lsuv(model: nn.Module, inputs: tuple, layers: list[_Layer], target: float, tol: float, max_iter: int,
           zero_bias: bool) -> list[str]:
     if not layers:
@@ -257,6 +298,7 @@ def _lsuv(model: nn.Module, inputs: tuple, layers: list[_Layer], target: float, 
     done: dict[int, str] = {}
     skipped: dict[str, list[str]] = {}
     factors: list[float] = []
+    degenerate: list[str] = []
     iterations = 0
     for layer in layers:
         weight = getattr(layer.module, "weight", None)
@@ -268,10 +310,16 @@ def _lsuv(model: nn.Module, inputs: tuple, layers: list[_Layer], target: float, 
         bias = getattr(layer.module, "bias", None)
         if zero_bias and isinstance(bias, torch.Tensor):
             bias.zero_()
-        total = 1.0
+        total, flat = 1.0, False
         for it in range(max_iter + 1):
             meter = _measure(model, inputs, layer)
             std = meter.std
+            if it == 0 and not meter.nonfinite and math.isfinite(std) and not meter.weighted_std > _NO_SIGNAL * target:
+                # the weight's part of the output is ~0 (an all-zero batch, a dead ReLU before it): what std the
+                # output has is its bias's, which no scale of the weight moves
+                degenerate.append(f"'{layer.name}' (std {meter.weighted_std:.3g} less its bias)")
+                flat = True
+                break
             if meter.nonfinite or not math.isfinite(std) or std == 0.0:
                 what = "holds NaN/Inf" if meter.nonfinite or not math.isfinite(std) else "is constant (std 0)"
                 done_so_far = "unchanged" if it == 0 else f"after {it} rescale(s)"
@@ -288,11 +336,17 @@ def _lsuv(model: nn.Module, inputs: tuple, layers: list[_Layer], target: float, 
             weight.mul_(factor)
             total *= factor
             iterations += 1
-        factors.append(total)
+        if not flat:
+            factors.append(total)
     if factors:
         notes.insert(0, f"fix_init: rescaled {len(factors)} layer(s) to output std {target:g} ± {tol:.0%} on the"
                         f" sample batch (LSUV, {iterations} rescale(s)); factors {min(factors):.3g} .."
                         f" {max(factors):.3g}")
+    if degenerate:
+        shown = ", ".join(degenerate[:8]) + (f" and {len(degenerate) - 8} more" if len(degenerate) > 8 else "")
+        notes.append(f"fix_init: left {shown} unchanged: its output std on the sample batch is ~0 where the weight"
+                     " acts (an all-zero batch, or a dead ReLU before it), which no scaling can fix; give a batch of"
+                     " real inputs")
     for reason, names in skipped.items():
         shown = ", ".join(f"'{n}'" for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         notes.append(f"fix_init: left {shown} unchanged: {reason}")

@@ -20,6 +20,19 @@ from ._originrecord import NonfiniteOrigin
 from .origin import replay
 
 
+def _pop_dispatch_mode(mode: Any) -> None:
+    """Leave a ``TorchDispatchMode`` entered with ``__enter__`` if it is the innermost mode (a mode entered after it
+    by code that was interrupted was left by that code's own ``with`` as the exception went through it)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is mode:
+        mode.__exit__(None, None, None)
+    else:
+        from ..errors import warn_self
+
+        warn_self("torchdiag: the live NaN check's dispatch mode is not the innermost one and was left on")
+
+
 class _LiveCheck:
     """The operator-level check on the user's own forward and backward of one recorded step (when no replay could
     narrow a trip down): entered as the model's forward starts, left as it returns; the backward's node hooks are
@@ -32,6 +45,7 @@ class _LiveCheck:
         self._entries: list[Any] = []
         self._anomaly: Any = None
         self._warnings: Any = None
+        self._fwd_entered = False
 
     def start(self) -> None:
         for m in self.modules.names:
@@ -43,18 +57,36 @@ class _LiveCheck:
         self._anomaly = anomaly_traces()
         self._anomaly.__enter__()
         self.fwd.__enter__()
+        self._fwd_entered = True
+
+    @property
+    def in_forward(self) -> bool:
+        """The forward's modes (dispatch mode, anomaly mode, warning filter) are entered and not yet left."""
+        return self._warnings is not None
 
     def stop(self, output: Any) -> None:
-        self.fwd.__exit__(None, None, None)
-        self._anomaly.__exit__(None, None, None)
-        self._warnings.__exit__(None, None, None)
-        for e in self._entries:
-            GlobalHooks.discard(e)
-        self._entries = []
+        self.leave()
         if self.fwd.found is None:
             self.bwd.install([t.grad_fn for t in float_leaves(output) if t.grad_fn is not None])
 
+    def leave(self) -> None:
+        """Leave whatever ``start`` entered, in reverse order; also when the forward never returned (a
+        ``KeyboardInterrupt``: PyTorch runs the ``always_call`` forward hook for an ``Exception`` only)."""
+        if self._fwd_entered:
+            self._fwd_entered = False
+            _pop_dispatch_mode(self.fwd)
+        if self._anomaly is not None:
+            anomaly, self._anomaly = self._anomaly, None
+            anomaly.__exit__(None, None, None)
+        if self._warnings is not None:
+            caught, self._warnings = self._warnings, None
+            caught.__exit__(None, None, None)
+        for e in self._entries:
+            GlobalHooks.discard(e)
+        self._entries = []
+
     def result(self) -> NonfiniteOrigin | None:
+        self.leave()
         self.bwd.remove()
         return self.fwd.found or self.bwd.found
 
@@ -105,11 +137,16 @@ class Tripwire:
         from ..capture.runtime import in_backward, tracing
 
         live = self._live
-        if live is not None and live.fwd is not None and live._entries:
+        if live is not None and live.in_forward:
             live.stop(output)
         if self.origin is None and module.training and torch.is_grad_enabled() and not tracing() \
                 and not in_backward() and self._recording():
             self._batch = (args, kwargs, _autocast_state())
+
+    def end_step(self) -> None:
+        """A step ends: a live check whose forward never returned (interrupted) leaves its modes now."""
+        if self._live is not None and self._live.in_forward:
+            self._live.leave()
 
     def take_batch(self) -> tuple | None:
         """The batch of the step that ends (the reference is dropped here)."""

@@ -145,7 +145,8 @@ class SDPA:
     users = 0
     original: Any = F.scaled_dot_product_attention  # the real function (never None: references outlive a watch)
     lock = threading.Lock()
-    local = threading.local()  # .stack: the Signals whose attention module is running, innermost last
+    local = threading.local()  # .stack: (weak reference to the Signals, report name or None) of each running
+    # attention module, innermost last; None: its SDPA calls are not counted (not recording, MHA's own call)
 
     @classmethod
     def acquire(cls) -> None:
@@ -154,6 +155,15 @@ class SDPA:
                 cls.original = F.scaled_dot_product_attention
                 F.scaled_dot_product_attention = _sdpa_wrapper
             cls.users += 1
+
+    @classmethod
+    def forget(cls, ref: Any) -> None:
+        """Drop the entries of one watch's signals (``ref``), and entries of signals gone, from this thread's stack:
+        those an attention forward left when it never returned (a ``KeyboardInterrupt``: PyTorch runs
+        ``always_call`` forward hooks for an ``Exception`` only)."""
+        stack = getattr(cls.local, "stack", None)
+        if stack:
+            stack[:] = [e for e in stack if e[0] is not ref and (e[0] is None or e[0]() is not None)]
 
     @classmethod
     def release(cls) -> None:
@@ -168,8 +178,8 @@ def _sdpa_wrapper(*args: Any, **kwargs: Any) -> Any:
     if tracing():
         return out
     stack = getattr(SDPA.local, "stack", None)
-    if stack and stack[-1][0] is not None:
-        owner, name = stack[-1]
+    owner, name = (stack[-1][0](), stack[-1][1]) if stack else (None, None)
+    if owner is not None and name is not None:
         try:
             named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args))
             named.update(kwargs)

@@ -69,6 +69,8 @@ class Sentinel:
         """A step ends: keep what it measured (still on the device) for its report."""
         raw = self._signals.take()
         self._ended = step
+        if self._tripwire is not None:
+            self._tripwire.end_step()
         if not recorded:
             self._losses += raw["losses"]
             return

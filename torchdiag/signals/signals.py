@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,9 @@ class Signals:
         self._softmax: Any = None
         self._losses: list[tuple[int, Any]] = []
         self._adam_meter = AdamGradients({}, set(), recording)
+        # on SDPA's stack of running attention modules: a weak reference (an entry left by a forward that never
+        # returned, a KeyboardInterrupt, holds nothing of this watch's model)
+        self._ref = weakref.ref(self)
         self.attention_layers: list[str] = []  # the names attention figures can have (a fixed cross-rank layout)
 
     # ------------------------------------------------------------------ wiring
@@ -87,6 +91,7 @@ class Signals:
         if self._sdpa:
             SDPA.release()
             self._sdpa = False
+        SDPA.forget(self._ref)
 
     def _name(self, m: nn.Module) -> str:
         """The report's name for a module: its own, or its first watched descendant's (a container's q/k/v)."""
@@ -109,7 +114,7 @@ class Signals:
 
     # ------------------------------------------------------------------ attention
     def _mha_pre(self, m: nn.Module, args: tuple) -> None:
-        SDPA.local.__dict__.setdefault("stack", []).append((None, None))  # its own SDPA call is not counted again
+        SDPA.local.__dict__.setdefault("stack", []).append((self._ref, None))  # its own SDPA call is not counted
 
     def _mha_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         stack = getattr(SDPA.local, "stack", None)
@@ -126,13 +131,14 @@ class Signals:
 
     def _attn_pre(self, m: nn.Module, args: tuple) -> None:
         stack = SDPA.local.__dict__.setdefault("stack", [])
-        stack.append((self, self._name(m)) if self._on() else (None, None))
+        stack.append((self._ref, self._name(m) if self._on() else None))
 
     def _attn_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         stack = getattr(SDPA.local, "stack", None)
         if stack:
             owner, name = stack.pop()
-            if owner is self and name not in self._sdpa_seen and isinstance(output, tuple) and len(output) > 1:
+            if owner is self._ref and name is not None and name not in self._sdpa_seen \
+                    and isinstance(output, tuple) and len(output) > 1:
                 probs = output[1]
                 if isinstance(probs, torch.Tensor) and probs.dim() == 4 and probs.is_floating_point():
                     try:  # eager attention returned its probabilities: their entropy (no logits to read)

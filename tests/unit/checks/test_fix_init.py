@@ -304,3 +304,42 @@ def test_apply_suggestions_names_a_wrong_argument():
         torchdiag.apply_suggestions(model, "str")
     with pytest.raises(TypeError, match=r"apply_suggestions\(model=...\): expected a torch.nn.Module"):
         torchdiag.apply_suggestions("model", torchdiag.check(model, torch.randn(2, 4)))
+
+
+def _output_std_less_bias(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Each Linear's output std less its bias on ``x`` (the part its weight makes), with plain hooks."""
+    stds, handles = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            def hook(mod, args, out, name=name):
+                stds[name] = (out - mod.bias).double().std(correction=0).item()
+            handles.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return stds
+
+
+@pytest.mark.parametrize("case", ["all-zero batch", "dead relu"])
+def test_fix_init_on_a_degenerate_batch_leaves_layers_with_no_output_std_unchanged_and_says_so(case):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(64, 16)
+    if case == "all-zero batch":
+        x = torch.zeros(64, 16)
+    else:
+        with torch.no_grad():
+            model[0].bias.fill_(-100.0)  # every unit of the first ReLU dead on this batch
+    flat = {n for n, s in _output_std_less_bias(model, x).items() if s == 0.0}
+    assert flat >= {"0"} if case == "all-zero batch" else flat >= {"2"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = torchdiag.fix_init(model, x)
+    for name in flat:
+        assert torch.equal(model.get_submodule(name).weight, before[f"{name}.weight"])
+    note = next(n for n in report.notes if "no scaling can fix" in n)
+    assert all(f"'{name}'" in note for name in flat) and "unchanged" in note
+    rescaled = next((n for n in report.notes if n.startswith("fix_init: rescaled")), "")
+    assert f"rescaled {3 - len(flat)} layer(s)" in rescaled or (not rescaled and len(flat) == 3)
+    for p in model.parameters():  # nothing blown up anywhere
+        assert p.abs().max() < 1e3

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 import statistics
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -217,6 +219,53 @@ def test_sdpa_inside_an_attention_module_with_a_causal_mask():
     assert row.attention_logit_max == pytest.approx(top, rel=1e-4)
     assert row.attention_entropy == pytest.approx(ref_ent, rel=1e-4)
     assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention  # restored after the watch
+
+
+class InterruptedAttention(CausalSelfAttention):
+    """Ctrl-C in the middle of the attention forward (after its SDPA call), on the call numbered ``at``."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = super().forward(x)
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return out
+
+
+def _attention_run(watched, model_ref=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), InterruptedAttention(at=2), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    try:
+        with torchdiag.watch(model, optimizer=opt) if watched else contextlib.nullcontext():
+            for _ in range(3):
+                opt.zero_grad()
+                model(torch.randn(2, 8, 16, generator=gen)).pow(2).mean().backward()
+                opt.step()
+    except KeyboardInterrupt:
+        pass
+    weights = [p.detach().clone() for p in model.parameters()]
+    if model_ref is not None:
+        model_ref.append(weakref.ref(model))
+    return weights
+
+
+def test_ctrl_c_inside_an_attention_forward_leaves_no_sdpa_entry_that_keeps_the_model_alive():
+    from torchdiag.signals._attention import SDPA
+
+    refs = []
+    weights = _attention_run(watched=True, model_ref=refs)
+    gc.collect()
+    assert refs[0]() is None
+    assert not getattr(SDPA.local, "stack", [])
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    for a, b in zip(weights, _attention_run(watched=False)):  # training as without the watch
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_attention_figures_with_grouped_query_heads_and_a_boolean_mask():
@@ -442,6 +491,77 @@ def test_a_trip_the_replay_cannot_reproduce_is_found_live_on_the_next_recorded_s
     _, plain, _, _ = _flaky_run({3, 4}, watched=False)
     for a, b in zip(outs, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+class Interrupted(Flaky):
+    """Flaky that raises KeyboardInterrupt (Ctrl-C) at one call."""
+
+    def __init__(self, bad_calls, interrupt_call):
+        super().__init__(bad_calls)
+        self.interrupt = interrupt_call
+
+    def forward(self, x):
+        if CALLS["n"] + 1 == self.interrupt:
+            CALLS["n"] += 1
+            raise KeyboardInterrupt
+        return super().forward(x)
+
+
+def _interrupted_run(watched):
+    # watched: step 2 (call 3) trips, its replay (call 4) stays finite, step 3 (call 5) runs under the live check
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), Interrupted({3}, 5 if watched else 4), nn.Linear(8, 2))
+    gen = torch.Generator().manual_seed(1)
+    outs = []
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        try:
+            with torchdiag.watch(net) if watched else contextlib.nullcontext() as diag:
+                for _ in range(5):
+                    out = net(torch.randn(4, 8, generator=gen))
+                    out.sum().backward()
+                    outs.append(out.detach().clone())
+                    outs.append(net[0].weight.grad.clone())
+                    if watched:
+                        diag.step()
+        except KeyboardInterrupt:
+            pass
+    return outs
+
+
+def test_ctrl_c_during_the_live_checked_step_leaves_no_dispatch_or_anomaly_mode_on():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    filters = list(warnings.filters)
+    outs = _interrupted_run(watched=True)
+    assert len(outs) == 6  # three steps, then Ctrl-C in the fourth's forward
+    assert _get_current_dispatch_mode() is None
+    assert not torch.is_anomaly_enabled()
+    assert warnings.filters == filters
+    plain = _interrupted_run(watched=False)
+    assert len(plain) == len(outs)
+    for a, b in zip(outs, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_ctrl_c_caught_inside_the_watch_leaves_the_live_checks_modes_at_the_steps_end():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), Interrupted({3}, 5), nn.Linear(8, 2))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with torchdiag.watch(net) as diag:
+            for _ in range(4):
+                try:
+                    net(torch.randn(4, 8)).sum().backward()
+                except KeyboardInterrupt:
+                    pass
+                diag.step()
+                assert _get_current_dispatch_mode() is None and not torch.is_anomaly_enabled()
+            net(torch.randn(4, 8)).sum().backward()  # the loop goes on
+            diag.step()
+    assert _get_current_dispatch_mode() is None and not torch.is_anomaly_enabled()
 
 
 # ------------------------------------------------------------------ what an independent review found
