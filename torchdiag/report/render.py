@@ -252,7 +252,8 @@ def render(report: Report, *, color: bool = False, width: int = 100) -> str:
         lines.extend(paint(x, _RED) for x in _wrap(spike.message, width, "! ", "  "))
     items = [(layer.name, f.problem, f.direction, f.cause, f.message)
              for layer in report.flagged for f in layer.findings]
-    for text in one_story(items):
+    kinds = [layer.module_type for layer in report.flagged for _ in layer.findings]
+    for text in one_story(items, kinds):
         lines.extend(paint(x, _RED) for x in _wrap(text, width, "! ", "  "))
     for note in report.notes:
         lines.extend(_wrap(note, width, "note: ", "  "))
@@ -266,18 +267,38 @@ def render(report: Report, *, color: bool = False, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def one_story(items: list[tuple[str, str, str | None, str | None, str]]) -> list[str]:
+def one_story(items: list[tuple[str, str, str | None, str | None, str]],
+              types: list[str] | None = None) -> list[str]:
     """One sentence per problem and cause, from ``(layer, problem, direction, cause, message)`` items: the cause's
-    own sentence (or the first layer's), with the count of the other layers it covers."""
+    own sentence (or the first layer's), with what it covers (``others``; ``types``: each item's module type)."""
     groups: dict[tuple, list] = {}
-    for layer, problem, direction, cause, message in items:
-        groups.setdefault((problem, direction, cause if cause is not None else layer), []).append((layer, message))
+    kinds = types if types is not None else [""] * len(items)
+    for (layer, problem, direction, cause, message), kind in zip(items, kinds):
+        groups.setdefault((problem, direction, cause if cause is not None else layer), []).append(
+            (layer, message, kind))
     out = []
     for (_, _, cause), members in groups.items():
-        lead = next((m for layer, m in members if layer == cause), members[0][1])
-        others = len(members) - 1
-        out.append(lead + (f" (and {others} more layer{'s' if others > 1 else ''} of the same kind)" if others else ""))
+        lead = next((m for m in members if m[0] == cause), members[0])
+        rest = [kind for m in members if m is not lead for kind in [m[2]]]
+        phrase = others(lead[2], rest)
+        out.append(lead[1] + (f" ({phrase})" if phrase else ""))
     return out
+
+
+def others(kind: str, kinds: list[str]) -> str:
+    """What a finding covers besides its lead layer, counted by kind: 'and 24 more Linear layers, 24 ReLU'
+    (``kind``: the lead's module type, ``kinds``: the others'); '' for none."""
+    if not kinds:
+        return ""
+    counts: dict[str, int] = {}
+    for k in kinds:
+        counts[k] = counts.get(k, 0) + 1
+    same = counts.pop(kind, 0)
+    parts = [f"and {same} more {kind + ' ' if kind else ''}layer{'s' if same > 1 else ''}"] if same else []
+    parts += [f"{n} {k or 'other'}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if not same:
+        parts[0] = "and " + parts[0]
+    return ", ".join(parts)
 
 
 def run_lines(findings: list[Any]) -> str:

@@ -36,7 +36,7 @@ def test_a_sigmoid_stack_tells_one_story_on_the_console():
     ours = [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
     # one warning per problem and cause: backward vanishing, caused by the first Linear, covering the others
     assert len(ours) == 1, ours
-    assert "'0' (Linear)" in ours[0] and "vanishing (backward)" in ours[0] and "more layers" in ours[0]
+    assert "'0' (Linear)" in ours[0] and "vanishing (backward)" in ours[0] and "more Linear layers" in ours[0]
     text = render(diag.report())
     sentences = [line for line in text.splitlines() if line.startswith("! ")]
     assert len(sentences) == 1  # the table's findings: the same one story, not one line per layer
