@@ -303,8 +303,7 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
     print(header, file=out)
     print(render_check(report, model, shapes, color=use_color(out)), file=out)
     verdict = decide({p for layer in report.flagged for p in layer.status}, fail, verb="flagged")
-    if verdict.found:
-        print(verdict.line, file=out)
+    print(verdict.line, file=out)  # "OK: nothing flagged" too, as summarize's "OK: nothing found in the run"
     return verdict.status
 
 

@@ -156,6 +156,7 @@ def test_healthy_model_exits_0_and_prints_the_same_report_as_check(models, capsy
     assert expected.flagged == []
     assert_same_report(expected, out)  # same model, same input: the same figures
     assert "no problems found" in out and "Sequential" in out and "(16,32) float32" in out
+    assert out.splitlines()[-1] == "OK: nothing flagged"  # a verdict line, as summarize's "OK: nothing found ..."
     assert ESC not in out  # captured stdout is not a terminal
 
 
