@@ -40,9 +40,10 @@ class ConsoleSink:
             groups.setdefault(key, []).append(f)
         for key, members in groups.items():
             self._seen.add(key)  # before warning: a filter that raises must not make it repeat
-            text = warning_text(members, key[2], report.step)
-            emitted.append(text)
-            warnings.warn(text, DiagnosticWarning, stacklevel=user_stacklevel())
+            prefix = f"torchdiag (step {report.step}): "
+            text = warning_text(members, key[2], HEADLINE - len(prefix))
+            emitted.append(text)  # as TensorBoard's text shows it, without the prefix
+            warnings.warn(prefix + text, DiagnosticWarning, stacklevel=user_stacklevel())
         return emitted
 
 
@@ -62,9 +63,9 @@ def first_clause(fix: str) -> str:
     return fix[:cut].rstrip(" .,:")
 
 
-def warning_text(members: list[Any], cause: str | None, step: int) -> str:
-    """One warning for the findings (``RunFinding``) of one problem and cause: a first line with the problem, the
-    layer, the cause and the fix; the evidence below."""
+def warning_text(members: list[Any], cause: str | None, width: int = HEADLINE) -> str:
+    """One warning for the findings (``RunFinding``) of one problem and cause: a first line (at most ``width``
+    characters) with the problem, the layer, the cause and the fix; the evidence below."""
     lead = next((f for f in members if f.layer == cause), members[0])
     rest = [f for f in members if f is not lead]
     problem = lead.problem + (f" ({lead.direction})" if lead.direction else "")
@@ -76,12 +77,12 @@ def warning_text(members: list[Any], cause: str | None, step: int) -> str:
     why = lead.reason or ("the layer" if blame is None else "")
     cause_text = f"cause: {why}" + (f" ('{elide_name(blame, 30)}')" if blame else "")
     short_fix = first_clause(fix) if fix else "see below"
-    head = f"torchdiag (step {step}): {problem} at {layer}" + (f" {covers}" if covers else "")
+    head = f"{problem} at {layer}" + (f" {covers}" if covers else "")
     line = f"{head}; {cause_text}. Fix: {short_fix}"
-    if len(line) > HEADLINE and covers:  # the count moves below
-        line = f"torchdiag (step {step}): {problem} at {layer}; {cause_text}. Fix: {short_fix}"
-    if len(line) > HEADLINE:
-        line = line[:HEADLINE - 1] + "…"
+    if len(line) > width and covers:  # the count moves below
+        line = f"{problem} at {layer}; {cause_text}. Fix: {short_fix}"
+    if len(line) > width:
+        line = line[:width - 1] + "…"
     below = [f"  {evidence}"]
     if fix and fix != short_fix:
         below.append(f"  fix: {fix}")
