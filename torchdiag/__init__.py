@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from .checks.checking import check
-from .checks.fix import apply_suggestions, fix_init
-from .config import Config
+import sys as _sys
+from typing import TYPE_CHECKING
+
+from ._lazy import LazyPackage
 from .errors import ConfigError, DiagnosticWarning, TorchDiagError
-from .origin.origin import NonfiniteOrigin, locate_nonfinite
-from .report.report import LayerReport, Report
-from .watch import Watcher, watch
+
+if TYPE_CHECKING:
+    from .checks.checking import check
+    from .checks.fix import apply_suggestions, fix_init
+    from .config import Config
+    from .origin.origin import NonfiniteOrigin, locate_nonfinite
+    from .report.report import LayerReport, Report
+    from .watch import Watcher, watch
+
+# the other public names are imported on first use (``_lazy.PUBLIC``): the command line parses its arguments, and
+# answers --help, without importing torch
+_sys.modules[__name__].__class__ = LazyPackage
 
 __version__ = "0.1.0"
 

@@ -86,7 +86,7 @@ SHARED = ("torchdiag.errors", "torchdiag.config", "torchdiag.vocab")
 STAGES = ("layers", "reduce", "stats", "capture", "record", "training", "report", "diagnose", "sinks", "origin",
           "signals", "watch", "checks", "cli", "integrations")
 TOP_STAGE = {"torchdiag.watch": "watch", "torchdiag._arguments": "watch"}
-SURFACE = ("torchdiag", "torchdiag.__main__")
+SURFACE = ("torchdiag", "torchdiag.__main__", "torchdiag._lazy")
 
 
 def _stage(module: str) -> int:

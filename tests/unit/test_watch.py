@@ -210,7 +210,7 @@ def test_warnings_once_per_problem_and_name_layer_figure_threshold():
     assert sat, [str(w.message) for w in ours]
     assert len(sat) == 1  # one per problem and cause (the first layer, the count of the others), not per step
     assert "'1' (Tanh)" in sat[0] and "saturated_fraction 0.3" in sat[0] and "%" in sat[0]
-    assert "(and 7 more layers of the same kind)" in sat[0]
+    assert "and 7 more Tanh layers" in sat[0].splitlines()[0]
 
 
 def test_healthy_model_trains_without_warnings():

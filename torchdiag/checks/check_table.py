@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..report.render import common_prefix, elide_name, fit_widths, render, suggestion_text
+from ..report.render import common_prefix, name_column, render, suggestion_text
 from ..report.report import Report
 
 
@@ -106,12 +106,14 @@ def summary_table(report: Report, model: nn.Module, shapes: dict[str, str], widt
                      _count(params) if params else "-", shapes.get(layer.name, "-"), _g(layer.act_std),
                      _g(layer.grad_std), _g(layer.gain), ",".join(sorted(layer.status)) or "ok",
                      suggestion_text(layer)])
-    widths = fit_widths(_COLUMNS, rows, width, _SHRINK)
+    names, widths = name_column([r[1] for r in rows], _COLUMNS, rows, width, _SHRINK)
+    for r, n in zip(rows, names):
+        r[1] = n
 
     def line(cells: list[str]) -> str:
         out = []
         for i, (c, w) in enumerate(zip(cells, widths)):
-            c = elide_name(c, w) if i == 1 else (c if len(c) <= w else c[: max(w - 1, 0)] + "…")
+            c = c if i == 1 or len(c) <= w else c[: max(w - 1, 0)] + "…"
             out.append(c.rjust(w) if i in _RIGHT else c.ljust(w))
         return "  ".join(out).rstrip()[:width]
 

@@ -19,29 +19,33 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
-from torch import nn
-
-from ..checks.check_table import ShapeRecorder, render_check
 from ..diagnose.verdict import ERROR, FLAGGED, OK, decide
 from ..errors import TorchDiagError
 from ..report.render import use_color
 from ..report.report import STATUSES, Report
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported once the arguments are parsed (``run_check``): --help and usage errors answer without it
+
 __all__ = ["ERROR", "FLAGGED", "OK", "CheckError", "add_arguments", "run_check"]
 
 
+#: --dtype's names -> the torch dtype's name
 DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
-    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
-    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+    "float32": "float32", "float": "float32", "float64": "float64", "double": "float64",
+    "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
+    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32",
+    "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool",
 }
 
 
@@ -63,11 +67,23 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def parse_dtype(text: str) -> torch.dtype:
+def parse_dtype(text: str) -> str:
+    """``--dtype``: the name of a torch dtype (``"long"`` -> ``"int64"``), resolved once torch is imported."""
     key = text.strip().lower().removeprefix("torch.")
     if key not in DTYPES:
         raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; allowed: {', '.join(DTYPES)}")
     return DTYPES[key]
+
+
+def parse_seed(text: str) -> int:
+    """``--seed``: an integer that torch's generators take, 0 <= seed < 2**63."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63-1; got {text!r}")
+    return seed
 
 
 def parse_problems(text: str) -> list[str]:
@@ -91,11 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int-high", type=int, default=None, metavar="N",
                         help="integer inputs are drawn uniformly from [0, N) (e.g. the vocabulary size)")
     parser.add_argument("--config", default=None, metavar="YAML", help="a torchdiag config file (thresholds...)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the factory and of the input (default 0)")
+    parser.add_argument("--seed", type=parse_seed, default=0,
+                        help="seed of the factory and of the input, from 0 to 2**63-1 (default 0)")
     parser.add_argument("--device", default="cpu",
                         help="run the model there (default cpu); one this PyTorch build cannot use exits 2")
     parser.add_argument("--fail-on", type=parse_problems, default=None, metavar="PROBLEMS",
-                        help=f"exit 1 only for these problems, comma-separated, from: {','.join(STATUSES)}"
+                        help=f"exit 1 only for these problems, comma-separated, from: {', '.join(STATUSES)}"
                              " (default: any)")
 
 
@@ -156,6 +173,8 @@ def _import(spec: str) -> Any:
 
 
 def build_model(obj: Any, what: str) -> nn.Module:
+    from torch import nn
+
     if isinstance(obj, nn.Module):
         return obj
     if not callable(obj):
@@ -172,10 +191,11 @@ def build_model(obj: Any, what: str) -> nn.Module:
     return model
 
 
-def make_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype] | None, int_high: int | None,
+def make_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype | str] | None, int_high: int | None,
                 seed: int, device: str) -> list[torch.Tensor]:
-    if dtypes is None:
-        dtypes = [torch.float32]
+    import torch
+
+    dtypes = [torch.float32] if dtypes is None else [getattr(torch, d) if isinstance(d, str) else d for d in dtypes]
     if len(dtypes) == 1:
         dtypes = list(dtypes) * len(shapes)
     if len(dtypes) != len(shapes):
@@ -183,17 +203,26 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype]
     gen = torch.Generator().manual_seed(seed)
     inputs = []
     for shape, dtype in zip(shapes, dtypes):
-        if dtype.is_floating_point:
-            x = torch.randn(shape, generator=gen).to(dtype)
-        elif dtype == torch.bool:
-            x = torch.randint(0, 2, shape, generator=gen).bool()
-        else:
+        if not dtype.is_floating_point and dtype != torch.bool:
             if int_high is None:
                 raise CheckError(f"an integer input ({str(dtype).removeprefix('torch.')}) needs --int-high N: values"
                                  " are drawn from [0, N), e.g. N = the vocabulary size")
             if int_high < 1:
                 raise CheckError(f"--int-high must be >= 1, got {int_high}")
-            x = torch.randint(0, int_high, shape, generator=gen, dtype=torch.int64).to(dtype)
+        try:
+            if dtype.is_floating_point:
+                x = torch.randn(shape, generator=gen).to(dtype)
+            elif dtype == torch.bool:
+                x = torch.randint(0, 2, shape, generator=gen).bool()
+            else:
+                x = torch.randint(0, int_high, shape, generator=gen, dtype=torch.int64).to(dtype)
+        except (RuntimeError, MemoryError, OverflowError) as e:  # torch's allocator: "can't allocate memory"
+            n = math.prod(shape)
+            size = n * dtype.itemsize
+            why = (f"{size / 2 ** 30:,.1f} GiB of {str(dtype).removeprefix('torch.')}" if "allocate" in str(e)
+                   or isinstance(e, MemoryError) else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            raise CheckError(f"--input-shape {','.join(map(str, shape))}: cannot allocate an input of {n:,} elements"
+                             f" ({why})") from e
         inputs.append(x)
     try:
         return [x.to(device) for x in inputs]
@@ -203,11 +232,15 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype]
 
 def check_device(text: str) -> str:
     """``--device``: a device this PyTorch build can use, else ``CheckError`` (one line, exit 2)."""
+    import torch
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError) as e:
         raise CheckError(f"--device {text!r} is not a device name: {str(e).splitlines()[0]}") from e
-    if device.type in ("cpu", "meta"):
+    if device.type == "meta":
+        raise CheckError(f"--device {text!r}: tensors on the meta device hold no values, so there is nothing to check;"
+                         " use --device cpu (or cuda)")
+    if device.type == "cpu":
         return text
     backend = getattr(torch, device.type, None)
     available = getattr(backend, "is_available", None)
@@ -224,6 +257,7 @@ def check_device(text: str) -> str:
 
 def _built(kind: str) -> bool:
     """Whether this PyTorch build was compiled with ``kind`` support (best effort)."""
+    import torch
     for probe in (getattr(getattr(torch.backends, kind, None), "is_built", None),
                   getattr(getattr(torch, kind, None), "_is_compiled", None)):
         if callable(probe):
@@ -232,6 +266,21 @@ def _built(kind: str) -> bool:
             except Exception:  # noqa: BLE001, S112 - a probe that fails says nothing
                 continue
     return False
+
+
+def _ids_hint(model: nn.Module, inputs: Sequence[torch.Tensor], error: BaseException) -> str | None:
+    """The one-line hint for an Embedding fed floats (torch: "Expected tensor for argument #1 'indices' to have one
+    of the following scalar types: Long, Int"), or None when the error is another."""
+    from torch import nn
+
+    text = str(error)
+    if "'indices'" not in text or "Long" not in text or not any(x.is_floating_point() for x in inputs):
+        return None
+    emb = next(((n, m) for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))), None)
+    where, high = (f"its {type(emb[1]).__name__} '{emb[0]}'", emb[1].num_embeddings) if emb else ("an embedding",
+                                                                                                   None)
+    return (f"{where} takes integer ids, not floats: pass --dtype int64 --int-high N (ids are drawn from [0, N)"
+            + (f", e.g. --int-high {high}, its number of embeddings)" if high else ", N = the vocabulary size)"))
 
 
 def _describe(inputs: Iterable[torch.Tensor]) -> str:
@@ -249,15 +298,19 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
         print(f"torchdiag check: {e}", file=err)
         return ERROR
     fail = set(STATUSES) if args.fail_on is None else set(args.fail_on)
+    from ..checks.check_table import render_check
+
     print(header, file=out)
     print(render_check(report, model, shapes, color=use_color(out)), file=out)
     verdict = decide({p for layer in report.flagged for p in layer.status}, fail, verb="flagged")
-    if verdict.found:
-        print(verdict.line, file=out)
+    print(verdict.line, file=out)  # "OK: nothing flagged" too, as summarize's "OK: nothing found in the run"
     return verdict.status
 
 
 def _check(args: argparse.Namespace) -> tuple[Report, str, nn.Module, dict[str, str]]:
+    import torch
+
+    from ..checks.check_table import ShapeRecorder
     from ..checks.checking import check
     from ..config import resolve_config
     from ..errors import ConfigError
@@ -280,12 +333,16 @@ def _check(args: argparse.Namespace) -> tuple[Report, str, nn.Module, dict[str, 
     try:
         with ShapeRecorder(model) as rec:
             report = check(model, *inputs, config=config)
-    except TorchDiagError as e:
-        hint = (f" (the model's parameters are {', '.join(sorted(str(d).removeprefix('torch.') for d in params))})"
-                if mismatch else "")
-        raise CheckError(f"{type(model).__name__} on input {_describe(inputs)}: {e}{hint}") from e
     except Exception as e:  # noqa: BLE001 - a model that fails in backward, or a bad loss: exit 2, not a traceback
-        raise CheckError(f"{type(model).__name__} on input {_describe(inputs)}: {type(e).__name__}: {e}") from e
+        what_failed = f"{type(model).__name__} on input {_describe(inputs)}"
+        ids = _ids_hint(model, inputs, e)
+        if ids is not None:  # an Embedding fed floats: the fix, in one line
+            raise CheckError(f"{what_failed}: {ids}") from e
+        if isinstance(e, TorchDiagError):
+            hint = (f" (the model's parameters are {', '.join(sorted(str(d).removeprefix('torch.') for d in params))})"
+                    if mismatch else "")
+            raise CheckError(f"{what_failed}: {e}{hint}") from e
+        raise CheckError(f"{what_failed}: {type(e).__name__}: {e}") from e
     n_params = sum(p.numel() for p in model.parameters())
     header = (f"torchdiag check {what}: {type(model).__name__} ({n_params:,} parameters), input {_describe(inputs)},"
               f" seed {args.seed}")

@@ -8,7 +8,10 @@ import argparse
 import sys
 
 from ..report.report import STATUSES
+from ._check_cli import add_arguments
 from ._check_cli import parse_problems as _problems
+
+# nothing here imports torch (nor TensorBoard): the arguments are parsed first, the command's modules imported after
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="the recorded step to report and judge alone (default: the latest, and the whole run is"
                            " judged)")
     summ.add_argument("--fail-on", type=_problems, default=None, metavar="PROBLEMS",
-                      help=f"exit 1 only for these problems, comma-separated, from: {','.join(STATUSES)}"
+                      help=f"exit 1 only for these problems, comma-separated, from: {', '.join(STATUSES)}"
                            " (default: any)")
     check = sub.add_parser(
         "check", help="import a model factory of yours and diagnose the model on a random input",
@@ -40,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
                     " --input-shape and print the report. Exit status: 0 nothing flagged, 1 something flagged"
                     " (restricted by --fail-on), 2 the model could not be checked (import error, missing"
                     " attribute, bad shape, a model that fails on the input).")
-    from ._check_cli import add_arguments
-
     add_arguments(check)
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -109,8 +109,16 @@ def _verdict(found) -> str:
 
 
 def _short(report, keep: int = 8) -> str:
-    """The report table, with the middle rows of a long net elided."""
-    lines = render(report, color=use_color(sys.stdout)).splitlines()
+    """The report table, with the middle rows of a long net elided; the run's findings are left to the verdict
+    printed after it (``_verdict``), so that they are told once."""
+    findings = report.run_findings
+    report.run_findings = []
+    try:
+        lines = render(report, color=use_color(sys.stdout)).splitlines()
+    finally:
+        report.run_findings = findings
+    if findings and lines and lines[-1].endswith("no problems found"):  # at this step; the run's verdict follows
+        lines[-1] = lines[-1].replace("no problems found", f"no problems at step {report.step}")
     head, table = lines[:2], lines[2:]
     n_layers = len(report.layers)
     body, tail = table[:n_layers], table[n_layers:]

@@ -53,7 +53,7 @@ def elide_name(s: str, width: int) -> str:
     comps = s.split(".")
     # the order in which components give way: plain names in the middle first (nearest the middle first), then
     # the ones that carry a block index
-    middle = list(range(1, len(comps) - 1))
+    middle = [i for i in range(1, len(comps) - 1) if not comps[i].isdigit()]  # never a block index
     middle.sort(key=lambda i: (comps[i].isdigit(), i + 1 < len(comps) and comps[i + 1].isdigit(),
                                abs(i - len(comps) / 2)))
     dropped: set[int] = set()
@@ -72,6 +72,77 @@ def elide_name(s: str, width: int) -> str:
         if len(out) <= width:
             return out
     return _elide(s, width)
+
+
+def shorten_names(names: list[str], width: int) -> list[str]:
+    """Names (the common prefix already dropped) shortened together towards ``width`` characters without losing
+    what tells rows apart: whole components in the middle give way to '…', the most common ones (the least
+    informative: ``attn``, ``downsample``) first, names before a block index last; the last component, the first
+    (unless most rows share it) and every component with a digit in it (``h.3``, ``layer2``) are kept. Rows whose
+    short names would read the same get their components back until they differ. A name may stay longer than
+    ``width``: the caller widens its column or, if nothing else gives way, cuts it (``elide_name``)."""
+    comps = [n.split(".") for n in names]
+    freq: dict[str, int] = {}
+    for cs in comps:
+        for c in set(cs[:-1]):
+            freq[c] = freq.get(c, 0) + 1
+    half = len(names) / 2
+
+    def droppable(cs: list[str]) -> list[int]:
+        # the first component too when most rows share it (GPT2LMHeadModel's 'transformer', beside its lm_head)
+        first = 0 if len(cs) > 2 and freq.get(cs[0], 0) > half else 1
+        idx = [i for i in range(first, len(cs) - 1) if not any(ch.isdigit() for ch in cs[i]) and len(cs[i]) > 1]
+        idx.sort(key=lambda i: (i + 1 < len(cs) and cs[i + 1].isdigit(), -freq.get(cs[i], 0),
+                                abs(i - len(cs) / 2)))
+        return idx
+
+    def show(cs: list[str], dropped: set[int]) -> str:
+        kept: list[str] = []
+        for j, c in enumerate(cs):
+            if j not in dropped:
+                kept.append(c)
+            elif not kept or kept[-1] != "…":
+                kept.append("…")
+        return ".".join(kept)
+
+    drops: list[set[int]] = []
+    for cs in comps:
+        dropped: set[int] = set()
+        for i in droppable(cs):
+            if len(show(cs, dropped)) <= width:
+                break
+            dropped.add(i)
+        drops.append(dropped)
+    for _ in range(max((len(cs) for cs in comps), default=0)):  # each round gives one component back per clash
+        shown = [show(cs, d) for cs, d in zip(comps, drops)]
+        seen: dict[str, list[int]] = {}
+        for k, text in enumerate(shown):
+            seen.setdefault(text, []).append(k)
+        clashes = [ks for ks in seen.values() if len(ks) > 1]
+        if not clashes:
+            break
+        for ks in clashes:
+            for k in ks:
+                if drops[k]:  # the rarest (most telling) component back first
+                    drops[k].discard(min(drops[k], key=lambda i, cs=comps[k]: (freq.get(cs[i], 0), -i)))
+    return [show(cs, d) for cs, d in zip(comps, drops)]
+
+
+def name_column(names: list[str], columns: tuple[str, ...], rows: list[list[str]], width: int,
+                shrink: tuple[tuple[int, int], ...]) -> tuple[list[str], list[int]]:
+    """The name column (column 1) of a table and the column widths: the names shortened together
+    (``shorten_names``) to the width the column got; if they need more, the other columns give way for them, and
+    only if that is not enough are they cut (``elide_name``)."""
+    widths = fit_widths(columns, rows, width, shrink)
+    short = shorten_names(names, widths[1])
+    need = max((len(s) for s in short), default=0)
+    if need > widths[1]:
+        rows = [[c if i != 1 else s for i, c in enumerate(r)] for r, s in zip(rows, short)]
+        widths = fit_widths(columns, rows, width, tuple((c, max(n, need) if c == 1 else n) for c, n in shrink))
+        over = sum(widths) + 2 * (len(widths) - 1) - width
+        if over > 0:
+            widths[1] = max(widths[1] - over, 6)
+    return [s if len(s) <= widths[1] else elide_name(s, widths[1]) for s in short], widths
 
 
 def _elide(s: str, width: int) -> str:
@@ -153,13 +224,15 @@ def render(report: Report, *, color: bool = False, width: int = 100) -> str:
             _fmt(layer.act_std), _fmt(layer.grad_std), _fmt(layer.gain), ",".join(sorted(layer.status)) or "ok",
             suggestion_text(layer),
         ])
-    widths = fit_widths(_COLUMNS, rows, width, _SHRINK)
+    names, widths = name_column([r[1] for r in rows], _COLUMNS, rows, width, _SHRINK)
+    for r, n in zip(rows, names):
+        r[1] = n
 
     def paint(text: str, code: str) -> str:
         return code + text + _RESET if color else text
 
     def line(cells: list[str], flagged: bool = False) -> str:
-        out = "  ".join((elide_name(c, w) if i == 1 else _cut(c, w)).ljust(w) if i in _LEFT else c.rjust(w)
+        out = "  ".join((c if i == 1 else _cut(c, w)).ljust(w) if i in _LEFT else c.rjust(w)
                         for i, (c, w) in enumerate(zip(cells, widths)))
         out = out.rstrip()[:width]
         return paint(out, _RED) if flagged else out
@@ -179,7 +252,8 @@ def render(report: Report, *, color: bool = False, width: int = 100) -> str:
         lines.extend(paint(x, _RED) for x in _wrap(spike.message, width, "! ", "  "))
     items = [(layer.name, f.problem, f.direction, f.cause, f.message)
              for layer in report.flagged for f in layer.findings]
-    for text in one_story(items):
+    kinds = [layer.module_type for layer in report.flagged for _ in layer.findings]
+    for text in one_story(items, kinds):
         lines.extend(paint(x, _RED) for x in _wrap(text, width, "! ", "  "))
     for note in report.notes:
         lines.extend(_wrap(note, width, "note: ", "  "))
@@ -193,18 +267,38 @@ def render(report: Report, *, color: bool = False, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def one_story(items: list[tuple[str, str, str | None, str | None, str]]) -> list[str]:
+def one_story(items: list[tuple[str, str, str | None, str | None, str]],
+              types: list[str] | None = None) -> list[str]:
     """One sentence per problem and cause, from ``(layer, problem, direction, cause, message)`` items: the cause's
-    own sentence (or the first layer's), with the count of the other layers it covers."""
+    own sentence (or the first layer's), with what it covers (``others``; ``types``: each item's module type)."""
     groups: dict[tuple, list] = {}
-    for layer, problem, direction, cause, message in items:
-        groups.setdefault((problem, direction, cause if cause is not None else layer), []).append((layer, message))
+    kinds = types if types is not None else [""] * len(items)
+    for (layer, problem, direction, cause, message), kind in zip(items, kinds):
+        groups.setdefault((problem, direction, cause if cause is not None else layer), []).append(
+            (layer, message, kind))
     out = []
     for (_, _, cause), members in groups.items():
-        lead = next((m for layer, m in members if layer == cause), members[0][1])
-        others = len(members) - 1
-        out.append(lead + (f" (and {others} more layer{'s' if others > 1 else ''} of the same kind)" if others else ""))
+        lead = next((m for m in members if m[0] == cause), members[0])
+        rest = [kind for m in members if m is not lead for kind in [m[2]]]
+        phrase = others(lead[2], rest)
+        out.append(lead[1] + (f" ({phrase})" if phrase else ""))
     return out
+
+
+def others(kind: str, kinds: list[str]) -> str:
+    """What a finding covers besides its lead layer, counted by kind: 'and 24 more Linear layers, 24 ReLU'
+    (``kind``: the lead's module type, ``kinds``: the others'); '' for none."""
+    if not kinds:
+        return ""
+    counts: dict[str, int] = {}
+    for k in kinds:
+        counts[k] = counts.get(k, 0) + 1
+    same = counts.pop(kind, 0)
+    parts = [f"and {same} more {kind + ' ' if kind else ''}layer{'s' if same > 1 else ''}"] if same else []
+    parts += [f"{n} {k or 'other'}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if not same:
+        parts[0] = "and " + parts[0]
+    return ", ".join(parts)
 
 
 def run_lines(findings: list[Any]) -> str:

@@ -68,6 +68,10 @@ class TwoInputs(nn.Module):
         return self.a(x) + self.b(y)
 
 
+def embedding_lm():
+    return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 50))
+
+
 def broken():
     raise ValueError("cannot build this one")
 
@@ -152,6 +156,7 @@ def test_healthy_model_exits_0_and_prints_the_same_report_as_check(models, capsy
     assert expected.flagged == []
     assert_same_report(expected, out)  # same model, same input: the same figures
     assert "no problems found" in out and "Sequential" in out and "(16,32) float32" in out
+    assert out.splitlines()[-1] == "OK: nothing flagged"  # a verdict line, as summarize's "OK: nothing found ..."
     assert ESC not in out  # captured stdout is not a terminal
 
 
@@ -459,3 +464,82 @@ def test_an_unusable_device_exits_2_with_one_line(models, capsys, device):
     assert status == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"torchdiag check: --device {device!r}")
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ rough edges: one line, exit 2
+def test_an_embedding_fed_floats_gets_a_one_line_hint(models, capsys):
+    status, out, err = run(capsys, f"{models}:embedding_lm", "--input-shape", "4,32")
+    assert status == 2 and out == "" and "Traceback" not in err
+    assert err.count("\n") == 1, err
+    num_embeddings = sys.modules[models].embedding_lm()[0].num_embeddings  # 50
+    assert "Embedding '0'" in err and "--dtype int64 --int-high N" in err and f"--int-high {num_embeddings}" in err
+    assert "Expected tensor" not in err  # torch's own words are replaced by the fix
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--input-shape", "100000000,100000"], "--input-shape 100000000,100000: cannot allocate an input of "
+                                           f"{100000000 * 100000:,} elements ({100000000 * 100000 * 4 / 2 ** 30:,.1f}"
+                                           " GiB of float32)"),
+    (["--input-shape", "4,32", "--device", "meta"], "--device 'meta': tensors on the meta device hold no values"),
+])
+def test_an_unallocatable_input_and_the_meta_device_exit_2_with_one_line(models, capsys, extra, message):
+    status, out, err = run(capsys, f"{models}:healthy", *extra)
+    assert status == 2 and out == "" and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("torchdiag check: ") and message in err, err
+
+
+@pytest.mark.parametrize("seed", [str(2 ** 63), "99999999999999999999", "-1", "x"])
+def test_a_seed_torch_cannot_take_is_a_usage_error_naming_it(models, capsys, seed):
+    with pytest.raises(SystemExit) as e:
+        main(["check", f"{models}:healthy", "--input-shape", "4,32", "--seed", seed])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --seed: expected an integer from 0 to 2**63-1; got {seed!r}" in err
+    assert "Traceback" not in err
+    assert run(capsys, f"{models}:healthy", "--input-shape", "4,32", "--seed", str(2 ** 63 - 1))[0] == 0
+
+
+@pytest.mark.parametrize("command", ["summarize", "check"])
+def test_help_wraps_the_problem_list_at_word_boundaries(capsys, command):
+    from torchdiag.report.report import STATUSES
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    words = set(re.findall(r"[a-z_]+", text))
+    assert all(p in words for p in STATUSES), [p for p in STATUSES if p not in words]
+
+
+_NO_TORCH = """
+import sys, time
+t0 = time.perf_counter()
+from torchdiag.cli._main import main
+for argv in ARGVS:
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code in (0, 2), e.code
+print("torch" in sys.modules, any(m.startswith("tensorboard") for m in sys.modules), time.perf_counter() - t0)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["check", "--help"], ["summarize", "--help"], ["demo", "--help"],
+                                  ["check", "m:f", "--input-shape", "4,a"], ["check", "m:f"], ["nonsense"]])
+def test_help_and_usage_errors_do_not_import_torch(argv):
+    script = _NO_TORCH.replace("ARGVS", repr([argv]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    torch_imported, tensorboard_imported, seconds = done.stdout.split()[-3:]
+    print(f"torchdiag {' '.join(argv)}: {float(seconds) * 1000:.0f} ms")
+    assert torch_imported == "False" and tensorboard_imported == "False", (argv, done.stdout[-500:])
+    assert float(seconds) < 1.0
+
+
+def test_the_package_names_are_imported_on_first_use():
+    done = subprocess.run([sys.executable, "-c", "import sys, torchdiag; assert 'torch' not in sys.modules;"
+                           " import torchdiag.watch; w = torchdiag.watch; assert callable(w) and w.__name__ == 'watch',"
+                           " w; assert torchdiag.check.__module__ == 'torchdiag.checks.checking'; print(sorted(set("
+                           "torchdiag.__all__) - set(dir(torchdiag))))"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -1,0 +1,36 @@
+"""The package's public names, imported on first use (PEP 562), so that ``torchdiag --help`` and argument errors
+answer before torch is imported."""
+
+from __future__ import annotations
+
+import importlib
+import types
+from typing import Any
+
+#: public name -> the module (relative to the package) that defines it
+PUBLIC = {
+    "check": ".checks.checking", "apply_suggestions": ".checks.fix", "fix_init": ".checks.fix",
+    "Config": ".config", "NonfiniteOrigin": ".origin.origin", "locate_nonfinite": ".origin.origin",
+    "LayerReport": ".report.report", "Report": ".report.report", "Watcher": ".watch", "watch": ".watch",
+}
+
+
+class LazyPackage(types.ModuleType):
+    """The ``torchdiag`` module: a public name is imported the first time it is read."""
+
+    def __getattr__(self, name: str) -> Any:  # only for names not already in the module
+        where = PUBLIC.get(name)
+        if where is None:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(where, self.__name__), name)
+        self.__dict__[name] = value
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in PUBLIC and isinstance(value, types.ModuleType) and not isinstance(self.__dict__.get(name),
+                                                                                    types.ModuleType):
+            return  # importing the submodule torchdiag.watch never hides the function torchdiag.watch
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(PUBLIC))
