@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from .runtime import iter_float_tensors
+
+if TYPE_CHECKING:
+    from ..layers.taxonomy import Slot
 
 # row kinds of the compiled accumulator (its second dimension)
 ACT, GRAD, INPUT, ROOT_IN, ROOT_GRAD = range(5)
@@ -109,7 +112,7 @@ def register(module_id: int, plan: Plan) -> None:
     _PLANS[module_id] = plan
 
 
-def plan_for(slot: int, info: Any, gate: Gate) -> Plan:
+def plan_for(slot: int, info: Slot, gate: Gate) -> Plan:
     sat = info.saturation
     return Plan(gate=gate.key, slot=slot, is_layer=info.is_layer, is_root=info.is_root,
                 weighted=info.kind == "weighted", zeros=bool(info.relu_family or info.count_zeros),
@@ -141,7 +144,7 @@ def _traced_root(key: int) -> int:
     cannot happen: said once."""
     gate = _GATES.get(key)
     cap = gate.capture() if gate is not None and gate.capture is not None else None
-    if cap is not None and cap.auto_step and key not in _WRAPPED and not gate.said_no_auto_step:
+    if gate is not None and cap is not None and cap.auto_step and key not in _WRAPPED and not gate.said_no_auto_step:
         gate.said_no_auto_step = True
         from ..errors import warn_self
 

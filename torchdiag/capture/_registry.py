@@ -9,6 +9,7 @@ the hooks go down the compiled path (``compiled``), without a graph break.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -63,7 +64,9 @@ def _wrapper(module: nn.Module, entering: bool) -> None:
     key = compiled.wrapper_call(module, entering)
     inner = module._modules.get("_orig_mod")
     entry = _ROOTS.get(inner) if key is not None and inner is not None else None
-    rec = entry[0]() if entry is not None else None
+    if entry is None:
+        return
+    rec = entry[0]()
     if rec is not None:
         rec.on_wrapper(entry[1], inner, entering)
 
@@ -84,7 +87,7 @@ def _post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
         _wrapper(module, False)
 
 
-def attach(cap: Any, modules: list[nn.Module], roots: list[int] = ()) -> None:
+def attach(cap: Any, modules: list[nn.Module], roots: Sequence[int] = ()) -> None:
     """Register ``modules`` (slot i = modules[i]) for ``cap`` (a ``Capture``), ``modules[i]`` for i in ``roots`` as the
     model whose forward starts a step; install the global hooks once."""
     taken = [m for m in modules if is_watched(m)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from ..vocab import Role, Row
 from . import _compiled as compiled
 from ._registry import _RECORDING, attach, detach, forget, global_hooks_installed, is_watched, set_recording  # noqa: F401 - the registry's functions, as capture.attach etc.
 from .runtime import first_float_tensor, float_tensors, in_backward, in_functorch, iter_float_tensors, tracing
+
+if TYPE_CHECKING:
+    from ..layers.taxonomy import Slot
 
 __all__ = ["Capture", "attach", "detach", "first_float_tensor", "forget", "global_hooks_installed", "in_backward",
            "in_functorch", "is_watched", "iter_float_tensors", "set_recording", "tracing"]
@@ -48,7 +51,7 @@ class Capture:
     gradients come through tensor hooks registered here. Which steps are recorded is the recorder's call:
     it sets ``recording``, ``histogram_step`` and ``generation`` and calls ``new_step``."""
 
-    def __init__(self, slots: list[Any], modules: list[nn.Module], buffer: StepBuffer,
+    def __init__(self, slots: list[Slot], modules: list[nn.Module], buffer: StepBuffer,
                  on_auto_step: Callable[[], None]) -> None:
         self.slots = slots
         self.buffer = buffer
@@ -117,7 +120,7 @@ class Capture:
             return
         self.guarded(slot, self._forward, slot, info, module, args, output)
 
-    def _forward(self, slot: int, info: Any, module: nn.Module, args: tuple, output: Any) -> None:
+    def _forward(self, slot: int, info: Slot, module: nn.Module, args: tuple, output: Any) -> None:
         if info.is_layer:
             info.calls += 1
             self.order.setdefault(slot, len(self.order))
@@ -132,17 +135,17 @@ class Capture:
                 src = earlier[0] if earlier is not None else None
             outs = float_tensors(output)
             self._trace_norm_inputs(slot, info, module, src, outs)
-            weighted_input = info.kind == Role.WEIGHTED and x is not None
+            weighted_input = x if info.kind == Role.WEIGHTED else None  # a weighted layer's input tensor
             # looked up before this module's own rows: an in-place module's output is its input
-            producer = self._producer(x) if weighted_input else None
+            producer = self._producer(weighted_input) if weighted_input is not None else None
             rows = self._rows
             for t in outs:
                 where, start = self.add(slot, Row.ACT, t, info.saturation)
                 rows[id(t)] = (weakref.ref(t), t._version, slot, where, start)
                 if t.requires_grad:
                     self._hook(t, partial(_grad_hook, self._ref, slot, Row.GRAD, self.generation))
-            if weighted_input:
-                self._input_row(slot, x, src, producer)
+            if weighted_input is not None:
+                self._input_row(slot, weighted_input, src, producer)
         if info.is_root:
             for x in iter_float_tensors(args):
                 self.buffer.write(slot, Row.ROOT_IN, x.numel(), x.device, [stats.sumsq(x)])
@@ -192,7 +195,7 @@ class Capture:
         elif self.buffer.kernel_row(slot, Row.PROBE, x, zeros=True) is None:
             self.buffer.write(slot, Row.PROBE, n, x.device, stats.act_row(x, shift=False, zeros=True))
 
-    def _trace_norm_inputs(self, slot: int, info: Any, module: nn.Module, src: int | None,
+    def _trace_norm_inputs(self, slot: int, info: Slot, module: nn.Module, src: int | None,
                            outs: tuple[torch.Tensor, ...]) -> None:
         """Mark layers whose output goes straight (through dropout/identity) into a normalisation layer.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from torch import nn
@@ -20,7 +21,7 @@ class Sentinel:
 
     def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any, recording: Callable[[], bool],
                  optimizer: Any = None, scaler: Any = None, weights: dict[int, str] | None = None,
-                 lookups: set[int] = frozenset(), monitor: Any = None, deferred: bool = False,
+                 lookups: AbstractSet[int] = frozenset(), monitor: Any = None, deferred: bool = False,
                  distributed: bool = False, reducer: Callable[[], Any] | None = None) -> None:
         self._cfg = config
         self._reducer = reducer  # under torch.distributed: the watch's StepReducer (all_reduce of float lists)

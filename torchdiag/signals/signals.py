@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -111,7 +112,7 @@ class Signals:
     def _mha_pre(self, m: nn.Module, args: tuple) -> None:
         SDPA.local.__dict__.setdefault("stack", []).append((None, None))  # its own SDPA call is not counted again
 
-    def _mha_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _mha_post(self, m: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
         stack = getattr(SDPA.local, "stack", None)
         if stack:
             stack.pop()
@@ -183,7 +184,7 @@ class Signals:
             self._softmax = rows.sum(-1).abs().sum() / rows.abs().sum().clamp(min=1e-30)
 
     # ------------------------------------------------------------------ Adam's epsilon
-    def watch_weights(self, weights: dict[int, str], lookups: set[int] = frozenset()) -> None:
+    def watch_weights(self, weights: dict[int, str], lookups: AbstractSet[int] = frozenset()) -> None:
         """``id(weight) -> layer name`` of the watched weights Adam's epsilon is compared with; ``lookups``: the ids
         of embedding tables, whose gradient rms is over the rows a batch used."""
         self._adam_meter = AdamGradients(weights, set(lookups), self._recording)
@@ -264,7 +265,7 @@ class AdamGradients:
                     self._rms[names[i]] = (rms, eps[i])
 
 
-def read(raw: dict[str, Any], losses: list[tuple[int, Any]] = ()) -> StepSignals:
+def read(raw: dict[str, Any], losses: Sequence[tuple[int, Any]] = ()) -> StepSignals:
     """Plain floats of what ``Signals.take`` gave (one host copy per device), with ``losses`` of earlier steps."""
     losses = list(losses) + list(raw["losses"])
     entries: list[tuple[str, Any, Any]] = []

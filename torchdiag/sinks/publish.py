@@ -128,6 +128,7 @@ class Publisher:
             except Exception as e:  # noqa: BLE001 - torchdiag's own failure never reaches the training step
                 warn_self(f"torchdiag: the instability signals of step {stats.step} failed ({type(e).__name__}: {e})")
         self.last = report
+        assert report.drift_seen is not None  # diagnose() always gives the step's drift
         self.baseline.commit(report.drift_seen)
         report.new_findings = self.verdict.add(report)
         report.run_findings = self.verdict.findings()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from ..reduce.accumulators import GradNorms, LayerCall, MomentAccumulator, Scale
 from ..vocab import Role, Row
 from . import _cpurow as cpurow
 from . import stats
+
+if TYPE_CHECKING:
+    from ..layers.taxonomy import Slot
 
 STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 COMPILED = -2  # the row kind of an entry holding the compiled graphs' accumulator (``compiled.Gate.acc``)
@@ -108,7 +111,7 @@ class Decoded:
 _CALL = "call"  # the row-kind place of a layer's LayerCall in an accumulator key
 
 
-def reduction_layout(slots: list[Any]) -> list[tuple[tuple, type]]:
+def reduction_layout(slots: list[Slot]) -> list[tuple[tuple, type]]:
     """Every accumulator a step of these slots can hold, in a fixed order: what ``distributed.reduce`` packs
     (the same on every rank, whatever ran in the step, so the collective has the same shape everywhere)."""
     keys: list[tuple[tuple, type]] = [((STEP_SLOT, Row.SCALE), Scale), ((STEP_SLOT, Row.CLIP), GradNorms)]
