@@ -35,7 +35,10 @@ import torch
 from .runtime import iter_float_tensors
 
 if TYPE_CHECKING:
+    import weakref
+
     from ..layers.taxonomy import Slot
+    from .capture import Capture
 
 # row kinds of the compiled accumulator (its second dimension)
 ACT, GRAD, INPUT, ROOT_IN, ROOT_GRAD = range(5)
@@ -80,7 +83,7 @@ class Gate:
         self.acc = self.probe.detach()  # (replaced by reset)
         self.traced: dict[int, int] = {}  # slot -> position in trace order, of layers in a recorded graph
         self.reset()
-        self.capture: Any = None  # a weak reference to the watch's Capture (read while Dynamo traces)
+        self.capture: weakref.ref[Capture] | None = None  # the watch's Capture (read while Dynamo traces)
         self.said_no_auto_step = False
 
     def reset(self) -> None:

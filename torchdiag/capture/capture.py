@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import warn_self
 from ..layers import gains
 from ..stats import stats
-from ..stats.stepbuffer import KERNEL_ROWS, STEP_SLOT, StepBuffer
+from ..stats.stepbuffer import KERNEL_ROWS, STEP_SLOT, StepBuffer, Where
 from ..vocab import Role, Row
 from . import _compiled as compiled
 from ._registry import _RECORDING, attach, detach, forget, global_hooks_installed, is_watched, set_recording  # noqa: F401 - the registry's functions, as capture.attach etc.
@@ -71,13 +71,13 @@ class Capture:
         self._outputs: dict[int, int] = {}  # id(output tensor) -> slot, of the module that ran last
         # id(output) -> (weak ref, its _version, slot, where (device or KERNEL_ROWS), row start): every activation
         # row of this step
-        self._rows: dict[int, tuple[weakref.ref, int, int, Any, int]] = {}
+        self._rows: dict[int, tuple[weakref.ref, int, int, Where, int]] = {}
         self._root_called = False
         self._root_slot = self.root_slot = next((i for i, s in enumerate(slots) if s.is_root), None)
         # gradient hooks on tensors that outlive the step (a parameter returned through Identity / Dropout(0)):
         # removed when the step ends, or they would pile up one per step
         self._leaf_hooks: list[Any] = []
-        self.gate: Any = None  # compiled.Gate: what the compiled graphs read and add to (set by ``attach``)
+        self.gate: compiled.Gate | None = None  # what the compiled graphs read and add to (set by ``attach``)
         self.wrapped_calls = 0  # calls of the root through torch.compile(model)'s wrapper in this step
 
     # ----------------------------------------------------------------- module hooks
@@ -161,7 +161,7 @@ class Capture:
             self._leaf_hooks.append(handle)
 
     # ----------------------------------------------------------------- dataflow tracing
-    def _producer(self, x: torch.Tensor) -> tuple[int, Any, int] | None:
+    def _producer(self, x: torch.Tensor) -> tuple[int, Where, int] | None:
         """(slot, where its values are (a device or the host block), row start) of the recorded activation row of
         exactly this tensor, unchanged since."""
         entry = self._rows.get(id(x))
@@ -169,7 +169,7 @@ class Capture:
             return None  # not a watched module's output, or edited in place since its row was taken
         return entry[2:]
 
-    def _input_row(self, slot: int, x: torch.Tensor, src: int | None, producer: tuple[int, Any, int] | None) -> None:
+    def _input_row(self, slot: int, x: torch.Tensor, src: int | None, producer: tuple[int, Where, int] | None) -> None:
         """A weighted layer's input: its rms, and (when no activation module produced it) its range and zeros,
         which tell which functional activation (F.relu, torch.tanh...) ran before the layer.
 
@@ -215,7 +215,7 @@ class Capture:
             self._outputs = {id(t): slot for t in outs}
 
     # ----------------------------------------------------------------- rows
-    def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> tuple[Any, int]:
+    def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> tuple[Where, int]:
         """Write ``t``'s row; returns where its values are (its device, or the CPU kernel's host block) and where
         they start there."""
         info = self.slots[slot]

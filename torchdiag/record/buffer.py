@@ -157,7 +157,7 @@ class Recorder:
         if self.capture.order:
             return True
         gate = self.capture.gate  # compiled graphs ran in this step: their calls counts (a read, not the hot path)
-        return bool(self._traced()) and bool(gate.acc[:, 0, 0].any())
+        return gate is not None and bool(gate.traced) and bool(gate.acc[:, 0, 0].any())
 
     def _traced(self) -> dict[int, int]:
         """Slots traced into a recorded compiled graph (``compiled``), in trace order."""
@@ -203,6 +203,7 @@ class Recorder:
             cap = self.capture
             if cap.scaler is not None and not cap.scale_written:
                 cap.write_scale()
+            assert cap.gate is not None  # slots were traced into its graphs: there is a gate
             self.buffer.write_compiled(cap.gate.block())
         for slot in order:  # weights: once per step, on device, into the same buffer
             info = self.slots[slot]

@@ -22,7 +22,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,13 +32,16 @@ from ..capture.runtime import first_float_tensor, is_compiling
 from ..vocab import StepSignals
 from ._attention import SDPA, attention_figures, entropy_of_probs, mha_figures
 
+if TYPE_CHECKING:
+    from ..config import Config
+
 _LOGIT_ROWS = 256
 
 
 class Signals:
     """The hooks of the divergence signals on one watched model; see the module docstring."""
 
-    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any,
+    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Config,
                  recording: Callable[[], bool], optimizer: Any = None) -> None:
         self._model = model
         self._names = {m: n for n, m in model.named_modules()}

@@ -76,7 +76,7 @@ class OptimizerMonitor:
         self._handles, self._prev, self._acc, self._pre_sums = [], {}, {}, None
         self._others, self._pre_update = {}, {}
 
-    def _recording(self) -> Any:
+    def _recording(self) -> Recorder | None:
         rec = self._recorder()
         return rec if rec is not None and rec.recording and not rec.closed else None
 

@@ -18,6 +18,8 @@ from ..layers import gains
 from ..vocab import Role
 
 if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
     from ..layers.taxonomy import Slot
 
 RescaleSpec = Union[bool, float, Callable[[str, nn.Module], float]]
@@ -99,7 +101,7 @@ class RescaleHook:
         for _, handle in hooks.values():
             handle.remove()
 
-    def install(self) -> Any:
+    def install(self) -> RemovableHandle:
         """Register the hook process-wide; returns its handle."""
         return nn.modules.module.register_module_forward_hook(self)
 
