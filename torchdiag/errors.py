@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 
 class TorchDiagError(Exception):
@@ -21,9 +25,9 @@ class DiagnosticWarning(UserWarning):
 def _internal_dirs() -> tuple[str, ...]:
     """torchdiag's own files and torch's (the hook and optimizer machinery that calls into torchdiag)."""
     dirs = [os.path.dirname(os.path.abspath(__file__)) + os.sep]
-    torch = sys.modules.get("torch")
-    if torch is not None and getattr(torch, "__file__", None):
-        dirs.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+    if torch_file:
+        dirs.append(os.path.dirname(os.path.abspath(torch_file)) + os.sep)
     return tuple(dirs)
 
 
@@ -32,7 +36,7 @@ def user_stacklevel() -> int:
     frame outside torchdiag and torch: the user's line (``diag.step()``, ``model(x)`` that auto-stepped,
     ``opt.step()``, the end of the ``with``), so that ``filterwarnings(module=...)`` and jump-to-source work."""
     internal = _internal_dirs()
-    frame = sys._getframe(1)  # the caller: stacklevel 1
+    frame: FrameType | None = sys._getframe(1)  # the caller: stacklevel 1
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(internal):
         frame = frame.f_back

@@ -28,11 +28,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from .runtime import iter_float_tensors
+
+if TYPE_CHECKING:
+    import weakref
+
+    from ..layers.taxonomy import Slot
+    from .capture import Capture
 
 # row kinds of the compiled accumulator (its second dimension)
 ACT, GRAD, INPUT, ROOT_IN, ROOT_GRAD = range(5)
@@ -77,7 +83,7 @@ class Gate:
         self.acc = self.probe.detach()  # (replaced by reset)
         self.traced: dict[int, int] = {}  # slot -> position in trace order, of layers in a recorded graph
         self.reset()
-        self.capture: Any = None  # a weak reference to the watch's Capture (read while Dynamo traces)
+        self.capture: weakref.ref[Capture] | None = None  # the watch's Capture (read while Dynamo traces)
         self.said_no_auto_step = False
 
     def reset(self) -> None:
@@ -109,7 +115,7 @@ def register(module_id: int, plan: Plan) -> None:
     _PLANS[module_id] = plan
 
 
-def plan_for(slot: int, info: Any, gate: Gate) -> Plan:
+def plan_for(slot: int, info: Slot, gate: Gate) -> Plan:
     sat = info.saturation
     return Plan(gate=gate.key, slot=slot, is_layer=info.is_layer, is_root=info.is_root,
                 weighted=info.kind == "weighted", zeros=bool(info.relu_family or info.count_zeros),
@@ -141,7 +147,7 @@ def _traced_root(key: int) -> int:
     cannot happen: said once."""
     gate = _GATES.get(key)
     cap = gate.capture() if gate is not None and gate.capture is not None else None
-    if cap is not None and cap.auto_step and key not in _WRAPPED and not gate.said_no_auto_step:
+    if gate is not None and cap is not None and cap.auto_step and key not in _WRAPPED and not gate.said_no_auto_step:
         gate.said_no_auto_step = True
         from ..errors import warn_self
 

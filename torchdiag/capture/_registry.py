@@ -9,7 +9,8 @@ the hooks go down the compiled path (``compiled``), without a graph break.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from torch import nn
 from ..errors import TorchDiagError
 from . import _compiled as compiled
 from .runtime import is_compiling
+
+if TYPE_CHECKING:
+    from .capture import Capture
 
 # module -> (weak reference to its watch's Capture, slot index)
 _REGISTRY: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.WeakKeyDictionary()
@@ -31,7 +35,7 @@ _RECORDING: set[int] = set()
 _FINALIZERS: dict[int, Any] = {}
 
 
-def set_recording(cap: Any, on: bool) -> None:
+def set_recording(cap: Capture, on: bool) -> None:
     """Whether ``cap``'s forward hook work is on (its current step is recorded): for the eager hooks, and for
     the compiled graphs (a guard on ``gate.on``: the recorded graph or the model's own)."""
     if on:
@@ -63,7 +67,9 @@ def _wrapper(module: nn.Module, entering: bool) -> None:
     key = compiled.wrapper_call(module, entering)
     inner = module._modules.get("_orig_mod")
     entry = _ROOTS.get(inner) if key is not None and inner is not None else None
-    rec = entry[0]() if entry is not None else None
+    if entry is None:
+        return
+    rec = entry[0]()
     if rec is not None:
         rec.on_wrapper(entry[1], inner, entering)
 
@@ -84,7 +90,7 @@ def _post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
         _wrapper(module, False)
 
 
-def attach(cap: Any, modules: list[nn.Module], roots: list[int] = ()) -> None:
+def attach(cap: Capture, modules: list[nn.Module], roots: Sequence[int] = ()) -> None:
     """Register ``modules`` (slot i = modules[i]) for ``cap`` (a ``Capture``), ``modules[i]`` for i in ``roots`` as the
     model whose forward starts a step; install the global hooks once."""
     taken = [m for m in modules if is_watched(m)]

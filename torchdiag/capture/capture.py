@@ -13,7 +13,7 @@ import os
 import weakref
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,11 +21,14 @@ from torch import nn
 from ..errors import warn_self
 from ..layers import gains
 from ..stats import stats
-from ..stats.stepbuffer import KERNEL_ROWS, STEP_SLOT, StepBuffer
+from ..stats.stepbuffer import KERNEL_ROWS, STEP_SLOT, StepBuffer, Where
 from ..vocab import Role, Row
 from . import _compiled as compiled
 from ._registry import _RECORDING, attach, detach, forget, global_hooks_installed, is_watched, set_recording  # noqa: F401 - the registry's functions, as capture.attach etc.
 from .runtime import first_float_tensor, float_tensors, in_backward, in_functorch, iter_float_tensors, tracing
+
+if TYPE_CHECKING:
+    from ..layers.taxonomy import Slot
 
 __all__ = ["Capture", "attach", "detach", "first_float_tensor", "forget", "global_hooks_installed", "in_backward",
            "in_functorch", "is_watched", "iter_float_tensors", "set_recording", "tracing"]
@@ -49,7 +52,7 @@ class Capture:
     gradients come through tensor hooks registered here. Which steps are recorded is the recorder's call:
     it sets ``recording``, ``histogram_step`` and ``generation`` and calls ``new_step``."""
 
-    def __init__(self, slots: list[Any], modules: list[nn.Module], buffer: StepBuffer,
+    def __init__(self, slots: list[Slot], modules: list[nn.Module], buffer: StepBuffer,
                  on_auto_step: Callable[[], None]) -> None:
         self.slots = slots
         self.buffer = buffer
@@ -72,13 +75,13 @@ class Capture:
         self._outputs: dict[int, int] = {}  # id(output tensor) -> slot, of the module that ran last
         # id(output) -> (weak ref, its _version, slot, where (device or KERNEL_ROWS), row start): every activation
         # row of this step
-        self._rows: dict[int, tuple[weakref.ref, int, int, Any, int]] = {}
+        self._rows: dict[int, tuple[weakref.ref, int, int, Where, int]] = {}
         self._root_called = False
         self._root_slot = self.root_slot = next((i for i, s in enumerate(slots) if s.is_root), None)
         # gradient hooks on tensors that outlive the step (a parameter returned through Identity / Dropout(0)):
         # removed when the step ends, or they would pile up one per step
         self._leaf_hooks: list[Any] = []
-        self.gate: Any = None  # compiled.Gate: what the compiled graphs read and add to (set by ``attach``)
+        self.gate: compiled.Gate | None = None  # what the compiled graphs read and add to (set by ``attach``)
         self.wrapped_calls = 0  # calls of the root through torch.compile(model)'s wrapper in this step
 
     @property
@@ -136,7 +139,7 @@ class Capture:
             return
         self.guarded(slot, self._forward, slot, info, module, args, output)
 
-    def _forward(self, slot: int, info: Any, module: nn.Module, args: tuple, output: Any) -> None:
+    def _forward(self, slot: int, info: Slot, module: nn.Module, args: tuple, output: Any) -> None:
         if info.is_layer:
             info.calls += 1
             self.order.setdefault(slot, len(self.order))
@@ -151,17 +154,17 @@ class Capture:
                 src = earlier[0] if earlier is not None else None
             outs = float_tensors(output)
             self._trace_norm_inputs(slot, info, module, src, outs)
-            weighted_input = info.kind == Role.WEIGHTED and x is not None
+            weighted_input = x if info.kind == Role.WEIGHTED else None  # a weighted layer's input tensor
             # looked up before this module's own rows: an in-place module's output is its input
-            producer = self._producer(x) if weighted_input else None
+            producer = self._producer(weighted_input) if weighted_input is not None else None
             rows = self._rows
             for t in outs:
                 where, start = self.add(slot, Row.ACT, t, info.saturation)
                 rows[id(t)] = (weakref.ref(t), t._version, slot, where, start)
                 if t.requires_grad:
                     self._hook(t, partial(_grad_hook, self._ref, slot, Row.GRAD, self.generation))
-            if weighted_input:
-                self._input_row(slot, x, src, producer)
+            if weighted_input is not None:
+                self._input_row(slot, weighted_input, src, producer)
         if info.is_root:
             for x in iter_float_tensors(args):
                 self.buffer.write(slot, Row.ROOT_IN, x.numel(), x.device, [stats.sumsq(x)])
@@ -177,7 +180,7 @@ class Capture:
             self._leaf_hooks.append(handle)
 
     # ----------------------------------------------------------------- dataflow tracing
-    def _producer(self, x: torch.Tensor) -> tuple[int, Any, int] | None:
+    def _producer(self, x: torch.Tensor) -> tuple[int, Where, int] | None:
         """(slot, where its values are (a device or the host block), row start) of the recorded activation row of
         exactly this tensor, unchanged since."""
         entry = self._rows.get(id(x))
@@ -185,7 +188,7 @@ class Capture:
             return None  # not a watched module's output, or edited in place since its row was taken
         return entry[2:]
 
-    def _input_row(self, slot: int, x: torch.Tensor, src: int | None, producer: tuple[int, Any, int] | None) -> None:
+    def _input_row(self, slot: int, x: torch.Tensor, src: int | None, producer: tuple[int, Where, int] | None) -> None:
         """A weighted layer's input: its rms, and (when no activation module produced it) its range and zeros,
         which tell which functional activation (F.relu, torch.tanh...) ran before the layer.
 
@@ -211,7 +214,7 @@ class Capture:
         elif self.buffer.kernel_row(slot, Row.PROBE, x, zeros=True) is None:
             self.buffer.write(slot, Row.PROBE, n, x.device, stats.act_row(x, shift=False, zeros=True))
 
-    def _trace_norm_inputs(self, slot: int, info: Any, module: nn.Module, src: int | None,
+    def _trace_norm_inputs(self, slot: int, info: Slot, module: nn.Module, src: int | None,
                            outs: tuple[torch.Tensor, ...]) -> None:
         """Mark layers whose output goes straight (through dropout/identity) into a normalisation layer.
 
@@ -231,7 +234,7 @@ class Capture:
             self._outputs = {id(t): slot for t in outs}
 
     # ----------------------------------------------------------------- rows
-    def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> tuple[Any, int]:
+    def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> tuple[Where, int]:
         """Write ``t``'s row; returns where its values are (its device, or the CPU kernel's host block) and where
         they start there."""
         info = self.slots[slot]

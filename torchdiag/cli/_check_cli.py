@@ -195,14 +195,15 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype 
                 seed: int, device: str) -> list[torch.Tensor]:
     import torch
 
-    dtypes = [torch.float32] if dtypes is None else [getattr(torch, d) if isinstance(d, str) else d for d in dtypes]
-    if len(dtypes) == 1:
-        dtypes = list(dtypes) * len(shapes)
-    if len(dtypes) != len(shapes):
-        raise CheckError(f"give --dtype once, or once per --input-shape ({len(shapes)}); got {len(dtypes)}")
+    kinds: list[torch.dtype] = [torch.float32] if dtypes is None else [
+        getattr(torch, d) if isinstance(d, str) else d for d in dtypes]
+    if len(kinds) == 1:
+        kinds = kinds * len(shapes)
+    if len(kinds) != len(shapes):
+        raise CheckError(f"give --dtype once, or once per --input-shape ({len(shapes)}); got {len(kinds)}")
     gen = torch.Generator().manual_seed(seed)
     inputs = []
-    for shape, dtype in zip(shapes, dtypes):
+    for shape, dtype in zip(shapes, kinds):
         if not dtype.is_floating_point and dtype != torch.bool:
             if int_high is None:
                 raise CheckError(f"an integer input ({str(dtype).removeprefix('torch.')}) needs --int-high N: values"
@@ -215,6 +216,7 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype 
             elif dtype == torch.bool:
                 x = torch.randint(0, 2, shape, generator=gen).bool()
             else:
+                assert int_high is not None  # checked above for every integer dtype
                 x = torch.randint(0, int_high, shape, generator=gen, dtype=torch.int64).to(dtype)
         except (RuntimeError, MemoryError, OverflowError) as e:  # torch's allocator: "can't allocate memory"
             n = math.prod(shape)

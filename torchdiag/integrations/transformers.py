@@ -11,7 +11,7 @@ else ``<output_dir>/runs``), or into ``writer=`` (a ``SummaryWriter`` of yours, 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from transformers import TrainerCallback
@@ -22,6 +22,10 @@ except ImportError as e:  # pragma: no cover - depends on what is installed
 from ..report.report import Report
 from ..watch import Watcher
 from . import _common
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 AUTO = "auto"
 
@@ -56,7 +60,8 @@ class TorchDiagCallback(TrainerCallback):
         self.watcher: Watcher | None = None
         self._open = False
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, **kwargs: Any) -> None:
         self.close()  # a previous train() that raised
         if model is None:
             raise RuntimeError("TorchDiagCallback: the Trainer passed no model to on_train_begin")
@@ -70,11 +75,12 @@ class TorchDiagCallback(TrainerCallback):
         self.watcher = _common.start_watch(model, watch_kwargs)
         self._open = True
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._open and self.watcher is not None:
             self.watcher.step()
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         self.close()
 
     def close(self) -> None:
@@ -90,7 +96,7 @@ class TorchDiagCallback(TrainerCallback):
         return self.watcher.report()
 
 
-def default_logdir(args: Any) -> str:
+def default_logdir(args: TrainingArguments) -> str:
     """``<logging dir>/torchdiag``: ``args.logging_dir`` (transformers < 5), ``$TENSORBOARD_LOGGING_DIR``, or
     ``<output_dir>/runs``."""
     base = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -112,13 +113,13 @@ def nonlinearity_of(module: nn.Module) -> Nonlinearity | None:
 def gain(nl: Nonlinearity) -> float:
     """The std gain for ``nl``: ``calculate_gain``'s table, or measured on N(0, 1)."""
     if nl.name in ("linear", "relu", "tanh", "sigmoid", "selu"):
-        return float(nn.init.calculate_gain(nl.name))
+        return float(nn.init.calculate_gain(nl.name))  # type: ignore[arg-type]  # one of the names just above
     if nl.name == "leaky_relu":
         return float(nn.init.calculate_gain("leaky_relu", nl.param))
     return _measured_gain(nl.name)
 
 
-_FUNCS = {
+_FUNCS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": torch.nn.functional.gelu,
     "silu": torch.nn.functional.silu,
     "elu": torch.nn.functional.elu,

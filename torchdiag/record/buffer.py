@@ -12,7 +12,6 @@ local) and hands the result to ``assemble`` for the step's ``LayerStats`` and hi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +40,7 @@ class Recorder:
         self.every = every
         self.buffer = StepBuffer()
         self.capture = Capture(slots, modules, self.buffer, on_auto_step)
-        self.reducer: Any = None  # a distributed.StepReducer: recorded steps are reduced across ranks
+        self.reducer: distributed.StepReducer | None = None  # recorded steps are reduced across ranks
         self.histogram_every = histogram_every  # 0: no histograms
         self.step = 0
         self._hist_window = -1  # histogram window of the last step that got histograms
@@ -158,7 +157,7 @@ class Recorder:
         if self.capture.order:
             return True
         gate = self.capture.gate  # compiled graphs ran in this step: their calls counts (a read, not the hot path)
-        return bool(self._traced()) and bool(gate.acc[:, 0, 0].any())
+        return gate is not None and bool(gate.traced) and bool(gate.acc[:, 0, 0].any())
 
     def _traced(self) -> dict[int, int]:
         """Slots traced into a recorded compiled graph (``compiled``), in trace order."""
@@ -176,9 +175,9 @@ class Recorder:
         # hook runs eagerly at its forward, so that it ran at all cannot be seen)
         if cap.wrapped_calls or getattr(root, "_compiled_call_impl", None) is not None:
             self._said_stale = True
-            root = next((s.module_type for s in self.slots if s.is_root), "the model")
+            what = next((s.module_type for s in self.slots if s.is_root), "the model")
             self.notes.append(
-                f"{root} ran compiled code that torch.compile traced before this watch began: it is not recorded"
+                f"{what} ran compiled code that torch.compile traced before this watch began: it is not recorded"
                 " (Dynamo does not retrace a graph when hooks are added). Start the watch before the compiled"
                 " model's first call, or call torch.compiler.reset() after torchdiag.watch(...) to recompile it"
                 " (that recompiles every compiled model of the process)")
@@ -204,6 +203,7 @@ class Recorder:
             cap = self.capture
             if cap.scaler is not None and not cap.scale_written:
                 cap.write_scale()
+            assert cap.gate is not None  # slots were traced into its graphs: there is a gate
             self.buffer.write_compiled(cap.gate.block())
         for slot in order:  # weights: once per step, on device, into the same buffer
             info = self.slots[slot]

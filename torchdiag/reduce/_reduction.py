@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, TypeVar
 
 from .accumulators import MAX, MEAN, MIN, SUM, reductions
 
 __all__ = ["OneRank", "reduce"]
+
+K = TypeVar("K", bound=Hashable)  # an accumulator's key: the caller's, given back
 
 
 class OneRank:
@@ -26,8 +28,8 @@ class OneRank:
         return list(values)
 
 
-def reduce(accumulators: dict[Hashable, Any], group: Any, layout: Sequence[tuple[Hashable, type]] | None = None
-           ) -> dict[Hashable, Any]:
+def reduce(accumulators: dict[K, Any], group: Any, layout: Sequence[tuple[K, type]] | None = None
+           ) -> dict[K, Any]:
     """The accumulators of every rank of ``group`` combined, each field by its declared reduction
     (``accumulators.reductions``): the same keys and types, global numbers. ``group=None``: a single process,
     the accumulators as they are.
@@ -82,7 +84,7 @@ def reduce(accumulators: dict[Hashable, Any], group: Any, layout: Sequence[tuple
                 d = acc.mean - c
                 sm.append(acc.m2 + acc.n * d * d)
     gsm = group.all_reduce(sm, "sum")
-    out: dict[Hashable, Any] = {}
+    out: dict[K, Any] = {}
     pos = 0
     for (key, cls, ops, _acc), (c, extremes) in zip(packed, shifts):
         present = gsm[pos]

@@ -38,7 +38,7 @@ import os
 import weakref
 import zlib
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,6 +47,10 @@ from ._groups import Group, is_dist, rank, rank_zero, resolve
 from ._reduction import OneRank, reduce
 from .accumulators import StepNumber
 from .dtensor import is_sharded, local_tensor, unwrap
+
+if TYPE_CHECKING:
+    from ..layers.taxonomy import Slot
+    from ..record.buffer import Recorder
 
 __all__ = ["Group", "OneRank", "StepReducer", "is_dist", "is_sharded", "local_tensor", "rank", "rank_zero", "reduce",
            "resolve", "timeout_s", "unwrap"]
@@ -70,7 +74,7 @@ def timeout_s() -> float:
 
 def _group_store(pg: Any) -> tuple[Any, str] | None:
     """The store of the user's group and a name for the group; None where there is none to use."""
-    c10d = getattr(torch.distributed, "distributed_c10d", None)
+    c10d: Any = getattr(torch.distributed, "distributed_c10d", None)  # private: None raises, caught below
     try:
         if pg is None:
             pg = c10d._get_default_group()
@@ -102,8 +106,8 @@ class StepReducer:
     every rank watches the same modules on the same schedule, ``reduce`` of each recorded step's accumulators,
     and what a missing rank makes of them (a warning, each rank's own numbers from then on)."""
 
-    def __init__(self, slots: list[Any], group: Group, schedule: dict[str, float] | None = None,
-                 recorder: Any = None) -> None:
+    def __init__(self, slots: list[Slot], group: Group, schedule: dict[str, float] | None = None,
+                 recorder: Recorder | None = None) -> None:
         self.group = group
         self._recorder = weakref.ref(recorder) if recorder is not None else None  # notes for its reports
         self.note: str | None = None  # why statistics are this rank's own, once the reduction stopped

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -19,7 +23,7 @@ def is_sharded(t: torch.Tensor) -> bool:
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """A ``DTensor``'s local shard; any other tensor as it is."""
-    return t.to_local() if is_sharded(t) else t
+    return cast("DTensor", t).to_local() if is_sharded(t) else t
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

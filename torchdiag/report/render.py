@@ -124,7 +124,8 @@ def shorten_names(names: list[str], width: int) -> list[str]:
         for ks in clashes:
             for k in ks:
                 if drops[k]:  # the rarest (most telling) component back first
-                    drops[k].discard(min(drops[k], key=lambda i, cs=comps[k]: (freq.get(cs[i], 0), -i)))
+                    cs = comps[k]
+                    drops[k].discard(min(drops[k], key=lambda i: (freq.get(cs[i], 0), -i)))  # noqa: B023
     return [show(cs, d) for cs, d in zip(comps, drops)]
 
 

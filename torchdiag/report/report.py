@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .render import common_prefix, elide_name, fit_widths, render, run_lines, suggestion_text, use_color
 from .tags import STEP_TAGS, layer_tag
+
+if TYPE_CHECKING:
+    from ..diagnose._drift import Baseline
+    from ..diagnose.instability import Forecast, LossSpike
+    from ..diagnose.verdict import RunFinding
+    from ..origin._originrecord import NonfiniteOrigin
 
 __all__ = ["SCALAR_FIELDS", "STATUSES", "Finding", "LayerReport", "Report", "common_prefix", "elide_name", "fit_widths",
            "render", "run_lines", "suggestion_text", "use_color"]
@@ -119,12 +125,12 @@ class Report:
     grad_norm_postclip: float | None = None
     clipped: bool | None = None
     first_nonfinite_grad: str | None = None  # finite forward, NaN/Inf gradient: the first layer it reached
-    run_findings: list[Any] = field(default_factory=list)  # the run's findings so far (torchdiag.verdict.RunFinding)
-    new_findings: list[Any] = field(default_factory=list, repr=False)  # those that became findings at this step
-    nonfinite_origin: Any = None  # where the run's first NaN/Inf was produced (torchdiag.NonfiniteOrigin), once found
-    loss_spikes: list[Any] = field(default_factory=list)  # spikes found at this step (torchdiag.instability.LossSpike)
-    forecasts: list[Any] = field(default_factory=list)  # trends warned at this step (torchdiag.instability.Forecast)
-    drift_seen: Any = field(default=None, repr=False)  # the chains' drift at this step (torchdiag.drift.Baseline)
+    run_findings: list[RunFinding] = field(default_factory=list)  # the run's findings so far
+    new_findings: list[RunFinding] = field(default_factory=list, repr=False)  # those that became findings at this step
+    nonfinite_origin: NonfiniteOrigin | None = None  # where the run's first NaN/Inf was produced, once found
+    loss_spikes: list[LossSpike] = field(default_factory=list)  # spikes found at this step
+    forecasts: list[Forecast] = field(default_factory=list)  # trends warned at this step
+    drift_seen: Baseline | None = field(default=None, repr=False)  # the chains' drift at this step
     trained: bool = False  # a step was recorded before this one: what appears now is the training's doing
     output_grad_std: float | None = None  # std of the gradient at the model's output (the loss's pull)
 

@@ -99,7 +99,8 @@ def _rows(mask: torch.Tensor, shape: torch.Size, idx: torch.Tensor) -> torch.Ten
     return m.expand(shape)
 
 
-def mha_figures(m: nn.MultiheadAttention, args: tuple, kwargs: dict, max_queries: int) -> tuple[Any, Any] | None:
+def mha_figures(m: nn.MultiheadAttention, args: tuple, kwargs: dict, max_queries: int
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
     got = dict(zip(names, args))
     got.update({k: v for k, v in kwargs.items() if k in names})

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -14,13 +15,18 @@ from ..errors import warn_self
 from ..origin.tripwire import Tripwire
 from . import signals
 
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..origin._originrecord import NonfiniteOrigin
+    from ..report.report import Report
+
 
 class Sentinel:
     """Signals, loss spikes and the non-finite origin of one watch."""
 
-    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any, recording: Callable[[], bool],
+    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Config, recording: Callable[[], bool],
                  optimizer: Any = None, scaler: Any = None, weights: dict[int, str] | None = None,
-                 lookups: set[int] = frozenset(), monitor: Any = None, deferred: bool = False,
+                 lookups: AbstractSet[int] = frozenset(), monitor: Any = None, deferred: bool = False,
                  distributed: bool = False, reducer: Callable[[], Any] | None = None) -> None:
         self._cfg = config
         self._reducer = reducer  # under torch.distributed: the watch's StepReducer (all_reduce of float lists)
@@ -59,7 +65,7 @@ class Sentinel:
         self._pending, self._losses = [], []
 
     @property
-    def origin(self) -> Any:
+    def origin(self) -> NonfiniteOrigin | None:
         return None if self._tripwire is None else self._tripwire.origin
 
     def add_loss(self, step: int, loss: Any) -> None:
@@ -77,7 +83,7 @@ class Sentinel:
         batch = self._tripwire.take_batch() if self._tripwire is not None else None
         self._pending.append((step, raw, batch))
 
-    def publish(self, report: Any) -> None:
+    def publish(self, report: Report) -> None:
         """Add the signals' findings, the loss spikes and the non-finite origin to the report of a step."""
         mine = [p for p in self._pending if p[0] <= report.step]
         self._pending = [p for p in self._pending if p[0] > report.step]
@@ -106,8 +112,8 @@ class Sentinel:
             report.nonfinite_origin = self._tripwire.origin
             if fresh is not None:
                 warn_self(f"torchdiag (step {report.step}): {fresh}" + (f" ({fresh.note})" if fresh.note else ""))
-        for said in [*report.loss_spikes, *report.forecasts]:
-            warn_self(f"torchdiag (step {report.step}): {said.message}")
+        for message in [s.message for s in report.loss_spikes] + [f.message for f in report.forecasts]:
+            warn_self(f"torchdiag (step {report.step}): {message}")
 
 
 _EMPTY: dict[str, Any] = {"attention": {}, "logz": None, "softmax": None, "adam": {}, "losses": []}

@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,13 +33,16 @@ from ..capture.runtime import first_float_tensor, is_compiling
 from ..vocab import StepSignals
 from ._attention import SDPA, attention_figures, entropy_of_probs, mha_figures
 
+if TYPE_CHECKING:
+    from ..config import Config
+
 _LOGIT_ROWS = 256
 
 
 class Signals:
     """The hooks of the divergence signals on one watched model; see the module docstring."""
 
-    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Any,
+    def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Config,
                  recording: Callable[[], bool], optimizer: Any = None) -> None:
         self._model = model
         self._names = {m: n for n, m in model.named_modules()}
@@ -116,7 +120,7 @@ class Signals:
     def _mha_pre(self, m: nn.Module, args: tuple) -> None:
         SDPA.local.__dict__.setdefault("stack", []).append((self._ref, None))  # its own SDPA call is not counted
 
-    def _mha_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _mha_post(self, m: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
         stack = getattr(SDPA.local, "stack", None)
         if stack:
             stack.pop()
@@ -189,7 +193,7 @@ class Signals:
             self._softmax = rows.sum(-1).abs().sum() / rows.abs().sum().clamp(min=1e-30)
 
     # ------------------------------------------------------------------ Adam's epsilon
-    def watch_weights(self, weights: dict[int, str], lookups: set[int] = frozenset()) -> None:
+    def watch_weights(self, weights: dict[int, str], lookups: AbstractSet[int] = frozenset()) -> None:
         """``id(weight) -> layer name`` of the watched weights Adam's epsilon is compared with; ``lookups``: the ids
         of embedding tables, whose gradient rms is over the rows a batch used."""
         self._adam_meter = AdamGradients(weights, set(lookups), self._recording)
@@ -270,7 +274,7 @@ class AdamGradients:
                     self._rms[names[i]] = (rms, eps[i])
 
 
-def read(raw: dict[str, Any], losses: list[tuple[int, Any]] = ()) -> StepSignals:
+def read(raw: dict[str, Any], losses: Sequence[tuple[int, Any]] = ()) -> StepSignals:
     """Plain floats of what ``Signals.take`` gave (one host copy per device), with ``losses`` of earlier steps."""
     losses = list(losses) + list(raw["losses"])
     entries: list[tuple[str, Any, Any]] = []

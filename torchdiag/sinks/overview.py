@@ -42,7 +42,9 @@ class History:
 
     def marked(self, name: str, problems: frozenset | None) -> bool:
         """A cell is marked where the layer's flag at that step is a finding of the run (not a one-step wobble)."""
-        return bool(problems) and any((name, p) in self.found for p in problems)
+        if not problems:
+            return False
+        return any((name, p) in self.found for p in problems)
 
     def add(self, report: Report) -> None:
         values: dict[str, dict[str, float]] = {m: {} for m in HEATMAP_TAGS}

@@ -4,7 +4,7 @@ TensorBoard. A sink never stops training: a failing writer warns once and is swi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..diagnose.diagnose import Baseline, diagnose
@@ -15,6 +15,10 @@ from ..training.amp import SkippedSteps
 from ..vocab import StepStats
 from .console import ConsoleSink
 from .tensorboard import TensorBoardSink, open_writer, writer_logdir
+
+if TYPE_CHECKING:
+    from ..reduce._groups import Group
+    from ..signals.sentinel import Sentinel
 
 
 class Publisher:
@@ -37,7 +41,7 @@ class Publisher:
         self.tb: TensorBoardSink | None = None
         self.last: Report | None = None  # the latest step published
         self.on_sink_failed: Callable[[], None] | None = None
-        self.sentinel: Any = None  # the watch's instability signals and non-finite origin (``sentinel.Sentinel``)
+        self.sentinel: Sentinel | None = None  # the watch's instability signals and non-finite origin
         self._logdir, self._writer = logdir, writer
         self._tb_failed = False
 
@@ -93,7 +97,7 @@ class Publisher:
             report.amp_skipped_steps = self.skipped.add(report.amp_scale)
         return report
 
-    def provisional(self, stats: StepStats, group: Any = None) -> Report:
+    def provisional(self, stats: StepStats, group: Group | None = None) -> Report:
         """The report of the step in progress (``Watcher.report()`` before it ended), not published: under
         torch.distributed this rank's own numbers, with a note saying so; the run's findings of the steps that
         ended (this one has not yet)."""
@@ -128,6 +132,7 @@ class Publisher:
             except Exception as e:  # noqa: BLE001 - torchdiag's own failure never reaches the training step
                 warn_self(f"torchdiag: the instability signals of step {stats.step} failed ({type(e).__name__}: {e})")
         self.last = report
+        assert report.drift_seen is not None  # diagnose() always gives the step's drift
         self.baseline.commit(report.drift_seen)
         report.new_findings = self.verdict.add(report)
         report.run_findings = self.verdict.findings()

@@ -219,8 +219,9 @@ class TensorBoardSink:
                         values.append((log10_tag(attr, layer.name), math.log10(v) if v > 0 else math.nan))
             if layer.status:
                 status[name] = sorted(layer.status)
-            if layer.init_fixes:  # the suggestions the live report shows
-                suggest[name] = [_short(layer.suggested_scale), layer.nonlinearity]
+            scale = layer.suggested_scale
+            if layer.init_fixes and scale is not None:  # the suggestions the live report shows (init_fixes: a scale)
+                suggest[name] = [_short(scale), layer.nonlinearity]
         values.append((FLAGGED_TAG, float(len(report.flagged))))
         steps = [(t, float(v)) for t, v in self._step_values(report) if v is not None]
         values.extend(steps)
@@ -320,5 +321,5 @@ def add_histograms(writer: Any, histograms: list[Histogram], step: int) -> None:
         else:
             writer.add_histogram_raw(tag, min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
                                      bucket_limits=limits, bucket_counts=counts, global_step=step)
-    if values:
+    if values and callable(fw):  # values: only where the file writer is there
         fw().add_summary(Summary(value=values), step)

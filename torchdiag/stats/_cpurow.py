@@ -182,6 +182,7 @@ def row_into(x: torch.Tensor, out_ptr: int, shift: bool, ratio: float,
     columns with min and max always, written as float64 at address ``out_ptr`` (a row of a block the caller
     owns: no tensor per row); returns whether its sums are reliable to float accuracy (``stats._reliable``)."""
     fns = _library()
+    assert fns is not None  # ``usable(x)``, the caller's precondition, loaded it
     c, h = saturation if saturation is not None else (0.0, 0.0)
     fn = fns[(1 if zeros else 0) + (2 if saturation is not None else 0)]
     return bool(fn(x.data_ptr(), x.numel(), int(shift), c, h, ratio, out_ptr))

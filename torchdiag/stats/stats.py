@@ -130,9 +130,9 @@ def grad_row(g: torch.Tensor, shift: bool = True, minmax: bool = False) -> list[
     """
     x = _flat(g)
     if fused.usable(x, small_ok=minmax):  # histogram steps: the fused histogram reads min/max from this row
-        row = fused.row(x)
-        if row is not None:
-            return row
+        whole = fused.row(x)
+        if whole is not None:
+            return whole
     if cpurow.usable(x):
         return _cpu_row(x)
     row = _moments(x, shift)
@@ -152,9 +152,9 @@ def act_row(y: torch.Tensor, saturation: tuple[float, float] | None = None, shif
     """
     x = _flat(y)
     if fused.usable(x):
-        row = fused.row(x, saturation, zeros)
-        if row is not None:
-            return row
+        whole = fused.row(x, saturation, zeros)
+        if whole is not None:
+            return whole
     if cpurow.usable(x):
         return _cpu_row(x, saturation, zeros)
     row = _moments(x, shift) + _minmax(x)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
@@ -30,13 +30,18 @@ from ..vocab import Role, Row
 from . import _cpurow as cpurow
 from . import stats
 
+if TYPE_CHECKING:
+    from ..layers.taxonomy import Slot
+
 STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 COMPILED = -2  # the row kind of an entry holding the compiled graphs' accumulator (``compiled.Gate.acc``)
 # where an entry's values are, in place of a device: the CPU kernel's rows, in the step's host block
 KERNEL_ROWS = "cpu kernel rows"
 
+# where a row's values are: a device, or KERNEL_ROWS
+Where = Union[torch.device, str]
 # an entry: (slot, row kind, elements of the tensor, device or KERNEL_ROWS, start among its values, width)
-Entry = tuple[int, int, int, Any, int, int]
+Entry = tuple[int, int, int, Where, int, int]
 
 
 @dataclass
@@ -51,7 +56,7 @@ class Pending:
     hist_entries: list[tuple[int, int, torch.device, int]]
     # per device (or KERNEL_ROWS): (it, pinned host tensor or list of floats, CUDA event or None, number of values,
     # hist width)
-    copies: list[tuple[Any, Any, Any, int, int]] = field(default_factory=list)
+    copies: list[tuple[Where, Any, torch.cuda.Event | None, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -108,7 +113,7 @@ class Decoded:
 _CALL = "call"  # the row-kind place of a layer's LayerCall in an accumulator key
 
 
-def reduction_layout(slots: list[Any]) -> list[tuple[tuple, type]]:
+def reduction_layout(slots: list[Slot]) -> list[tuple[tuple, type]]:
     """Every accumulator a step of these slots can hold, in a fixed order: what ``distributed.reduce`` packs
     (the same on every rank, whatever ran in the step, so the collective has the same shape everywhere)."""
     keys: list[tuple[tuple, type]] = [((STEP_SLOT, Row.SCALE), Scale), ((STEP_SLOT, Row.CLIP), GradNorms)]
@@ -189,7 +194,7 @@ class StepBuffer:
         self.write(STEP_SLOT, COMPILED, acc.shape[0], acc.device, acc.reshape(-1).float()
                    if acc.device.type == "mps" else acc.reshape(-1))
 
-    def point(self, slot: int, kind: int, n: int, device: torch.device, start: int, width: int) -> None:
+    def point(self, slot: int, kind: int, n: int, device: Where, start: int, width: int) -> None:
         """An entry read from a row already written (a producer's output row): no kernel, no value."""
         self.entries.append((slot, kind, n, device, start, width))
 
@@ -260,10 +265,10 @@ class StepBuffer:
         return pending
 
 
-def arrive(pending: Pending) -> tuple[dict[torch.device, list], dict[torch.device, list]]:
+def arrive(pending: Pending) -> tuple[dict[Where, list], dict[Where, list]]:
     """The step's values on the host per device, and its histogram rows (waiting for a copy still running)."""
-    host: dict[torch.device, list] = {}
-    hist_host: dict[torch.device, list] = {}
+    host: dict[Where, list] = {}
+    hist_host: dict[Where, list] = {}
     for d, data, event, split, width in pending.copies:
         if event is not None:
             if not event.query():  # still running (report() right after a step): wait for it
@@ -275,7 +280,7 @@ def arrive(pending: Pending) -> tuple[dict[torch.device, list], dict[torch.devic
     return host, hist_host
 
 
-def decode(pending: Pending, host: dict[torch.device, list]) -> Decoded:
+def decode(pending: Pending, host: dict[Where, list]) -> Decoded:
     """Rows -> accumulators, per (slot, row kind); gradient moments are unscaled by the step's AMP scale."""
     out = Decoded(order=dict(pending.order), calls=dict(pending.calls))
     moms, sq = out.moments, out.sumsq

@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..reduce.dtensor import is_sharded, local_tensor
 from ..stats import stats
 from ..vocab import Role
+
+if TYPE_CHECKING:
+    from ..layers.taxonomy import Slot
+    from ..record.buffer import Recorder
 
 
 def _sumsq_grad(g: torch.Tensor) -> torch.Tensor:
@@ -46,7 +50,7 @@ _ENGINE = torch.autograd.Variable._execution_engine
 class OptimizerMonitor:
     """Hooks on one optimizer and the parameters it steps; see the module docstring."""
 
-    def __init__(self, optimizer: Any, recorder: Any, layer_weights: list[tuple[int, torch.Tensor]],
+    def __init__(self, optimizer: Any, recorder: Recorder, layer_weights: list[tuple[int, torch.Tensor]],
                  end_step: Callable[[], None], scaler: Any = None, distributed: bool = False) -> None:
         self._recorder = weakref.ref(recorder)
         self._distributed = distributed
@@ -72,7 +76,7 @@ class OptimizerMonitor:
         self._handles, self._prev, self._acc, self._pre_sums = [], {}, {}, None
         self._others, self._pre_update = {}, {}
 
-    def _recording(self) -> Any:
+    def _recording(self) -> Recorder | None:
         rec = self._recorder()
         return rec if rec is not None and rec.recording and not rec.closed else None
 
@@ -167,7 +171,8 @@ class OptimizerMonitor:
         return self._pre_update
 
 
-def watched_weights(optimizer: Any, slots: list[Any], modules: list[Any]) -> list[tuple[int, torch.Tensor]]:
+def watched_weights(optimizer: Any, slots: list[Slot], modules: list[torch.nn.Module]
+                    ) -> list[tuple[int, torch.Tensor]]:
     """``(slot, main weight)`` of the watched weighted and norm layers whose weight ``optimizer`` steps: another
     optimizer's layers get no update ratio."""
     weights = [(i, getattr(m, slot.weight_name)) for i, (slot, m) in enumerate(zip(slots, modules))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import nn
@@ -16,6 +16,11 @@ from ..capture.runtime import iter_float_tensors
 from ..errors import TorchDiagError
 from ..layers import gains
 from ..vocab import Role
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from ..layers.taxonomy import Slot
 
 RescaleSpec = Union[bool, float, Callable[[str, nn.Module], float]]
 
@@ -30,7 +35,7 @@ def check_spec(rescale_grads: Any) -> None:
             raise ValueError(f"watch(rescale_grads=...): a factor must be a finite number > 0, got {rescale_grads!r}")
 
 
-def factors(spec: RescaleSpec, selected: list[tuple[str, nn.Module]], slots: list[Any]
+def factors(spec: RescaleSpec, selected: list[tuple[str, nn.Module]], slots: list[Slot]
             ) -> weakref.WeakKeyDictionary[nn.Module, float]:
     """The gradient factor of each weighted layer (``slots[i]`` describes ``selected[i]``); layers whose factor
     is 1 are left out. A callable that raises, or a factor that is not a finite number, is a ``TorchDiagError``."""
@@ -96,7 +101,7 @@ class RescaleHook:
         for _, handle in hooks.values():
             handle.remove()
 
-    def install(self) -> Any:
+    def install(self) -> RemovableHandle:
         """Register the hook process-wide; returns its handle."""
         return nn.modules.module.register_module_forward_hook(self)
 
