@@ -326,8 +326,10 @@ def _fast_forward(mon, step: int) -> None:
     rec = getattr(mon, "_recorder", None)
     if rec is None:
         return
-    package = type(rec).__module__.rsplit(".", 1)[0]  # (torchdiag, or an older copy of it: benchmarks/ab.py)
-    set_recording = sys.modules[package + ".capture"].set_recording
+    package = type(rec).__module__.split(".", 1)[0]  # (torchdiag, or an older copy of it: benchmarks/ab.py)
+    # the stage packages, or the flat modules of a copy from before them
+    capture = sys.modules.get(package + ".capture._registry") or sys.modules[package + ".capture"]
+    set_recording = capture.set_recording
     histogram_window = sys.modules[package + ".vocab"].histogram_window
 
     rec.step = step

@@ -197,3 +197,32 @@ def test_attention_one_hot_before_any_update_is_blamed_on_the_query_key_init():
     unit = 1 / math.sqrt(modules[name].weight.shape[1])
     told = {f"×{modules[name.rsplit('.', 1)[0] + '.' + p].weight.std().item() / unit:.3g}" for p in ("query", "key")}
     assert any(t in first.message for t in told), first.message
+
+
+def test_summarize_reads_back_the_same_findings_as_the_live_watch(tmp_path):
+    """One update blows a layer up for a step (its weights x10 between two recorded steps, as a bad step of a high
+    learning rate does), then the run goes on. The live watch makes it a finding at once (the updates did it);
+    `torchdiag summarize` on the logdir must reach the same verdict from the events alone."""
+    from torchdiag.cli._logreader import find_runs, summarize_run
+    from torchdiag.cli._summarize import run_findings
+
+    model = _mlp(depth=6, width=64)
+    x = torch.randn(128, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torchdiag.watch(model, logdir=tmp_path, every=1) as diag:
+            for step in range(6):
+                model(x).pow(2).mean().backward()
+                model.zero_grad()
+                diag.step()
+                with torch.no_grad():
+                    if step == 2:
+                        model[6].weight.mul_(10.0)
+                    if step == 3:
+                        model[6].weight.div_(10.0)
+    live = {(f.layer, f.problem) for f in diag.findings}
+    assert ("6", "exploding") in live
+    assert {f.reason for f in diag.findings if f.layer == "6"} == {"optimisation"}
+    (run,) = find_runs(str(tmp_path))
+    read = {(f.layer, f.problem) for f in run_findings(summarize_run(run))}
+    assert read == live

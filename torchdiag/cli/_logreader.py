@@ -40,6 +40,7 @@ class RunSummary:
     stopped_early: str | None = None  # why the events could not be read to their end, if they could not
     history: list[tuple[int, dict[str, list[str]]]] = field(default_factory=list)  # (step, layer -> problems)
     whole_run: bool = True  # judged on the run's findings; False: on the selected step alone (--step N)
+    reasons: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)  # step -> layer -> problem -> reason
 
     @property
     def step(self) -> int:
@@ -163,12 +164,19 @@ def summarize_run(run: str, step: int | None = None) -> RunSummary:
     report = Report(layers=layers, step=step)
     return RunSummary(run=run, steps=steps, report=report, first_flagged=dict(sorted(first.items(),
                       key=lambda kv: (kv[1], kv[0]))), warnings=warnings, stopped_early=stopped,
-                      history=[(st, history.get(st, {})) for st in steps if st <= step], whole_run=whole_run)
+                      history=[(st, history.get(st, {})) for st in steps if st <= step], whole_run=whole_run,
+                      reasons=_reasons(states or [], step))
 
 
 def natural(name: str) -> tuple:
     """'10' after '2': digit runs compare as numbers."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
+
+
+def _reasons(states: list[tuple[int, object]], step: int) -> dict[int, dict[str, dict[str, str]]]:
+    """step -> layer -> problem -> what the live diagnosis blamed it on (absent in logs written without it)."""
+    return {s: {k: dict(v) for k, v in obj["reasons"].items() if isinstance(v, dict)}
+            for s, obj in states if s <= step and isinstance(obj, dict) and isinstance(obj.get("reasons"), dict)}
 
 
 def _from_states(states: list[tuple[int, object]], step: int):

@@ -58,8 +58,10 @@ def run_findings(s: RunSummary, config: Config | None = None) -> list[RunFinding
     order = {layer.name: (layer.index, layer.module_type) for layer in s.report.layers}
     v = RunVerdict.from_config(config or Config.defaults())
     for step, status in s.history:
+        blamed = s.reasons.get(step, {})
         v.add_flags(step, ((name, order.get(name, (1 << 30, "?"))[1], order.get(name, (1 << 30, "?"))[0], p, None,
-                            f"'{name}' {p}", None) for name, problems in status.items() for p in problems))
+                            f"'{name}' {p}", None, blamed.get(name, {}).get(p))
+                           for name, problems in status.items() for p in problems))
     return v.findings()
 
 

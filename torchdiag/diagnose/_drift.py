@@ -96,17 +96,21 @@ class Baseline:
     outliers: set[str] = field(default_factory=set)
     gains: dict[str, float] = field(default_factory=dict)  # each weighted layer's gain at the latest recorded step
     gated: set[str] = field(default_factory=set)  # layers behind a zero gate at the first recorded step
-    started: bool = False  # a step was committed: later steps judge a trained net
+    small_norms: set[str] = field(default_factory=set)  # norms with near-zero weights at the first recorded step
+    started: bool = False  # a step with gradients was committed: later steps judge a trained net
+    backward: bool = False  # this step measured gradients (a forward-only step judges nothing of the training)
 
     def commit(self, seen: Baseline) -> None:
-        """Take one published step's chains: a chain keeps the drift of the first step it was judged at."""
+        """Take one published step's chains: a chain keeps the drift of the first step it was judged at. A step
+        without gradients (a forward-only call in train mode) does not end the init: no update has happened."""
         for key, value in seen.totals.items():
             self.totals.setdefault(key, value)
         if not self.started:
             self.outliers |= seen.outliers
             self.gated |= seen.gated
+            self.small_norms |= seen.small_norms
         self.gains.update(seen.gains)
-        self.started = True
+        self.started = self.started or seen.backward
 
 
 def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes: list[str],
@@ -130,6 +134,7 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
                          None if not baseline.started else baseline.outliers)
     seen.outliers = {layers[p].name for p in outliers}
     seen.gated = {s.name for s in layers if _gated(s)}
+    seen.backward = any(s.grad is not None for s in layers)
     outliers = {p: f for p, f in outliers.items() if not layers[p].feeds_norm}  # a norm after it undoes its scale
     _jumps(rows, layers, cfg, baseline.gains if baseline.started else {})
     seen.gains = {s.name: rows[p].gain for p, s in enumerate(layers)
@@ -193,9 +198,11 @@ def _odd_members(rows: list[LayerReport], layers: list[LayerStats], group: list[
     # the gain says it stands apart; its weights, against the textbook scale of their own fan, say why. Both, in the
     # same direction and each by the limit: a gain that differs for another reason (the pooled input of a
     # squeeze-excite, the few tokens of a late attention window) is not one layer's weights
+    shapes = [layers[p].weight_shape for p in group]
     odd = {p: rows[p].gain / typical for p in group
            if _apart(rows[p].gain / typical, limit) and _apart(textbook / rows[p].suggested_scale, limit)
-           and (rows[p].gain > typical) == (textbook > rows[p].suggested_scale)}
+           and (rows[p].gain > typical) == (textbook > rows[p].suggested_scale)
+           and shapes.count(layers[p].weight_shape) > 1}  # one of the repeats: not a head or a stem of its own
     if len(odd) > max(1, len(group) // 4):
         return  # many members apart from the median is no single layer's doing
     found.update((p, f) for p, f in odd.items() if known is None or layers[p].name in known)
@@ -241,7 +248,7 @@ def _flag_outlier(row: LayerReport, s: LayerStats, factor: float, cfg: Config) -
     textbook = (f"; its weight std is ×{1 / row.suggested_scale:.3g} the {row.suggested_init} scale"
                 if row.suggested_scale else "")
     effect = (f"the normalisation after it undoes that forward, but its own updates are ×{1 / factor:.3g} as large"
-              " against its weights (it learns that much more slowly; ×{0:.3g} under SGD)".format(1 / factor ** 2)
+              " against its weights (it learns that much more slowly; ×{0:.3g} under SGD)".format(1 / (factor * factor))
               if s.feeds_norm else "so everything after it (forward) and before it (backward) is scaled by that much")
     flag(row, problem, "forward", factor, cfg.layer_step_ratio if factor > 1 else 1 / cfg.layer_step_ratio,
          "layer_step_ratio",
@@ -342,8 +349,10 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
     seq = []  # (ordinal in the chain, pos, figure) of members with a usable, finite measurement
     skip = set()  # members that are not part of a drift: exact zeros from all-zero weights (a note instead)
     # gradients that shrink through float32's range to exact zeros (a vanishing stack) are underflow, not a gate
-    underflow = any(g is not None and not g.nonfinite and 0 < g.rms < _UNDERFLOWING
-                    for g in (layers[pos].grad for pos in members))
+    # (relative too: float16 flushes below 6e-8 without passing through 1e-30, after spanning orders of magnitude)
+    sizes_ = [g.rms for g in (layers[pos].grad for pos in members)
+              if g is not None and not g.nonfinite and math.isfinite(g.rms) and g.rms > 0]
+    underflow = bool(sizes_) and (min(sizes_) < _UNDERFLOWING or min(sizes_) < 1e-4 * max(sizes_))
     for k, pos in enumerate(members):
         fig, nonfinite = _figure(layers[pos], forward)
         if nonfinite:
@@ -380,7 +389,7 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
         by_norm = _slope(xs, [y - 0.5 * math.log(n) for y, n in zip(ys, sizes)], shapes)
         slope = min(slope, by_norm, key=abs)
     k0, k1 = seq[0][0], seq[-1][0]
-    total = math.exp(slope * (k1 - k0) if forward else -slope * (k1 - k0))
+    total = _exp(slope * (k1 - k0) if forward else -slope * (k1 - k0))
     lo, hi, key_lo, key_hi = cfg.vanishing_ratio, cfg.exploding_ratio, "vanishing_ratio", "exploding_ratio"
     if normalized:
         lo, hi, key_lo, key_hi = 1 / cfg.normalized_ratio, cfg.normalized_ratio, "normalized_ratio", "normalized_ratio"
@@ -395,7 +404,7 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
     problem, thr, key = ("vanishing", lo, key_lo) if total < lo else ("exploding", hi, key_hi)
     cause_pos = _cause(layers, seq[0][1])
     cause = layers[cause_pos]
-    per = math.exp(slope if forward else -slope)
+    per = _exp(slope if forward else -slope)
     s0, s1 = layers[members[0]], layers[members[-1]]
     chain = f"{len(members)} repeated {s0.module_type} layers ('{s0.name}' … '{s1.name}')"
     what = "output rms" if forward else "output gradient norm"
@@ -414,7 +423,7 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
         if fixable is False:
             rows[cause_pos].notes.append(f"init cannot fix this {problem} ({direction}) drift: {fix}")
     _flag_members(rows, layers, members, cause_pos, skip, problem, direction, thr, key, chain, cause.name, fixable,
-                  reason, lambda k: math.exp(slope * (k - k0) if forward else -slope * (k1 - k)))
+                  reason, lambda k: _exp(slope * (k - k0) if forward else -slope * (k1 - k)))
     return total, True
 
 
@@ -459,6 +468,11 @@ def _judge_change(rows: list[LayerReport], layers: list[LayerStats], members: li
                   "optimisation", lambda k: change)
 
 
+def _exp(x: float) -> float:
+    """exp that saturates (to 1e304) instead of raising OverflowError: figures may span float64's whole range."""
+    return math.exp(min(x, 700.0))
+
+
 _TINY = 1e-45  # below float32's smallest subnormal: an exact zero (underflow) in log space
 _UNDERFLOWING = 1e-30  # a gradient this small is on its way to float32's underflow (a gate gives exact zeros at once)
 
@@ -479,13 +493,16 @@ def _cause(layers: list[LayerStats], pos: int) -> int:
     return pos
 
 
-def small_norm_weights(rows: list[LayerReport], layers: list[LayerStats]) -> None:
+def small_norm_weights(rows: list[LayerReport], layers: list[LayerStats], known: set[str] | None = None) -> set[str]:
     """A normalisation layer whose weights start near zero (but not at exactly zero, a zero-init branch) scales every
-    signal through it down by their rms: vanishing (forward), blamed on the first such layer."""
+    signal through it down by their rms: vanishing (forward), blamed on the first such layer. ``known``: later
+    steps follow the norms found at the first recorded step only (an init problem that persists, or heals).
+    Returns the names of the norms flagged."""
     small = [p for p, s in enumerate(layers)
-             if s.role == Role.NORM and 0 < (_pre_step_rms(s) or 0) < _SMALL_NORM_WEIGHT and not _zero_in_forward(s)]
+             if s.role == Role.NORM and 0 < (_pre_step_rms(s) or 0) < _SMALL_NORM_WEIGHT and not _zero_in_forward(s)
+             and (known is None or s.name in known)]
     if not small:
-        return
+        return set()
     first = layers[small[0]]
     w = _pre_step_rms(first)
     msg = (f"'{first.name}' ({first.module_type}) makes the signal vanishing (forward): its weights have rms {w:.3g},"
@@ -498,6 +515,7 @@ def small_norm_weights(rows: list[LayerReport], layers: list[LayerStats]) -> Non
               msg if i == 0 else f"'{s.name}' ({s.module_type}): weights of rms {_pre_step_rms(s):.3g}; see"
               f" '{first.name}'",
               first.name, len(small) if i == 0 else 1, True, reason="init")
+    return {layers[p].name for p in small}
 
 
 # a normalisation layer whose weight rms is below this scales every signal through it down by as much (its init

@@ -18,10 +18,17 @@ OPTIMISATION_FIX = ("lower the learning rate, add warm-up, or clip gradients (to
                     " weight rescale: the init was fine when the run started")
 
 
+# a NaN/Inf after updates: the updates (a learning rate too high), a batch (a NaN in the input) or an operation
+# (log(0)); the NaN origin (Report.nonfinite_origin) says which operation made it, so the fix names each possibility
+_LATER_NAN_FIX = ("if it follows large updates or a loss spike, lower the learning rate, add warm-up or clip gradients;"
+                  " else check the batch (a NaN in the input) and the operation the NaN origin names (log or sqrt at"
+                  " 0, a division by zero); not a weight rescale")
+
+
 def nonfinite_forward(rows: list[LayerReport], layers: list[LayerStats], trained: bool = False) -> str | None:
     """Flag NaN/Inf outputs: the first layer in execution order whose output holds it is the culprit (its name is
     returned), the layers after it are contaminated. ``trained``: a step was recorded before this one, so the
-    updates since are the cause (the fix is the learning rate, not the weights' scale)."""
+    weights' scale is not the fix (the cause is left open: the updates, the batch or an operation)."""
     first_nonfinite = None
     for row, s in zip(rows, layers):
         if s.act is not None and s.act.nonfinite:
@@ -30,8 +37,7 @@ def nonfinite_forward(rows: list[LayerReport], layers: list[LayerStats], trained
                 flag(row, "nonfinite", None, math.nan, 0.0, "-",
                      f"'{s.name}' ({s.module_type}) is the first layer whose output holds NaN/Inf"
                      f" (absmax {s.act.absmax:g}); everything after it is contaminated."
-                     f" Fix: {OPTIMISATION_FIX if trained else fix_text(row)}",
-                     reason="optimisation" if trained else None)
+                     f" Fix: {_LATER_NAN_FIX if trained else fix_text(row)}")
             else:
                 row.status.add("nonfinite")
     return first_nonfinite

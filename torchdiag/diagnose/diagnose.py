@@ -57,9 +57,10 @@ def diagnose(stats: StepStats, config: Config, baseline: Baseline | None = None)
         rules.dead_or_saturated(row, s, config, trained)
     first_nonfinite_grad = rules.nonfinite_backward(rows, layers) if first_nonfinite is None else None
 
-    if not trained:  # the first recorded step: the init as it was drawn
-        drift.small_norm_weights(rows, layers)
+    # the init as it was drawn, at the first recorded step; later, the norms found then, while they stay small
+    small = drift.small_norm_weights(rows, layers, baseline.small_norms if trained and baseline else None)
     seen = drift.drift(rows, layers, config, notes, baseline)
+    seen.small_norms = small
     drift.explain_by_dead(rows)
     rules.updates(rows, layers, config, notes)
 

@@ -137,15 +137,19 @@ class LossSpike:
 
 def robust_z(history: Sequence[float], x: float) -> tuple[float, float, float, bool]:
     """(median, robust std, z of ``x``, in log units?) of ``history``: the median and 1.4826 x the median absolute
-    deviation, of the logs where ``x`` and every loss are positive. The std is at least 0.1 % (of the median,
-    or in log units): a flat loss's rounding is not a spike."""
-    log = x > 0 and min(history) > 0
-    vals = [math.log(v) for v in history] if log else list(history)
-    y = math.log(x) if log else x
+    deviation, of the logs where ``x`` and every loss are non-negative (floored at ``_LOSS_FLOOR``: a fitted model's
+    losses of exactly 0 and 1e-8 are the same nothing). The std is at least 0.1 % (of the median, or in log units;
+    in the loss's own units, of the largest loss too): a flat loss's rounding is not a spike."""
+    log = x >= 0 and min(history) >= 0
+    vals = [math.log(max(v, _LOSS_FLOOR)) for v in history] if log else list(history)
+    y = math.log(max(x, _LOSS_FLOOR)) if log else x
     med = statistics.median(vals)
     mad = statistics.median(abs(v - med) for v in vals) * 1.4826
-    scale = max(mad, 1e-3 if log else 1e-3 * abs(med), 1e-12)
-    return med, scale, (y - med) / scale, log
+    floor = 1e-3 if log else 1e-3 * max(abs(med), max(abs(v) for v in vals))
+    return med, max(mad, floor, 1e-12), (y - med) / max(mad, floor, 1e-12), log
+
+
+_LOSS_FLOOR = 1e-6  # a loss below this is a fitted example (float32 cross-entropy of a margin past ~14 rounds to 0)
 
 
 class LossSpikes:

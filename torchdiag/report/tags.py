@@ -102,10 +102,13 @@ def parse_flag_tag(tag: str) -> tuple[str, str] | None:
 
 
 def state_record(step: int, status: dict[str, list[str]], suggest: dict[str, list],
-                 first_nonfinite: str | None) -> dict[str, Any]:
-    """The JSON of ``STATE_TAG``: per layer tag its problems (``status``) and ``[suggested scale, nonlinearity]``
-    (``suggest``) at this step."""
-    return {"step": step, "status": status, "suggest": suggest, "first_nonfinite": first_nonfinite}
+                 first_nonfinite: str | None, reasons: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """The JSON of ``STATE_TAG``: per layer tag its problems (``status``), ``[suggested scale, nonlinearity]``
+    (``suggest``) and what each problem is blamed on (``reasons``: problem -> reason) at this step."""
+    record = {"step": step, "status": status, "suggest": suggest, "first_nonfinite": first_nonfinite}
+    if reasons:
+        record["reasons"] = reasons
+    return record
 
 
 def layer_index_record(layers: Iterable[tuple[int, str, str]]) -> list[dict[str, Any]]:

@@ -100,8 +100,12 @@ class Publisher:
     def provisional(self, stats: StepStats, group: Group | None = None) -> Report:
         """The report of the step in progress (``Watcher.report()`` before it ended), not published: under
         torch.distributed this rank's own numbers, with a note saying so; the run's findings of the steps that
-        ended (this one has not yet)."""
-        report = self.diagnose(stats)
+        ended (this one has not yet). A failure of the diagnosis gives a report that says so, never an exception."""
+        try:
+            report = self.diagnose(stats)
+        except Exception as e:  # noqa: BLE001 - torchdiag's own failure never reaches the user's code
+            report = Report(layers=[], step=stats.step,
+                            notes=[f"diagnosing step {stats.step} failed ({type(e).__name__}: {e})"])
         if group is not None:
             report.notes.append(f"rank {group.rank}'s own statistics of the step in progress: not yet reduced across"
                                 f" the {group.world} ranks (that happens when the step ends)")

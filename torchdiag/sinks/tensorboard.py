@@ -207,6 +207,7 @@ class TensorBoardSink:
         values: list[tuple[str, float]] = []
         status: dict[str, list[str]] = {}
         suggest: dict[str, list] = {}
+        reasons: dict[str, dict[str, str]] = {}  # layer -> problem -> what it is blamed on
         metrics: set[str] = set()
         for layer in report.layers:
             name = layer_tag(layer.name)
@@ -219,13 +220,16 @@ class TensorBoardSink:
                         values.append((log10_tag(attr, layer.name), math.log10(v) if v > 0 else math.nan))
             if layer.status:
                 status[name] = sorted(layer.status)
+                blamed = {f.problem: f.reason for f in layer.findings if f.reason}
+                if blamed:
+                    reasons[name] = blamed
             scale = layer.suggested_scale
             if layer.init_fixes and scale is not None:  # the suggestions the live report shows (init_fixes: a scale)
                 suggest[name] = [_short(scale), layer.nonlinearity]
         values.append((FLAGGED_TAG, float(len(report.flagged))))
         steps = [(t, float(v)) for t, v in self._step_values(report) if v is not None]
         values.extend(steps)
-        state = state_record(report.step, status, suggest, report.first_nonfinite)
+        state = state_record(report.step, status, suggest, report.first_nonfinite, reasons)
         add_scalars(self.writer, values, report.step, extra=[_json_value(STATE_TAG, state)] if self._fw else None)
         return metrics, {t for t, _ in steps}
 
