@@ -123,3 +123,6 @@ def test_diverging_run_names_the_optimisation(name):
     upto = max(r.divergence_step or 0, r.first_warning_step) + 5  # what the user reads while it diverges
     wrong = [f"step {w.step}: {w.text}" for w in r.warnings if w.step <= upto and _INIT_FIX.search(w.text)]
     assert wrong == []
+    # and a finding of the run blames the optimisation by then (a loss-spike message alone would not)
+    assert any(f.reason == "optimisation" and f.first_step <= upto for f in r.findings), [
+        (f.layer, f.problem, f.reason, f.first_step) for f in r.findings]

@@ -74,13 +74,16 @@ def warning_text(members: list[Any], cause: str | None, width: int = HEADLINE) -
     covers = others(lead.module_type, [lead.module_type] * same)  # the first line counts the lead's kind only
     evidence, fix = split_fix(lead.message)
     blame = lead.cause if lead.cause is not None and lead.cause != lead.layer else None
-    why = lead.reason or ("the layer" if blame is None else "")
-    cause_text = f"cause: {why}" + (f" ('{elide_name(blame, 30)}')" if blame else "")
+    named = f"'{elide_name(blame, 30)}'" if blame else ""
+    # the cause: what it is blamed on (init, optimisation...) and the layer to change, where they are known
+    cause_text = "; cause: " + " ".join(filter(None, [lead.reason, f"({named})" if lead.reason and named else named]))
+    if not (lead.reason or named):
+        cause_text = ""
     short_fix = first_clause(fix) if fix else "see below"
     head = f"{problem} at {layer}" + (f" {covers}" if covers else "")
-    line = f"{head}; {cause_text}. Fix: {short_fix}"
+    line = f"{head}{cause_text}. Fix: {short_fix}"
     if len(line) > width and covers:  # the count moves below
-        line = f"{problem} at {layer}; {cause_text}. Fix: {short_fix}"
+        line = f"{problem} at {layer}{cause_text}. Fix: {short_fix}"
     if len(line) > width:
         line = line[:width - 1] + "…"
     below = [f"  {evidence}"]
