@@ -98,25 +98,11 @@ def _runs(out: list[str]) -> tuple[int, int, int, int, list[int]]:
 
 def _forecast(out: list[str]) -> int | None:
     """The attention-logit forecast of the scenario test: steps between the warning and the crossing."""
-    import warnings
-
     import torchdiag
-    from tests.scenarios.test_trusted_runs import _Attention, _hand_logit_max
+    from tests.helpers.forecast import growing_attention
 
-    torch.manual_seed(0)
-    model, x = _Attention(), torch.randn(2, 24, 16)
     threshold = torchdiag.Config.defaults().attention_logit_max
-    logits, said = [], []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torchdiag.watch(model) as diag:
-            for _ in range(60):
-                logits.append(_hand_logit_max(model, x))
-                model(x).pow(2).mean().backward()
-                model.zero_grad()
-                said += diag.step().forecasts
-                with torch.no_grad():
-                    model.attn.in_proj_weight[:64] *= 1.12
+    logits, said, _ = growing_attention()
     crossed = next((i for i, v in enumerate(logits) if v > threshold), None)
     if not said or crossed is None:
         out.append("| attention logit x1.25 a step | - | no forecast |")

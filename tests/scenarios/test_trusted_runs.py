@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchdiag
+from tests.helpers.forecast import growing_attention
 
 
 @pytest.fixture(scope="module")
@@ -123,49 +124,13 @@ def test_a_learning_rate_that_blows_the_net_up_is_blamed_on_the_optimisation_not
     assert torchdiag.apply_suggestions(model, diag.report()) == {}
 
 
-class _Attention(nn.Module):
-    def __init__(self, d: int = 32, heads: int = 4):
-        super().__init__()
-        self.inp = nn.Linear(16, d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.out = nn.Linear(d, 4)
-
-    def forward(self, x):
-        h = self.inp(x)
-        a, _ = self.attn(h, h, h, need_weights=False)
-        return self.out(a + h)
-
-
-def _hand_logit_max(model: _Attention, x: torch.Tensor) -> float:
-    """max over heads, queries and keys of q.k/sqrt(d_head), from the module's own weights."""
-    with torch.no_grad():
-        h = model.inp(x)
-        d, heads = h.shape[-1], model.attn.num_heads
-        w, b = model.attn.in_proj_weight, model.attn.in_proj_bias
-        q = (h @ w[:d].T + b[:d]).view(*h.shape[:2], heads, d // heads).transpose(1, 2)
-        k = (h @ w[d:2 * d].T + b[d:2 * d]).view(*h.shape[:2], heads, d // heads).transpose(1, 2)
-        return (q @ k.transpose(-1, -2) / math.sqrt(d // heads)).max().item()
-
-
 def test_a_growing_attention_logit_is_forecast_with_its_steps_to_go_before_it_crosses():
     """The query and key weights grow 12 % a step (what a too-high learning rate does to them over tens of steps,
     Wortsman et al. 2023): the largest logit grows ~1.25x a step, from ~2 to past attention_logit_max (1000) in
     ~30 steps. Right answer: a warning with the steps to go while the logit is still far below the threshold, its
     estimate near the crossing measured by hand."""
-    torch.manual_seed(0)
-    model, x = _Attention(), torch.randn(2, 24, 16)
     threshold = torchdiag.Config.defaults().attention_logit_max
-    logits, forecasts = [], []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torchdiag.watch(model) as diag:
-            for _ in range(60):
-                logits.append(_hand_logit_max(model, x))
-                model(x).pow(2).mean().backward()
-                model.zero_grad()
-                forecasts += diag.step().forecasts
-                with torch.no_grad():
-                    model.attn.in_proj_weight[:64] *= 1.12
+    logits, forecasts, told = growing_attention()
     crossed = next(i for i, v in enumerate(logits) if v > threshold)
     assert 15 < crossed < 50  # the scenario is what it says
     (said,) = [f for f in forecasts if f.figure == "attention logit"]
@@ -175,7 +140,7 @@ def test_a_growing_attention_logit_is_forecast_with_its_steps_to_go_before_it_cr
     assert 0.5 * actual <= said.steps_to_go <= 1.5 * actual + 1
     print(f"\nforecast at step {said.step}: crosses in ~{said.steps_to_go:.0f} steps; crossed at step {crossed}"
           f" (lead {actual} steps)")
-    assert any(f"crosses attention_logit_max {threshold:g} in ~" in str(w.message) for w in caught)
+    assert any(f"crosses attention_logit_max {threshold:g} in ~" in t for t in told)
 
 
 def test_attention_one_hot_before_any_update_is_blamed_on_the_query_key_init():
