@@ -111,6 +111,8 @@ class Watcher:
                 self._rescale_hook = RescaleHook(self._rescale_factors)
                 installed.add(self._rescale_hook.install())
             if self._optimizer is not None:
+                if _has_stepped(self._optimizer):  # a model already in training: judged by change from its first step
+                    self._out.baseline.started = True
                 cap.auto_step = False  # a step is an optimizer step
                 self._optim_monitor = installed.add(OptimizerMonitor(
                     self._optimizer, rec, watched_weights(self._optimizer, slots, modules),
@@ -367,3 +369,12 @@ def watch(model: nn.Module, *, logdir: str | bytes | os.PathLike | None = None, 
                                  process_group=process_group, auto_step=auto_step, config_keys=config_keys)
     return Watcher(args.model, args.config, logdir=args.logdir, writer=writer, rescale_grads=rescale_grads,
                    scaler=scaler, optimizer=optimizer, group=args.group, auto_step=auto_step)
+
+
+def _has_stepped(optimizer: Any) -> bool:
+    """The optimizer has taken steps before the watch (its per-parameter state holds a step count or moments): the
+    model the watch sees first is a trained one, not an init."""
+    try:
+        return any(len(state) > 0 for state in optimizer.state.values())
+    except (AttributeError, TypeError):
+        return False

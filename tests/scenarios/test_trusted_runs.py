@@ -191,3 +191,23 @@ def test_summarize_reads_back_the_same_findings_as_the_live_watch(tmp_path):
     (run,) = find_runs(str(tmp_path))
     read = {(f.layer, f.problem) for f in run_findings(summarize_run(run))}
     assert read == live
+
+
+def test_a_watch_opened_on_a_model_already_in_training_judges_it_by_change(digits):
+    """An 8-layer ReLU MLP trained 300 steps with Adam, then watched with its optimizer: the optimizer's state says
+    training is under way, so the first watched step is the start a trained net is judged against, not an init.
+    `check()` on the same model, which can only judge it as an init, shows what the init band would say of it."""
+    x, y = digits
+    model = _mlp(depth=8, width=256)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, 1500, (64,), generator=gen)
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    as_init = torchdiag.check(model, x[:64], loss_fn=lambda out: F.cross_entropy(out, y[:64]))
+    diag, losses, told = _train(model, opt, x, y, 20, {"optimizer": opt})
+    assert all(math.isfinite(v) for v in losses)
+    assert as_init.flagged  # the premise: judged by the init band, this trained model would be flagged
+    assert told == [] and diag.findings == []
