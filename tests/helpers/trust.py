@@ -58,8 +58,8 @@ def _families(out: list[str]) -> tuple[int, int]:
             runs += 1
             bad = bool(res.warnings or res.findings)
             alarms += bad
-            out.append(f"| {case.name} | {opt} | {'yes' if passed else 'no'} | {kind} | "
-                       f"{fam.describe(res.findings) if bad else 'silent'} |")
+            said = (fam.describe(res.findings) or " || ".join(res.warnings))[:240] if bad else "silent"
+            out.append(f"| {case.name} | {opt} | {'yes' if passed else 'no'} | {kind} | {said} |")
         report, msgs = fam.check(case)
         runs += 1
         alarms += bool(report.flagged or msgs)

@@ -18,6 +18,7 @@ Three judgements, by what the run has seen (``Baseline``):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import statistics
@@ -31,6 +32,7 @@ from ..vocab import LayerStats, Role
 from ._rules import OPTIMISATION_FIX, fix_text, flag
 
 
+@functools.lru_cache(maxsize=8192)
 def _name_pattern(name: str) -> str:
     """The layer's place in its repeated block: its qualified name with the block indices taken out (``blocks.3.fc``
     → ``blocks.*.fc``; ``conv3`` numbers its block too where no index does: ``conv*``). Where an index already
@@ -380,19 +382,19 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
           for _, pos, fig in seq]
     xs, shapes = [k for k, _, _ in seq], [_shape(layers[pos], forward) for _, pos, _ in seq]
     slope = _slope(xs, ys, shapes)
-    sizes = [_size(layers[pos], forward) for _, pos, _ in seq]
-    if None not in sizes and len(set(sizes)) > 1:
-        # members of different sizes (resolution, width): an average pooling keeps a smooth signal's rms, and a white
-        # noise's rms over the square root of its size (a 2x2 average halves white noise's rms); backward, the norm
-        # per call and the rms per element: the figure of the two that moves less is the one judged, as drift that
-        # depends on the input's spectrum is not the init's
-        by_norm = _slope(xs, [y - 0.5 * math.log(n) for y, n in zip(ys, sizes)], shapes)
-        slope = min(slope, by_norm, key=abs)
     k0, k1 = seq[0][0], seq[-1][0]
-    total = _exp(slope * (k1 - k0) if forward else -slope * (k1 - k0))
     lo, hi, key_lo, key_hi = cfg.vanishing_ratio, cfg.exploding_ratio, "vanishing_ratio", "exploding_ratio"
     if normalized:
         lo, hi, key_lo, key_hi = 1 / cfg.normalized_ratio, cfg.normalized_ratio, "normalized_ratio", "normalized_ratio"
+    total = _exp(slope * (k1 - k0) if forward else -slope * (k1 - k0))
+    sizes = [_size(layers[pos], forward) for _, pos, _ in seq]
+    if not lo <= total <= hi and None not in sizes and len(set(sizes)) > 1:
+        # members of different sizes (resolution, width): an average pooling keeps a smooth signal's rms, and a white
+        # noise's rms over the square root of its size (a 2x2 average halves white noise's rms); backward, the norm
+        # per call and the rms per element: the figure of the two that moves less is the one judged, as drift that
+        # depends on the input's spectrum is not the init's (asked only of a drift the first figure puts outside)
+        slope = min(slope, _slope(xs, [y - 0.5 * math.log(n) for y, n in zip(ys, sizes)], shapes), key=abs)
+        total = _exp(slope * (k1 - k0) if forward else -slope * (k1 - k0))
     banded = not lo <= total <= hi
     if start is None and trained:
         return total, False  # first measured on a trained net (a branch that grew out of zero): its start from now
