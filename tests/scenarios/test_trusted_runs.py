@@ -194,11 +194,11 @@ def test_summarize_reads_back_the_same_findings_as_the_live_watch(tmp_path):
 
 
 def test_a_watch_opened_on_a_model_already_in_training_judges_it_by_change(digits):
-    """An 8-layer ReLU MLP trained 300 steps with Adam, then watched with its optimizer: the optimizer's state says
+    """A 12-layer ReLU MLP trained 300 steps with Adam, then watched with its optimizer: the optimizer's state says
     training is under way, so the first watched step is the start a trained net is judged against, not an init.
     `check()` on the same model, which can only judge it as an init, shows what the init band would say of it."""
     x, y = digits
-    model = _mlp(depth=8, width=256)
+    model = _mlp(depth=12, width=256)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(300):
