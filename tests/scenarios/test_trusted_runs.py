@@ -58,8 +58,9 @@ def _train(model, opt, x, y, steps, watch_kwargs, batch=64):
 @pytest.mark.parametrize("pass_optimizer", [True, False])
 def test_a_deep_relu_mlp_trained_with_adam_is_judged_by_what_changes_not_by_the_init_band(digits, pass_optimizer):
     """12 x (Linear 256 + ReLU), Kaiming, Adam 1e-3 on the digits: it trains to >90 % held-out accuracy while its
-    gradient norm, from the last hidden Linear to the first, grows past the init band's 10x (the trained layers'
-    singular directions line up with the gradient). That is a trained net, not a broken one: no finding."""
+    gradient norm grows several times from the last hidden Linear to the first, towards the init band's 10x that
+    flagged it before (the trained layers' singular directions line up with the gradient; the band's Theil-Sen
+    total over all 13 Linears read 11-19x at steps 40-200). That is a trained net, not a broken one: no finding."""
     x, y = digits
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
