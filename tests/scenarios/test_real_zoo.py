@@ -7,7 +7,6 @@ classic broken recipes) at its library's own init, built from a small config; se
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.helpers import real_zoo
 
@@ -15,12 +14,7 @@ HEALTHY = [c for c in real_zoo.CASES if c.healthy]
 BROKEN = [c for c in real_zoo.CASES if not c.healthy]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("pass_optimizer", [True, False], ids=["optimizer=", "no-optimizer"])

@@ -62,6 +62,19 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logdir: str, steps
     return diag.report(), diag.findings, losses, acc
 
 
+def _train_and_tell(model, x, y, logdir: Path, steps: int, gap: str) -> list:
+    """Train one run with every warning shown as it comes (category and message), then its loss, accuracy, short
+    report and verdict; returns the run's findings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.formatwarning = lambda msg, cat, *a, **k: f"{cat.__name__}: {msg}\n"
+        report, found, losses, acc = train(model, x, y, str(logdir), steps)
+    print(f"{gap}   loss {losses[0]:.3f} -> {losses[-1]:.3f}, accuracy {acc:.1%}\n")
+    print(_short(report))
+    print(_verdict(found))
+    return found
+
+
 def run(logdir: str = "runs/demo", steps: int = 60) -> int:
     t0 = time.perf_counter()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -70,13 +83,7 @@ def run(logdir: str = "runs/demo", steps: int = 60) -> int:
 
     model = make_model()
     print("1) train it with torchdiag watching. Warnings appear as soon as the first step is recorded:\n")
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.formatwarning = lambda msg, cat, *a, **k: f"{cat.__name__}: {msg}\n"
-        report, found, losses, acc = train(model, x, y, str(Path(logdir) / "xavier"), steps)
-    print(f"\n   loss {losses[0]:.3f} -> {losses[-1]:.3f}, accuracy {acc:.1%}\n")
-    print(_short(report))
-    print(_verdict(found))
+    found = _train_and_tell(model, x, y, Path(logdir) / "xavier", steps, gap="\n")
 
     print("\n2) apply the suggested scales (torchdiag.apply_suggestions) to a fresh copy of the same init,"
           " and train again:\n")
@@ -86,13 +93,7 @@ def run(logdir: str = "runs/demo", steps: int = 60) -> int:
     scales = sorted(applied.values())
     print(f"   rescaled {len(applied)} layers by factors {scales[0]:.3g} .. {scales[-1]:.3g}"
           f" (sqrt(2) = {2 ** 0.5:.3g} is the Xavier -> Kaiming factor for a square ReLU layer)\n")
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.formatwarning = lambda msg, cat, *a, **k: f"{cat.__name__}: {msg}\n"
-        report2, found2, losses2, acc2 = train(fixed, x, y, str(Path(logdir) / "fixed"), steps)
-    print(f"   loss {losses2[0]:.3f} -> {losses2[-1]:.3f}, accuracy {acc2:.1%}\n")
-    print(_short(report2))
-    print(_verdict(found2))
+    found2 = _train_and_tell(fixed, x, y, Path(logdir) / "fixed", steps, gap="")
     print(f"\nTensorBoard logs are in {logdir}/ (runs 'xavier' and 'fixed'). Open them with:\n"
           f"   tensorboard --logdir {logdir}\n")
     print(f"done in {time.perf_counter() - t0:.1f} s")

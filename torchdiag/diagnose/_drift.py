@@ -461,8 +461,8 @@ def _judge_change(rows: list[LayerReport], layers: list[LayerStats], members: li
     what = "output rms" if forward else "output gradient norm"
     lead = (f"'{cause.name}' ({cause.module_type}) and the layers of its kind became {problem} ({direction}) in"
             f" training: along {chain} the {what} changed {total:.3g}× over the chain, against {start:.3g}× when the"
-            f" run started ({change:.3g}× since; {key} {limit:g}). The updates did this, not the init. Fix: lower"
-            " the learning rate, add warm-up, or clip gradients (torch.nn.utils.clip_grad_norm_)")
+            f" run started ({change:.3g}× since; {key} {limit:g}). The updates did this, not the init. Fix:"
+            f" {OPTIMISATION_FIX}")
     if not any(f.problem == problem and f.direction == direction for f in rows[cause_pos].findings):
         flag(rows[cause_pos], problem, direction, change, thr, key, lead, cause.name, len(members), False,
              reason="optimisation")
