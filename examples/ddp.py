@@ -82,6 +82,7 @@ def main() -> None:
             print(report)
             print(f"\n{world} ranks, {args.steps} steps of 64 samples each; loss {first:.3f} -> {last:.3f};"
                   f" every rank holds this report (global batch of {world * 64}); TensorBoard logs in {args.logdir}")
+        dist.barrier()  # leave together: no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
 
