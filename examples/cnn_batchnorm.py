@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     print(report, "\n")
     ours = [w for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
     assert report.flagged == [] and not ours, "a Conv-BatchNorm-ReLU net must be silent"
-    assert report.step == args.steps - 1 and report["0"].calls == 1, (report.step, report["0"].calls)
+    # the latest recorded step (the time budget records the first steps, then as many as 3 % of the time allows):
+    # one training forward per layer, the validation passes under no_grad not counted
+    assert report.step < args.steps and report["0"].calls == 1, (report.step, report["0"].calls)
     assert acc > 0.5, f"the CNN must learn the 4 patterns (validation accuracy {acc:.1%})"
 
     print("2) without BatchNorm and with N(0, 0.01²) conv weights: one checked step (torchdiag.check)\n")

@@ -61,8 +61,10 @@ def blocks(text: str) -> list[Block]:
 
 
 def normalise(out: str) -> str:
-    """Trailing spaces go; run times ("done in 12.3 s") do not count."""
+    """Trailing spaces go; run times ("done in 12.3 s") and what a recording costs (the time budget's "recorded:"
+    line) do not count."""
     out = re.sub(r"\b\d+(\.\d+)? s\b(?=\s*$)", "<t> s", out, flags=re.M)
+    out = re.sub(r"^(recorded: .*)$", lambda m: re.sub(r"\d+(\.\d+)?(e-?\d+)?", "<n>", m.group(1)), out, flags=re.M)
     return "\n".join(line.rstrip() for line in out.splitlines()) + ("\n" if out.strip() else "")
 
 

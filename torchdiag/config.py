@@ -27,7 +27,9 @@ class Config:
         (10, 0.9)
     """
 
-    every: int
+    every: int | str  # an integer N, or "auto": the time budget
+    budget: float
+    record_first: int
     include: tuple[str, ...]
     exclude: tuple[str, ...]
     include_types: tuple[str, ...]
@@ -217,6 +219,12 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
+    if value_type == "every":
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad("an integer >= 1, or 'auto' (as many steps as the time budget allows)")
+        return value
     if value_type == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
@@ -263,7 +271,9 @@ def _check_relations(cfg: Config, source: str) -> None:
 
 
 _VALUE_TYPES = {
-    "every": "int",
+    "every": "every",
+    "budget": "float",
+    "record_first": "int",
     "include": "strs",
     "exclude": "strs",
     "include_types": "strs",
@@ -304,10 +314,12 @@ _VALUE_TYPES = {
     "forecast_window": "int",
 }
 _CHOICES = {"defer_report": ("auto", "always", "never")}
-_MIN_INT = {"every": 1, "min_repeats": 2, "finding_steps": 1, "finding_window": 1, "histogram_every": 0,
+_MIN_INT = {"every": 1, "record_first": 1,
+            "min_repeats": 2, "finding_steps": 1, "finding_window": 1, "histogram_every": 0,
             "profile_every": 0, "overview_every": 0, "attention_sample": 1, "loss_spike_window": 2,
             "loss_spike_min_steps": 2, "forecast_horizon": 0, "forecast_window": 3}
 _FLOAT_RANGE = {
+    "budget": (0.0, 1.0),
     "vanishing_ratio": (0.0, 1.0),
     "exploding_ratio": (1.0, math.inf),
     "normalized_ratio": (1.0, math.inf),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from .diagnose.verdict import RunFinding
 from .errors import TorchDiagError, warn_self
 from .layers.taxonomy import describe_watched, select_watched
 from .record.buffer import Recorder
+from .record.cadence import Cadence
 from .reduce import distributed
 from .report.report import Report
 from .signals.sentinel import Sentinel
@@ -80,6 +82,7 @@ class Watcher:
         self._sentinel: Sentinel | None = None
         self._record_eval = record_eval
         self._finalizer: Any = None
+        self._step_end: float | None = None  # host clock at the end of torchdiag's work of the previous step
         # the registered modules and what describes them; the model itself last if no slot is its own
         self._modules, self._slots = describe_watched(model, selected, config.saturation_level)
         # computed here, so that a bad factor (or a callable that raises) is an error of watch() itself
@@ -214,19 +217,46 @@ class Watcher:
         rec = self._recorder
         assert rec is not None
         if deferred_only:
-            return self._out.publish(rec.flush(reduce=reduce), in_hook=in_hook, take_notes=rec.take_notes)
+            return self._published(rec.flush(reduce=reduce), in_hook)
+        start = time.perf_counter()
         if self._rescale_hook is not None:
             self._rescale_hook.end_step()
         if self._sentinel is not None:
             self._sentinel.end_step(rec.step, rec.recording)
+            if self._sentinel.alarm:  # a loss spike at an unrecorded step: the steps after it are recorded
+                self._sentinel.alarm = False
+                rec.cadence.trip(rec.step)
         try:
             stats = self._recorder.end_step(reduce=reduce)
         except Exception as e:  # noqa: BLE001 - torchdiag's own failure: the step is lost, training goes on
             warn_self(f"torchdiag: completing step {self._recorder.step - 1} failed ({type(e).__name__}: {e});"
                       " its statistics are lost, recording goes on")
             stats = None
-        report = self._out.publish(stats, in_hook=in_hook, take_notes=rec.take_notes)
+        report = self._published(stats, in_hook)
         self._step_report, self._step_report_at = report, rec.step
+        end = time.perf_counter()
+        if self._step_end is not None:  # the step whole, from the end of torchdiag's work at the one before
+            rec.cadence.observe(end - self._step_end, rec.worked, end - start, rec.worked and stats is not None)
+        self._step_end = end
+        return report
+
+    def _published(self, stats: Any, in_hook: bool) -> Report | None:
+        """Publish a completed step, saying the cadence in effect; a trip (something new in it) records the steps
+        after it in full under the time budget."""
+        rec = self._recorder
+        assert rec is not None
+        cadence = rec.cadence
+        report = self._out.publish(stats, in_hook=in_hook, take_notes=rec.take_notes,
+                                   cadence=cadence if cadence.every != 1 else None)
+        if report is not None and cadence.budgeted:
+            flags: set[tuple[str | None, str]] = {(layer.name, p) for layer in report.layers for p in layer.status}
+            if self._sentinel is not None:  # a figure on its way to its threshold: record the steps a forecast needs
+                flags |= {(layer, "approaching " + figure) for figure, layer in self._sentinel.forecasts.approaching}
+            events = bool(report.first_nonfinite or report.first_nonfinite_grad or report.loss_spikes
+                          or report.forecasts)
+            cadence.observe_report(report.step, frozenset(flags), events)
+            if cadence.tripped:
+                rec.record_now()
         return report
 
     def _end_step_in_hook(self) -> None:
@@ -282,12 +312,16 @@ def _recorder(config: Config, slots: list[Any], modules: list[nn.Module], model:
               histograms: bool, group: distributed.Group | None) -> Recorder:
     """The recorder of one watch on its config's schedule: every, the histogram window (when something will write
     them), deferral, and under torch.distributed torchdiag's collectives for its steps."""
-    rec = Recorder(slots, modules, config.every, on_auto_step=on_auto_step,
+    every = config.every if isinstance(config.every, int) else None
+    cadence = Cadence(every, budget=config.budget, record_first=config.record_first,
+                      settle=max(config.finding_window, config.forecast_window))
+    rec = Recorder(slots, modules, cadence, on_auto_step=on_auto_step,
                    histogram_every=config.histogram_every if histograms else 0)
     rec.defer = _defer(config.defer_report, model)
     if group is not None:
         rec.reducer = distributed.StepReducer(slots, group, schedule={
-            "every": config.every, "histogram_every": config.histogram_every,
+            "every": float(every or 0), "budget": config.budget if every is None else 0.0,
+            "record_first": float(config.record_first), "histogram_every": config.histogram_every,
             "profile_every": config.profile_every, "defer_report": float(rec.defer)}, recorder=rec)
     return rec
 
@@ -333,7 +367,8 @@ def watch(model: nn.Module, *, logdir: str | bytes | os.PathLike | None = None, 
         logdir: write TensorBoard events here (torchdiag owns and closes that writer).
         writer: a ``SummaryWriter`` of yours to write into instead (not closed by torchdiag).
         config: a YAML path, a dict or a ``torchdiag.Config``; keyword arguments override it.
-        every: record every N steps (steps 0, N, 2N, ...).
+        every: record every N steps (steps 0, N, 2N, ...) whatever they cost; by default (config ``every:
+            auto``) as many steps as the time budget (config ``budget``, 3 % of the training time) allows.
         rescale_grads: False, True (multiply each weighted layer's output gradient by
             sqrt(fan_in / fan_out)), a float factor, or a callable ``(name, module) -> float``.
             This changes training; off by default.

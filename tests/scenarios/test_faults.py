@@ -59,7 +59,7 @@ def test_a_full_log_disk_warns_once_naming_the_logdir_and_training_goes_on(tmp_p
     logdir = tmp_path / "full_disk"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with torchdiag.watch(model, logdir=logdir, config={"histogram_every": 1}) as diag:
+        with torchdiag.watch(model, logdir=logdir, config={"histogram_every": 1}, every=1) as diag:
             sgd_steps(model, xs, diag if explicit_step else None)
     assert calls["n"] > 3, "the simulated disk never filled up"
     failed = [m for m in ours(caught) if "TensorBoard" in m]

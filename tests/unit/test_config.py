@@ -36,7 +36,7 @@ def test_yaml_overrides_a_subset_and_kwargs_override_yaml(tmp_path):
 @pytest.mark.parametrize(
     "d, match",
     [
-        ({"every": 0}, r"'every' expects an integer >= 1, got 0"),
+        ({"every": 0}, r"'every' expects an integer >= 1, or 'auto'"),
         ({"every": "3"}, r"'every' expects an integer"),
         ({"dead_fraction": 1.5}, r"'dead_fraction' expects a number in \(0.0, 1.0\], got 1.5"),
         ({"warnings": "yes"}, r"'warnings' expects true or false"),

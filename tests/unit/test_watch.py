@@ -297,7 +297,7 @@ def test_report_table_and_dict():
     "call, match",
     [
         (lambda m: torchdiag.watch("not a model"), "expected a torch.nn.Module, got str"),
-        (lambda m: torchdiag.watch(m, every=0), "'every' expects an integer >= 1, got 0"),
+        (lambda m: torchdiag.watch(m, every=0), "'every' expects an integer >= 1, or 'auto'"),
         (lambda m: torchdiag.watch(m, config={"evry": 2}), "unknown key 'evry'"),
         (lambda m: torchdiag.watch(m, config={"include": ["nomatch*"]}), "'include'"),
         (lambda m: torchdiag.watch(m, rescale_grads="yes"), "rescale_grads"),

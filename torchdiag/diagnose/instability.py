@@ -190,6 +190,12 @@ class LossSpikes:
         self.spikes += found
         return found
 
+    def would_spike(self, loss: float) -> bool:
+        """Whether ``loss`` would be a spike (or is not finite) against the losses judged so far; nothing changes."""
+        if not math.isfinite(loss):
+            return True
+        return len(self._losses) >= self.min_steps and robust_z(self._losses, loss)[2] > self.sigma
+
     def _move_level(self) -> None:
         """The recent losses moved to the streak's level (their median shifted onto the streak's, in log units where
         every loss is positive): the noise learnt so far is kept, the level is the new one."""
@@ -249,6 +255,7 @@ class Forecast:
 
 
 _FORECAST_FROM = 1 / 30  # a figure is extrapolated once it is within 30x of its threshold (an attention logit of 33)
+_APPROACH_FROM = 1e-3  # a growing logit is followed closely from 1e-3 of its threshold (1 at 1000); at init ~1-10
 
 
 class Forecasts:
@@ -262,12 +269,17 @@ class Forecasts:
         self.cfg = cfg
         self._history: dict[tuple[str, str | None], deque[tuple[int, float]]] = {}
         self._told: set[tuple[str, str | None]] = set()
+        # figures on their way to their threshold at the latest step (up at each of the last two recorded steps, at a
+        # pace that would reach it within ten such gaps; a logit within 1000x of it, log Z within 30x): the steps
+        # after are worth recording, where a time budget spaces them out
+        self.approaching: set[tuple[str, str | None]] = set()
 
     def feed(self, report: Report) -> list[Forecast]:
         """Take one recorded step's figures; return the forecasts that are new at this step."""
         if self.horizon <= 0:
             return []
         cfg, step, out = self.cfg, report.step, []
+        self.approaching = set()
         figures: list[tuple[str, str | None, float | None, float, str, bool]] = []
         for row in report.layers:
             figures.append(("attention logit", row.name, row.attention_logit_max, cfg.attention_logit_max,
@@ -280,9 +292,16 @@ class Forecasts:
                 continue
             hist = self._history.setdefault((figure, layer), deque(maxlen=self.window))
             hist.append((step, math.log(value) if geometric else value))
-            if len(hist) < self.window or value >= threshold or value < threshold * _FORECAST_FROM:
+            if value >= threshold:
+                continue
+            target = math.log(threshold) if geometric else threshold
+            ys = [y for _, y in list(hist)[-3:]]
+            if value >= threshold * (_APPROACH_FROM if geometric else _FORECAST_FROM) and len(ys) == 3 \
+                    and ys[0] < ys[1] < ys[2] and 10 * (ys[2] - ys[0]) >= target - ys[2]:
+                self.approaching.add((figure, layer))
+            if value < threshold * _FORECAST_FROM or len(hist) < self.window:
                 continue  # a full window, on the way up: a healthy run's first steps grow its logits too
-            found = self._extrapolate(hist, math.log(threshold) if geometric else threshold)
+            found = self._extrapolate(hist, target)
             if found is None or (figure, layer) in self._told:
                 continue
             to_go, slope = found

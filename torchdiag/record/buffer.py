@@ -1,12 +1,12 @@
 """The recorder: the step state machine of a watch, which assembles each recorded step's ``StepStats``.
 
 ``capture.Capture`` (the hooks) writes rows into a ``stepbuffer.StepBuffer``; the recorder decides which
-steps are recorded (``every``), which get histograms (``vocab.histogram_window``), whether a step's host
-copy completes at once or at the next step's end (``defer``), and the shift policy (moments about a shift
-where the last recorded step was ill-conditioned). At the end of a recorded step it adds the weight rows,
-launches the one host copy, decodes it, reduces it across ranks (``reducer``, a ``distributed.StepReducer``:
-every rank runs the collective at every recorded step, also one where it ran nothing; histograms stay
-local) and hands the result to ``assemble`` for the step's ``LayerStats`` and histograms.
+steps are recorded (its ``cadence.Cadence``: every N steps, or the time budget), which get histograms
+(``vocab.histogram_window``), whether a step's host copy completes at once or at the next step's end
+(``defer``), and the shift policy (moments about a shift where the last recorded step was ill-conditioned).
+At the end of a recorded step it adds the weight rows, launches the one host copy, decodes it, reduces it
+across ranks (``reducer``, a ``distributed.StepReducer``: every rank runs the collective at every recorded
+step, also one where it ran nothing; histograms stay local) and hands the result to ``assemble`` for the step's ``LayerStats`` and histograms.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..stats import stats
 from ..stats.stepbuffer import Decoded, Pending, StepBuffer, arrive, decode, reduction_layout
 from ..vocab import Row, StepStats, histogram_window
 from ._assemble import histograms, step_stats
+from .cadence import Cadence
 
 ACT, GRAD, WEIGHT, UPDATE, CLIP = Row.ACT, Row.GRAD, Row.WEIGHT, Row.UPDATE, Row.CLIP
 _STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
@@ -34,12 +35,14 @@ _STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 class Recorder:
     """Steps of one watch; ``end_step`` returns a recorded step's ``StepStats`` (or None if not recorded)."""
 
-    def __init__(self, slots: list[Slot], modules: list[nn.Module], every: int,
+    def __init__(self, slots: list[Slot], modules: list[nn.Module], cadence: Cadence | int,
                  on_auto_step: Callable[[], None], histogram_every: int = 0) -> None:
         self.slots = slots
-        self.every = every
+        self.cadence = cadence if isinstance(cadence, Cadence) else Cadence(every=cadence)
         self.buffer = StepBuffer()
         self.capture = Capture(slots, modules, self.buffer, on_auto_step)
+        self.capture.recording = self.cadence.decide(0)
+        self.worked = False  # the step that just ended recorded, or completed a deferred recording
         self.reducer: distributed.StepReducer | None = None  # recorded steps are reduced across ranks
         self.histogram_every = histogram_every  # 0: no histograms
         self.step = 0
@@ -99,9 +102,11 @@ class Recorder:
         """
         result = None
         cap = self.capture
+        self.worked = cap.recording
         try:
             pending, self._pending = self._pending, None
             if pending is not None:
+                self.worked = True
                 result = self._complete(pending, reduce)
             collective = reduce and self.reducer is not None
             self._check_compiled()
@@ -118,7 +123,7 @@ class Recorder:
             self.buffer.reset()
             self.step += 1
             cap.generation += 1
-            cap.recording = self.step % self.every == 0
+            cap.recording = self.cadence.decide(self.step)
             set_recording(cap, cap.recording and not cap.closed)
             cap.histogram_step = self._histogram_due()
         return result
@@ -130,6 +135,16 @@ class Recorder:
         if pending is None:
             return None
         return self._complete(pending, reduce)
+
+    def record_now(self) -> None:
+        """Record the step in progress after all (a trip under the time budget), if it has not begun."""
+        cap = self.capture
+        if cap.recording or cap.closed or cap.order:
+            return
+        self.cadence.force(self.step)
+        cap.recording = True
+        set_recording(cap, True)
+        cap.histogram_step = self._histogram_due()
 
     def close(self) -> None:
         """No more recording: the hooks ignore this watch from now on."""
@@ -244,10 +259,11 @@ class Recorder:
         """The step across ranks (``distributed.reduce``; the identity in a single process). None: no rank ran a
         watched layer (or, the reduction disabled, this one did not)."""
         if not (reduce and self.reducer is not None):
+            self.cadence.agree(*self.cadence.propose())
             return Decoded.from_accumulators(distributed.reduce(local.accumulators(), None))
         if self._layout is None:
             self._layout = reduction_layout(self.slots)
-        reduced = self.reducer.reduce(step, local.accumulators(), self._layout)
+        reduced = self.reducer.reduce(step, local.accumulators(), self._layout, cadence=self.cadence)
         out = Decoded.from_accumulators(reduced) if reduced is not None else local
         return out if out.order else None
 

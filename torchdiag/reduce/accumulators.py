@@ -178,3 +178,16 @@ class StepNumber:
 
     def is_empty(self) -> bool:
         return False
+
+
+@dataclass
+class Interval:
+    """The recording interval a rank's time budget asks for, from its cost and step time (seconds): every rank
+    applies the largest of each."""
+
+    steps: float = state(1.0, MAX)
+    cost: float = state(math.nan, MAX)
+    step: float = state(math.nan, MAX)
+
+    def is_empty(self) -> bool:
+        return False

@@ -45,7 +45,7 @@ import torch
 from ..errors import warn_self
 from ._groups import Group, is_dist, rank, rank_zero, resolve
 from ._reduction import OneRank, reduce
-from .accumulators import StepNumber
+from .accumulators import Interval, StepNumber
 from .dtensor import is_sharded, local_tensor, unwrap
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ class _Missing(Exception):
 
 
 _STEP_KEY = ("torchdiag", "step")
+_INTERVAL_KEY = ("torchdiag", "interval")
 
 
 class StepReducer:
@@ -118,6 +119,7 @@ class StepReducer:
         self._store: Any = None
         self._left = False
         self._last: int | None = None  # the last step reduced
+        self._interval = (1.0, math.nan, math.nan)  # the ranks' agreed cadence at the last reduction (Interval)
         found = _group_store(group.pg) if _is_gloo_available() else None
         if found is not None:
             base, name = found
@@ -276,24 +278,35 @@ class StepReducer:
         ops = torch.distributed.ReduceOp
         return self._all_reduce(values, ops.MAX if op == "max" else ops.SUM)
 
-    def reduce(self, step: int, accumulators: dict, layout: Sequence[tuple[Hashable, type]]) -> dict | None:
+    def reduce(self, step: int, accumulators: dict, layout: Sequence[tuple[Hashable, type]],
+               cadence: Any = None) -> dict | None:
         """The global accumulators of this step (``reduce`` over this rank's group); None when the reduction is
-        disabled (then the caller keeps its own numbers)."""
+        disabled (then the caller keeps its own numbers). ``cadence`` (a ``cadence.Cadence``): its proposed
+        recording interval joins the reduction and every rank agrees on the largest (this rank's own when the
+        reduction is disabled)."""
         out = None
+        proposed = cadence.propose() if cadence is not None else (1.0, math.nan, math.nan)
         if not self.disabled and (self._checked or self._check_layout(step)):
             try:
-                out = self._reduce(step, accumulators, layout)
+                out = self._reduce(step, accumulators, layout, Interval(*proposed))
+                proposed = self._interval
                 self._last = step
             except _Missing as e:
                 self._failed(step, "reduced", e.error)
+        if cadence is not None:
+            cadence.agree(*proposed)
         rec = self._recorder() if self._recorder is not None else None
         if out is None and self.note and rec is not None:
             rec.notes.append(self.note)  # the report says whose numbers it holds
         return out
 
-    def _reduce(self, step: int, accumulators: dict, layout: Sequence[tuple[Hashable, type]]) -> dict:
-        accumulators = {**accumulators, _STEP_KEY: StepNumber(low=float(step), high=float(step))}
-        out = reduce(accumulators, self, [*layout, (_STEP_KEY, StepNumber)])
+    def _reduce(self, step: int, accumulators: dict, layout: Sequence[tuple[Hashable, type]],
+                interval: Interval | None = None) -> dict:
+        accumulators = {**accumulators, _STEP_KEY: StepNumber(low=float(step), high=float(step)),
+                        _INTERVAL_KEY: interval or Interval()}
+        out = reduce(accumulators, self, [*layout, (_STEP_KEY, StepNumber), (_INTERVAL_KEY, Interval)])
+        agreed = out.pop(_INTERVAL_KEY)
+        self._interval = agreed.steps, agreed.cost, agreed.step
         steps = out.pop(_STEP_KEY)
         if steps.low != steps.high and not self._warned_step:
             self._warned_step = True

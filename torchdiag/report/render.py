@@ -241,7 +241,10 @@ def render(report: Report, *, color: bool = False, width: int = 100) -> str:
     title = f"torchdiag report, step {report.step}" + (" (gradient rescale ON)" if report.rescale_grads else "")
     if prefix:
         title += f"; layers under '{elide_name(prefix[:-1], max(width - len(title) - 16, 12))}'"
-    lines = [title[:width], line(list(_COLUMNS))]
+    lines = [title[:width]]
+    if report.cadence:
+        lines.extend(_wrap(report.cadence, width, "recorded: ", "  "))
+    lines.append(line(list(_COLUMNS)))
     for layer, cells in zip(report.layers, rows):
         lines.append(line(cells, bool(layer.status)))
     if report.first_nonfinite:

@@ -133,6 +133,8 @@ class Report:
     drift_seen: Baseline | None = field(default=None, repr=False)  # the chains' drift at this step
     trained: bool = False  # a step was recorded before this one: what appears now is the training's doing
     output_grad_std: float | None = None  # std of the gradient at the model's output (the loss's pull)
+    cadence: str | None = None  # which steps the watch records, and why (the time budget, every=N)
+    record_interval: int | None = None  # one step in this many is recorded (the time budget's cadence, or every=N)
 
     @property
     def flagged(self) -> list[LayerReport]:
@@ -191,6 +193,8 @@ class Report:
             "loss_spikes": [dataclasses.asdict(x) for x in self.loss_spikes],
             "forecasts": [dataclasses.asdict(x) for x in self.forecasts],
             "notes": list(self.notes),
+            "cadence": self.cadence,
+            "record_interval": self.record_interval,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 

@@ -53,6 +53,7 @@ STEP_TAGS = {
     "optim/clipped": "clipped",
     "amp/scale": "amp_scale",
     "amp/skipped_steps": "amp_skipped_steps",
+    "torchdiag/record_interval": "record_interval",
 }
 HISTOGRAMS = ("act", "grad")  # ``Histogram.quantity``: the tag's head
 OVERVIEW = "0_overview"  # digits sort before letters: these are the first cards of the default dashboard

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ..diagnose import instability
@@ -29,6 +30,7 @@ class Sentinel:
                  lookups: AbstractSet[int] = frozenset(), monitor: Any = None, deferred: bool = False,
                  distributed: bool = False, reducer: Callable[[], Any] | None = None) -> None:
         self._cfg = config
+        self._distributed = distributed
         self._reducer = reducer  # under torch.distributed: the watch's StepReducer (all_reduce of float lists)
         self._adam_weights = sorted(set((weights or {}).values()))
         self._signals = signals.Signals(model, layers, config, recording, optimizer=optimizer)
@@ -49,6 +51,7 @@ class Sentinel:
         self.forecasts = instability.Forecasts(config)
         self._pending: list[tuple[int, dict[str, Any], Any]] = []  # (step, raw signals, batch)
         self._losses: list[tuple[int, Any]] = []  # of steps that ended unrecorded: judged at the next report
+        self.alarm = False  # an unrecorded step's loss spiked (or is not finite): the next step is recorded
         self._ended = -1  # the step that ended last
         self._adam_near: set[str] = set()  # layers near Adam's eps at the previous recorded step
         self._pull_start: float | None = None  # the gradient std at the model's output, first recorded step
@@ -79,6 +82,8 @@ class Sentinel:
             self._tripwire.end_step()
         if not recorded:
             self._losses += raw["losses"]
+            if not self._distributed:  # (a rank's own loss: ranks must record alike, they trip on reports only)
+                self.alarm = self.alarm or any(self.spikes.would_spike(v) for v in _host_losses(raw["losses"]))
             return
         batch = self._tripwire.take_batch() if self._tripwire is not None else None
         self._pending.append((step, raw, batch))
@@ -114,6 +119,17 @@ class Sentinel:
                 warn_self(f"torchdiag (step {report.step}): {fresh}" + (f" ({fresh.note})" if fresh.note else ""))
         for message in [s.message for s in report.loss_spikes] + [f.message for f in report.forecasts]:
             warn_self(f"torchdiag (step {report.step}): {message}")
+
+
+def _host_losses(losses: list[tuple[int, Any]]) -> list[float]:
+    """The losses readable without waiting for a device: numbers and CPU tensors."""
+    out = []
+    for _, loss in losses:
+        if isinstance(loss, float):
+            out.append(loss)
+        elif isinstance(loss, torch.Tensor) and loss.device.type == "cpu":
+            out.append(float(loss))
+    return out
 
 
 _EMPTY: dict[str, Any] = {"attention": {}, "logz": None, "softmax": None, "adam": {}, "losses": []}

@@ -115,8 +115,10 @@ class Publisher:
         return report
 
     def publish(self, stats: StepStats | None, in_hook: bool = False,
-                take_notes: Callable[[], list[str]] | None = None) -> Report | None:
-        """Diagnose a completed step, warn and write it; ``take_notes``: the recorder's notes for its report.
+                take_notes: Callable[[], list[str]] | None = None,
+                cadence: Any = None) -> Report | None:
+        """Diagnose a completed step, warn and write it; ``take_notes``: the recorder's notes for its report;
+        ``cadence``: the watch's ``record.cadence.Cadence`` (``Report.cadence``, ``Report.record_interval``).
 
         ``in_hook``: called from inside the user's forward or ``opt.step()``, where a warnings filter that
         makes warnings errors (``-W error``) must not raise either: a warning that would raise is printed.
@@ -130,6 +132,9 @@ class Publisher:
             return None
         if take_notes is not None:
             report.notes += take_notes()
+        if cadence is not None:
+            report.cadence = cadence.describe()
+            report.record_interval = cadence.current_interval
         if self.sentinel is not None:
             try:
                 self.sentinel.publish(report)

@@ -16,8 +16,9 @@ Per recorded step, into the run's writer (one event holding all of it):
 * the overview images ``0_overview/...`` (first in TensorBoard's tag order, so the first cards of the
   default dashboard): layers x recorded steps heatmaps of act_std and grad_std (log colour scale against
   the median layer at the first recorded step, flagged cells dotted) and the depth profile (std against
-  layer index, forward and backward, log y). Drawn here in pure Python (no imaging library) at steps
-  0, 1, 2, 4... up to ``overview_every``, then every ``overview_every`` steps, and at close;
+  layer index, forward and backward, log y). Drawn here in pure Python (no imaging library) at the first
+  recorded step of each ``overview_every`` steps after the first window (N, 2N...), and at close: each image
+  holds every step so far, so earlier ones would only repeat part of the last;
 * when new: the layer list (``torchdiag/layers`` as a markdown table, ``torchdiag/layer_index`` as JSON)
   and a custom-scalars layout holding only charts whose tags exist (rewritten when new tags appear).
 
@@ -57,7 +58,7 @@ from ..report.tags import (
     scalar_tag,
     state_record,
 )
-from ..vocab import Histogram, histogram_window
+from ..vocab import Histogram
 from .eventfiles import use_compiled_crc
 from .layout import custom_layout
 from .overview import History, render_heatmap, render_profile
@@ -131,7 +132,7 @@ class TensorBoardSink:
         self.history = History()
         self._last: Report | None = None
         self._profile_window = -1
-        self._overview_window = -1
+        self._overview_window = 0  # the images of the steps so far, at steps N, 2N... (and at close)
         self._overview_step: int | None = None
         self._report_text_step: int | None = None
         self._closed = False
@@ -157,7 +158,7 @@ class TensorBoardSink:
                 flush()
         if warnings and self._can_text:
             self.writer.add_text(WARNINGS_TAG, "\n\n".join(f"- {m}" for m in warnings), step)
-        window = histogram_window(step, self.overview_every) if self.overview_every else -1
+        window = step // self.overview_every if self.overview_every else -1
         if window > self._overview_window:
             self._overview_window = window
             self._write_overview()

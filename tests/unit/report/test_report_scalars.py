@@ -35,6 +35,8 @@ def test_every_measured_field_of_every_layer_and_nothing_else():
     for attr in ("grad_norm_preclip", "grad_norm_postclip", "clipped"):
         assert getattr(report, attr) is not None
         expected[attr] = float(getattr(report, attr))
+    assert report.record_interval == 1  # the first steps are recorded in full, whatever the time budget
+    expected["record_interval"] = 1.0
     assert scalars == expected
     assert scalars["0/act_std"] == report["0"].act_std and scalars["2/update_ratio"] == report["2"].update_ratio
     assert "1/weight_std" not in scalars  # a ReLU has no weight: not measured, not a key

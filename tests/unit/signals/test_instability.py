@@ -345,7 +345,7 @@ def test_a_loss_spike_against_the_runs_own_losses_names_the_layers_that_jumped_f
     spikes, caught_all = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with torchdiag.watch(model) as diag:
+        with torchdiag.watch(model, every=1) as diag:
             for i, value in enumerate(losses):
                 scale = 30.0 if i >= 38 else 1.0  # the gradients jump two steps before the loss does
                 model(torch.randn(16, 8) * scale).pow(2).mean().backward()
@@ -364,7 +364,7 @@ def test_a_loss_spike_against_the_runs_own_losses_names_the_layers_that_jumped_f
 def test_no_spike_on_a_noisy_healthy_loss_and_bad_loss_arguments():
     model = nn.Linear(4, 1)
     gen = torch.Generator().manual_seed(3)
-    with torchdiag.watch(model) as diag:
+    with torchdiag.watch(model, every=1) as diag:
         for _ in range(300):
             model(torch.randn(8, 4)).sum().backward()
             value = 1.0 + 0.05 * torch.randn((), generator=gen).item()  # minibatch noise
@@ -644,7 +644,7 @@ def test_a_loss_that_moves_to_a_new_level_is_one_spike_not_one_per_step():
     spikes = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with torchdiag.watch(model) as diag:
+        with torchdiag.watch(model, every=1) as diag:
             for i in range(120):
                 model(torch.randn(8, 4)).sum().backward()
                 level = 1.0 if i < 40 else 3.0
@@ -672,7 +672,7 @@ def test_numpy_losses_feed_the_spike_monitor():
     model = nn.Linear(4, 1)
     gen = np.random.default_rng(0)
     spikes = []
-    with torchdiag.watch(model) as diag:
+    with torchdiag.watch(model, every=1) as diag:
         for i in range(30):
             model(torch.randn(2, 4)).sum().backward()
             value = np.float32(5.0 if i == 29 else 1.0 + 0.01 * gen.standard_normal())
@@ -705,7 +705,7 @@ def test_a_heavy_tailed_loss_near_zero_is_no_spike_but_a_real_spike_still_is():
     raw = healthy[:150]
     assert (0.27 - statistics.fmean(raw)) / statistics.pstdev(raw) > 6  # what a Gaussian 6-sigma rule flagged
     model = nn.Linear(4, 1)
-    with torchdiag.watch(model) as diag:
+    with torchdiag.watch(model, every=1) as diag:
         for value in healthy:
             model(torch.randn(8, 4)).sum().backward()
             assert diag.step(loss=value).loss_spikes == []

@@ -31,7 +31,7 @@ def _report() -> Report:
     bad.suggested_scale, bad.nonlinearity = 1.41421, "relu"
     bad.findings = [Finding("vanishing", "forward", 0.01, 0.1, "vanishing_ratio", "'enc.0|x' vanishes", "enc.0|x")]
     return Report(layers=layers, step=3, grad_norm_preclip=2.5, grad_norm_postclip=1.0, clipped=True,
-                  amp_scale=1024.0, amp_skipped_steps=2)
+                  amp_scale=1024.0, amp_skipped_steps=2, record_interval=7)
 
 
 def _write(tmp_path, report: Report) -> ea.EventAccumulator:

@@ -1,0 +1,190 @@
+"""What a watch costs over whole runs, as a user meets it: the default (the time budget), ``every=1`` and the read
+floor against no monitoring, on the workloads users bring.
+
+    python benchmarks/budget.py [--workload all|tiny|llama|gpt2|resnet|mlp|cnn|transformer] [--steps 60]
+                                [--repeats 3] [--threads 1] [--device cpu|cuda] [--quick] [--json out.json]
+
+Each repeat trains, for every variant in turn (the order rotates between repeats), a fresh copy of the same model
+from the same init for ``--steps`` steps (AdamW; ``torchdiag.watch(model, logdir=...)`` and nothing else for the
+default), the watch open for the whole run and closed after it, so that no variant runs beside another's hooks. The
+ratio is the variant's whole-run time (its first steps, its histogram and overview steps, leaving the watch
+included) over the unmonitored run's in the same repeat; the table gives the median over repeats, and for the
+default how many steps it recorded. ``--steps 60`` is a run's start; ``--steps 600`` a longer run.
+
+The workloads: a digits-sized MLP (64 -> 4 x 256 -> 10, batch 64), Hugging Face Llama and GPT-2 from configs
+(4 x 128, byte vocabulary, context 64, batch 16), a torchvision ResNet-18 (64 x 64 images, batch 16), and the
+synthetic ones of ``overhead.py`` (24 x 512 MLP, a small ResNet, a 4 x 256 transformer encoder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torchdiag  # noqa: E402
+from benchmarks import overhead  # noqa: E402
+
+
+def tiny_workload(device, quick):
+    hidden = [m for _ in range(3) for m in (nn.Linear(256, 256), nn.ReLU())]
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), *hidden, nn.Linear(256, 10)).to(device)
+    x, y = torch.randn(64, 64, device=device), torch.randint(0, 10, (64,), device=device)
+    return model, lambda m: F.cross_entropy(m(x), y)
+
+
+def _transformers():
+    """Hugging Face transformers, importable beside the CPU torch (it imports torchvision when installed)."""
+    from tests.helpers.thirdparty import import_torchvision
+
+    import_torchvision()
+    import transformers
+
+    return transformers
+
+
+def _lm(model, device, quick):
+    batch, ctx = (2, 16) if quick else (16, 64)
+    ids = torch.randint(0, 256, (batch, ctx), device=device)
+    return model.to(device), lambda m: m(input_ids=ids, labels=ids).loss
+
+
+def llama_workload(device, quick):
+    tf = _transformers()
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2 if quick else 4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return _lm(tf.LlamaForCausalLM(cfg), device, quick)
+
+
+def gpt2_workload(device, quick):
+    tf = _transformers()
+    cfg = tf.GPT2Config(vocab_size=256, n_embd=128, n_layer=2 if quick else 4, n_head=4, n_positions=64)
+    return _lm(tf.GPT2LMHeadModel(cfg), device, quick)
+
+
+def resnet_workload(device, quick):
+    from tests.helpers.thirdparty import import_torchvision
+
+    models = import_torchvision().models
+    model = models.resnet18(num_classes=10).to(device)
+    batch, size = (2, 32) if quick else (16, 64)
+    x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
+    return model, lambda m: F.cross_entropy(m(x), y)
+
+
+WORKLOADS: dict[str, Callable] = {
+    "tiny": tiny_workload, "llama": llama_workload, "gpt2": gpt2_workload, "resnet": resnet_workload,
+    "mlp": overhead.mlp_workload, "cnn": overhead.cnn_workload, "transformer": overhead.transformer_workload}
+
+
+def variants(logdir: str) -> dict[str, Callable]:
+    return {
+        "none": lambda m: overhead.NoMonitor(),
+        "read floor": overhead.ReadFloor,
+        "default": lambda m: torchdiag.watch(m, logdir=tempfile.mkdtemp(dir=logdir)),
+        "every=1": lambda m: torchdiag.watch(m, logdir=tempfile.mkdtemp(dir=logdir), every=1),
+    }
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int, device) -> tuple[float, int]:
+    """One whole run of ``steps`` steps under ``monitor``: (seconds, steps it recorded; -1 for a non-torchdiag one)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    recorded = 0
+    _sync(device)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with monitor(model) as mon:
+            for _ in range(steps):
+                loss = loss_fn(model)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss.item()  # what a training loop's logging does: the host waits for the step
+                if isinstance(mon, torchdiag.Watcher):
+                    recorded += mon.step() is not None
+                else:
+                    mon.step()
+    _sync(device)
+    return time.perf_counter() - start, recorded if isinstance(mon, torchdiag.Watcher) else -1
+
+
+def bench(name: str, steps: int, repeats: int, device, quick: bool) -> dict:
+    torch.manual_seed(0)
+    base, loss_fn = WORKLOADS[name](device, quick)
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as logdir:
+        vs = variants(logdir)
+        names = list(vs)
+        for _ in range(2):  # warm-up: allocator, first-call costs, the CPU kernel's build
+            run(copy.deepcopy(base), loss_fn, vs["default"], 3, device)
+            run(copy.deepcopy(base), loss_fn, vs["none"], 3, device)
+        times: dict[str, list[float]] = {v: [] for v in names}
+        recorded: dict[str, list[int]] = {v: [] for v in names}
+        for r in range(repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for v in order:
+                seconds, rec = run(copy.deepcopy(base), loss_fn, vs[v], steps, device)
+                times[v].append(seconds)
+                recorded[v].append(rec)
+    for v in names:
+        ratios = [t / n for t, n in zip(times[v], times["none"])]
+        out[v] = {"ratio": statistics.median(ratios), "ratios": ratios,
+                  "step_ms": 1e3 * statistics.median(times[v]) / steps,
+                  "recorded": statistics.median(recorded[v]) if recorded[v][0] >= 0 else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: proves that it runs")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    if a.device == "cpu":
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    repeats, steps = (1, min(a.steps, 12)) if a.quick else (a.repeats, a.steps)
+    names = list(WORKLOADS) if a.workload == "all" else [a.workload]
+    results = {}
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); {steps} steps per run, median of"
+          f" {repeats} repeat(s); ratio = whole-run time over the unmonitored run's")
+    for name in names:
+        try:
+            res = bench(name, steps, repeats, device, a.quick)
+        except ImportError as e:
+            print(f"{name}: skipped ({e})")
+            continue
+        results[name] = res
+        none_ms = res["none"]["step_ms"]
+        cells = "  ".join(f"{v} {r['ratio']:.3f}x" + (f" ({r['recorded']:.0f} rec)" if r["recorded"] is not None
+                                                       else "") for v, r in res.items() if v != "none")
+        print(f"{name:12s} none {none_ms:7.2f} ms/step  {cells}", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

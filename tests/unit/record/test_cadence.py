@@ -1,0 +1,196 @@
+"""Which steps a watch records: a fixed ``every``, or the time budget (``record/cadence.py``), alone and in a watch."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchdiag
+from torchdiag.record.cadence import Cadence
+
+
+def _timed(cadence: Cadence, recording: float, plain: float, own: float, n_rec: int = 9, n_plain: int = 15) -> None:
+    for _ in range(n_rec):
+        cadence.observe(recording, True, own, True)
+    for _ in range(n_plain):
+        cadence.observe(plain, False, 0.0, False)
+
+
+def _smallest_interval(cost: float, plain: float, budget: float) -> int:
+    """By hand: the smallest k for which one recording of ``cost`` every k steps of ``plain`` is within ``budget``."""
+    k = 1
+    while cost / (k * plain) > budget + 1e-12:
+        k += 1
+    return k
+
+
+def test_the_interval_is_the_smallest_that_keeps_the_recordings_within_the_budget():
+    for recording, plain, own, budget in ((1.5, 1.0, 0.2, 0.03), (1.02, 1.0, 0.01, 0.03), (3.0, 1.0, 0.5, 0.1)):
+        c = Cadence(None, budget=budget)
+        _timed(c, recording, plain, own)
+        k, cost, step = c.propose()
+        assert (cost, step) == (recording - plain, plain)
+        assert k == _smallest_interval(recording - plain, plain, budget)
+    # what torchdiag's end of a step took is a floor on a recording's cost (a plain step slower than usual)
+    c = Cadence(None, budget=0.03)
+    _timed(c, 1.1, 1.0, own=0.3)
+    assert c.propose()[1] == 0.3
+    # before any plain step: the cost is the end-of-step work, the step the rest
+    c = Cadence(None, budget=0.03)
+    _timed(c, 1.2, 1.0, own=0.2, n_plain=0)
+    assert c.propose()[:2] == (_smallest_interval(0.2, 1.0, 0.03), 0.2)
+    # a recording completed at the next step (deferral) costs both steps
+    c = Cadence(None, budget=0.03)
+    for _ in range(5):
+        c.observe(1.3, True, 0.1, True)
+        c.observe(1.3, True, 0.1, False)  # the next step completes it
+    _timed(c, 1.3, 1.0, 0.1, n_rec=0)
+    assert c.propose()[1] == pytest.approx(2 * 0.3)
+
+
+def test_the_schedule_records_the_first_steps_then_one_step_in_the_agreed_interval():
+    fixed = Cadence(4)
+    assert [s for s in range(12) if fixed.decide(s)] == [0, 4, 8]
+    c = Cadence(None, budget=0.03, record_first=5)
+    got = []
+    for step in range(60):
+        if step == 5:
+            c.agree(17, 0.5, 1.0)
+        if c.decide(step):
+            got.append(step)
+    assert got == [0, 1, 2, 3, 4, 21, 38, 55]
+    # every step fits the budget: every step is recorded but one in 100, which times the step without torchdiag
+    c = Cadence(None, budget=0.03, record_first=5)
+    c.agree(1, 0.001, 1.0)
+    plain = [s for s in range(250) if not c.decide(s)]
+    assert plain == [5, 105, 205]
+
+
+def test_something_new_records_the_next_steps_in_full_and_the_same_again_does_not():
+    c = Cadence(None, budget=0.03, record_first=2, settle=3)
+    c.agree(10, 1.0, 1.0)
+    decided = [c.decide(s) for s in range(20)]
+    assert [s for s, d in enumerate(decided) if d] == [0, 1, 11]
+    c.observe_report(11, frozenset({("fc2", "exploding")}), events=False)
+    assert "something new at step 11" in c.describe()
+    assert [s for s in range(20, 30) if c.decide(s)] == [20, 21, 22]
+    c.observe_report(22, frozenset({("fc2", "exploding")}), events=False)  # the same flag: nothing new
+    assert [s for s in range(23, 40) if c.decide(s)] == [32]
+    c.observe_report(32, frozenset(), events=True)  # a loss spike, a NaN or a forecast is always news
+    assert [s for s in range(33, 40) if c.decide(s)] == [33, 34, 35]
+
+
+def test_ranks_with_different_clocks_record_the_same_steps_once_they_agree():
+    a, b = Cadence(None, budget=0.03), Cadence(None, budget=0.03)
+    _timed(a, 1.5, 1.0, 0.2)
+    _timed(b, 1.2, 1.0, 0.1)
+    agreed = [max(x, y) for x, y in zip(a.propose(), b.propose())]  # what the reduction (MAX) gives every rank
+    for c in (a, b):
+        c.agree(*agreed)
+    assert [s for s in range(200) if a.decide(s)] == [s for s in range(200) if b.decide(s)]
+    assert a.describe() == b.describe()
+
+
+# ------------------------------------------------------------------ in a watch
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(64, 128), nn.ReLU()]
+    for _ in range(3):
+        layers += [nn.Linear(128, 128), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(128, 10))
+
+
+def _kaiming(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def _train(model, steps, event=None, losses=None, **kw):
+    """SGD on a fixed batch; ``event(step, model)`` may break something; returns the reports of the recorded steps."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 64, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    reports = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torchdiag.watch(model, **kw) as diag:
+            for step in range(steps):
+                if event is not None:
+                    event(step, model)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                report = diag.step(loss=losses[step] if losses is not None else None)
+                if report is not None:
+                    reports[report.step] = report
+    return reports, diag
+
+
+def test_a_watch_under_the_budget_records_the_first_steps_then_spaces_out_the_rest():
+    reports, diag = _train(_kaiming(_mlp()), 300)
+    steps = sorted(reports)
+    assert steps[:5] == [0, 1, 2, 3, 4]
+    assert len(steps) < 100  # a 64 x 128 MLP step is ~1 ms: recording one costs about as much again
+    last = reports[steps[-1]]
+    assert last.record_interval is not None and last.record_interval > 3
+    assert "time budget of 3 %" in last.cadence or "time budget 3 %" in last.cadence
+    assert f"one step in {last.record_interval}" in last.cadence
+    assert str(last).splitlines()[1] == "recorded: " + last.cadence  # the report says it under its title
+    # the spacing after the first steps follows the agreed interval (never closer, outside a trip)
+    gaps = [b - a for a, b in zip(steps[5:], steps[6:])]
+    assert gaps and min(gaps) >= 2
+
+
+def test_a_layer_broken_mid_run_is_recorded_in_full_until_it_settles():
+    """Right answer: a Linear's weights x1000 at step 150 explode the signal from there on. The first recorded step
+    after it flags that layer, and the steps right after are recorded one by one (``settle`` of them) so that the
+    finding persists on consecutive steps; then the budget's spacing resumes."""
+    def breaks(step, model):
+        if step == 150:
+            with torch.no_grad():
+                model[4].weight.mul_(1000.0)
+
+    reports, diag = _train(_kaiming(_mlp()), 260, breaks)
+    steps = sorted(reports)
+    first = next(s for s in steps if s >= 150 and reports[s].flagged)
+    assert first - 150 < 120  # within the budget's sparsest spacing for this model
+    settle = max(torchdiag.Config.defaults().finding_window, torchdiag.Config.defaults().forecast_window)
+    assert [s for s in steps if first < s <= first + settle] == list(range(first + 1, first + settle + 1))
+    assert any(f.first_step >= 150 for f in diag.findings)  # and it became a finding of the run
+
+
+def test_a_loss_spike_at_an_unrecorded_step_records_the_next_step_and_is_reported_with_its_own_step():
+    gen = torch.Generator().manual_seed(2)
+    losses = [2.0 + 0.01 * torch.randn((), generator=gen).item() for _ in range(300)]
+    losses[200] = 50.0
+    reports, _ = _train(_kaiming(_mlp()), 300, losses=losses)
+    steps = sorted(reports)
+    spikes = [s for r in reports.values() for s in r.loss_spikes]
+    assert [s.step for s in spikes] == [200]
+    assert 201 in steps and all(s in steps for s in range(201, 206))  # recorded in full right after it
+    assert 200 not in steps or reports[200].loss_spikes  # (it was not recorded, unless it happened to be)
+
+
+def test_a_problem_that_persists_becomes_a_finding_at_any_cadence():
+    """The verdict counts recorded steps (3 of the last 5): a ReLU killed at step 100 is a finding at the third
+    recorded step after, whether that is step 102 (every step) or step 120 (every=10)."""
+    def kills(step, model):
+        if step == 100:
+            with torch.no_grad():
+                model[2].bias.fill_(-1e3)  # every unit of the second Linear negative: the ReLU after it is dead
+
+    for every in (1, 10):
+        reports, diag = _train(_kaiming(_mlp()), 160, kills, every=every)
+        dead = [f for f in diag.findings if f.problem == "dead" and f.layer == "3"]
+        assert dead and dead[0].first_step == 100, (every, diag.findings)
+        became = min(s for s, r in reports.items() if any(f.problem == "dead" and f.layer == "3"
+                                                          for f in r.new_findings))
+        assert became == 100 + 2 * every, every

@@ -1,0 +1,183 @@
+"""Which steps a watch records: every N steps (config ``every: N``), or as many as a time budget allows (the
+default, ``every: auto`` with ``budget``).
+
+Under the budget the cadence is measured, never guessed. Host clocks time every step whole, from the end of
+torchdiag's work at one step to the end of its work at the next, with no device synchronisation: on a GPU the
+host waits for the device wherever the training loop does (``loss.item()``), so the clock sees the device's time
+too. A step that recorded (or completed a deferred recording) is a recording step; any other is a plain one. A
+recording costs ``m x (median recording step - median plain step)``, ``m`` being the recording steps per
+recording (1, or 2 where the host copy completes at the next step); its own end-of-step work, timed directly, is
+a floor on that cost. Recorded one step in ``k``, the watch costs ``cost / (k x plain)`` of the training time:
+``k`` is the smallest that keeps this within ``budget``.
+
+Always recorded: the first ``record_first`` steps (an init problem is found at step 0, the first updates' effect
+at the next), and every step after a trip (a new flag, a NaN/Inf, a loss spike, a forecast) until
+``settle`` recorded steps in a row bring nothing new. A plain step is needed to know what a step costs without
+torchdiag: when every step fits the budget, one step in ``_PROBE_EVERY`` is left out to measure it.
+
+Under torch.distributed every rank must record the same steps (each recorded step runs a collective): each rank
+proposes its ``k`` (``propose``) and the largest, reduced with the step's statistics, is what every rank applies
+(``agree``); trips come from the reduced report, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from typing import Any
+
+_PROBE_EVERY = 100  # recording every step: one plain step in this many measures the step without torchdiag
+_MAX_INTERVAL = 1000  # the sparsest budget cadence: a recorded step at least every 1000 steps
+_PLAIN_KEEP, _RECORDING_KEEP = 15, 9  # step times kept for the medians
+
+
+class Cadence:
+    """The recording schedule of one watch.
+
+    ``decide(step)`` says whether a step is recorded. ``every``: a fixed cadence (steps 0, N, 2N...), or None for
+    the time budget: ``budget`` (the fraction of the training time torchdiag may take), ``record_first`` (steps
+    always recorded at the start), ``settle`` (recorded steps without anything new before a trip is over).
+    """
+
+    def __init__(self, every: int | None, budget: float = 0.03, record_first: int = 5, settle: int = 5) -> None:
+        self.every = every
+        self.budget = budget
+        self.record_first = record_first
+        self.settle = settle
+        self.interval = 1  # the budget's agreed cadence: one recorded step in `interval`
+        self._last_recorded = -1
+        self._trip_left = 0  # recorded steps still due in full after a trip
+        self._trip_step: int | None = None
+        self._seen: frozenset = frozenset()  # what the previous report flagged (a trip is something new)
+        self._plain: deque[float] = deque(maxlen=_PLAIN_KEEP)
+        self._recording: deque[float] = deque(maxlen=_RECORDING_KEEP)
+        self._own: deque[float] = deque(maxlen=_RECORDING_KEEP)  # torchdiag's end-of-step work, timed directly
+        self._recording_steps = 0  # steps that recorded or completed a recording
+        self._recordings = 0  # steps recorded
+        self._last_plain = -1  # the last step decided plain
+        self._cost = self._step_time = math.nan  # the latest estimates (seconds)
+
+    @property
+    def budgeted(self) -> bool:
+        return self.every is None
+
+    # ---------------------------------------------------------------- the schedule
+    def decide(self, step: int) -> bool:
+        """Whether ``step`` is recorded; called once per step, in order. Depends only on step numbers, agreed
+        intervals and reports, never on a clock read on this rank alone, so that every rank of a group decides
+        alike."""
+        if self.every is not None:
+            due = step % self.every == 0
+        elif step < self.record_first or self._trip_left > 0:
+            due = True
+        elif self.interval <= 1:  # everything fits: record, but for one plain step now and then
+            due = step - max(self._last_plain, self.record_first - 1) < _PROBE_EVERY and self._last_plain >= 0
+        else:
+            due = step - self._last_recorded >= self.interval
+        if due:
+            self._last_recorded = step
+            if self._trip_left > 0 and step >= self.record_first:
+                self._trip_left -= 1
+        else:
+            self._last_plain = step
+        return due
+
+    def force(self, step: int) -> None:
+        """``step``, decided plain, is recorded after all (a trip at the report published just before it)."""
+        self._last_recorded = step
+        if self._trip_left > 0:
+            self._trip_left -= 1
+
+    def observe(self, seconds: float, recording: bool, own: float, recorded: bool) -> None:
+        """The time of ``step`` (host clock, end to end); ``recording``: it recorded or completed a recording;
+        ``own``: torchdiag's end-of-step work in it; ``recorded``: it recorded."""
+        if not self.budgeted or not math.isfinite(seconds) or seconds <= 0:
+            return
+        if recording:
+            self._recording.append(seconds)
+            self._own.append(own)
+            self._recording_steps += 1
+            self._recordings += recorded
+        else:
+            self._plain.append(seconds)
+
+    def propose(self) -> tuple[float, float, float]:
+        """This rank's interval for its budget (1 while nothing is known), the cost of a recording and the plain
+        step's time it comes from (seconds; NaN while nothing is known)."""
+        if not self.budgeted or not self._recording:
+            return 1.0, math.nan, math.nan
+        rec = statistics.median(self._recording)
+        own = statistics.median(self._own)
+        per = self._recording_steps / max(self._recordings, 1)  # recording steps per recording (deferral: 2)
+        if self._plain:
+            plain = statistics.median(self._plain)
+            cost = per * max(rec - plain, own)
+        else:  # no plain step yet: what torchdiag's end-of-step work took, the step without it
+            plain = max(rec - own, 1e-9)
+            cost = per * own
+        interval = float(min(max(1, math.ceil(cost / (self.budget * plain) - 1e-9)), _MAX_INTERVAL))
+        return interval, cost, plain
+
+    def agree(self, interval: float, cost: float = math.nan, step: float = math.nan) -> None:
+        """What every rank applies: the largest interval proposed (in a single process, this one's), and the
+        largest cost and step time, which the reports state."""
+        if self.budgeted and math.isfinite(interval):
+            self.interval = int(min(max(1, interval), _MAX_INTERVAL))
+            self._cost, self._step_time = cost, step
+
+    def observe_report(self, step: int, flags: frozenset, events: bool) -> None:
+        """A published report: ``flags`` what it flagged (layer and problem), ``events`` a NaN/Inf, a loss spike
+        or a forecast at that step. Something new is a trip: the next ``settle`` recorded steps are recorded in
+        full, whatever the budget."""
+        if not self.budgeted:
+            return
+        new = bool(flags - self._seen) or events
+        self._seen = flags
+        if new:
+            self.trip(step)
+
+    def trip(self, step: int) -> None:
+        """Something new at ``step``: the next ``settle`` steps are recorded, whatever the budget."""
+        if self.budgeted:
+            self._trip_left = self.settle
+            self._trip_step = step
+
+    @property
+    def current_interval(self) -> int:
+        """One step in this many is being recorded (1 during the first steps and after a trip)."""
+        if self.every is not None:
+            return self.every
+        return 1 if self.tripped or self._last_recorded < self.record_first - 1 else self.interval
+
+    @property
+    def tripped(self) -> bool:
+        """The steps are being recorded in full after a trip."""
+        return self._trip_left > 0
+
+    # ---------------------------------------------------------------- what the reports say
+    def describe(self) -> str:
+        """The cadence in effect and why, in one line."""
+        if self.every is not None:
+            return "every step (every=1)" if self.every == 1 else f"every {self.every} steps (every={self.every})"
+        pct = f"{100 * self.budget:g} %"
+        if self._trip_left > 0 and self._trip_step is not None:
+            return f"every step until it settles: something new at step {self._trip_step}; time budget {pct}"
+        if self._last_recorded < self.record_first - 1 or not self._recording:
+            return f"every step of the first {self.record_first}, then within the time budget of {pct}"
+        if not (math.isfinite(self._cost) and math.isfinite(self._step_time)):
+            return f"one step in {self.interval}; time budget {pct}"
+        cost, step = _ms(self._cost), _ms(self._step_time)
+        if self.interval <= 1:
+            return f"every step (but one in {_PROBE_EVERY}): recording costs {cost} on a {step} step; time budget {pct}"
+        return f"one step in {self.interval}: recording costs {cost} on a {step} step; time budget {pct}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"every": self.every, "budget": self.budget if self.budgeted else None,
+                "interval": self.interval if self.budgeted else self.every,
+                "cost_s": self._cost, "step_s": self._step_time}
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.2g} ms" if ms < 10 else f"{ms:.0f} ms"
