@@ -6,7 +6,8 @@ steps are recorded (its ``cadence.Cadence``: every N steps, or the time budget),
 (``defer``), and the shift policy (moments about a shift where the last recorded step was ill-conditioned).
 At the end of a recorded step it adds the weight rows, launches the one host copy, decodes it, reduces it
 across ranks (``reducer``, a ``distributed.StepReducer``: every rank runs the collective at every recorded
-step, also one where it ran nothing; histograms stay local) and hands the result to ``assemble`` for the step's ``LayerStats`` and histograms.
+step, also one where it ran nothing; histograms stay local) and hands the result to ``assemble`` for the
+step's ``LayerStats`` and histograms.
 """
 
 from __future__ import annotations
