@@ -140,9 +140,7 @@ class StepSignals:
 
 
 def histogram_window(step: int, every: int) -> int:
-    """The histogram window of ``step``; the first recorded step of each window gets histograms. Windows
-    double up to ``every`` ([0], [1], [2, 3], [4..7]...), then are ``every`` steps long: steps 0, 1, 2, 4,
-    8... below ``every``, then every ``every`` steps, so that a short run has several."""
-    if step < every:
-        return step.bit_length()
-    return every.bit_length() + step // every
+    """The histogram window of ``step``; the first recorded step of each window gets histograms. Windows are
+    ``every`` steps long: steps 0, N, 2N... where they are recorded (a histogram step costs a few steps' time: the
+    init's distributions, then one every N steps)."""
+    return step // every

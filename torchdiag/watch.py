@@ -219,6 +219,7 @@ class Watcher:
         if deferred_only:
             return self._published(rec.flush(reduce=reduce), in_hook)
         start = time.perf_counter()
+        heavy = rec.recording and rec.histogram_step  # (histograms: their own schedule, not a recording's cost)
         if self._rescale_hook is not None:
             self._rescale_hook.end_step()
         if self._sentinel is not None:
@@ -236,7 +237,7 @@ class Watcher:
         self._step_report, self._step_report_at = report, rec.step
         end = time.perf_counter()
         if self._step_end is not None:  # the step whole, from the end of torchdiag's work at the one before
-            rec.cadence.observe(end - self._step_end, rec.worked, end - start, rec.worked and stats is not None)
+            rec.cadence.observe(end - self._step_end, rec.worked, end - start, rec.worked and stats is not None, heavy)
         self._step_end = end
         return report
 

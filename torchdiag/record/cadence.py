@@ -13,7 +13,8 @@ a floor on that cost. Recorded one step in ``k``, the watch costs ``cost / (k x 
 Always recorded: the first ``record_first`` steps (an init problem is found at step 0, the first updates' effect
 at the next), and every step after a trip (a new flag, a NaN/Inf, a loss spike, a forecast) until
 ``settle`` recorded steps in a row bring nothing new. A plain step is needed to know what a step costs without
-torchdiag: when every step fits the budget, one step in ``_PROBE_EVERY`` is left out to measure it.
+torchdiag: when every step fits the budget, three steps (one in two) and then one step in ``_PROBE_EVERY`` are left
+out to measure it. Histogram steps (their own schedule) are not what a recording costs: they are left out of it.
 
 Under torch.distributed every rank must record the same steps (each recorded step runs a collective): each rank
 proposes its ``k`` (``propose``) and the largest, reduced with the step's statistics, is what every rank applies
@@ -30,6 +31,7 @@ from typing import Any
 _PROBE_EVERY = 100  # recording every step: one plain step in this many measures the step without torchdiag
 _MAX_INTERVAL = 1000  # the sparsest budget cadence: a recorded step at least every 1000 steps
 _PLAIN_KEEP, _RECORDING_KEEP = 15, 9  # step times kept for the medians
+_RECENT = 100  # a flag raised again within this many steps is not news
 
 
 class Cadence:
@@ -49,10 +51,12 @@ class Cadence:
         self._last_recorded = -1
         self._trip_left = 0  # recorded steps still due in full after a trip
         self._trip_step: int | None = None
-        self._seen: frozenset = frozenset()  # what the previous report flagged (a trip is something new)
+        self._seen: dict = {}  # flag -> the last step a report raised it (a trip is something not seen lately)
         self._plain: deque[float] = deque(maxlen=_PLAIN_KEEP)
         self._recording: deque[float] = deque(maxlen=_RECORDING_KEEP)
         self._own: deque[float] = deque(maxlen=_RECORDING_KEEP)  # torchdiag's end-of-step work, timed directly
+        self._heavy: deque[tuple[float, float]] = deque(maxlen=_RECORDING_KEEP)  # histogram steps (time, own)
+        self._probes = 0  # plain steps decided while every step fits the budget
         self._recording_steps = 0  # steps that recorded or completed a recording
         self._recordings = 0  # steps recorded
         self._last_plain = -1  # the last step decided plain
@@ -71,8 +75,9 @@ class Cadence:
             due = step % self.every == 0
         elif step < self.record_first or self._trip_left > 0:
             due = True
-        elif self.interval <= 1:  # everything fits: record, but for one plain step now and then
-            due = step - max(self._last_plain, self.record_first - 1) < _PROBE_EVERY and self._last_plain >= 0
+        elif self.interval <= 1:  # everything fits: record, but for a plain step now and then (3 at first: a median)
+            since = step - max(self._last_plain, self.record_first - 1)
+            due = since < (_PROBE_EVERY if self._probes >= 3 else 2)
         else:
             due = step - self._last_recorded >= self.interval
         if due:
@@ -81,6 +86,7 @@ class Cadence:
                 self._trip_left -= 1
         else:
             self._last_plain = step
+            self._probes += self.interval <= 1
         return due
 
     def force(self, step: int) -> None:
@@ -89,26 +95,33 @@ class Cadence:
         if self._trip_left > 0:
             self._trip_left -= 1
 
-    def observe(self, seconds: float, recording: bool, own: float, recorded: bool) -> None:
-        """The time of ``step`` (host clock, end to end); ``recording``: it recorded or completed a recording;
-        ``own``: torchdiag's end-of-step work in it; ``recorded``: it recorded."""
+    def observe(self, seconds: float, recording: bool, own: float, recorded: bool, heavy: bool = False) -> None:
+        """The time of a step (host clock, end to end); ``recording``: it recorded or completed a recording;
+        ``own``: torchdiag's end-of-step work in it; ``recorded``: it recorded; ``heavy``: it also binned
+        histograms (their own schedule, one step in ``histogram_every``: not what a recording costs, unless
+        nothing else is known yet)."""
         if not self.budgeted or not math.isfinite(seconds) or seconds <= 0:
             return
         if recording:
-            self._recording.append(seconds)
-            self._own.append(own)
             self._recording_steps += 1
             self._recordings += recorded
+            if heavy:
+                self._heavy.append((seconds, own))
+                return
+            self._recording.append(seconds)
+            self._own.append(own)
         else:
             self._plain.append(seconds)
 
     def propose(self) -> tuple[float, float, float]:
         """This rank's interval for its budget (1 while nothing is known), the cost of a recording and the plain
         step's time it comes from (seconds; NaN while nothing is known)."""
-        if not self.budgeted or not self._recording:
+        if not self.budgeted or not (self._recording or self._heavy):
             return 1.0, math.nan, math.nan
-        rec = statistics.median(self._recording)
-        own = statistics.median(self._own)
+        if self._recording:
+            rec, own = statistics.median(self._recording), statistics.median(self._own)
+        else:  # only histogram steps so far (step 0): an upper bound
+            rec, own = statistics.median(s for s, _ in self._heavy), statistics.median(o for _, o in self._heavy)
         per = self._recording_steps / max(self._recordings, 1)  # recording steps per recording (deferral: 2)
         if self._plain:
             plain = statistics.median(self._plain)
@@ -128,12 +141,13 @@ class Cadence:
 
     def observe_report(self, step: int, flags: frozenset, events: bool) -> None:
         """A published report: ``flags`` what it flagged (layer and problem), ``events`` a NaN/Inf, a loss spike
-        or a forecast at that step. Something new is a trip: the next ``settle`` recorded steps are recorded in
-        full, whatever the budget."""
+        or a forecast at that step. Something new (an event, or a flag no report raised in the last ``_RECENT``
+        steps: a flag that flickers on and off trips once) is a trip: the next ``settle`` recorded steps are
+        recorded in full, whatever the budget."""
         if not self.budgeted:
             return
-        new = bool(flags - self._seen) or events
-        self._seen = flags
+        new = events or any(step - self._seen.get(f, -math.inf) > _RECENT for f in flags)
+        self._seen.update(dict.fromkeys(flags, step))
         if new:
             self.trip(step)
 

@@ -8,9 +8,9 @@ Per recorded step, into the run's writer (one event holding all of it):
 * ``torchdiag/state``: the step's flags and suggested scales as JSON in a tensor of torchdiag's own plugin
   (no dashboard shows it; ``torchdiag summarize`` reads it). Per-layer flags are not scalars: a 0/1 line
   is what TensorBoard's smoothing turns into waves, and the overview heatmap shows them per cell;
-* histograms ``act/<layer>`` and ``grad/<layer>`` on histogram steps (``vocab.histogram_window``: steps
-  0, 1, 2, 4... up to ``histogram_every``, then every ``histogram_every``; binned on the device by
-  ``buffer.Recorder``, written raw);
+* histograms ``act/<layer>`` and ``grad/<layer>`` on histogram steps (``vocab.histogram_window``: the first
+  recorded step of each ``histogram_every`` steps, 0, N, 2N...; binned on the device by ``buffer.Recorder``,
+  written raw);
 * text: the new warnings (``torchdiag/warnings``) and the report table (``torchdiag/report``)
   when warnings are new, every ``profile_every`` steps and at close;
 * the overview images ``0_overview/...`` (first in TensorBoard's tag order, so the first cards of the

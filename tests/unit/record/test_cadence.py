@@ -50,6 +50,13 @@ def test_the_interval_is_the_smallest_that_keeps_the_recordings_within_the_budge
         c.observe(1.3, True, 0.1, False)  # the next step completes it
     _timed(c, 1.3, 1.0, 0.1, n_rec=0)
     assert c.propose()[1] == pytest.approx(2 * 0.3)
+    # histogram steps (their own schedule) are left out of a recording's cost, unless nothing else is known
+    c = Cadence(None, budget=0.03)
+    c.observe(9.0, True, 5.0, True, heavy=True)
+    _timed(c, 1.5, 1.0, 0.2, n_rec=0)
+    assert c.propose()[1] == 8.0
+    _timed(c, 1.5, 1.0, 0.2, n_plain=0)
+    assert c.propose()[1] == pytest.approx(0.5)
 
 
 def test_the_schedule_records_the_first_steps_then_one_step_in_the_agreed_interval():
@@ -63,11 +70,12 @@ def test_the_schedule_records_the_first_steps_then_one_step_in_the_agreed_interv
         if c.decide(step):
             got.append(step)
     assert got == [0, 1, 2, 3, 4, 21, 38, 55]
-    # every step fits the budget: every step is recorded but one in 100, which times the step without torchdiag
+    # every step fits the budget: every step is recorded but three (one in two, for a median) and then one in 100,
+    # which time the step without torchdiag
     c = Cadence(None, budget=0.03, record_first=5)
     c.agree(1, 0.001, 1.0)
     plain = [s for s in range(250) if not c.decide(s)]
-    assert plain == [5, 105, 205]
+    assert plain == [6, 8, 10, 110, 210]
 
 
 def test_something_new_records_the_next_steps_in_full_and_the_same_again_does_not():
@@ -82,6 +90,10 @@ def test_something_new_records_the_next_steps_in_full_and_the_same_again_does_no
     assert [s for s in range(23, 40) if c.decide(s)] == [32]
     c.observe_report(32, frozenset(), events=True)  # a loss spike, a NaN or a forecast is always news
     assert [s for s in range(33, 40) if c.decide(s)] == [33, 34, 35]
+    c.observe_report(35, frozenset({("fc2", "exploding")}), events=False)  # back after a gap: flickering, not news
+    assert [s for s in range(36, 50) if c.decide(s)] == [45]
+    c.observe_report(200, frozenset({("fc2", "exploding")}), events=False)  # not seen for 165 steps: news again
+    assert [s for s in range(201, 205) if c.decide(s)] == [201, 202, 203]
 
 
 def test_ranks_with_different_clocks_record_the_same_steps_once_they_agree():
@@ -134,11 +146,13 @@ def _train(model, steps, event=None, losses=None, **kw):
     return reports, diag
 
 
-def test_a_watch_under_the_budget_records_the_first_steps_then_spaces_out_the_rest():
+def test_a_watch_under_the_budget_records_the_first_steps_then_spaces_out_the_rest(one_thread):
+    # (one thread: on a busy 2-core machine two threads wait on each other, and a 1 ms step takes 80 ms, for which a
+    # 1 ms recording is within the budget at every step)
     reports, diag = _train(_kaiming(_mlp()), 300)
     steps = sorted(reports)
     assert steps[:5] == [0, 1, 2, 3, 4]
-    assert len(steps) < 100  # a 64 x 128 MLP step is ~1 ms: recording one costs about as much again
+    assert len(steps) < 150  # a 64 x 128 MLP step is ~1 ms: recording one costs about as much again
     last = reports[steps[-1]]
     assert last.record_interval is not None and last.record_interval > 3
     assert "time budget of 3 %" in last.cadence or "time budget 3 %" in last.cadence
@@ -149,7 +163,7 @@ def test_a_watch_under_the_budget_records_the_first_steps_then_spaces_out_the_re
     assert gaps and min(gaps) >= 2
 
 
-def test_a_layer_broken_mid_run_is_recorded_in_full_until_it_settles():
+def test_a_layer_broken_mid_run_is_recorded_in_full_until_it_settles(one_thread):
     """Right answer: a Linear's weights x1000 at step 150 explode the signal from there on. The first recorded step
     after it flags that layer, and the steps right after are recorded one by one (``settle`` of them) so that the
     finding persists on consecutive steps; then the budget's spacing resumes."""
@@ -158,10 +172,10 @@ def test_a_layer_broken_mid_run_is_recorded_in_full_until_it_settles():
             with torch.no_grad():
                 model[4].weight.mul_(1000.0)
 
-    reports, diag = _train(_kaiming(_mlp()), 260, breaks)
+    reports, diag = _train(_kaiming(_mlp()), 260, breaks, budget=0.5)  # (a budget that records every few steps)
     steps = sorted(reports)
     first = next(s for s in steps if s >= 150 and reports[s].flagged)
-    assert first - 150 < 120  # within the budget's sparsest spacing for this model
+    assert first - 150 < 60
     settle = max(torchdiag.Config.defaults().finding_window, torchdiag.Config.defaults().forecast_window)
     assert [s for s in steps if first < s <= first + settle] == list(range(first + 1, first + settle + 1))
     assert any(f.first_step >= 150 for f in diag.findings)  # and it became a finding of the run
