@@ -158,6 +158,31 @@ def scenario_every(rank: int, world: int, outdir: str) -> dict:
             "report": report, "x": x, "state": model[0].state_dict()}
 
 
+def scenario_budget(rank: int, world: int, outdir: str) -> dict:
+    """The default time budget over 60 DDP steps, rank 1 slower by a sleep in its step: the ranks' clocks differ,
+    and they must still record the same steps (each one runs a collective)."""
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    xs = ddp_batches(rank, 60)
+    recorded, reports = [], {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(ddp, optimizer=opt, config={"warnings": False}) as diag:
+            for x in xs:
+                loss_of(ddp(x)).backward()
+                opt.step()
+                opt.zero_grad()
+                if rank == 1:
+                    time.sleep(0.002)
+                r = diag.step()
+                if r is not None:
+                    recorded.append(r.step)
+                    reports[r.step] = r.to_dict()
+    return {"recorded": recorded, "reports": reports,
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]}
+
+
 def scenario_signals(rank: int, world: int, outdir: str) -> dict:
     """Attention figures and log Z under DDP: every rank reports the same, reduced across ranks."""
     torch.manual_seed(0)

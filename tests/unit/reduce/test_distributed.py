@@ -82,7 +82,7 @@ def run_ranks(scenarios: list[str], outdir: Path, env: dict[str, str] | None = N
 def runs(tmp_path_factory):
     """One 2-rank run of every scenario (one process pair keeps the file fast); results per rank."""
     outdir = tmp_path_factory.mktemp("dist")
-    scenarios = ["ddp", "ddp_deferred", "branch", "groups", "steps", "every", "signals"]
+    scenarios = ["ddp", "ddp_deferred", "branch", "groups", "steps", "every", "signals", "budget"]
     scenarios += ["fsdp"] if _fsdp2() else []
     run_ranks(scenarios, outdir)
     results = {s: [torch.load(outdir / f"{s}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -436,6 +436,19 @@ def test_fsdp2_reports_the_numbers_of_an_unsharded_run(runs):
         m = ref.get_submodule(layer["name"])
         if isinstance(m, nn.Linear):
             assert close(layer["weight_std"], m.weight.double().std(unbiased=False).item(), rel=1e-4)
+
+
+def test_ranks_with_different_step_times_record_the_same_steps_under_the_time_budget(runs):
+    """Each recorded step runs a collective: ranks whose clocks give different costs must still record the same
+    steps (they agree on the largest interval), or torchdiag would hang or stop reducing. Right answer: the same
+    recorded steps and the same reports on both ranks, the first five in full, fewer than all 60, and no warning."""
+    r0, r1 = runs["budget"]
+    assert r0["recorded"] == r1["recorded"]
+    assert r0["recorded"][:5] == [0, 1, 2, 3, 4] and len(r0["recorded"]) < 60
+    assert r0["reports"] == r1["reports"]
+    last = r0["reports"][r0["recorded"][-1]]
+    assert "time budget" in last["cadence"] and last["record_interval"] >= 1
+    assert r0["warnings"] == r1["warnings"] == []
 
 
 # ------------------------------------------------------------------ torchrun example
