@@ -13,7 +13,7 @@ from torch import nn
 from ..config import Config, ConfigLike, resolve_config
 from ..errors import TorchDiagError
 from ..origin.losses import projection_loss
-from ..origin.preserve import preserved_state
+from ..origin.preserve import forked_rngs, preserved_state
 from ..report.report import Report
 from ..watch import Watcher
 
@@ -49,8 +49,7 @@ def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor]
 def _check_lazy(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report:
     """``check`` of a model with lazy modules (``LazyLinear``...): the inputs would materialise them, so that
     later training would start from other weights. A copy is materialised and checked instead."""
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"} - {None})
-    with torch.random.fork_rng(devices=devices):
+    with forked_rngs(model):
         try:
             twin = copy.deepcopy(model)
         except Exception as e:

@@ -6,7 +6,9 @@ module turns finite inputs into a non-finite output, at a line of this file foun
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -172,3 +174,69 @@ def test_bad_arguments_are_named():
         torchdiag.locate_nonfinite(nn.Linear(2, 2), torch.ones(1, 2), loss_fn=3)
     with pytest.raises(TorchDiagError, match="raised RuntimeError"):
         torchdiag.locate_nonfinite(nn.Linear(2, 2), torch.ones(1, 3))
+
+
+# ------------------------------------------------------------------ the replay leaves the user's run as it was
+class RandomDepth(nn.Module):
+    """A hand-written stochastic depth that draws from Python's ``random`` and NumPy's global generator (as timm's
+    older DropPath and Hugging Face's SpecAugment masks do), and an Inf at one step that a clamp then removes: the
+    watch sees a non-finite output and replays the step; the loss and the updates stay finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.poison = False
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+
+        h = self.fc1(x)
+        keep = random.random() > 0.3
+        h = h * float(keep) * (1.0 + 0.1 * float(np.random.rand()))
+        if self.poison:
+            h = torch.where(h > 0, torch.full_like(h, float("inf")), h)
+        return self.fc2(torch.clamp(h, -10.0, 10.0))
+
+
+def _random_depth_run(watched: bool) -> tuple[list[torch.Tensor], list[float]]:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    model = RandomDepth()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 8, generator=gen) for _ in range(6)]
+    with warnings.catch_warnings(), (torchdiag.watch(model, every=1) if watched else contextlib.nullcontext()):
+        warnings.simplefilter("ignore")
+        for step, x in enumerate(xs):
+            model.poison = step == 2
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], [random.random(), float(np.random.rand())]
+
+
+def test_the_replay_and_check_leave_pythons_and_numpys_random_generators_as_they_were():
+    pytest.importorskip("numpy")
+    import random
+
+    import numpy as np
+
+    weights, draws = _random_depth_run(watched=False)
+    weights_w, draws_w = _random_depth_run(watched=True)
+    assert draws_w == draws  # the replay's forward drew from both generators, and gave back their states
+    for a, b in zip(weights, weights_w):
+        assert torch.equal(a, b)  # bit-identical training with the watch on
+    random.seed(5)
+    np.random.seed(5)
+    torchdiag.check(RandomDepth(), torch.randn(4, 8))
+    after = (random.random(), float(np.random.rand()))
+    random.seed(5)
+    np.random.seed(5)
+    assert after == (random.random(), float(np.random.rand()))
