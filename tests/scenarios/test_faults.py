@@ -271,3 +271,35 @@ def test_a_watched_model_run_in_a_forked_child_records_and_writes_nothing_there(
         plain(x).pow(2).mean().backward()
         for a, b in zip(grads, plain.parameters()):
             torch.testing.assert_close(torch.from_numpy(a), b.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("at_step", [0, 2])
+def test_a_nan_in_the_input_batch_is_blamed_on_the_data_not_on_the_weights_or_the_learning_rate(at_step):
+    """The commonest NaN: one element of one batch. Right answer, before looking at torchdiag: the first layer's
+    output holds NaN because its input did; neither a weight rescale (at the init) nor a lower learning rate (later)
+    fixes a batch. The finding is blamed on the data, and apply_suggestions leaves the weights alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(model, every=1) as diag:
+            for step in range(at_step + 1):
+                x = torch.randn(32, 8, generator=gen)
+                if step == at_step:
+                    x[3, 1] = float("nan")
+                assert bool(torch.isnan(x).any()) == (step == at_step)  # the batch holds it, nothing else
+                model(x).pow(2).mean().backward()
+                model.zero_grad()  # no update: the weights stay finite, only the batch is bad
+                report = diag.step()
+    (finding,) = report["0"].findings
+    assert finding.problem == "nonfinite" and finding.reason == "data"
+    assert "check the data" in finding.message and "multiply" not in finding.message
+    assert "learning rate" not in finding.message.replace("not the learning rate", "")
+    assert not report["0"].init_fixes
+    assert torchdiag.apply_suggestions(model, report) == {}
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+    said = [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
+    assert any("check the data" in m for m in said) and not any("multiply its weights" in m for m in said)

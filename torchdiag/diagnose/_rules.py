@@ -25,15 +25,27 @@ _LATER_NAN_FIX = ("if it follows large updates or a loss spike, lower the learni
                   " 0, a division by zero); not a weight rescale")
 
 
-def nonfinite_forward(rows: list[LayerReport], layers: list[LayerStats], trained: bool = False) -> str | None:
+def nonfinite_forward(rows: list[LayerReport], layers: list[LayerStats], trained: bool = False,
+                      model_input_rms: float | None = None) -> str | None:
     """Flag NaN/Inf outputs: the first layer in execution order whose output holds it is the culprit (its name is
     returned), the layers after it are contaminated. ``trained``: a step was recorded before this one, so the
-    weights' scale is not the fix (the cause is left open: the updates, the batch or an operation)."""
+    weights' scale is not the fix (the cause is left open: the updates, the batch or an operation). Where that
+    layer's input already held NaN/Inf (its input rms, or the model's when it is the first layer), the data
+    brought them: neither the weights nor the learning rate is the fix."""
     first_nonfinite = None
-    for row, s in zip(rows, layers):
+    for pos, (row, s) in enumerate(zip(rows, layers)):
         if s.act is not None and s.act.nonfinite:
             if first_nonfinite is None:
                 first_nonfinite = s.name
+                fed = s.input_rms if s.input_rms is not None else (model_input_rms if pos == 0 else None)
+                if fed is not None and not math.isfinite(fed):
+                    flag(row, "nonfinite", None, math.nan, 0.0, "-",
+                         f"'{s.name}' ({s.module_type}) is the first layer whose output holds NaN/Inf, and its input"
+                         " already held them: the batch brought them (or an operation outside the watched layers,"
+                         " before this one); everything after it is contaminated. Fix: check the data"
+                         " (torch.isfinite on the batch, the loader's transforms); not the weights, not the"
+                         " learning rate", reason="data")
+                    continue
                 flag(row, "nonfinite", None, math.nan, 0.0, "-",
                      f"'{s.name}' ({s.module_type}) is the first layer whose output holds NaN/Inf"
                      f" (absmax {s.act.absmax:g}); everything after it is contaminated."

@@ -52,7 +52,7 @@ def diagnose(stats: StepStats, config: Config, baseline: Baseline | None = None)
         if s.role == Role.WEIGHTED:
             rules.suggest(rows[pos], s, layers[pos + 1 :], config)
 
-    first_nonfinite = rules.nonfinite_forward(rows, layers, trained)
+    first_nonfinite = rules.nonfinite_forward(rows, layers, trained, stats.input_rms)
     for row, s in zip(rows, layers):
         rules.dead_or_saturated(row, s, config, trained)
     first_nonfinite_grad = rules.nonfinite_backward(rows, layers) if first_nonfinite is None else None

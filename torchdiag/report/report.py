@@ -42,7 +42,7 @@ class Finding:
 #: what a finding is blamed on, each with its kind of fix: the weights as drawn (rescale or re-initialise), the
 #: architecture (no init fixes it), the training (learning rate, warm-up, clipping, Adam's eps: never a weight
 #: rescale), a half-precision dtype's range (a GradScaler, bf16, a layer kept in float32)
-REASONS = ("init", "architecture", "optimisation", "precision")
+REASONS = ("init", "architecture", "optimisation", "data", "precision")
 
 
 @dataclass
