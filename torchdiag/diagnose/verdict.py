@@ -46,7 +46,7 @@ class RunFinding:
     recovered: bool  # not raised at the latest recorded step
     message: str  # the latest step's sentence, with its fix
     cause: str | None = None  # the weighted layer whose weights to change (drift), or None
-    reason: str | None = None  # what it is blamed on: 'init', 'architecture', 'optimisation', 'data', 'precision' (REASONS)
+    reason: str | None = None  # what it is blamed on: one of REASONS ('init', 'optimisation', 'data'...)
 
     def describe(self) -> str:
         where = f" ({self.direction})" if self.direction else ""
