@@ -83,6 +83,8 @@ class Watcher:
         self._record_eval = record_eval
         self._finalizer: Any = None
         self._step_end: float | None = None  # host clock at the end of torchdiag's work of the previous step
+        self._failures: set[tuple[str, str]] = set()  # the failures of torchdiag's own step end, said once each
+        self._unrecordable: str | None = None  # why nothing can be recorded (a model on the meta device)
         # the registered modules and what describes them; the model itself last if no slot is its own
         self._modules, self._slots = describe_watched(model, selected, config.saturation_level)
         # computed here, so that a bad factor (or a callable that raises) is an error of watch() itself
@@ -106,6 +108,12 @@ class Watcher:
         cap.auto_step = self._auto_step_on
         capture.attach(cap, modules, roots=[i for i, s in enumerate(slots) if s.is_root])
         capture.set_recording(cap, cap.recording)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # no data to read: said once, not per step
+            self._unrecordable = ("the model has tensors on the meta device, which hold no data: nothing is recorded"
+                                  " in this watch (move the model to a real device, e.g. model.to_empty(device='cpu')"
+                                  " and its init, to watch it)")
+            warn_self("torchdiag: " + self._unrecordable)
+            rec.close()
         installed = self._installed
         installed.module_refs = [weakref.ref(m) for m in modules]
         self._entered = True
@@ -230,8 +238,12 @@ class Watcher:
         try:
             stats = self._recorder.end_step(reduce=reduce)
         except Exception as e:  # noqa: BLE001 - torchdiag's own failure: the step is lost, training goes on
-            warn_self(f"torchdiag: completing step {self._recorder.step - 1} failed ({type(e).__name__}: {e});"
-                      " its statistics are lost, recording goes on")
+            said = (type(e).__name__, str(e).split("\n", 1)[0])
+            if said not in self._failures:  # the same failure again at later steps: said once
+                self._failures.add(said)
+                warn_self(f"torchdiag: completing step {self._recorder.step - 1} failed ({type(e).__name__}: {e});"
+                          " its statistics are lost, recording goes on (the same failure at later steps is not"
+                          " repeated)")
             stats = None
         report = self._published(stats, in_hook)
         self._step_report, self._step_report_at = report, rec.step
@@ -280,7 +292,8 @@ class Watcher:
                 return self._out.provisional(stats, self._group)
         if self._out.last is not None:
             return self._out.last
-        notes = ["no step was recorded: run a forward (and backward) pass with grad enabled inside the watch"]
+        notes = [self._unrecordable or "no step was recorded: run a forward (and backward) pass with grad enabled inside"
+                 " the watch"]
         if self._recorder is not None and self._recorder.eval_skipped:
             notes.append(f"{self._recorder.eval_skipped} forward(s) of the model in eval mode were not recorded"
                          " (validation is not the training step): call model.train() for the steps to watch")

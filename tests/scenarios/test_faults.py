@@ -303,3 +303,33 @@ def test_a_nan_in_the_input_batch_is_blamed_on_the_data_not_on_the_weights_or_th
         assert torch.equal(a, b)
     said = [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
     assert any("check the data" in m for m in said) and not any("multiply its weights" in m for m in said)
+
+
+def test_a_model_on_the_meta_device_is_said_once_and_a_failure_of_the_step_end_is_not_repeated(monkeypatch):
+    """A model on the meta device (built before its weights are materialised) has no data to read: one warning
+    saying so, and a report that says why it is empty, not one failure per step. Any other failure of torchdiag's
+    own step end that repeats is said once too."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).to("meta")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(model, every=1) as diag:
+            for _ in range(4):
+                model(torch.randn(32, 8, device="meta")).sum().backward()
+                diag.step()
+    said = ours(caught)
+    assert len(said) == 1 and "meta device" in said[0]
+    assert "meta device" in diag.report().notes[0] and diag.report().layers == []
+
+    from torchdiag.record import buffer
+
+    def broken(self, *a, **k):
+        raise RuntimeError("the host copy failed")
+
+    monkeypatch.setattr(buffer.Recorder, "_launch", broken)
+    model = net()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(model, every=1) as diag:
+            sgd_steps(model, [torch.randn(4, 8) for _ in range(5)], diag)
+    said = [m for m in ours(caught) if "the host copy failed" in m]
+    assert len(said) == 1 and "completing step 0 failed" in said[0]
