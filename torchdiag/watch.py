@@ -292,8 +292,8 @@ class Watcher:
                 return self._out.provisional(stats, self._group)
         if self._out.last is not None:
             return self._out.last
-        notes = [self._unrecordable or "no step was recorded: run a forward (and backward) pass with grad enabled inside"
-                 " the watch"]
+        notes = [self._unrecordable or "no step was recorded: run a forward (and backward) pass with grad enabled"
+                 " inside the watch"]
         if self._recorder is not None and self._recorder.eval_skipped:
             notes.append(f"{self._recorder.eval_skipped} forward(s) of the model in eval mode were not recorded"
                          " (validation is not the training step): call model.train() for the steps to watch")
