@@ -76,18 +76,20 @@ def replay(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
         with anomaly_traces():
             with module_hooks(names, modules):
                 with fwd:
-                    if parameters:
-                        replaced = {n: p.detach().requires_grad_(True) for n, p in parameters.items()}
-                        out = torch.func.functional_call(model, replaced, args, kwargs)
-                    else:
-                        out = model(*args, **kwargs)
+                    # detached aliases of every parameter (the given ones where given): the backward never reaches
+                    # the user's own Parameters, so their hooks (p.register_hook: per-parameter clipping, a logger's
+                    # gradient hooks) fire only for the backward passes that really happened
+                    given = parameters or {}
+                    aliases = {n: given.get(n, p).detach().requires_grad_(p.requires_grad)
+                               for n, p in model.named_parameters()}
+                    aliases.update({n: p.detach().requires_grad_(True) for n, p in given.items() if n not in aliases})
+                    out = torch.func.functional_call(model, aliases, args, kwargs)
                     loss = loss_fn(out) if loss_fn is not None else projection_loss(out)
             if fwd.found is not None:
                 return fwd.found
             if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
                 return None
-            targets = [p for p in (replaced.values() if parameters else ()) if p.requires_grad]
-            targets += [p for n, p in model.named_parameters() if p.requires_grad and n not in (parameters or {})]
+            targets = [p for p in aliases.values() if p.requires_grad]
             if not targets:
                 return None
             bwd.install([loss.grad_fn])
@@ -132,9 +134,6 @@ def locate_nonfinite(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], to
         raise
     except Exception as e:
         raise TorchDiagError(f"locate_nonfinite(): the model raised {type(e).__name__} on the given inputs: {e}") from e
-
-
-__all__ = ["NonfiniteOrigin", "locate_nonfinite", "replay", "PHASES"]
 
 
 __all__ = ["NonfiniteOrigin", "locate_nonfinite", "replay", "PHASES"]

@@ -177,6 +177,24 @@ def test_bad_arguments_are_named():
 
 
 # ------------------------------------------------------------------ the replay leaves the user's run as it was
+class Poison(nn.Module):
+    """Inf (an overflowing exp) wherever its input is above ~0.09, when ``on``; else the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.on = False
+
+    def forward(self, h):
+        # exp overflows to Inf wherever h > ~0.09; its gradient path is cut (0 * h carries one, all zero), so the
+        # updates stay finite
+        return torch.exp(1000.0 * h.detach()) + 0.0 * h if self.on else h
+
+
+class Clamp(nn.Module):
+    def forward(self, h):
+        return torch.clamp(h, -10.0, 10.0)
+
+
 class RandomDepth(nn.Module):
     """A hand-written stochastic depth that draws from Python's ``random`` and NumPy's global generator (as timm's
     older DropPath and Hugging Face's SpecAugment masks do), and an Inf at one step that a clamp then removes: the
@@ -184,23 +202,27 @@ class RandomDepth(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 2)
-        self.poison = False
+        self.fc1, self.poison_layer, self.clamp, self.fc2 = nn.Linear(8, 8), Poison(), Clamp(), nn.Linear(8, 2)
+
+    @property
+    def poison(self) -> bool:
+        return self.poison_layer.on
+
+    @poison.setter
+    def poison(self, on: bool) -> None:
+        self.poison_layer.on = on
 
     def forward(self, x):
         import random
 
         import numpy as np
 
-        h = self.fc1(x)
+        h = self.clamp(self.poison_layer(self.fc1(x)))
         keep = random.random() > 0.3
-        h = h * float(keep) * (1.0 + 0.1 * float(np.random.rand()))
-        if self.poison:
-            h = torch.where(h > 0, torch.full_like(h, float("inf")), h)
-        return self.fc2(torch.clamp(h, -10.0, 10.0))
+        return self.fc2(h * float(keep) * (1.0 + 0.1 * float(np.random.rand())))
 
 
-def _random_depth_run(watched: bool) -> tuple[list[torch.Tensor], list[float]]:
+def _random_depth_run(watched: bool) -> tuple[list[torch.Tensor], list[float], bool]:
     import random
 
     import numpy as np
@@ -212,14 +234,18 @@ def _random_depth_run(watched: bool) -> tuple[list[torch.Tensor], list[float]]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(4, 8, generator=gen) for _ in range(6)]
-    with warnings.catch_warnings(), (torchdiag.watch(model, every=1) if watched else contextlib.nullcontext()):
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught, \
+            (torchdiag.watch(model, every=1) if watched else contextlib.nullcontext()) as diag:
+        warnings.simplefilter("always")
         for step, x in enumerate(xs):
             model.poison = step == 2
             model(x).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
-    return [p.detach().clone() for p in model.parameters()], [random.random(), float(np.random.rand())]
+            if diag is not None:
+                diag.step()  # (the step ends here, its batch replayed while the poison is still on)
+    replayed = any("first produced by" in str(w.message) for w in caught)
+    return [p.detach().clone() for p in model.parameters()], [random.random(), float(np.random.rand())], replayed
 
 
 def test_the_replay_and_check_leave_pythons_and_numpys_random_generators_as_they_were():
@@ -228,8 +254,9 @@ def test_the_replay_and_check_leave_pythons_and_numpys_random_generators_as_they
 
     import numpy as np
 
-    weights, draws = _random_depth_run(watched=False)
-    weights_w, draws_w = _random_depth_run(watched=True)
+    weights, draws, _ = _random_depth_run(watched=False)
+    weights_w, draws_w, replayed = _random_depth_run(watched=True)
+    assert replayed  # the watch replayed the step with the Inf (its warning names the operation)
     assert draws_w == draws  # the replay's forward drew from both generators, and gave back their states
     for a, b in zip(weights, weights_w):
         assert torch.equal(a, b)  # bit-identical training with the watch on
@@ -240,3 +267,49 @@ def test_the_replay_and_check_leave_pythons_and_numpys_random_generators_as_they
     random.seed(5)
     np.random.seed(5)
     assert after == (random.random(), float(np.random.rand()))
+
+
+def test_the_replay_never_fires_the_users_parameter_hooks():
+    """A user's p.register_hook (per-parameter clipping, wandb.watch's gradient logging) must see one call per real
+    backward. Right answer: as many calls with the watch as without, and the same weights, though the watch
+    replays the step with the Inf (on detached aliases of the parameters)."""
+
+    def run(watched: bool) -> tuple[int, list[torch.Tensor], bool]:
+        import random
+
+        import numpy as np
+
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        model = RandomDepth()
+        calls = {"n": 0}
+
+        def count(g):
+            calls["n"] += 1
+            return g
+
+        for p in model.parameters():
+            p.register_hook(count)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings(record=True) as caught, \
+                (torchdiag.watch(model, every=1) if watched else contextlib.nullcontext()) as diag:
+            warnings.simplefilter("always")
+            for step in range(5):
+                model.poison = step == 2
+                model(torch.randn(4, 8, generator=gen)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                if diag is not None:
+                    diag.step()
+        replayed = any("first produced by" in str(w.message) for w in caught)
+        return calls["n"], [p.detach().clone() for p in model.parameters()], replayed
+
+    pytest.importorskip("numpy")  # (RandomDepth draws from NumPy)
+    n, weights, _ = run(False)
+    n_w, weights_w, replayed = run(True)
+    assert replayed  # the watch did replay the step (its warning names the operation)
+    assert n == 5 * 4 and n_w == n
+    for a, b in zip(weights, weights_w):
+        assert torch.equal(a, b)
