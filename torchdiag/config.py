@@ -53,6 +53,7 @@ class Config:
     histogram_every: int
     profile_every: int
     overview_every: int
+    layer_scalars: str
     defer_report: str
     nonfinite_origin: bool
     attention_rules: bool
@@ -297,6 +298,7 @@ _VALUE_TYPES = {
     "histogram_every": "int",
     "profile_every": "int",
     "overview_every": "int",
+    "layer_scalars": "choice",
     "defer_report": "choice",
     "nonfinite_origin": "bool",
     "attention_rules": "bool",
@@ -313,7 +315,7 @@ _VALUE_TYPES = {
     "forecast_horizon": "int",
     "forecast_window": "int",
 }
-_CHOICES = {"defer_report": ("auto", "always", "never")}
+_CHOICES = {"defer_report": ("auto", "always", "never"), "layer_scalars": ("core", "all")}
 _MIN_INT = {"every": 1, "record_first": 1,
             "min_repeats": 2, "finding_steps": 1, "finding_window": 1, "histogram_every": 0,
             "profile_every": 0, "overview_every": 0, "attention_sample": 1, "loss_spike_window": 2,

@@ -120,13 +120,20 @@ def summarize_run(run: str, step: int | None = None) -> RunSummary:
                              f" (nearest: {', '.join(map(str, sorted(near)))})")
 
     values: dict[str, dict[str, float]] = {}  # layer -> attr -> value at the step
+    logged: dict[str, dict[str, float]] = {}  # the stds from their log10 twins (config layer_scalars: core)
     for tag in scalar_tags:
-        parsed = tags.parse_scalar_tag(tag)
-        if parsed is not None:
-            attr, layer = parsed
+        parsed, twin = tags.parse_scalar_tag(tag), tags.parse_log10_tag(tag)
+        if parsed is not None or twin is not None:
+            attr, layer = parsed or twin  # type: ignore[misc]
             for e in acc.Scalars(tag):
                 if e.step == step:
-                    values.setdefault(layer, {})[attr] = e.value
+                    if parsed is not None:
+                        values.setdefault(layer, {})[attr] = e.value
+                    else:
+                        logged.setdefault(layer, {})[attr] = 10.0 ** e.value
+    for layer, stds in logged.items():  # a step without the full set: the stds its log10 twins hold
+        for attr, v in stds.items():
+            values.setdefault(layer, {}).setdefault(attr, v)
 
     states = _json(acc, tags.STATE_TAG)
     if states:

@@ -37,6 +37,11 @@ SCALARS = {
 }
 METRIC_ATTRS = {metric: attr for attr, metric in SCALARS.items()}  # the way back
 LOG10 = {"act_std": "log10_act_std", "grad_std": "log10_grad_std"}  # metric -> its log10 twin
+LOG10_ATTRS = {twin: METRIC_ATTRS[metric] for metric, twin in LOG10.items()}  # log10 twin -> LayerReport attribute
+# written at every recorded step (config layer_scalars: core), with the stds' log10 twins; the rest at the first
+# recorded step of each histogram window
+CORE_METRICS = frozenset({"act_mean", "gain", "update_ratio", "attention_logit_max", "attention_entropy",
+                          "output_logz", "adam_grad_rms"})
 FLAGGED_TAG = "torchdiag/flagged_layers"
 LAYERS_TAG = "torchdiag/layers"
 LAYER_INDEX_TAG = "torchdiag/layer_index"
@@ -90,6 +95,15 @@ def parse_scalar_tag(tag: str) -> tuple[str, str] | None:
     head, _, rest = tag.partition("/")
     if head in METRIC_ATTRS and rest:
         return METRIC_ATTRS[head], rest
+    return None
+
+
+def parse_log10_tag(tag: str) -> tuple[str, str] | None:
+    """``(LayerReport attribute, layer tag)`` of a log10 twin (``log10_act_std/<layer>``: the attribute is
+    ``10 ** value``); None for any other tag."""
+    head, _, rest = tag.partition("/")
+    if head in LOG10_ATTRS and rest:
+        return LOG10_ATTRS[head], rest
     return None
 
 

@@ -37,6 +37,7 @@ from typing import Any
 from ..config import Config
 from ..report.report import Report
 from ..report.tags import (
+    CORE_METRICS,
     FLAGGED_TAG,
     HEATMAP_TAGS,
     LAYER_INDEX_TAG,
@@ -129,6 +130,11 @@ class TensorBoardSink:
         self.owned = owned
         self.profile_every = config.profile_every
         self.overview_every = config.overview_every
+        # every per-layer scalar at every recorded step, or the core ones (CORE_METRICS and the stds' log10 twins)
+        # with the full set at the first recorded step of each window of histogram_every (100 if off) steps
+        self.all_scalars = config.layer_scalars == "all"
+        self._full_every = config.histogram_every or 100
+        self._full_window = -1
         self.history = History()
         self._last: Report | None = None
         self._profile_window = -1
@@ -206,6 +212,9 @@ class TensorBoardSink:
     def _write_scalars(self, report: Report) -> tuple[set[str], set[str]]:
         """The step's scalars and state record, in one event; returns the metrics and step tags written."""
         values: list[tuple[str, float]] = []
+        full = self.all_scalars or report.step // self._full_every > self._full_window
+        if full:
+            self._full_window = report.step // self._full_every
         status: dict[str, list[str]] = {}
         suggest: dict[str, list] = {}
         reasons: dict[str, dict[str, str]] = {}  # layer -> problem -> what it is blamed on
@@ -216,7 +225,8 @@ class TensorBoardSink:
                 v = getattr(layer, attr, None)
                 if v is not None:
                     metrics.add(metric)
-                    values.append((scalar_tag(attr, layer.name), float(v)))
+                    if full or metric in CORE_METRICS:
+                        values.append((scalar_tag(attr, layer.name), float(v)))
                     if metric in LOG10 and v != 0:  # a zero std (a dead layer) has no log: the line breaks
                         values.append((log10_tag(attr, layer.name), math.log10(v) if v > 0 else math.nan))
             if layer.status:

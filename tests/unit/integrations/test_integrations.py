@@ -151,8 +151,9 @@ def test_lightning_records_each_optimizer_step_into_the_trainers_tensorboard_log
     run = tr.logger.log_dir
     scalars = event_scalars(run)
     assert "train_loss" in scalars and "val_loss" in scalars
-    assert [e.step for e in scalars["act_std/net.2"]] == [0, 1, 2, 3]
-    assert scalars["act_std/net.2"][-1].value == pytest.approx(act_std, rel=1e-5)
+    # (the stds as their log10 twins at every recorded step; the raw figures at the histogram steps)
+    assert [e.step for e in scalars["log10_act_std/net.2"]] == [0, 1, 2, 3]
+    assert 10 ** scalars["log10_act_std/net.2"][-1].value == pytest.approx(act_std, rel=1e-5)
     # Lightning's writer was left to Lightning; torchdiag's hooks are gone
     assert_unwatched(model)
     own.handle.remove()
@@ -354,8 +355,8 @@ def test_hf_trainer_records_each_optimizer_step_and_writes_tensorboard(tmp_path,
     logdir = default_logdir(trainer.args)
     assert logdir.endswith(os.path.join("", "torchdiag")) and str(tmp_path) in os.path.abspath(logdir)
     scalars = event_scalars(logdir)
-    assert [e.step for e in scalars[f"act_std/{layer}"]] == [0, 1, 2]
-    assert scalars[f"act_std/{layer}"][-1].value == pytest.approx(act_std, rel=1e-5)
+    assert [e.step for e in scalars[f"log10_act_std/{layer}"]] == [0, 1, 2]
+    assert 10 ** scalars[f"log10_act_std/{layer}"][-1].value == pytest.approx(act_std, rel=1e-5)
     assert_unwatched(model)
     own.handle.remove()
 
@@ -393,7 +394,7 @@ def test_hf_only_world_process_zero_warns_and_writes(tmp_path, zero, hf_offline)
     assert callback.watcher.step_count == 2 and callback.report().flagged
     if zero:
         assert ours and events and (tmp_path / "logs" / "torchdiag").is_dir()
-        assert [e.step for e in event_scalars(str(tmp_path / "logs" / "torchdiag"))["act_std/0"]] == [0, 1]
+        assert [e.step for e in event_scalars(str(tmp_path / "logs" / "torchdiag"))["log10_act_std/0"]] == [0, 1]
     else:
         assert not ours and not events
     assert_unwatched(model)

@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import torchdiag
 from torchdiag.cli import _main as cli
+from torchdiag.cli._logreader import summarize_run
 from torchdiag.config import Config
 from torchdiag.report import tags as schema
 from torchdiag.sinks import overview, png
@@ -55,9 +56,11 @@ class Capture:
 
 
 def train(model, steps, *, x=None, **kw):
-    """``steps`` SGD steps under a watch; every step recorded unless ``every`` says otherwise (these tests are about
-    what is written at the recorded steps, not which steps the time budget records)."""
+    """``steps`` SGD steps under a watch; every step recorded unless ``every`` says otherwise, with every per-layer
+    scalar (these tests are about what is written at the recorded steps, not which steps the time budget records
+    nor which scalars ``layer_scalars: core`` leaves to the histogram steps)."""
     kw.setdefault("every", 1)
+    kw.setdefault("layer_scalars", "all")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     reports = []
     with warnings.catch_warnings():
@@ -342,6 +345,49 @@ def test_duck_typed_writer_gets_scalars_only():
     assert got["act_std/0"] == pytest.approx(rep["0"].act_std) and got[schema.FLAGGED_TAG] == 0
 
 
+def test_core_scalars_at_every_step_and_every_figure_at_the_histogram_steps(tmp_path):
+    """The default ``layer_scalars: core``: at every recorded step each layer's activation mean and log10 stds
+    (what the charts plot), its gain and update ratio; every per-layer figure at the histogram steps (0 and 4 here).
+    Right answer, counted from the reports: a core step writes 3 scalars per layer, +1 gain per Linear, +1 update
+    ratio per weighted layer; summarize rebuilds the table's stds at any step from the log10 twins."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    reports = {}
+    with warnings.catch_warnings(), torchdiag.watch(model, logdir=tmp_path, optimizer=opt, every=1,
+                                                    histogram_every=4) as diag:
+        warnings.simplefilter("ignore")
+        for _ in range(6):
+            model(torch.randn(16, 12)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            reports[diag.step().step] = diag.report()
+    acc = load(tmp_path)
+    per_step: dict[int, list[str]] = {}
+    for tag in acc.Tags()["scalars"]:
+        if schema.parse_scalar_tag(tag) or schema.parse_log10_tag(tag):
+            for e in acc.Scalars(tag):
+                per_step.setdefault(e.step, []).append(tag)
+    assert sorted(per_step) == list(range(6))
+    for step, written in per_step.items():
+        report = reports[step]
+        if step in (0, 4):  # every figure of every layer, and the log10 twins of the stds
+            want = {schema.scalar_tag(a, x.name) for x in report.layers for a in schema.SCALARS
+                    if getattr(x, a) is not None}
+            want |= {schema.log10_tag(a, x.name) for x in report.layers for a in ("act_std", "grad_std")
+                     if getattr(x, a)}
+        else:
+            want = {schema.log10_tag(a, x.name) for x in report.layers for a in ("act_std", "grad_std")}
+            want |= {schema.scalar_tag(a, x.name) for x in report.layers for a in ("act_mean", "gain", "update_ratio")
+                     if getattr(x, a) is not None}
+            assert len(want) == 3 * 3 + 2 + 2  # three layers, two Linears
+        assert sorted(written) == sorted(want), step
+    for step in (3, 4):  # the table summarize rebuilds: the stds from their log10 twins where the raw are not written
+        table = summarize_run(str(tmp_path), step=step)
+        for layer in table.report.layers:
+            assert layer.act_std == pytest.approx(reports[step][layer.name].act_std, rel=1e-5)
+            assert layer.grad_std == pytest.approx(reports[step][layer.name].grad_std, rel=1e-5)
+
+
 # ----------------------------------------------------------------- flushing
 def test_owned_writer_flushed_when_the_loop_raises(tmp_path):
     model = mlp()
@@ -353,7 +399,7 @@ def test_owned_writer_flushed_when_the_loop_raises(tmp_path):
                     raise RuntimeError("boom")
                 diag.step()
     acc = load(tmp_path)
-    assert [e.step for e in acc.Scalars("act_std/0")] == [0, 1, 2]  # the interrupted step too
+    assert [e.step for e in acc.Scalars("log10_act_std/0")] == [0, 1, 2]  # the interrupted step too
     assert [s for s, _ in texts(acc, schema.REPORT_TAG)] == [0, 2]
 
 
@@ -591,7 +637,8 @@ def assert_every_chart_has_tags(charts, tags):
 def test_layout_is_rewritten_when_tags_appear_and_never_names_a_missing_tag(tmp_path):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with warnings.catch_warnings(), torchdiag.watch(model, logdir=tmp_path, optimizer=opt) as diag:
+    with warnings.catch_warnings(), torchdiag.watch(model, logdir=tmp_path, optimizer=opt, layer_scalars="all",
+                                                    every=1) as diag:
         warnings.simplefilter("ignore")
         for _ in range(3):
             model(torch.randn(16, 12)).pow(2).mean().backward()
