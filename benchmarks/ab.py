@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, loss_fn = overhead.WORKLOADS[a.workload](torch.device("cpu"), False)
-    cfg = {"warnings": False}
+    cfg = {"warnings": False, "every": 1}
     if a.scalars_only:
         cfg["histogram_every"] = 0
     known = {f.name for f in dataclasses.fields(torchdiag.Config)}

@@ -37,8 +37,8 @@ def run(name: str, steps: int) -> dict[str, float]:
     ratios: dict[str, list[float]] = {"kernel": [], "aten": []}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with torchdiag.watch(model, logdir=tmp, config={"warnings": False, "histogram_every": 0,
-                                                       "overview_every": 0}) as w:
+        with torchdiag.watch(model, logdir=tmp, every=1, config={"warnings": False, "histogram_every": 0,
+                                                                "overview_every": 0}) as w:
             for _ in range(3):
                 step(plain), step(model, w)
             for i in range(steps):

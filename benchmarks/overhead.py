@@ -215,7 +215,7 @@ def variants(logdir: str) -> dict[str, Callable[[nn.Module], contextlib.Abstract
         "none": lambda m: NoMonitor(),
         "naive hooks": NaiveRecorder,
         "read floor": ReadFloor,
-        "torchdiag every=1": lambda m: torchdiag.watch(m, logdir=f"{logdir}/e1", config={"warnings": False}),
+        "torchdiag every=1": lambda m: torchdiag.watch(m, logdir=f"{logdir}/e1", every=1, config={"warnings": False}),
         "torchdiag every=10": lambda m: torchdiag.watch(m, logdir=f"{logdir}/e10", every=10,
                                                         config={"warnings": False}),
         "torchdiag every=100": lambda m: torchdiag.watch(m, logdir=f"{logdir}/e100", every=100,
@@ -223,7 +223,7 @@ def variants(logdir: str) -> dict[str, Callable[[nn.Module], contextlib.Abstract
     }
     if hist_key:
         out["torchdiag every=1 + histograms"] = lambda m: torchdiag.watch(
-            m, logdir=f"{logdir}/h1", config={"warnings": False, "histogram_every": 1})
+            m, logdir=f"{logdir}/h1", every=1, config={"warnings": False, "histogram_every": 1})
     return out
 
 
@@ -335,7 +335,9 @@ def _fast_forward(mon, step: int) -> None:
     rec.step = step
     rec._hist_window = histogram_window(step - 1, rec.histogram_every) if rec.histogram_every else -1
     cap = rec.capture
-    cap.recording = step % rec.every == 0
+    cadence = getattr(rec, "cadence", None)  # (an older copy has a fixed `every` on the recorder)
+    every = cadence.every if cadence is not None else rec.every
+    cap.recording = step % (every or 1) == 0
     set_recording(cap, cap.recording and not cap.closed)
     cap.histogram_step = rec._histogram_due()
 
@@ -391,7 +393,7 @@ def compiled_variants(logdir: str) -> dict[str, Callable[[nn.Module], contextlib
     return {
         "compiled none": lambda m: NoMonitor(),
         "compiled read floor": CompiledReadFloor,
-        "compiled torchdiag every=1": lambda m: torchdiag.watch(m, logdir=f"{logdir}/c1", config=cfg),
+        "compiled torchdiag every=1": lambda m: torchdiag.watch(m, logdir=f"{logdir}/c1", every=1, config=cfg),
         "compiled torchdiag every=10": lambda m: torchdiag.watch(m, logdir=f"{logdir}/c10", every=10, config=cfg),
         "compiled torchdiag every=100": lambda m: torchdiag.watch(m, logdir=f"{logdir}/c100", every=100,
                                                                   config=cfg),

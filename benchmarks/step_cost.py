@@ -62,7 +62,7 @@ def step_time(model: nn.Module, x: torch.Tensor, steps: int, logdir: str | None)
         if logdir != "":
             publish_module = sys.modules["torchdiag.sinks.publish"]  # where a watch diagnoses each completed step
             publish_module.diagnose = timed
-            ctx = torchdiag.watch(model, logdir=logdir)
+            ctx = torchdiag.watch(model, logdir=logdir, every=1)
         else:
             ctx = None
         try:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # (no histograms without reads: a constant row has no range to bin; one step in 100 has them)
             config = {"warnings": False} if name == "torchdiag every=1" else {"warnings": False, "histogram_every": 0}
-            ctx = torchdiag.watch(m, logdir=f"{logdir}/{len(runs)}", config=config)
+            ctx = torchdiag.watch(m, logdir=f"{logdir}/{len(runs)}", every=1, config=config)
             mon = ctx.__enter__()
             contexts.append(ctx)
         runs[name] = (m, opt, mon)
