@@ -10,6 +10,9 @@ recording (1, or 2 where the host copy completes at the next step); its own end-
 a floor on that cost. Recorded one step in ``k``, the watch costs ``cost / (k x plain)`` of the training time:
 ``k`` is the smallest that keeps this within ``budget``.
 
+The gap between recorded steps grows at most ``_RAMP`` (4) times from one to the next (1, 4, 16, 64...): early
+training is sampled densely, and one noisy estimate cannot leap to a gap a divergence fits in.
+
 Always recorded: the first ``record_first`` steps (an init problem is found at step 0, the first updates' effect
 at the next), and every step after a trip (a new flag, a NaN/Inf, a loss spike, a forecast) until
 ``settle`` recorded steps in a row bring nothing new. A plain step is needed to know what a step costs without
@@ -32,6 +35,7 @@ _PROBE_EVERY = 100  # recording every step: one plain step in this many measures
 _MAX_INTERVAL = 1000  # the sparsest budget cadence: a recorded step at least every 1000 steps
 _PLAIN_KEEP, _RECORDING_KEEP = 15, 9  # step times kept for the medians
 _RECENT = 100  # a flag raised again within this many steps is not news
+_RAMP = 4  # the gap between recorded steps grows at most this many times from one to the next
 
 
 class Cadence:
@@ -49,6 +53,7 @@ class Cadence:
         self.settle = settle
         self.interval = 1  # the budget's agreed cadence: one recorded step in `interval`
         self._last_recorded = -1
+        self._last_gap = 1  # steps between the last two recorded steps
         self._trip_left = 0  # recorded steps still due in full after a trip
         self._trip_step: int | None = None
         self._seen: dict = {}  # flag -> the last step a report raised it (a trip is something not seen lately)
@@ -78,9 +83,11 @@ class Cadence:
         elif self.interval <= 1:  # everything fits: record, but for a plain step now and then (3 at first: a median)
             since = step - max(self._last_plain, self.record_first - 1)
             due = since < (_PROBE_EVERY if self._probes >= 3 else 2)
-        else:
-            due = step - self._last_recorded >= self.interval
+        else:  # the gap grows at most _RAMP-fold from one recorded step to the next: early training is sampled
+            # densely, and one noisy estimate cannot leap to a gap a divergence fits in
+            due = step - self._last_recorded >= min(self.interval, _RAMP * self._last_gap)
         if due:
+            self._last_gap = max(1, step - self._last_recorded) if self._last_recorded >= 0 else 1
             self._last_recorded = step
             if self._trip_left > 0 and step >= self.record_first:
                 self._trip_left -= 1
@@ -91,6 +98,7 @@ class Cadence:
 
     def force(self, step: int) -> None:
         """``step``, decided plain, is recorded after all (a trip at the report published just before it)."""
+        self._last_gap = max(1, step - self._last_recorded)
         self._last_recorded = step
         if self._trip_left > 0:
             self._trip_left -= 1
