@@ -249,7 +249,9 @@ class Watcher:
         self._step_report, self._step_report_at = report, rec.step
         end = time.perf_counter()
         if self._step_end is not None:  # the step whole, from the end of torchdiag's work at the one before
-            rec.cadence.observe(end - self._step_end, rec.worked, end - start, rec.worked and stats is not None, heavy)
+            cadence = rec.cadence
+            cadence.observe(end - self._step_end, rec.worked, end - start, rec.worked and stats is not None, heavy,
+                            early=rec.step - 1 < cadence.record_first)
         self._step_end = end
         return report
 

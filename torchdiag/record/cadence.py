@@ -61,6 +61,7 @@ class Cadence:
         self._recording: deque[float] = deque(maxlen=_RECORDING_KEEP)
         self._own: deque[float] = deque(maxlen=_RECORDING_KEEP)  # torchdiag's end-of-step work, timed directly
         self._heavy: deque[tuple[float, float]] = deque(maxlen=_RECORDING_KEEP)  # histogram steps (time, own)
+        self._early: list[tuple[float, float]] = []  # the first steps' recordings (time, own)
         self._probes = 0  # plain steps decided while every step fits the budget
         self._recording_steps = 0  # steps that recorded or completed a recording
         self._recordings = 0  # steps recorded
@@ -103,11 +104,14 @@ class Cadence:
         if self._trip_left > 0:
             self._trip_left -= 1
 
-    def observe(self, seconds: float, recording: bool, own: float, recorded: bool, heavy: bool = False) -> None:
+    def observe(self, seconds: float, recording: bool, own: float, recorded: bool, heavy: bool = False,
+                early: bool = False) -> None:
         """The time of a step (host clock, end to end); ``recording``: it recorded or completed a recording;
         ``own``: torchdiag's end-of-step work in it; ``recorded``: it recorded; ``heavy``: it also binned
         histograms (their own schedule, one step in ``histogram_every``: not what a recording costs, unless
-        nothing else is known yet)."""
+        nothing else is known yet); ``early``: one of the first ``record_first`` steps, slowed by what a run's
+        start does once (the first calls, the writer checksumming step 0's histograms on its thread): used
+        only until three later recordings are known."""
         if not self.budgeted or not math.isfinite(seconds) or seconds <= 0:
             return
         if recording:
@@ -115,6 +119,9 @@ class Cadence:
             self._recordings += recorded
             if heavy:
                 self._heavy.append((seconds, own))
+                return
+            if early:
+                self._early.append((seconds, own))
                 return
             self._recording.append(seconds)
             self._own.append(own)
@@ -124,10 +131,13 @@ class Cadence:
     def propose(self) -> tuple[float, float, float]:
         """This rank's interval for its budget (1 while nothing is known), the cost of a recording and the plain
         step's time it comes from (seconds; NaN while nothing is known)."""
-        if not self.budgeted or not (self._recording or self._heavy):
+        pool = list(zip(self._recording, self._own))
+        if len(pool) < 3:
+            pool += self._early
+        if not self.budgeted or not (pool or self._heavy):
             return 1.0, math.nan, math.nan
-        if self._recording:
-            rec, own = statistics.median(self._recording), statistics.median(self._own)
+        if pool:
+            rec, own = statistics.median(s for s, _ in pool), statistics.median(o for _, o in pool)
         else:  # only histogram steps so far (step 0): an upper bound
             rec, own = statistics.median(s for s, _ in self._heavy), statistics.median(o for _, o in self._heavy)
         per = self._recording_steps / max(self._recordings, 1)  # recording steps per recording (deferral: 2)

@@ -50,6 +50,14 @@ def test_the_interval_is_the_smallest_that_keeps_the_recordings_within_the_budge
         c.observe(1.3, True, 0.1, False)  # the next step completes it
     _timed(c, 1.3, 1.0, 0.1, n_rec=0)
     assert c.propose()[1] == pytest.approx(2 * 0.3)
+    # the first steps' recordings (slowed by what a run's start does once) count until three later ones are known
+    c = Cadence(None, budget=0.03)
+    for _ in range(4):
+        c.observe(9.0, True, 0.2, True, early=True)
+    _timed(c, 1.5, 1.0, 0.2, n_rec=2)
+    assert c.propose()[1] == pytest.approx(8.0)  # the median of six, four of them early
+    c.observe(1.5, True, 0.2, True)
+    assert c.propose()[1] == pytest.approx(0.5)
     # histogram steps (their own schedule) are left out of a recording's cost, unless nothing else is known
     c = Cadence(None, budget=0.03)
     c.observe(9.0, True, 5.0, True, heavy=True)
