@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     print(report, "\n")
     print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f}\n")
     assert report.flagged == [], "a Kaiming ReLU MLP must be silent"
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < (0.5 if args.steps >= 10 else 1.0) * losses[0], losses  # it learns: half the loss in 10 steps
 
     print("2) the same net with N(0, 0.01²) weights: one checked step (torchdiag.check)\n")
     small = make_model(init_std=0.01)
