@@ -226,6 +226,12 @@ class Tripwire:
                                                     f" {e}); call torchdiag.locate_nonfinite(model, batch)")
         names = {t: self._layers[m] for m, t in zip(model.modules(), twin.modules()) if self._layers.get(m)}
         try:
+            args, kwargs = private_batch(args, kwargs)
+        except Exception as e:  # noqa: BLE001 - an object in the batch that cannot be copied (a lock, a file)
+            return dataclasses.replace(coarse, note=f"not replayed: the batch holds an object that cannot be copied"
+                                                    f" ({type(e).__name__}: {e}), and the forward may change it;"
+                                                    " call torchdiag.locate_nonfinite(model, batch)")
+        try:
             with contextlib.ExitStack() as stack:
                 for device_type, dtype in autocast:  # the step's autocast, as it ran
                     stack.enter_context(torch.autocast(device_type, dtype=dtype))
@@ -237,6 +243,33 @@ class Tripwire:
             return dataclasses.replace(coarse, note="the replay of that step's batch stayed finite (a random op, or the"
                                                     " weights changed): the first module that held it")
         return dataclasses.replace(found, step=report.step, note=found.note or note)
+
+
+def private_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The batch the replay runs on: its tensors shared (a forward reads them), every other object copied, so that a
+    forward that appends to a list, fills a cache or counts calls in an object it is given does so on a copy, not on
+    the user's. Raises what ``copy.deepcopy`` raises for an object that cannot be copied."""
+    memo: dict[int, Any] = {}
+    seen: set[int] = set()
+
+    def share(obj: Any, depth: int = 0) -> None:
+        if id(obj) in seen or depth > 32:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            memo[id(obj)] = obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                share(v, depth + 1)
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            for v in obj:
+                share(v, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for v in vars(obj).values():
+                share(v, depth + 1)
+
+    share((args, kwargs))
+    return copy.deepcopy((args, kwargs), memo)
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:

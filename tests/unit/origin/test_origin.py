@@ -313,3 +313,34 @@ def test_the_replay_never_fires_the_users_parameter_hooks():
     assert n == 5 * 4 and n_w == n
     for a, b in zip(weights, weights_w):
         assert torch.equal(a, b)
+
+
+class WithMemory(nn.Module):
+    """A forward that writes into objects it is given (a memory list, a cache dict), and an Inf at one step."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.poison_layer, self.clamp, self.fc2 = nn.Linear(8, 8), Poison(), Clamp(), nn.Linear(8, 2)
+
+    def forward(self, x, memory, cache):
+        memory.append(float(x.sum()))
+        cache["calls"] = cache.get("calls", 0) + 1
+        return self.fc2(self.clamp(self.poison_layer(self.fc1(x))))
+
+
+def test_the_replay_never_writes_into_the_objects_the_batch_holds():
+    """#28 item 2: the replay runs the forward again on the step's batch. Right answer: a list and a dict the user
+    passes in the batch see one append and one count per real forward, with the watch's replay in between."""
+    torch.manual_seed(0)
+    model = WithMemory()
+    memory, cache = [], {}
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught, torchdiag.watch(model, every=1) as diag:
+        warnings.simplefilter("always")
+        for step in range(5):
+            model.poison_layer.on = step == 2
+            model(torch.randn(4, 8, generator=gen), memory, cache).pow(2).mean().backward()
+            model.zero_grad()
+            diag.step()
+    assert any("first produced by `aten.exp`" in str(w.message) for w in caught)  # the step was replayed
+    assert len(memory) == 5 and cache == {"calls": 5}
