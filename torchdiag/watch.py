@@ -338,6 +338,9 @@ def _recorder(config: Config, slots: list[Any], modules: list[nn.Module], model:
         rec.reducer = distributed.StepReducer(slots, group, schedule={
             "every": float(every or 0), "budget": config.budget if every is None else 0.0,
             "record_first": float(config.record_first), "histogram_every": config.histogram_every,
+            # the signals each rank reduces with its own collective: ranks that differ would pack different vectors
+            "attention_rules": float(config.attention_rules), "output_logits_rule": float(config.output_logits_rule),
+            "adam_epsilon_rule": float(config.adam_epsilon_rule), "attention_sample": float(config.attention_sample),
             "profile_every": config.profile_every, "defer_report": float(rec.defer)}, recorder=rec)
     return rec
 

@@ -183,6 +183,26 @@ def scenario_budget(rank: int, world: int, outdir: str) -> dict:
             "warnings": [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]}
 
 
+def scenario_rules(rank: int, world: int, outdir: str) -> dict:
+    """attention_rules on rank 0 and off on rank 1, over an attention model: told at the first recorded step, no
+    collective after it (each rank would pack a different vector of signals)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16))
+    attn = nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 6, 8)
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(nn.ModuleDict({"proj": model, "attn": attn}), every=1,
+                             config={"warnings": False, "attention_rules": rank == 0}) as diag:
+            for _ in range(3):
+                h = model(x)
+                attn(h, h, h)[0].sum().backward()
+                diag.step()
+    return {"warnings": [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)],
+            "seconds": time.monotonic() - start}
+
+
 def scenario_signals(rank: int, world: int, outdir: str) -> dict:
     """Attention figures and log Z under DDP: every rank reports the same, reduced across ranks."""
     torch.manual_seed(0)

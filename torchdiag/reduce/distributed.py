@@ -259,12 +259,13 @@ class StepReducer:
         if len(set(steps)) > 1:
             differ.insert(0, ("step", steps))
         if differ:
-            self._disable("statistics of this rank only: the ranks would record at different steps")
+            self._disable("statistics of this rank only: the ranks would record at different steps or reduce different"
+                          " figures")
             what = "; ".join(f"{k}: " + ", ".join(f"rank {i} {v:g}" for i, v in enumerate(vals)) for k, vals in differ)
-            warn_self(f"torchdiag: the ranks would record at different steps and run different numbers of"
-                      f" collectives ({what}); statistics are not reduced across ranks for the rest of this watch"
-                      " (each rank reports its own) instead of hanging: give every rank the same every,"
-                      " histogram_every, profile_every and defer_report, and the same number of step() calls")
+            warn_self(f"torchdiag: the ranks would record at different steps or reduce different figures, and run"
+                      f" different collectives ({what}); statistics are not reduced across ranks for the rest of this"
+                      " watch (each rank reports its own) instead of hanging: give every rank the same values of"
+                      " these keys, and the same number of step() calls")
         return not self.disabled
 
     # ---------------------------------------------------------------- the step

@@ -82,7 +82,7 @@ def run_ranks(scenarios: list[str], outdir: Path, env: dict[str, str] | None = N
 def runs(tmp_path_factory):
     """One 2-rank run of every scenario (one process pair keeps the file fast); results per rank."""
     outdir = tmp_path_factory.mktemp("dist")
-    scenarios = ["ddp", "ddp_deferred", "branch", "groups", "steps", "every", "signals", "budget"]
+    scenarios = ["ddp", "ddp_deferred", "branch", "groups", "steps", "every", "signals", "budget", "rules"]
     scenarios += ["fsdp"] if _fsdp2() else []
     run_ranks(scenarios, outdir)
     results = {s: [torch.load(outdir / f"{s}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -294,6 +294,17 @@ def test_ranks_with_a_different_every_are_told_at_the_first_step_and_never_hang(
         lin = nn.Linear(4, 2)
         lin.load_state_dict(res["state"])
         check_layer(res["report"]["layers"][0], [lin(res["x"]).detach()])
+
+
+def test_ranks_with_different_signal_rules_are_told_at_the_first_step_and_never_wait(runs):
+    # issue #28 item 16: attention_rules on one rank only: each rank would reduce a different vector of signals, wait
+    # out the timeout and blame a slow rank; the first recorded step's agreement names the key instead
+    for res in runs["rules"]:
+        told = [w for w in res["warnings"] if "reduce different figures" in w]
+        assert len(told) == 1, res["warnings"]
+        assert "attention_rules: rank 0 1, rank 1 0" in told[0]
+        assert not [w for w in res["warnings"] if "no answer within" in w or "not every rank joined" in w]
+        assert res["seconds"] < 30  # no collective timed out (TORCHDIAG_DIST_TIMEOUT is 60 s by default)
 
 
 # ------------------------------------------------------------------ a rank missing at a later step (issue #14 item 8)
