@@ -14,8 +14,9 @@ class NonfiniteOrigin:
 
     Attributes:
         phase: ``"forward"``, ``"backward"`` or ``"optimizer"``.
-        module: qualified name of the innermost (watched) module during whose forward or backward it was
-            produced; ``None`` outside every module (in the loss, or in the model's own forward body).
+        module: qualified name of the innermost module (a watched layer, or a container around layers) during
+            whose forward or backward it was produced; ``None`` outside every submodule (in the loss, or in the
+            model's own forward body).
         op: the operator that turned finite inputs into a non-finite output (``"aten.log"``, ``"aten.sqrt"``
             for its backward); ``None`` for ``"optimizer"`` and where it could not be replayed.
         parameter: for ``"optimizer"``, the parameter the update made non-finite; for ``"forward"``, a

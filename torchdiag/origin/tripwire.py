@@ -224,7 +224,10 @@ class Tripwire:
         except Exception as e:  # noqa: BLE001 - a module that cannot be copied (a lock, a file)
             return dataclasses.replace(coarse, note=f"not replayed: the model cannot be copied ({type(e).__name__}:"
                                                     f" {e}); call torchdiag.locate_nonfinite(model, batch)")
-        names = {t: self._layers[m] for m, t in zip(model.modules(), twin.modules()) if self._layers.get(m)}
+        # every submodule by its name (a watched layer by its report name): a NaN made in the forward body of an
+        # unwatched container is attributed to it, not to "outside any module" (which means the loss)
+        names = {t: self._layers.get(m) or n for (n, m), t in zip(model.named_modules(), twin.modules())
+                 if self._layers.get(m) or n}
         try:
             args, kwargs = private_batch(args, kwargs)
         except Exception as e:  # noqa: BLE001 - an object in the batch that cannot be copied (a lock, a file)

@@ -344,3 +344,28 @@ def test_the_replay_never_writes_into_the_objects_the_batch_holds():
             diag.step()
     assert any("first produced by `aten.exp`" in str(w.message) for w in caught)  # the step was replayed
     assert len(memory) == 5 and cache == {"calls": 5}
+
+
+class LogBlock(nn.Module):
+    """A container without parameters of its own (so not a watched layer) whose forward body makes the NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.log(self.fc(x) - 10.0)  # NaN wherever fc's output is below 10: made in this body, not in fc
+
+
+def test_a_nan_made_in_an_unwatched_containers_forward_names_that_container_not_the_loss():
+    """#28: the replay named ``module=None`` ("outside any module", which means the loss) for a NaN made in the
+    forward body of a container that is not a watched layer. Right answer: the container, by its name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), LogBlock(), nn.Linear(8, 2))
+    with warnings.catch_warnings(), torchdiag.watch(model, every=1) as diag:
+        warnings.simplefilter("ignore")
+        model(torch.randn(4, 8)).sum().backward()
+        report = diag.step()
+    assert "1" not in [x.name for x in report.layers if x.module_type == "LogBlock"]  # not a watched layer
+    origin = report.nonfinite_origin
+    assert origin is not None and origin.op == "aten.log" and origin.module == "1", origin
