@@ -39,18 +39,20 @@ from ._opcheck import (
 )
 from ._originrecord import PHASES, NonfiniteOrigin
 from .losses import projection_loss
-from .preserve import preserved_state
+from .preserve import forked_rngs, preserved_state
 
 
 def replay(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
            loss_fn: Callable[[Any], torch.Tensor] | None = None,
            names: Mapping[nn.Module, str] | None = None,
-           parameters: Mapping[str, torch.Tensor] | None = None) -> NonfiniteOrigin | None:
+           parameters: Mapping[str, torch.Tensor] | None = None, disposable: bool = False) -> NonfiniteOrigin | None:
     """Run ``model(*args, **kwargs)`` and a backward of its loss with the operator-level checks.
 
     ``names`` maps the modules to attribute to their names (default: every submodule). ``parameters``
     replaces some of the model's parameters for the replay (``torch.func.functional_call``: the weights
-    from before an optimizer step). Returns ``None`` when everything stayed finite.
+    from before an optimizer step). ``disposable``: ``model`` is a copy thrown away after (the watch's replay), so
+    its buffers and modes are not saved and restored (a second copy of every buffer), only the random generators.
+    Returns ``None`` when everything stayed finite.
     """
     kwargs = kwargs or {}
     if names is None:
@@ -71,7 +73,8 @@ def replay(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
 
     modules = ModuleStack(names)
     fwd, bwd = ForwardCheck(modules), BackwardCheck(modules)
-    with preserved_state(model), torch.enable_grad(), warnings.catch_warnings():
+    with (forked_rngs(model) if disposable else preserved_state(model)), torch.enable_grad(), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anomaly mode's "this mode will increase the runtime"
         with anomaly_traces():
             with module_hooks(names, modules):

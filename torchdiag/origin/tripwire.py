@@ -238,7 +238,7 @@ class Tripwire:
             with contextlib.ExitStack() as stack:
                 for device_type, dtype in autocast:  # the step's autocast, as it ran
                     stack.enter_context(torch.autocast(device_type, dtype=dtype))
-                found = replay(twin, args, kwargs, names=names, parameters=replace)
+                found = replay(twin, args, kwargs, names=names, parameters=replace, disposable=True)
         except Exception as e:  # noqa: BLE001 - the replay is torchdiag's: it never raises into training
             return dataclasses.replace(coarse, note=f"the replay failed ({type(e).__name__}: {e}): the first module"
                                                     " that held it")
