@@ -49,9 +49,13 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     """A 1-D view of ``x`` in its own dtype (a copy only for truly strided layouts).
 
     Half-precision tensors are not converted: every reduction below reads them as they are and
-    accumulates in float32 (``dtype=``), so no float32 copy of an activation is ever written.
+    accumulates in float32 (``dtype=``), so no float32 copy of an activation is ever written. A complex tensor is
+    read as its real and imaginary parts (``view_as_real``): its sum of squares is that of its moduli, and no
+    cast discards a part (casting complex to real warns, and raises under ``-W error``).
     """
     x = x.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x)
     if x.dtype not in (torch.float16, torch.bfloat16, _F32):
         x = x.float()  # float64 (rare): statistics are float32 anyway
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

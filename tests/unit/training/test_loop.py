@@ -1,6 +1,7 @@
 """Training-loop features: GradScaler, optimizer steps and update ratio, clipping, accumulation, autocast."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -196,3 +197,23 @@ def test_layers_stepped_by_another_optimizer_have_no_update_ratio():
     assert report["2"].update_ratio is None  # not owned by `first`: no figure, rather than a false 0
     want = ((model[0].weight.detach() - w0).norm() / w0.norm()).item()
     assert report["0"].update_ratio == pytest.approx(want, rel=1e-5)
+
+
+def test_complex_gradients_give_the_true_pre_clip_norm_and_never_warn():
+    """#28 item 6: with optimizer= the pre-clip gradient norm cast complex gradients to real inside the user's
+    backward: a ComplexWarning (an exception under -W error) and a wrong norm (the imaginary parts dropped). Right
+    answer: sqrt(sum |g|^2) over every gradient, computed here from the gradients themselves, and no warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, dtype=torch.cfloat), nn.Linear(4, 2, dtype=torch.cfloat))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4, dtype=torch.cfloat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning, torchdiag's or torch's, raises
+        with torchdiag.watch(model, every=1, optimizer=opt) as diag:
+            for _ in range(2):
+                model(x).abs().pow(2).sum().backward()
+                true = math.sqrt(sum(float((p.grad.abs() ** 2).sum()) for p in model.parameters()))
+                opt.step()
+                opt.zero_grad()
+                report = diag.step()
+    assert report.grad_norm_preclip == pytest.approx(true, rel=1e-5)
