@@ -54,10 +54,11 @@ def compiler() -> str | None:
     return None
 
 
-def build(out: Path, cc: str, extra: tuple[str, ...] = ()) -> None:
+def build(out: Path, cc: str, extra: tuple[str, ...] = (), replace: bool = False) -> None:
     """Compile ``_rows.c`` into the shared library ``out``. Published with a hard link, never over an existing
     file: processes building at once (ranks, nodes sharing a home) keep the first one, which others may have
-    mapped already."""
+    mapped already. ``replace``: over a file that is not whole (a rename: a process that mapped the old one keeps
+    its inode)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
     os.close(fd)
@@ -70,12 +71,42 @@ def build(out: Path, cc: str, extra: tuple[str, ...] = ()) -> None:
         if done.returncode != 0:
             raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[:300]}")
         os.chmod(tmp, 0o755)
+        if replace:
+            os.replace(tmp, out)
+            return
         try:
             os.link(tmp, out)
         except FileExistsError:
             pass
     finally:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def whole(path: Path) -> bool:
+    """Whether an ELF library is complete: its section header table, which the linker writes last, lies within the
+    file. A truncated file (a full disk, a killed copy, a sync that stopped) fails, where loading it would kill the
+    process with SIGBUS. Other formats are taken as they are."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if head[:4] != b"\x7fELF":
+        return size > 0
+    if len(head) < 64 or head[4] not in (1, 2) or head[5] not in (1, 2):
+        return False
+    little = head[5] == 1
+    if head[4] == 2:  # 64-bit: e_shoff at 0x28 (8 bytes), e_shentsize and e_shnum at 0x3A, 0x3C
+        shoff = int.from_bytes(head[0x28:0x30], "little" if little else "big")
+        shentsize = int.from_bytes(head[0x3A:0x3C], "little" if little else "big")
+        shnum = int.from_bytes(head[0x3C:0x3E], "little" if little else "big")
+    else:  # 32-bit: e_shoff at 0x20 (4 bytes), e_shentsize and e_shnum at 0x2E, 0x30
+        shoff = int.from_bytes(head[0x20:0x24], "little" if little else "big")
+        shentsize = int.from_bytes(head[0x2E:0x30], "little" if little else "big")
+        shnum = int.from_bytes(head[0x30:0x32], "little" if little else "big")
+    return 0 < shoff and shoff + shentsize * shnum <= size
 
 
 def _trusted(path: Path) -> bool:
@@ -114,12 +145,16 @@ def _cached(cc: str) -> tuple[tuple, Path]:
         path = cache_dir() / name
         if not path.exists():
             build(path, cc)
-        if _trusted(path):
+        elif not whole(path) and _trusted(path):  # a truncated library: loading it would kill the process
+            build(path, cc, replace=True)
+        if _trusted(path) and whole(path):
             return load(path), path
     except (OSError, RuntimeError):
         pass
     private = Path(tempfile.mkdtemp(prefix="torchdiag-")) / name
     build(private, cc)
+    if not whole(private):
+        raise RuntimeError(f"the library {cc} built is not whole")
     return load(private), private
 
 

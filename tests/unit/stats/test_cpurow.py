@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -178,6 +179,38 @@ def test_a_cache_others_can_write_to_is_not_loaded_from(monkeypatch, tmp_path):
         cpurow.set_enabled(True)
         assert cpurow.status() == "on" and cpurow.library_path().parent == own
         assert close(stats.act_row(torch.arange(5.0)).tolist(), expected(torch.arange(5.0)))
+    finally:
+        monkeypatch.undo()
+        cpurow.set_enabled(True)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ELF libraries")
+def test_a_truncated_library_in_the_cache_is_rebuilt_not_loaded(monkeypatch, tmp_path):
+    """#28 item 12: a library cut short in the cache (a full disk, a killed copy) killed every new process with
+    SIGBUS when it was loaded. Right answer: a fresh interpreter sees that it is not whole, rebuilds it in place and
+    records its step with the kernel; the file is whole again after."""
+    monkeypatch.setenv("TORCHDIAG_CACHE", str(tmp_path))
+    try:
+        cpurow.set_enabled(True)
+        assert cpurow.status() == "on"
+        path = cpurow.library_path()
+        assert path.parent == tmp_path and cpurow.whole(path)
+        data = path.read_bytes()
+        cut = tmp_path / "cut"
+        cut.write_bytes(data[: len(data) // 2])
+        os.chmod(cut, 0o755)
+        os.replace(cut, path)  # (a new inode: this process keeps the library it mapped)
+        assert not cpurow.whole(path)
+        run = ("import torch, torchdiag; from torchdiag.stats import _cpurow; m = torch.nn.Linear(64, 64)\n"
+               "with torchdiag.watch(m, every=1) as d:\n"
+               "    m(torch.randn(8, 64)).sum().backward(); r = d.step()\n"
+               "print(_cpurow.status(), _cpurow.library_path())")
+        done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=240,
+                              env={**os.environ, "TORCHDIAG_CACHE": str(tmp_path)})
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])  # not killed by SIGBUS (-7)
+        status, used = done.stdout.split()
+        assert status == "on" and used == str(path)
+        assert cpurow.whole(path) and path.stat().st_size == len(data)
     finally:
         monkeypatch.undo()
         cpurow.set_enabled(True)
