@@ -152,10 +152,13 @@ def _cached(cc: str) -> tuple[tuple, Path]:
     except (OSError, RuntimeError):
         pass
     private = Path(tempfile.mkdtemp(prefix="torchdiag-")) / name
-    build(private, cc)
-    if not whole(private):
-        raise RuntimeError(f"the library {cc} built is not whole")
-    return load(private), private
+    try:
+        build(private, cc)
+        if not whole(private):
+            raise RuntimeError(f"the library {cc} built is not whole")
+        return load(private), private
+    finally:  # a process's own build leaves nothing behind in $TMPDIR (a loaded library stays mapped once unlinked)
+        shutil.rmtree(private.parent, ignore_errors=True)
 
 
 def _library() -> tuple | None:

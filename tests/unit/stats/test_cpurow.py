@@ -9,6 +9,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -171,9 +172,13 @@ def test_a_cache_others_can_write_to_is_not_loaded_from(monkeypatch, tmp_path):
     shared.mkdir()
     shared.chmod(0o777)
     monkeypatch.setenv("TORCHDIAG_CACHE", str(shared))
+    scratch = tmp_path / "tmp"  # $TMPDIR, where the private copy is built
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     try:
         cpurow.set_enabled(True)
         assert cpurow.status() == "on" and cpurow.library_path().parent != shared
+        assert list(scratch.iterdir()) == []  # #28 item 11: the private build leaves nothing behind in $TMPDIR
         own = tmp_path / "own"
         monkeypatch.setenv("TORCHDIAG_CACHE", str(own))
         cpurow.set_enabled(True)
