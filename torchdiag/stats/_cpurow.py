@@ -21,10 +21,12 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +49,60 @@ def cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache") / "torchdiag"
 
 
+FAILURE_TTL_S = 86400.0  # a compiler that failed or hung is not tried again for a day (a file in the cache says so)
+
+
+def cc_timeout_s() -> float:
+    """How long a compiler call may take: ``TORCHDIAG_CC_TIMEOUT`` seconds, else 60 (a build takes 0.3-1 s; a hung
+    ``$CC``, such as an unreachable distcc or ccache server, would otherwise hold the first recorded step)."""
+    try:
+        value = float(os.environ.get("TORCHDIAG_CC_TIMEOUT", "") or 60.0)
+    except ValueError:
+        return 60.0
+    return value if value > 0 else 60.0
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """``cmd`` in a session of its own; past ``cc_timeout_s`` its whole process group is killed (a compiler driver's
+    children too), never left running."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=cc_timeout_s())
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"{cmd[0]} did not finish within {cc_timeout_s():g} s (killed; TORCHDIAG_CC_TIMEOUT sets"
+                           " the limit)") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _failure_file(cc: str) -> Path:
+    return cache_dir() / f"cc-failed-{hashlib.sha256(str(shutil.which(cc)).encode()).hexdigest()[:16]}"
+
+
+def _remembered_failure(cc: str) -> str | None:
+    """Why this compiler failed in another process within ``FAILURE_TTL_S``, if it did."""
+    try:
+        path = _failure_file(cc)
+        if time.time() - path.stat().st_mtime < FAILURE_TTL_S:
+            return path.read_text()[:300]
+    except OSError:
+        pass
+    return None
+
+
+def _remember_failure(cc: str, why: str) -> None:
+    try:
+        path = _failure_file(cc)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(why)
+    except OSError:
+        pass
+
+
 def compiler() -> str | None:
     for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cand and shutil.which(cand):
@@ -63,11 +119,9 @@ def build(out: Path, cc: str, extra: tuple[str, ...] = (), replace: bool = False
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                              timeout=120)
+        done = _run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)])
         if done.returncode != 0 and not extra:  # no function multiversioning (musl, old compilers): one target
-            done = subprocess.run([cc, *FLAGS, "-DTD_ONE_TARGET", "-o", tmp, str(SOURCE)], capture_output=True,
-                                  text=True, timeout=120)
+            done = _run([cc, *FLAGS, "-DTD_ONE_TARGET", "-o", tmp, str(SOURCE)])
         if done.returncode != 0:
             raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[:300]}")
         os.chmod(tmp, 0o755)
@@ -137,7 +191,7 @@ def load(path: Path) -> tuple:
 def _cached(cc: str) -> tuple[tuple, Path]:
     """The kernel from the cache (built there if missing); where the cache cannot be used (not writable, not
     this user's, on a filesystem that cannot map libraries), a build of this process's own."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = _run([cc, "--version"]).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, str(shutil.which(cc)), " ".join(FLAGS),
                                      sys.platform, platform.machine()]).encode()).hexdigest()[:16]
     name = f"rows-{key}.so"
@@ -149,8 +203,8 @@ def _cached(cc: str) -> tuple[tuple, Path]:
             build(path, cc, replace=True)
         if _trusted(path) and whole(path):
             return load(path), path
-    except (OSError, RuntimeError):
-        pass
+    except OSError:  # the cache cannot be used (not writable, a filesystem that cannot map libraries); a compiler
+        pass  # that fails or hangs raises RuntimeError, which a second build would only repeat
     private = Path(tempfile.mkdtemp(prefix="torchdiag-")) / name
     try:
         build(private, cc)
@@ -176,10 +230,16 @@ def _library() -> tuple | None:
         if cc is None:
             _state["why"] = "no C compiler ($CC, cc, gcc or clang)"
             return None
+        remembered = _remembered_failure(cc)
+        if remembered is not None:
+            _state["why"] = f"the build failed in an earlier process, not retried for a day ({remembered})"
+            return None
         try:
             _state["fns"], _state["path"] = _cached(cc)
         except Exception as e:  # noqa: BLE001 - no kernel: the ATen path, never an error in the user's step
             _state["why"] = f"the build failed ({type(e).__name__}: {str(e)[:300]})"
+            if isinstance(e, RuntimeError):  # the compiler failed or hung: remembered, not paid in every process
+                _remember_failure(cc, _state["why"])
     return _state["fns"]
 
 

@@ -284,3 +284,37 @@ def test_a_watched_step_reads_the_same_from_the_host_block_as_from_float64_tenso
         elif isinstance(module, nn.Linear):
             w = module.weight.detach().double()
             assert layer.weight_std == pytest.approx(w.std(correction=0).item(), rel=1e-5), layer.name
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX process groups, /proc")
+def test_a_hanging_compiler_is_killed_with_its_children_and_not_tried_again(tmp_path):
+    """#28 item 10: a $CC that hangs (an unreachable distcc or ccache server) held the first recorded step for 120 s
+    in every new process and left its child running. Right answer: the step goes on within TORCHDIAG_CC_TIMEOUT
+    (2 s here) on the ATen path, nothing the compiler started is left, and the next process does not try again."""
+    marker = f"{300 + os.getpid() % 600}.5"  # a sleep only this test's compiler starts
+    cc = tmp_path / "hanging-cc"
+    cc.write_text(f"#!/bin/sh\nsleep {marker} &\nsleep {marker}\n")
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "TORCHDIAG_CACHE": str(tmp_path / "cache"), "TORCHDIAG_CC_TIMEOUT": "2"}
+    run = ("import time, torch, torchdiag; from torchdiag.stats import _cpurow; m = torch.nn.Linear(64, 64)\n"
+           "t = time.monotonic()\n"
+           "with torchdiag.watch(m, every=1) as d:\n"
+           "    m(torch.randn(8, 64)).sum().backward(); r = d.step()\n"
+           "print(round(time.monotonic() - t, 1)); print(_cpurow.status())")
+    took, said = [], []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        seconds, status = done.stdout.strip().split("\n", 1)
+        took.append(float(seconds))
+        said.append(status)
+    assert took[0] < 15 and "did not finish within 2 s" in said[0]
+    assert took[1] < 5 and "not retried" in said[1]
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"sleep\0{marker}".encode() in (proc / "cmdline").read_bytes():
+                left.append(proc.name)
+        except OSError:
+            continue
+    assert left == [], "the compiler's children are still running"
