@@ -84,7 +84,10 @@ def _strings(acc, tag: str) -> list[tuple[int, str]]:
 
 
 def _texts(acc, tag: str) -> list[tuple[int, str]]:
-    return _strings(acc, tag + tags.TEXT_SUFFIX)
+    """The texts of ``tag``, or of its older name (``tags.OLD_TEXT_TAGS``) in logs written before it."""
+    found = _strings(acc, tag + tags.TEXT_SUFFIX)
+    old = tags.OLD_TEXT_TAGS.get(tag)
+    return found or (_strings(acc, old + tags.TEXT_SUFFIX) if old else [])
 
 
 def _json(acc, tag: str) -> list[tuple[int, object]]:

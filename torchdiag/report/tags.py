@@ -43,11 +43,14 @@ LOG10_ATTRS = {twin: METRIC_ATTRS[metric] for metric, twin in LOG10.items()}  # 
 CORE_METRICS = frozenset({"act_mean", "gain", "update_ratio", "attention_logit_max", "attention_entropy",
                           "output_logz", "adam_grad_rms"})
 FLAGGED_TAG = "torchdiag/flagged_layers"
-LAYERS_TAG = "torchdiag/layers"
+# the Text tab lists a run's tags in name order: the warnings first, then the report, then the layer list
+WARNINGS_TAG = "torchdiag/1_warnings"
+REPORT_TAG = "torchdiag/2_report"
+LAYERS_TAG = "torchdiag/3_layers"
+OLD_TEXT_TAGS = {WARNINGS_TAG: "torchdiag/warnings", REPORT_TAG: "torchdiag/report",
+                 LAYERS_TAG: "torchdiag/layers"}  # their names in logs written before (read back too)
 LAYER_INDEX_TAG = "torchdiag/layer_index"
 STATE_TAG = "torchdiag/state"
-WARNINGS_TAG = "torchdiag/warnings"
-REPORT_TAG = "torchdiag/report"
 TEXT_SUFFIX = "/text_summary"  # torch's add_text appends this to the tag
 PLUGIN = "torchdiag"  # plugin name of the JSON tensors (no TensorBoard dashboard shows them)
 SCHEMA = 1

@@ -11,7 +11,7 @@ Per recorded step, into the run's writer (one event holding all of it):
 * histograms ``act/<layer>`` and ``grad/<layer>`` on histogram steps (``vocab.histogram_window``: the first
   recorded step of each ``histogram_every`` steps, 0, N, 2N...; binned on the device by ``buffer.Recorder``,
   written raw);
-* text: the new warnings (``torchdiag/warnings``) and the report table (``torchdiag/report``)
+* text: the new warnings (``torchdiag/1_warnings``) and the report table (``torchdiag/2_report``)
   when warnings are new, every ``profile_every`` steps and at close;
 * the overview images ``0_overview/...`` (first in TensorBoard's tag order, so the first cards of the
   default dashboard): layers x recorded steps heatmaps of act_std and grad_std (log colour scale against
@@ -19,7 +19,7 @@ Per recorded step, into the run's writer (one event holding all of it):
   layer index, forward and backward, log y). Drawn here in pure Python (no imaging library) at the first
   recorded step of each ``overview_every`` steps after the first window (N, 2N...), and at close: each image
   holds every step so far, so earlier ones would only repeat part of the last;
-* when new: the layer list (``torchdiag/layers`` as a markdown table, ``torchdiag/layer_index`` as JSON)
+* when new: the layer list (``torchdiag/3_layers`` as a markdown table, ``torchdiag/layer_index`` as JSON)
   and a custom-scalars layout holding only charts whose tags exist (rewritten when new tags appear).
 
 Every tag is named in ``tags`` (the schema ``summarize`` reads back with); the images are drawn by

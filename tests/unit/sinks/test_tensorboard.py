@@ -875,3 +875,17 @@ def test_the_heatmap_marks_findings_not_one_step_wobbles():
         counts[len(flagged_steps)] = black_pixels(hist)
     # the legend and labels are black in all three; the three cells of the finding add their dots, the wobble none
     assert counts[1] == counts[0] < counts[3]
+
+
+def test_the_text_tab_lists_the_warnings_first_and_logs_with_the_old_text_tags_still_read(tmp_path):
+    """The Text tab orders a run's tags by name: the warnings come first, then the report, then the layer list.
+    A log written before the rename (``torchdiag/warnings``...) is still read back by summarize."""
+    names = [schema.WARNINGS_TAG, schema.REPORT_TAG, schema.LAYERS_TAG]
+    assert sorted(names) == names
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    writer.add_scalar(schema.FLAGGED_TAG, 0.0, 0)
+    writer.add_text(schema.OLD_TEXT_TAGS[schema.WARNINGS_TAG], "- '0' (Linear) is dead", 0)
+    writer.add_text(schema.OLD_TEXT_TAGS[schema.LAYERS_TAG], schema.layers_markdown([(0, "0", "Linear")]), 0)
+    writer.close()
+    found = summarize_run(str(tmp_path))
+    assert found.warnings == [(0, "'0' (Linear) is dead")]
