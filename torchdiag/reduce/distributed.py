@@ -175,11 +175,21 @@ class StepReducer:
         torch.distributed.all_gather(out, t, group=self.group.pg)
         return [o.cpu().tolist() for o in out]
 
+    def _close_pg(self) -> None:
+        """Shut torchdiag's group down explicitly (its connections close: a rank still waiting on it fails at once),
+        rather than leave it to gloo's destructor, which can abort the process when a peer already left."""
+        pg, self._pg = self._pg, None
+        if pg is not None:
+            try:
+                pg.shutdown()
+            except Exception:  # noqa: BLE001, S110 - an older torch without shutdown(), or a group already broken
+                pass
+
     def _disable(self, note: str) -> None:
         """No collective for the rest of this watch; the reports say why (this rank's own numbers)."""
         self.disabled = True
         self.note = note
-        self._pg = None  # closes this rank's side: a rank still waiting on it fails at once
+        self._close_pg()  # closes this rank's side: a rank still waiting on it fails at once
 
     def _where(self, r: int) -> str | None:
         """What rank ``r`` left in the store: why it is not in the collective, or None (no word from it)."""
@@ -229,7 +239,7 @@ class StepReducer:
                                                                " a different number of times)")
         except Exception:  # noqa: BLE001, S110 - the store is gone: the others time out instead
             pass
-        self._pg = None
+        self._close_pg()
 
     def _check_layout(self, step: int) -> bool:
         """Once per watch, at the first recorded step: do all ranks watch the same modules (so the vectors have
