@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from typing import Any
 
 _PROBE_EVERY = 100  # recording every step: one plain step in this many measures the step without torchdiag
 _MAX_INTERVAL = 1000  # the sparsest budget cadence: a recorded step at least every 1000 steps
@@ -203,11 +202,6 @@ class Cadence:
         if self.interval <= 1:
             return f"every step (but one in {_PROBE_EVERY}): recording costs {cost} on a {step} step; time budget {pct}"
         return f"one step in {self.interval}: recording costs {cost} on a {step} step; time budget {pct}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"every": self.every, "budget": self.budget if self.budgeted else None,
-                "interval": self.interval if self.budgeted else self.every,
-                "cost_s": self._cost, "step_s": self._step_time}
 
 
 def _ms(seconds: float) -> str:
