@@ -47,6 +47,8 @@ class Config:
     scale_tolerance: float
     update_ratio_high: float
     update_ratio_low: float
+    overflow_margin: float
+    underflow_fraction: float
     finding_steps: int
     finding_window: int
     warnings: bool
@@ -292,6 +294,8 @@ _VALUE_TYPES = {
     "scale_tolerance": "float",
     "update_ratio_high": "float",
     "update_ratio_low": "float",
+    "overflow_margin": "float",
+    "underflow_fraction": "float",
     "finding_steps": "int",
     "finding_window": "int",
     "warnings": "bool",
@@ -334,6 +338,8 @@ _FLOAT_RANGE = {
     "scale_tolerance": (0.0, math.inf),
     "update_ratio_high": (0.0, math.inf),
     "update_ratio_low": (-1e-300, 1.0),  # 0 turns the low side off
+    "overflow_margin": (1.0, math.inf),
+    "underflow_fraction": (0.0, 1.0),
     "attention_logit_max": (0.0, math.inf),
     "attention_entropy_min": (-1e-300, 1.0),  # 0 turns it off
     "output_logz_max": (0.0, math.inf),

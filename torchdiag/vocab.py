@@ -24,6 +24,8 @@ class Row(enum.IntEnum):
     CLIP = 7  # step level: gradient sum of squares before and after the user's clipping
     SCALE = 8  # step level: GradScaler's scale
     PROBE = 9  # a weighted layer's input range and zeros (which functional activation ran before it)
+    ACT_RANGE = 10  # a half-precision output against its dtype's range: [format max, absmax, nonzero, normal counts]
+    GRAD_RANGE = 11  # the same of the gradient with respect to that output (as the backward computed it)
 
 
 class Role:
@@ -65,6 +67,46 @@ class Summary:
     max: float | None = None
 
 
+@dataclass(frozen=True)
+class Format:
+    """A floating-point format's range: its largest finite value, its smallest normal one (below it values are
+    subnormal, with fewer significant bits, and below half the smallest subnormal they round to zero) and its
+    mantissa bits."""
+
+    name: str
+    max: float
+    tiny: float
+    mantissa: int
+
+    @property
+    def floor(self) -> float:
+        """Eight of the format's smallest subnormal steps: a value below it keeps 3 significant bits or fewer
+        (rounded by up to 1/16 of itself), and half a step below it is zero (float16: 2**-21, about 4.8e-7)."""
+        return self.tiny * 2.0 ** (3 - self.mantissa)
+
+
+#: the formats whose range a layer can run out of (bfloat16 and float32 share float32's exponent range)
+FORMATS = {
+    "float16": Format("float16", 65504.0, 2.0 ** -14, 10),
+    "bfloat16": Format("bfloat16", 3.3895313892515355e38, 2.0 ** -126, 7),
+    "float8_e4m3fn": Format("float8_e4m3fn", 448.0, 2.0 ** -6, 3),
+    "float8_e5m2": Format("float8_e5m2", 57344.0, 2.0 ** -14, 2),
+}
+
+
+@dataclass
+class Range:
+    """One recorded tensor family against the range of the format it was computed in (or, from ``check``, the
+    format asked about): the headroom to overflow and the share of its non-zero values below the format's
+    precision floor (``Format.floor``)."""
+
+    format: str  # a ``FORMATS`` key
+    headroom: float  # log2(format max / absmax): bits of growth left before the first Inf (inf: all zeros)
+    low_fraction: float | None  # of the non-zero values, those below the format's precision floor
+    zero_fraction: float  # exact zeros (structural ones, a ReLU's, included)
+    absmax: float
+
+
 @dataclass
 class LayerStats:
     """The numbers of one watched module at one step, plus the static facts diagnosis needs."""
@@ -91,6 +133,8 @@ class LayerStats:
     bounded: bool = False
     update_ratio: float | None = None  # ||w_new - w_old|| / ||w_old|| across the optimizer step
     update_base_rms: float | None = None  # rms of w_old
+    act_range: Range | None = None  # a half-precision output against its dtype's range
+    grad_range: Range | None = None  # ... and its gradient (scaled, under a GradScaler, as the backward computed it)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from .signals.sentinel import Sentinel
 from .sinks.publish import Publisher
 from .training.optim import OptimizerMonitor, watched_weights
 from .training.rescale import RescaleHook, RescaleSpec, factors
+from .vocab import Format
 
 __all__ = ["RescaleSpec", "Watcher", "watch"]
 
@@ -58,7 +59,8 @@ class Watcher:
 
     def __init__(self, model: nn.Module, config: Config, *, logdir: str | None, writer: Any,
                  rescale_grads: RescaleSpec, warn: bool = True, scaler: Any = None, optimizer: Any = None,
-                 group: distributed.Group | None = None, auto_step: bool = True, record_eval: bool = False) -> None:
+                 group: distributed.Group | None = None, auto_step: bool = True, record_eval: bool = False,
+                 precision: Format | None = None) -> None:
         self.config = config
         self._group = group  # None: a single process (or a one-rank group), nothing is reduced
         self._writes = group is None or group.is_writer  # rank 0 of the group alone writes and warns
@@ -81,6 +83,7 @@ class Watcher:
         self._rescale_hook: RescaleHook | None = None
         self._sentinel: Sentinel | None = None
         self._record_eval = record_eval
+        self._precision = precision  # check(precision=): outputs and gradients against this format, as fp8 would scale
         self._finalizer: Any = None
         self._step_end: float | None = None  # host clock at the end of torchdiag's work of the previous step
         self._failures: set[tuple[str, str]] = set()  # the failures of torchdiag's own step end, said once each
@@ -104,6 +107,8 @@ class Watcher:
                                          histograms, self._group)
         cap = rec.capture
         cap.record_eval = self._record_eval
+        cap.precision = self._precision
+        cap.precision_scaled = self._precision is not None and self._precision.name.startswith("float8")
         cap.scaler = self._scaler
         cap.auto_step = self._auto_step_on
         capture.attach(cap, modules, roots=[i for i, s in enumerate(slots) if s.is_root])

@@ -423,11 +423,12 @@ def _optimizer(case: Case, name: str, model: nn.Module) -> torch.optim.Optimizer
 
 
 def run(case: Case, optimizer: str = "adamw", steps: int = 3, pass_optimizer: bool = True, seed: int = 0,
-        white: bool = False) -> dict:
+        white: bool = False, scaler: bool = False) -> dict:
     """Train ``steps`` steps under ``torchdiag.watch``; return {flag: (first layer, step)}, the warnings, the report.
 
     ``pass_optimizer``: ``watch(model, optimizer=opt)`` (a step ends at ``opt.step()``, update ratios are
-    measured); else ``watch(model)`` and the loop calls ``diag.step()`` after ``opt.step()``.
+    measured); else ``watch(model)`` and the loop calls ``diag.step()`` after ``opt.step()``. ``scaler``: the AMP
+    recipe of float16 training, a ``GradScaler`` (given to the watch) around the case's autocast.
     """
     torch.manual_seed(seed)
     model = case.build()
@@ -438,13 +439,19 @@ def run(case: Case, optimizer: str = "adamw", steps: int = 3, pass_optimizer: bo
     report = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with torchdiag.watch(model, optimizer=opt if pass_optimizer else None) as diag:
+        amp = torch.amp.GradScaler("cpu") if scaler else None
+        with torchdiag.watch(model, optimizer=opt if pass_optimizer else None, scaler=amp) as diag:
             for _ in range(steps):
                 inputs, labels = case.data(g, white=white)
                 with _autocast(case):
                     loss = case.loss(model(*inputs), labels)
-                loss.backward()
-                opt.step()  # with optimizer=opt this ends the watcher's step
+                if amp is not None:
+                    amp.scale(loss).backward()
+                    amp.step(opt)  # with optimizer=opt this ends the watcher's step (unless the scaler skips it)
+                    amp.update()
+                else:
+                    loss.backward()
+                    opt.step()  # with optimizer=opt this ends the watcher's step
                 opt.zero_grad()
                 report = diag.step()  # the report of the step that just ended
                 if report is None:

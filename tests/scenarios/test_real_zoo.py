@@ -6,7 +6,10 @@ classic broken recipes) at its library's own init, built from a small config; se
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from tests.helpers import real_zoo
 
@@ -47,3 +50,20 @@ def test_a_deep_pre_norm_lm_trained_for_a_while_stays_silent():
     # depth and training grow the residual stream that RMSNorm divides by: the zoo's 3 steps at 4 layers miss it
     out = real_zoo.run(real_zoo.DEEP_LLAMA, "adamw", steps=20)
     assert out["fired"] == {} and out["warnings"] == []
+
+
+@pytest.mark.parametrize("case", [c for c in HEALTHY if c.autocast is None], ids=lambda c: c.name)
+def test_healthy_real_models_under_bf16_autocast_raise_no_warning(case):
+    # bfloat16 has float32's range: no precision flag, and the other rules read its coarser figures the same way
+    out = real_zoo.run(dataclasses.replace(case, autocast=torch.bfloat16), "adamw", steps=3)
+    assert out["fired"] == {}, f"false alarm on {case.name} under bf16 autocast ({case.why}): {out['fired']}"
+    assert out["warnings"] == []
+    assert all(layer.precision is None for layer in out["report"].layers)
+
+
+@pytest.mark.parametrize("case", [c for c in HEALTHY if c.autocast is None], ids=lambda c: c.name)
+def test_healthy_real_models_under_fp16_autocast_with_a_gradscaler_raise_no_warning(case):
+    # the float16 recipe: its scaled gradients in range, its overflowing first steps the scaler's own business
+    out = real_zoo.run(dataclasses.replace(case, autocast=torch.float16), "adamw", steps=3, scaler=True)
+    assert out["fired"] == {}, f"false alarm on {case.name} under fp16 + GradScaler ({case.why}): {out['fired']}"
+    assert out["warnings"] == []

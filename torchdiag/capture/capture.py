@@ -22,7 +22,7 @@ from ..errors import warn_self
 from ..layers import gains
 from ..stats import stats
 from ..stats.stepbuffer import KERNEL_ROWS, STEP_SLOT, StepBuffer, Where
-from ..vocab import Role, Row
+from ..vocab import Format, Role, Row
 from . import _compiled as compiled
 from ._registry import _RECORDING, attach, detach, forget, global_hooks_installed, is_watched, set_recording  # noqa: F401 - the registry's functions, as capture.attach etc.
 from .runtime import first_float_tensor, float_tensors, in_backward, in_functorch, iter_float_tensors, tracing
@@ -83,6 +83,10 @@ class Capture:
         self._leaf_hooks: list[Any] = []
         self.gate: compiled.Gate | None = None  # what the compiled graphs read and add to (set by ``attach``)
         self.wrapped_calls = 0  # calls of the root through torch.compile(model)'s wrapper in this step
+        # check(precision=): every output and gradient against this format (else half-precision ones against their
+        # own dtype's), ``precision_scaled`` as an fp8 recipe would scale them
+        self.precision: Format | None = None
+        self.precision_scaled = False
 
     @property
     def recording(self) -> bool:
@@ -245,6 +249,8 @@ class Capture:
         if start is not None:
             if hist:
                 buf.write_hist(slot, kind, t, buf.kernel_row_values(start))
+            if self.precision is not None:
+                self._range(slot, kind, t)
             return KERNEL_ROWS, start
         if act:
             row = stats.act_row(t, saturation, shift=info.shift_act, zeros=info.count_zeros)
@@ -253,7 +259,18 @@ class Capture:
         start = buf.write(slot, kind, t.numel(), t.device, row)
         if hist:
             buf.write_hist(slot, kind, t, row)
+        self._range(slot, kind, t)
         return t.device, start
+
+    def _range(self, slot: int, kind: int, t: torch.Tensor) -> None:
+        """A half-precision tensor's row against its dtype's range (``stats.range_row``); with ``precision`` set
+        (``check(precision=)``), every output's and gradient's against that format."""
+        fmt = self.precision or stats.NARROW.get(t.dtype)
+        if fmt is None or kind not in _HIST_KINDS:
+            return
+        row = stats.range_row(t, fmt, scaled=self.precision_scaled)
+        if row is not None:
+            self.buffer.write(slot, Row.ACT_RANGE if kind == Row.ACT else Row.GRAD_RANGE, t.numel(), t.device, row)
 
     def write_scale(self) -> None:
         """GradScaler's scale in effect for this step's backward (read in stream order, no sync)."""

@@ -137,3 +137,43 @@ def render_check(report: Report, model: nn.Module, shapes: dict[str, str], color
     body = [table[0]] + [red + t + reset if color and layer.status else t for t, layer in zip(table[1:], report.layers)]
     rest = render(shown, color=color, width=width).splitlines()[2 + n:]
     return "\n".join([lines[0], *body, *rest])
+
+
+_RANGE_COLUMNS = ("#", "layer", "type", "format", "out headroom", "out underflow", "grad headroom", "grad underflow",
+                  "status")
+_RANGE_RIGHT = {0, 4, 5, 6, 7}
+_RANGE_SHRINK = ((1, 28), (3, 8), (1, 16), (8, 8), (1, 8), (2, 10))
+
+
+def _bits(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} bits"
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def range_table(report: Report, width: int = 100) -> list[str]:
+    """Per layer, its outputs and gradients against the format of ``check(precision=)``: the headroom to overflow
+    (bits of growth left, log2(max / absmax)) and the share of the non-zero values below the smallest normal;
+    '-' where the layer computes in float32 (autocast's norms, softmax) or, in float8, where the scaling sets the
+    headroom. The problems shown are the precision ones (``overflow_risk``, ``underflow``)."""
+    prefix = common_prefix([layer.name for layer in report.layers])
+    rows = []
+    for layer in report.layers:
+        problems = sorted(p for p in layer.status if p in ("overflow_risk", "underflow"))
+        rows.append([str(layer.index), _escaped(layer.name[len(prefix):]) or "(root)", _escaped(layer.module_type),
+                     layer.precision or "float32", _bits(layer.act_headroom), _share(layer.act_underflow),
+                     _bits(layer.grad_headroom), _share(layer.grad_underflow), ",".join(problems) or "ok"])
+    names, widths = name_column([r[1] for r in rows], _RANGE_COLUMNS, rows, width, _RANGE_SHRINK)
+    for r, n in zip(rows, names):
+        r[1] = n
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for i, (c, w) in enumerate(zip(cells, widths)):
+            c = c if i == 1 or len(c) <= w else c[: max(w - 1, 0)] + "…"
+            out.append(c.rjust(w) if i in _RANGE_RIGHT else c.ljust(w))
+        return "  ".join(out).rstrip()[:width]
+
+    return [line(list(_RANGE_COLUMNS))] + [line(r) for r in rows]

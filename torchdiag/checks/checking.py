@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -15,11 +16,17 @@ from ..errors import TorchDiagError
 from ..origin.losses import projection_loss
 from ..origin.preserve import forked_rngs, preserved_state
 from ..report.report import Report
+from ..vocab import FORMATS, Format
 from ..watch import Watcher
+
+#: check(precision=): the names it takes, and the format each means
+PRECISIONS = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+              "float8_e4m3fn": "float8_e4m3fn", "e4m3": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
+              "e5m2": "float8_e5m2"}
 
 
 def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None,
-          config: ConfigLike = None) -> Report:
+          config: ConfigLike = None, precision: str | None = None) -> Report:
     """Run one recorded forward and backward pass and return its diagnosis.
 
     Parameters, ``.grad``, buffers (BatchNorm running statistics included), train/eval mode
@@ -32,6 +39,15 @@ def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor]
         >>> report = torchdiag.check(net, torch.randn(8, 16))
         >>> report.flagged
         []
+
+    ``precision``: the per-layer range of each output and gradient in that format (``LayerReport.precision``,
+    ``act_headroom``, ``grad_headroom``, ``act_underflow``, ``grad_underflow``) and its ``overflow_risk`` and
+    ``underflow`` flags. ``"float16"`` and ``"bfloat16"`` run the forward under ``torch.autocast`` in that dtype,
+    so each layer is measured in the dtype it computes in (autocast keeps norms, softmax and the loss in
+    float32: those layers have no range figures). ``"float8_e4m3fn"`` and ``"float8_e5m2"`` ask whether the
+    float32 tensors would fit the format as fp8 recipes store them, each scaled so that its absmax is the format's
+    max: the share of the non-zero values that would fall below its smallest normal (no headroom: the scaling
+    sets it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"check(model=...): expected a torch.nn.Module, got {type(model).__name__}")
@@ -40,13 +56,18 @@ def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor]
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError("check(loss_fn=...): expected a callable that takes the model's output and returns a scalar"
                         f" loss tensor, got {type(loss_fn).__name__}")
+    fmt = None
+    if precision is not None:
+        if not isinstance(precision, str) or precision.lower() not in PRECISIONS:
+            raise ValueError(f"check(precision=...): expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        fmt = FORMATS[PRECISIONS[precision.lower()]]
     cfg = resolve_config(config, every=1)
     if any(nn.parameter.is_lazy(t) for t in (*model.parameters(), *model.buffers())):
-        return _check_lazy(model, inputs, loss_fn, cfg)
-    return _check(model, inputs, loss_fn, cfg)
+        return _check_lazy(model, inputs, loss_fn, cfg, fmt)
+    return _check(model, inputs, loss_fn, cfg, fmt)
 
 
-def _check_lazy(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report:
+def _check_lazy(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config, fmt: Format | None) -> Report:
     """``check`` of a model with lazy modules (``LazyLinear``...): the inputs would materialise them, so that
     later training would start from other weights. A copy is materialised and checked instead."""
     with forked_rngs(model):
@@ -63,15 +84,33 @@ def _check_lazy(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> R
                 twin(*inputs)  # materialises the lazy parameters of the copy
         except Exception as e:
             raise TorchDiagError(f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e
-        report = _check(twin, inputs, loss_fn, cfg)
+        report = _check(twin, inputs, loss_fn, cfg, fmt)
     report.notes.append("the model has lazy modules: a copy was initialised by these inputs and checked; the model"
                         " itself is left uninitialised, as it was")
     return report
 
 
-def _check(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report:
+def _autocast(model: nn.Module, fmt: Format | None) -> Any:
+    """The forward's autocast for ``check(precision=)`` in float16 or bfloat16 (a no-op context otherwise)."""
+    if fmt is None or fmt.name not in ("float16", "bfloat16"):
+        return contextlib.nullcontext()
+    device = next((t.device.type for t in (*model.parameters(), *model.buffers())), "cpu")
+    dtype = getattr(torch, fmt.name)
+    try:
+        return torch.autocast(device, dtype=dtype)
+    except Exception as e:  # an old torch without float16 autocast on the CPU, a device without it
+        raise TorchDiagError(f"check(precision={fmt.name!r}): torch.autocast({device!r}, dtype=torch.{fmt.name})"
+                             f" is not available here: {e}") from e
+
+
+def _check(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config, fmt: Format | None = None) -> Report:
+    # float16 runs in its own dtype under autocast (its tensors are judged as in training); the others are measured
+    # against the format asked about
+    judged = fmt if fmt is not None and fmt.name != "float16" else None
+    autocast = _autocast(model, fmt)
     with preserved_state(model), torch.enable_grad():
-        w = Watcher(model, cfg, logdir=None, writer=None, rescale_grads=False, warn=False, record_eval=True)
+        w = Watcher(model, cfg, logdir=None, writer=None, rescale_grads=False, warn=False, record_eval=True,
+                    precision=judged)
         with w:
             # inputs need a gradient only where no parameter gives the graph one: a model may set requires_grad
             # on views of its input itself (Hugging Face's Wav2Vec2 feature encoder), which a leaf input forbids
@@ -79,7 +118,8 @@ def _check(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config) -> Report
             xs = tuple(x.detach().clone().requires_grad_(not trainable) if isinstance(x, torch.Tensor)
                        and x.is_floating_point() else x for x in inputs)
             try:
-                out = model(*xs)
+                with autocast:
+                    out = model(*xs)
             except Exception as e:
                 raise TorchDiagError(
                     f"check(): the model raised {type(e).__name__} on the given inputs: {e}") from e

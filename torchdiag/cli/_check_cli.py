@@ -86,6 +86,21 @@ def parse_seed(text: str) -> int:
     return seed
 
 
+#: --precision's names, each with the check(precision=) formats it stands for
+_PRECISIONS = {"fp16": ("float16",), "float16": ("float16",), "half": ("float16",), "bf16": ("bfloat16",),
+               "bfloat16": ("bfloat16",), "fp8": ("float8_e4m3fn", "float8_e5m2"), "e4m3": ("float8_e4m3fn",),
+               "float8_e4m3fn": ("float8_e4m3fn",), "e5m2": ("float8_e5m2",), "float8_e5m2": ("float8_e5m2",)}
+
+
+def parse_precisions(text: str) -> list[str]:
+    """``--precision fp16,bf16,fp8`` -> the formats, in order, each once."""
+    names = [p.strip().lower() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in _PRECISIONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(_PRECISIONS)}; got {text!r}")
+    return list(dict.fromkeys(f for p in names for f in _PRECISIONS[p]))
+
+
 def parse_problems(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in STATUSES]
@@ -111,6 +126,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the factory and of the input, from 0 to 2**63-1 (default 0)")
     parser.add_argument("--device", default="cpu",
                         help="run the model there (default cpu); one this PyTorch build cannot use exits 2")
+    parser.add_argument("--precision", type=parse_precisions, default=None, metavar="FORMATS",
+                        help="also measure every layer's outputs and gradients against these formats, comma-separated"
+                             " (fp16, bf16: the forward under torch.autocast in that dtype; fp8: float8_e4m3fn and"
+                             " float8_e5m2 with one scale per tensor): the headroom to overflow and the share of"
+                             " values below the smallest normal, per layer, and the precision problems")
     parser.add_argument("--fail-on", type=parse_problems, default=None, metavar="PROBLEMS",
                         help=f"exit 1 only for these problems, comma-separated, from: {', '.join(STATUSES)}"
                              " (default: any)")
@@ -304,9 +324,40 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
 
     print(header, file=out)
     print(render_check(report, model, shapes, color=use_color(out)), file=out)
-    verdict = decide({p for layer in report.flagged for p in layer.status}, fail, verb="flagged")
+    found = {p for layer in report.flagged for p in layer.status}
+    for fmt in args.precision or ():
+        try:
+            ranged = _check_precision(args, model, fmt)
+        except CheckError as e:
+            print(f"torchdiag check: {e}", file=err)
+            return ERROR
+        from ..checks.check_table import range_table
+
+        print(f"\nprecision {fmt}:", file=out)
+        print("\n".join(range_table(ranged)), file=out)
+        for layer in ranged.layers:
+            for f in layer.findings:
+                if f.problem in ("overflow_risk", "underflow"):
+                    print(f"! {f.message}", file=out)
+        precision_found = {p for layer in ranged.flagged for p in layer.status if p in ("overflow_risk", "underflow")}
+        print(f"{fmt}: " + (", ".join(sorted(precision_found)) if precision_found else "fits"), file=out)
+        found |= precision_found
+    verdict = decide(found, fail, verb="flagged")
     print(verdict.line, file=out)  # "OK: nothing flagged" too, as summarize's "OK: nothing found in the run"
     return verdict.status
+
+
+def _check_precision(args: argparse.Namespace, model: nn.Module, fmt: str) -> Report:
+    """``check(precision=fmt)`` on the same model and the same input (drawn again from the seed)."""
+    from ..checks.checking import check
+    from ..config import resolve_config
+
+    inputs = make_inputs(args.input_shape, args.dtype, args.int_high, args.seed, args.device)
+    config = resolve_config(args.config) if args.config is not None else None
+    try:
+        return check(model, *inputs, config=config, precision=fmt)
+    except Exception as e:  # noqa: BLE001 - whatever the model raises under autocast: exit 2, not a traceback
+        raise CheckError(f"--precision {fmt}: {type(e).__name__}: {e}") from e
 
 
 def _check(args: argparse.Namespace) -> tuple[Report, str, nn.Module, dict[str, str]]:

@@ -99,6 +99,7 @@ class Baseline:
     gains: dict[str, float] = field(default_factory=dict)  # each weighted layer's gain at the latest recorded step
     gated: set[str] = field(default_factory=set)  # layers behind a zero gate at the first recorded step
     small_norms: set[str] = field(default_factory=set)  # norms with near-zero weights at the first recorded step
+    low_grads: set[str] | None = None  # layers whose gradients were below their format's floor at the latest step
     started: bool = False  # a step with gradients was committed: later steps judge a trained net
     backward: bool = False  # this step measured gradients (a forward-only step judges nothing of the training)
 
@@ -112,6 +113,8 @@ class Baseline:
             self.gated |= seen.gated
             self.small_norms |= seen.small_norms
         self.gains.update(seen.gains)
+        if seen.low_grads is not None:
+            self.low_grads = seen.low_grads
         self.started = self.started or seen.backward
 
 

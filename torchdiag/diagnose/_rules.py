@@ -11,7 +11,7 @@ from ..config import Config
 from ..layers import gains
 from ..layers.gains import Nonlinearity
 from ..report.report import Finding, LayerReport
-from ..vocab import LayerStats, Role, Summary
+from ..vocab import FORMATS, LayerStats, Range, Role, Summary
 
 #: the fix for what appeared after updates: the training's settings, never a weight rescale
 OPTIMISATION_FIX = ("lower the learning rate, add warm-up, or clip gradients (torch.nn.utils.clip_grad_norm_); not a"
@@ -214,3 +214,105 @@ def dead_or_saturated(row: LayerReport, s: LayerStats, cfg: Config, trained: boo
               + (f"{OPTIMISATION_FIX}." if trained else "scale down the weights of the layer before it"
                  " (its suggestion uses the gain for this activation)."),
               reason=reason)
+
+
+def _low(r: Range | None) -> float:
+    return (r.low_fraction or 0.0) if r is not None else 0.0
+
+
+def precision(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, amp_scale: float | None,
+              notes: list[str], low_before: set[str] | None = None) -> set[str]:
+    """A half-precision layer's output or gradient near its format's max (``overflow_risk``), or with a material
+    share of its non-zero values below the format's precision floor (``underflow``). Each direction is one finding
+    on the layer where it starts (forward: the first such layer; backward: the one nearest the loss, where the
+    gradient enters the narrow format's range first), standing for the others, which carry the flag too.
+
+    Under a GradScaler the gradients are the scaled ones the backward computed: their overflow is the scaler's to
+    handle (it skips the step and lowers the scale), so only their underflow is judged, and only where it held at
+    the previous recorded step too (``low_before``, the layers this returns for the next step): a branch behind a
+    layer scale of 1e-6 (ConvNeXt) starts below the floor and leaves it after its first updates, which is the
+    design, not the scale's fault. Without a scaler (or without a run's baseline) it is judged at once."""
+    margin_bits = math.log2(cfg.overflow_margin)
+    scaler = amp_scale is not None
+    low_now = {s.name for s in layers if _low(s.grad_range) > cfg.underflow_fraction}
+    cases = []
+    for direction in ("forward", "backward"):
+        ordered = [(row, s) for row, s in zip(rows, layers)  # NaN/Inf already: the nonfinite rules say it
+                   if (summary := s.act if direction == "forward" else s.grad) is None or not summary.nonfinite]
+        if direction == "backward":
+            ordered.reverse()
+        near = [(row, s, rng) for row, s in ordered
+                if (rng := (s.act_range if direction == "forward" else s.grad_range)) is not None
+                and math.isfinite(rng.headroom) and rng.headroom < margin_bits
+                and not (direction == "backward" and scaler) and not rng.format.startswith("float8")]
+        low = [(row, s, rng) for row, s in ordered
+               if (rng := (s.act_range if direction == "forward" else s.grad_range)) is not None
+               and _low(rng) > cfg.underflow_fraction
+               and not (direction == "backward" and scaler and low_before is not None and s.name not in low_before)]
+        cases += [("overflow_risk", direction, near), ("underflow", direction, low)]
+    for problem, direction, hits in cases:
+        if not hits:
+            continue
+        row, s, rng = hits[0]
+        for other, _, _ in hits[1:]:
+            other.status.add(problem)
+        what = "outputs" if direction == "forward" else "output gradients"
+        others = (f" (and {len(hits) - 1} more layer(s): {_names([h[1].name for h in hits[1:]])})"
+                  if len(hits) > 1 else "")
+        if problem == "overflow_risk":
+            fmt = FORMATS[rng.format]
+            message = (f"'{s.name}' ({s.module_type}) is near {rng.format}'s overflow: its {what} reach"
+                       f" |x| = {rng.absmax:.3g}, {rng.headroom:.1f} bits under the format's max {fmt.max:g}"
+                       f" (overflow_margin {cfg.overflow_margin:g}){others}. Fix: "
+                       + (_OVERFLOW_FORWARD_FIX if direction == "forward" else _OVERFLOW_BACKWARD_FIX))
+            value, threshold, key = rng.headroom, margin_bits, "overflow_margin"
+        else:
+            sub = _low(rng)
+            fix = (_FP8_FIX + (_FP8_GRAD_FIX if direction == "backward" and rng.format == "float8_e4m3fn" else "")
+                   if rng.format.startswith("float8") else _UNDERFLOW_FORWARD_FIX if direction == "forward" else
+                   _UNDERFLOW_SCALED_FIX.format(scale=amp_scale) if scaler else _UNDERFLOW_FIX)
+            message = (f"'{s.name}' ({s.module_type}) underflows {rng.format}: {sub:.0%} of its non-zero {what}"
+                       f" are below {FORMATS[rng.format].floor:.2g}, where they keep 3 significant bits or fewer and"
+                       f" the smaller ones are flushed to zero ({rng.zero_fraction:.0%} exact zeros; underflow_fraction"
+                       f" {cfg.underflow_fraction:g}){others}. Fix: {fix}")
+            value, threshold, key = sub, cfg.underflow_fraction, "underflow_fraction"
+        flag(row, problem, direction, value, threshold, key, message, covers=len(hits), reason="precision")
+    if any("underflow" in r.status and any(f.problem == "underflow" and f.direction == "backward"
+                                           for f in r.findings) for r in rows):
+        _drop_backward_vanishing(rows, notes)
+    return low_now
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _drop_backward_vanishing(rows: list[LayerReport], notes: list[str]) -> None:
+    """Gradients flushed to zero by float16 read as a vanishing gradient: the precision finding says why, so a
+    backward vanishing finding of the same step is not a second problem."""
+    dropped = False
+    for row in rows:
+        keep = [f for f in row.findings if not (f.problem == "vanishing" and f.direction == "backward")]
+        if len(keep) != len(row.findings):
+            dropped = True
+            row.findings = keep
+        if "vanishing" in row.status and not any(f.problem == "vanishing" for f in row.findings):
+            row.status.discard("vanishing")
+    if dropped:
+        notes.append("backward drift not judged: float16 flushed part of the gradients (see underflow)")
+
+
+_OVERFLOW_FORWARD_FIX = ("keep this layer in float32 (torch.autocast(..., enabled=False) around it), or train in"
+                         " bfloat16 (float32's range); if its outputs grew during training, the learning rate did it")
+_OVERFLOW_BACKWARD_FIX = ("use a GradScaler (torch.amp.GradScaler: it skips a step whose gradients overflow and lowers"
+                          " its scale), or train in bfloat16")
+_UNDERFLOW_FIX = ("use a GradScaler (torch.amp.GradScaler) with float16, or train in bfloat16, or keep this layer in"
+                  " float32")
+_UNDERFLOW_SCALED_FIX = ("raise the GradScaler's init_scale (its scale {scale:g} leaves these gradients below"
+                         " float16's precision) or lower its growth_interval, or train in bfloat16")
+# float8 (check(precision=)): each tensor scaled so that its absmax is the format's max, as fp8 recipes store it
+_FP8_FIX = ("its spread is wider than the format holds with one scale per tensor: keep this layer in bfloat16, or"
+            " scale per block or per channel")
+_FP8_GRAD_FIX = ", or use float8_e5m2 for gradients (its range is wider)"
+_UNDERFLOW_FORWARD_FIX = ("keep this layer in float32 (torch.autocast(..., enabled=False) around it), or train in"
+                          " bfloat16")

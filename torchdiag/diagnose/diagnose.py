@@ -55,7 +55,16 @@ def diagnose(stats: StepStats, config: Config, baseline: Baseline | None = None)
     first_nonfinite = rules.nonfinite_forward(rows, layers, trained, stats.input_rms)
     for row, s in zip(rows, layers):
         rules.dead_or_saturated(row, s, config, trained)
-    first_nonfinite_grad = rules.nonfinite_backward(rows, layers) if first_nonfinite is None else None
+    first_nonfinite_grad = None
+    if first_nonfinite is None:
+        if stats.amp_scale is not None and stats.amp_scale >= 1.0 and any(s.grad is not None and s.grad.nonfinite
+                                                                         for s in layers):
+            # a GradScaler's scaled gradients overflowed: it skips this optimizer step and lowers its scale (how it
+            # finds its scale); a problem only once the scale has fallen under 1, gradients overflowing unscaled
+            notes.append(f"the gradients overflowed at GradScaler's scale {stats.amp_scale:g}: it skips this"
+                         " optimizer step and lowers its scale (routine while it finds its scale)")
+        else:
+            first_nonfinite_grad = rules.nonfinite_backward(rows, layers)
 
     # the init as it was drawn, at the first recorded step; later, the norms found then, while they stay small
     small = drift.small_norm_weights(rows, layers, baseline.small_norms if trained and baseline else None)
@@ -63,6 +72,8 @@ def diagnose(stats: StepStats, config: Config, baseline: Baseline | None = None)
     seen.small_norms = small
     drift.explain_by_dead(rows)
     rules.updates(rows, layers, config, notes)
+    seen.low_grads = rules.precision(rows, layers, config, stats.amp_scale, notes,
+                                     None if baseline is None else baseline.low_grads or set())
 
     if stats.not_called:
         notes.append("watched but never called in this step: " + ", ".join(stats.not_called))
@@ -98,4 +109,11 @@ def _base_row(s: LayerStats, stats: StepStats) -> LayerReport:
             row.backward_ratio = row.grad_std / stats.output_grad_std
     if s.nonlinearity is not None:
         row.nonlinearity = str(s.nonlinearity)
+    for rng, direction in ((s.act_range, "act"), (s.grad_range, "grad")):
+        if rng is not None:
+            row.precision = rng.format
+            # float8 (check's "would it fit"): each tensor scaled to the format's max, so no headroom is left to tell
+            scaled = rng.format.startswith("float8")
+            setattr(row, f"{direction}_headroom", rng.headroom if math.isfinite(rng.headroom) and not scaled else None)
+            setattr(row, f"{direction}_underflow", rng.low_fraction)
     return row

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..report.report import Finding, LayerReport, Report
-from ..vocab import StepSignals
+from ..vocab import FORMATS, StepSignals
 from ._drift import QUERY_KEY
 
 
@@ -247,11 +247,21 @@ class Forecast:
     def message(self) -> str:
         where = f"'{self.layer}'" if self.layer else "the output"
         per = f"×{self.rate:.3g} per step" if self.figure != "output log Z" else f"{self.rate:+.3g} per step"
+        if self.figure in _RANGE_FIGURES:  # a half-precision tensor's absmax on its way to the format's max
+            return (f"at this rate the {self.figure} of {where} reach {self.key}'s max {self.threshold:g} (Inf) in"
+                    f" ~{self.steps_to_go:.0f} steps (now {self.value:.3g}, {per} over the last recorded steps)."
+                    f" Fix: {_RANGE_FORECAST_FIX}.")
         return (f"at this rate the {self.figure} of {where} crosses {self.key} {self.threshold:g} in"
                 f" ~{self.steps_to_go:.0f} steps (now {self.value:.3g}, {per} over the last recorded steps):"
                 " a divergence on its way. Fix: lower the learning rate or clip gradients now, and "
                 + ("add qk-layernorm (normalise q and k before their dot product)" if self.figure == "attention logit"
                    else "add z-loss, 1e-4 * logsumexp(logits)**2") + ".")
+
+
+#: figures of a half-precision layer's range, forecast towards the format's max (the key names the format)
+_RANGE_FIGURES = ("outputs", "output gradients")
+_RANGE_FORECAST_FIX = ("keep this layer in float32 (torch.autocast(..., enabled=False) around it) or train in"
+                       " bfloat16; lower the learning rate if the growth is the training's")
 
 
 _FORECAST_FROM = 1 / 30  # a figure is extrapolated once it is within 30x of its threshold (an attention logit of 33)
@@ -287,6 +297,11 @@ class Forecasts:
             if row.output_logz is not None:
                 figures.append(("output log Z", None, -row.output_logz, cfg.output_logz_max, "output_logz_max",
                                 False))
+            fmt = FORMATS.get(row.precision) if row.precision else None
+            if fmt is not None:
+                for figure, headroom in (("outputs", row.act_headroom), ("output gradients", row.grad_headroom)):
+                    if headroom is not None and not (figure == "output gradients" and report.amp_scale is not None):
+                        figures.append((figure, row.name, fmt.max * 2.0 ** -headroom, fmt.max, fmt.name, True))
         for figure, layer, value, threshold, key, geometric in figures:
             if value is None or not math.isfinite(value) or (geometric and value <= 0):
                 continue

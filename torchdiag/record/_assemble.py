@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 from ..layers.taxonomy import Slot
-from ..reduce.accumulators import MomentAccumulator, SumSq, Update
+from ..reduce.accumulators import MomentAccumulator, RangeCounts, SumSq, Update
 from ..stats import stats
 from ..stats.stepbuffer import Decoded, Pending
-from ..vocab import Histogram, LayerStats, Row, StepStats, Summary
+from ..vocab import FORMATS, Histogram, LayerStats, Range, Row, StepStats, Summary
 
 ACT, GRAD, INPUT, WEIGHT, PROBE = Row.ACT, Row.GRAD, Row.INPUT, Row.WEIGHT, Row.PROBE
 ROOT_IN, ROOT_GRAD = Row.ROOT_IN, Row.ROOT_GRAD
@@ -38,6 +38,8 @@ def step_stats(slots: list[Slot], number: int, step: Decoded) -> StepStats:
             feeds_norm=info.feeds_norm, nonlinearity=info.nonlinearity,
             relu_family=info.relu_family, bounded=info.saturation is not None,
             update_ratio=_ratio(u), update_base_rms=_base_rms(u),
+            act_range=_range(step.ranges.get((slot, Row.ACT_RANGE))),
+            grad_range=_range(step.ranges.get((slot, Row.GRAD_RANGE))),
         ))
     for slot, info in enumerate(slots):
         if info.is_root:
@@ -103,6 +105,23 @@ def _ratio(u: Update | None) -> float | None:
     if u is None:
         return None
     return math.sqrt(u.dd / u.ww) if u.ww > 0 else None  # from all-zero weights there is no ratio
+
+
+def _range(rc: RangeCounts | None) -> Range | None:
+    """A tensor family against its format (``vocab.Range``), from its counts; None where none was taken."""
+    if rc is None or rc.n == 0:
+        return None
+    fmt = min(FORMATS.values(), key=lambda f: abs(math.log(f.max / rc.fmax))) if rc.fmax > 0 else None
+    if fmt is None:
+        return None
+    a = rc.absmax
+    if math.isnan(a) or a == math.inf:
+        headroom = -math.inf if a == math.inf else math.nan  # overflowed already (or NaN: the nonfinite rule's)
+    else:
+        headroom = math.log2(fmt.max / a) if a > 0 else math.inf
+    low = (rc.nonzero - rc.normal) / rc.nonzero if rc.nonzero > 0 else None
+    return Range(format=fmt.name, headroom=headroom, low_fraction=low, zero_fraction=1.0 - rc.nonzero / rc.n,
+                 absmax=a)
 
 
 def _summary(m: MomentAccumulator | None, with_act: bool = False, with_sat: bool = False) -> Summary | None:

@@ -111,6 +111,29 @@ class MomentAccumulator:
 
 
 @dataclass
+class RangeCounts:
+    """A half-precision tensor family against its format's range: the format's max (which format), the largest
+    magnitude, and the element, non-zero and at-or-above-the-precision-floor (``normal``) counts."""
+
+    fmax: float = state(0.0, MAX)
+    absmax: float = state(0.0, MAX)
+    n: float = state(0.0, SUM)
+    nonzero: float = state(0.0, SUM)
+    normal: float = state(0.0, SUM)
+
+    def add_row(self, n: int, row: list[float]) -> None:
+        fmax, absmax, nonzero, normal = row[:4]
+        self.fmax = max(self.fmax, fmax)
+        self.absmax = absmax if math.isnan(absmax) else max(self.absmax, absmax)
+        self.n += n
+        self.nonzero += nonzero
+        self.normal += normal
+
+    def is_empty(self) -> bool:
+        return self.n == 0
+
+
+@dataclass
 class SumSq:
     """A sum of squares and its element count (a weighted layer's input, the model's input)."""
 

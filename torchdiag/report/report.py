@@ -20,7 +20,7 @@ __all__ = ["SCALAR_FIELDS", "STATUSES", "Finding", "LayerReport", "Report", "com
            "render", "run_lines", "suggestion_text", "use_color"]
 
 STATUSES = ("exploding", "vanishing", "nonfinite", "dead", "saturated", "large_updates", "small_updates",
-            "attention_logits", "attention_entropy", "output_logits", "adam_epsilon")
+            "attention_logits", "attention_entropy", "output_logits", "adam_epsilon", "overflow_risk", "underflow")
 
 
 @dataclass
@@ -77,6 +77,13 @@ class LayerReport:
     attention_entropy: float | None = None  # ... their heads' mean entropy over the uniform one (1 uniform, 0 one-hot)
     output_logz: float | None = None  # the layer making the output logits: their mean log-sum-exp
     adam_grad_rms: float | None = None  # with an Adam optimizer: the weight gradient's rms as the optimizer sees it
+    # a half-precision layer (or check(precision=)) against its format's range: bits of growth left before the first
+    # Inf, log2(format max / absmax), and the share of the non-zero values below the smallest normal
+    precision: str | None = None  # the format: 'float16', 'float8_e4m3fn'...
+    act_headroom: float | None = None
+    grad_headroom: float | None = None  # of the gradient as the backward computed it (scaled, under a GradScaler)
+    act_underflow: float | None = None
+    grad_underflow: float | None = None
     status: set[str] = field(default_factory=set)
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

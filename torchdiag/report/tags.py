@@ -34,6 +34,10 @@ SCALARS = {
     "attention_entropy": "attention_entropy",
     "output_logz": "output_logz",
     "adam_grad_rms": "adam_grad_rms",
+    "act_headroom": "act_headroom",
+    "grad_headroom": "grad_headroom",
+    "act_underflow": "act_underflow",
+    "grad_underflow": "grad_underflow",
 }
 METRIC_ATTRS = {metric: attr for attr, metric in SCALARS.items()}  # the way back
 LOG10 = {"act_std": "log10_act_std", "grad_std": "log10_grad_std"}  # metric -> its log10 twin
@@ -41,7 +45,8 @@ LOG10_ATTRS = {twin: METRIC_ATTRS[metric] for metric, twin in LOG10.items()}  # 
 # written at every recorded step (config layer_scalars: core), with the stds' log10 twins; the rest at the first
 # recorded step of each histogram window
 CORE_METRICS = frozenset({"act_mean", "gain", "update_ratio", "attention_logit_max", "attention_entropy",
-                          "output_logz", "adam_grad_rms"})
+                          "output_logz", "adam_grad_rms", "act_headroom", "grad_headroom", "act_underflow",
+                          "grad_underflow"})
 FLAGGED_TAG = "torchdiag/flagged_layers"
 # the Text tab lists a run's tags in name order: the warnings first, then the report, then the layer list
 WARNINGS_TAG = "torchdiag/1_warnings"

@@ -23,6 +23,7 @@ import math
 import torch
 
 from ..reduce.accumulators import MomentAccumulator
+from ..vocab import FORMATS, Format
 from . import _cpurow as cpurow
 from . import _fused as fused
 
@@ -170,6 +171,42 @@ def act_row(y: torch.Tensor, saturation: tuple[float, float] | None = None, shif
         z = x.abs() if c == 0.0 else (x - c).abs()
         row.append((z > h).sum(dtype=_F32))
     return row
+
+
+# ------------------------------------------------------------------ a half-precision dtype's range
+#: the dtypes a tensor is judged against its own range in: float16 (and the float8 formats where torch has them);
+#: bfloat16 has float32's exponent range, which no trained layer runs out of
+NARROW: dict[torch.dtype, Format] = {torch.float16: FORMATS["float16"]}
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        NARROW[getattr(torch, _name)] = FORMATS[_name]
+# the fused kernel counts |x| > this x floor in float32: at or above the floor (the next value down is below it)
+_BELOW = 1.0 - 2.0 ** -12
+
+
+def range_row(x: torch.Tensor, fmt: Format, scaled: bool = False) -> list[torch.Tensor] | torch.Tensor | None:
+    """``[format max, absmax, non-zero count, count at or above the floor]`` of ``x`` against ``fmt``
+    (``Row.ACT_RANGE``, ``Row.GRAD_RANGE``): the floor is the format's precision floor (``Format.floor``), so
+    non-zero minus the last count are the values that kept 3 significant bits or fewer. One read on a GPU with
+    Triton (the fused row's min, max, non-zero and saturated counts, with the saturation band set to the floor);
+    otherwise three ATen reductions of ``|x|``, paid only for tensors in a narrow dtype (``NARROW``) or by
+    ``check(precision=)``.
+
+    ``scaled``: the tensor as an fp8 recipe would store it, scaled so that its absmax is the format's max
+    (``check``'s "would it fit" figure): the floor is then ``absmax * floor / max``. None for an empty tensor."""
+    x = _flat(x)
+    if x.numel() == 0:
+        return None
+    fmax = _const(x.device, fmt.max)
+    if not scaled and fused.usable(x):
+        whole = fused.row(x, (0.0, fmt.floor * _BELOW), True)
+        if whole is not None:
+            return torch.cat((fmax.view(1), torch.maximum(-whole[3], whole[4]).view(1), whole[5:7]))
+    a = x.abs()
+    absmax = a.max().to(_F32)
+    # compared in the tensor's own dtype: the floor is exact there (a power of two in its range)
+    floor = absmax * (fmt.floor / fmt.max) if scaled else fmt.floor
+    return [fmax, absmax, torch.count_nonzero(a).to(_F32), (a >= floor).sum(dtype=_F32)]
 
 
 def sumsq(x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from ..reduce.accumulators import GradNorms, LayerCall, MomentAccumulator, Scale, SumSq, Update
+from ..reduce.accumulators import GradNorms, LayerCall, MomentAccumulator, RangeCounts, Scale, SumSq, Update
 from ..vocab import Role, Row
 from . import _cpurow as cpurow
 from . import stats
@@ -67,6 +67,7 @@ class Decoded:
     moments: dict[tuple[int, int], MomentAccumulator] = field(default_factory=dict)
     sumsq: dict[tuple[int, int], SumSq] = field(default_factory=dict)  # INPUT, ROOT_IN
     updates: dict[int, Update] = field(default_factory=dict)
+    ranges: dict[tuple[int, int], RangeCounts] = field(default_factory=dict)  # ACT_RANGE, GRAD_RANGE
     grad_norms: GradNorms | None = None
     scale: float | None = None
     order: dict[int, int] = field(default_factory=dict)  # slot -> first-call position
@@ -77,6 +78,7 @@ class Decoded:
         out: dict[tuple, Any] = {}
         out.update(self.moments)
         out.update(self.sumsq)
+        out.update(self.ranges)
         for slot, u in self.updates.items():
             out[(slot, Row.UPDATE)] = u
         if self.grad_norms is not None:
@@ -96,6 +98,8 @@ class Decoded:
                 out.moments[key] = acc
             elif isinstance(acc, SumSq):
                 out.sumsq[key] = acc
+            elif isinstance(acc, RangeCounts):
+                out.ranges[key] = acc
             elif isinstance(acc, Update):
                 out.updates[key[0]] = acc
             elif isinstance(acc, GradNorms):
@@ -119,7 +123,8 @@ def reduction_layout(slots: list[Slot]) -> list[tuple[tuple, type]]:
     keys: list[tuple[tuple, type]] = [((STEP_SLOT, Row.SCALE), Scale), ((STEP_SLOT, Row.CLIP), GradNorms)]
     for s, info in enumerate(slots):
         if info.is_layer:
-            keys += [((s, _CALL), LayerCall), ((s, Row.ACT), MomentAccumulator), ((s, Row.GRAD), MomentAccumulator)]
+            keys += [((s, _CALL), LayerCall), ((s, Row.ACT), MomentAccumulator), ((s, Row.GRAD), MomentAccumulator),
+                     ((s, Row.ACT_RANGE), RangeCounts), ((s, Row.GRAD_RANGE), RangeCounts)]
             if info.weight_name is not None:
                 keys += [((s, Row.WEIGHT), MomentAccumulator), ((s, Row.UPDATE), Update)]
             if info.kind == Role.WEIGHTED:
@@ -299,6 +304,11 @@ def decode(pending: Pending, host: dict[Where, list]) -> Decoded:
                 mean = r + sd / n
                 acc.total += max(sdd - sd * sd / n, 0.0) + n * mean * mean
             acc.n += n
+        elif kind in (Row.ACT_RANGE, Row.GRAD_RANGE):  # counts of the tensors as computed: never unscaled
+            rc = out.ranges.get((slot, kind))
+            if rc is None:
+                rc = out.ranges[(slot, kind)] = RangeCounts()
+            rc.add_row(n, vals)
         elif kind == Row.UPDATE:
             out.updates[slot] = Update(vals[0], vals[1], n)
         elif kind == Row.CLIP:  # [pre, post] or, distributed, [pre, post, pre_sharded, post_sharded]
@@ -319,6 +329,8 @@ def decode(pending: Pending, host: dict[Where, list]) -> Decoded:
             del moms[key]
         for key in [k for k in sq if k[0] not in out.order]:
             del sq[key]
+        for key in [k for k in out.ranges if k[0] not in out.order]:
+            del out.ranges[key]
     scale = out.scale
     if scale is not None and math.isfinite(scale) and scale > 0:
         for (_slot, kind), m in moms.items():

@@ -543,3 +543,55 @@ def test_the_package_names_are_imported_on_first_use():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ --precision
+def test_precision_prints_each_formats_range_table_and_its_verdict(models, capsys):
+    status, out, err = run(capsys, f"{models}:healthy", "--input-shape", "16,32", "--precision", "fp16,bf16,fp8")
+    assert status == 0, out + err
+    heads = [line for line in out.splitlines() if line.startswith("precision ")]
+    assert heads == ["precision float16:", "precision bfloat16:", "precision float8_e4m3fn:", "precision float8_e5m2:"]
+    # the figures are check(precision=)'s on the same model and input
+    module = sys.modules[models]
+    torch.manual_seed(0)
+    model = module.healthy()
+    x = torch.randn((16, 32), generator=torch.Generator().manual_seed(0))
+    expected = torchdiag.check(model, x, precision="float16")
+    table = out[out.index("precision float16:"):out.index("precision bfloat16:")].splitlines()
+    for layer in expected.layers:
+        row = next(line for line in table if line.split()[:1] == [str(layer.index)])
+        assert f"{layer.act_headroom:.1f} bits" in row and f"{layer.grad_underflow:.1%}" in row
+    assert "float16: fits" in out and "float8_e5m2: fits" in out
+    assert out.splitlines()[-1] == "OK: nothing flagged"
+
+
+def test_precision_flags_an_output_near_float16s_max_and_exits_1(models, capsys, tmp_path):
+    (tmp_path / "loud.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+
+        class Loud(nn.Module):
+            """Kaiming Linear layers fed a signal ~5000x larger than unit scale (raw sensor counts)."""
+
+            def __init__(self):
+                super().__init__()
+                self.net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+                nn.init.kaiming_normal_(self.net[0].weight, nonlinearity="relu")
+
+            def forward(self, x):
+                return self.net(x * 5000)
+    '''))
+    status, out, _ = run(capsys, "loud.py:Loud", "--input-shape", "64,32", "--precision", "fp16")
+    assert status == 1
+    assert "float16: overflow_risk" in out and "FAIL: overflow_risk" in out
+    assert "! 'net.0' (Linear) is near float16's overflow" in out
+    status, out, _ = run(capsys, "loud.py:Loud", "--input-shape", "64,32", "--precision", "bf16")
+    assert status == 0 and "bfloat16: fits" in out
+
+
+def test_an_unknown_precision_is_a_usage_error(models, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["check", f"{models}:healthy", "--input-shape", "4,32", "--precision", "fp16,fp12"])
+    assert e.value.code == 2
+    assert "expected a comma-separated list of fp16" in capsys.readouterr().err
