@@ -29,13 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- what fails today, and why
-KNOWN: dict[tuple[str, str, bool, str], str] = {
-    ("timm_nf_regnet_b0", "adamw", True, "white"): (
-        "white-noise input only: 'vanishing (backward)' at step 0 along the 16 SiLU stages.*.*.act1, 0.78x per block"
-        " within each stage (same-shape pairs), 0.088x over the chain against vanishing_ratio 0.1; silent on smooth"
-        " images and in training. The normaliser-free blocks track the forward variance analytically, not the"
-        " backward, and the gradient through SiLU depends on the input's spectrum: not judged an init problem yet"),
-}
+KNOWN: dict[tuple[str, str, bool, str], str] = {}  # none today
 
 
 def _param(case: fam.Family, opt: str, passed: bool, kind: str):

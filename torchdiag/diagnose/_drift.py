@@ -45,6 +45,9 @@ def _name_pattern(name: str) -> str:
 
 
 _DIGITS = re.compile(r"\d+")
+# average poolings by module type (nn.AvgPool2d, timm's AvgPool2dSame; not the adaptive ones, the global pools of
+# heads and squeeze-excite gates that sit beside a chain, not on it)
+_AVERAGE_POOL = re.compile(r"AvgPool[123]d")
 # attention's query and key projections, by the names PyTorch and Hugging Face models give them
 QUERY_KEY = re.compile(r"(^|[._])(q|k|query|key|queries|keys|q_proj|k_proj|q_lin|k_lin|to_q|to_k|wq|wk|qk|"
                         r"queries_keys_values|query_key_value|qkv|in_proj)(\.linear)?$")
@@ -134,6 +137,7 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
         zero_after[pos] = zero_after[pos + 1] or (pos + 1 < len(layers) and zero[pos + 1])
     _zero_grad_notes(rows, layers, zero, notes)
     norms = [s.index for s in layers if s.role == Role.NORM]
+    pools = [s.index for s in layers if _AVERAGE_POOL.match(s.module_type)]
     long_chains = {key: members for key, members in chains.items() if len(members) >= cfg.min_repeats}
     outliers = _outliers(rows, layers, long_chains.values(), cfg,
                          None if not baseline.started else baseline.outliers)
@@ -154,7 +158,8 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
                 continue  # their gradient is second order in the attention logits: not a trunk figure
             key = (pattern, module_type, feeds_norm, direction)
             judged = _judge(rows, layers, members, cfg, direction, zero if direction == "forward" else zero_after,
-                            normalized, outliers, baseline.totals.get(key), baseline.started, baseline.gated)
+                            normalized, outliers, baseline.totals.get(key), baseline.started, baseline.gated,
+                            pools)
             if judged is not None:
                 seen.totals[key] = judged
     return seen
@@ -344,12 +349,13 @@ def _slope(xs: list[int], ys: list[float], shapes: list) -> float:
 
 def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cfg: Config, direction: str,
            zero: list[bool], normalized: bool, outliers: dict[int, float], start: tuple[float, bool] | None,
-           trained: bool, gated: set[str] = frozenset()) -> tuple[float, bool] | None:
+           trained: bool, gated: set[str] = frozenset(), pools: list[int] | None = None) -> tuple[float, bool] | None:
     """Judge one chain in one direction; returns (its drift, whether the band flagged it), or None: not measured.
 
     ``start``: the chain's (drift, flagged) at the first step it was judged at; ``trained``: a step was published
     before this one (so a chain first judged now is judged later, from this start); ``gated``: the layers behind a
-    zero gate at the first recorded step, left out while they grow (below 1/``exploding_ratio`` of the others)."""
+    zero gate at the first recorded step, left out while they grow (below 1/``exploding_ratio`` of the others);
+    ``pools``: the indices of the average poolings (nn.AvgPool1d/2d/3d and subclasses) in the step."""
     forward = direction == "forward"
     seq = []  # (ordinal in the chain, pos, figure) of members with a usable, finite measurement
     skip = set()  # members that are not part of a drift: exact zeros from all-zero weights (a note instead)
@@ -395,8 +401,14 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
         # members of different sizes (resolution, width): an average pooling keeps a smooth signal's rms, and a white
         # noise's rms over the square root of its size (a 2x2 average halves white noise's rms); backward, the norm
         # per call and the rms per element: the figure of the two that moves less is the one judged, as drift that
-        # depends on the input's spectrum is not the init's (asked only of a drift the first figure puts outside)
-        slope = min(slope, _slope(xs, [y - 0.5 * math.log(n) for y, n in zip(ys, sizes)], shapes), key=abs)
+        # depends on the input's spectrum is not the init's (asked only of a drift the first figure puts outside).
+        # Backward across an average pooling, the norm times the square root of the size too: the pooling's
+        # transpose spreads every gradient over its window, halving its norm (2x2) whatever the input and the
+        # weights (a stride keeps it), and no init undoes that without breaking the forward rms the pooling keeps
+        first, last = layers[seq[0][1]].index, layers[seq[-1][1]].index
+        pooled = not forward and any(first < i < last for i in pools or ())
+        for sign in (-0.5, 0.5) if pooled else (-0.5,):
+            slope = min(slope, _slope(xs, [y + sign * math.log(n) for y, n in zip(ys, sizes)], shapes), key=abs)
         total = _exp(slope * (k1 - k0) if forward else -slope * (k1 - k0))
     banded = not lo <= total <= hi
     if start is None and trained:
