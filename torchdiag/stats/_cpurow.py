@@ -4,7 +4,8 @@ The ATen path (``stats``) reads a CPU activation three to five times (``sum``, `
 ``sign`` + ``sum`` for a ReLU output, which also writes a copy). This kernel (``_rows.c``) reads it once,
 with a software prefetch: measured on a cold 1M-element tensor, one thread, about one ``sum``'s time for the
 whole row, against about three ``sum``s for the ATen passes. It is plain C (no torch headers), compiled once
-per machine with the system's C compiler (``$CC``, ``cc``, ``gcc`` or ``clang``; about 0.3-1 s) into a cache
+per machine with the system's C compiler (``$CC``, ``cc``, ``gcc`` or ``clang``; about 0.3-1 s), in a thread
+started at a watch's entry (``prepare``: never inside the user's step; the ATen path until it is ready), into a cache
 directory (``$TORCHDIAG_CACHE``, else ``$XDG_CACHE_HOME/torchdiag`` or ``~/.cache/torchdiag``; a temporary
 directory of the process's own where that is not writable), and called through ``ctypes``. Where there is no
 compiler, the build fails, or ``TORCHDIAG_CPU_KERNEL=0``, the ATen path is used, for good.
@@ -216,38 +217,80 @@ def _cached(cc: str) -> tuple[tuple, Path]:
 
 
 def _library() -> tuple | None:
+    """The kernel's functions, loaded (built first where the cache has none) on the first call, waiting for a build
+    another thread started (``prepare``); None where the ATen path is used for good (``_state["why"]`` says why)."""
     fns = _state.get("fns", False)
     if fns is not False:
         return fns
     with _lock:
-        if "fns" in _state:
-            return _state["fns"]
-        _state["fns"] = None
-        if _state.get("off", os.environ.get("TORCHDIAG_CPU_KERNEL", "1") == "0"):
-            _state["why"] = "switched off (TORCHDIAG_CPU_KERNEL=0 or set_enabled(False))"
-            return None
-        cc = compiler()
-        if cc is None:
-            _state["why"] = "no C compiler ($CC, cc, gcc or clang)"
-            return None
-        remembered = _remembered_failure(cc)
-        if remembered is not None:
-            _state["why"] = f"the build failed in an earlier process, not retried for a day ({remembered})"
-            return None
-        try:
-            _state["fns"], _state["path"] = _cached(cc)
-        except Exception as e:  # noqa: BLE001 - no kernel: the ATen path, never an error in the user's step
-            _state["why"] = f"the build failed ({type(e).__name__}: {str(e)[:300]})"
-            if isinstance(e, RuntimeError):  # the compiler failed or hung: remembered, not paid in every process
-                _remember_failure(cc, _state["why"])
+        if "fns" not in _state:
+            _state["fns"] = _load()
     return _state["fns"]
+
+
+def _load() -> tuple | None:
+    if _state.get("off", os.environ.get("TORCHDIAG_CPU_KERNEL", "1") == "0"):
+        _state["why"] = "switched off (TORCHDIAG_CPU_KERNEL=0 or set_enabled(False))"
+        return None
+    cc = compiler()
+    if cc is None:
+        _state["why"] = "no C compiler ($CC, cc, gcc or clang)"
+        return None
+    remembered = _remembered_failure(cc)
+    if remembered is not None:
+        _state["why"] = f"the build failed in an earlier process, not retried for a day ({remembered})"
+        return None
+    try:
+        fns, _state["path"] = _cached(cc)
+        return fns
+    except Exception as e:  # noqa: BLE001 - no kernel: the ATen path, never an error in the user's step
+        _state["why"] = f"the build failed ({type(e).__name__}: {str(e)[:300]})"
+        if isinstance(e, RuntimeError):  # the compiler failed or hung: remembered, not paid in every process
+            _remember_failure(cc, _state["why"])
+    return None
+
+
+def prepare() -> None:
+    """Load the kernel (building it where the cache has none) in a thread of its own, started at a watch's entry:
+    the compiler runs beside the training loop, never inside the user's step. Until it is ready the hooks use the
+    ATen path (``ready``)."""
+    if "fns" in _state or _state.get("thread") is not None:
+        return
+    with _lock:
+        if "fns" in _state or _state.get("thread") is not None:
+            return
+        thread = threading.Thread(target=_library, name="torchdiag-cpu-kernel", daemon=True)
+        _state["thread"] = thread
+    thread.start()
+
+
+def ready() -> tuple | None:
+    """The kernel's functions if they are loaded; None while they load (the ATen path meanwhile) or for good. Never
+    waits, never builds: a first use without a watch (a bare ``stats`` call) starts ``prepare``."""
+    fns = _state.get("fns", False)
+    if fns is False:
+        prepare()
+        return None
+    return fns
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no copy of the loading thread (and its lock may have been held): it starts afresh."""
+    global _lock
+    _lock = threading.Lock()
+    if "fns" not in _state:
+        _state.pop("thread", None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def set_enabled(on: bool) -> None:
     """Use the kernel (where it builds) or the ATen path from now on, process-wide (as ``TORCHDIAG_CPU_KERNEL``;
     for A/B measurements and tests)."""
     with _lock:
-        for key in ("fns", "why", "path"):
+        for key in ("fns", "why", "path", "thread"):
             _state.pop(key, None)
         _state["off"] = not on
 
@@ -271,7 +314,7 @@ def usable(x: torch.Tensor) -> bool:
     # has data_ptr 0
     return (type(x) in _PLAIN and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
             and x.numel() > 0 and (x.numel() <= SERIAL_N or torch.get_num_threads() <= 2) and x.data_ptr() != 0
-            and _library() is not None)
+            and ready() is not None)
 
 
 def row_into(x: torch.Tensor, out_ptr: int, shift: bool, ratio: float,
@@ -279,8 +322,8 @@ def row_into(x: torch.Tensor, out_ptr: int, shift: bool, ratio: float,
     """The 7 statistics of the contiguous float32 CPU tensor ``x`` (any shape; ``usable``), ``stats.act_row``'s
     columns with min and max always, written as float64 at address ``out_ptr`` (a row of a block the caller
     owns: no tensor per row); returns whether its sums are reliable to float accuracy (``stats._reliable``)."""
-    fns = _library()
-    assert fns is not None  # ``usable(x)``, the caller's precondition, loaded it
+    fns = ready()
+    assert fns is not None  # ``usable(x)``, the caller's precondition, found it loaded
     c, h = saturation if saturation is not None else (0.0, 0.0)
     fn = fns[(1 if zeros else 0) + (2 if saturation is not None else 0)]
     return bool(fn(x.data_ptr(), x.numel(), int(shift), c, h, ratio, out_ptr))

@@ -318,3 +318,38 @@ def test_a_hanging_compiler_is_killed_with_its_children_and_not_tried_again(tmp_
         except OSError:
             continue
     assert left == [], "the compiler's children are still running"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a POSIX shell script as the compiler")
+def test_the_kernel_is_built_beside_the_loop_never_inside_the_users_step(tmp_path):
+    """#25/#28: the kernel was compiled by a subprocess started from the user's first recorded forward, which waited
+    for it. Right answer: the watch starts the build in a thread of its own at its entry; the steps meanwhile use the
+    ATen path (the same figures), no subprocess is started from the training thread, and the kernel is on once
+    built. A compiler that takes 3 s before it starts makes the difference plain."""
+    real = cpurow.compiler()
+    cc = tmp_path / "slow-cc"
+    cc.write_text(f'#!/bin/sh\nsleep 3\nexec {real} "$@"\n')
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "TORCHDIAG_CACHE": str(tmp_path / "cache")}
+    run = ("import subprocess, threading, time, torch, torchdiag\n"
+           "from torchdiag.stats import _cpurow\n"
+           "starts = []\n"
+           "popen = subprocess.Popen.__init__\n"
+           "def spy(self, *a, **k):\n"
+           "    starts.append(threading.current_thread().name)\n"
+           "    popen(self, *a, **k)\n"
+           "subprocess.Popen.__init__ = spy\n"
+           "m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())\n"
+           "x = torch.randn(8, 64)\n"
+           "t = time.monotonic()\n"
+           "with torchdiag.watch(m, every=1) as d:\n"
+           "    m(x).sum().backward(); r = d.step()\n"
+           "took = time.monotonic() - t\n"
+           "want = m[0](x).detach().std(correction=0).item()\n"
+           "print(round(took, 2), _cpurow.status(), sorted(set(starts)), abs(r['0'].act_std - want) / want < 1e-5)")
+    done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    took, status, threads, right = done.stdout.strip().rsplit("\n", 1)[-1].split(" ", 3)
+    assert float(took) < 2.5, done.stdout  # the step did not wait for the 3 s compiler
+    assert status == "on"  # built meanwhile (status waits for the thread)
+    assert threads == "['torchdiag-cpu-kernel']" and right == "True", done.stdout
