@@ -23,7 +23,7 @@ from .capture.installed import Installed, WeakCall, abandon
 from .config import Config, ConfigLike
 from .diagnose.verdict import RunFinding
 from .errors import TorchDiagError, warn_self
-from .layers.taxonomy import describe_watched, select_watched
+from .layers.taxonomy import describe_watched, hookable, select_watched
 from .record.buffer import Recorder
 from .record.cadence import Cadence
 from .reduce import distributed
@@ -72,7 +72,8 @@ class Watcher:
         self._model: nn.Module | None = model
         self._logdir = logdir
         self._user_writer = writer
-        selected = select_watched(model, config)
+        # (what no hook can see, a TorchScript module or layers torch.export inlined, is left out: said at entry)
+        selected, self._unhookable = hookable(model, select_watched(model, config))
         self._recorder: Recorder | None = None
         self._installed = Installed()  # what the watch adds beyond its recorder, removed in one place
         self._out = Publisher(config, warn=warn and config.warnings and self._writes,
@@ -117,6 +118,11 @@ class Watcher:
         cap.auto_step = self._auto_step_on
         capture.attach(cap, modules, roots=[i for i, s in enumerate(slots) if s.is_root])
         capture.set_recording(cap, cap.recording)
+        if self._unhookable is not None:
+            warn_self("torchdiag: " + self._unhookable)
+            if not any(s.is_layer for s in slots):  # nothing left to record: the report says why, not "run a forward"
+                self._unrecordable = self._unhookable
+                rec.close()
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # no data to read: said once, not per step
             self._unrecordable = ("the model has tensors on the meta device, which hold no data: nothing is recorded"
                                   " in this watch (move the model to a real device, e.g. model.to_empty(device='cpu')"

@@ -4,11 +4,13 @@ While Dynamo traces a model, the global module hooks (``capture``) come here ins
 code below is written for Dynamo to trace: a lookup of the module in a plain dict keyed by ``id(module)``
 (``_PLANS``: Dynamo guards on that one key, so an unwatched model's graph does not depend on any watch), a
 read of the watch's ``Gate.on`` (a guard Dynamo specialises on: at most two graphs per model, recorded and
-not, and no recompilation per step), and torch ops whose results are added in place into ``Gate.acc``, a
-float64 tensor the watch owns (the graph mutates it; inductor fuses the reductions with each other and, where
-it can, with the kernel that produced the tensor). Gradients: each watched output goes through ``_Tap``, an
-identity whose backward returns the gradient's row as the gradient of ``Gate.probe``; autograd sums the rows
-of every backward into ``probe.grad`` (nothing is mutated in a backward graph: see ``Gate``).
+not, and no recompilation per step; a later watch of the same modules with the same plans takes the same gate
+back, so its graphs are re-used and the number of graphs stays bounded over any number of watches), and torch
+ops whose results are added in place into ``Gate.acc``, a float64 tensor the watch owns (the graph mutates it;
+inductor fuses the reductions with each other and, where it can, with the kernel that produced the tensor).
+Gradients: each watched output goes through ``_Tap``, an identity whose backward returns the gradient's row as
+the gradient of ``Gate.probe``; autograd sums the rows of every backward into ``probe.grad`` (nothing is
+mutated in a backward graph: see ``Gate``).
 
 Rows are power sums, so that every call of a step adds to them (microbatches, shared modules): per call
 the float32 sums about the tensor's first element ``r`` (no cancellation), turned into sums about zero in
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -85,6 +88,8 @@ class Gate:
         self.reset()
         self.capture: weakref.ref[Capture] | None = None  # the watch's Capture (read while Dynamo traces)
         self.said_no_auto_step = False
+        self.plans: tuple[Plan, ...] = ()  # its modules' plans: a later watch with the same ones re-uses the gate
+        self.lease = 0  # of the watch holding it: a finalizer of an earlier watch leaves a later one's gate alone
 
     def reset(self) -> None:
         """A new step: a new forward accumulator (nothing edits the old one in place) and no gradient rows."""
@@ -105,10 +110,39 @@ _KEYS = itertools.count(1)
 _WRAPPED: set[int] = set()  # gate keys whose root is being called through an OptimizedModule right now
 
 
-def new_gate(slots: int, device: torch.device, record_eval: bool) -> Gate:
-    g = Gate(next(_KEYS), slots, device, record_eval)
+_POOL: dict[tuple[int, ...], Gate] = {}  # the ids of a watch's modules -> its gate, kept for a later watch
+_LEASES = itertools.count(1)
+
+
+def new_gate(modules: tuple[int, ...], infos: Sequence[Slot], device: torch.device, record_eval: bool) -> Gate:
+    """The gate of a watch of ``modules`` (their ids, in slot order; ``infos`` their slots), with its ``plans``.
+    A gate is keyed by the modules, not by the watch: Dynamo guards on its key (in the plans), so a new key per
+    watch would compile new graphs at every watch of a compiled model, until its recompile limit left the model
+    running eagerly for the rest of the process. A closed watch's gate is taken back when its plans, device and
+    ``record_eval`` are this watch's: its graphs, and what they traced (``traced``), hold as they are."""
+    g = g0 = _POOL.get(modules)
+    if g is not None and _free(g) and g.device == device and g.record_eval == record_eval \
+            and g.plans == tuple(plan_for(i, info, g) for i, info in enumerate(infos)):
+        g.on = False
+        g.capture = None
+        g.reset()
+        g.lease = next(_LEASES)
+        return g
+    g = Gate(next(_KEYS), len(infos), device, record_eval)
+    g.plans = tuple(plan_for(i, info, g) for i, info in enumerate(infos))
+    g.lease = next(_LEASES)
     _GATES[g.key] = g
+    if modules and (g0 is None or _free(g0)):
+        if g0 is not None:  # (replaced: its graphs' guards fail from now on)
+            _GATES.pop(g0.key, None)
+        _POOL[modules] = g
     return g
+
+
+def _free(gate: Gate) -> bool:
+    """No open watch holds ``gate``."""
+    cap = gate.capture() if gate.capture is not None else None
+    return cap is None or bool(getattr(cap, "closed", False))
 
 
 def register(module_id: int, plan: Plan) -> None:
@@ -312,8 +346,20 @@ def forget_module(module_id: int) -> None:
     _PLANS.pop(module_id, None)
 
 
-def drop_gate(key: int) -> None:
+def release_gate(key: int, lease: int) -> None:
+    """The watch that held gate ``key`` under ``lease`` is gone: the gate stays for a later watch of its modules,
+    off (unless a later watch holds it already)."""
+    gate = _GATES.get(key)
+    if gate is not None and gate.lease == lease:
+        gate.on = False
+        _WRAPPED.discard(key)
+
+
+def drop_gate(key: int, modules: tuple[int, ...]) -> None:
+    """Its modules are gone: so is the gate."""
     gate = _GATES.pop(key, None)
     if gate is not None:
         gate.on = False
+        if _POOL.get(modules) is gate:
+            del _POOL[modules]
     _WRAPPED.discard(key)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import TorchDiagError
 from . import _compiled as compiled
+from .globalhooks import stable_id
 from .runtime import is_compiling
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ _RECORDING: set[int] = set()
 
 # id(module) -> the finalizer that forgets its compiled plan if it is garbage-collected while watched
 _FINALIZERS: dict[int, Any] = {}
+# gate key -> the finalizer that drops the gate with the model's first module (a gate outlives its watch: ``compiled``)
+_GATE_FINALIZERS: dict[int, Any] = {}
 
 
 def set_recording(cap: Capture, on: bool) -> None:
@@ -104,15 +107,23 @@ def attach(cap: Capture, modules: list[nn.Module], roots: Sequence[int] = ()) ->
         _REGISTRY[m] = (ref, i)
     for i in roots:
         _ROOTS[modules[i]] = (ref, i)
-    cap.gate = compiled.new_gate(len(modules), _device_of(modules), cap.record_eval)
-    cap.gate.capture = ref
+    ids = tuple(id(m) for m in modules)
+    gate = cap.gate = compiled.new_gate(ids, cap.slots, _device_of(modules), cap.record_eval)
+    if gate.key not in _GATE_FINALIZERS and modules:  # a new gate: it goes with the model
+        _GATE_FINALIZERS[gate.key] = weakref.finalize(modules[0], _drop_gate, gate.key, ids)
+    gate.capture = ref
     for i, m in enumerate(modules):
-        compiled.register(id(m), compiled.plan_for(i, cap.slots[i], cap.gate))
+        compiled.register(id(m), gate.plans[i])
         _FINALIZERS[id(m)] = weakref.finalize(m, compiled.forget_module, id(m))
-    weakref.finalize(cap, compiled.drop_gate, cap.gate.key)
+    weakref.finalize(cap, compiled.release_gate, gate.key, gate.lease)
     if not _HANDLES:
-        _HANDLES.append(nn.modules.module.register_module_forward_pre_hook(_pre_hook))
-        _HANDLES.append(nn.modules.module.register_module_forward_hook(_post_hook))
+        _HANDLES.append(stable_id("capture.pre", nn.modules.module.register_module_forward_pre_hook(_pre_hook)))
+        _HANDLES.append(stable_id("capture.post", nn.modules.module.register_module_forward_hook(_post_hook)))
+
+
+def _drop_gate(key: int, ids: tuple[int, ...]) -> None:
+    _GATE_FINALIZERS.pop(key, None)
+    compiled.drop_gate(key, ids)
 
 
 def _device_of(modules: list[nn.Module]) -> torch.device:

@@ -7,8 +7,31 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from .runtime import is_compiling, tracing
+
+# the id each of torchdiag's process-wide hooks had when first registered, by name
+_IDS: dict[str, int] = {}
+
+
+def stable_id(name: str, handle: Any) -> Any:
+    """``handle`` (a process-wide module hook just registered) moved back to the id the same hook had when it was
+    first registered. Dynamo guards on the ids of the global hooks, so a hook registered again by a later watch
+    under a new id would make every compiled model recompile at each watch, until its recompile limit leaves it
+    running eagerly for the rest of the process."""
+    old = _IDS.setdefault(name, handle.id)
+    new = handle.id
+    tables: tuple[dict[int, Any], ...] = (_nn_module._global_forward_pre_hooks, _nn_module._global_forward_hooks,
+              _nn_module._global_forward_hooks_with_kwargs, _nn_module._global_forward_hooks_always_called)
+    if old == new or old in _nn_module._global_forward_pre_hooks or old in _nn_module._global_forward_hooks:
+        return handle  # (the old id still in use: the new one stays)
+    for t in tables:
+        t.pop(old, None)  # (a with_kwargs flag that ``remove()`` leaves behind)
+        if new in t:
+            t[old] = t.pop(new)
+    handle.id = old
+    return handle
 
 
 class GlobalHooks:
@@ -30,9 +53,10 @@ class GlobalHooks:
             cls.post.setdefault(module, []).append(post)
         cls.ids.add(id(module))
         if not cls.handles:
-            cls.handles.append(nn.modules.module.register_module_forward_pre_hook(_global_pre))
-            cls.handles.append(nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True,
-                                                                              always_call=True))
+            pre_hook = nn.modules.module.register_module_forward_pre_hook(_global_pre)
+            post_hook = nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True, always_call=True)
+            cls.handles.append(stable_id("signals.pre", pre_hook))
+            cls.handles.append(stable_id("signals.post", post_hook))
         return module, pre, post
 
     @classmethod

@@ -68,6 +68,52 @@ def select_watched(model: nn.Module, config: Config) -> list[tuple[str, nn.Modul
     return chosen
 
 
+def hookable(model: nn.Module, selected: list[tuple[str, nn.Module]]
+             ) -> tuple[list[tuple[str, nn.Module]], str | None]:
+    """The selected modules whose forward can be hooked, and why the others cannot be recorded (None: all can).
+
+    Left out: TorchScript modules (``torch.jit.script`` / ``trace``) and everything inside them, which run where no
+    module hook runs; in a ``torch.export`` program's module (``ExportedProgram.module()``, a ``GraphModule``),
+    torch.export's own non-layer submodules (``_guards_fn``) and the submodules its graph never calls: it inlined
+    them, and their weights feed its operators directly."""
+    script = [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    script = [n for n in script if not any(_under(n, o) for o in script if o != n)]  # the outermost ones
+    if "" in script:
+        what = getattr(model, "original_name", None) or type(model).__name__
+        return [], (f"the model ({what}) is a TorchScript module ({type(model).__name__}, from torch.jit.script or"
+                    " torch.jit.trace): its layers run inside TorchScript, where no module hook runs, so nothing of"
+                    " it can be recorded. Watch the eager module and script it after the watch, or use"
+                    " torch.compile(model), which torchdiag records")
+    kept = [(n, m) for n, m in selected if not any(_under(n, o) for o in script)]
+    notes = []
+    if script:
+        names = ", ".join(f"'{n}'" for n in script[:3]) + (f" and {len(script) - 3} more" if len(script) > 3 else "")
+        many = len(script) > 1
+        notes.append(f"the TorchScript submodule{'s' if many else ''} {names} of {type(model).__name__}"
+                     f" run{'' if many else 's'} inside TorchScript, where no module hook runs:"
+                     f" {'their' if many else 'its'} layers are not recorded. Watch the eager modules and script"
+                     " them after the watch, or use torch.compile(model)")
+    if isinstance(model, torch.fx.GraphModule):
+        called = {str(n.target) for n in model.graph.nodes if n.op == "call_module"}
+        internal = {n for n, m in model.named_modules() if type(m).__module__.startswith("torch.export")}
+        inlined = [n for n, _ in kept if n and n not in internal and not any(_under(n, c) for c in called)]
+        kept = [(n, m) for n, m in kept if not n or not (n in internal or n in inlined)]
+        if inlined:
+            names = ", ".join(f"'{n}'" for n in inlined[:3]) + (f" and {len(inlined) - 3} more"
+                                                                 if len(inlined) > 3 else "")
+            many = len(inlined) > 1
+            notes.append(f"the layer{'s' if many else ''} {names} of this GraphModule (from torch.export or torch.fx)"
+                         f" {'are' if many else 'is'} never called as modules: its graph's operators read their"
+                         " weights directly, so no hook sees them and they are not recorded. Watch the eager model"
+                         " before torch.export, or torch.export.unflatten(ep), whose submodules are called")
+    return kept, "; ".join(notes) or None
+
+
+def _under(name: str, outer: str) -> bool:
+    """Whether the module named ``name`` is ``outer`` or inside it."""
+    return outer == "" or name == outer or name.startswith(outer + ".")
+
+
 @dataclass
 class Slot:
     """One registered module (no reference to the module itself): its static facts from ``describe``, then what

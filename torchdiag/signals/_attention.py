@@ -1,6 +1,7 @@
 """Attention figures on a sample of queries: the largest logit q.k * scale over the allowed keys and the mean over
-heads of the normalised entropy; ``nn.MultiheadAttention``'s q and k rebuilt from its projection; the
-``F.scaled_dot_product_attention`` wrapper that reports each call to the watch whose attention module runs it."""
+heads of the normalised entropy; ``nn.MultiheadAttention``'s q and k rebuilt from its projection; the mode entered
+around a watched attention module's forward that reports each ``F.scaled_dot_product_attention`` call to the watch
+whose module runs it."""
 
 from __future__ import annotations
 
@@ -140,46 +141,91 @@ def mha_figures(m: nn.MultiheadAttention, args: tuple, kwargs: dict, max_queries
         return attention_figures(q, k, allowed=allowed, additive=additive, max_queries=max_queries)
 
 
-class SDPA:
-    """``F.scaled_dot_product_attention`` wrapped, while at least one watch records attention."""
+_SDPA_FN = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is
 
-    users = 0
-    original: Any = F.scaled_dot_product_attention  # the real function (never None: references outlive a watch)
-    lock = threading.Lock()
-    local = threading.local()  # .stack: (weak reference to the Signals, report name or None) of each running
-    # attention module, innermost last; None: its SDPA calls are not counted (not recording, MHA's own call)
+
+class SDPA:
+    """``F.scaled_dot_product_attention`` calls seen inside the forwards of watched attention modules. On a
+    recorded step a ``TorchFunctionMode`` (``_Observer``) is entered around such a forward alone and reports each
+    SDPA call to the watch whose module runs it; nothing of ``torch.nn.functional`` is replaced, so scripting,
+    other models and references taken meanwhile are untouched."""
+
+    local = threading.local()  # .stack: (weak reference to the Signals, report name or None, its _Observer or
+    # None) of each running attention module, innermost last; name None: its SDPA calls are not counted (not
+    # recording, MHA's own call)
 
     @classmethod
-    def acquire(cls) -> None:
-        with cls.lock:
-            if cls.users == 0 and F.scaled_dot_product_attention is not _sdpa_wrapper:
-                cls.original = F.scaled_dot_product_attention
-                F.scaled_dot_product_attention = _sdpa_wrapper
-            cls.users += 1
+    def enter(cls, ref: Any, name: str | None) -> None:
+        """An attention module's forward begins (``name``: its calls are counted, under that name)."""
+        stack = cls.local.__dict__.setdefault("stack", [])
+        mode = None
+        if name is not None:
+            mode = _Observer()
+            mode.__enter__()
+        stack.append((ref, name, mode))
+
+    @classmethod
+    def leave(cls) -> tuple[Any, str | None] | None:
+        """An attention module's forward ended: (its owner's reference, its name), or None if none was running."""
+        stack = getattr(cls.local, "stack", None)
+        if not stack:
+            return None
+        ref, name, mode = stack.pop()
+        if mode is not None:
+            _leave(mode)
+        return ref, name
 
     @classmethod
     def forget(cls, ref: Any) -> None:
-        """Drop the entries of one watch's signals (``ref``), and entries of signals gone, from this thread's stack:
-        those an attention forward left when it never returned (a ``KeyboardInterrupt``: PyTorch runs
-        ``always_call`` forward hooks for an ``Exception`` only)."""
+        """Drop the entries of one watch's signals (``ref``), and entries of signals gone, from this thread's stack,
+        and leave their modes: those an attention forward left when it never returned (a ``KeyboardInterrupt``:
+        PyTorch runs ``always_call`` forward hooks for an ``Exception`` only)."""
         stack = getattr(cls.local, "stack", None)
         if stack:
-            stack[:] = [e for e in stack if e[0] is not ref and (e[0] is None or e[0]() is not None)]
-
-    @classmethod
-    def release(cls) -> None:
-        with cls.lock:
-            cls.users -= 1
-            if cls.users == 0 and F.scaled_dot_product_attention is _sdpa_wrapper:
-                F.scaled_dot_product_attention = cls.original  # kept: a reference taken meanwhile still works
+            gone = [e for e in stack if e[0] is ref or e[0]() is None]
+            stack[:] = [e for e in stack if not (e[0] is ref or e[0]() is None)]
+            for e in reversed(gone):
+                if e[2] is not None:
+                    _leave(e[2])
 
 
-def _sdpa_wrapper(*args: Any, **kwargs: Any) -> Any:
-    out = SDPA.original(*args, **kwargs)
-    if tracing():
+def _leave(mode: _Observer) -> None:
+    """Take ``mode`` off this thread's torch function mode stack, wherever it is on it (modes entered after it
+    are put back in their order)."""
+    mode.done = True
+    above = []
+    try:
+        while torch._C._len_torch_function_stack() > 0:
+            top = torch._C._pop_torch_function_stack()
+            if top is mode:
+                break
+            above.append(top)
+    finally:
+        for m in reversed(above):
+            torch._C._push_on_torch_function_stack(m)
+
+
+class _Observer(torch.overrides.TorchFunctionMode):
+    """Entered around one watched attention module's forward on a recorded step: each SDPA call made in it (and
+    not in a nested attention module's) is reported to the watch; every call runs exactly as it would without."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = False
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is _SDPA_FN and not self.done and not tracing():
+            _report(self, args, kwargs)
         return out
+
+
+def _report(mode: _Observer, args: tuple, kwargs: dict) -> None:
     stack = getattr(SDPA.local, "stack", None)
-    owner, name = (stack[-1][0](), stack[-1][1]) if stack else (None, None)
+    if not stack or stack[-1][2] is not mode:  # a nested module's call (its own mode reports it), or MHA's own
+        return
+    owner, name = stack[-1][0](), stack[-1][1]
     if owner is not None and name is not None:
         try:
             named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args))
@@ -188,4 +234,3 @@ def _sdpa_wrapper(*args: Any, **kwargs: Any) -> Any:
                           bool(named.get("is_causal", False)), named.get("scale"))
         except Exception:  # noqa: BLE001, S110 - torchdiag's figures never break the user's attention
             pass
-    return out

@@ -52,7 +52,6 @@ class Signals:
         self._optimizer = optimizer
         self._handles: list[Any] = []
         self._name_of: dict[nn.Module, str] = {}
-        self._sdpa = False
         self._attention: dict[str, tuple[Any, Any]] = {}
         self._sdpa_seen: set[str] = set()
         self._logz: Any = None
@@ -76,9 +75,6 @@ class Signals:
                 else:
                     continue
                 self.attention_layers.append(self._name(m))
-            if self._handles:
-                SDPA.acquire()
-                self._sdpa = True
         if cfg.output_logits_rule:
             self._handles.append(GlobalHooks.add(self._model, post=self._root_post))
         self._opt_handle = None
@@ -92,9 +88,6 @@ class Signals:
         if self._opt_handle is not None:
             self._opt_handle.remove()
             self._opt_handle = None
-        if self._sdpa:
-            SDPA.release()
-            self._sdpa = False
         SDPA.forget(self._ref)
 
     def _name(self, m: nn.Module) -> str:
@@ -118,12 +111,10 @@ class Signals:
 
     # ------------------------------------------------------------------ attention
     def _mha_pre(self, m: nn.Module, args: tuple) -> None:
-        SDPA.local.__dict__.setdefault("stack", []).append((self._ref, None))  # its own SDPA call is not counted
+        SDPA.enter(self._ref, None)  # its own SDPA call is not counted
 
     def _mha_post(self, m: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
-        stack = getattr(SDPA.local, "stack", None)
-        if stack:
-            stack.pop()
+        SDPA.leave()
         if not self._on():
             return
         try:
@@ -134,13 +125,12 @@ class Signals:
             self._attention[self._name(m)] = figs
 
     def _attn_pre(self, m: nn.Module, args: tuple) -> None:
-        stack = SDPA.local.__dict__.setdefault("stack", [])
-        stack.append((self._ref, self._name(m) if self._on() else None))
+        SDPA.enter(self._ref, self._name(m) if self._on() else None)  # recorded: its SDPA calls are observed
 
     def _attn_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        stack = getattr(SDPA.local, "stack", None)
-        if stack:
-            owner, name = stack.pop()
+        entry = SDPA.leave()
+        if entry is not None:
+            owner, name = entry
             if owner is self._ref and name is not None and name not in self._sdpa_seen \
                     and isinstance(output, tuple) and len(output) > 1:
                 probs = output[1]

@@ -294,3 +294,29 @@ def test_model_compile_says_once_that_steps_end_at_step_and_records_them():
     assert len(said) == 1 and "diag.step()" in said[0], said
     assert [r is not None for r in reports] == [True, False, True, False]
     assert len(reports[2].layers) == 5 and _breaks() == 0
+
+
+@pytest.mark.parametrize("make", [_net, _transformer], ids=["mlp", "transformer"])
+def test_successive_watches_of_one_compiled_model_keep_the_number_of_graphs_bounded(make):
+    # issue #28 item 4: each watch of a compiled model compiled new graphs (guards on the watch's own gate key and
+    # on the new ids of the process-wide hooks), until the recompile limit left the model running eagerly
+    x = torch.randn(8, 5, 16) if make is _transformer else torch.randn(8, 16)
+    eager_model = make()
+    eager = _one_step(eager_model, eager_model, x)
+    model = make()
+    run = torch.compile(model, backend=BACKEND)
+    compiled_before: list[int] = []
+    reports = []
+    for _ in range(10):  # more than the recompile limit (8)
+        with torchdiag.watch(model, every=2, warnings=False) as diag:
+            for _ in range(3):  # recorded, not, recorded
+                model.zero_grad()
+                run(x).square().mean().backward()
+                rep = diag.step()
+                if rep is not None:
+                    reports.append(rep)
+        compiled_before.append(_graphs())
+    assert _breaks() == 0
+    assert compiled_before[-1] == compiled_before[0] == 2  # recorded and not, in the first watch; none after
+    assert len(reports) == 20
+    _assert_same(eager, reports[-2])  # the last watch's first step: the same numbers as eager
