@@ -1,6 +1,7 @@
-"""The registry of watched modules and the two process-wide module hooks that look them up.
+"""The registry of watched modules, and what torchdiag's process-wide module hooks (``globalhooks``: one pre-hook,
+one forward hook for everything torchdiag does) do for a watch's capture.
 
-Module hooks are registered once for the whole process (``torch.nn.modules.module.register_module_forward_hook``)
+The hooks are registered once for the whole process (``torch.nn.modules.module.register_module_forward_hook``)
 and look the module up in a ``WeakKeyDictionary``: nothing is stored on the user's modules, so ``copy.deepcopy``
 (EMA models), ``pickle`` and ``torch.save`` work inside a watch, and a copy is not recorded. While Dynamo traces,
 the hooks go down the compiled path (``compiled``), without a graph break.
@@ -17,7 +18,7 @@ from torch import nn
 
 from ..errors import TorchDiagError
 from . import _compiled as compiled
-from .globalhooks import stable_id
+from .globalhooks import GlobalHooks
 from .runtime import is_compiling
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 # module -> (weak reference to its watch's Capture, slot index)
 _REGISTRY: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.WeakKeyDictionary()
-_HANDLES: list[Any] = []
 # the watched roots alone: the pre hook, which only counts steps at a root's forward, looks here
 _ROOTS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.WeakKeyDictionary()
 # id() of the captures whose current step is recorded: on other steps the forward hook returns at once
@@ -116,9 +116,7 @@ def attach(cap: Capture, modules: list[nn.Module], roots: Sequence[int] = ()) ->
         compiled.register(id(m), gate.plans[i])
         _FINALIZERS[id(m)] = weakref.finalize(m, compiled.forget_module, id(m))
     weakref.finalize(cap, compiled.release_gate, gate.key, gate.lease)
-    if not _HANDLES:
-        _HANDLES.append(stable_id("capture.pre", nn.modules.module.register_module_forward_pre_hook(_pre_hook)))
-        _HANDLES.append(stable_id("capture.post", nn.modules.module.register_module_forward_hook(_post_hook)))
+    GlobalHooks.set_capture(_pre_hook, _post_hook)
 
 
 def _drop_gate(key: int, ids: tuple[int, ...]) -> None:
@@ -147,8 +145,7 @@ def detach(modules: list[weakref.ref]) -> None:
             if fin is not None:
                 fin.detach()
     if len(_REGISTRY) == 0:
-        while _HANDLES:
-            _HANDLES.pop().remove()
+        GlobalHooks.clear_capture()
 
 
 def is_watched(module: nn.Module) -> bool:
@@ -166,4 +163,5 @@ def forget(capture_id: int) -> None:
 
 
 def global_hooks_installed() -> bool:
-    return bool(_HANDLES)
+    """Whether torchdiag's process-wide hook pair is installed (while a watch, the signals or a tripwire need it)."""
+    return GlobalHooks.installed()

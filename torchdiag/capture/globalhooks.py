@@ -1,4 +1,6 @@
-"""Module hooks kept out of the model: two process-wide hooks that look each module up in a weak table."""
+"""torchdiag's one pair of process-wide module hooks: a forward pre-hook and a forward hook, installed while anything
+of torchdiag's needs them (a watch's capture, the signals, the NaN tripwire) and removed after. The capture's hooks
+(``_registry``) are called first, then the callbacks kept here per module in weak tables."""
 
 from __future__ import annotations
 
@@ -35,14 +37,46 @@ def stable_id(name: str, handle: Any) -> Any:
 
 
 class GlobalHooks:
-    """Module hooks kept out of the model: two process-wide hooks look each module up here, so that a watched
+    """Module hooks kept out of the model: the two process-wide hooks look each module up here, so that a watched
     model still pickles, deep-copies (a copy is not recorded) and saves without torchdiag's callbacks in it.
-    ``torch.compile`` traces past them (they return at once while compiling)."""
+    ``torch.compile`` traces past the per-module callbacks (they return at once while compiling); the capture's
+    own pair (``capture``, set by ``_registry`` while a module is watched) takes the compiled path itself."""
 
     pre: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args)]
     post: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args, kwargs, output)]
     handles: list[Any] = []
     ids: set[int] = set()  # id() of the modules in either table: every other module call returns at once
+    # the registry's (pre(module, args), post(module, args, output) -> replacement output or None), while any module
+    # is watched
+    capture: tuple[Callable[..., None], Callable[..., Any]] | None = None
+
+    @classmethod
+    def _install(cls) -> None:
+        if not cls.handles:
+            pre_hook = nn.modules.module.register_module_forward_pre_hook(_global_pre)
+            post_hook = nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True, always_call=True)
+            cls.handles.append(stable_id("torchdiag.pre", pre_hook))
+            cls.handles.append(stable_id("torchdiag.post", post_hook))
+
+    @classmethod
+    def _release(cls) -> None:
+        if not cls.pre and not cls.post and cls.capture is None:
+            while cls.handles:
+                cls.handles.pop().remove()
+
+    @classmethod
+    def set_capture(cls, pre: Callable[..., None], post: Callable[..., Any]) -> None:
+        cls.capture = (pre, post)
+        cls._install()
+
+    @classmethod
+    def clear_capture(cls) -> None:
+        cls.capture = None
+        cls._release()
+
+    @classmethod
+    def installed(cls) -> bool:
+        return bool(cls.handles)
 
     @classmethod
     def add(cls, module: nn.Module, pre: Callable[..., None] | None = None,
@@ -52,11 +86,7 @@ class GlobalHooks:
         if post is not None:
             cls.post.setdefault(module, []).append(post)
         cls.ids.add(id(module))
-        if not cls.handles:
-            pre_hook = nn.modules.module.register_module_forward_pre_hook(_global_pre)
-            post_hook = nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True, always_call=True)
-            cls.handles.append(stable_id("signals.pre", pre_hook))
-            cls.handles.append(stable_id("signals.post", post_hook))
+        cls._install()
         return module, pre, post
 
     @classmethod
@@ -72,12 +102,14 @@ class GlobalHooks:
             cls.ids.discard(id(module))
         if not cls.pre and not cls.post:
             cls.ids.clear()  # (ids of modules dropped without a discard)
-            while cls.handles:
-                cls.handles.pop().remove()
+            cls._release()
 
 
 def _global_pre(module: nn.Module, args: tuple) -> None:
-    # torch.compile, torch.export, torch.jit.trace: nothing of torchdiag's in their graphs (Dynamo: before any
+    capture = GlobalHooks.capture
+    if capture is not None:
+        capture[0](module, args)
+    # torch.compile, torch.export, torch.jit.trace: nothing of the callbacks' in their graphs (Dynamo: before any
     # lookup, which it would guard on)
     if is_compiling() or id(module) not in GlobalHooks.ids or tracing():
         return
@@ -87,13 +119,23 @@ def _global_pre(module: nn.Module, args: tuple) -> None:
             _guarded(fn, module, args)
 
 
-def _global_post(module: nn.Module, args: tuple, kwargs: dict | None = None, output: Any = None) -> None:
+def _global_post(module: nn.Module, args: tuple, *rest: Any) -> Any:
+    """``(module, args, kwargs, output)`` after a forward; ``(module, args, None)`` when the forward raised
+    (PyTorch calls an ``always_call`` hook so, without kwargs): then only the callbacks run, to undo what their
+    pre-hook entered (an attention stack), never the capture."""
+    raised = len(rest) != 2
+    kwargs, output = (None, None) if raised else rest
+    result = None
+    capture = GlobalHooks.capture
+    if capture is not None and not raised:
+        result = capture[1](module, args, output)
     if is_compiling() or id(module) not in GlobalHooks.ids or tracing():
-        return
+        return result
     fns = GlobalHooks.post.get(module)
     if fns:
         for fn in list(fns):
             _guarded(fn, module, args, kwargs, output)
+    return result
 
 
 def _guarded(fn: Callable[..., None], *args: Any) -> None:

@@ -57,10 +57,11 @@ def diagnose(stats: StepStats, config: Config, baseline: Baseline | None = None)
         rules.dead_or_saturated(row, s, config, trained)
     first_nonfinite_grad = None
     if first_nonfinite is None:
-        if stats.amp_scale is not None and stats.amp_scale >= 1.0 and any(s.grad is not None and s.grad.nonfinite
-                                                                         for s in layers):
-            # a GradScaler's scaled gradients overflowed: it skips this optimizer step and lowers its scale (how it
-            # finds its scale); a problem only once the scale has fallen under 1, gradients overflowing unscaled
+        bad = [s for s in reversed(layers) if s.grad is not None and s.grad.nonfinite]
+        if stats.amp_scale is not None and stats.amp_scale >= 1.0 and bad and bad[0].grad_range is not None:
+            # a GradScaler's scaled gradients overflowed float16 (the first layer they reached, loss side, computes
+            # in it: float32 does not overflow at any scale a scaler sets): it skips this optimizer step and lowers
+            # its scale (how it finds its scale); a problem only once the scale has fallen under 1
             notes.append(f"the gradients overflowed at GradScaler's scale {stats.amp_scale:g}: it skips this"
                          " optimizer step and lowers its scale (routine while it finds its scale)")
         else:

@@ -151,9 +151,13 @@ def test_an_unwatched_model_compiles_exactly_as_without_torchdiag():
     graphs: list[str] = []
 
     def backend(gm, example_inputs):  # the graph's inputs (their order may differ) and its operations
-        nodes = gm.graph.nodes
+        nodes = list(gm.graph.nodes)
+        # an operation's arguments by what they are (an input by name, another node by its position), not by the
+        # name Dynamo gave its variable, which follows the names in the Python code it traced through
+        where = {n: n.name if n.op == "placeholder" else f"%{i}" for i, n in enumerate(nodes)}
         graphs.append((sorted(n.name for n in nodes if n.op == "placeholder"),
-                       [(n.op, str(n.target), str(n.args)) for n in nodes if n.op != "placeholder"]))
+                       [(n.op, str(n.target), str(torch.fx.node.map_arg(n.args, lambda a: where[a])))
+                        for n in nodes if n.op != "placeholder"]))
         return gm.forward
 
     x = torch.randn(8, 16)
