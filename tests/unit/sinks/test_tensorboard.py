@@ -706,12 +706,12 @@ def deep_mlp(init, depth=24, width=64):
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def heatmap_cells(acc, tag, n_rows, n_cols):
-    """The image of the last step: (rows, cell) where cell(r, k) = (corner pixel, centre pixel) of row r, col k."""
-    img = acc.Images(tag)[-1]
-    w, h, px = decode_png(img.encoded_image_string)
-    assert (w, h) == (img.width, img.height)
-    x0, y0, cw, ch = overview.heatmap_geometry(n_rows, n_cols, 3)  # row labels are the layer indices here
+def heatmap_cells(data, labels, n_cols):
+    """A heatmap PNG's cells: cell(r, k) = (corner pixel, centre pixel) of row r, column k; ``labels``: the row
+    labels the image was drawn with (they set the grid's left edge)."""
+    w, h, px = decode_png(data)
+    n_rows = len(labels)
+    x0, y0, cw, ch = overview.heatmap_geometry(n_rows, n_cols, max(len(s) for s in labels))
     assert y0 + n_rows * ch < h and x0 + n_cols * cw <= w
     # the grid: one row of cells per layer, nothing coloured right above or below it
     assert all(px[y0 - 1][x0 + k * cw] == (255, 255, 255) for k in range(n_cols))
@@ -719,36 +719,189 @@ def heatmap_cells(acc, tag, n_rows, n_cols):
     return lambda r, k: (px[y0 + r * ch][x0 + k * cw], px[y0 + r * ch + ch // 2][x0 + k * cw + cw // 2])
 
 
+def peers_expected(layers, values, first):
+    """What the heatmap compares each layer's std with, computed here from the layers alone: the geometric median
+    of the layers of the same role (name without block indices, type, fans), or the layer's own first value."""
+    import statistics
+
+    def role(x):
+        return (".".join(c for c in x.name.split(".") if not c.isdigit()), x.module_type, x.fan_in, x.fan_out)
+
+    groups = {}
+    for x in layers:
+        groups.setdefault(role(x), []).append(math.log10(values[x.name]))
+    return {x.name: 10 ** statistics.median(groups[role(x)]) if len(groups[role(x)]) > 1 else first[x.name]
+            for x in layers}
+
+
 @pytest.mark.parametrize("init, broken", [(nn.init.xavier_normal_, True),
                                           (lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"), False)])
-def test_overview_heatmap_marks_the_flagged_cells(tmp_path, init, broken):
+def test_overview_heatmap_marks_the_causing_layer_and_colours_against_the_peers(tmp_path, init, broken):
+    """#29: the dots sit on the layer a finding blames (``Finding.cause``), not on each layer of the chain it makes
+    drift; the colour is each layer's std over its peers' median (the same layer of the other blocks)."""
     model = deep_mlp(init)
     x = torch.randn(3, 32, 64)
     _, reports = train(model, 3, x=x, logdir=tmp_path)
     flagged = {(r.step, layer.name) for r in reports for layer in r.flagged}
     assert bool(flagged) == broken  # Xavier before ReLU vanishes over 24 layers; Kaiming does not
+    causes = {(r.step, f.cause or layer.name) for r in reports for layer in r.layers for f in layer.findings}
+    if broken:
+        assert len({n for _, n in flagged}) > 10 and {n for _, n in causes} == {"0"}  # one cause, a long chain
     acc = load(tmp_path)
     assert [e.step for e in acc.Images(schema.HEATMAP_TAGS["act_std"])] == [2]  # the last step's holds them all
-    names = [layer.name for layer in reports[-1].layers]
+    layers = reports[-1].layers
+    names = [layer.name for layer in layers]
     assert len(names) == 49
+    labels = [f"{x.name} {x.module_type}" for x in layers]  # an nn.Sequential: the index and the type
     for metric, tag in schema.HEATMAP_TAGS.items():
-        cell = heatmap_cells(acc, tag, len(names), 3)
+        cell = heatmap_cells(acc.Images(tag)[-1].encoded_image_string, labels, 3)
+        first = {n: acc.Scalars(f"{metric}/{n}")[0].value for n in names}
         for k in range(3):
             vals = {n: acc.Scalars(f"{metric}/{n}")[k].value for n in names}
-            med = sorted(vals.values())[len(vals) // 2]
+            expected = peers_expected(layers, vals, first)
             for r, n in enumerate(names):
                 corner, centre = cell(r, k)
-                assert (centre == (0, 0, 0)) == ((k, n) in flagged), (metric, k, n)  # the black dot
-                ratio = math.log10(vals[n] / med)
-                if ratio > 0.5:  # more than 10**0.5 above the median layer: red
+                assert (centre == (0, 0, 0)) == ((k, n) in causes), (metric, k, n)  # the black dot
+                ratio = math.log10(vals[n] / expected[n])
+                if ratio > 0.4:  # more than 10**0.4 above what it is expected to be: red
                     assert corner[0] > corner[2] + 15, (metric, k, n, ratio, corner)
-                elif ratio < -0.5:  # below: blue
+                elif ratio < -0.4:  # below: blue
                     assert corner[2] > corner[0] + 15, (metric, k, n, ratio, corner)
-                elif abs(ratio) < 0.05:  # at the median: near white
-                    assert min(corner) > 200, (metric, k, n, ratio, corner)
+                elif abs(ratio) < 0.03:  # as expected: near white
+                    assert min(corner) > 220, (metric, k, n, ratio, corner)
     img = acc.Images(schema.PROFILE_TAG)[-1]
     w, h, _ = decode_png(img.encoded_image_string)
     assert (w, h) == (img.width, img.height)
+
+
+def gpt2_like(depth=6, width=64, heads=4):
+    """A pre-norm transformer language model with GPT-2's init (N(0, 0.02), the residual projections
+    scaled by 1/sqrt(2 * depth)): attention and MLP layers at their own, different scales."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+            self.c_fc, self.act, self.c_proj = nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+
+        def forward(self, h):
+            a = self.ln_1(h)
+            h = h + self.attn(a, a, a, need_weights=False)[0]
+            return h + self.c_proj(self.act(self.c_fc(self.ln_2(h))))
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(256, width)
+            self.h = nn.ModuleList(Block() for _ in range(depth))
+            self.ln_f, self.lm_head = nn.LayerNorm(width), nn.Linear(width, 256)
+
+        def forward(self, ids):
+            h = self.wte(ids)
+            for block in self.h:
+                h = block(h)
+            return self.lm_head(self.ln_f(h))
+
+    model = LM()
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            std = 0.02 / math.sqrt(2 * depth) if name.endswith(("c_proj.weight", "out_proj.weight")) else 0.02
+            nn.init.normal_(p, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+    return model
+
+
+@pytest.mark.parametrize("which", ["relu_mlp", "transformer"])
+def test_a_healthy_net_is_pale_in_the_heatmap(tmp_path, which):
+    """#29: a healthy net's heatmap is pale, though its layers of different kinds sit at different scales (a ReLU
+    below the Linear before it; attention, MLP and norm layers of a transformer). Stated measure: the colour's
+    distance from white, 255 minus the cell's smallest channel (the scale's white is 247; 10x away from what a
+    layer is expected to be is about 130): at most 45 (within about 2x) in 95% of the cells, every cell below
+    100 (within about 5x). The old scale (against the median layer) fails it on the transformer: the stripes of
+    #29."""
+    steps = 6
+    if which == "relu_mlp":
+        model = deep_mlp(lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"))
+        batches = [torch.randn(32, 64) for _ in range(steps)]
+        labels = torch.randint(0, 10, (32,))
+        loss = lambda out: nn.functional.cross_entropy(out, labels)  # noqa: E731
+    else:
+        model = gpt2_like()
+        batches = [torch.randint(0, 256, (8, 32)) for _ in range(steps)]
+        loss = lambda out: nn.functional.cross_entropy(out.flatten(0, 1), batches[0].flatten())  # noqa: E731
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torchdiag.watch(model, logdir=tmp_path, every=1, optimizer=opt) as diag:
+            for ids in batches:
+                loss(model(ids)).backward()
+                opt.step()
+                opt.zero_grad()
+                diag.step()
+    report = diag.report()
+    assert not report.flagged and not report.run_findings  # healthy, as torchdiag itself judges it
+    acc = load(tmp_path)
+    rows = [(schema.layer_tag(x.name), x.index, x.module_type) for x in report.layers]
+    labels = overview.row_labels(rows)
+    for metric, tag in schema.HEATMAP_TAGS.items():
+        cell = heatmap_cells(acc.Images(tag)[-1].encoded_image_string, labels, steps)
+        distance = sorted(255 - min(cell(r, k)[0]) for r in range(len(rows)) for k in range(steps))
+        assert distance[int(0.95 * len(distance))] <= 45 and distance[-1] < 100, (metric, distance[-10:])
+        if which != "transformer":
+            continue
+        # against the median layer (the old scale), the same transformer is striped
+        old = []
+        for k in range(steps):
+            vals = [e.value for t in acc.Tags()["scalars"] if t.startswith(f"log10_{metric}/")
+                    for e in acc.Scalars(t) if e.step == k]
+            med = sorted(vals)[len(vals) // 2]
+            old += [255 - min(png.diverging((v - med) / 3)) for v in vals]  # saturating at 1000x, as it did
+        assert max(old) >= 100, metric
+
+
+def test_the_heatmap_rows_are_labelled_with_the_short_names_of_the_report():
+    """#29: the row labels are the layers' names as the report's table shortens them (the shared prefix dropped,
+    then ``render.shorten_names``): rows that differ show their difference, and no block index is left out."""
+    from torchdiag.report.render import shorten_names
+    from torchdiag.report.report import LayerReport, Report
+
+    names = [f"transformer.h.{b}.{part}" for b in range(12) for part in
+             ("ln_1", "attn.c_attn", "attn.c_proj", "attn.resid_dropout", "ln_2", "mlp.c_fc", "mlp.act",
+              "mlp.c_proj", "mlp.dropout")]
+    names = ["transformer.wte", *names, "transformer.ln_f"]
+    hist = overview.History()
+    hist.add(Report(layers=[LayerReport(name=n, module_type="Conv1D", index=i, calls=1, act_std=1.0, grad_std=1.0)
+                            for i, n in enumerate(names)], step=0))
+    labels = overview.row_labels(hist.rows())
+    assert labels == shorten_names([n.removeprefix("transformer.") for n in names], overview.LABEL_CHARS)
+    assert len(set(labels)) == len(labels)  # rows that differ read differently
+    for name, label in zip(names, labels):
+        digits = [c for c in name.split(".") if c.isdigit()]
+        assert [c for c in label.split(".") if c.isdigit()] == digits, (name, label)  # every block index kept
+        pattern = r"\.".join(".+" if c == "…" else re.escape(c) for c in label.split("."))
+        assert re.fullmatch(pattern, name.removeprefix("transformer.")), (name, label)  # '…' stands for components
+        assert "…" not in label.replace("….", "").replace(".…", "")  # whole components give way, never characters
+    # an nn.Sequential's layers: the index and the type; the image draws these labels
+    seq = overview.History()
+    seq.add(Report(layers=[LayerReport(name=str(i), module_type=t, index=i, calls=1, act_std=1.0, grad_std=1.0)
+                           for i, t in enumerate(["Linear", "ReLU", "Linear"])], step=0))
+    assert overview.row_labels(seq.rows()) == ["0 Linear", "1 ReLU", "2 Linear"]
+    drawn = []
+    real_text = png.Canvas.text
+
+    def spy(self, x, y, s, *args, **kwargs):
+        drawn.append(s)
+        return real_text(self, x, y, s, *args, **kwargs)
+
+    png.Canvas.text = spy
+    try:
+        overview.render_heatmap(seq, "act_std")
+    finally:
+        png.Canvas.text = real_text
+    assert {"0 Linear", "1 ReLU", "2 Linear"} <= set(drawn)
 
 
 def test_overview_keeps_a_bounded_number_of_columns():
