@@ -310,11 +310,11 @@ def test_user_writer_layout_once_and_subruns_under_its_logdir(tmp_path):
     charts = layout_charts(configs[0])
     tags = acc.Tags()["scalars"]
     metric_cat = next(v for k, v in charts.items() if "per metric" in k)
-    # only metrics that exist (no update_ratio without optimizer=); stds as their log10 twins
-    assert set(metric_cat) == {"act_mean", "act_std (log10)", "grad_std (log10)", "grad_norm", "weight_std",
-                               "zero_frac", "gain"}
+    # only metrics that exist (no update_ratio without optimizer=, the core ones by default); stds as their log10
+    # twins
+    assert set(metric_cat) == {"act_mean", "act_std (log10)", "grad_std (log10)", "gain"}
     matched = {t for t in tags if any(re.match(r, t) for r in metric_cat["act_std (log10)"])}
-    assert matched == {t.replace("act_std/", "log10_act_std/") for t in tags if t.startswith("act_std/")}
+    assert matched == {t for t in tags if t.startswith("log10_act_std/")}
     assert len(matched) == 6
     block_cat = next(v for k, v in charts.items() if "blocks" in k)
     assert sorted(k.split(":")[0] for k in block_cat) == ["encoder.0", "encoder.1"]  # 'enc', 'head': one layer
@@ -342,19 +342,20 @@ def test_duck_typed_writer_gets_scalars_only():
         model(torch.randn(4, 12)).sum().backward()
         rep = diag.step()
     got = {t: v for t, v, s in w.scalars if s == 0}
-    assert got["act_std/0"] == pytest.approx(rep["0"].act_std) and got[schema.FLAGGED_TAG] == 0
+    assert got["log10_act_std/0"] == pytest.approx(math.log10(rep["0"].act_std)) and got[schema.FLAGGED_TAG] == 0
 
 
-def test_core_scalars_at_every_step_and_every_figure_at_the_histogram_steps(tmp_path):
+@pytest.mark.parametrize("layer_scalars", ["core", "all"])
+def test_core_scalars_at_every_step_and_every_figure_with_layer_scalars_all(tmp_path, layer_scalars):
     """The default ``layer_scalars: core``: at every recorded step each layer's activation mean and log10 stds
-    (what the charts plot), its gain and update ratio; every per-layer figure at the histogram steps (0 and 4 here).
+    (what the charts plot), its gain and update ratio, and nothing else per layer; ``all``: every figure too.
     Right answer, counted from the reports: a core step writes 3 scalars per layer, +1 gain per Linear, +1 update
     ratio per weighted layer; summarize rebuilds the table's stds at any step from the log10 twins."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     reports = {}
     with warnings.catch_warnings(), torchdiag.watch(model, logdir=tmp_path, optimizer=opt, every=1,
-                                                    histogram_every=4) as diag:
+                                                    histogram_every=4, layer_scalars=layer_scalars) as diag:
         warnings.simplefilter("ignore")
         for _ in range(6):
             model(torch.randn(16, 12)).pow(2).mean().backward()
@@ -370,13 +371,11 @@ def test_core_scalars_at_every_step_and_every_figure_at_the_histogram_steps(tmp_
     assert sorted(per_step) == list(range(6))
     for step, written in per_step.items():
         report = reports[step]
-        if step in (0, 4):  # every figure of every layer, and the log10 twins of the stds
-            want = {schema.scalar_tag(a, x.name) for x in report.layers for a in schema.SCALARS
-                    if getattr(x, a) is not None}
-            want |= {schema.log10_tag(a, x.name) for x in report.layers for a in ("act_std", "grad_std")
-                     if getattr(x, a)}
+        want = {schema.log10_tag(a, x.name) for x in report.layers for a in ("act_std", "grad_std")}
+        if layer_scalars == "all":  # every figure of every layer, and the log10 twins of the stds
+            want |= {schema.scalar_tag(a, x.name) for x in report.layers for a in schema.SCALARS
+                     if getattr(x, a) is not None}
         else:
-            want = {schema.log10_tag(a, x.name) for x in report.layers for a in ("act_std", "grad_std")}
             want |= {schema.scalar_tag(a, x.name) for x in report.layers for a in ("act_mean", "gain", "update_ratio")
                      if getattr(x, a) is not None}
             assert len(want) == 3 * 3 + 2 + 2  # three layers, two Linears
@@ -418,7 +417,7 @@ for _ in range(3):
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     acc = load(tmp_path)
-    assert [e.step for e in acc.Scalars("act_std/0")] == [0, 1, 2]
+    assert [e.step for e in acc.Scalars("log10_act_std/0")] == [0, 1, 2]
     assert [e.step for e in acc.Histograms("grad/19")] == [0, 1, 2]
 
     registered = []
@@ -567,10 +566,11 @@ def test_tensorboard_server_serves_scalars_histograms_and_layout(tmp_path):
 
         images = _get(port, "/data/plugin/images/tags")["exp"]
         assert sorted(images) == sorted([*schema.HEATMAP_TAGS.values(), schema.PROFILE_TAG])
-        # the overview sorts before every other tag: TensorBoard's dashboards list tags in this order
+        # the overview (the images, then the flag count) sorts before every other tag: TensorBoard's dashboards
+        # list tags in this order
         all_tags = set(images) | set(_get(port, "/data/plugin/scalars/tags")["exp"]) | set(
             _get(port, "/data/plugin/histograms/tags")["exp"])
-        assert sorted(all_tags)[:3] == sorted(images)
+        assert sorted(all_tags)[:4] == sorted([*images, schema.FLAGGED_TAG])
     finally:
         proc.terminate()
         try:
@@ -1042,3 +1042,116 @@ def test_the_text_tab_lists_the_warnings_first_and_logs_with_the_old_text_tags_s
     writer.close()
     found = summarize_run(str(tmp_path))
     assert found.warnings == [(0, "'0' (Linear) is dead")]
+
+
+# ----------------------------------------------------------------- #29: what a newcomer opens first
+def test_the_default_scalars_tab_of_a_25_layer_mlp(tmp_path):
+    """#29: the Scalars tab groups tags by what comes before their first '/'. By default (``layer_scalars: core``)
+    a 25-layer ReLU MLP (49 watched layers: 25 Linear, 24 ReLU) writes, read back with TensorBoard's own reader:
+    first the ``0_overview`` group (the flag count, and one count per problem once a problem is seen), then one
+    group per figure plotted over time: act_mean, log10_act_std and log10_grad_std of each layer and the gain of
+    each Linear, the output's log Z, and ``torchdiag/record_interval``: 2 + 3 x 49 + 25 + 1 = 175 tags, where all
+    the figures of every layer (``layer_scalars: all``) are 12 groups and 371 tags."""
+    def run(init, logdir, **kw):
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(24):
+            lin = nn.Linear(32, 32)
+            init(lin.weight)
+            layers += [lin, nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Linear(32, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torchdiag.watch(model, logdir=logdir, **kw) as diag:
+                for _ in range(4):
+                    nn.functional.cross_entropy(model(torch.randn(16, 32)), torch.randint(0, 10, (16,))).backward()
+                    opt.step()
+                    opt.zero_grad()
+                    diag.step()
+        acc = ea.EventAccumulator(str(logdir), size_guidance={ea.SCALARS: 1})
+        acc.Reload()
+        groups: dict[str, list[str]] = {}
+        for tag in acc.Tags()["scalars"]:
+            groups.setdefault(tag.split("/")[0], []).append(tag)
+        return dict(sorted(groups.items()))
+
+    healthy = run(lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"), tmp_path / "healthy")
+    assert list(healthy) == ["0_overview", "act_mean", "gain", "log10_act_std", "log10_grad_std", "output_logz",
+                             "torchdiag"]
+    assert healthy["0_overview"] == [schema.FLAGGED_TAG] and healthy["torchdiag"] == ["torchdiag/record_interval"]
+    assert [len(healthy[g]) for g in ("act_mean", "gain", "log10_act_std", "log10_grad_std")] == [49, 25, 49, 49]
+    assert healthy["output_logz"] == ["output_logz/48"]  # the softmax's log Z, on the layer making the logits
+    assert sum(map(len, healthy.values())) == 175
+
+    broken = run(nn.init.xavier_normal_, tmp_path / "broken")  # vanishing: its count joins the first group
+    assert sorted(broken["0_overview"]) == [schema.problem_tag("vanishing"), schema.FLAGGED_TAG]
+    assert sum(map(len, broken.values())) == 176
+
+    everything = run(lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"), tmp_path / "all",
+                     layer_scalars="all")
+    assert len(everything) == 12 and sum(map(len, everything.values())) == 371  # + stds, grad norms, weights, zeros
+
+
+def _tb_tick_labels(values):
+    """The y-axis tick labels TensorBoard's line chart gives ``values``: about five 'nice' ticks (1, 2 or 5 times a
+    power of ten apart) over their range, each formatted as its ``formatTick`` does (d3 ``.4~r``: four significant
+    digits, trailing zeros dropped; ``.2~e`` below 0.001 or from 1e4)."""
+    lo, hi = min(values), max(values)
+    raw = (hi - lo) / 5
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    ticks = [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+    def fmt(v):
+        a = abs(v)
+        if v == 0:
+            return "0"
+        return f"{v:.2e}" if a >= 1e4 or a < 1e-3 else f"{float(f'{v:.4g}'):g}"
+
+    return [fmt(t) for t in ticks]
+
+
+def test_the_attention_entropy_chart_has_readable_ticks_and_old_logs_are_still_read(tmp_path):
+    """#29: an untrained transformer's attention entropy is 0.9999 of the uniform one at every layer and step;
+    TensorBoard's axis labels (four significant digits) then read the same at every tick ("1"). The chart plots
+    log10(1 - entropy) instead (``log10_attention_entropy_deficit/<layer>``), whose ticks differ; summarize reads
+    the entropy back from it, and from the ``attention_entropy/<layer>`` scalars of older logs."""
+    model = gpt2_like(depth=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    reports = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torchdiag.watch(model, logdir=tmp_path / "run", every=1, optimizer=opt) as diag:
+            for _ in range(8):
+                ids = torch.randint(0, 256, (8, 32))
+                nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+                opt.step()
+                opt.zero_grad()
+                reports.append(diag.step())
+    entropies = [r["h.0.attn"].attention_entropy for r in reports]
+    assert all(0.999 < e < 1 for e in entropies)
+    raw_labels = _tb_tick_labels(entropies)
+    assert len(set(raw_labels)) < len(raw_labels)  # the old chart: ticks that read alike
+    acc = load(tmp_path / "run")
+    tags = acc.Tags()["scalars"]
+    assert "attention_entropy/h.0.attn" not in tags  # not in the default Scalars tab any more
+    deficit = acc.Scalars("log10_attention_entropy_deficit/h.0.attn")
+    assert [e.value for e in deficit] == pytest.approx([math.log10(1 - e) for e in entropies], abs=1e-4)
+    labels = _tb_tick_labels([e.value for e in deficit])
+    assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+    layout = layout_charts(acc.Tensors("custom_scalars__config__")[-1])
+    per_metric = next(v for k, v in layout.items() if "per metric" in k)
+    chart = per_metric["attention_entropy: log10(1 - attention_entropy)"]
+    assert {t for t in tags if any(re.match(r, t) for r in chart)} == {
+        "log10_attention_entropy_deficit/h.0.attn", "log10_attention_entropy_deficit/h.1.attn"}
+    back = summarize_run(str(tmp_path / "run"))
+    assert back.report["h.0.attn"].attention_entropy == pytest.approx(entropies[-1], abs=1e-6)
+
+    # a log written before: the raw entropy and the old name of the flag count
+    writer = SummaryWriter(log_dir=str(tmp_path / "old"))
+    writer.add_scalar(schema.OLD_SCALAR_TAGS[schema.FLAGGED_TAG], 0.0, 0)
+    writer.add_scalar("attention_entropy/attn", 0.99991, 0)
+    writer.close()
+    old = summarize_run(str(tmp_path / "old"))
+    assert old.steps == [0] and old.report["attn"].attention_entropy == pytest.approx(0.99991)
