@@ -4,8 +4,9 @@ profile (std against layer index), drawn from the ``History`` of the reports wri
 A heatmap cell's colour is the layer's std over what it is expected to be (``expected``): the median of its
 peers at that step (the layers of the same role: qualified name without block indices, type, fan-in and
 fan-out; the same layer of every repeated block), or, for a layer without peers, its own value at the first
-recorded step. A healthy net is pale; a chain that drifts with depth runs from red to blue along its peers.
-Findings are marked on the layer that causes them (``Finding.cause``), not on every layer of their chain."""
+recorded step times how much the median layer has changed since. A healthy net is pale; a chain that drifts
+with depth runs from red to blue along its peers. Findings are marked on the layer that causes them
+(``Finding.cause``), not on every layer of their chain."""
 
 from __future__ import annotations
 
@@ -92,18 +93,25 @@ class History:
     def expected(self, metric: str, values: dict[str, float]) -> dict[str, float]:
         """What each layer's std is expected to be in one column (``values``: layer tag -> std): the median (of the
         logs) of its peers' stds there, the layer's own among them, when it has peers with a value; else its own
-        std at the first recorded step; else its value (a neutral cell)."""
+        std at the first recorded step, moved as the whole net moved since (times the median layer's change since
+        its first recorded step: gradients that shrink as the loss falls shrink everywhere); else its value (a
+        neutral cell)."""
         logs: dict[tuple, list[float]] = {}
+        moved = []
+        start = self.start[metric]
         for name, v in values.items():
             if math.isfinite(v) and v > 0:
                 logs.setdefault(self.roles.get(name, (name,)), []).append(math.log10(v))
+                if name in start:
+                    moved.append(math.log10(v / start[name]))
+        growth = 10.0 ** statistics.median(moved) if moved else 1.0
         out = {}
         for name, v in values.items():
             peers = logs.get(self.roles.get(name, (name,)), [])
             if len(peers) >= 2:
                 out[name] = 10.0 ** statistics.median(peers)
             else:
-                out[name] = self.start[metric].get(name, v)
+                out[name] = start[name] * growth if name in start else v
         return out
 
 

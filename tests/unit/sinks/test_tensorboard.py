@@ -721,7 +721,8 @@ def heatmap_cells(data, labels, n_cols):
 
 def peers_expected(layers, values, first):
     """What the heatmap compares each layer's std with, computed here from the layers alone: the geometric median
-    of the layers of the same role (name without block indices, type, fans), or the layer's own first value."""
+    of the layers of the same role (name without block indices, type, fans), or the layer's own first value times
+    the median layer's change since its first value."""
     import statistics
 
     def role(x):
@@ -730,7 +731,8 @@ def peers_expected(layers, values, first):
     groups = {}
     for x in layers:
         groups.setdefault(role(x), []).append(math.log10(values[x.name]))
-    return {x.name: 10 ** statistics.median(groups[role(x)]) if len(groups[role(x)]) > 1 else first[x.name]
+    growth = 10 ** statistics.median(math.log10(values[x.name] / first[x.name]) for x in layers)
+    return {x.name: 10 ** statistics.median(groups[role(x)]) if len(groups[role(x)]) > 1 else first[x.name] * growth
             for x in layers}
 
 
