@@ -18,10 +18,10 @@ Per recorded step, into the run's writer (one event holding all of it):
   when warnings are new, every ``profile_every`` steps and at close;
 * the overview images ``0_overview/...`` (first in TensorBoard's tag order, so the first cards of the
   default dashboard): layers x recorded steps heatmaps of act_std and grad_std (log colour scale against
-  the median layer at the first recorded step, flagged cells dotted) and the depth profile (std against
-  layer index, forward and backward, log y). Drawn here in pure Python (no imaging library) at the first
-  recorded step of each ``overview_every`` steps after the first window (N, 2N...), and at close: each image
-  holds every step so far, so earlier ones would only repeat part of the last;
+  what each layer is expected to be, ``overview.History.expected``; the layer causing a finding dotted) and
+  the depth profile (std against layer index, forward and backward, log y). Drawn here in pure Python (no
+  imaging library) at the first recorded step of each ``overview_every`` steps after the first window (N,
+  2N...), and at close: each image holds every step so far, so earlier ones would only repeat part of the last;
 * when new: the layer list (``torchdiag/3_layers`` as a markdown table, ``torchdiag/layer_index`` as JSON)
   and a custom-scalars layout holding only charts whose tags exist (rewritten when new tags appear).
 
