@@ -119,7 +119,7 @@ def test_a_writer_with_only_add_scalar_gets_scalars_and_the_users_exception_is_k
         with torchdiag.watch(model, writer=writer) as diag:  # and a clean exit raises nothing either
             model(torch.randn(4, 8)).sum().backward()
             diag.step()
-    assert "act_std/0" in writer.tags
+    assert "log10_act_std/0" in writer.tags
     assert not [m for m in ours(caught) if "TensorBoard" in m]  # optional methods are optional: no complaint
 
 

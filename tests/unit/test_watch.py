@@ -250,7 +250,7 @@ def test_user_writer_is_written_and_not_closed(tmp_path):
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"act_std/0", "grad_std/0", "weight_std/0", "zero_frac/1", "mine"} <= set(tags)
+    assert {"log10_act_std/0", "log10_grad_std/0", "gain/0", "act_mean/1", "mine"} <= set(tags)
 
 
 def test_check_leaves_everything_untouched():
@@ -335,7 +335,7 @@ def test_a_bytes_logdir_is_accepted_as_its_fsdecoded_path(tmp_path):
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(ref.parameters(), model.parameters()))
     acc = EventAccumulator(str(logdir))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("act_std/0")] == [0]
+    assert [e.step for e in acc.Scalars("log10_act_std/0")] == [0]
     with pytest.raises(ValueError, match="NUL byte"):
         torchdiag.watch(small_net(), logdir=b"a\0b")
 

@@ -110,9 +110,11 @@ def summarize_run(run: str, step: int | None = None) -> RunSummary:
     """Rebuild the report of ``step`` (default: the latest recorded step) from one run's events."""
     acc = _load(run)
     scalar_tags = acc.Tags().get("scalars", [])
-    if tags.FLAGGED_TAG not in scalar_tags:
+    flagged_tag = next((t for t in (tags.FLAGGED_TAG, tags.OLD_SCALAR_TAGS[tags.FLAGGED_TAG]) if t in scalar_tags),
+                       None)  # its name in logs written before too
+    if flagged_tag is None:
         raise NotATorchdiagRun(f"{run!r} holds TensorBoard events but none written by torchdiag")
-    steps = sorted({e.step for e in acc.Scalars(tags.FLAGGED_TAG)})
+    steps = sorted({e.step for e in acc.Scalars(flagged_tag)})
     stopped = check_event_files(run, steps[-1] if steps else None)
     whole_run = step is None
     if step is None:
@@ -123,18 +125,20 @@ def summarize_run(run: str, step: int | None = None) -> RunSummary:
                              f" (nearest: {', '.join(map(str, sorted(near)))})")
 
     values: dict[str, dict[str, float]] = {}  # layer -> attr -> value at the step
-    logged: dict[str, dict[str, float]] = {}  # the stds from their log10 twins (config layer_scalars: core)
+    logged: dict[str, dict[str, float]] = {}  # from the log10 and deficit twins (config layer_scalars: core)
     for tag in scalar_tags:
-        parsed, twin = tags.parse_scalar_tag(tag), tags.parse_log10_tag(tag)
-        if parsed is not None or twin is not None:
-            attr, layer = parsed or twin  # type: ignore[misc]
+        parsed, twin, deficit = tags.parse_scalar_tag(tag), tags.parse_log10_tag(tag), tags.parse_deficit_tag(tag)
+        if parsed is not None or twin is not None or deficit is not None:
+            attr, layer = parsed or twin or deficit  # type: ignore[misc]
             for e in acc.Scalars(tag):
                 if e.step == step:
                     if parsed is not None:
                         values.setdefault(layer, {})[attr] = e.value
-                    else:
+                    elif twin is not None:
                         logged.setdefault(layer, {})[attr] = 10.0 ** e.value
-    for layer, stds in logged.items():  # a step without the full set: the stds its log10 twins hold
+                    else:
+                        logged.setdefault(layer, {})[attr] = 1.0 - 10.0 ** e.value
+    for layer, stds in logged.items():  # a step without the full set: what its twins hold
         for attr, v in stds.items():
             values.setdefault(layer, {}).setdefault(attr, v)
 

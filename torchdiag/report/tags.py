@@ -4,8 +4,10 @@ A leaf (it imports nothing else of torchdiag): the sink (``sinks/tensorboard.py`
 ``summarize`` maps them back here, so that neither reads the other. Per recorded step:
 
 * ``<metric>/<layer>``: a ``LayerReport`` attribute (``SCALARS``: attribute -> metric), and
-  ``log10_act_std/<layer>``, ``log10_grad_std/<layer>`` (``LOG10``; TensorBoard's layouts have no log axis);
-* ``torchdiag/flagged_layers`` and the step figures ``STEP_TAGS`` (tag -> ``Report`` attribute);
+  ``log10_act_std/<layer>``, ``log10_grad_std/<layer>`` (``LOG10``; TensorBoard's layouts have no log axis),
+  ``log10_attention_entropy_deficit/<layer>`` (``DEFICIT``: log10(1 - entropy), readable on TensorBoard's axis);
+* ``0_overview/0_flagged_layers`` (``torchdiag/flagged_layers`` in logs written before), the per-problem counts
+  ``0_overview/0_flagged/<problem>`` and the step figures ``STEP_TAGS`` (tag -> ``Report`` attribute);
 * ``torchdiag/state``: the step's flags and suggestions as JSON (``state_record``) in a tensor of the
   ``PLUGIN``, and ``torchdiag/layer_index``: the layer list as JSON (``layer_index_record``);
 * histograms ``act/<layer>``, ``grad/<layer>``; texts ``torchdiag/warnings``, ``torchdiag/report`` and the
@@ -42,12 +44,18 @@ SCALARS = {
 METRIC_ATTRS = {metric: attr for attr, metric in SCALARS.items()}  # the way back
 LOG10 = {"act_std": "log10_act_std", "grad_std": "log10_grad_std"}  # metric -> its log10 twin
 LOG10_ATTRS = {twin: METRIC_ATTRS[metric] for metric, twin in LOG10.items()}  # log10 twin -> LayerReport attribute
-# written at every recorded step (config layer_scalars: core), with the stds' log10 twins; the rest at the first
-# recorded step of each histogram window
-CORE_METRICS = frozenset({"act_mean", "gain", "update_ratio", "attention_logit_max", "attention_entropy",
-                          "output_logz", "adam_grad_rms", "act_headroom", "grad_headroom", "act_underflow",
-                          "grad_underflow"})
-FLAGGED_TAG = "torchdiag/flagged_layers"
+# metric -> its deficit twin, log10(1 - value): the attention entropy of an untrained transformer is 0.9999 of the
+# uniform one, and TensorBoard's axis, which shows 3 or 4 digits, labels every tick of that chart "1"
+DEFICIT = {"attention_entropy": "log10_attention_entropy_deficit"}
+DEFICIT_ATTRS = {twin: METRIC_ATTRS[metric] for metric, twin in DEFICIT.items()}
+# written at every recorded step (config layer_scalars: core), with the log10 and deficit twins; the rest only with
+# layer_scalars: all
+CORE_METRICS = frozenset({"act_mean", "gain", "update_ratio", "attention_logit_max", "output_logz",
+                          "adam_grad_rms", "act_headroom", "grad_headroom", "act_underflow", "grad_underflow"})
+OVERVIEW = "0_overview"  # digits sort before letters: the first group of the Scalars and Time Series pages
+FLAGGED_TAG = f"{OVERVIEW}/0_flagged_layers"  # how many layers are flagged
+PROBLEM_HEAD = f"{OVERVIEW}/0_flagged"  # ``0_overview/0_flagged/<problem>``: how many layers have that problem
+OLD_SCALAR_TAGS = {FLAGGED_TAG: "torchdiag/flagged_layers"}  # their names in logs written before (read back too)
 # the Text tab lists a run's tags in name order: the warnings first, then the report, then the layer list
 WARNINGS_TAG = "torchdiag/1_warnings"
 REPORT_TAG = "torchdiag/2_report"
@@ -69,7 +77,6 @@ STEP_TAGS = {
     "torchdiag/record_interval": "record_interval",
 }
 HISTOGRAMS = ("act", "grad")  # ``Histogram.quantity``: the tag's head
-OVERVIEW = "0_overview"  # digits sort before letters: these are the first cards of the default dashboard
 HEATMAP_TAGS = {"act_std": f"{OVERVIEW}/1_act_std_layer_x_step", "grad_std": f"{OVERVIEW}/2_grad_std_layer_x_step"}
 PROFILE_TAG = f"{OVERVIEW}/3_depth_profile"
 PROFILE_DIR = "depth_profile"  # torchdiag < 0.2 wrote depth-profile sub-runs there; summarize skips them
@@ -92,6 +99,18 @@ def log10_tag(attr: str, layer: str) -> str:
     return f"{LOG10[SCALARS[attr]]}/{layer_tag(layer)}"
 
 
+def deficit_tag(attr: str, layer: str) -> str:
+    """``log10_<metric>_deficit/<layer>`` of a ``LayerReport`` attribute whose metric has a deficit twin
+    (``DEFICIT``: the value is log10(1 - the attribute))."""
+    return f"{DEFICIT[SCALARS[attr]]}/{layer_tag(layer)}"
+
+
+def problem_tag(problem: str) -> str:
+    """``0_overview/0_flagged/<problem>``: how many layers have ``problem`` at a step (written from the first step
+    it is seen on)."""
+    return f"{PROBLEM_HEAD}/{problem}"
+
+
 def histogram_tag(quantity: str, layer: str) -> str:
     """``act/<layer>`` or ``grad/<layer>``."""
     return f"{quantity}/{layer_tag(layer)}"
@@ -112,6 +131,15 @@ def parse_log10_tag(tag: str) -> tuple[str, str] | None:
     head, _, rest = tag.partition("/")
     if head in LOG10_ATTRS and rest:
         return LOG10_ATTRS[head], rest
+    return None
+
+
+def parse_deficit_tag(tag: str) -> tuple[str, str] | None:
+    """``(LayerReport attribute, layer tag)`` of a deficit twin (``log10_attention_entropy_deficit/<layer>``: the
+    attribute is ``1 - 10 ** value``); None for any other tag."""
+    head, _, rest = tag.partition("/")
+    if head in DEFICIT_ATTRS and rest:
+        return DEFICIT_ATTRS[head], rest
     return None
 
 

@@ -1,10 +1,19 @@
 """The overview images of a run: the layers x recorded steps heatmaps of act_std and grad_std and the depth
-profile (std against layer index), drawn from the ``History`` of the reports written so far."""
+profile (std against layer index), drawn from the ``History`` of the reports written so far.
+
+A heatmap cell's colour is the layer's std over what it is expected to be (``expected``): the median of its
+peers at that step (the layers of the same role: qualified name without block indices, type, fan-in and
+fan-out; the same layer of every repeated block), or, for a layer without peers, its own value at the first
+recorded step times how much the median layer has changed since. A healthy net is pale; a chain that drifts
+with depth runs from red to blue along its peers. Findings are marked on the layer that causes them
+(``Finding.cause``), not on every layer of their chain."""
 
 from __future__ import annotations
 
 import math
+import statistics
 
+from ..report.render import common_prefix, shorten_names
 from ..report.report import Report
 from ..report.tags import HEATMAP_TAGS, layer_tag
 from .png import (
@@ -19,13 +28,13 @@ from .png import (
     WHITE,
     Canvas,
     diverging,
-    elide,
     mix,
     text_width,
 )
 
 MAX_COLUMNS = 128  # heatmap columns kept: beyond, neighbouring columns merge (flags of either, later value)
-SPAN = 3.0  # the heatmap colour saturates at 10**SPAN times (or 1/10**SPAN of) the median layer's std
+SPAN = 2.0  # the heatmap colour saturates at 10**SPAN times (or 1/10**SPAN of) what the layer is expected to be
+LABEL_CHARS = 18  # the row labels: the layers' names shortened together towards this many characters
 
 
 class History:
@@ -34,6 +43,8 @@ class History:
 
     def __init__(self) -> None:
         self.layers: dict[str, tuple[int, str]] = {}  # layer tag -> (index, type), the latest seen
+        self.roles: dict[str, tuple] = {}  # layer tag -> its role (``peer_role``): the layers it is compared with
+        self.start: dict[str, dict[str, float]] = {m: {} for m in HEATMAP_TAGS}  # the first finite std of a layer
         # first, last, values, flagged ({layer: problems})
         self.columns: list[tuple[int, int, dict[str, dict[str, float]], dict[str, frozenset]]] = []
         self.first: Report | None = None
@@ -48,19 +59,20 @@ class History:
 
     def add(self, report: Report) -> None:
         values: dict[str, dict[str, float]] = {m: {} for m in HEATMAP_TAGS}
-        flagged: dict[str, frozenset] = {}
-        self.found |= {(layer_tag(f.layer), f.problem) for f in report.run_findings}
+        self.found |= {(layer_tag(f.cause or f.layer), f.problem) for f in report.run_findings}
         for layer in report.layers:
             name = layer_tag(layer.name)
             self.layers[name] = (layer.index, layer.module_type)
+            self.roles[name] = peer_role(layer.name, layer.module_type, layer.fan_in, layer.fan_out)
             for m in HEATMAP_TAGS:
                 v = getattr(layer, m)
                 if v is None and "nonfinite" in layer.status:
                     v = math.nan  # its statistics are not measured: the cell says NaN/Inf, not "did not run"
                 if v is not None:
                     values[m][name] = float(v)
-            if layer.status:
-                flagged[name] = frozenset(layer.status)
+                    if math.isfinite(v) and v > 0:
+                        self.start[m].setdefault(name, float(v))
+        flagged = {name: frozenset(problems) for name, problems in causes(report).items()}
         if self.first is None:
             self.first = report
         self.last = report
@@ -78,8 +90,59 @@ class History:
         """(layer tag, index, type) in execution order."""
         return sorted(((n, i, t) for n, (i, t) in self.layers.items()), key=lambda r: (r[1], r[0]))
 
+    def expected(self, metric: str, values: dict[str, float]) -> dict[str, float]:
+        """What each layer's std is expected to be in one column (``values``: layer tag -> std): the median (of the
+        logs) of its peers' stds there, the layer's own among them, when it has peers with a value; else its own
+        std at the first recorded step, moved as the whole net moved since (times the median layer's change since
+        its first recorded step: gradients that shrink as the loss falls shrink everywhere); else its value (a
+        neutral cell)."""
+        logs: dict[tuple, list[float]] = {}
+        moved = []
+        start = self.start[metric]
+        for name, v in values.items():
+            if math.isfinite(v) and v > 0:
+                logs.setdefault(self.roles.get(name, (name,)), []).append(math.log10(v))
+                if name in start:
+                    moved.append(math.log10(v / start[name]))
+        growth = 10.0 ** statistics.median(moved) if moved else 1.0
+        out = {}
+        for name, v in values.items():
+            peers = logs.get(self.roles.get(name, (name,)), [])
+            if len(peers) >= 2:
+                out[name] = 10.0 ** statistics.median(peers)
+            else:
+                out[name] = start[name] * growth if name in start else v
+        return out
+
+
+def peer_role(name: str, module_type: str, fan_in: int | None, fan_out: int | None) -> tuple:
+    """The layers a layer is compared with in the heatmap: its qualified name without block indices
+    (``h.3.attn.c_attn`` and ``h.7.attn.c_attn`` alike; every layer of an ``nn.Sequential``), its type, fan-in and
+    fan-out: the same layer of each repeated block."""
+    return (".".join(c for c in name.split(".") if not c.isdigit()), module_type, fan_in, fan_out)
+
+
+def causes(report: Report) -> dict[str, set[str]]:
+    """Layer tag -> the problems it causes at this step: each finding on the layer it names as its cause
+    (``Finding.cause``: the weighted layer whose weights to change; the chain of layers it makes drift is not
+    marked), a finding without a cause on its own layer, a status without a finding (a report read back from
+    the logs) on its own layer."""
+    names = {layer.name for layer in report.layers}
+    out: dict[str, set[str]] = {}
+    for layer in report.layers:
+        rest = set(layer.status)
+        for f in layer.findings:
+            where = f.cause if f.cause is not None and f.cause in names else layer.name
+            out.setdefault(layer_tag(where), set()).add(f.problem)
+            rest.discard(f.problem)
+        for p in rest:
+            out.setdefault(layer_tag(layer.name), set()).add(p)
+    return out
+
 
 LINE = CHAR_H  # a line of text
+BIG = 2  # the title and the legend: the font at twice its size
+BIG_LINE = CHAR_H * BIG
 # The size the overview images aim at: about what TensorBoard's image card shows (it fits an image to the card,
 # upscaling it with crisp pixels; scaling it down would drop the font's one-pixel strokes).
 IMAGE_W, IMAGE_H = 380, 210  # shown 1:1 in a card 210 pixels high (its height at any window width)
@@ -89,53 +152,61 @@ def heatmap_geometry(n_rows: int, n_cols: int, label_chars: int) -> tuple[int, i
     """(x0, y0, cell width, cell height) of the heatmap grid: row r, column c is the cell whose top left is
     (x0 + c * cell width, y0 + r * cell height)."""
     x0 = 4 + text_width("#" * label_chars) + 4
-    y0 = LINE + 7
+    y0 = _HEATMAP_TOP
     cw = max(2, min(24, (IMAGE_W - x0 - 8) // max(n_cols, 1)))
     ch = max(2, min(2 * LINE, (IMAGE_H - y0 - _HEATMAP_BOTTOM) // max(n_rows, 1)))
     return x0, y0, cw, ch
 
 
-_HEATMAP_BOTTOM = 3 + LINE + 3 + LINE + 2  # step ticks and their labels, the legend
+_HEATMAP_TOP = 3 + BIG_LINE + 4  # the title (big) and, beside it, what the colour is
+_HEATMAP_BOTTOM = 3 + LINE + 5 + BIG_LINE + 2  # step ticks and their labels, the legend (big)
 
 
-def _row_labels(rows: list[tuple[str, int, str]], ch: int) -> list[str]:
-    """A label per row: index and name (index and type for an ``nn.Sequential``) when the rows are tall enough,
-    else the index alone."""
-    if ch >= LINE + 1:
-        return [elide(f"{i} {t}" if n == str(i) else f"{i} {n}", 22) for n, i, t in rows]
-    return [str(i) for _, i, _ in rows]
+def row_labels(rows: list[tuple[str, int, str]]) -> list[str]:
+    """A label per heatmap row (``History.rows``): the layers' names without the prefix they all share, shortened
+    together as the report's table shortens them (``render.shorten_names``: rows that differ keep what tells them
+    apart, block indices are never left out); the type beside a bare index (an ``nn.Sequential``'s layers)."""
+    names = [n for n, _, _ in rows]
+    prefix = common_prefix(names)
+    short = shorten_names([n[len(prefix):] if prefix and n.startswith(prefix) else n for n in names], LABEL_CHARS)
+    return [f"{s} {t}" if n.isdigit() else s for s, (n, _, t) in zip(short, rows)]
 
 
 def render_heatmap(history: History, metric: str) -> Canvas:
-    """Layers (rows, execution order) x recorded steps (columns). Colour: log10 of the layer's std over the
-    median layer's std at the same step (blue below, red above, saturating at ``SPAN`` decades), so that a
-    column shows how the signal drifts with depth at that step. A black dot marks a flagged cell whose flag is a
-    finding of the run (``torchdiag.diagnose.verdict``: not a one-step wobble), violet a NaN/Inf value, grey a layer
-    that did not run."""
+    """Layers (rows, execution order) x recorded steps (columns). Colour: log10 of the layer's std over what it is
+    expected to be at the same step (``History.expected``: the median of its peers, or its own first value; blue
+    below, red above, saturating at ``SPAN`` decades), so that a healthy net is pale and a chain that drifts with
+    depth runs from red to blue. A black dot marks the layer that causes a finding of the run (``causes``; not a
+    one-step wobble: ``torchdiag.diagnose.verdict``), violet a NaN/Inf value, grey a layer that did not run."""
     rows, cols = history.rows(), history.columns
-    _, _, _, ch0 = heatmap_geometry(len(rows), len(cols), 4)
-    labels = _row_labels(rows, ch0)
+    labels = row_labels(rows)
     chars = max([len(s) for s in labels] + [3])
     x0, y0, cw, ch = heatmap_geometry(len(rows), len(cols), chars)
     grid_w, grid_h = cw * len(cols), ch * len(rows)
-    what = "ACT STD" if metric == "act_std" else "GRAD STD"
-    title = f"{what} / MEDIAN LAYER, BY LAYER (ROW) AND STEP (COLUMN)"
-    lo, hi = f"1/{10 ** int(SPAN)}", f"×{10 ** int(SPAN)}"
-    bar_w = 90
-    legend = [(BLACK, "FLAGGED"), (NONFINITE, "NAN/INF"), (MISSING, "NOT RUN")]
-    legend_w = 4 + text_width(lo) + 3 + bar_w + 3 + text_width(hi) + 12 + sum(18 + text_width(t) for _, t in legend)
-    width = max(x0 + grid_w + 8, text_width(title) + 8, legend_w)
+    title = "ACT STD" if metric == "act_std" else "GRAD STD"
+    caption = ("BY LAYER (ROW) AND STEP (COLUMN)", "COLOUR: STD / EXPECTED (PEERS' MEDIAN)")
+    lo, hi = f"÷{10 ** int(SPAN)}", f"×{10 ** int(SPAN)}"
+    bar_w = 72
+    nan = any(not math.isfinite(v) for _, _, values, _ in cols for v in values[metric].values())
+    missing_cells = any(name not in values[metric] for _, _, values, _ in cols for name, _, _ in rows)
+    # the violet and grey swatches only where the image has such cells
+    legend = [(BLACK, "FINDING")] + [(NONFINITE, "NAN")] * nan + [(MISSING, "NOT RUN")] * missing_cells
+    legend_w = (4 + text_width(lo, BIG) + 3 + bar_w + 3 + text_width(hi, BIG) + 10
+                + sum(BIG_LINE + text_width(t, BIG) + 10 for _, t in legend))
+    title_w = 4 + text_width(title, BIG) + 8 + max(text_width(t) for t in caption) + 4
+    width = max(x0 + grid_w + 8, title_w, legend_w)
     height = y0 + grid_h + _HEATMAP_BOTTOM
     c = Canvas(width, height)
-    c.text(4, 4, title)
+    cx = c.text(4, 3, title, scale=BIG) + 8
+    c.text(cx, 3, caption[0], GREY)
+    c.text(cx, 3 + LINE + 1, caption[1], GREY)
     dot = max(2, min(cw, ch) * 3 // 5) if min(cw, ch) >= 3 else 1
     cells: list[list[bytes]] = [[] for _ in rows]  # per row, per column: the cell's pixels of one line
     marks = []
     missing, nonfinite = bytes(MISSING) * cw, bytes(NONFINITE) * cw
     for k, (_, _, values, flagged) in enumerate(cols):
         vals = values[metric]
-        pos = sorted(v for v in vals.values() if math.isfinite(v) and v > 0)
-        ref = pos[len(pos) // 2] if pos else 1.0
+        expected = history.expected(metric, vals)
         for r, (name, _, _) in enumerate(rows):
             v = vals.get(name)
             if v is None:
@@ -143,8 +214,7 @@ def render_heatmap(history: History, metric: str) -> Canvas:
             elif not math.isfinite(v):
                 cells[r].append(nonfinite)
             else:
-                q = round(min(max(math.log10(max(v, 1e-30) / ref) / SPAN, -1.0), 1.0) * 128)
-                cells[r].append(SCALE[q + 128] * cw)
+                cells[r].append(SCALE[round(shade(v, expected[name]) * 128) + 128] * cw)
             if history.marked(name, flagged.get(name)):
                 marks.append((x0 + k * cw, y0 + r * ch))
     for r, line in enumerate(cells):  # each row of cells is one line of pixels, repeated ch times
@@ -156,15 +226,17 @@ def render_heatmap(history: History, metric: str) -> Canvas:
         if dot >= 3:
             c.rect(x + (cw - dot) // 2 - 1, y + (ch - dot) // 2 - 1, dot + 2, dot + 2, WHITE)
         c.rect(x + (cw - dot) // 2, y + (ch - dot) // 2, dot, dot, BLACK)
-    # row labels, as many as fit; red for a layer flagged at the latest step
+    # row labels, as many as fit without overlapping: those of layers causing a finding at the latest step first
+    # (in red), then every k-th row
     every = max(1, math.ceil((LINE + 1) / ch))
     last = cols[-1][3] if cols else {}
-    for r, (name, _, _) in enumerate(rows):
-        if r % every == 0 or (r == len(rows) - 1 and r % every >= every // 2 + 1):
-            label = labels[r]
-            ty = y0 + r * ch + ch // 2 - 3
-            red = history.marked(name, last.get(name))
-            c.text(x0 - 4 - text_width(label), max(ty, y0 - 2), label, FORWARD if red else BLACK)
+    red = {r for r, (name, _, _) in enumerate(rows) if history.marked(name, last.get(name))}
+    taken: list[int] = []
+    for r in sorted(range(len(rows)), key=lambda r: (r not in red, r % every != 0, r)):
+        ty = max(y0 + r * ch + ch // 2 - 3, y0 - 2)
+        if all(abs(ty - t) >= LINE for t in taken) and (r in red or r % every == 0 or r == len(rows) - 1):
+            taken.append(ty)
+            c.text(x0 - 4 - text_width(labels[r]), ty, labels[r], FORWARD if r in red else BLACK)
     # step ticks under the grid: the first, the last and a few between
     ty = y0 + grid_h + 3
     ticks = sorted({0, len(cols) - 1} | {round(i * (len(cols) - 1) / max(1, grid_w // 50)) for i in
@@ -178,22 +250,30 @@ def render_heatmap(history: History, metric: str) -> Canvas:
             c.rect(x0 + k * cw + cw // 2, ty - 3, 1, 3, BLACK)
             c.text(tx, ty + 1, label)
             placed.append((tx, tx + lw))
-    # colour bar and the legend
-    by = ty + LINE + 3
-    bx = c.text(4, by, lo) + 3
+    if cols:
+        c.text(x0 - 4 - text_width("STEP"), ty + 1, "STEP", GREY)
+    # the colour bar and the marks, in the big font
+    by = ty + LINE + 5
+    bx = c.text(4, by, lo, scale=BIG) + 3
     for i in range(bar_w):
-        c.rect(bx + i, by, 1, 7, diverging(2 * i / (bar_w - 1) - 1))
-    c.rect(bx + bar_w // 2, by - 1, 1, 9, BLACK)
-    lx = c.text(bx + bar_w + 3, by, hi) + 12
+        c.rect(bx + i, by, 1, BIG_LINE - 2, diverging(2 * i / (bar_w - 1) - 1))
+    c.rect(bx + bar_w // 2, by - 2, 1, BIG_LINE + 2, BLACK)
+    lx = c.text(bx + bar_w + 3, by, hi, scale=BIG) + 10
     for color, label in legend:
-        c.rect(lx, by, 7, 7, color)
-        lx = c.text(lx + 9, by, label) + 9
+        c.rect(lx, by, BIG_LINE - 4, BIG_LINE - 2, color)
+        lx = c.text(lx + BIG_LINE - 2, by, label, scale=BIG) + 10
     return c
+
+
+def shade(value: float, expected: float) -> float:
+    """The heatmap colour of a std against what it is expected to be, in [-1, 1]: log10 of their ratio over
+    ``SPAN`` decades (0 white, -1 dark blue, +1 dark red)."""
+    return min(max(math.log10(max(value, 1e-30) / max(expected, 1e-30)) / SPAN, -1.0), 1.0)
 
 
 def render_profile(history: History) -> Canvas:
     """The depth profile of the latest recorded step: act std (forward) and grad std (backward) against the
-    layer index, log y; the first recorded step in faint dashes; layers whose flag is a finding marked under it."""
+    layer index, log y; the first recorded step in faint dashes; layers that cause a finding marked under it."""
     last, first = history.last, history.first
     assert last is not None and first is not None
     series = []
@@ -258,7 +338,9 @@ def render_profile(history: History) -> Canvas:
             if not faint:
                 c.rect(cur[0] - 1, cur[1] - 1, 3, 3, color)
             prev = cur
-    flagged = [layer.index for layer in last.layers if history.marked(layer_tag(layer.name), frozenset(layer.status))]
+    caused = causes(last)
+    flagged = [layer.index for layer in last.layers
+               if history.marked(layer_tag(layer.name), frozenset(caused.get(layer_tag(layer.name), ())))]
     ty = top + ph + LINE + 3
     for i in flagged:
         X = px(i)

@@ -41,6 +41,7 @@ _FONT = {
     "?": (14, 17, 1, 2, 4, 0, 4), "!": (4, 4, 4, 4, 4, 0, 4), "*": (0, 4, 21, 14, 21, 4, 0),
     "[": (14, 8, 8, 8, 8, 8, 14), "]": (14, 2, 2, 2, 2, 2, 14), "'": (4, 4, 8, 0, 0, 0, 0),
     "…": (0, 0, 0, 0, 0, 0, 21), "^": (4, 10, 17, 0, 0, 0, 0),
+    "÷": (0, 4, 0, 31, 0, 4, 0),
 }
 # each glyph's pixels as (column, row)
 _GLYPHS = {ch: [(c, r) for r, bits in enumerate(rows) for c in range(5) if bits & (16 >> c)]
@@ -130,6 +131,3 @@ class Canvas:
 def text_width(s: str, scale: int = 1) -> int:
     return CHAR_W * scale * len(s)
 
-
-def elide(s: str, n: int) -> str:
-    return s if len(s) <= n else s[: n // 3] + "…" + s[len(s) - (n - 1 - n // 3):]

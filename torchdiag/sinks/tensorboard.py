@@ -2,9 +2,12 @@
 
 Per recorded step, into the run's writer (one event holding all of it):
 
-* scalars ``<metric>/<layer>``, ``log10_act_std/<layer>`` and ``log10_grad_std/<layer>`` (the stds on a
-  log scale: TensorBoard's layouts cannot ask for a log axis), ``torchdiag/flagged_layers`` (how many
-  layers are flagged) and the optimizer/AMP step figures when there are any;
+* scalars: first (``0_overview/``, the first group of the Scalars and Time Series pages)
+  ``0_overview/0_flagged_layers`` (how many layers are flagged) and, from the first step a problem is seen on,
+  ``0_overview/0_flagged/<problem>`` (how many layers have it); then, grouped by metric, ``<metric>/<layer>``
+  (``CORE_METRICS``; every metric with ``layer_scalars: all``), ``log10_act_std/<layer>``,
+  ``log10_grad_std/<layer>`` (the stds on a log scale: TensorBoard's layouts cannot ask for a log axis) and
+  ``log10_attention_entropy_deficit/<layer>``; the optimizer/AMP step figures when there are any;
 * ``torchdiag/state``: the step's flags and suggested scales as JSON in a tensor of torchdiag's own plugin
   (no dashboard shows it; ``torchdiag summarize`` reads it). Per-layer flags are not scalars: a 0/1 line
   is what TensorBoard's smoothing turns into waves, and the overview heatmap shows them per cell;
@@ -15,10 +18,10 @@ Per recorded step, into the run's writer (one event holding all of it):
   when warnings are new, every ``profile_every`` steps and at close;
 * the overview images ``0_overview/...`` (first in TensorBoard's tag order, so the first cards of the
   default dashboard): layers x recorded steps heatmaps of act_std and grad_std (log colour scale against
-  the median layer at the first recorded step, flagged cells dotted) and the depth profile (std against
-  layer index, forward and backward, log y). Drawn here in pure Python (no imaging library) at the first
-  recorded step of each ``overview_every`` steps after the first window (N, 2N...), and at close: each image
-  holds every step so far, so earlier ones would only repeat part of the last;
+  what each layer is expected to be, ``overview.History.expected``; the layer causing a finding dotted) and
+  the depth profile (std against layer index, forward and backward, log y). Drawn here in pure Python (no
+  imaging library) at the first recorded step of each ``overview_every`` steps after the first window (N,
+  2N...), and at close: each image holds every step so far, so earlier ones would only repeat part of the last;
 * when new: the layer list (``torchdiag/3_layers`` as a markdown table, ``torchdiag/layer_index`` as JSON)
   and a custom-scalars layout holding only charts whose tags exist (rewritten when new tags appear).
 
@@ -38,6 +41,7 @@ from ..config import Config
 from ..report.report import Report
 from ..report.tags import (
     CORE_METRICS,
+    DEFICIT,
     FLAGGED_TAG,
     HEATMAP_TAGS,
     LAYER_INDEX_TAG,
@@ -51,11 +55,13 @@ from ..report.tags import (
     STATE_TAG,
     STEP_TAGS,
     WARNINGS_TAG,
+    deficit_tag,
     histogram_tag,
     layer_index_record,
     layer_tag,
     layers_markdown,
     log10_tag,
+    problem_tag,
     scalar_tag,
     state_record,
 )
@@ -130,11 +136,9 @@ class TensorBoardSink:
         self.owned = owned
         self.profile_every = config.profile_every
         self.overview_every = config.overview_every
-        # every per-layer scalar at every recorded step, or the core ones (CORE_METRICS and the stds' log10 twins)
-        # with the full set at the first recorded step of each window of histogram_every (100 if off) steps
+        # every per-layer scalar at every recorded step, or the core ones (CORE_METRICS, the log10 and deficit twins)
         self.all_scalars = config.layer_scalars == "all"
-        self._full_every = config.histogram_every or 100
-        self._full_window = -1
+        self._problems: set[str] = set()  # the problems seen so far: their counts are written from then on
         self.history = History()
         self._last: Report | None = None
         self._profile_window = -1
@@ -212,9 +216,7 @@ class TensorBoardSink:
     def _write_scalars(self, report: Report) -> tuple[set[str], set[str]]:
         """The step's scalars and state record, in one event; returns the metrics and step tags written."""
         values: list[tuple[str, float]] = []
-        full = self.all_scalars or report.step // self._full_every > self._full_window
-        if full:
-            self._full_window = report.step // self._full_every
+        full = self.all_scalars
         status: dict[str, list[str]] = {}
         suggest: dict[str, list] = {}
         reasons: dict[str, dict[str, str]] = {}  # layer -> problem -> what it is blamed on
@@ -224,11 +226,15 @@ class TensorBoardSink:
             for attr, metric in SCALARS.items():
                 v = getattr(layer, attr, None)
                 if v is not None:
-                    metrics.add(metric)
                     if full or metric in CORE_METRICS:
                         values.append((scalar_tag(attr, layer.name), float(v)))
+                        metrics.add(metric)
+                    if metric in LOG10 or metric in DEFICIT:
+                        metrics.add(metric)  # the layout's chart of the metric plots its twin
                     if metric in LOG10 and v != 0:  # a zero std (a dead layer) has no log: the line breaks
                         values.append((log10_tag(attr, layer.name), math.log10(v) if v > 0 else math.nan))
+                    if metric in DEFICIT and v < 1:  # 1 - entropy on a log axis (TensorBoard's shows 0.9999 as 1)
+                        values.append((deficit_tag(attr, layer.name), math.log10(1 - v)))
             if layer.status:
                 status[name] = sorted(layer.status)
                 blamed = {f.problem: f.reason for f in layer.findings if f.reason}
@@ -238,7 +244,13 @@ class TensorBoardSink:
             if layer.init_fixes and scale is not None:  # the suggestions the live report shows (init_fixes: a scale)
                 suggest[name] = [_short(scale), layer.nonlinearity]
         values.append((FLAGGED_TAG, float(len(report.flagged))))
+        counts: dict[str, int] = {}
+        for layer in report.layers:
+            for problem in layer.status:
+                counts[problem] = counts.get(problem, 0) + 1
+        self._problems |= set(counts)
         steps = [(t, float(v)) for t, v in self._step_values(report) if v is not None]
+        steps += [(problem_tag(p), float(counts.get(p, 0))) for p in sorted(self._problems)]
         values.extend(steps)
         state = state_record(report.step, status, suggest, report.first_nonfinite, reasons)
         add_scalars(self.writer, values, report.step, extra=[_json_value(STATE_TAG, state)] if self._fw else None)

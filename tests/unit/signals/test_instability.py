@@ -390,8 +390,10 @@ def test_the_signals_reach_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
     row = diag.report()
+    entropy = row["attn"].attention_entropy
+    assert entropy is not None
     for tag, value in (("attention_logit_max/attn", row["attn"].attention_logit_max),
-                       ("attention_entropy/attn", row["attn"].attention_entropy),
+                       ("log10_attention_entropy_deficit/attn", math.log10(1 - entropy)),  # readable ticks (#29)
                        ("output_logz/out", row["out"].output_logz), ("adam_grad_rms/inp", row["inp"].adam_grad_rms)):
         assert value is not None, tag
         assert acc.Scalars(tag)[-1].value == pytest.approx(value, rel=1e-6), tag

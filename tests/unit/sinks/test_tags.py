@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from torch.utils.tensorboard import SummaryWriter
 
 from torchdiag.cli._logreader import summarize_run
+from torchdiag.config import Config
 from torchdiag.report import tags
 from torchdiag.report.report import Finding, LayerReport, Report
 from torchdiag.sinks.tensorboard import TensorBoardSink
@@ -25,6 +26,7 @@ def _report() -> Report:
         row = LayerReport(name=name, module_type="Linear", index=i, calls=1)
         for k, attr in enumerate(tags.SCALARS):
             setattr(row, attr, 0.5 + i + k / 8)
+        row.attention_entropy = 0.999 - i / 10  # a fraction of the uniform entropy
         layers.append(row)
     bad = layers[1]
     bad.status = {"vanishing"}
@@ -37,7 +39,8 @@ def _report() -> Report:
 def _write(tmp_path, report: Report) -> ea.EventAccumulator:
     hist = Histogram(layer="", quantity="act", min=-1.0, max=1.0, num=4, sum=0.0, sum_squares=2.0,
                      edges=[-1.0, 0.0, 1.0], counts=[2.0, 2.0])
-    sink = TensorBoardSink(SummaryWriter(log_dir=str(tmp_path)), owned=True)
+    sink = TensorBoardSink(SummaryWriter(log_dir=str(tmp_path)), owned=True,
+                           config=Config.from_dict({"layer_scalars": "all"}))
     sink.write(report, ["'enc.0|x' vanishes"], [hist])
     sink.close()
     acc = ea.EventAccumulator(str(tmp_path), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0, ea.HISTOGRAMS: 0})
@@ -63,6 +66,12 @@ def test_every_scalar_tag_maps_back_to_the_report_it_was_written_from(tmp_path):
             mapped.add(tag)
         elif tag == tags.FLAGGED_TAG:
             assert event.value == len(report.flagged)
+        elif tag.startswith(tags.PROBLEM_HEAD + "/"):  # how many layers have each problem seen
+            assert tag == tags.problem_tag("vanishing") and event.value == 1
+        elif tags.parse_deficit_tag(tag):  # the attention entropy's deficit: log10(1 - entropy)
+            attr, layer = tags.parse_deficit_tag(tag)
+            assert tag == tags.deficit_tag(attr, by_layer[layer].name)
+            assert event.value == pytest.approx(math.log10(1 - getattr(by_layer[layer], attr)))
         else:  # the only other scalars: the log10 twins of the stds
             head, _, layer = tag.partition("/")
             attr = next(a for a, m in tags.SCALARS.items() if tags.LOG10.get(m) == head)
