@@ -236,3 +236,49 @@ def test_check_fp8_is_the_share_under_the_floor_once_scaled_per_tensor():
     assert layer.precision == "float8_e4m3fn" and layer.act_headroom is None
     assert layer.act_underflow == pytest.approx(want, abs=1e-9) and want > UNDERFLOW
     assert "underflow" in layer.status
+
+
+def test_tensorboard_shows_the_float16_headroom_by_layer_and_step_only_where_layers_compute_in_float16(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from torchdiag.report.tags import HEADROOM_TAG
+    from torchdiag.sinks.overview import History, heatmap_geometry, render_headroom, row_labels
+
+    x, y = batch(width=64, scale=5000.0)  # the first Linear's float16 outputs reach ~1e4: 2.7 bits under 65504
+    reports = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        torch.manual_seed(0)  # a LayerNorm (float32 under autocast) brings the signal back to unit scale
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.LayerNorm(64), nn.Linear(64, 64), nn.ReLU(),
+                              nn.Linear(64, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torchdiag.watch(model, optimizer=opt, every=1, logdir=tmp_path / str(dtype)) as diag:
+                for _ in range(3):
+                    opt.zero_grad()
+                    with torch.autocast("cpu", dtype=dtype):
+                        loss = nn.functional.cross_entropy(model(x).float(), y)
+                    loss.backward()
+                    opt.step()
+                    reports.setdefault(dtype, []).append(diag.step())
+        acc = EventAccumulator(str(tmp_path / str(dtype)), size_guidance={"images": 0})
+        acc.Reload()
+        assert (HEADROOM_TAG in acc.Tags()["images"]) == (dtype == torch.float16)
+    history = History()
+    for r in reports[torch.float16]:
+        history.add(r)
+    canvas = render_headroom(history)
+    rows = history.rows()
+    x0, y0, cw, ch = heatmap_geometry(len(rows), len(history.columns), max(len(s) for s in row_labels(rows)))
+
+    def pixel(name: str) -> tuple[int, ...]:
+        r = [n for n, _, _ in rows].index(name)
+        o = 3 * ((y0 + r * ch) * canvas.width + x0)  # a cell's corner: a finding's dot sits in its middle
+        return tuple(canvas.px[o:o + 3])
+
+    first = reports[torch.float16][0]
+    assert first["0"].act_headroom < 3 < 10 < first["3"].act_headroom  # the premise, from the run
+    red, white = pixel("0"), pixel("3")
+    assert min(white) >= 240 and red[0] > 150 and red[1] < 120  # a dark red against (near) white
+    dot = 3 * ((y0 + ch // 2) * canvas.width + x0 + cw // 2)  # overflow_risk is a finding on '0' at once: dotted
+    assert tuple(canvas.px[dot:dot + 3]) == (0, 0, 0)

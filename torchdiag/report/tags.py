@@ -79,6 +79,7 @@ STEP_TAGS = {
 HISTOGRAMS = ("act", "grad")  # ``Histogram.quantity``: the tag's head
 HEATMAP_TAGS = {"act_std": f"{OVERVIEW}/1_act_std_layer_x_step", "grad_std": f"{OVERVIEW}/2_grad_std_layer_x_step"}
 PROFILE_TAG = f"{OVERVIEW}/3_depth_profile"
+HEADROOM_TAG = f"{OVERVIEW}/4_float16_headroom_layer_x_step"  # written only where a layer computes in float16
 PROFILE_DIR = "depth_profile"  # torchdiag < 0.2 wrote depth-profile sub-runs there; summarize skips them
 FLAG_HEAD = "flag"  # torchdiag < 0.2: ``flag/<problem>/<layer>`` 0/1 scalars
 ROOT = "(root)"

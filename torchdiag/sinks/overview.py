@@ -1,5 +1,6 @@
-"""The overview images of a run: the layers x recorded steps heatmaps of act_std and grad_std and the depth
-profile (std against layer index), drawn from the ``History`` of the reports written so far.
+"""The overview images of a run: the layers x recorded steps heatmaps of act_std and grad_std, the depth
+profile (std against layer index) and, where layers compute in float16, the heatmap of their outputs' headroom to
+float16's max, drawn from the ``History`` of the reports written so far.
 
 A heatmap cell's colour is the layer's std over what it is expected to be (``expected``): the median of its
 peers at that step (the layers of the same role: qualified name without block indices, type, fan-in and
@@ -34,6 +35,8 @@ from .png import (
 
 MAX_COLUMNS = 128  # heatmap columns kept: beyond, neighbouring columns merge (flags of either, later value)
 SPAN = 2.0  # the heatmap colour saturates at 10**SPAN times (or 1/10**SPAN of) what the layer is expected to be
+HEADROOM = "act_headroom"  # the headroom heatmap's figure (bits of growth left before float16's max)
+HEADROOM_SPAN = 10.0  # its colour: white from this many bits of headroom (outputs up to 64), dark red at none
 LABEL_CHARS = 18  # the row labels: the layers' names shortened together towards this many characters
 
 
@@ -58,7 +61,7 @@ class History:
         return any((name, p) in self.found for p in problems)
 
     def add(self, report: Report) -> None:
-        values: dict[str, dict[str, float]] = {m: {} for m in HEATMAP_TAGS}
+        values: dict[str, dict[str, float]] = {m: {} for m in (*HEATMAP_TAGS, HEADROOM)}
         self.found |= {(layer_tag(f.cause or f.layer), f.problem) for f in report.run_findings}
         for layer in report.layers:
             name = layer_tag(layer.name)
@@ -72,6 +75,8 @@ class History:
                     values[m][name] = float(v)
                     if math.isfinite(v) and v > 0:
                         self.start[m].setdefault(name, float(v))
+            if layer.act_headroom is not None:
+                values[HEADROOM][name] = layer.act_headroom
         flagged = {name: frozenset(problems) for name, problems in causes(report).items()}
         if self.first is None:
             self.first = report
@@ -85,6 +90,10 @@ class History:
             if len(self.columns) % 2:
                 merged.append(self.columns[-1])
             self.columns = merged
+
+    def has_headroom(self) -> bool:
+        """Whether any layer computed in float16 (the headroom heatmap has something to show)."""
+        return any(values.get(HEADROOM) for _, _, values, _ in self.columns)
 
     def rows(self) -> list[tuple[str, int, str]]:
         """(layer tag, index, type) in execution order."""
@@ -259,6 +268,69 @@ def render_heatmap(history: History, metric: str) -> Canvas:
         c.rect(bx + i, by, 1, BIG_LINE - 2, diverging(2 * i / (bar_w - 1) - 1))
     c.rect(bx + bar_w // 2, by - 2, 1, BIG_LINE + 2, BLACK)
     lx = c.text(bx + bar_w + 3, by, hi, scale=BIG) + 10
+    for color, label in legend:
+        c.rect(lx, by, BIG_LINE - 4, BIG_LINE - 2, color)
+        lx = c.text(lx + BIG_LINE - 2, by, label, scale=BIG) + 10
+    return c
+
+
+def render_headroom(history: History, margin_bits: float = 3.0) -> Canvas:
+    """Layers (rows, execution order) x recorded steps (columns) of a float16 run: the bits of growth each layer's
+    outputs have left before float16's max (``LayerReport.act_headroom``), white from ``HEADROOM_SPAN`` bits, dark
+    red at none, a black dot where ``overflow_risk`` (under ``margin_bits``) is a finding of the run; grey where the
+    layer computed in float32 (autocast keeps norms and softmax there) or did not run."""
+    rows, cols = history.rows(), history.columns
+    labels = row_labels(rows)
+    chars = max([len(s) for s in labels] + [3])
+    x0, y0, cw, ch = heatmap_geometry(len(rows), len(cols), chars)
+    grid_w, grid_h = cw * len(cols), ch * len(rows)
+    title = "FLOAT16 HEADROOM"
+    caption = ("OUTPUT: BITS LEFT BEFORE 65504", f"OVERFLOW RISK UNDER {margin_bits:g} BITS")
+    bar_w = 72
+    legend = [(BLACK, "FINDING"), (MISSING, "FLOAT32")]
+    legend_w = (4 + text_width(f"{HEADROOM_SPAN:g}", BIG) + 3 + bar_w + 3 + text_width("0 BITS", BIG) + 10
+                + sum(BIG_LINE + text_width(t, BIG) + 10 for _, t in legend))
+    title_w = 4 + text_width(title, BIG) + 8 + max(text_width(t) for t in caption) + 4
+    width = max(x0 + grid_w + 8, title_w, legend_w)
+    height = y0 + grid_h + _HEATMAP_BOTTOM
+    c = Canvas(width, height)
+    cx = c.text(4, 3, title, scale=BIG) + 8
+    c.text(cx, 3, caption[0], GREY)
+    c.text(cx, 3 + LINE + 1, caption[1], GREY)
+    dot = max(2, min(cw, ch) * 3 // 5) if min(cw, ch) >= 3 else 1
+    for k, (_, _, values, flagged) in enumerate(cols):
+        bits = values.get(HEADROOM, {})
+        for r, (name, _, _) in enumerate(rows):
+            h = bits.get(name)
+            color = MISSING if h is None else diverging(min(max(1.0 - h / HEADROOM_SPAN, 0.0), 1.0))
+            c.rect(x0 + k * cw, y0 + r * ch, cw, ch, color)
+            if h is not None and h < margin_bits and "overflow_risk" in (flagged.get(name) or ()) \
+                    and history.marked(name, frozenset({"overflow_risk"})):
+                x, y = x0 + k * cw, y0 + r * ch
+                c.rect(x + (cw - dot) // 2, y + (ch - dot) // 2, dot, dot, BLACK)
+    every = max(1, math.ceil((LINE + 1) / ch))
+    taken: list[int] = []
+    for r in range(len(rows)):
+        ty = max(y0 + r * ch + ch // 2 - 3, y0 - 2)
+        if (r % every == 0 or r == len(rows) - 1) and all(abs(ty - t) >= LINE for t in taken):
+            taken.append(ty)
+            c.text(x0 - 4 - text_width(labels[r]), ty, labels[r])
+    ty = y0 + grid_h + 3
+    if cols:
+        for k in sorted({0, len(cols) - 1}):
+            label = str(cols[k][1])
+            lw = text_width(label)
+            tx = min(max(x0 + k * cw + cw // 2 - lw // 2, x0 - lw // 2), width - lw - 2)
+            c.rect(x0 + k * cw + cw // 2, ty - 3, 1, 3, BLACK)
+            c.text(tx, ty + 1, label)
+        c.text(x0 - 4 - text_width("STEP"), ty + 1, "STEP", GREY)
+    by = ty + LINE + 5
+    bx = c.text(4, by, f"{HEADROOM_SPAN:g}", scale=BIG) + 3
+    for i in range(bar_w):
+        c.rect(bx + i, by, 1, BIG_LINE - 2, diverging(i / (bar_w - 1)))
+    mx = bx + round((1.0 - margin_bits / HEADROOM_SPAN) * (bar_w - 1))
+    c.rect(mx, by - 2, 1, BIG_LINE + 2, BLACK)  # the margin
+    lx = c.text(bx + bar_w + 3, by, "0 BITS", scale=BIG) + 10
     for color, label in legend:
         c.rect(lx, by, BIG_LINE - 4, BIG_LINE - 2, color)
         lx = c.text(lx + BIG_LINE - 2, by, label, scale=BIG) + 10

@@ -43,6 +43,7 @@ from ..report.tags import (
     CORE_METRICS,
     DEFICIT,
     FLAGGED_TAG,
+    HEADROOM_TAG,
     HEATMAP_TAGS,
     LAYER_INDEX_TAG,
     LAYERS_TAG,
@@ -68,7 +69,7 @@ from ..report.tags import (
 from ..vocab import Histogram
 from .eventfiles import use_compiled_crc
 from .layout import custom_layout
-from .overview import History, render_heatmap, render_profile
+from .overview import History, render_headroom, render_heatmap, render_profile
 from .png import Canvas
 
 __all__ = ["FLUSH_SECS", "TensorBoardSink", "add_histograms", "add_scalars", "open_writer", "report_markdown",
@@ -136,6 +137,7 @@ class TensorBoardSink:
         self.owned = owned
         self.profile_every = config.profile_every
         self.overview_every = config.overview_every
+        self.overflow_margin = config.overflow_margin
         # every per-layer scalar at every recorded step, or the core ones (CORE_METRICS, the log10 and deficit twins)
         self.all_scalars = config.layer_scalars == "all"
         self._problems: set[str] = set()  # the problems seen so far: their counts are written from then on
@@ -269,6 +271,8 @@ class TensorBoardSink:
         self._overview_step = last.step
         images = [_image_value(tag, render_heatmap(self.history, m)) for m, tag in HEATMAP_TAGS.items()]
         images.append(_image_value(PROFILE_TAG, render_profile(self.history)))
+        if self.history.has_headroom():
+            images.append(_image_value(HEADROOM_TAG, render_headroom(self.history, math.log2(self.overflow_margin))))
         self._fw().add_summary(_summary(images), last.step)
 
     # ------------------------------------------------------------ end
