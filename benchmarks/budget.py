@@ -2,11 +2,14 @@
 floor against no monitoring, on the workloads users bring.
 
     python benchmarks/budget.py [--workload all|tiny|llama|gpt2|resnet|mlp|cnn|transformer] [--steps 60]
-                                [--repeats 3] [--threads 1] [--device cpu|cuda] [--quick] [--json out.json]
+                                [--repeats 3] [--threads 1] [--device cpu|cuda] [--autocast float16|bfloat16]
+                                [--quick] [--json out.json]
 
 Each repeat trains, for every variant in turn (the order rotates between repeats), a fresh copy of the same model
 from the same init for ``--steps`` steps (AdamW; ``torchdiag.watch(model, logdir=...)`` and nothing else for the
-default), the watch open for the whole run and closed after it, so that no variant runs beside another's hooks. The
+default), the watch open for the whole run and closed after it, so that no variant runs beside another's hooks.
+``--autocast float16`` runs each forward under ``torch.autocast`` in that dtype (float16: the watch also takes each
+output's and gradient's range row, the precision figures). The
 ratio is the variant's whole-run time (its first steps, its histogram and overview steps, leaving the watch
 included) over the unmonitored run's in the same repeat; the table gives the median over repeats, and for the
 default how many steps it recorded. ``--steps 60`` is a run's start; ``--steps 600`` a longer run.
@@ -103,7 +106,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int, device) -> tuple[float, int]:
+def run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int, device,
+        autocast: torch.dtype | None = None) -> tuple[float, int]:
     """One whole run of ``steps`` steps under ``monitor``: (seconds, steps it recorded; -1 for a non-torchdiag one)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     recorded = 0
@@ -113,7 +117,8 @@ def run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int, devi
         warnings.simplefilter("ignore")
         with monitor(model) as mon:
             for _ in range(steps):
-                loss = loss_fn(model)
+                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    loss = loss_fn(model)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -126,7 +131,7 @@ def run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int, devi
     return time.perf_counter() - start, recorded if isinstance(mon, torchdiag.Watcher) else -1
 
 
-def bench(name: str, steps: int, repeats: int, device, quick: bool) -> dict:
+def bench(name: str, steps: int, repeats: int, device, quick: bool, autocast: torch.dtype | None = None) -> dict:
     torch.manual_seed(0)
     base, loss_fn = WORKLOADS[name](device, quick)
     out: dict[str, dict] = {}
@@ -134,14 +139,14 @@ def bench(name: str, steps: int, repeats: int, device, quick: bool) -> dict:
         vs = variants(logdir)
         names = list(vs)
         for _ in range(2):  # warm-up: allocator, first-call costs, the CPU kernel's build
-            run(copy.deepcopy(base), loss_fn, vs["default"], 3, device)
-            run(copy.deepcopy(base), loss_fn, vs["none"], 3, device)
+            run(copy.deepcopy(base), loss_fn, vs["default"], 3, device, autocast)
+            run(copy.deepcopy(base), loss_fn, vs["none"], 3, device, autocast)
         times: dict[str, list[float]] = {v: [] for v in names}
         recorded: dict[str, list[int]] = {v: [] for v in names}
         for r in range(repeats):
             order = names[r % len(names):] + names[:r % len(names)]
             for v in order:
-                seconds, rec = run(copy.deepcopy(base), loss_fn, vs[v], steps, device)
+                seconds, rec = run(copy.deepcopy(base), loss_fn, vs[v], steps, device, autocast)
                 times[v].append(seconds)
                 recorded[v].append(rec)
     for v in names:
@@ -159,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--autocast", choices=["float16", "bfloat16"], default=None,
+                   help="each forward under torch.autocast in this dtype")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: proves that it runs")
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -169,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     names = list(WORKLOADS) if a.workload == "all" else [a.workload]
     results = {}
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); {steps} steps per run, median of"
-          f" {repeats} repeat(s); ratio = whole-run time over the unmonitored run's")
+          f" {repeats} repeat(s); ratio = whole-run time over the unmonitored run's"
+          + (f"; autocast {a.autocast}" if a.autocast else ""))
     for name in names:
         try:
-            res = bench(name, steps, repeats, device, a.quick)
+            res = bench(name, steps, repeats, device, a.quick, getattr(torch, a.autocast) if a.autocast else None)
         except ImportError as e:
             print(f"{name}: skipped ({e})")
             continue

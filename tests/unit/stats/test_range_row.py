@@ -37,7 +37,21 @@ def test_the_precision_floor_is_eight_smallest_subnormal_steps():
             assert fmt.floor == 8 * step, name
 
 
-def test_a_float16_tensor_is_counted_as_zero_below_and_above_the_floor():
+@pytest.mark.parametrize("kernel", [False, True], ids=["aten", "cpu-kernel"])
+def test_a_float16_tensor_is_counted_as_zero_below_and_above_the_floor(kernel):
+    from torchdiag.stats import _cpurow as cpurow
+
+    cpurow.set_enabled(kernel)
+    try:
+        if kernel and cpurow.status() != "on":  # (status waits for the kernel to load)
+            pytest.skip(f"CPU kernel not built: {cpurow.status()}")
+        assert (cpurow.ready() is not None) == kernel
+        _check_float16_counts()
+    finally:
+        cpurow.set_enabled(True)
+
+
+def _check_float16_counts():
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(10_000, generator=g) * 2e-6).half()  # rms 2e-6: a good part under 4.8e-7, a few flushed
     x[:100] = 0.0
