@@ -6,14 +6,20 @@ from __future__ import annotations
 import os
 import struct
 
+_HOLDERS = [0]  # open owners of the compiled CRC (a watch's writer, a summarize check): restored at none
+_PURE: list = []  # TensorBoard's own pure-Python masked CRC, while the compiled one stands in for it
+
 
 def use_compiled_crc() -> bool:
-    """Give TensorBoard's event writer a compiled CRC32C when ``google-crc32c`` is installed.
+    """Give TensorBoard's event writer a compiled CRC32C when ``google-crc32c`` is installed, until the matching
+    ``release_compiled_crc``.
 
-    Without TensorFlow, TensorBoard checksums every event record in pure Python (~0.3 ms per KB,
-    on the writer thread but holding the GIL). ``pip install torchdiag[fast]`` brings the
-    compiled one; it is checked against TensorBoard's own on a test vector before it is used.
-    Returns whether the compiled CRC is in use.
+    Without TensorFlow, TensorBoard checksums every event record in pure Python (~0.3 ms per KB, on the writer
+    thread but holding the GIL). ``pip install torchdiag[fast]`` brings the compiled one; it is checked against
+    TensorBoard's own on a test vector before it is used. It is TensorBoard's module-level function that is
+    replaced, so every writer of the process (your own ``SummaryWriter`` too) uses it meanwhile: the same
+    checksums, computed faster. When the last holder releases it (a watch's writer closed), TensorBoard's own
+    function is put back. Returns whether the compiled CRC is in use.
     """
     try:
         import google_crc32c
@@ -21,6 +27,7 @@ def use_compiled_crc() -> bool:
     except ImportError:
         return False
     if getattr(record_writer.masked_crc32c, "_torchdiag", False):
+        _HOLDERS[0] += 1
         return True
     pure = record_writer.masked_crc32c
 
@@ -32,8 +39,23 @@ def use_compiled_crc() -> bool:
     if masked_crc32c(probe) != pure(probe):  # pragma: no cover - a broken build: keep the pure one
         return False
     masked_crc32c._torchdiag = True  # type: ignore[attr-defined]
+    _PURE[:] = [pure]
+    _HOLDERS[0] = 1
     record_writer.masked_crc32c = masked_crc32c
     return True
+
+
+def release_compiled_crc() -> None:
+    """One holder of ``use_compiled_crc`` is done; the last one puts TensorBoard's own function back."""
+    try:
+        from tensorboard.summary.writer import record_writer
+    except ImportError:  # pragma: no cover - nothing was replaced
+        return
+    if not getattr(record_writer.masked_crc32c, "_torchdiag", False):
+        return
+    _HOLDERS[0] = max(0, _HOLDERS[0] - 1)
+    if _HOLDERS[0] == 0 and _PURE:
+        record_writer.masked_crc32c = _PURE.pop()
 
 
 def check_event_files(run: str, last_step: int | None) -> str | None:
@@ -47,6 +69,8 @@ def check_event_files(run: str, last_step: int | None) -> str | None:
 
     check_data = use_compiled_crc()
     crc = record_writer.masked_crc32c
+    if check_data:
+        release_compiled_crc()  # (``crc`` keeps the compiled function for this check)
     reached = "no step" if last_step is None else f"step {last_step}"
     for name in sorted(os.listdir(run)):
         path = os.path.join(run, name)

@@ -67,7 +67,7 @@ from ..report.tags import (
     state_record,
 )
 from ..vocab import Histogram
-from .eventfiles import use_compiled_crc
+from .eventfiles import release_compiled_crc, use_compiled_crc
 from .layout import custom_layout
 from .overview import History, render_headroom, render_heatmap, render_profile
 from .png import Canvas
@@ -289,7 +289,10 @@ class TensorBoardSink:
                 self._write_report_text(last)
         finally:
             if self.owned:
-                self.writer.close()
+                try:
+                    self.writer.close()
+                finally:
+                    release_compiled_crc()  # (``open_writer`` took it for this writer)
             else:
                 self.writer.flush()
 

@@ -610,14 +610,39 @@ def test_compiled_crc_writes_events_tensorboard_reads_back(tmp_path):
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as pure
     from tensorboard.summary.writer import record_writer
 
+    from torchdiag.sinks.eventfiles import release_compiled_crc
     from torchdiag.sinks.tensorboard import use_compiled_crc
 
     assert use_compiled_crc()
-    for data in (b"", b"torchdiag", bytes(range(256)) * 40):
-        assert record_writer.masked_crc32c(data) == pure(data)
+    try:
+        for data in (b"", b"torchdiag", bytes(range(256)) * 40):
+            assert record_writer.masked_crc32c(data) == pure(data)
+        model = mlp()
+        train(model, 2, logdir=tmp_path)
+        assert [e.step for e in load(tmp_path).Scalars("act_std/0")] == [0, 1]  # the reader checks every CRC
+    finally:
+        release_compiled_crc()
+
+
+def test_tensorboards_own_crc_is_put_back_when_the_watch_closes_its_writer(tmp_path):
+    # the compiled CRC replaces TensorBoard's module-level function: every writer of the process uses it while a
+    # watch's writer is open (the same checksums), and TensorBoard's own is back once it is closed
+    pytest.importorskip("google_crc32c")
+    from torch.utils.tensorboard import SummaryWriter
+    from tensorboard.summary.writer import record_writer
+
+    before = record_writer.masked_crc32c
+    mine = SummaryWriter(str(tmp_path / "mine"))
     model = mlp()
-    train(model, 2, logdir=tmp_path)
-    assert [e.step for e in load(tmp_path).Scalars("act_std/0")] == [0, 1]  # the reader checks every CRC
+    with torchdiag.watch(model, logdir=tmp_path / "td") as diag:
+        assert getattr(record_writer.masked_crc32c, "_torchdiag", False)  # the compiled one, meanwhile
+        for step in range(2):
+            model(torch.randn(8, 12)).sum().backward()
+            diag.step()
+            mine.add_scalar("loss", float(step), step)  # your own writer, meanwhile
+    assert record_writer.masked_crc32c is before
+    mine.close()
+    assert [e.value for e in load(tmp_path / "mine").Scalars("loss")] == [0.0, 1.0]  # its records read back whole
 
 
 # ----------------------------------------------------------------- layout: only charts for tags that exist
