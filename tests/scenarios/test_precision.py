@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import torchdiag
+from tests.helpers import zoo
 
 FP16 = torch.finfo(torch.float16)
 STEP = torch.nextafter(torch.zeros((), dtype=torch.float16), torch.ones((), dtype=torch.float16)).item()
@@ -28,15 +29,9 @@ UNDERFLOW = 0.1  # defaults.yaml underflow_fraction
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def kaiming_mlp(depth: int = 4, width: int = 256, seed: int = 0) -> nn.Sequential:
+def kaiming_mlp(depth: int = 4, width: int = 256, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        lin = nn.Linear(width, width)
-        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-        nn.init.zeros_(lin.bias)
-        layers += [lin, nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(width, 10))
+    return zoo.kaiming_mlp(depth, width)
 
 
 def batch(width: int = 256, scale: float = 1.0, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

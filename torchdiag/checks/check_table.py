@@ -106,7 +106,15 @@ def summary_table(report: Report, model: nn.Module, shapes: dict[str, str], widt
                      _count(params) if params else "-", shapes.get(layer.name, "-"), _g(layer.act_std),
                      _g(layer.grad_std), _g(layer.gain), ",".join(sorted(layer.status)) or "ok",
                      suggestion_text(layer)])
-    names, widths = name_column([r[1] for r in rows], _COLUMNS, rows, width, _SHRINK)
+    return _lines(_COLUMNS, _RIGHT, _SHRINK, rows, width)
+
+
+def _lines(columns: tuple[str, ...], right: set[int], shrink: tuple[tuple[int, int], ...], rows: list[list[str]],
+           width: int) -> list[str]:
+    """A table's header and rows within ``width``: column 1 holds the layer names, shortened together
+    (``name_column``); the other cells cut with '…' where their column gave way; the columns in ``right`` aligned
+    right."""
+    names, widths = name_column([r[1] for r in rows], columns, rows, width, shrink)
     for r, n in zip(rows, names):
         r[1] = n
 
@@ -114,10 +122,10 @@ def summary_table(report: Report, model: nn.Module, shapes: dict[str, str], widt
         out = []
         for i, (c, w) in enumerate(zip(cells, widths)):
             c = c if i == 1 or len(c) <= w else c[: max(w - 1, 0)] + "…"
-            out.append(c.rjust(w) if i in _RIGHT else c.ljust(w))
+            out.append(c.rjust(w) if i in right else c.ljust(w))
         return "  ".join(out).rstrip()[:width]
 
-    return [line(list(_COLUMNS))] + [line(r) for r in rows]
+    return [line(list(columns))] + [line(r) for r in rows]
 
 
 def render_check(report: Report, model: nn.Module, shapes: dict[str, str], color: bool = False,
@@ -165,15 +173,4 @@ def range_table(report: Report, width: int = 100) -> list[str]:
         rows.append([str(layer.index), _escaped(layer.name[len(prefix):]) or "(root)", _escaped(layer.module_type),
                      layer.precision or "float32", _bits(layer.act_headroom), _share(layer.act_underflow),
                      _bits(layer.grad_headroom), _share(layer.grad_underflow), ",".join(problems) or "ok"])
-    names, widths = name_column([r[1] for r in rows], _RANGE_COLUMNS, rows, width, _RANGE_SHRINK)
-    for r, n in zip(rows, names):
-        r[1] = n
-
-    def line(cells: list[str]) -> str:
-        out = []
-        for i, (c, w) in enumerate(zip(cells, widths)):
-            c = c if i == 1 or len(c) <= w else c[: max(w - 1, 0)] + "…"
-            out.append(c.rjust(w) if i in _RANGE_RIGHT else c.ljust(w))
-        return "  ".join(out).rstrip()[:width]
-
-    return [line(list(_RANGE_COLUMNS))] + [line(r) for r in rows]
+    return _lines(_RANGE_COLUMNS, _RANGE_RIGHT, _RANGE_SHRINK, rows, width)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import Any
 
 from ..report.render import common_prefix, shorten_names
 from ..report.report import Report
@@ -195,20 +196,12 @@ def render_heatmap(history: History, metric: str) -> Canvas:
     title = "ACT STD" if metric == "act_std" else "GRAD STD"
     caption = ("BY LAYER (ROW) AND STEP (COLUMN)", "COLOUR: STD / EXPECTED (PEERS' MEDIAN)")
     lo, hi = f"÷{10 ** int(SPAN)}", f"×{10 ** int(SPAN)}"
-    bar_w = 72
     nan = any(not math.isfinite(v) for _, _, values, _ in cols for v in values[metric].values())
     missing_cells = any(name not in values[metric] for _, _, values, _ in cols for name, _, _ in rows)
     # the violet and grey swatches only where the image has such cells
     legend = [(BLACK, "FINDING")] + [(NONFINITE, "NAN")] * nan + [(MISSING, "NOT RUN")] * missing_cells
-    legend_w = (4 + text_width(lo, BIG) + 3 + bar_w + 3 + text_width(hi, BIG) + 10
-                + sum(BIG_LINE + text_width(t, BIG) + 10 for _, t in legend))
-    title_w = 4 + text_width(title, BIG) + 8 + max(text_width(t) for t in caption) + 4
-    width = max(x0 + grid_w + 8, title_w, legend_w)
-    height = y0 + grid_h + _HEATMAP_BOTTOM
-    c = Canvas(width, height)
-    cx = c.text(4, 3, title, scale=BIG) + 8
-    c.text(cx, 3, caption[0], GREY)
-    c.text(cx, 3 + LINE + 1, caption[1], GREY)
+    c = _frame(title, caption, (lo, hi), legend, x0 + grid_w + 8, y0 + grid_h + _HEATMAP_BOTTOM)
+    width = c.width
     dot = max(2, min(cw, ch) * 3 // 5) if min(cw, ch) >= 3 else 1
     cells: list[list[bytes]] = [[] for _ in rows]  # per row, per column: the cell's pixels of one line
     marks = []
@@ -261,17 +254,39 @@ def render_heatmap(history: History, metric: str) -> Canvas:
             placed.append((tx, tx + lw))
     if cols:
         c.text(x0 - 4 - text_width("STEP"), ty + 1, "STEP", GREY)
-    # the colour bar and the marks, in the big font
-    by = ty + LINE + 5
-    bx = c.text(4, by, lo, scale=BIG) + 3
-    for i in range(bar_w):
-        c.rect(bx + i, by, 1, BIG_LINE - 2, diverging(2 * i / (bar_w - 1) - 1))
-    c.rect(bx + bar_w // 2, by - 2, 1, BIG_LINE + 2, BLACK)
-    lx = c.text(bx + bar_w + 3, by, hi, scale=BIG) + 10
+    _legend(c, ty + LINE + 5, (lo, hi), legend, lambda t: 2 * t - 1, 0.5)
+    return c
+
+
+_BAR_W = 72  # the legend's colour bar
+
+
+def _frame(title: str, caption: tuple[str, str], ends: tuple[str, str], legend: list[tuple[tuple, str]],
+           grid_right: int, height: int) -> Canvas:
+    """A heatmap's canvas, as wide as its grid (which ends at ``grid_right``), its title and its legend need, with
+    the title (big) and its two caption lines drawn."""
+    legend_w = (4 + text_width(ends[0], BIG) + 3 + _BAR_W + 3 + text_width(ends[1], BIG) + 10
+                + sum(BIG_LINE + text_width(t, BIG) + 10 for _, t in legend))
+    title_w = 4 + text_width(title, BIG) + 8 + max(text_width(t) for t in caption) + 4
+    c = Canvas(max(grid_right, title_w, legend_w), height)
+    cx = c.text(4, 3, title, scale=BIG) + 8
+    c.text(cx, 3, caption[0], GREY)
+    c.text(cx, 3 + LINE + 1, caption[1], GREY)
+    return c
+
+
+def _legend(c: Canvas, by: int, ends: tuple[str, str], legend: list[tuple[tuple, str]], colour: Any,
+            mark: float) -> None:
+    """The colour bar between its two end labels (``colour``: a position in [0, 1] -> ``diverging``'s argument),
+    a tick at ``mark`` of its width, then the swatches, in the big font, from ``by`` down."""
+    bx = c.text(4, by, ends[0], scale=BIG) + 3
+    for i in range(_BAR_W):
+        c.rect(bx + i, by, 1, BIG_LINE - 2, diverging(colour(i / (_BAR_W - 1))))
+    c.rect(bx + round(mark * (_BAR_W - 1)), by - 2, 1, BIG_LINE + 2, BLACK)
+    lx = c.text(bx + _BAR_W + 3, by, ends[1], scale=BIG) + 10
     for color, label in legend:
         c.rect(lx, by, BIG_LINE - 4, BIG_LINE - 2, color)
         lx = c.text(lx + BIG_LINE - 2, by, label, scale=BIG) + 10
-    return c
 
 
 def render_headroom(history: History, margin_bits: float = 3.0) -> Canvas:
@@ -286,17 +301,10 @@ def render_headroom(history: History, margin_bits: float = 3.0) -> Canvas:
     grid_w, grid_h = cw * len(cols), ch * len(rows)
     title = "FLOAT16 HEADROOM"
     caption = ("OUTPUT: BITS LEFT BEFORE 65504", f"OVERFLOW RISK UNDER {margin_bits:g} BITS")
-    bar_w = 72
     legend = [(BLACK, "FINDING"), (MISSING, "FLOAT32")]
-    legend_w = (4 + text_width(f"{HEADROOM_SPAN:g}", BIG) + 3 + bar_w + 3 + text_width("0 BITS", BIG) + 10
-                + sum(BIG_LINE + text_width(t, BIG) + 10 for _, t in legend))
-    title_w = 4 + text_width(title, BIG) + 8 + max(text_width(t) for t in caption) + 4
-    width = max(x0 + grid_w + 8, title_w, legend_w)
-    height = y0 + grid_h + _HEATMAP_BOTTOM
-    c = Canvas(width, height)
-    cx = c.text(4, 3, title, scale=BIG) + 8
-    c.text(cx, 3, caption[0], GREY)
-    c.text(cx, 3 + LINE + 1, caption[1], GREY)
+    ends = (f"{HEADROOM_SPAN:g}", "0 BITS")
+    c = _frame(title, caption, ends, legend, x0 + grid_w + 8, y0 + grid_h + _HEATMAP_BOTTOM)
+    width = c.width
     dot = max(2, min(cw, ch) * 3 // 5) if min(cw, ch) >= 3 else 1
     for k, (_, _, values, flagged) in enumerate(cols):
         bits = values.get(HEADROOM, {})
@@ -324,16 +332,7 @@ def render_headroom(history: History, margin_bits: float = 3.0) -> Canvas:
             c.rect(x0 + k * cw + cw // 2, ty - 3, 1, 3, BLACK)
             c.text(tx, ty + 1, label)
         c.text(x0 - 4 - text_width("STEP"), ty + 1, "STEP", GREY)
-    by = ty + LINE + 5
-    bx = c.text(4, by, f"{HEADROOM_SPAN:g}", scale=BIG) + 3
-    for i in range(bar_w):
-        c.rect(bx + i, by, 1, BIG_LINE - 2, diverging(i / (bar_w - 1)))
-    mx = bx + round((1.0 - margin_bits / HEADROOM_SPAN) * (bar_w - 1))
-    c.rect(mx, by - 2, 1, BIG_LINE + 2, BLACK)  # the margin
-    lx = c.text(bx + bar_w + 3, by, "0 BITS", scale=BIG) + 10
-    for color, label in legend:
-        c.rect(lx, by, BIG_LINE - 4, BIG_LINE - 2, color)
-        lx = c.text(lx + BIG_LINE - 2, by, label, scale=BIG) + 10
+    _legend(c, ty + LINE + 5, ends, legend, lambda t: t, 1.0 - margin_bits / HEADROOM_SPAN)  # the tick: the margin
     return c
 
 

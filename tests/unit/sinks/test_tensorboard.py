@@ -628,8 +628,8 @@ def test_tensorboards_own_crc_is_put_back_when_the_watch_closes_its_writer(tmp_p
     # the compiled CRC replaces TensorBoard's module-level function: every writer of the process uses it while a
     # watch's writer is open (the same checksums), and TensorBoard's own is back once it is closed
     pytest.importorskip("google_crc32c")
-    from torch.utils.tensorboard import SummaryWriter
     from tensorboard.summary.writer import record_writer
+    from torch.utils.tensorboard import SummaryWriter
 
     before = record_writer.masked_crc32c
     mine = SummaryWriter(str(tmp_path / "mine"))
