@@ -193,6 +193,52 @@ class LayerCall:
 
 
 @dataclass
+class AttentionFigures:
+    """An attention layer's divergence signals on one rank: its largest logit (the largest of any rank) and its
+    mean entropy (the mean over the ranks that measured it)."""
+
+    top: float = state(-math.inf, MAX)
+    entropy: float = state(0.0, SUM)
+    n: float = state(0.0, SUM)
+
+    def is_empty(self) -> bool:
+        return self.n == 0 and not math.isfinite(self.top)
+
+
+@dataclass
+class MeanFigure:
+    """A figure averaged over the ranks that measured it (the output log Z)."""
+
+    total: float = state(0.0, SUM)
+    n: float = state(0.0, SUM)
+
+    def is_empty(self) -> bool:
+        return self.n == 0
+
+
+@dataclass
+class AnyRank:
+    """A test that fails when it fails on any rank (the output is a softmax's: 0 passes, 1 fails)."""
+
+    failed: float = state(0.0, MAX)
+
+    def is_empty(self) -> bool:
+        return False
+
+
+@dataclass
+class GradRms:
+    """A weight's gradient rms and Adam's eps on one rank: the rms of every rank's gradient (DDP's agree anyway)."""
+
+    sq: float = state(0.0, SUM)
+    n: float = state(0.0, SUM)
+    eps: float = state(0.0, SUM)
+
+    def is_empty(self) -> bool:
+        return self.n == 0
+
+
+@dataclass
 class StepNumber:
     """The step number on every rank: ``low != high`` means the ranks are at different steps."""
 

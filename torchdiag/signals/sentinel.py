@@ -101,7 +101,7 @@ class Sentinel:
         # under torch.distributed, a step the watch reduced across ranks (every rank publishes it) gets the same
         # figures on every rank, so the same report; a step kept to this rank's own numbers keeps its own
         if reducer is not None and not reducer.disabled and reducer.last_reduced == report.step:
-            sig = signals.reduce_across(sig, self._signals.attention_layers, self._adam_weights, reducer.all_reduce)
+            sig = signals.reduce_across(sig, self._signals.attention_layers, self._adam_weights, reducer)
         if self._pull_start is None:
             self._pull_start = report.output_grad_std
         self._adam_near = instability.judge(report, sig, self._cfg, self._adam_near, self._pull_start)

@@ -30,6 +30,8 @@ from torch import nn
 
 from ..capture.globalhooks import GlobalHooks
 from ..capture.runtime import first_float_tensor, is_compiling
+from ..reduce.accumulators import AnyRank, AttentionFigures, GradRms, MeanFigure
+from ..reduce.distributed import reduce
 from ..vocab import StepSignals
 from ._attention import SDPA, attention_figures, entropy_of_probs, mha_figures
 
@@ -306,34 +308,40 @@ def _adam_like(optimizer: Any) -> bool:
     return bool(groups) and all("eps" in g and "betas" in g for g in groups)
 
 
-def reduce_across(sig: StepSignals, attention: list[str], weights: list[str], all_reduce: Callable) -> StepSignals:
-    """The step's signals over every rank (``all_reduce(values, "max" | "sum")``, the watch's collective), in a
-    layout every rank shares: the largest attention logit, the mean entropy and log Z over the ranks that measured
-    them, the softmax test of any rank, the gradient rms of each weight (DDP's gradients agree anyway). Losses stay
-    each rank's own."""
+def reduce_across(sig: StepSignals, attention: list[str], weights: list[str], group: Any) -> StepSignals:
+    """The step's signals over every rank of ``group`` (a ``StepReducer``: its collectives), each figure by its
+    declared reduction (``accumulators``), in a layout every rank shares: the largest attention logit, the mean
+    entropy and log Z over the ranks that measured them, the softmax test of every rank, the gradient rms of each
+    weight. Losses stay each rank's own."""
     names = sorted(set(attention))
-    mx = [sig.attention.get(n, (-math.inf, math.nan))[0] for n in names]
-    mx = [v if math.isfinite(v) else -math.inf for v in mx] + [0.0 if sig.softmax_output else 1.0]
-    sm: list[float] = []
+    accs: dict[tuple[str, Any], Any] = {}
     for n in names:
-        ent = sig.attention.get(n, (math.nan, math.nan))[1]
-        sm += [ent, 1.0] if math.isfinite(ent) else [0.0, 0.0]
-    sm += [sig.logz, 1.0] if sig.logz is not None and math.isfinite(sig.logz) else [0.0, 0.0]
+        top, ent = sig.attention.get(n, (math.nan, math.nan))
+        ok = math.isfinite(ent)
+        # a logit that is not finite on a rank is left out of the largest (-inf), as one that was not measured
+        accs[("attention", n)] = AttentionFigures(top if math.isfinite(top) else -math.inf, ent if ok else 0.0,
+                                                  1.0 if ok else 0.0)
+    if sig.logz is not None and math.isfinite(sig.logz):
+        accs[("logz", None)] = MeanFigure(sig.logz, 1.0)
+    accs[("softmax", None)] = AnyRank(0.0 if sig.softmax_output else 1.0)
     for w in weights:
         rms, eps = sig.adam.get(w, (math.nan, 0.0))
-        sm += [rms * rms, 1.0, eps] if math.isfinite(rms) else [0.0, 0.0, 0.0]
-    gmx, gsm = all_reduce(mx, "max"), all_reduce(sm, "sum")
+        if math.isfinite(rms):
+            accs[("adam", w)] = GradRms(rms * rms, 1.0, eps)
+    layout = ([(("attention", n), AttentionFigures) for n in names] + [(("logz", None), MeanFigure),
+              (("softmax", None), AnyRank)] + [(("adam", w), GradRms) for w in weights])
+    got = reduce(accs, group, layout)
     out = StepSignals(losses=sig.losses)
-    for i, n in enumerate(names):
-        top, (total, count) = gmx[i], gsm[2 * i: 2 * i + 2]
-        if math.isfinite(top) or count:
-            out.attention[n] = (top if math.isfinite(top) else math.nan, total / count if count else math.nan)
-    out.softmax_output = gmx[len(names)] == 0.0  # every rank's output passed the softmax test
-    at = 2 * len(names)
-    out.logz = gsm[at] / gsm[at + 1] if gsm[at + 1] else None
-    at += 2
-    for i, w in enumerate(weights):
-        total, count, eps = gsm[at + 3 * i: at + 3 * i + 3]
-        if count:
-            out.adam[w] = (math.sqrt(total / count), eps / count)
+    for n in names:
+        a = got.get(("attention", n))
+        if a is not None:
+            out.attention[n] = (a.top if math.isfinite(a.top) else math.nan, a.entropy / a.n if a.n else math.nan)
+    softmax = got.get(("softmax", None))
+    out.softmax_output = softmax is not None and softmax.failed == 0.0  # every rank's output passed the test
+    logz = got.get(("logz", None))
+    out.logz = logz.total / logz.n if logz is not None and logz.n else None
+    for w in weights:
+        g = got.get(("adam", w))
+        if g is not None and g.n:
+            out.adam[w] = (math.sqrt(g.sq / g.n), g.eps / g.n)
     return out
