@@ -17,6 +17,7 @@ not by the instruction set: its AVX2 and baseline builds give identical rows (te
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -63,10 +64,14 @@ def cc_timeout_s() -> float:
     return value if value > 0 else 60.0
 
 
+_BUILDING: dict = {}  # the compiler running now ("proc") and the file it writes ("tmp"): for ``_at_exit``
+
+
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     """``cmd`` in a session of its own; past ``cc_timeout_s`` its whole process group is killed (a compiler driver's
     children too), never left running."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _BUILDING["proc"] = proc
     try:
         out, err = proc.communicate(timeout=cc_timeout_s())
     except subprocess.TimeoutExpired:
@@ -117,8 +122,10 @@ def build(out: Path, cc: str, extra: tuple[str, ...] = (), replace: bool = False
     mapped already. ``replace``: over a file that is not whole (a rename: a process that mapped the old one keeps
     its inode)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(out.parent)
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
     os.close(fd)
+    _BUILDING["tmp"] = tmp
     try:
         done = _run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)])
         if done.returncode != 0 and not extra:  # no function multiversioning (musl, old compilers): one target
@@ -134,8 +141,24 @@ def build(out: Path, cc: str, extra: tuple[str, ...] = (), replace: bool = False
         except FileExistsError:
             pass
     finally:
+        _BUILDING.pop("tmp", None)
+        _BUILDING.pop("proc", None)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_STALE_S = 3600.0  # a build's temporary file this old was left by a process killed while it built
+
+
+def _sweep(directory: Path) -> None:
+    """Remove the temporary files of builds that processes killed mid-build left behind."""
+    now = time.time()
+    for stale in directory.glob("*.so.tmp"):
+        try:
+            if now - stale.stat().st_mtime > _STALE_S:
+                stale.unlink()
+        except OSError:
+            pass
 
 
 def whole(path: Path) -> bool:
@@ -189,15 +212,25 @@ def load(path: Path) -> tuple:
     return tuple(fns)
 
 
+def _cache_path(cc: str) -> Path:
+    """Where the cache keeps the library this compiler builds: named by the source, the compiler (its resolved path,
+    size and modification time: an upgrade builds anew) and the platform; no subprocess is run to name it."""
+    exe = os.path.realpath(shutil.which(cc) or cc)
+    try:
+        st = os.stat(exe)
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        stamp = "?"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), exe, stamp, " ".join(FLAGS), sys.platform,
+                                     platform.machine()]).encode()).hexdigest()[:16]
+    return cache_dir() / f"rows-{key}.so"
+
+
 def _cached(cc: str) -> tuple[tuple, Path]:
     """The kernel from the cache (built there if missing); where the cache cannot be used (not writable, not
     this user's, on a filesystem that cannot map libraries), a build of this process's own."""
-    version = _run([cc, "--version"]).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, str(shutil.which(cc)), " ".join(FLAGS),
-                                     sys.platform, platform.machine()]).encode()).hexdigest()[:16]
-    name = f"rows-{key}.so"
+    path = _cache_path(cc)
     try:
-        path = cache_dir() / name
         if not path.exists():
             build(path, cc)
         elif not whole(path) and _trusted(path):  # a truncated library: loading it would kill the process
@@ -206,7 +239,7 @@ def _cached(cc: str) -> tuple[tuple, Path]:
             return load(path), path
     except OSError:  # the cache cannot be used (not writable, a filesystem that cannot map libraries); a compiler
         pass  # that fails or hangs raises RuntimeError, which a second build would only repeat
-    private = Path(tempfile.mkdtemp(prefix="torchdiag-")) / name
+    private = Path(tempfile.mkdtemp(prefix="torchdiag-")) / path.name
     try:
         build(private, cc)
         if not whole(private):
@@ -228,18 +261,26 @@ def _library() -> tuple | None:
     return _state["fns"]
 
 
-def _load() -> tuple | None:
+def _unusable() -> str | None:
+    """Why the kernel cannot be used in this process, found without running anything; None if it may be."""
     if _state.get("off", os.environ.get("TORCHDIAG_CPU_KERNEL", "1") == "0"):
-        _state["why"] = "switched off (TORCHDIAG_CPU_KERNEL=0 or set_enabled(False))"
-        return None
+        return "switched off (TORCHDIAG_CPU_KERNEL=0 or set_enabled(False))"
     cc = compiler()
     if cc is None:
-        _state["why"] = "no C compiler ($CC, cc, gcc or clang)"
-        return None
+        return "no C compiler ($CC, cc, gcc or clang)"
     remembered = _remembered_failure(cc)
     if remembered is not None:
-        _state["why"] = f"the build failed in an earlier process, not retried for a day ({remembered})"
+        return f"the build failed in an earlier process, not retried for a day ({remembered})"
+    return None
+
+
+def _load() -> tuple | None:
+    why = _unusable()
+    if why is not None:
+        _state["why"] = why
         return None
+    cc = compiler()
+    assert cc is not None
     try:
         fns, _state["path"] = _cached(cc)
         return fns
@@ -251,33 +292,83 @@ def _load() -> tuple | None:
 
 
 def prepare() -> None:
-    """Load the kernel (building it where the cache has none) in a thread of its own, started at a watch's entry:
-    the compiler runs beside the training loop, never inside the user's step. Until it is ready the hooks use the
-    ATen path (``ready``)."""
+    """At a watch's entry: the kernel, loaded at once where the cache holds it (no subprocess: the same kernel for
+    every step of the process, so the same figures from run to run); else built in a thread of its own, beside the
+    training loop, never inside the user's step (the steps until it is ready use the ATen path: the same figures
+    to float32 rounding)."""
     if "fns" in _state or _state.get("thread") is not None:
         return
     with _lock:
         if "fns" in _state or _state.get("thread") is not None:
             return
-        thread = threading.Thread(target=_library, name="torchdiag-cpu-kernel", daemon=True)
-        _state["thread"] = thread
+        why = _unusable()
+        if why is not None:
+            _state["why"], _state["fns"] = why, None
+            return
+        cc = compiler()
+        assert cc is not None
+        try:
+            path = _cache_path(cc)
+            if path.exists() and _trusted(path) and whole(path):
+                _state["fns"], _state["path"] = load(path), path
+                return
+        except Exception:  # noqa: BLE001, S110 - a library that does not load: the thread's build says why
+            pass
+        _start_thread()
+
+
+def _start_thread() -> None:
+    thread = threading.Thread(target=_library, name="torchdiag-cpu-kernel", daemon=True)
+    _state["thread"] = thread
     thread.start()
 
 
 def ready() -> tuple | None:
     """The kernel's functions if they are loaded; None while they load (the ATen path meanwhile) or for good. Never
-    waits, never builds: a first use without a watch (a bare ``stats`` call) starts ``prepare``."""
+    waits, never runs a compiler: a first use without a watch (a bare ``stats`` call) starts the loading thread."""
     fns = _state.get("fns", False)
     if fns is False:
-        prepare()
+        if _state.get("thread") is None and _lock.acquire(blocking=False):
+            try:
+                if "fns" not in _state and _state.get("thread") is None:
+                    _start_thread()
+            finally:
+                _lock.release()
         return None
     return fns
+
+
+_EXIT_WAIT_S = 10.0  # at interpreter exit, how long a build under way may take to finish (and fill the cache)
+
+
+def _at_exit() -> None:
+    """A build under way at interpreter exit: given a few seconds to finish (a short process still fills the cache),
+    then its compiler's process group is killed and its temporary file removed, not left behind."""
+    thread = _state.get("thread")
+    if thread is not None and thread.is_alive():
+        thread.join(timeout=min(_EXIT_WAIT_S, cc_timeout_s()))
+    running = _BUILDING.get("proc")
+    if running is not None and running.poll() is None:
+        try:
+            os.killpg(running.pid, signal.SIGKILL)
+        except OSError:
+            running.kill()
+    tmp = _BUILDING.get("tmp")
+    if tmp is not None:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+atexit.register(_at_exit)
 
 
 def _after_fork_in_child() -> None:
     """A forked child has no copy of the loading thread (and its lock may have been held): it starts afresh."""
     global _lock
     _lock = threading.Lock()
+    _BUILDING.clear()
     if "fns" not in _state:
         _state.pop("thread", None)
 

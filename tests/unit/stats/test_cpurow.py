@@ -353,3 +353,43 @@ def test_the_kernel_is_built_beside_the_loop_never_inside_the_users_step(tmp_pat
     assert float(took) < 2.5, done.stdout  # the step did not wait for the 3 s compiler
     assert status == "on"  # built meanwhile (status waits for the thread)
     assert threads == "['torchdiag-cpu-kernel']" and right == "True", done.stdout
+
+
+def test_a_cached_kernel_is_loaded_at_the_watchs_entry_so_every_step_takes_the_same_path(tmp_path):
+    """The figures of a step must not depend on how long a build took: where the cache holds the library, the watch
+    loads it at its entry (no subprocess, no thread), and its first recorded step already reads through the kernel."""
+    env = {**os.environ, "TORCHDIAG_CACHE": str(tmp_path / "cache")}
+    fill = "from torchdiag.stats import _cpurow; print(_cpurow.status())"
+    done = subprocess.run([sys.executable, "-c", fill], capture_output=True, text=True, timeout=120, env=env)
+    assert done.stdout.strip() == "on", done.stderr[-2000:]
+    run = ("import subprocess, torch, torchdiag\n"
+           "from torchdiag.stats import _cpurow\n"
+           "starts = []\n"
+           "popen = subprocess.Popen.__init__\n"
+           "subprocess.Popen.__init__ = lambda self, *a, **k: (starts.append(a), popen(self, *a, **k))[1]\n"
+           "m = torch.nn.Linear(64, 64)\n"
+           "with torchdiag.watch(m, every=1) as d:\n"
+           "    ready = _cpurow.ready() is not None\n"
+           "print(ready, _cpurow._state.get('thread') is None, len(starts))")
+    done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True", "0"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a POSIX shell script as the compiler")
+def test_a_process_that_exits_while_the_kernel_builds_fills_the_cache_and_leaves_no_temporary_file(tmp_path):
+    real = cpurow.compiler()
+    cc = tmp_path / "slow-cc"
+    cc.write_text(f'#!/bin/sh\nsleep 1\nexec {real} "$@"\n')
+    cc.chmod(0o755)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "CC": str(cc), "TORCHDIAG_CACHE": str(cache)}
+    run = ("import torch, torchdiag\n"
+           "m = torch.nn.Linear(64, 64)\n"
+           "with torchdiag.watch(m, every=1) as d:\n"
+           "    m(torch.randn(8, 64)).sum().backward(); d.step()\n")  # exits at once, the build under way
+    done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = sorted(p.name for p in cache.iterdir())
+    assert any(n.startswith("rows-") and n.endswith(".so") for n in names), names
+    assert not any(n.endswith(".so.tmp") for n in names), names
