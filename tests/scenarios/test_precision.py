@@ -48,8 +48,8 @@ def small_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.
     return weight * nn.functional.cross_entropy(out.float(), y)
 
 
-def output_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
-                     ) -> dict[str, torch.Tensor]:
+def output_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, scale: float = 1.0,
+                     weight: float = 1e-3) -> dict[str, torch.Tensor]:
     """The gradient of every module's output in one backward of a twin, as the backward computed it (scaled)."""
     twin = copy.deepcopy(model)
     grads: dict[str, torch.Tensor] = {}
@@ -58,7 +58,7 @@ def output_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: 
         def hook(_m, _args, out, name=name):
             out.register_hook(lambda g: grads.__setitem__(name, g.detach().clone()))
         handles.append(m.register_forward_hook(hook))
-    (small_loss(twin, x, y, dtype) * scale).backward()
+    (small_loss(twin, x, y, dtype, weight) * scale).backward()
     for h in handles:
         h.remove()
     return grads
@@ -277,3 +277,28 @@ def test_tensorboard_shows_the_float16_headroom_by_layer_and_step_only_where_lay
     assert min(white) >= 240 and red[0] > 150 and red[1] < 120  # a dark red against (near) white
     dot = 3 * ((y0 + ch // 2) * canvas.width + x0 + cw // 2)  # overflow_risk is a finding on '0' at once: dotted
     assert tuple(canvas.px[dot:dot + 3]) == (0, 0, 0)
+
+
+def test_gradients_float16_flushed_entirely_are_underflow_not_silence():
+    # a loss weighted 1e-7: float16 rounds every output gradient to an exact zero (the float32 reference is ~4e-10)
+    model = kaiming_mlp()
+    x, y = batch()
+    zero = [n for n, g in output_gradients(model, x, y, torch.float16, weight=1e-7).items() if int((g != 0).sum()) == 0]
+    diag, reports, _ = train(model, torch.float16, None, weight=1e-7)
+    assert zero, "the premise: float16 flushed whole gradients"
+    flagged = {layer.name for layer in reports[0].layers if "underflow" in layer.status}
+    assert set(zero) <= flagged
+    assert [(f.problem, f.direction) for f in diag.findings] == [("underflow", "backward")]
+
+
+def test_an_overflowed_float16_layer_has_no_underflow_figure_and_reads_0_bits_on_the_heatmap():
+    from torchdiag.sinks.overview import HEADROOM, History
+
+    model = nn.Sequential(nn.Linear(32, 32))
+    report = torchdiag.check(model, torch.randn(32, 32) * 1e5, precision="fp16")  # outputs past 65504: Inf
+    layer = report["0"]
+    assert "nonfinite" in layer.status and layer.precision == "float16"
+    assert layer.act_underflow is None  # NaN/Inf are not values under the floor
+    history = History()
+    history.add(report)
+    assert history.columns[0][2][HEADROOM]["0"] == 0.0  # no headroom left: dark red, not the grey of float32

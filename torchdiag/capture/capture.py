@@ -264,8 +264,11 @@ class Capture:
 
     def _range(self, slot: int, kind: int, t: torch.Tensor) -> None:
         """A half-precision tensor's row against its dtype's range (``stats.range_row``); with ``precision`` set
-        (``check(precision=)``), every output's and gradient's against that format."""
-        fmt = self.precision or stats.NARROW.get(t.dtype)
+        (``check(precision=)``), the bfloat16 tensors' against bfloat16, or every tensor's against a float8 format
+        (scaled per tensor)."""
+        fmt = stats.NARROW.get(t.dtype)
+        if self.precision is not None and (self.precision_scaled or t.dtype == getattr(torch, self.precision.name)):
+            fmt = self.precision  # fp8 asks of every tensor; bfloat16 of the layers that compute in it
         if fmt is None or kind not in _HIST_KINDS:
             return
         row = stats.range_row(t, fmt, scaled=self.precision_scaled)

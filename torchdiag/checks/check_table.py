@@ -163,8 +163,9 @@ def _share(x: float | None) -> str:
 
 def range_table(report: Report, width: int = 100) -> list[str]:
     """Per layer, its outputs and gradients against the format of ``check(precision=)``: the headroom to overflow
-    (bits of growth left, log2(max / absmax)) and the share of the non-zero values below the smallest normal;
-    '-' where the layer computes in float32 (autocast's norms, softmax) or, in float8, where the scaling sets the
+    (bits of growth left, log2(max / absmax)) and the share of the non-zero values under the format's precision
+    floor (eight of its smallest subnormal steps); '-' where the layer computes in float32 (where autocast keeps
+    it) or, in float8, where the scaling sets the
     headroom. The problems shown are the precision ones (``overflow_risk``, ``underflow``)."""
     prefix = common_prefix([layer.name for layer in report.layers])
     rows = []

@@ -43,11 +43,10 @@ def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor]
     ``precision``: the per-layer range of each output and gradient in that format (``LayerReport.precision``,
     ``act_headroom``, ``grad_headroom``, ``act_underflow``, ``grad_underflow``) and its ``overflow_risk`` and
     ``underflow`` flags. ``"float16"`` and ``"bfloat16"`` run the forward under ``torch.autocast`` in that dtype,
-    so each layer is measured in the dtype it computes in (autocast keeps norms, softmax and the loss in
-    float32: those layers have no range figures). ``"float8_e4m3fn"`` and ``"float8_e5m2"`` ask whether the
-    float32 tensors would fit the format as fp8 recipes store them, each scaled so that its absmax is the format's
-    max: the share of the non-zero values that would fall below its smallest normal (no headroom: the scaling
-    sets it).
+    so each layer is measured in the dtype it computes in (the layers autocast keeps in float32, which depend on
+    the device, have no range figures). ``"float8_e4m3fn"`` and ``"float8_e5m2"`` ask whether the float32 tensors
+    would fit the format as fp8 recipes store them, each scaled so that its absmax is the format's max: the share
+    of the non-zero values that would fall under its precision floor (no headroom: the scaling sets it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"check(model=...): expected a torch.nn.Module, got {type(model).__name__}")

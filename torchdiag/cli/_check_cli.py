@@ -130,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure every layer's outputs and gradients against these formats, comma-separated"
                              " (fp16, bf16: the forward under torch.autocast in that dtype; fp8: float8_e4m3fn and"
                              " float8_e5m2 with one scale per tensor): the headroom to overflow and the share of"
-                             " values below the smallest normal, per layer, and the precision problems")
+                             " values under the format's precision floor, per layer, and the precision problems")
     parser.add_argument("--fail-on", type=parse_problems, default=None, metavar="PROBLEMS",
                         help=f"exit 1 only for these problems, comma-separated, from: {', '.join(STATUSES)}"
                              " (default: any)")

@@ -220,6 +220,26 @@ def _low(r: Range | None) -> float:
     return (r.low_fraction or 0.0) if r is not None else 0.0
 
 
+def _flushed(rows: list[LayerReport], layers: list[LayerStats], cfg: Config) -> set[str]:
+    """Half-precision layers whose gradient is all exact zeros because the format flushed it: behind (input side of)
+    a layer whose gradient is mostly under the floor, or every half-precision gradient zero while nothing else
+    explains it (no all-zero weights, no dead activation: those zero a gradient in float32 too)."""
+    if any(s.weight_rms == 0 for s in layers) or any("dead" in r.status for r in rows):
+        return set()
+    out: set[str] = set()
+    loss_side_low: bool | None = None  # the nearest non-zero half-precision gradient on the loss side: mostly low?
+    for s in reversed(layers):
+        g = s.grad_range
+        if g is None or s.grad is None or s.grad.nonfinite:
+            continue
+        if g.low_fraction is None and g.zero_fraction == 1.0:
+            if loss_side_low is not False:
+                out.add(s.name)
+        else:
+            loss_side_low = _low(g) > cfg.underflow_fraction
+    return out
+
+
 def precision(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, amp_scale: float | None,
               notes: list[str], low_before: set[str] | None = None) -> set[str]:
     """A half-precision layer's output or gradient near its format's max (``overflow_risk``), or with a material
@@ -234,7 +254,13 @@ def precision(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, am
     design, not the scale's fault. Without a scaler (or without a run's baseline) it is judged at once."""
     margin_bits = math.log2(cfg.overflow_margin)
     scaler = amp_scale is not None
-    low_now = {s.name for s in layers if _low(s.grad_range) > cfg.underflow_fraction}
+    flushed = _flushed(rows, layers, cfg)
+
+    def share(s: LayerStats, rng: Range) -> float:
+        return 1.0 if rng is s.grad_range and s.name in flushed else _low(rng)
+
+    low_now = {s.name for s in layers if s.grad_range is not None and (s.grad is None or not s.grad.nonfinite)
+               and share(s, s.grad_range) > cfg.underflow_fraction}
     cases = []
     for direction in ("forward", "backward"):
         ordered = [(row, s) for row, s in zip(rows, layers)  # NaN/Inf already: the nonfinite rules say it
@@ -247,7 +273,7 @@ def precision(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, am
                 and not (direction == "backward" and scaler) and not rng.format.startswith("float8")]
         low = [(row, s, rng) for row, s in ordered
                if (rng := (s.act_range if direction == "forward" else s.grad_range)) is not None
-               and _low(rng) > cfg.underflow_fraction
+               and share(s, rng) > cfg.underflow_fraction
                and not (direction == "backward" and scaler and low_before is not None and s.name not in low_before)]
         cases += [("overflow_risk", direction, near), ("underflow", direction, low)]
     for problem, direction, hits in cases:
@@ -267,19 +293,23 @@ def precision(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, am
                        + (_OVERFLOW_FORWARD_FIX if direction == "forward" else _OVERFLOW_BACKWARD_FIX))
             value, threshold, key = rng.headroom, margin_bits, "overflow_margin"
         else:
-            sub = _low(rng)
+            sub = share(s, rng)
             fix = (_FP8_FIX + (_FP8_GRAD_FIX if direction == "backward" and rng.format == "float8_e4m3fn" else "")
                    if rng.format.startswith("float8") else _UNDERFLOW_FORWARD_FIX if direction == "forward" else
                    _UNDERFLOW_SCALED_FIX.format(scale=amp_scale) if scaler else _UNDERFLOW_FIX)
-            message = (f"'{s.name}' ({s.module_type}) underflows {rng.format}: {sub:.0%} of its non-zero {what}"
-                       f" are below {FORMATS[rng.format].floor:.2g}, where they keep 3 significant bits or fewer and"
-                       f" the smaller ones are flushed to zero ({rng.zero_fraction:.0%} exact zeros; underflow_fraction"
-                       f" {cfg.underflow_fraction:g}){others}. Fix: {fix}")
+            floor = FORMATS[rng.format].floor
+            said = (f"its {what} are all exact zeros, flushed: the layer after it holds them under {floor:.2g}"
+                    if s.name in flushed and direction == "backward" else
+                    f"{sub:.0%} of its non-zero {what} are below {floor:.2g}, where they keep 3 significant bits or"
+                    f" fewer and the smaller ones are flushed to zero ({rng.zero_fraction:.0%} exact zeros)")
+            message = (f"'{s.name}' ({s.module_type}) underflows {rng.format}: {said}; underflow_fraction"
+                       f" {cfg.underflow_fraction:g}{others}. Fix: {fix}")
             value, threshold, key = sub, cfg.underflow_fraction, "underflow_fraction"
         flag(row, problem, direction, value, threshold, key, message, covers=len(hits), reason="precision")
-    if any("underflow" in r.status and any(f.problem == "underflow" and f.direction == "backward"
-                                           for f in r.findings) for r in rows):
-        _drop_backward_vanishing(rows, notes)
+    backward_low = next((hits for problem, direction, hits in cases
+                         if problem == "underflow" and direction == "backward"), [])
+    if backward_low:
+        _drop_backward_vanishing([row for row, _, _ in backward_low], notes)
     return low_now
 
 
@@ -288,8 +318,8 @@ def _names(names: list[str]) -> str:
 
 
 def _drop_backward_vanishing(rows: list[LayerReport], notes: list[str]) -> None:
-    """Gradients flushed to zero by float16 read as a vanishing gradient: the precision finding says why, so a
-    backward vanishing finding of the same step is not a second problem."""
+    """Gradients flushed to zero by float16 read as a vanishing gradient: on the layers whose gradients underflow
+    (``rows``) the precision finding says why, so a backward vanishing finding there is not a second problem."""
     dropped = False
     for row in rows:
         keep = [f for f in row.findings if not (f.problem == "vanishing" and f.direction == "backward")]
@@ -305,7 +335,8 @@ def _drop_backward_vanishing(rows: list[LayerReport], notes: list[str]) -> None:
 _OVERFLOW_FORWARD_FIX = ("keep this layer in float32 (torch.autocast(..., enabled=False) around it), or train in"
                          " bfloat16 (float32's range); if its outputs grew during training, the learning rate did it")
 _OVERFLOW_BACKWARD_FIX = ("use a GradScaler (torch.amp.GradScaler: it skips a step whose gradients overflow and lowers"
-                          " its scale), or train in bfloat16")
+                          " its scale), or train in bfloat16; if you use one, pass it as watch(scaler=...): its"
+                          " gradients then are judged as the scaler handles them")
 _UNDERFLOW_FIX = ("use a GradScaler (torch.amp.GradScaler) with float16, or train in bfloat16, or keep this layer in"
                   " float32")
 _UNDERFLOW_SCALED_FIX = ("raise the GradScaler's init_scale (its scale {scale:g} leaves these gradients below"

@@ -1,7 +1,7 @@
 """Run-level verdict: which per-step flags are findings of the run. Pure Python, no tensors.
 
 A per-step flag is evidence; a finding is a flag that is an init problem (raised at the first recorded
-step), non-finite (never noise), a float16 layer within its overflow margin (an Inf is one step of growth away),
+step), non-finite (never noise), a float16 output within its overflow margin (an Inf is one step of growth away),
 a divergence the updates made (``_URGENT``, with reason ``optimisation``), or
 persistent (raised at ``finding_steps`` of the last ``finding_window`` recorded steps). A finding keeps the step
 it first appeared at and whether it has recovered (not raised at the latest recorded step). ``report()``,
@@ -130,7 +130,7 @@ class RunVerdict:
             hist.append(step)
             while hist and hist[0] < oldest:
                 hist.popleft()
-            immediate = (problem in ("nonfinite", "overflow_risk")
+            immediate = (problem == "nonfinite" or (problem == "overflow_risk" and key[2] == "forward")
                          or (reason and reason[0] == "optimisation" and problem in _URGENT))
             if not seen.finding and (step == self._first or immediate or len(hist) >= self.steps):
                 seen.finding, seen.found_at = True, step

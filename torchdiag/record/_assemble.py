@@ -119,7 +119,8 @@ def _range(rc: RangeCounts | None) -> Range | None:
         headroom = -math.inf if a == math.inf else math.nan  # overflowed already (or NaN: the nonfinite rule's)
     else:
         headroom = math.log2(fmt.max / a) if a > 0 else math.inf
-    low = (rc.nonzero - rc.normal) / rc.nonzero if rc.nonzero > 0 else None
+    # (a NaN is non-zero and not above the floor: with NaN in the tensor the share says nothing; nonfinite does)
+    low = (rc.nonzero - rc.normal) / rc.nonzero if rc.nonzero > 0 and not math.isnan(a) else None
     return Range(format=fmt.name, headroom=headroom, low_fraction=low, zero_fraction=1.0 - rc.nonzero / rc.n,
                  absmax=a)
 

@@ -76,8 +76,9 @@ class History:
                     values[m][name] = float(v)
                     if math.isfinite(v) and v > 0:
                         self.start[m].setdefault(name, float(v))
-            if layer.act_headroom is not None:
-                values[HEADROOM][name] = layer.act_headroom
+            if layer.precision is not None:  # (headroom None there: overflowed, none left; or all zeros, all of it)
+                values[HEADROOM][name] = (layer.act_headroom if layer.act_headroom is not None else
+                                          0.0 if "nonfinite" in layer.status else HEADROOM_SPAN)
         flagged = {name: frozenset(problems) for name, problems in causes(report).items()}
         if self.first is None:
             self.first = report

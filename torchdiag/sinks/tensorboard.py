@@ -84,8 +84,13 @@ _WRITTEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def open_writer(logdir: str) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
-    use_compiled_crc()
-    return SummaryWriter(log_dir=logdir, flush_secs=FLUSH_SECS)
+    crc = use_compiled_crc()  # released by the sink when it closes this writer
+    try:
+        return SummaryWriter(log_dir=logdir, flush_secs=FLUSH_SECS)
+    except BaseException:
+        if crc:
+            release_compiled_crc()
+        raise
 
 
 def writer_logdir(writer: Any) -> str | None:
