@@ -121,13 +121,14 @@ def _global_pre(module: nn.Module, args: tuple) -> None:
 
 def _global_post(module: nn.Module, args: tuple, *rest: Any) -> Any:
     """``(module, args, kwargs, output)`` after a forward; ``(module, args, None)`` when the forward raised
-    (PyTorch calls an ``always_call`` hook so, without kwargs): then only the callbacks run, to undo what their
-    pre-hook entered (an attention stack), never the capture."""
+    (PyTorch calls an ``always_call`` hook so, without kwargs): then the callbacks run, to undo what their pre-hook
+    entered (an attention stack), and the capture only to leave a compiled model's wrapper."""
     raised = len(rest) != 2
     kwargs, output = (None, None) if raised else rest
     result = None
     capture = GlobalHooks.capture
-    if capture is not None and not raised:
+    if capture is not None and (not raised or module.__class__.__name__ == "OptimizedModule"):
+        # (torch.compile(model)'s wrapper is left even when its forward raised: the capture unmarks it)
         result = capture[1](module, args, output)
     if is_compiling() or id(module) not in GlobalHooks.ids or tracing():
         return result

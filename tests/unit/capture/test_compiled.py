@@ -324,3 +324,20 @@ def test_successive_watches_of_one_compiled_model_keep_the_number_of_graphs_boun
     assert compiled_before[-1] == compiled_before[0] == 2  # recorded and not, in the first watch; none after
     assert len(reports) == 20
     _assert_same(eager, reports[-2])  # the last watch's first step: the same numbers as eager
+
+
+def test_a_compiled_forward_that_raises_leaves_its_wrapper_so_eager_forwards_count_steps_again():
+    from torchdiag.capture import _compiled as compiled
+
+    model = _net()
+    run = torch.compile(model, backend=BACKEND)
+    x = torch.randn(8, 16)
+    with torchdiag.watch(model, warnings=False) as diag:
+        run(x).sum().backward()
+        key = diag._recorder.capture.gate.key
+        with pytest.raises(Exception):  # noqa: B017, PT011 - whatever Dynamo or the op raises
+            run(torch.randn(8, 3))  # raises inside the compiled model's forward
+        assert not compiled.is_wrapped(key)  # left: the root's own pre-hook counts eager forwards again
+        for _ in range(3):
+            model(x).sum().backward()  # eager forwards: each ends the step before it (auto-step)
+    assert diag.report().step >= 2
