@@ -271,9 +271,13 @@ class Capture:
             fmt = self.precision  # fp8 asks of every tensor; bfloat16 of the layers that compute in it
         if fmt is None or kind not in _HIST_KINDS:
             return
+        rkind = Row.ACT_RANGE if kind == Row.ACT else Row.GRAD_RANGE
+        if (t.device.type == "cpu" and not self.precision_scaled and t.numel()
+                and self.buffer.kernel_range_row(slot, rkind, t, fmt.max, fmt.floor)):
+            return
         row = stats.range_row(t, fmt, scaled=self.precision_scaled)
         if row is not None:
-            self.buffer.write(slot, Row.ACT_RANGE if kind == Row.ACT else Row.GRAD_RANGE, t.numel(), t.device, row)
+            self.buffer.write(slot, rkind, t.numel(), t.device, row)
 
     def write_scale(self) -> None:
         """GradScaler's scale in effect for this step's backward (read in stream order, no sync)."""

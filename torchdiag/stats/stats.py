@@ -186,17 +186,18 @@ NARROW: dict[torch.dtype, Format] = {torch.float16: FORMATS["float16"]}
 for _name in ("float8_e4m3fn", "float8_e5m2"):
     if hasattr(torch, _name):
         NARROW[getattr(torch, _name)] = FORMATS[_name]
-# the fused kernel counts |x| > this x floor in float32: at or above the floor (the next value down is below it)
-_BELOW = 1.0 - 2.0 ** -12
+# the kernels count |x| > this x floor in float32: at or above the floor (the next value down is below it)
+BELOW = 1.0 - 2.0 ** -12
 
 
 def range_row(x: torch.Tensor, fmt: Format, scaled: bool = False) -> list[torch.Tensor] | torch.Tensor | None:
     """``[format max, absmax, non-zero count, count at or above the floor]`` of ``x`` against ``fmt``
     (``Row.ACT_RANGE``, ``Row.GRAD_RANGE``): the floor is the format's precision floor (``Format.floor``), so
     non-zero minus the last count are the values that kept 3 significant bits or fewer. One read on a GPU with
-    Triton (the fused row's min, max, non-zero and saturated counts, with the saturation band set to the floor);
-    on the CPU a float32 copy read once by the CPU kernel; otherwise three ATen reductions of ``|x|``. Paid only
-    for tensors in a narrow dtype (``NARROW``) or by ``check(precision=)``.
+    Triton (the fused kernel's whole row, its saturation band set to the floor and the format's max in place of
+    its shift); otherwise three ATen reductions of ``|x|`` (on the CPU the step buffer has the C kernel read a
+    float32 copy instead: ``StepBuffer.kernel_range_row``). Paid only for tensors in a narrow dtype (``NARROW``)
+    or by ``check(precision=)``.
 
     ``scaled``: the tensor as an fp8 recipe would store it, scaled so that its absmax is the format's max
     (``check``'s "would it fit" figure): the floor is then ``absmax * floor / max``. None for an empty tensor."""
@@ -205,13 +206,10 @@ def range_row(x: torch.Tensor, fmt: Format, scaled: bool = False) -> list[torch.
         return None
     fmax = _const(x.device, fmt.max)
     if not scaled and fused.usable(x):
-        whole = fused.row(x, (0.0, fmt.floor * _BELOW), True)
+        whole = fused.row(x, (0.0, fmt.floor * BELOW), True)
         if whole is not None:
-            return torch.cat((fmax.view(1), torch.maximum(-whole[3], whole[4]).view(1), whole[5:7]))
-    if not scaled and x.device.type == "cpu" and cpurow.ready() is not None:
-        # a float32 copy read once by the CPU kernel: a third of the cost of the three reductions in float16
-        whole = _cpu_row(x.float(), (0.0, fmt.floor * _BELOW), True)
-        return torch.stack((whole.new_tensor(fmt.max), torch.maximum(-whole[3], whole[4]), whole[5], whole[6]))
+            whole[0] = fmt.max  # the whole row, the format's max in place of its shift (``RangeCounts.add_row``)
+            return whole
     a = x.abs()
     absmax = a.max().to(_F32)
     # compared in the tensor's own dtype: the floor is exact there (a power of two in its range)

@@ -189,6 +189,17 @@ class StepBuffer:
         self.entries.append((slot, kind, x.numel(), KERNEL_ROWS, start, stats.ACT_COLS))
         return start
 
+    def kernel_range_row(self, slot: int, kind: int, x: torch.Tensor, fmax: float, floor: float) -> bool:
+        """A CPU half-precision tensor's range row (``stats.range_row``) from the C kernel: its float32 copy read once
+        into this step's host block, counting the elements at or above ``floor``, the format's max ``fmax`` put in
+        place of the row's shift (``RangeCounts.add_row``). False where the kernel does not take it."""
+        y = x.detach().float()
+        start = self.kernel_row(slot, kind, y, (0.0, floor * stats.BELOW), True)
+        if start is None:
+            return False
+        self._block[start // stats.ACT_COLS, 0] = fmax
+        return True
+
     def kernel_row_values(self, start: int) -> torch.Tensor:
         """The row ``kernel_row`` wrote at ``start`` (a view: for a histogram step's binning range)."""
         return self._block[start // stats.ACT_COLS]

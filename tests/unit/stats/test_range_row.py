@@ -39,30 +39,37 @@ def test_the_precision_floor_is_eight_smallest_subnormal_steps():
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["aten", "cpu-kernel"])
 def test_a_float16_tensor_is_counted_as_zero_below_and_above_the_floor(kernel):
+    """The range row as the step buffer holds it (ATen's four values, or the C kernel's whole row of a float32 copy
+    with the format's max in place of its shift), read back by the host's accumulator."""
     from torchdiag.stats import _cpurow as cpurow
+    from torchdiag.stats.stepbuffer import StepBuffer
+    from torchdiag.vocab import Row
 
-    cpurow.set_enabled(kernel)
-    try:
-        if kernel and cpurow.status() != "on":  # (status waits for the kernel to load)
-            pytest.skip(f"CPU kernel not built: {cpurow.status()}")
-        assert (cpurow.ready() is not None) == kernel
-        _check_float16_counts()
-    finally:
-        cpurow.set_enabled(True)
-
-
-def _check_float16_counts():
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(10_000, generator=g) * 2e-6).half()  # rms 2e-6: a good part under 4.8e-7, a few flushed
     x[:100] = 0.0
     x[100] = 3e4
-    fmax, absmax, nonzero, above = _values(stats.range_row(x, stats.NARROW[torch.float16]))
+    fmt = stats.NARROW[torch.float16]
+    cpurow.set_enabled(kernel)
+    try:
+        if kernel and cpurow.status() != "on":  # (status waits for the kernel to load)
+            pytest.skip(f"CPU kernel not built: {cpurow.status()}")
+        buf = StepBuffer()
+        if kernel:
+            assert buf.kernel_range_row(0, Row.ACT_RANGE, x, fmt.max, fmt.floor)
+            row = buf.kernel_row_values(0).tolist()
+        else:
+            row = _values(stats.range_row(x, fmt))
+    finally:
+        cpurow.set_enabled(True)
+    rc = RangeCounts()
+    rc.add_row(x.numel(), row)
     a = x.float().abs()
     floor = 8 * torch.nextafter(torch.zeros((), dtype=torch.float16), torch.ones((), dtype=torch.float16)).item()
-    assert fmax == FP16.max and absmax == a.max().item()
-    assert nonzero == (a > 0).sum().item()
-    assert above == (a >= floor).sum().item()
-    assert 0 < nonzero - above < nonzero  # the premise: some below the floor, some above
+    assert rc.fmax == FP16.max and rc.absmax == a.max().item()
+    assert rc.nonzero == (a > 0).sum().item()
+    assert rc.normal == (a >= floor).sum().item()
+    assert 0 < rc.nonzero - rc.normal < rc.nonzero  # the premise: some below the floor, some above
 
 
 def test_scaled_counts_what_an_fp8_recipe_would_lose_after_scaling_the_absmax_to_the_max():
