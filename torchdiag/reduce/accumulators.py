@@ -30,6 +30,12 @@ def reductions(acc: Any) -> list[tuple[str, str]]:
     return [(f.name, f.metadata["reduce"]) for f in fields(acc)]
 
 
+def row_moments(n: int, r: float, sd: float, sdd: float) -> tuple[float, float]:
+    """(mean, M2) of ``n`` values from a row's sums about its shift ``r``: ``sd = sum(x - r)``, ``sdd = sum((x - r)^2)``
+    (``stats``' rows). The one place a row becomes moments; ``MomentAccumulator.merge`` combines them."""
+    return r + sd / n, max(sdd - sd * sd / n, 0.0)
+
+
 @dataclass
 class MomentAccumulator:
     """Exact moments of everything merged so far, in float64 on the host."""
@@ -65,9 +71,7 @@ class MomentAccumulator:
             nonzero, sat = row[5:7]
             self.zeros += n - nonzero  # NaN when not counted
             self.saturated += sat
-        mean = r + sd / n
-        m2 = max(sdd - sd * sd / n, 0.0)
-        self.merge(n, mean, m2)
+        self.merge(n, *row_moments(n, r, sd, sdd))
 
     def merge(self, n: int, mean: float, m2: float) -> None:
         """Chan et al. parallel merge of (n, mean, M2)."""

@@ -25,7 +25,16 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from ..reduce.accumulators import GradNorms, LayerCall, MomentAccumulator, RangeCounts, Scale, SumSq, Update
+from ..reduce.accumulators import (
+    GradNorms,
+    LayerCall,
+    MomentAccumulator,
+    RangeCounts,
+    Scale,
+    SumSq,
+    Update,
+    row_moments,
+)
 from ..vocab import Role, Row
 from . import _cpurow as cpurow
 from . import stats
@@ -311,9 +320,8 @@ def decode(pending: Pending, host: dict[Where, list]) -> Decoded:
             if width == 1:
                 acc.total += vals[0]
             else:  # the producer's row, [r, sum(x - r), sum((x - r)^2)]: sum(x^2) = M2 + n * mean^2
-                r, sd, sdd = vals[:3]
-                mean = r + sd / n
-                acc.total += max(sdd - sd * sd / n, 0.0) + n * mean * mean
+                mean, m2 = row_moments(n, *vals[:3])
+                acc.total += m2 + n * mean * mean
             acc.n += n
         elif kind in (Row.ACT_RANGE, Row.GRAD_RANGE):  # counts of the tensors as computed: never unscaled
             rc = out.ranges.get((slot, kind))
