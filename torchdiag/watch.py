@@ -246,7 +246,7 @@ class Watcher:
         if self._rescale_hook is not None:
             self._rescale_hook.end_step()
         if self._sentinel is not None:
-            self._sentinel.end_step(rec.step, rec.recording)
+            self._sentinel.end_step(rec.step, rec.recording, rec.buffer)
             if self._sentinel.alarm:  # a loss spike at an unrecorded step: the steps after it are recorded
                 self._sentinel.alarm = False
                 rec.cadence.trip(rec.step)

@@ -275,4 +275,6 @@ class Recorder:
         step = self._reduce(pending.step, local, reduce)
         if step is None or not step.order:  # (a compiled step whose graphs did not run)
             return None, local.moments
-        return step_stats(self.slots, pending.step, step), local.moments
+        result = step_stats(self.slots, pending.step, step)
+        result.signals = local.signals  # (the signals' own reduction is theirs: ``signals.reduce_across``)
+        return result, local.moments

@@ -49,7 +49,7 @@ class Sentinel:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.spikes = instability.LossSpikes(config)
         self.forecasts = instability.Forecasts(config)
-        self._pending: list[tuple[int, dict[str, Any], Any]] = []  # (step, raw signals, batch)
+        self._pending: list[tuple[int, signals.Staged, Any]] = []  # (step, its staged signals, batch)
         self._losses: list[tuple[int, Any]] = []  # of steps that ended unrecorded: judged at the next report
         self.alarm = False  # an unrecorded step's loss spiked (or is not finite): the next step is recorded
         self._ended = -1  # the step that ended last
@@ -74,8 +74,9 @@ class Sentinel:
     def add_loss(self, step: int, loss: Any) -> None:
         self._signals.add_loss(step, loss)
 
-    def end_step(self, step: int, recorded: bool) -> None:
-        """A step ends: keep what it measured (still on the device) for its report."""
+    def end_step(self, step: int, recorded: bool, buffer: Any = None) -> None:
+        """A step ends: what it measured goes into its step buffer (``buffer``, before the step's copy to the host
+        starts), with the losses of the unrecorded steps before it, to be read with its report."""
         raw = self._signals.take()
         self._ended = step
         if self._tripwire is not None:
@@ -86,17 +87,18 @@ class Sentinel:
                 self.alarm = self.alarm or any(self.spikes.would_spike(v) for v in _host_losses(raw["losses"]))
             return
         batch = self._tripwire.take_batch() if self._tripwire is not None else None
-        self._pending.append((step, raw, batch))
+        losses, self._losses = self._losses, []
+        staged = signals.stage(raw, losses, buffer) if buffer is not None else signals.stage(_EMPTY, [], None)
+        self._pending.append((step, staged, batch))
 
-    def publish(self, report: Report) -> None:
-        """Add the signals' findings, the loss spikes and the non-finite origin to the report of a step."""
+    def publish(self, report: Report, values: dict[int, float] | None = None) -> None:
+        """Add the signals' findings, the loss spikes and the non-finite origin to the report of a step; ``values``:
+        its signals' figures as its step buffer brought them to the host (``StepStats.signals``)."""
         mine = [p for p in self._pending if p[0] <= report.step]
         self._pending = [p for p in self._pending if p[0] > report.step]
-        raw = next((r for s, r, _ in mine if s == report.step), None)
+        staged = next((st for s, st, _ in mine if s == report.step), ([], {}))
         batch = next((b for s, _, b in mine if s == report.step), None)
-        losses = self._losses + [x for _, r, _ in mine if r is not raw for x in r["losses"]]
-        self._losses = []
-        sig = signals.read(raw if raw is not None else _EMPTY, losses)
+        sig = signals.read(staged, values or {})
         reducer = self._reducer() if self._reducer is not None else None
         # under torch.distributed, a step the watch reduced across ranks (every rank publishes it) gets the same
         # figures on every rank, so the same report; a step kept to this rank's own numbers keeps its own

@@ -32,7 +32,7 @@ from ..capture.globalhooks import GlobalHooks
 from ..capture.runtime import first_float_tensor, is_compiling
 from ..reduce.accumulators import AnyRank, AttentionFigures, GradRms, MeanFigure
 from ..reduce.distributed import reduce
-from ..vocab import StepSignals
+from ..vocab import Row, StepSignals
 from ._attention import SDPA, attention_figures, entropy_of_probs, mha_figures
 
 if TYPE_CHECKING:
@@ -266,40 +266,60 @@ class AdamGradients:
                     self._rms[names[i]] = (rms, eps[i])
 
 
-def read(raw: dict[str, Any], losses: Sequence[tuple[int, Any]] = ()) -> StepSignals:
-    """Plain floats of what ``Signals.take`` gave (one host copy per device), with ``losses`` of earlier steps."""
-    losses = list(losses) + list(raw["losses"])
-    entries: list[tuple[str, Any, Any]] = []
+#: what ``stage`` kept of a step's signals: each figure's (kind, key) in the order numbered, and the figures already
+#: on the host (plain numbers: a loss passed as a float), by number
+Staged = tuple[list[tuple[str, Any]], dict[int, float]]
+
+
+def stage(raw: dict[str, Any], losses: Sequence[tuple[int, Any]], buffer: Any) -> Staged:
+    """Put what ``Signals.take`` gave, with ``losses`` of earlier unrecorded steps, into the step's buffer
+    (``StepBuffer.write``, one ``Row.SIGNAL`` row per figure, numbered by its slot): the figures travel to the host
+    with the step's statistics, in its one copy per device (non-blocking where the step's is), and are read back
+    from ``StepStats.signals`` (``read``)."""
+    keys: list[tuple[str, Any]] = []
+    host: dict[int, float] = {}
+    figures: list[tuple[str, Any, Any]] = []
     for name, (top, ent) in raw["attention"].items():
-        entries += [("att_max", name, top), ("att_ent", name, ent)]
-    entries += [("logz", None, raw["logz"]), ("softmax", None, raw["softmax"])]
-    entries += [("adam", name, rms) for name, (rms, _eps) in raw["adam"].items()]
-    entries += [("loss", i, loss) for i, (_step, loss) in enumerate(losses)]
-    got = _read(entries)
+        figures += [("att_max", name, top), ("att_ent", name, ent)]
+    figures += [("logz", None, raw["logz"]), ("softmax", None, raw["softmax"])]
+    figures += [("adam", name, rms) for name, (rms, _eps) in raw["adam"].items()]
+    figures += [("loss", (step, i), loss) for i, (step, loss) in enumerate([*losses, *raw["losses"]])]
+    for kind, key, v in figures:
+        if v is None:
+            continue
+        i = len(keys)
+        keys.append((kind, key))
+        if isinstance(v, torch.Tensor):
+            buffer.write(i, Row.SIGNAL, 1, v.device, [v.detach().reshape(()).float()])
+        else:
+            host[i] = float(v)
+    eps = {name: e for name, (_rms, e) in raw["adam"].items()}
+    keys.append(("eps", eps))  # (not a figure: Adam's eps per weight, known on the host)
+    return keys, host
+
+
+def read(staged: Staged, values: dict[int, float]) -> StepSignals:
+    """The step's signals as plain floats: ``staged`` (``stage``) with the figures that came back from the step's
+    buffer (``StepStats.signals``); a figure that did not come back is left out (NaN for a loss)."""
+    keys, host = staged
+    got: dict[tuple[str, Any], float] = {}
+    eps: dict[str, float] = {}
+    for i, (kind, key) in enumerate(keys):
+        if kind == "eps":
+            eps = key
+            continue
+        v = host.get(i, values.get(i, math.nan))
+        if kind == "loss" or not math.isnan(v):
+            got[(kind, key)] = v
     out = StepSignals()
-    for name in raw["attention"]:
+    for name in dict.fromkeys(key for kind, key in keys if kind in ("att_max", "att_ent")):
         out.attention[name] = (got.get(("att_max", name), math.nan), got.get(("att_ent", name), math.nan))
     out.logz = got.get(("logz", None))
     soft = got.get(("softmax", None))
     out.softmax_output = soft is not None and soft < 1e-3
-    out.adam = {name: (got[("adam", name)], eps) for name, (_rms, eps) in raw["adam"].items() if ("adam", name) in got}
-    out.losses = [(step, got[("loss", i)]) for i, (step, _) in enumerate(losses)]
+    out.adam = {name: (got[("adam", name)], e) for name, e in eps.items() if ("adam", name) in got}
+    out.losses = [key[0:1] + (v,) for (kind, key), v in got.items() if kind == "loss"]
     return out
-
-
-def _read(entries: list[tuple[str, Any, Any]]) -> dict[tuple[str, Any], float]:
-    """Floats of (kind, key, tensor-or-float) entries: one stacked copy per device, NaN values left out."""
-    got: dict[tuple[str, Any], float] = {}
-    by_device: dict[torch.device, list[tuple[tuple[str, Any], torch.Tensor]]] = {}
-    for kind, key, v in entries:
-        if isinstance(v, torch.Tensor):
-            by_device.setdefault(v.device, []).append(((kind, key), v.detach().float().reshape(())))
-        elif v is not None:
-            got[(kind, key)] = float(v)
-    for items in by_device.values():
-        for (k, _), x in zip(items, torch.stack([t for _, t in items]).tolist()):
-            got[k] = x
-    return {k: v for k, v in got.items() if not (k[0] != "loss" and math.isnan(v))}
 
 
 def _adam_like(optimizer: Any) -> bool:

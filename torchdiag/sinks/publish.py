@@ -137,7 +137,7 @@ class Publisher:
             report.record_interval = cadence.current_interval
         if self.sentinel is not None:
             try:
-                self.sentinel.publish(report)
+                self.sentinel.publish(report, stats.signals)
             except Exception as e:  # noqa: BLE001 - torchdiag's own failure never reaches the training step
                 warn_self(f"torchdiag: the instability signals of step {stats.step} failed ({type(e).__name__}: {e})")
         self.last = report

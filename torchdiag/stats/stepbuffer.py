@@ -79,6 +79,7 @@ class Decoded:
     ranges: dict[tuple[int, int], RangeCounts] = field(default_factory=dict)  # ACT_RANGE, GRAD_RANGE
     grad_norms: GradNorms | None = None
     scale: float | None = None
+    signals: dict[int, float] = field(default_factory=dict)  # Row.SIGNAL figures by number: this rank's, not reduced
     order: dict[int, int] = field(default_factory=dict)  # slot -> first-call position
     calls: dict[int, int] = field(default_factory=dict)
 
@@ -335,6 +336,8 @@ def decode(pending: Pending, host: dict[Where, list]) -> Decoded:
             out.grad_norms = GradNorms(vals[0] - pre_sh, vals[1] - post_sh, pre_sh, post_sh)
         elif kind == Row.SCALE:
             out.scale = vals[0] if out.scale is None else out.scale
+        elif kind == Row.SIGNAL:
+            out.signals[slot] = vals[0]
         else:
             m = moms.get((slot, kind))
             if m is None:
