@@ -100,6 +100,9 @@ class Baseline:
     totals: dict[ChainKey, tuple[float, bool]] = field(default_factory=dict)
     outliers: set[str] = field(default_factory=set)
     gains: dict[str, float] = field(default_factory=dict)  # each weighted layer's gain at the latest recorded step
+    first_gains: dict[str, float] = field(default_factory=dict)  # ... at the first recorded step with gradients
+    first_weights: dict[str, float] = field(default_factory=dict)  # their weight std then
+    weights: dict[str, float] = field(default_factory=dict)  # (this step's, for ``first_weights``)
     gated: set[str] = field(default_factory=set)  # layers behind a zero gate at the first recorded step
     small_norms: set[str] = field(default_factory=set)  # norms with near-zero weights at the first recorded step
     low_grads: set[str] | None = None  # layers whose gradients were below their format's floor at the latest step
@@ -115,6 +118,8 @@ class Baseline:
             self.outliers |= seen.outliers
             self.gated |= seen.gated
             self.small_norms |= seen.small_norms
+        if not self.started:
+            self.first_gains, self.first_weights = dict(seen.gains), dict(seen.weights)
         self.gains.update(seen.gains)
         if seen.low_grads is not None:
             self.low_grads = seen.low_grads
@@ -141,6 +146,8 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
     long_chains = {key: members for key, members in chains.items() if len(members) >= cfg.min_repeats}
     outliers = _outliers(rows, layers, long_chains.values(), cfg,
                          None if not baseline.started else baseline.outliers)
+    if baseline.started:  # a member the updates moved alone, away from its own start while its peers stayed
+        outliers.update(_grown_apart(rows, layers, long_chains.values(), cfg, baseline, outliers))
     seen.outliers = {layers[p].name for p in outliers}
     seen.gated = {s.name for s in layers if _gated(s)}
     seen.backward = any(s.grad is not None for s in layers)
@@ -148,6 +155,7 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
     _jumps(rows, layers, cfg, baseline.gains if baseline.started else {})
     seen.gains = {s.name: rows[p].gain for p, s in enumerate(layers)
                   if s.role == Role.WEIGHTED and rows[p].gain and math.isfinite(rows[p].gain)}
+    seen.weights = {s.name: s.weight_std for s in layers if _usable(s.weight_std)}
     for (pattern, module_type, feeds_norm), members in long_chains.items():
         first, last = layers[members[0]].index, layers[members[-1]].index
         normalized = any(first < i < last for i in norms)
@@ -188,6 +196,54 @@ def _outliers(rows: list[LayerReport], layers: list[LayerStats], chains, cfg: Co
         for p, factor in found.items():
             _flag_outlier(rows[p], layers[p], factor, cfg)
     return found
+
+
+def _grown_apart(rows: list[LayerReport], layers: list[LayerStats], chains, cfg: Config, baseline: Baseline,
+                 known: dict[int, float]) -> dict[int, float]:
+    """In a trained net, the one chain member whose gain the updates moved away from its own start by
+    ``layer_step_ratio`` while the others of its kind stayed near theirs, that now stands as far apart from them,
+    and whose own weights moved the same way by at least its square root (a gain that moves with tiny inputs, a
+    bias taking over a vanished signal, is not its weights'): that layer's problem, with its own factor (the trend
+    of its chain is judged without its step), blamed on the optimisation. ``{position: factor against the others'
+    median gain}``, flagged on the layer."""
+    limit, found = cfg.layer_step_ratio, {}
+    first, weights = baseline.first_gains, baseline.first_weights
+    for members in chains:
+        kinds: dict[object, list[int]] = {}
+        for p in members:
+            s = layers[p]
+            if (s.role == Role.WEIGHTED and p not in known and not s.feeds_norm and _usable(rows[p].gain)
+                    and _usable(first.get(s.name))):
+                kinds.setdefault(_kind(s), []).append(p)
+        for group in kinds.values():
+            if len(group) < cfg.min_repeats:
+                continue
+            moved = {p: rows[p].gain / first[layers[p].name] for p in group}
+            typical_move = statistics.median(moved.values())
+            typical = statistics.median(rows[p].gain for p in group)
+            apart = [p for p in group
+                     if _apart(moved[p] / typical_move, limit) and _apart(rows[p].gain / typical, limit)]
+            if len(apart) == 1:  # one layer's doing; several apart at once is the chain's trend, judged as such
+                p = apart[0]
+                was, now = weights.get(layers[p].name), layers[p].weight_std
+                if not (_usable(was) and _usable(now)) or not _apart(now / was, math.sqrt(limit)) \
+                        or (now > was) != (moved[p] > typical_move):
+                    continue
+                found[p] = rows[p].gain / typical
+                _flag_grown(rows[p], layers[p], found[p], moved[p] / typical_move, cfg)
+    return found
+
+
+def _flag_grown(row: LayerReport, s: LayerStats, factor: float, moved: float, cfg: Config) -> None:
+    problem = "exploding" if factor > 1 else "vanishing"
+    flag(row, problem, "forward", factor, cfg.layer_step_ratio if factor > 1 else 1 / cfg.layer_step_ratio,
+         "layer_step_ratio",
+         f"'{s.name}' ({s.module_type}) alone became {problem} in training: its gain moved ×{moved:.3g} from its start"
+         f" against the other layers of its role, and is now ×{factor:.3g} theirs (layer_step_ratio"
+         f" {cfg.layer_step_ratio:g}): everything after it (forward) and before it (backward) is scaled by that much."
+         f" The updates did this, not the init. Fix: {OPTIMISATION_FIX}; or look at what trains this layer alone"
+         " (its own learning rate, weight decay or a loss term on it)",
+         s.name, 1, False, reason="optimisation")
 
 
 def _kind(s: LayerStats) -> object:
