@@ -56,6 +56,14 @@ def _one_step(model: nn.Module, run: nn.Module, x: torch.Tensor, **kw) -> torchd
         return diag.step()
 
 
+def _eager_and_fresh(make) -> tuple[torch.Tensor, nn.Module, torchdiag.Report, nn.Module]:
+    """A batch for ``make``'s model, the model after one eager watched step and that step's report, and a fresh
+    model to compile."""
+    x = torch.randn(8, 5, 16) if make is _transformer else torch.randn(8, 16)
+    eager_model = make()
+    return x, eager_model, _one_step(eager_model, eager_model, x), make()
+
+
 FIELDS = ("act_mean", "act_std", "act_absmax", "zero_fraction", "saturated_fraction", "grad_std", "grad_norm",
           "weight_std", "gain", "calls")
 
@@ -75,10 +83,7 @@ def _assert_same(eager: torchdiag.Report, comp: torchdiag.Report) -> None:
 
 @pytest.mark.parametrize("make", [_net, _transformer], ids=["mlp", "transformer"])
 def test_compiled_statistics_equal_eager_and_no_graph_break(make):
-    x = torch.randn(8, 5, 16) if make is _transformer else torch.randn(8, 16)
-    eager_model = make()
-    eager = _one_step(eager_model, eager_model, x)
-    model = make()
+    x, eager_model, eager, model = _eager_and_fresh(make)
     comp = _one_step(model, torch.compile(model, backend=BACKEND), x)
     assert _breaks() == 0, dict(dynamo.utils.counters["graph_break"])
     assert _graphs() == 1
@@ -306,10 +311,7 @@ def test_model_compile_says_once_that_steps_end_at_step_and_records_them():
 def test_successive_watches_of_one_compiled_model_keep_the_number_of_graphs_bounded(make):
     # issue #28 item 4: each watch of a compiled model compiled new graphs (guards on the watch's own gate key and
     # on the new ids of the process-wide hooks), until the recompile limit left the model running eagerly
-    x = torch.randn(8, 5, 16) if make is _transformer else torch.randn(8, 16)
-    eager_model = make()
-    eager = _one_step(eager_model, eager_model, x)
-    model = make()
+    x, _, eager, model = _eager_and_fresh(make)
     run = torch.compile(model, backend=BACKEND)
     compiled_before: list[int] = []
     reports = []

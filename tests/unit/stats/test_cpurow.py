@@ -320,17 +320,28 @@ def test_a_hanging_compiler_is_killed_with_its_children_and_not_tried_again(tmp_
     assert left == [], "the compiler's children are still running"
 
 
+def _python(code: str, env: dict) -> str:
+    """Run ``code`` in a fresh interpreter with ``env``; its standard output (it must exit 0)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _slow_compiler(tmp_path: Path, seconds: float) -> dict:
+    """An environment whose ``$CC`` waits ``seconds`` before running the real compiler, with a cache of its own."""
+    cc = tmp_path / "slow-cc"
+    cc.write_text(f'#!/bin/sh\nsleep {seconds}\nexec {cpurow.compiler()} "$@"\n')
+    cc.chmod(0o755)
+    return {**os.environ, "CC": str(cc), "TORCHDIAG_CACHE": str(tmp_path / "cache")}
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="a POSIX shell script as the compiler")
 def test_the_kernel_is_built_beside_the_loop_never_inside_the_users_step(tmp_path):
     """#25/#28: the kernel was compiled by a subprocess started from the user's first recorded forward, which waited
     for it. Right answer: the watch starts the build in a thread of its own at its entry; the steps meanwhile use the
     ATen path (the same figures), no subprocess is started from the training thread, and the kernel is on once
     built. A compiler that takes 3 s before it starts makes the difference plain."""
-    real = cpurow.compiler()
-    cc = tmp_path / "slow-cc"
-    cc.write_text(f'#!/bin/sh\nsleep 3\nexec {real} "$@"\n')
-    cc.chmod(0o755)
-    env = {**os.environ, "CC": str(cc), "TORCHDIAG_CACHE": str(tmp_path / "cache")}
+    env = _slow_compiler(tmp_path, 3)
     run = ("import subprocess, threading, time, torch, torchdiag\n"
            "from torchdiag.stats import _cpurow\n"
            "starts = []\n"
@@ -347,21 +358,18 @@ def test_the_kernel_is_built_beside_the_loop_never_inside_the_users_step(tmp_pat
            "took = time.monotonic() - t\n"
            "want = m[0](x).detach().std(correction=0).item()\n"
            "print(round(took, 2), _cpurow.status(), sorted(set(starts)), abs(r['0'].act_std - want) / want < 1e-5)")
-    done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    took, status, threads, right = done.stdout.strip().rsplit("\n", 1)[-1].split(" ", 3)
-    assert float(took) < 2.5, done.stdout  # the step did not wait for the 3 s compiler
+    out = _python(run, env)
+    took, status, threads, right = out.strip().rsplit("\n", 1)[-1].split(" ", 3)
+    assert float(took) < 2.5, out  # the step did not wait for the 3 s compiler
     assert status == "on"  # built meanwhile (status waits for the thread)
-    assert threads == "['torchdiag-cpu-kernel']" and right == "True", done.stdout
+    assert threads == "['torchdiag-cpu-kernel']" and right == "True", out
 
 
 def test_a_cached_kernel_is_loaded_at_the_watchs_entry_so_every_step_takes_the_same_path(tmp_path):
     """The figures of a step must not depend on how long a build took: where the cache holds the library, the watch
     loads it at its entry (no subprocess, no thread), and its first recorded step already reads through the kernel."""
     env = {**os.environ, "TORCHDIAG_CACHE": str(tmp_path / "cache")}
-    fill = "from torchdiag.stats import _cpurow; print(_cpurow.status())"
-    done = subprocess.run([sys.executable, "-c", fill], capture_output=True, text=True, timeout=120, env=env)
-    assert done.stdout.strip() == "on", done.stderr[-2000:]
+    assert _python("from torchdiag.stats import _cpurow; print(_cpurow.status())", env).strip() == "on"
     run = ("import subprocess, torch, torchdiag\n"
            "from torchdiag.stats import _cpurow\n"
            "starts = []\n"
@@ -371,25 +379,18 @@ def test_a_cached_kernel_is_loaded_at_the_watchs_entry_so_every_step_takes_the_s
            "with torchdiag.watch(m, every=1) as d:\n"
            "    ready = _cpurow.ready() is not None\n"
            "print(ready, _cpurow._state.get('thread') is None, len(starts))")
-    done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True", "True", "0"]
+    assert _python(run, env).split() == ["True", "True", "0"]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a POSIX shell script as the compiler")
 def test_a_process_that_exits_while_the_kernel_builds_fills_the_cache_and_leaves_no_temporary_file(tmp_path):
-    real = cpurow.compiler()
-    cc = tmp_path / "slow-cc"
-    cc.write_text(f'#!/bin/sh\nsleep 1\nexec {real} "$@"\n')
-    cc.chmod(0o755)
+    env = _slow_compiler(tmp_path, 1)
     cache = tmp_path / "cache"
-    env = {**os.environ, "CC": str(cc), "TORCHDIAG_CACHE": str(cache)}
     run = ("import torch, torchdiag\n"
            "m = torch.nn.Linear(64, 64)\n"
            "with torchdiag.watch(m, every=1) as d:\n"
            "    m(torch.randn(8, 64)).sum().backward(); d.step()\n")  # exits at once, the build under way
-    done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _python(run, env)
     names = sorted(p.name for p in cache.iterdir())
     assert any(n.startswith("rows-") and n.endswith(".so") for n in names), names
     assert not any(n.endswith(".so.tmp") for n in names), names
