@@ -74,7 +74,7 @@ class Sentinel:
     def add_loss(self, step: int, loss: Any) -> None:
         self._signals.add_loss(step, loss)
 
-    def end_step(self, step: int, recorded: bool, buffer: Any = None) -> None:
+    def end_step(self, step: int, recorded: bool, buffer: Any) -> None:
         """A step ends: what it measured goes into its step buffer (``buffer``, before the step's copy to the host
         starts), with the losses of the unrecorded steps before it, to be read with its report."""
         raw = self._signals.take()
@@ -88,7 +88,7 @@ class Sentinel:
             return
         batch = self._tripwire.take_batch() if self._tripwire is not None else None
         losses, self._losses = self._losses, []
-        staged = signals.stage(raw, losses, buffer) if buffer is not None else signals.stage(_EMPTY, [], None)
+        staged = signals.stage(raw, losses, buffer)
         self._pending.append((step, staged, batch))
 
     def publish(self, report: Report, values: dict[int, float] | None = None) -> None:
@@ -96,7 +96,7 @@ class Sentinel:
         its signals' figures as its step buffer brought them to the host (``StepStats.signals``)."""
         mine = [p for p in self._pending if p[0] <= report.step]
         self._pending = [p for p in self._pending if p[0] > report.step]
-        staged = next((st for s, st, _ in mine if s == report.step), ([], {}))
+        staged = next((st for s, st, _ in mine if s == report.step), signals.Staged())
         batch = next((b for s, _, b in mine if s == report.step), None)
         sig = signals.read(staged, values or {})
         reducer = self._reducer() if self._reducer is not None else None
@@ -133,5 +133,3 @@ def _host_losses(losses: list[tuple[int, Any]]) -> list[float]:
             out.append(float(loss))
     return out
 
-
-_EMPTY: dict[str, Any] = {"attention": {}, "logz": None, "softmax": None, "adam": {}, "losses": []}

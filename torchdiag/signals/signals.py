@@ -23,6 +23,7 @@ import numbers
 import weakref
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -266,9 +267,14 @@ class AdamGradients:
                     self._rms[names[i]] = (rms, eps[i])
 
 
-#: what ``stage`` kept of a step's signals: each figure's (kind, key) in the order numbered, and the figures already
-#: on the host (plain numbers: a loss passed as a float), by number
-Staged = tuple[list[tuple[str, Any]], dict[int, float]]
+@dataclass
+class Staged:
+    """What ``stage`` kept of a step's signals: each figure's (kind, key) in the order numbered, the figures already on
+    the host (plain numbers: a loss passed as a float) by number, and Adam's eps per weight."""
+
+    keys: list[tuple[str, Any]] = field(default_factory=list)
+    host: dict[int, float] = field(default_factory=dict)
+    eps: dict[str, float] = field(default_factory=dict)
 
 
 def stage(raw: dict[str, Any], losses: Sequence[tuple[int, Any]], buffer: Any) -> Staged:
@@ -276,8 +282,7 @@ def stage(raw: dict[str, Any], losses: Sequence[tuple[int, Any]], buffer: Any) -
     (``StepBuffer.write``, one ``Row.SIGNAL`` row per figure, numbered by its slot): the figures travel to the host
     with the step's statistics, in its one copy per device (non-blocking where the step's is), and are read back
     from ``StepStats.signals`` (``read``)."""
-    keys: list[tuple[str, Any]] = []
-    host: dict[int, float] = {}
+    out = Staged(eps={name: e for name, (_rms, e) in raw["adam"].items()})
     figures: list[tuple[str, Any, Any]] = []
     for name, (top, ent) in raw["attention"].items():
         figures += [("att_max", name, top), ("att_ent", name, ent)]
@@ -287,38 +292,31 @@ def stage(raw: dict[str, Any], losses: Sequence[tuple[int, Any]], buffer: Any) -
     for kind, key, v in figures:
         if v is None:
             continue
-        i = len(keys)
-        keys.append((kind, key))
+        i = len(out.keys)
+        out.keys.append((kind, key))
         if isinstance(v, torch.Tensor):
             buffer.write(i, Row.SIGNAL, 1, v.device, [v.detach().reshape(()).float()])
         else:
-            host[i] = float(v)
-    eps = {name: e for name, (_rms, e) in raw["adam"].items()}
-    keys.append(("eps", eps))  # (not a figure: Adam's eps per weight, known on the host)
-    return keys, host
+            out.host[i] = float(v)
+    return out
 
 
 def read(staged: Staged, values: dict[int, float]) -> StepSignals:
     """The step's signals as plain floats: ``staged`` (``stage``) with the figures that came back from the step's
     buffer (``StepStats.signals``); a figure that did not come back is left out (NaN for a loss)."""
-    keys, host = staged
     got: dict[tuple[str, Any], float] = {}
-    eps: dict[str, float] = {}
-    for i, (kind, key) in enumerate(keys):
-        if kind == "eps":
-            eps = key
-            continue
-        v = host.get(i, values.get(i, math.nan))
+    for i, (kind, key) in enumerate(staged.keys):
+        v = staged.host.get(i, values.get(i, math.nan))
         if kind == "loss" or not math.isnan(v):
             got[(kind, key)] = v
     out = StepSignals()
-    for name in dict.fromkeys(key for kind, key in keys if kind in ("att_max", "att_ent")):
+    for name in dict.fromkeys(key for kind, key in staged.keys if kind in ("att_max", "att_ent")):
         out.attention[name] = (got.get(("att_max", name), math.nan), got.get(("att_ent", name), math.nan))
     out.logz = got.get(("logz", None))
     soft = got.get(("softmax", None))
     out.softmax_output = soft is not None and soft < 1e-3
-    out.adam = {name: (got[("adam", name)], e) for name, e in eps.items() if ("adam", name) in got}
-    out.losses = [key[0:1] + (v,) for (kind, key), v in got.items() if kind == "loss"]
+    out.adam = {name: (got[("adam", name)], e) for name, e in staged.eps.items() if ("adam", name) in got}
+    out.losses = [(key[0], v) for (kind, key), v in got.items() if kind == "loss"]
     return out
 
 
