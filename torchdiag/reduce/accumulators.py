@@ -126,13 +126,10 @@ class RangeCounts:
     normal: float = state(0.0, SUM)
 
     def add_row(self, n: int, row: list[float]) -> None:
-        """``[format max, absmax, non-zero, at or above the floor]``, or a kernel's whole row with the format's max in
-        place of its shift: ``[format max, sum, sum of squares, min, max, non-zero, above the floor]``."""
-        if len(row) >= 7:
-            fmax, mn, mx, nonzero, normal = row[0], row[3], row[4], row[5], row[6]
-            absmax = math.nan if math.isnan(mn) or math.isnan(mx) else max(-mn, mx)
-        else:
-            fmax, absmax, nonzero, normal = row[:4]
+        """A statistics row with the format's max in place of its shift (``stats.range_row``): ``[format max, .,
+        ., min, max, non-zero, at or above the floor]``."""
+        fmax, mn, mx, nonzero, normal = row[0], row[3], row[4], row[5], row[6]
+        absmax = math.nan if math.isnan(mn) or math.isnan(mx) else max(-mn, mx)
         self.fmax = max(self.fmax, fmax)
         self.absmax = absmax if math.isnan(absmax) else max(self.absmax, absmax)
         self.n += n

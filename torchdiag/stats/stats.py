@@ -191,9 +191,10 @@ BELOW = 1.0 - 2.0 ** -12
 
 
 def range_row(x: torch.Tensor, fmt: Format, scaled: bool = False) -> list[torch.Tensor] | torch.Tensor | None:
-    """``[format max, absmax, non-zero count, count at or above the floor]`` of ``x`` against ``fmt``
-    (``Row.ACT_RANGE``, ``Row.GRAD_RANGE``): the floor is the format's precision floor (``Format.floor``), so
-    non-zero minus the last count are the values that kept 3 significant bits or fewer. One read on a GPU with
+    """The statistics row of ``x`` with the format's max in place of its shift, ``[format max, ., ., min, max,
+    non-zero count, count at or above the floor]``, against ``fmt`` (``Row.ACT_RANGE``, ``Row.GRAD_RANGE``): the
+    floor is the format's precision floor (``Format.floor``), so non-zero minus the last count are the values that
+    kept 3 significant bits or fewer. One read on a GPU with
     Triton (the fused kernel's whole row, its saturation band set to the floor and the format's max in place of
     its shift); otherwise three ATen reductions of ``|x|`` (on the CPU the step buffer has the C kernel read a
     float32 copy instead: ``StepBuffer.kernel_range_row``). Paid only for tensors in a narrow dtype (``NARROW``)
@@ -214,7 +215,8 @@ def range_row(x: torch.Tensor, fmt: Format, scaled: bool = False) -> list[torch.
     absmax = a.max().to(_F32)
     # compared in the tensor's own dtype: the floor is exact there (a power of two in its range)
     floor = absmax * (fmt.floor / fmt.max) if scaled else fmt.floor
-    return [fmax, absmax, torch.count_nonzero(a).to(_F32), (a >= floor).sum(dtype=_F32)]
+    zero = _const(x.device, 0.0)  # (the kernels' row: its sums unused)
+    return [fmax, zero, zero, -absmax, absmax, torch.count_nonzero(a).to(_F32), (a >= floor).sum(dtype=_F32)]
 
 
 def sumsq(x: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,8 @@ def test_a_float16_tensor_is_counted_as_zero_below_and_above_the_floor(kernel):
 def test_scaled_counts_what_an_fp8_recipe_would_lose_after_scaling_the_absmax_to_the_max():
     x = torch.logspace(-9, 0, 1000) * torch.tensor([1.0, -1.0]).repeat(500)
     e4m3 = FORMATS["float8_e4m3fn"]
-    _, absmax, nonzero, above = _values(stats.range_row(x, e4m3, scaled=True))
+    _, _, _, low, absmax, nonzero, above = _values(stats.range_row(x, e4m3, scaled=True))
+    assert low == -absmax
     cut = x.abs().max().item() * 2.0 ** -9 * 8 / 448.0  # e4m3's smallest subnormal is 2**-9, its max 448
     assert absmax == 1.0 and nonzero == 1000
     assert above == pytest.approx((x.abs() >= cut).sum().item(), abs=1)  # float32 rounding at the cut itself
@@ -89,7 +90,7 @@ def test_an_empty_tensor_has_no_range_row():
 def test_the_host_figures_name_the_format_and_its_headroom(name):
     fmt = FORMATS[name]
     rc = RangeCounts()
-    rc.add_row(100, [fmt.max, fmt.max / 16, 80, 60])
+    rc.add_row(100, [fmt.max, 0.0, 0.0, -fmt.max / 16, fmt.max / 32, 80, 60])
     r = _range(rc)
     assert r.format == name and r.headroom == pytest.approx(4.0)
     assert r.low_fraction == pytest.approx(20 / 80) and r.zero_fraction == pytest.approx(0.2)
@@ -97,7 +98,7 @@ def test_the_host_figures_name_the_format_and_its_headroom(name):
 
 def test_headroom_at_the_edges():
     over, zeros = RangeCounts(), RangeCounts()
-    over.add_row(10, [FP16.max, math.inf, 10, 10])
-    zeros.add_row(10, [FP16.max, 0.0, 0, 0])
+    over.add_row(10, [FP16.max, 0.0, 0.0, 0.0, math.inf, 10, 10])
+    zeros.add_row(10, [FP16.max, 0.0, 0.0, 0.0, 0.0, 0, 0])
     assert _range(over).headroom == -math.inf
     assert _range(zeros).headroom == math.inf and _range(zeros).low_fraction is None
