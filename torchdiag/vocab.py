@@ -26,7 +26,6 @@ class Row(enum.IntEnum):
     PROBE = 9  # a weighted layer's input range and zeros (which functional activation ran before it)
     ACT_RANGE = 10  # a half-precision output against its dtype's range: [format max, absmax, nonzero, normal counts]
     GRAD_RANGE = 11  # the same of the gradient with respect to that output (as the backward computed it)
-    SIGNAL = 12  # one figure of the divergence signals (an attention logit, log Z, a loss...): its slot numbers it
 
 
 class Role:
@@ -171,7 +170,8 @@ class StepStats:
     grad_norm_postclip: float | None = None  # ... and as the optimizer saw it
     amp_scale: float | None = None  # GradScaler's scale in effect for this step's backward
     histograms: list[Histogram] | None = None  # on histogram steps (this rank's own, never reduced)
-    signals: dict[int, float] = field(default_factory=dict)  # the divergence signals' figures, by their numbers
+    # the divergence signals' figures: accumulators (``accumulators``) by key, reduced across ranks with the step
+    signals: dict[tuple, object] = field(default_factory=dict)
 
 
 @dataclass

@@ -353,7 +353,7 @@ def _recorder(config: Config, slots: list[Any], modules: list[nn.Module], model:
         rec.reducer = distributed.StepReducer(slots, group, schedule={
             "every": float(every or 0), "budget": config.budget if every is None else 0.0,
             "record_first": float(config.record_first), "histogram_every": config.histogram_every,
-            # the signals each rank reduces with its own collective: ranks that differ would pack different vectors
+            # the signals' figures are reduced with the step's: ranks whose rules differ would pack different vectors
             "attention_rules": float(config.attention_rules), "output_logits_rule": float(config.output_logits_rule),
             "adam_epsilon_rule": float(config.adam_epsilon_rule), "attention_sample": float(config.attention_sample),
             "profile_every": config.profile_every, "defer_report": float(rec.defer)}, recorder=rec)
@@ -368,9 +368,9 @@ def _sentinel(model: nn.Module, slots: list[Any], modules: list[nn.Module], conf
                if s.is_layer and s.weight_name is not None and s.name}
     lookups = {id(m.weight) for m in modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     sentinel = Sentinel(model, layers, config, _recording_of(rec), optimizer=optimizer, scaler=scaler,
-                        weights=weights, lookups=lookups, monitor=monitor, deferred=rec.defer, distributed=distributed,
-                        reducer=lambda: rec.reducer if distributed else None)
+                        weights=weights, lookups=lookups, monitor=monitor, deferred=rec.defer, distributed=distributed)
     sentinel.install()
+    rec.reduce_also(sentinel.layout())
     return sentinel
 
 

@@ -53,6 +53,7 @@ class Recorder:
         self._pending: Pending | None = None
         self.notes: list[str] = []  # for the report of the step just completed (a histogram not binned)
         self._layout: list | None = None  # what the reduction packs (reduction_layout), built at its first use
+        self._signal_layout: list[tuple[tuple, type]] = []  # and the signals' figures (``reduce_also``)
 
     # what the hooks read, set by the Watcher
     @property
@@ -83,6 +84,13 @@ class Recorder:
     def write_step_value(self, what: str, vals: list[torch.Tensor], device: torch.device) -> None:
         """Step-level rows: 'clip' = [sumsq before the user's clipping, sumsq the optimizer saw]."""
         self.buffer.write(_STEP_SLOT, {"clip": CLIP, "scale": Row.SCALE}[what], 1, device, vals)
+
+    def reduce_also(self, layout: list[tuple[tuple, type]]) -> None:
+        """Signal figures (``StepBuffer.write_signal``) to reduce across ranks with the step's statistics: every key
+        any rank may hold and its accumulator type, the same on every rank. A signal figure whose key is not in it
+        (a loss) stays this rank's own."""
+        self._signal_layout = list(layout)
+        self._layout = None
 
     def _histogram_due(self) -> bool:
         """Histograms on the first recorded step of each window (``histogram_window``)."""
@@ -233,7 +241,7 @@ class Recorder:
         buf = self.buffer
         pending = Pending(step=self.step, entries=buf.entries, order=dict(order),
                           calls={s: self.slots[s].calls for s in order}, reduce=reduce,
-                          hist_entries=buf.hist_entries if with_histograms else [])
+                          hist_entries=buf.hist_entries if with_histograms else [], signals=buf.signals)
         return buf.launch(pending, with_histograms=with_histograms, defer=defer)
 
     def _complete(self, pending: Pending, reduce: bool) -> StepStats | None:
@@ -263,9 +271,14 @@ class Recorder:
             self.cadence.agree(*self.cadence.propose())
             return Decoded.from_accumulators(distributed.reduce(local.accumulators(), None))
         if self._layout is None:
-            self._layout = reduction_layout(self.slots)
+            self._layout = reduction_layout(self.slots) + self._signal_layout
         reduced = self.reducer.reduce(step, local.accumulators(), self._layout, cadence=self.cadence)
-        out = Decoded.from_accumulators(reduced) if reduced is not None else local
+        if reduced is None:
+            out = local
+        else:
+            out = Decoded.from_accumulators(reduced)
+            reduced_keys = {k for k, _ in self._signal_layout}
+            out.signals.update({k: a for k, a in local.signals.items() if k not in reduced_keys})
         return out if out.order else None
 
     def _merge(self, pending: Pending, local: Decoded, reduce: bool = False) -> tuple[StepStats | None, dict]:
@@ -276,5 +289,5 @@ class Recorder:
         if step is None or not step.order:  # (a compiled step whose graphs did not run)
             return None, local.moments
         result = step_stats(self.slots, pending.step, step)
-        result.signals = local.signals  # (the signals' own reduction is theirs: ``signals.reduce_across``)
+        result.signals = step.signals
         return result, local.moments

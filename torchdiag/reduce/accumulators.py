@@ -202,11 +202,17 @@ class LayerCall:
 @dataclass
 class AttentionFigures:
     """An attention layer's divergence signals on one rank: its largest logit (the largest of any rank) and its
-    mean entropy (the mean over the ranks that measured it)."""
+    mean entropy (the mean over the ranks that measured it). A figure that is not finite counts as not measured."""
 
     top: float = state(-math.inf, MAX)
     entropy: float = state(0.0, SUM)
     n: float = state(0.0, SUM)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.top):
+            self.top = -math.inf
+        if not math.isfinite(self.entropy):
+            self.entropy, self.n = 0.0, 0.0
 
     def is_empty(self) -> bool:
         return self.n == 0 and not math.isfinite(self.top)
@@ -214,20 +220,35 @@ class AttentionFigures:
 
 @dataclass
 class MeanFigure:
-    """A figure averaged over the ranks that measured it (the output log Z)."""
+    """A figure averaged over the ranks that measured it (the output log Z); not finite: not measured."""
 
     total: float = state(0.0, SUM)
     n: float = state(0.0, SUM)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.total):
+            self.total, self.n = 0.0, 0.0
 
     def is_empty(self) -> bool:
         return self.n == 0
 
 
 @dataclass
-class AnyRank:
-    """A test that fails when it fails on any rank (the output is a softmax's: 0 passes, 1 fails)."""
+class Largest:
+    """A figure whose largest over the ranks is what counts (how far the output's gradient is from summing to zero:
+    under a threshold on every rank when its largest is)."""
 
-    failed: float = state(0.0, MAX)
+    value: float = state(-math.inf, MAX)
+
+    def is_empty(self) -> bool:
+        return False
+
+
+@dataclass
+class Figure:
+    """One number as it is, NaN included (a loss). Left out of every reduction layout: each rank's own."""
+
+    value: float = state(math.nan, MEAN)
 
     def is_empty(self) -> bool:
         return False
@@ -235,11 +256,16 @@ class AnyRank:
 
 @dataclass
 class GradRms:
-    """A weight's gradient rms and Adam's eps on one rank: the rms of every rank's gradient (DDP's agree anyway)."""
+    """A weight's mean squared gradient and Adam's eps on one rank (``sq / n`` over the ranks: the square of the rms of
+    every rank's gradient; DDP's agree anyway). Not finite: not measured."""
 
     sq: float = state(0.0, SUM)
     n: float = state(0.0, SUM)
     eps: float = state(0.0, SUM)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.sq):
+            self.sq, self.n, self.eps = 0.0, 0.0, 0.0
 
     def is_empty(self) -> bool:
         return self.n == 0

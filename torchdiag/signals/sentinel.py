@@ -28,10 +28,9 @@ class Sentinel:
     def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Config, recording: Callable[[], bool],
                  optimizer: Any = None, scaler: Any = None, weights: dict[int, str] | None = None,
                  lookups: AbstractSet[int] = frozenset(), monitor: Any = None, deferred: bool = False,
-                 distributed: bool = False, reducer: Callable[[], Any] | None = None) -> None:
+                 distributed: bool = False) -> None:
         self._cfg = config
         self._distributed = distributed
-        self._reducer = reducer  # under torch.distributed: the watch's StepReducer (all_reduce of float lists)
         self._adam_weights = sorted(set((weights or {}).values()))
         self._signals = signals.Signals(model, layers, config, recording, optimizer=optimizer)
         self._signals.watch_weights(weights or {}, lookups)
@@ -49,7 +48,7 @@ class Sentinel:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.spikes = instability.LossSpikes(config)
         self.forecasts = instability.Forecasts(config)
-        self._pending: list[tuple[int, signals.Staged, Any]] = []  # (step, its staged signals, batch)
+        self._pending: list[tuple[int, Any]] = []  # (recorded step, the tripwire's batch of it)
         self._losses: list[tuple[int, Any]] = []  # of steps that ended unrecorded: judged at the next report
         self.alarm = False  # an unrecorded step's loss spiked (or is not finite): the next step is recorded
         self._ended = -1  # the step that ended last
@@ -60,6 +59,10 @@ class Sentinel:
         self._signals.install()
         if self._tripwire is not None:
             self._tripwire.install()
+
+    def layout(self) -> list[tuple[tuple, type]]:
+        """The signal figures a step may hold on any rank, with their reductions (``signals.layout``; installed)."""
+        return signals.layout(self._signals.attention_layers, self._adam_weights)
 
     def remove(self) -> None:
         self._signals.remove()
@@ -76,7 +79,8 @@ class Sentinel:
 
     def end_step(self, step: int, recorded: bool, buffer: Any) -> None:
         """A step ends: what it measured goes into its step buffer (``buffer``, before the step's copy to the host
-        starts), with the losses of the unrecorded steps before it, to be read with its report."""
+        starts), with the losses of the unrecorded steps before it: they come back with its statistics, reduced across
+        ranks with them where the step is (``StepStats.signals``)."""
         raw = self._signals.take()
         self._ended = step
         if self._tripwire is not None:
@@ -88,22 +92,17 @@ class Sentinel:
             return
         batch = self._tripwire.take_batch() if self._tripwire is not None else None
         losses, self._losses = self._losses, []
-        staged = signals.stage(raw, losses, buffer)
-        self._pending.append((step, staged, batch))
+        signals.stage(raw, losses, buffer)
+        self._pending.append((step, batch))
 
-    def publish(self, report: Report, values: dict[int, float] | None = None) -> None:
-        """Add the signals' findings, the loss spikes and the non-finite origin to the report of a step; ``values``:
-        its signals' figures as its step buffer brought them to the host (``StepStats.signals``)."""
+    def publish(self, report: Report, figures: dict[tuple, Any] | None = None) -> None:
+        """Add the signals' findings, the loss spikes and the non-finite origin to the report of a step; ``figures``:
+        its signals as its step buffer brought them back (``StepStats.signals``: under torch.distributed, the same on
+        every rank where the step was reduced, this rank's own where it was not)."""
         mine = [p for p in self._pending if p[0] <= report.step]
         self._pending = [p for p in self._pending if p[0] > report.step]
-        staged = next((st for s, st, _ in mine if s == report.step), signals.Staged())
-        batch = next((b for s, _, b in mine if s == report.step), None)
-        sig = signals.read(staged, values or {})
-        reducer = self._reducer() if self._reducer is not None else None
-        # under torch.distributed, a step the watch reduced across ranks (every rank publishes it) gets the same
-        # figures on every rank, so the same report; a step kept to this rank's own numbers keeps its own
-        if reducer is not None and not reducer.disabled and reducer.last_reduced == report.step:
-            sig = signals.reduce_across(sig, self._signals.attention_layers, self._adam_weights, reducer)
+        batch = next((b for s, b in mine if s == report.step), None)
+        sig = signals.read(figures or {})
         if self._pull_start is None:
             self._pull_start = report.output_grad_std
         self._adam_near = instability.judge(report, sig, self._cfg, self._adam_near, self._pull_start)

@@ -23,7 +23,6 @@ import numbers
 import weakref
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,13 +30,13 @@ from torch import nn
 
 from ..capture.globalhooks import GlobalHooks
 from ..capture.runtime import first_float_tensor, is_compiling
-from ..reduce.accumulators import AnyRank, AttentionFigures, GradRms, MeanFigure
-from ..reduce.distributed import reduce
-from ..vocab import Row, StepSignals
+from ..reduce.accumulators import AttentionFigures, Figure, GradRms, Largest, MeanFigure
+from ..vocab import StepSignals
 from ._attention import SDPA, attention_figures, entropy_of_probs, mha_figures
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..stats.stepbuffer import StepBuffer
 
 _LOGIT_ROWS = 256
 
@@ -218,11 +217,11 @@ class AdamGradients:
 
     def __init__(self, weights: dict[int, str], lookups: set[int], recording: Callable[[], bool]) -> None:
         self._weights, self._lookups, self._recording = weights, lookups, recording
-        self._rms: dict[str, tuple[Any, float]] = {}
+        self._ms: dict[str, tuple[Any, float]] = {}  # weight -> (mean squared gradient, eps)
 
     def take(self) -> dict[str, tuple[Any, float]]:
-        rms, self._rms = self._rms, {}
-        return rms
+        ms, self._ms = self._ms, {}
+        return ms
 
     def pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         try:
@@ -261,63 +260,65 @@ class AdamGradients:
                     else [torch.linalg.vector_norm(grads[i]) for i in idx]
                 for i, norm in zip(idx, norms):
                     n = torch.count_nonzero(grads[i]).clamp(min=1) if lookups[i] else grads[i].numel()
-                    rms = norm.float() / (n ** 0.5 if isinstance(n, int) else n.sqrt())
+                    ms = norm.float().square() / n  # the mean square
                     if isinstance(scale, torch.Tensor):
-                        rms = rms / scale.to(rms.device).float().reshape(())
-                    self._rms[names[i]] = (rms, eps[i])
+                        ms = ms / scale.to(ms.device).float().reshape(()).square()
+                    self._ms[names[i]] = (ms, eps[i])
 
 
-@dataclass
-class Staged:
-    """What ``stage`` kept of a step's signals: each figure's (kind, key) in the order numbered, the figures already on
-    the host (plain numbers: a loss passed as a float) by number, and Adam's eps per weight."""
+def layout(attention: Sequence[str], weights: Sequence[str]) -> list[tuple[tuple, type]]:
+    """The signal figures a step may hold on any rank (``Recorder.reduce_also``), each with the accumulator that
+    declares how it combines: the largest attention logit and the mean entropy over the ranks that measured them,
+    the mean log Z, the largest softmax-test figure (the test passes on every rank), each weight's gradient rms over
+    every rank's gradient. Losses are not in it: each rank's own."""
+    return ([(("attention", n), AttentionFigures) for n in sorted(set(attention))]
+            + [(("logz", None), MeanFigure), (("softmax", None), Largest)]
+            + [(("adam", w), GradRms) for w in sorted(set(weights))])
 
-    keys: list[tuple[str, Any]] = field(default_factory=list)
-    host: dict[int, float] = field(default_factory=dict)
-    eps: dict[str, float] = field(default_factory=dict)
 
-
-def stage(raw: dict[str, Any], losses: Sequence[tuple[int, Any]], buffer: Any) -> Staged:
+def stage(raw: dict[str, Any], losses: Sequence[tuple[int, Any]], buffer: StepBuffer) -> None:
     """Put what ``Signals.take`` gave, with ``losses`` of earlier unrecorded steps, into the step's buffer
-    (``StepBuffer.write``, one ``Row.SIGNAL`` row per figure, numbered by its slot): the figures travel to the host
-    with the step's statistics, in its one copy per device (non-blocking where the step's is), and are read back
-    from ``StepStats.signals`` (``read``)."""
-    out = Staged(eps={name: e for name, (_rms, e) in raw["adam"].items()})
-    figures: list[tuple[str, Any, Any]] = []
+    (``StepBuffer.write_signal``): each figure as the accumulator that reduces it (``layout``), its measured fields
+    still on the device, to travel to the host in the step's one copy and come back in ``StepStats.signals``
+    (``read``)."""
     for name, (top, ent) in raw["attention"].items():
-        figures += [("att_max", name, top), ("att_ent", name, ent)]
-    figures += [("logz", None, raw["logz"]), ("softmax", None, raw["softmax"])]
-    figures += [("adam", name, rms) for name, (rms, _eps) in raw["adam"].items()]
-    figures += [("loss", (step, i), loss) for i, (step, loss) in enumerate([*losses, *raw["losses"]])]
-    for kind, key, v in figures:
-        if v is None:
-            continue
-        i = len(out.keys)
-        out.keys.append((kind, key))
-        if isinstance(v, torch.Tensor):
-            buffer.write(i, Row.SIGNAL, 1, v.device, [v.detach().reshape(()).float()])
-        else:
-            out.host[i] = float(v)
-    return out
+        fields: dict[str, Any] = {"entropy": ent, "n": 1.0}
+        if top is not None:  # (an eager attention's probabilities give the entropy alone)
+            fields["top"] = top
+        buffer.write_signal(("attention", name), AttentionFigures, fields)
+    if raw["logz"] is not None:
+        buffer.write_signal(("logz", None), MeanFigure, {"total": raw["logz"], "n": 1.0})
+    if raw["softmax"] is not None:
+        buffer.write_signal(("softmax", None), Largest, {"value": raw["softmax"]})
+    for name, (ms, eps) in raw["adam"].items():
+        buffer.write_signal(("adam", name), GradRms, {"sq": ms, "n": 1.0, "eps": eps})
+    for i, (step, loss) in enumerate([*losses, *raw["losses"]]):
+        buffer.write_signal(("loss", (step, i)), Figure, {"value": loss})
 
 
-def read(staged: Staged, values: dict[int, float]) -> StepSignals:
-    """The step's signals as plain floats: ``staged`` (``stage``) with the figures that came back from the step's
-    buffer (``StepStats.signals``); a figure that did not come back is left out (NaN for a loss)."""
-    got: dict[tuple[str, Any], float] = {}
-    for i, (kind, key) in enumerate(staged.keys):
-        v = staged.host.get(i, values.get(i, math.nan))
-        if kind == "loss" or not math.isnan(v):
-            got[(kind, key)] = v
+def read(figures: dict[tuple, Any]) -> StepSignals:
+    """The step's signals as plain floats, from the accumulators its step buffer brought back (``StepStats.signals``,
+    reduced across ranks where the step was)."""
     out = StepSignals()
-    for name in dict.fromkeys(key for kind, key in staged.keys if kind in ("att_max", "att_ent")):
-        out.attention[name] = (got.get(("att_max", name), math.nan), got.get(("att_ent", name), math.nan))
-    out.logz = got.get(("logz", None))
-    soft = got.get(("softmax", None))
-    out.softmax_output = soft is not None and soft < 1e-3
-    out.adam = {name: (got[("adam", name)], e) for name, e in staged.eps.items() if ("adam", name) in got}
-    out.losses = [(key[0], v) for (kind, key), v in got.items() if kind == "loss"]
+    losses = []
+    for key, acc in figures.items():
+        kind, name = key
+        if kind == "attention":
+            out.attention[name] = (acc.top if math.isfinite(acc.top) else math.nan,
+                                   acc.entropy / acc.n if acc.n else math.nan)
+        elif kind == "logz" and acc.n:
+            out.logz = acc.total / acc.n
+        elif kind == "softmax":
+            out.softmax_output = acc.value < _SOFTMAX_TOLERANCE
+        elif kind == "adam" and acc.n:
+            out.adam[name] = (math.sqrt(acc.sq / acc.n), acc.eps / acc.n)
+        elif kind == "loss":
+            losses.append((name, acc.value))
+    out.losses = [(step, v) for (step, _i), v in sorted(losses, key=lambda kv: kv[0])]
     return out
+
+
+_SOFTMAX_TOLERANCE = 1e-3  # |sum of the output gradient| / sum of |it| under which the output is a softmax's
 
 
 def _adam_like(optimizer: Any) -> bool:
@@ -326,40 +327,3 @@ def _adam_like(optimizer: Any) -> bool:
     return bool(groups) and all("eps" in g and "betas" in g for g in groups)
 
 
-def reduce_across(sig: StepSignals, attention: list[str], weights: list[str], group: Any) -> StepSignals:
-    """The step's signals over every rank of ``group`` (a ``StepReducer``: its collectives), each figure by its
-    declared reduction (``accumulators``), in a layout every rank shares: the largest attention logit, the mean
-    entropy and log Z over the ranks that measured them, the softmax test of every rank, the gradient rms of each
-    weight. Losses stay each rank's own."""
-    names = sorted(set(attention))
-    accs: dict[tuple[str, Any], Any] = {}
-    for n in names:
-        top, ent = sig.attention.get(n, (math.nan, math.nan))
-        ok = math.isfinite(ent)
-        # a logit that is not finite on a rank is left out of the largest (-inf), as one that was not measured
-        accs[("attention", n)] = AttentionFigures(top if math.isfinite(top) else -math.inf, ent if ok else 0.0,
-                                                  1.0 if ok else 0.0)
-    if sig.logz is not None and math.isfinite(sig.logz):
-        accs[("logz", None)] = MeanFigure(sig.logz, 1.0)
-    accs[("softmax", None)] = AnyRank(0.0 if sig.softmax_output else 1.0)
-    for w in weights:
-        rms, eps = sig.adam.get(w, (math.nan, 0.0))
-        if math.isfinite(rms):
-            accs[("adam", w)] = GradRms(rms * rms, 1.0, eps)
-    layout = ([(("attention", n), AttentionFigures) for n in names] + [(("logz", None), MeanFigure),
-              (("softmax", None), AnyRank)] + [(("adam", w), GradRms) for w in weights])
-    got = reduce(accs, group, layout)
-    out = StepSignals(losses=sig.losses)
-    for n in names:
-        a = got.get(("attention", n))
-        if a is not None:
-            out.attention[n] = (a.top if math.isfinite(a.top) else math.nan, a.entropy / a.n if a.n else math.nan)
-    softmax = got.get(("softmax", None))
-    out.softmax_output = softmax is not None and softmax.failed == 0.0  # every rank's output passed the test
-    logz = got.get(("logz", None))
-    out.logz = logz.total / logz.n if logz is not None and logz.n else None
-    for w in weights:
-        g = got.get(("adam", w))
-        if g is not None and g.n:
-            out.adam[w] = (math.sqrt(g.sq / g.n), g.eps / g.n)
-    return out

@@ -51,6 +51,9 @@ KERNEL_ROWS = "cpu kernel rows"
 Where = Union[torch.device, str]
 # an entry: (slot, row kind, elements of the tensor, device or KERNEL_ROWS, start among its values, width)
 Entry = tuple[int, int, int, Where, int, int]
+# a figure of the divergence signals (``write_signal``): (its key, the accumulator it fills, the fields known on the
+# host, the fields its device values fill in order, their device (None: all on the host), start among its values)
+SignalEntry = tuple[tuple, type, dict[str, float], tuple[str, ...], Union[torch.device, None], int]
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Pending:
     calls: dict[int, int]
     reduce: bool
     hist_entries: list[tuple[int, int, torch.device, int]]
+    signals: list[SignalEntry] = field(default_factory=list)
     # per device (or KERNEL_ROWS): (it, pinned host tensor or list of floats, CUDA event or None, number of values,
     # hist width)
     copies: list[tuple[Where, Any, torch.cuda.Event | None, int, int]] = field(default_factory=list)
@@ -79,7 +83,7 @@ class Decoded:
     ranges: dict[tuple[int, int], RangeCounts] = field(default_factory=dict)  # ACT_RANGE, GRAD_RANGE
     grad_norms: GradNorms | None = None
     scale: float | None = None
-    signals: dict[int, float] = field(default_factory=dict)  # Row.SIGNAL figures by number: this rank's, not reduced
+    signals: dict[tuple, Any] = field(default_factory=dict)  # the signals' accumulators (``write_signal``) by key
     order: dict[int, int] = field(default_factory=dict)  # slot -> first-call position
     calls: dict[int, int] = field(default_factory=dict)
 
@@ -97,6 +101,7 @@ class Decoded:
             out[(STEP_SLOT, Row.SCALE)] = Scale(self.scale)
         for slot, index in self.order.items():
             out[(slot, _CALL)] = LayerCall(first=float(index), calls=self.calls.get(slot, 0))
+        out.update(self.signals)
         return out
 
     @classmethod
@@ -104,7 +109,9 @@ class Decoded:
         out = cls()
         first = []
         for key, acc in accs.items():
-            if isinstance(acc, MomentAccumulator):
+            if isinstance(key[0], str):  # a signal's (``write_signal``): its key names it
+                out.signals[key] = acc
+            elif isinstance(acc, MomentAccumulator):
                 out.moments[key] = acc
             elif isinstance(acc, SumSq):
                 out.sumsq[key] = acc
@@ -155,6 +162,7 @@ class StepBuffer:
         self._hist_buffers: dict[torch.device, torch.Tensor] = {}
         self._hist_rows_used: dict[torch.device, int] = {}
         self.hist_entries: list[tuple[int, int, torch.device, int]] = []
+        self.signals: list[SignalEntry] = []
         # the CPU kernel's rows of this step, written in place (``kernel_row``): float64 [capacity, 7], kept
         # across steps (it only grows)
         self._block = torch.empty((0, stats.ACT_COLS), dtype=torch.float64)
@@ -168,6 +176,11 @@ class StepBuffer:
         They stay where the kernels put them (they are allocated anyway) until the step ends, when one
         stack (or cat) per device gathers them: no copy kernel per row, no host sync.
         """
+        start, width = self._put(device, vals)
+        self.entries.append((slot, kind, n, device, start, width))
+        return start
+
+    def _put(self, device: torch.device, vals: list[torch.Tensor] | torch.Tensor) -> tuple[int, int]:
         values = self.values.setdefault(device, [])
         start = self.sizes.get(device, 0)
         if isinstance(vals, torch.Tensor):
@@ -177,8 +190,19 @@ class StepBuffer:
             values.extend(vals)
             width = len(vals)
         self.sizes[device] = start + width
-        self.entries.append((slot, kind, n, device, start, width))
-        return start
+        return start, width
+
+    def write_signal(self, key: tuple[str, Any], cls: type, fields: dict[str, torch.Tensor | float]) -> None:
+        """A figure of the divergence signals, the accumulator ``cls`` it becomes (its declared reduction) and its
+        fields: 0-d tensors travel in the step's copy with its other rows, numbers stay on the host. ``key`` starts
+        with a string (the kind of figure), which tells it from a layer's."""
+        host = {k: float(v) for k, v in fields.items() if not isinstance(v, torch.Tensor)}
+        on_device = [(k, v) for k, v in fields.items() if isinstance(v, torch.Tensor)]
+        device, start = None, 0
+        if on_device:
+            device = on_device[0][1].device
+            start, _ = self._put(device, [v.detach().reshape(()).float().to(device) for _, v in on_device])
+        self.signals.append((key, cls, host, tuple(k for k, _ in on_device), device, start))
 
     def kernel_row(self, slot: int, kind: int, x: torch.Tensor, saturation: tuple[float, float] | None = None,
                    zeros: bool = False) -> int | None:
@@ -241,16 +265,19 @@ class StepBuffer:
 
     def mark(self) -> tuple:
         """Where the buffer stands now, for ``rollback`` (``peek`` adds weight rows, then takes them back)."""
-        return {d: len(v) for d, v in self.values.items()}, dict(self.sizes), len(self.entries), self._block_used
+        return ({d: len(v) for d, v in self.values.items()}, dict(self.sizes), len(self.entries), self._block_used,
+                len(self.signals))
 
     def rollback(self, mark: tuple) -> None:
-        lengths, sizes, n_entries, self._block_used = mark
+        lengths, sizes, n_entries, self._block_used, n_signals = mark
         self.entries = self.entries[:n_entries]
+        self.signals = self.signals[:n_signals]
         self.values = {d: v[: lengths.get(d, 0)] for d, v in self.values.items()}
         self.sizes = {d: sizes.get(d, 0) for d in self.values}
 
     def reset(self) -> None:
         self.entries = []
+        self.signals = []
         self.values = {}
         self.sizes = {}
         self.hist_entries = []
@@ -307,7 +334,8 @@ def arrive(pending: Pending) -> tuple[dict[Where, list], dict[Where, list]]:
 
 
 def decode(pending: Pending, host: dict[Where, list]) -> Decoded:
-    """Rows -> accumulators, per (slot, row kind); gradient moments are unscaled by the step's AMP scale."""
+    """Rows -> accumulators, per (slot, row kind), and the signals' figures by key; gradient moments are unscaled by
+    the step's AMP scale."""
     out = Decoded(order=dict(pending.order), calls=dict(pending.calls))
     moms, sq = out.moments, out.sumsq
     for slot, kind, n, device, row, width in pending.entries:
@@ -336,13 +364,15 @@ def decode(pending: Pending, host: dict[Where, list]) -> Decoded:
             out.grad_norms = GradNorms(vals[0] - pre_sh, vals[1] - post_sh, pre_sh, post_sh)
         elif kind == Row.SCALE:
             out.scale = vals[0] if out.scale is None else out.scale
-        elif kind == Row.SIGNAL:
-            out.signals[slot] = vals[0]
         else:
             m = moms.get((slot, kind))
             if m is None:
                 m = moms[(slot, kind)] = MomentAccumulator()
             m.add_row(n, vals)
+    for key, cls, fields, names, on, start in pending.signals:  # a signal's figure: its accumulator
+        if names and on is not None:
+            fields = {**fields, **dict(zip(names, host[on][start:start + len(names)]))}
+        out.signals[key] = cls(**fields)
     if any(c == 0 for c in out.calls.values()):  # slots traced into a recorded graph that did not run this step
         ran = sorted((i, s) for s, i in out.order.items() if out.calls.get(s, 0) > 0)
         out.order = {s: i for i, (_, s) in enumerate(ran)}
