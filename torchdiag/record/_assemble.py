@@ -81,7 +81,7 @@ def histograms(slots: list[Slot], pending: Pending, hist_host: dict, moms: dict,
             bins = len(counts)
             edges = [lo + (hi - lo) * i / bins for i in range(bins)] + [hi]
             out.append(Histogram(layer=slots[slot].name, quantity=label, min=m.min, max=m.max, num=m.n,
-                                 sum=m.mean * m.n, sum_squares=m.m2 + m.n * m.mean * m.mean,
+                                 sum=m.mean * m.n, sum_squares=m.sumsq,
                                  edges=edges, counts=counts))
     return out
 

@@ -14,7 +14,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from .accumulators import MAX, MEAN, MIN, SUM, reductions
+from .accumulators import MAX, MEAN, MIN, SUM, moment_sums, reductions, row_moments
 
 __all__ = ["OneRank", "reduce"]
 
@@ -79,10 +79,8 @@ def reduce(accumulators: dict[K, Any], group: Any, layout: Sequence[tuple[K, typ
             elif op in (MAX, MIN):
                 sm.append(1.0 if math.isnan(getattr(acc, name)) else 0.0)
             elif name == "mean":  # POOLED: sum(x - c) and sum((x - c)^2) about the common shift
-                sm.append(acc.n * (acc.mean - c))
-            else:
-                d = acc.mean - c
-                sm.append(acc.m2 + acc.n * d * d)
+                sm.extend(moment_sums(acc.n, acc.mean, acc.m2, c))
+            # (POOLED "m2", declared right after "mean": its slot took the second sum)
     gsm = group.all_reduce(sm, "sum")
     out: dict[K, Any] = {}
     pos = 0
@@ -103,8 +101,7 @@ def reduce(accumulators: dict[K, Any], group: Any, layout: Sequence[tuple[K, typ
             elif op == SUM:
                 kwargs[f.name] = int(v) if isinstance(f.default, int) else v
         if "mean" in values and values.get("n", 0) > 0:  # POOLED
-            n, s1, s2 = values["n"], values["mean"], values["m2"]
-            kwargs["mean"], kwargs["m2"] = c + s1 / n, max(s2 - s1 * s1 / n, 0.0)
+            kwargs["mean"], kwargs["m2"] = row_moments(values["n"], c, values["mean"], values["m2"])
         acc = cls(**kwargs)
         if not acc.is_empty():
             out[key] = acc

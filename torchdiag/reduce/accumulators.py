@@ -30,10 +30,18 @@ def reductions(acc: Any) -> list[tuple[str, str]]:
     return [(f.name, f.metadata["reduce"]) for f in fields(acc)]
 
 
-def row_moments(n: int, r: float, sd: float, sdd: float) -> tuple[float, float]:
-    """(mean, M2) of ``n`` values from a row's sums about its shift ``r``: ``sd = sum(x - r)``, ``sdd = sum((x - r)^2)``
-    (``stats``' rows). The one place a row becomes moments; ``MomentAccumulator.merge`` combines them."""
+def row_moments(n: float, r: float, sd: float, sdd: float) -> tuple[float, float]:
+    """(mean, M2) of ``n`` values from their sums about a shift ``r``: ``sd = sum(x - r)``, ``sdd = sum((x - r)^2)``
+    (``stats``' rows, and the cross-rank sums of ``reduce``). The one place sums become moments;
+    ``MomentAccumulator.merge`` combines moments, ``moment_sums`` goes back."""
     return r + sd / n, max(sdd - sd * sd / n, 0.0)
+
+
+def moment_sums(n: float, mean: float, m2: float, r: float) -> tuple[float, float]:
+    """``(sum(x - r), sum((x - r)^2))`` of ``n`` values with moments ``(mean, m2)``: the inverse of ``row_moments``
+    (sums about a shift every rank knows add up exactly across ranks)."""
+    d = mean - r
+    return n * d, m2 + n * d * d
 
 
 @dataclass
@@ -146,6 +154,14 @@ class SumSq:
 
     total: float = state(0.0, SUM)
     n: int = state(0, SUM)
+
+    def add_row(self, n: int, row: list[float]) -> None:
+        """Merge ``[sum(x^2)]`` or a statistics row ``[r, sum(x - r), sum((x - r)^2), ...]`` of ``n`` values."""
+        if len(row) == 1:
+            self.total += row[0]
+        else:
+            self.total += moment_sums(n, *row_moments(n, *row[:3]), 0.0)[1]
+        self.n += n
 
     def is_empty(self) -> bool:
         return self.n == 0

@@ -33,7 +33,6 @@ from ..reduce.accumulators import (
     Scale,
     SumSq,
     Update,
-    row_moments,
 )
 from ..vocab import Role, Row
 from . import _cpurow as cpurow
@@ -346,12 +345,7 @@ def decode(pending: Pending, host: dict[Where, list]) -> Decoded:
             acc = sq.get((slot, kind))
             if acc is None:
                 acc = sq[(slot, kind)] = SumSq()
-            if width == 1:
-                acc.total += vals[0]
-            else:  # the producer's row, [r, sum(x - r), sum((x - r)^2)]: sum(x^2) = M2 + n * mean^2
-                mean, m2 = row_moments(n, *vals[:3])
-                acc.total += m2 + n * mean * mean
-            acc.n += n
+            acc.add_row(n, vals)  # [sum(x^2)], or the producer's statistics row
         elif kind in (Row.ACT_RANGE, Row.GRAD_RANGE):  # counts of the tensors as computed: never unscaled
             rc = out.ranges.get((slot, kind))
             if rc is None:
