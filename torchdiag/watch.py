@@ -30,7 +30,6 @@ from .reduce import distributed
 from .report.report import Report
 from .signals.sentinel import Sentinel
 from .sinks.publish import Publisher
-from .stats.stats import prepare_cpu_kernel
 from .training.optim import OptimizerMonitor, watched_weights
 from .training.rescale import RescaleHook, RescaleSpec, factors
 from .vocab import Format
@@ -107,9 +106,6 @@ class Watcher:
                                        else self._logdir is not None)
         self._recorder = rec = _recorder(self.config, slots, modules, model, WeakCall(self, "_end_step_in_hook"),
                                          histograms, self._group)
-        tensors = [*model.parameters(), *model.buffers()]
-        if not tensors or any(t.device.type == "cpu" for t in tensors):
-            prepare_cpu_kernel()  # its build, where needed, runs beside the loop, not in the first recorded step
         cap = rec.capture
         cap.record_eval = self._record_eval
         cap.precision = self._precision

@@ -120,12 +120,6 @@ def cpu_row_into(x: torch.Tensor, block: torch.Tensor, i: int, saturation: tuple
         block[i, :3] = torch.stack(_moments64(_flat(x)))
 
 
-def prepare_cpu_kernel() -> None:
-    """Start loading the CPU kernel (building it where its cache has none) beside the training loop: a watch of a
-    model with CPU tensors calls this at its entry, so that no compiler runs inside the user's step."""
-    cpurow.prepare()
-
-
 def _minmax(x: torch.Tensor) -> list[torch.Tensor]:
     mn, mx = torch.aminmax(x)
     return [mn, mx] if x.dtype == _F32 else [mn.float(), mx.float()]

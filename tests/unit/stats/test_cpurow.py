@@ -1,27 +1,48 @@
 """The CPU statistics kernel (torchdiag.stats._cpurow): its row against float64 tensor ops, the same row from its
-AVX2 and baseline builds, and the ATen path where it cannot be built."""
+AVX2 and baseline builds, the library the install built found and checked next to the module, and the ATen path
+where it is absent, does not load or is switched off; no subprocess in a watched step."""
 
 from __future__ import annotations
 
+import ast
+import importlib.machinery
 import math
-import os
 import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+import torchdiag
 from tests.helpers.recording import spy
 from torchdiag.stats import _cpurow as cpurow
 from torchdiag.stats import stats
 
-pytestmark = pytest.mark.skipif(cpurow.status() != "on", reason=f"CPU kernel not built: {cpurow.status()}")
+# only where the install built no library (no C compiler then); a library that is there but unusable fails
+needs_kernel = pytest.mark.skipif(cpurow.library_file() is None, reason=cpurow.NOT_BUILT)
 
+REPO = Path(__file__).resolve().parents[3]
 SAT = (0.0, 0.9)
+
+
+@pytest.fixture(autouse=True)
+def kernel_on():
+    """Each test starts and ends with the kernel on where it was built (whatever ``TORCHDIAG_CPU_KERNEL`` says)."""
+    cpurow.set_enabled(True)
+    yield
+    cpurow.set_enabled(True)
+
+
+@pytest.fixture
+def no_library(monkeypatch, tmp_path):
+    """This process as if the install had built no kernel: the loader looks in an empty directory, afresh."""
+    monkeypatch.setattr(cpurow, "DIRECTORY", tmp_path)
+    monkeypatch.setattr(cpurow, "_state", {})
+    return tmp_path
 
 
 def expected(x: torch.Tensor, saturation=None, zeros=False) -> list[float]:
@@ -57,6 +78,7 @@ def kernel_for_any_size(monkeypatch):
     monkeypatch.setattr(cpurow, "SERIAL_N", 1 << 40)
 
 
+@needs_kernel
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 4095, 4096, 4097, 65536 + 37, 300_001])
 def test_row_equals_float64_definition(n, kernel_for_any_size):
     g = torch.Generator().manual_seed(n)
@@ -71,6 +93,7 @@ def test_row_equals_float64_definition(n, kernel_for_any_size):
     assert close(stats.grad_row(x).tolist()[:5], expected(x)[:5])
 
 
+@needs_kernel
 def test_nonfinite_values_propagate_like_aminmax():
     x = torch.randn(10_000)
     x[1234] = math.inf
@@ -83,6 +106,7 @@ def test_nonfinite_values_propagate_like_aminmax():
     assert math.isnan(mn.item()) and math.isnan(mx.item())  # the ATen path's semantics, kept
 
 
+@needs_kernel
 @pytest.mark.parametrize("case", ["both infinities", "infinite first element", "float lanes overflow both ways",
                                   "nan after infinities", "nan last"])
 def test_min_and_max_are_nan_exactly_when_aminmax_says_so(case):
@@ -107,6 +131,7 @@ def test_min_and_max_are_nan_exactly_when_aminmax_says_so(case):
         assert (math.isnan(got) and math.isnan(want)) or got == want, (case, row, mn, mx)
 
 
+@needs_kernel
 def test_unreliable_float_sums_are_redone_in_float64():
     """|x| ~ 1e20: x^2 overflows float32; the row falls back to float64 (as the ATen path) and stays exact."""
     x = torch.full((5000,), 1e20)
@@ -128,6 +153,7 @@ def test_tensors_without_plain_storage_take_the_aten_path():
     assert isinstance(row, list)
 
 
+@needs_kernel
 def test_strided_and_half_precision_tensors():
     """A strided tensor is flattened (a copy) and goes through the kernel; half precision takes the ATen path."""
     x = torch.randn(64, 64)
@@ -136,6 +162,7 @@ def test_strided_and_half_precision_tensors():
     assert isinstance(stats.act_row(x.bfloat16()), list)
 
 
+@needs_kernel
 def test_aten_path_when_switched_off_gives_the_same_statistics():
     x = (torch.randn(50_000) * 2 + 0.3).relu()  # the zeros count is of a non-negative output (ReLU family)
     kernel = stats.act_row(x, SAT, zeros=True)
@@ -151,116 +178,11 @@ def test_aten_path_when_switched_off_gives_the_same_statistics():
     assert torch.allclose(kernel, aten, rtol=1e-5, atol=1e-3, equal_nan=True)
 
 
-def test_no_compiler_means_the_aten_path_and_a_reason(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCHDIAG_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpurow, "compiler", lambda: shutil.which("false"))  # every build fails
-    cpurow.set_enabled(True)
-    try:
-        assert "build failed" in cpurow.status()
-        assert isinstance(stats.act_row(torch.randn(100)), list)
-    finally:
-        monkeypatch.undo()
-        cpurow.set_enabled(True)
-    assert cpurow.status() == "on"
-
-
-@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX owners and modes")
-def test_a_cache_others_can_write_to_is_not_loaded_from(monkeypatch, tmp_path):
-    """A predictable library name in a directory someone else can write to could be their code: torchdiag builds
-    a private copy instead, and a fresh cache of its own is used as it is."""
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
-    monkeypatch.setenv("TORCHDIAG_CACHE", str(shared))
-    scratch = tmp_path / "tmp"  # $TMPDIR, where the private copy is built
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    try:
-        cpurow.set_enabled(True)
-        assert cpurow.status() == "on" and cpurow.library_path().parent != shared
-        assert list(scratch.iterdir()) == []  # #28 item 11: the private build leaves nothing behind in $TMPDIR
-        own = tmp_path / "own"
-        monkeypatch.setenv("TORCHDIAG_CACHE", str(own))
-        cpurow.set_enabled(True)
-        assert cpurow.status() == "on" and cpurow.library_path().parent == own
-        assert close(stats.act_row(torch.arange(5.0)).tolist(), expected(torch.arange(5.0)))
-    finally:
-        monkeypatch.undo()
-        cpurow.set_enabled(True)
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="ELF libraries")
-def test_a_truncated_library_in_the_cache_is_rebuilt_not_loaded(monkeypatch, tmp_path):
-    """#28 item 12: a library cut short in the cache (a full disk, a killed copy) killed every new process with
-    SIGBUS when it was loaded. Right answer: a fresh interpreter sees that it is not whole, rebuilds it in place and
-    records its step with the kernel; the file is whole again after."""
-    monkeypatch.setenv("TORCHDIAG_CACHE", str(tmp_path))
-    try:
-        cpurow.set_enabled(True)
-        assert cpurow.status() == "on"
-        path = cpurow.library_path()
-        assert path.parent == tmp_path and cpurow.whole(path)
-        data = path.read_bytes()
-        cut = tmp_path / "cut"
-        cut.write_bytes(data[: len(data) // 2])
-        os.chmod(cut, 0o755)
-        os.replace(cut, path)  # (a new inode: this process keeps the library it mapped)
-        assert not cpurow.whole(path)
-        run = ("import torch, torchdiag; from torchdiag.stats import _cpurow; m = torch.nn.Linear(64, 64)\n"
-               "with torchdiag.watch(m, every=1) as d:\n"
-               "    m(torch.randn(8, 64)).sum().backward(); r = d.step()\n"
-               "print(_cpurow.status(), _cpurow.library_path())")
-        done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=240,
-                              env={**os.environ, "TORCHDIAG_CACHE": str(tmp_path)})
-        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])  # not killed by SIGBUS (-7)
-        status, used = done.stdout.split()
-        assert status == "on" and used == str(path)
-        assert cpurow.whole(path) and path.stat().st_size == len(data)
-    finally:
-        monkeypatch.undo()
-        cpurow.set_enabled(True)
-
-
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux",
-                    reason="x86 instruction sets, read from /proc/cpuinfo")
-def test_avx2_and_baseline_builds_give_bit_identical_rows(tmp_path):
-    """The row must not depend on the CPU's instruction set: the same source built for the x86-64 baseline
-    (SSE2) and for AVX2 (with FMA available) gives the same bits, also for a tail that is not a whole vector and
-    for NaN, infinities, signed zeros and denormals."""
-    if "avx2" not in Path("/proc/cpuinfo").read_text():
-        pytest.skip("this CPU has no AVX2")
-    cc = cpurow.compiler()
-    builds = {}
-    for name, extra in {"base": ("-DTD_ONE_TARGET",), "avx2": ("-DTD_ONE_TARGET", "-mavx2", "-mfma")}.items():
-        path = tmp_path / f"{name}.so"
-        cpurow.build(path, cc, extra)
-        builds[name] = cpurow.load(path)
-    g = torch.Generator().manual_seed(0)
-    special = torch.tensor([0.0, -0.0, 1e-40, -1e-42, math.inf, -math.inf, 3.0e38])
-    inputs = [torch.randn(n, generator=g) * 5 + 2 for n in (33, 4096 * 3 + 5, 200_003)]
-    inputs += [torch.cat((special[:4], torch.randn(50, generator=g))), special[:4].repeat(9), special[:5],
-               torch.cat((torch.randn(20, generator=g), torch.tensor([math.nan]), special))]
-    for x in inputs:
-        for variant in range(4):
-            rows = []
-            for fns in builds.values():
-                out = torch.empty(7, dtype=torch.float64)
-                fns[variant](x.data_ptr(), x.numel(), 1, 0.0, 0.9, 10.0, out.data_ptr())
-                rows.append(out)
-            same = torch.equal(rows[0].isnan(), rows[1].isnan()) and torch.equal(rows[0].nan_to_num(),
-                                                                                  rows[1].nan_to_num())
-            same = same and torch.equal(rows[0].signbit(), rows[1].signbit())
-            assert same, (x.numel(), variant, rows)
-
-
+@needs_kernel
 def test_a_watched_step_reads_the_same_from_the_host_block_as_from_float64_tensor_ops():
     """A watch writes the kernel's rows into one host block per step (growing it past its first 64 rows here:
     40 Linear + ReLU pairs and a Tanh head give 160+ rows), and peeking at the step in progress rolls its weight
     rows back. Each layer's statistics must be those of its own tensors, computed here in float64."""
-    from torch import nn
-
-    import torchdiag
-
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(40) for m in (nn.Linear(16, 16), nn.ReLU())], nn.Linear(16, 4), nn.Tanh())
     x = torch.randn(32, 16)
@@ -286,111 +208,142 @@ def test_a_watched_step_reads_the_same_from_the_host_block_as_from_float64_tenso
             assert layer.weight_std == pytest.approx(w.std(correction=0).item(), rel=1e-5), layer.name
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="POSIX process groups, /proc")
-def test_a_hanging_compiler_is_killed_with_its_children_and_not_tried_again(tmp_path):
-    """#28 item 10: a $CC that hangs (an unreachable distcc or ccache server) held the first recorded step for 120 s
-    in every new process and left its child running. Right answer: the step goes on within TORCHDIAG_CC_TIMEOUT
-    (2 s here) on the ATen path, nothing the compiler started is left, and the next process does not try again."""
-    marker = f"{300 + os.getpid() % 600}.5"  # a sleep only this test's compiler starts
-    cc = tmp_path / "hanging-cc"
-    cc.write_text(f"#!/bin/sh\nsleep {marker} &\nsleep {marker}\n")
-    cc.chmod(0o755)
-    env = {**os.environ, "CC": str(cc), "TORCHDIAG_CACHE": str(tmp_path / "cache"), "TORCHDIAG_CC_TIMEOUT": "2"}
-    run = ("import time, torch, torchdiag; from torchdiag.stats import _cpurow; m = torch.nn.Linear(64, 64)\n"
-           "t = time.monotonic()\n"
-           "with torchdiag.watch(m, every=1) as d:\n"
-           "    m(torch.randn(8, 64)).sum().backward(); r = d.step()\n"
-           "print(round(time.monotonic() - t, 1)); print(_cpurow.status())")
-    took, said = [], []
-    for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120, env=env)
-        assert done.returncode == 0, done.stderr[-2000:]
-        seconds, status = done.stdout.strip().split("\n", 1)
-        took.append(float(seconds))
-        said.append(status)
-    assert took[0] < 15 and "did not finish within 2 s" in said[0]
-    assert took[1] < 5 and "not retried" in said[1]
-    left = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and f"sleep\0{marker}".encode() in (proc / "cmdline").read_bytes():
-                left.append(proc.name)
-        except OSError:
-            continue
-    assert left == [], "the compiler's children are still running"
+@needs_kernel
+def test_the_library_the_install_built_is_found_next_to_the_module_and_used():
+    path = cpurow.library_file()
+    assert path.parent == Path(cpurow.__file__).parent
+    assert path.name[len(cpurow.NAME):] in importlib.machinery.EXTENSION_SUFFIXES
+    assert cpurow.status() == "on" and cpurow.library_path() == path
+    assert cpurow.usable(torch.randn(100))
 
 
-def _python(code: str, env: dict) -> str:
-    """Run ``code`` in a fresh interpreter with ``env``; its standard output (it must exit 0)."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+def _setup_flags() -> list[str]:
+    """``FLAGS`` as setup.py builds the kernel with them (read, not run)."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "FLAGS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py has no FLAGS")
+
+
+def _build(out: Path, *extra: str) -> tuple:
+    """``_rows.c`` built here as setup.py builds it, with ``extra`` flags; its functions."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    cmd = [cc, *_setup_flags(), "-fPIC", "-shared", *extra, "-o", str(out), str(REPO / "torchdiag/stats/_rows.c")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return cpurow.load(out)
 
 
-def _slow_compiler(tmp_path: Path, seconds: float) -> dict:
-    """An environment whose ``$CC`` waits ``seconds`` before running the real compiler, with a cache of its own."""
-    cc = tmp_path / "slow-cc"
-    cc.write_text(f'#!/bin/sh\nsleep {seconds}\nexec {cpurow.compiler()} "$@"\n')
-    cc.chmod(0o755)
-    return {**os.environ, "CC": str(cc), "TORCHDIAG_CACHE": str(tmp_path / "cache")}
+@needs_kernel
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux",
+                    reason="x86 instruction sets, read from /proc/cpuinfo")
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler for the builds")
+@pytest.mark.skipif(not (REPO / "setup.py").exists(), reason="a source checkout (setup.py, _rows.c)")
+def test_avx2_and_baseline_builds_give_bit_identical_rows(tmp_path):
+    """The row must not depend on the CPU's instruction set: the same source built for the x86-64 baseline
+    (SSE2) and for AVX2 (with FMA available) gives the same bits as the installed kernel (which picks its clone by
+    CPU), also for a tail that is not a whole vector and for NaN, infinities, signed zeros and denormals."""
+    if "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2")
+    builds = {"installed": cpurow.load(cpurow.library_file()),
+              "base": _build(tmp_path / "base.so", "-DTD_ONE_TARGET"),
+              "avx2": _build(tmp_path / "avx2.so", "-DTD_ONE_TARGET", "-mavx2", "-mfma")}
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-42, math.inf, -math.inf, 3.0e38])
+    inputs = [torch.randn(n, generator=g) * 5 + 2 for n in (33, 4096 * 3 + 5, 200_003)]
+    inputs += [torch.cat((special[:4], torch.randn(50, generator=g))), special[:4].repeat(9), special[:5],
+               torch.cat((torch.randn(20, generator=g), torch.tensor([math.nan]), special))]
+    for x in inputs:
+        for variant in range(4):
+            rows = {}
+            for name, fns in builds.items():
+                out = torch.empty(7, dtype=torch.float64)
+                reliable = fns[variant](x.data_ptr(), x.numel(), 1, 0.0, 0.9, 10.0, out.data_ptr())
+                rows[name] = (reliable, out.view(torch.int64).tolist())  # the bits, NaN payloads and signs too
+            assert rows["base"] == rows["avx2"] == rows["installed"], (x.numel(), variant, rows)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="a POSIX shell script as the compiler")
-def test_the_kernel_is_built_beside_the_loop_never_inside_the_users_step(tmp_path):
-    """#25/#28: the kernel was compiled by a subprocess started from the user's first recorded forward, which waited
-    for it. Right answer: the watch starts the build in a thread of its own at its entry; the steps meanwhile use the
-    ATen path (the same figures), no subprocess is started from the training thread, and the kernel is on once
-    built. A compiler that takes 3 s before it starts makes the difference plain."""
-    env = _slow_compiler(tmp_path, 3)
-    run = ("import subprocess, threading, time, torch, torchdiag\n"
-           "from torchdiag.stats import _cpurow\n"
-           "starts = []\n"
-           "popen = subprocess.Popen.__init__\n"
-           "def spy(self, *a, **k):\n"
-           "    starts.append(threading.current_thread().name)\n"
-           "    popen(self, *a, **k)\n"
-           "subprocess.Popen.__init__ = spy\n"
-           "m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())\n"
-           "x = torch.randn(8, 64)\n"
-           "t = time.monotonic()\n"
-           "with torchdiag.watch(m, every=1) as d:\n"
-           "    m(x).sum().backward(); r = d.step()\n"
-           "took = time.monotonic() - t\n"
-           "want = m[0](x).detach().std(correction=0).item()\n"
-           "print(round(took, 2), _cpurow.status(), sorted(set(starts)), abs(r['0'].act_std - want) / want < 1e-5)")
-    out = _python(run, env)
-    took, status, threads, right = out.strip().rsplit("\n", 1)[-1].split(" ", 3)
-    assert float(took) < 2.5, out  # the step did not wait for the 3 s compiler
-    assert status == "on"  # built meanwhile (status waits for the thread)
-    assert threads == "['torchdiag-cpu-kernel']" and right == "True", out
+def test_without_the_library_the_aten_path_gives_the_same_statistics(no_library):
+    """An install without a C compiler has no library: the ATen path, the reason in ``status``, and the statistics
+    of the kernel (where this install has it) to float32 rounding."""
+    x = (torch.randn(50_000) * 2 + 0.3).relu()
+    assert cpurow.library_file() is None
+    assert cpurow.status() == cpurow.NOT_BUILT and cpurow.library_path() is None
+    assert not cpurow.usable(x)
+    aten = stats.act_row(x, SAT, zeros=True, shift=True)
+    assert isinstance(aten, list)
+    assert close(torch.stack(aten).double().tolist(), expected(x, SAT, zeros=True), rel=1e-4)
 
 
-def test_a_cached_kernel_is_loaded_at_the_watchs_entry_so_every_step_takes_the_same_path(tmp_path):
-    """The figures of a step must not depend on how long a build took: where the cache holds the library, the watch
-    loads it at its entry (no subprocess, no thread), and its first recorded step already reads through the kernel."""
-    env = {**os.environ, "TORCHDIAG_CACHE": str(tmp_path / "cache")}
-    assert _python("from torchdiag.stats import _cpurow; print(_cpurow.status())", env).strip() == "on"
-    run = ("import subprocess, torch, torchdiag\n"
-           "from torchdiag.stats import _cpurow\n"
-           "starts = []\n"
-           "popen = subprocess.Popen.__init__\n"
-           "subprocess.Popen.__init__ = lambda self, *a, **k: (starts.append(a), popen(self, *a, **k))[1]\n"
-           "m = torch.nn.Linear(64, 64)\n"
-           "with torchdiag.watch(m, every=1) as d:\n"
-           "    ready = _cpurow.ready() is not None\n"
-           "print(ready, _cpurow._state.get('thread') is None, len(starts))")
-    assert _python(run, env).split() == ["True", "True", "0"]
+def _watched_layers(steps: int = 3) -> list[tuple]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torchdiag.watch(model, every=1, config={"warnings": False}) as diag:
+        for _ in range(steps):
+            model(torch.randn(16, 32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            report = diag.step()
+    return [(r.name, r.act_mean, r.act_std, r.grad_std, r.weight_std, r.zero_fraction) for r in report.layers]
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="a POSIX shell script as the compiler")
-def test_a_process_that_exits_while_the_kernel_builds_fills_the_cache_and_leaves_no_temporary_file(tmp_path):
-    env = _slow_compiler(tmp_path, 1)
-    cache = tmp_path / "cache"
-    run = ("import torch, torchdiag\n"
-           "m = torch.nn.Linear(64, 64)\n"
-           "with torchdiag.watch(m, every=1) as d:\n"
-           "    m(torch.randn(8, 64)).sum().backward(); d.step()\n")  # exits at once, the build under way
-    _python(run, env)
-    names = sorted(p.name for p in cache.iterdir())
-    assert any(n.startswith("rows-") and n.endswith(".so") for n in names), names
-    assert not any(n.endswith(".so.tmp") for n in names), names
+@needs_kernel
+def test_a_watch_without_the_library_reports_what_it_reports_with_it(monkeypatch, tmp_path):
+    with_kernel = _watched_layers()
+    monkeypatch.setattr(cpurow, "DIRECTORY", tmp_path)
+    monkeypatch.setattr(cpurow, "_state", {})
+    without = _watched_layers()
+    assert cpurow.status() == cpurow.NOT_BUILT
+    assert [r[0] for r in without] == [r[0] for r in with_kernel]
+    for a, b in zip(without, with_kernel):
+        for u, v in zip(a[1:], b[1:]):  # (a figure a layer does not have is None on both paths)
+            assert (u is None and v is None) or u == pytest.approx(v, rel=1e-4, abs=1e-7), (a, b)
+
+
+def test_a_library_that_does_not_load_is_not_used(no_library):
+    """A file of the library's name that is not a loadable library (a wrong platform's, a damaged one)."""
+    (no_library / (cpurow.NAME + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not a library")
+    assert "did not load" in cpurow.status()
+    assert isinstance(stats.act_row(torch.randn(100)), list)
+
+
+@needs_kernel
+def test_a_library_that_fails_its_self_check_is_not_used(monkeypatch):
+    monkeypatch.setattr(cpurow, "_state", {})
+    assert cpurow.status() == "on"  # the self-check passes on the real rows
+    wrong = [list(row) for row in cpurow._CHECK_ROWS]
+    wrong[3][2] += 1.0  # another sum of squares than the kernel gives
+    monkeypatch.setattr(cpurow, "_CHECK_ROWS", wrong)
+    monkeypatch.setattr(cpurow, "_state", {})
+    assert "self-check" in cpurow.status()
+    assert not cpurow.usable(torch.randn(100))
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("TORCHDIAG_CPU_KERNEL", "0")
+    monkeypatch.setattr(cpurow, "_state", {})
+    assert cpurow.status() == cpurow.OFF
+    assert isinstance(stats.act_row(torch.randn(100)), list)
+    cpurow.set_enabled(True)  # the switch overrides the variable, as before
+    assert cpurow.status() == ("on" if cpurow.library_file() is not None else cpurow.NOT_BUILT)
+
+
+def test_no_subprocess_is_started_in_a_watched_training_step(monkeypatch):
+    """The kernel is loaded, not built, at its first use (here inside the first watched step): no compiler, no
+    subprocess, from the training thread or any other."""
+    started = []
+
+    def refuse(self, *args, **kwargs):
+        started.append(args[:1])
+        raise AssertionError(f"a subprocess was started in a watched step: {args[:1]}")
+
+    monkeypatch.setattr(cpurow, "_state", {})  # not loaded yet: the first use is inside the steps
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    layers = _watched_layers()
+    monkeypatch.undo()
+    assert started == []
+    assert len(layers) == 5 and all(math.isfinite(r[2]) for r in layers)
+    if cpurow.library_file() is not None:
+        assert cpurow.status() == "on"
