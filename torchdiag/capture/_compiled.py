@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from ..stats.stepbuffer import COMPILED_COLS, COMPILED_KINDS
+from ..vocab import Row
 from .runtime import iter_float_tensors
 
 if TYPE_CHECKING:
@@ -43,10 +45,10 @@ if TYPE_CHECKING:
     from ..layers.taxonomy import Slot
     from .capture import Capture
 
-# row kinds of the compiled accumulator (its second dimension)
-ACT, GRAD, INPUT, ROOT_IN, ROOT_GRAD = range(5)
-KINDS = 5
-COLS = 8  # calls, n, sum, sum of squares, nonzero count, saturated count, -min, max
+# the compiled accumulator's layout (``stepbuffer.COMPILED_KINDS``, ``COMPILED_COLS``): the place of each row kind
+ACT, GRAD, INPUT, ROOT_IN, ROOT_GRAD = (COMPILED_KINDS.index(k) for k in (Row.ACT, Row.GRAD, Row.INPUT, Row.ROOT_IN,
+                                                                          Row.ROOT_GRAD))
+KINDS, COLS = len(COMPILED_KINDS), COMPILED_COLS
 
 _F32, _F64 = torch.float32, torch.float64
 

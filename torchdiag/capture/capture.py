@@ -207,7 +207,7 @@ class Capture:
             pslot, device, start = producer
             p = self.slots[pslot]
             if p.pure:
-                self.buffer.point(slot, Row.INPUT, n, device, start, 3)  # [shift, sum, sum of squares] about it
+                self.buffer.point(slot, Row.INPUT, n, device, start, stats.MOMENT_COLS)  # r, sum(x - r), sum((x - r)^2)
                 return
             if p.count_zeros:
                 self.buffer.point(slot, Row.PROBE, n, device, start, stats.ACT_COLS)

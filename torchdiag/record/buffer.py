@@ -24,13 +24,12 @@ from ..reduce import distributed
 from ..reduce.accumulators import MomentAccumulator
 from ..reduce.dtensor import local_tensor
 from ..stats import stats
-from ..stats.stepbuffer import Decoded, Pending, StepBuffer, arrive, decode, reduction_layout
+from ..stats.stepbuffer import STEP_SLOT, Decoded, Pending, StepBuffer, arrive, decode, reduction_layout
 from ..vocab import Row, StepStats, histogram_window
 from ._assemble import histograms, step_stats
 from .cadence import Cadence
 
 ACT, GRAD, WEIGHT, UPDATE, CLIP = Row.ACT, Row.GRAD, Row.WEIGHT, Row.UPDATE, Row.CLIP
-_STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 
 
 class Recorder:
@@ -83,7 +82,7 @@ class Recorder:
 
     def write_step_value(self, what: str, vals: list[torch.Tensor], device: torch.device) -> None:
         """Step-level rows: 'clip' = [sumsq before the user's clipping, sumsq the optimizer saw]."""
-        self.buffer.write(_STEP_SLOT, {"clip": CLIP, "scale": Row.SCALE}[what], 1, device, vals)
+        self.buffer.write(STEP_SLOT, {"clip": CLIP, "scale": Row.SCALE}[what], 1, device, vals)
 
     def reduce_also(self, layout: list[tuple[tuple, type]]) -> None:
         """Signal figures (``StepBuffer.write_signal``) to reduce across ranks with the step's statistics: every key

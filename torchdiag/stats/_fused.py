@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import warn_self
+from ..reduce.accumulators import MomentAccumulator
 
 try:  # Triton ships with CUDA builds of torch; CPU builds and other platforms have none
     import triton
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent (CI)
 BLOCK = 1024  # elements per program per iteration
 _MAX_PROGRAMS = 4096  # partials per tensor: the finishing kernel reduces them in one block
 _enabled = triton is not None
-_COLS = 7  # r, sum(x - r), sum((x - r)^2), min, max, non-zero count, saturated count
+_COLS = MomentAccumulator.ACT_COLS  # the statistics row: r, sum(x - r), sum((x - r)^2), min, max, non-zero, saturated
 
 if triton is not None:
 

@@ -30,7 +30,8 @@ from . import _fused as fused
 # Row layouts. Activation: r, sum(x-r), sum((x-r)^2), min, max, nonzero count (NaN: not counted),
 # saturated count (NaN: not counted). Gradient / weight (ATen path): r, sum(x-r), sum((x-r)^2)[, min, max]; from
 # a kernel (fused on CUDA, cpurow on the CPU) every row is an activation row, a 1-D tensor (min and max come free).
-ACT_COLS = MomentAccumulator.ACT_COLS
+ACT_COLS = MomentAccumulator.ACT_COLS  # a statistics row: r, sum(x - r), sum((x - r)^2), min, max, nonzero, saturated
+MOMENT_COLS = 3  # its first three: what a sum of squares and the moments are read from
 SHIFT_RATIO = 10.0  # |mean| / std above which the next recorded step subtracts a shift first
 
 _CONST: dict[tuple[torch.device, float], torch.Tensor] = {}

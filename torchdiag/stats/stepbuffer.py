@@ -43,6 +43,11 @@ if TYPE_CHECKING:
 
 STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 COMPILED = -2  # the row kind of an entry holding the compiled graphs' accumulator (``compiled.Gate.acc``)
+# the compiled graphs' accumulator (``capture._compiled``): [slots, COMPILED_KINDS, COMPILED_COLS] power sums, per
+# slot and kind [calls, n, sum, sum of squares, nonzero, saturated, -min, max]; ``decode`` turns each into the
+# statistics row about 0, ``[0, sum, sum of squares, min, max, nonzero, saturated]``
+COMPILED_KINDS = (Row.ACT, Row.GRAD, Row.INPUT, Row.ROOT_IN, Row.ROOT_GRAD)
+COMPILED_COLS = 8
 # where an entry's values are, in place of a device: the CPU kernel's rows, in the step's host block
 KERNEL_ROWS = "cpu kernel rows"
 
@@ -385,16 +390,15 @@ def decode(pending: Pending, host: dict[Where, list]) -> Decoded:
     return out
 
 
-_COMPILED_KINDS = (Row.ACT, Row.GRAD, Row.INPUT, Row.ROOT_IN, Row.ROOT_GRAD)  # compiled.ACT... in this order
 
 
 def _decode_compiled(out: Decoded, vals: list[float], slots: int) -> None:
     """The compiled graphs' accumulator: per slot and kind ``[calls, n, sum, sum of squares, nonzero,
     saturated, -min, max]`` (``compiled``), into the same accumulators as eager rows."""
-    width = len(vals) // (slots * len(_COMPILED_KINDS))
+    width = COMPILED_COLS
     for slot in range(slots):
-        for k, kind in enumerate(_COMPILED_KINDS):
-            base = (slot * len(_COMPILED_KINDS) + k) * width
+        for k, kind in enumerate(COMPILED_KINDS):
+            base = (slot * len(COMPILED_KINDS) + k) * width
             calls, n, s, q, nonzero, sat, negmin, mx = vals[base:base + width]
             if kind == Row.ACT and calls and slot in out.calls:
                 out.calls[slot] += int(calls)
