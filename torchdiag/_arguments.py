@@ -28,9 +28,10 @@ class WatchArguments:
     group: distributed.Group | None
 
 
-def check_watch_arguments(model: Any, *, logdir: Any, writer: Any, config: ConfigLike, every: Any,
-                          rescale_grads: Any, scaler: Any, optimizer: Any, process_group: Any, auto_step: Any,
-                          config_keys: dict[str, Any]) -> WatchArguments:
+# logdir: Any, as the type checker cannot follow that a bytes path (or an os.PathLike of bytes) leaves as str
+def check_watch_arguments(model: object, *, logdir: Any, writer: object, config: ConfigLike, every: object,
+                          rescale_grads: object, scaler: object, optimizer: object, process_group: object,
+                          auto_step: object, config_keys: dict[str, object]) -> WatchArguments:
     """Check ``watch()``'s arguments; raise ``TypeError``, ``ValueError``, ``ConfigError`` or ``TorchDiagError``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch(model=...): expected a torch.nn.Module, got {type(model).__name__}")

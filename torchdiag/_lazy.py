@@ -18,7 +18,7 @@ PUBLIC = {
 class LazyPackage(types.ModuleType):
     """The ``torchdiag`` module: a public name is imported the first time it is read."""
 
-    def __getattr__(self, name: str) -> Any:  # only for names not already in the module
+    def __getattr__(self, name: str) -> Any:  # only for names not already in the module: a function or class
         where = PUBLIC.get(name)
         if where is None:
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
@@ -26,7 +26,7 @@ class LazyPackage(types.ModuleType):
         self.__dict__[name] = value
         return value
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         if name in PUBLIC and isinstance(value, types.ModuleType) and not isinstance(self.__dict__.get(name),
                                                                                     types.ModuleType):
             return  # importing the submodule torchdiag.watch never hides the function torchdiag.watch

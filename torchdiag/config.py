@@ -77,7 +77,7 @@ class Config:
         return _DEFAULTS
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, base: Config | None = None, source: str = "config") -> Config:
+    def from_dict(cls, d: Mapping[str, object], *, base: Config | None = None, source: str = "config") -> Config:
         """Build a config from the defaults (or ``base``) overridden by the keys of ``d``."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(d).__name__}")
@@ -110,15 +110,15 @@ class Config:
                               f" offset {e.start}); save it as UTF-8") from None
         return cls.from_dict(_load_yaml(text, str(path)), base=base, source=str(path))
 
-    def replace(self, **changes: Any) -> Config:
+    def replace(self, **changes: object) -> Config:
         """A copy with some keys changed (validated like ``from_dict``)."""
         return Config.from_dict(changes, base=self, source="keyword argument")
 
 
-ConfigLike = Union[Config, Mapping[str, Any], str, Path, None]
+ConfigLike = Union[Config, Mapping[str, object], str, Path, None]
 
 
-def resolve_config(config: ConfigLike, **overrides: Any) -> Config:
+def resolve_config(config: ConfigLike, **overrides: object) -> Config:
     """Turn the ``config=`` argument (path, dict, Config or None) into a Config, then apply overrides."""
     if config is None:
         cfg = _DEFAULTS
@@ -140,7 +140,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that rejects a key given twice in one mapping (YAML would keep the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, Any] = {}
+        seen: dict[object, yaml.Mark] = {}  # key -> where it was first given
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             try:
@@ -157,7 +157,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
 
 
-def _load_yaml(text: str, source: str) -> dict[str, Any]:
+def _load_yaml(text: str, source: str) -> dict[str, object]:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as e:
@@ -181,7 +181,7 @@ def _load_yaml(text: str, source: str) -> dict[str, Any]:
 MAX_EXPANDED_VALUES = 100_000  # values a key's YAML may expand to through its aliases (&a ... *a)
 
 
-def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
+def _expanded_size(value: object, sizes: dict[int, int]) -> int:
     """How many values ``value`` holds once its YAML aliases are expanded (a shared list counted at each use), in
     time linear in the distinct objects; a structure that contains itself counts as too large."""
     if not isinstance(value, (list, tuple, dict)):
@@ -205,13 +205,13 @@ _REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 
 _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 120, 120, 60
 
 
-def _short_repr(value: Any) -> str:
+def _short_repr(value: object) -> str:
     """``repr`` bounded in length and in the work it does (a nested or aliased value: ``[[1, 2, ...], ...]``)."""
     text = _REPR.repr(value)
     return text if len(text) <= 200 else text[:196] + " ..."
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
+def _coerce(key: str, value: object, source: str) -> Any:  # Any: its type is the key's (int, float, str, bool, strings)
     value_type = _VALUE_TYPES[key]
 
     def bad(expected: str) -> ConfigError:

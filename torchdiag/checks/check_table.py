@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..report.render import common_prefix, name_column, render, suggestion_text
 from ..report.report import Report
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 
 def _count(n: int) -> str:
@@ -22,7 +25,7 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _shape(out: Any) -> str:
+def _shape(out: object) -> str:
     """The shape of a module's output: of the tensor, or of the first tensor in a tuple/list/dict (then '…')."""
     if isinstance(out, torch.Tensor):
         return ",".join(map(str, out.shape)) or "scalar"
@@ -39,7 +42,7 @@ class ShapeRecorder:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.shapes: dict[str, str] = {}
-        self._handles: list[Any] = []
+        self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> ShapeRecorder:
         for name, module in self.model.named_modules():
@@ -47,12 +50,12 @@ class ShapeRecorder:
         return self
 
     def _hook(self, name: str):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
+        def hook(module: nn.Module, args: tuple, out: object) -> None:
             if name not in self.shapes:
                 self.shapes[name] = _shape(out)
         return hook
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()

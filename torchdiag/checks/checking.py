@@ -25,7 +25,7 @@ PRECISIONS = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloa
               "e5m2": "float8_e5m2"}
 
 
-def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None,
+def check(model: nn.Module, *inputs: object, loss_fn: Callable[[Any], torch.Tensor] | None = None,
           config: ConfigLike = None, precision: str | None = None) -> Report:
     """Run one recorded forward and backward pass and return its diagnosis.
 
@@ -66,7 +66,8 @@ def check(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor]
     return _check(model, inputs, loss_fn, cfg, fmt)
 
 
-def _check_lazy(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config, fmt: Format | None) -> Report:
+def _check_lazy(model: nn.Module, inputs: tuple, loss_fn: Callable[[Any], torch.Tensor] | None, cfg: Config,
+                fmt: Format | None) -> Report:
     """``check`` of a model with lazy modules (``LazyLinear``...): the inputs would materialise them, so that
     later training would start from other weights. A copy is materialised and checked instead."""
     with forked_rngs(model):
@@ -89,7 +90,7 @@ def _check_lazy(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config, fmt:
     return report
 
 
-def _autocast(model: nn.Module, fmt: Format | None) -> Any:
+def _autocast(model: nn.Module, fmt: Format | None) -> contextlib.AbstractContextManager:
     """The forward's autocast for ``check(precision=)`` in float16 or bfloat16 (a no-op context otherwise)."""
     if fmt is None or fmt.name not in ("float16", "bfloat16"):
         return contextlib.nullcontext()
@@ -102,7 +103,8 @@ def _autocast(model: nn.Module, fmt: Format | None) -> Any:
                              f" is not available here: {e}") from e
 
 
-def _check(model: nn.Module, inputs: tuple, loss_fn: Any, cfg: Config, fmt: Format | None = None) -> Report:
+def _check(model: nn.Module, inputs: tuple, loss_fn: Callable[[Any], torch.Tensor] | None, cfg: Config,
+           fmt: Format | None = None) -> Report:
     # float16 runs in its own dtype under autocast (its tensors are judged as in training); the others are measured
     # against the format asked about
     judged = fmt if fmt is not None and fmt.name != "float16" else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -72,7 +71,7 @@ def apply_suggestions(model: nn.Module, report: Report, *, only_flagged: bool = 
     return applied
 
 
-def _check_bool(function: str, arg: str, value: Any) -> None:
+def _check_bool(function: str, arg: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{function}({arg}=...): expected a bool, got {type(value).__name__} ({value!r})")
 
@@ -81,7 +80,7 @@ def _check_bool(function: str, arg: str, value: Any) -> None:
 LSUV_TYPES = taxonomy.LSUV_TYPES  # Linear, Bilinear, Conv1d/2d/3d, ConvTranspose1d/2d/3d (why: taxonomy)
 
 
-def fix_init(model: nn.Module, *inputs: Any, target_std: float = 1.0, tol: float = 0.1, max_iter: int = 10,
+def fix_init(model: nn.Module, *inputs: object, target_std: float = 1.0, tol: float = 0.1, max_iter: int = 10,
              zero_bias: bool = False) -> Report:
     """Rescale weights in place, layer by layer, until each layer's output std on ``inputs`` is ``target_std``.
 
@@ -192,7 +191,7 @@ def _discover(model: nn.Module, inputs: tuple) -> list[_Layer]:
     found: dict[nn.Module, _Layer] = {}
     tracer = taxonomy.ConsumerTracer()
 
-    def post(module: nn.Module, args: tuple, output: Any) -> None:
+    def post(module: nn.Module, args: tuple, output: object) -> None:
         if isinstance(module, LSUV_TYPES) and module in names:
             layer = found.setdefault(module, _Layer(names[module], module))
             layer.calls += 1
@@ -220,7 +219,7 @@ class _Meter:
     def done(self) -> bool:
         return self.seen >= self.calls
 
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
         t = output if isinstance(output, torch.Tensor) else next(capture.iter_float_tensors(output), None)
         if t is not None and t.is_floating_point() and t.numel():
             x = t.detach().to(torch.float64)
@@ -271,7 +270,7 @@ def _measure(model: nn.Module, inputs: tuple, layer: _Layer) -> _Meter:
     return meter
 
 
-def _skip_reason(layer: _Layer, weight: Any, done: dict[int, str]) -> str | None:
+def _skip_reason(layer: _Layer, weight: object, done: dict[int, str]) -> str | None:
     """Why ``layer`` is left as it is (a phrase that fits 'left X unchanged: ...'), or None."""
     own = dict(layer.module.named_parameters(recurse=False))
     if not isinstance(weight, nn.Parameter) or own.get("weight") is not weight:

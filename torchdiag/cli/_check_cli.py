@@ -22,9 +22,10 @@ import importlib.util
 import math
 import os
 import sys
+import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ..diagnose.verdict import ERROR, FLAGGED, OK, decide
 from ..errors import TorchDiagError
@@ -137,14 +138,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------ loading
-def load_factory(target: str) -> tuple[Any, str]:
+def load_factory(target: str) -> tuple[object, str]:
     """``MODULE:FACTORY`` -> (the object named FACTORY, a description). Raises ``CheckError``."""
     module_part, sep, attr = target.rpartition(":")
     if not sep or not module_part or not attr:
         raise CheckError(f"expected MODULE:FACTORY (e.g. models:make_model or path/to/models.py:make_model),"
                          f" got {target!r}")
     module = _import(module_part)
-    obj: Any = module
+    obj: object = module
     for name in attr.split("."):
         if not hasattr(obj, name):
             where = getattr(module, "__file__", None) or module_part
@@ -155,7 +156,7 @@ def load_factory(target: str) -> tuple[Any, str]:
     return obj, f"{module_part}:{attr}"
 
 
-def _import(spec: str) -> Any:
+def _import(spec: str) -> types.ModuleType:
     looks_like_path = spec.endswith(".py") or os.sep in spec or (os.altsep is not None and os.altsep in spec)
     if looks_like_path:
         path = Path(spec).expanduser().resolve()
@@ -192,7 +193,7 @@ def _import(spec: str) -> Any:
         raise CheckError(f"cannot import {spec!r}: {type(e).__name__}: {e}{hint}") from e
 
 
-def build_model(obj: Any, what: str) -> nn.Module:
+def build_model(obj: object, what: str) -> nn.Module:
     from torch import nn
 
     if isinstance(obj, nn.Module):

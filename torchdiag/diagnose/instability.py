@@ -12,8 +12,8 @@ import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from ..config import Config
 from ..report.report import Finding, LayerReport, Report
 from ..vocab import FORMATS, StepSignals
 from ._drift import QUERY_KEY
@@ -28,7 +28,7 @@ def _row(report: Report, name: str) -> LayerReport | None:
     return next((r for r in report.layers if r.name == name), None)
 
 
-def judge(report: Report, sig: StepSignals, cfg: Any, adam_before: set[str] = frozenset(),
+def judge(report: Report, sig: StepSignals, cfg: Config, adam_before: set[str] = frozenset(),
           pull_start: float | None = None) -> set[str]:
     """Add the attention, output-logit and Adam-epsilon findings of one recorded step to ``report``.
 
@@ -157,7 +157,7 @@ class LossSpikes:
     ``loss_spike_window`` steps), and which layers' gradient or update norms jumped first in the recorded steps
     before one."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.sigma = cfg.loss_spike_sigma
         self.min_steps = cfg.loss_spike_min_steps
         self._losses: deque[float] = deque(maxlen=cfg.loss_spike_window)
@@ -274,7 +274,7 @@ class Forecasts:
     arrives within ``forecast_horizon`` steps. The update ratio is not extrapolated: Adam's and a warm-up's first
     steps grow it steadily in healthy runs, and ``large_updates`` says when it is too large."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.horizon, self.window = cfg.forecast_horizon, cfg.forecast_window
         self.cfg = cfg
         self._history: dict[tuple[str, str | None], deque[tuple[int, float]]] = {}

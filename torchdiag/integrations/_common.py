@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ..config import resolve_config
 from ..watch import Watcher, watch
+
+if TYPE_CHECKING:
+    import torch
 
 # the watch() argument a callback always fills in itself
 _RESERVED = {"model"}
@@ -39,7 +42,7 @@ def for_rank(kwargs: dict[str, Any], is_zero: bool) -> dict[str, Any]:
     return kwargs
 
 
-def start_watch(model: nn.Module, kwargs: dict[str, Any], scaler: Any = None) -> Watcher:
+def start_watch(model: nn.Module, kwargs: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> Watcher:
     """``watch(model, **kwargs)`` entered, with the framework's AMP ``GradScaler`` when there is one.
 
     A step is then ended by the callback only (``Watcher.step()`` at each optimizer step), never by a

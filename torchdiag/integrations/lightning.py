@@ -16,11 +16,15 @@ package: when both are installed the callback is a ``Callback`` of both.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..report.report import Report
 from ..watch import Watcher
 from . import _common
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 _BASES: list[type] = []
 try:
@@ -67,7 +71,7 @@ class TorchDiagCallback(*_BASES):  # type: ignore[misc]
         self._optimizer_stepped = False
 
     # ------------------------------------------------------------ fit
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_fit_start(self, trainer: object, pl_module: nn.Module) -> None:
         self._stop()  # a previous fit that ended without on_train_end
         is_zero = bool(getattr(trainer, "is_global_zero", True))
         kwargs = dict(self.watch_kwargs)
@@ -80,21 +84,22 @@ class TorchDiagCallback(*_BASES):  # type: ignore[misc]
         self._open = True
         self._optimizer_stepped = False
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, trainer: object, pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer_stepped = True
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: object, pl_module: nn.Module, outputs: object, batch: object,
+                           batch_idx: int) -> None:
         if self._optimizer_stepped and self._open and self.watcher is not None:
             self._optimizer_stepped = False
             self.watcher.step()
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_end(self, trainer: object, pl_module: nn.Module) -> None:
         self._stop()  # before Lightning finalises its loggers (and closes their writers)
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_fit_end(self, trainer: object, pl_module: nn.Module) -> None:
         self._stop()
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    def on_exception(self, trainer: object, pl_module: nn.Module, exception: BaseException) -> None:
         self._stop(exception)
 
     # ------------------------------------------------------------ results
@@ -110,7 +115,7 @@ class TorchDiagCallback(*_BASES):  # type: ignore[misc]
             _common.stop_watch(self.watcher, exc)
 
 
-def _tensorboard_writer(trainer: Any) -> Any:
+def _tensorboard_writer(trainer: object) -> object:
     """The ``SummaryWriter`` of the trainer's first TensorBoard logger, or None."""
     for logger in getattr(trainer, "loggers", None) or []:
         if not any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__):  # lightning's or pl's
@@ -121,7 +126,7 @@ def _tensorboard_writer(trainer: Any) -> Any:
     return None
 
 
-def _scaler(trainer: Any) -> Any:
+def _scaler(trainer: object) -> torch.amp.GradScaler | None:
     """The precision plugin's AMP ``GradScaler`` (fp16 mixed precision), or None."""
     plugin = getattr(trainer, "precision_plugin", None)
     return getattr(plugin, "scaler", None)

@@ -61,7 +61,7 @@ class TorchDiagCallback(TrainerCallback):
         self._open = False
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: nn.Module | None = None, **kwargs: Any) -> None:
+                       model: nn.Module | None = None, **kwargs: object) -> None:
         self.close()  # a previous train() that raised
         if model is None:
             raise RuntimeError("TorchDiagCallback: the Trainer passed no model to on_train_begin")
@@ -75,12 +75,13 @@ class TorchDiagCallback(TrainerCallback):
         self.watcher = _common.start_watch(model, watch_kwargs)
         self._open = True
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: object) -> None:
         if self._open and self.watcher is not None:
             self.watcher.step()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+                     **kwargs: object) -> None:
         self.close()
 
     def close(self) -> None:

@@ -16,9 +16,8 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -258,11 +257,12 @@ class ConsumerTracer(TorchFunctionMode):
         super().__init__()
         self._marked: dict[int, tuple[weakref.ref, set[str]]] = {}
 
-    def mark(self, t: Any, consumers: set[str]) -> None:
+    def mark(self, t: object, consumers: set[str]) -> None:
         if isinstance(t, torch.Tensor):
             self._marked[id(t)] = (weakref.ref(t), consumers)
 
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(self, func: Callable, types: Sequence[type], args: tuple = (),
+                           kwargs: dict | None = None) -> object:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         tensorish = isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and any(

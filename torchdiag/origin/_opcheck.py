@@ -14,8 +14,8 @@ import contextlib
 import math
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import _internal_dirs
 from ._originrecord import NonfiniteOrigin
+
+if TYPE_CHECKING:
+    from torch._ops import OpOverload
+    from torch.autograd.graph import Node
+    from torch.utils.hooks import RemovableHandle
 
 
 def value_kind(t: torch.Tensor) -> str:
@@ -34,7 +39,7 @@ def finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def float_leaves(obj: Any) -> list[torch.Tensor]:
+def float_leaves(obj: object) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(obj) if isinstance(t, torch.Tensor) and (t.is_floating_point()
             or t.is_complex()) and t.numel() > 0]
 
@@ -58,7 +63,7 @@ def _live_frames() -> Iterator[tuple[str, int]]:
 _ANOMALY_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 
-def _node_source(node: Any) -> str | None:
+def _node_source(node: Any) -> str | None:  # a Node: its stub declares metadata a method, a dict on the C++ nodes
     """The user's line that created an autograd node, from the traceback anomaly mode stored on it."""
     try:
         stack = node.metadata.get("traceback_")
@@ -71,7 +76,7 @@ def _node_source(node: Any) -> str | None:
     return user_source(iter(reversed(frames)))  # format_stack is outermost first
 
 
-def backward_op(node: Any) -> str:
+def backward_op(node: Node) -> str:
     """``SqrtBackward0`` -> ``aten.sqrt``; ``NativeLayerNormBackward0`` -> ``aten.native_layer_norm``."""
     name = re.sub(r"Backward\d*$", "", type(node).__name__ if not hasattr(node, "name") else node.name())
     name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
@@ -89,8 +94,8 @@ class ModuleStack:
         self.names = names
         self.stack: list[tuple[str, int]] = []  # (name, sequence number of its start)
         self.seq = 0
-        self.owner: dict[Any, tuple[str, int]] = {}  # node -> (module name, start of that call)
-        self._inputs: list[set[Any]] = []
+        self.owner: dict[Node, tuple[str, int]] = {}  # node -> (module name, start of that call)
+        self._inputs: list[set[Node]] = []
 
     @property
     def current(self) -> str | None:
@@ -101,14 +106,14 @@ class ModuleStack:
         self.stack.append((self.names[module], self.seq))
         self._inputs.append({t.grad_fn for t in float_leaves((args, kwargs)) if t.grad_fn is not None})
 
-    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if not self.stack:
             return
         name, start = self.stack.pop()
         stop = self._inputs.pop()
         # nodes created since this call started belong to it unless an inner call (ended already) took them
-        todo = [t.grad_fn for t in float_leaves(output) if t.grad_fn is not None]
-        seen: set[Any] = set()
+        todo: list[Node | None] = [t.grad_fn for t in float_leaves(output) if t.grad_fn is not None]
+        seen: set[Node] = set()
         while todo:
             node = todo.pop()
             if node is None or node in seen or node in stop:
@@ -137,7 +142,7 @@ def _made(inputs: list[torch.Tensor], scalars: list[float], outputs: list[torch.
     return bad[0] if finite_in else None
 
 
-def _scalars(obj: Any) -> list[float]:
+def _scalars(obj: object) -> list[float]:
     return [float(x) for x in pytree.tree_leaves(obj) if isinstance(x, float)]
 
 
@@ -163,7 +168,8 @@ class ForwardCheck(TorchDispatchMode):
         self.modules = modules
         self.found: NonfiniteOrigin | None = None
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_dispatch__(self, func: OpOverload, types: Sequence[type], args: tuple = (),
+                          kwargs: dict | None = None) -> object:
         kwargs = kwargs or {}
         if self.found is not None or func.overloadpacket.__name__ in _UNINITIALISED or _internal_call():
             return func(*args, **kwargs)
@@ -184,10 +190,11 @@ class BackwardCheck:
     def __init__(self, modules: ModuleStack) -> None:
         self.modules = modules
         self.found: NonfiniteOrigin | None = None
-        self.handles: list[Any] = []
+        self.handles: list[RemovableHandle] = []
 
-    def install(self, roots: list[Any]) -> None:
-        todo, seen = list(roots), set()
+    def install(self, roots: Iterable[Node | None]) -> None:
+        todo: list[Node | None] = list(roots)
+        seen: set[Node] = set()
         while todo:
             node = todo.pop()
             if node is None or node in seen:
@@ -197,7 +204,7 @@ class BackwardCheck:
                 self.handles.append(node.register_hook(self._make_hook(node)))
             todo.extend(fn for fn, _ in node.next_functions)
 
-    def _make_hook(self, node: Any) -> Callable[..., None]:
+    def _make_hook(self, node: Node) -> Callable[..., None]:
         def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
             if self.found is not None:
                 return

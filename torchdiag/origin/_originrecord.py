@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -55,6 +54,6 @@ class NonfiniteOrigin:
             line += f", at {self.source}"
         return line
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, str | int | None]:
         return {"phase": self.phase, "module": self.module, "op": self.op, "parameter": self.parameter,
                 "step": self.step, "source": self.source, "value": self.value, "note": self.note}

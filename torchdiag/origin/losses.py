@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..capture.runtime import iter_float_tensors
 from ..errors import TorchDiagError
 
 
-def projection_loss(output: Any) -> torch.Tensor:
+def projection_loss(output: object) -> torch.Tensor:
     """A fixed random projection of every floating tensor in ``output`` (seeded, so repeatable)."""
     gen = torch.Generator().manual_seed(0)
     total = None

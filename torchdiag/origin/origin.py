@@ -103,7 +103,7 @@ def replay(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     return bwd.found
 
 
-def locate_nonfinite(model: nn.Module, *inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None,
+def locate_nonfinite(model: nn.Module, *inputs: object, loss_fn: Callable[[Any], torch.Tensor] | None = None,
                      **kwargs: Any) -> NonfiniteOrigin | None:
     """Replay one batch and say where its first NaN/Inf is produced, or ``None`` if all stays finite.
 

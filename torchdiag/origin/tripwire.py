@@ -9,7 +9,7 @@ import copy
 import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,8 +19,15 @@ from ._opcheck import BackwardCheck, ForwardCheck, ModuleStack, anomaly_traces, 
 from ._originrecord import NonfiniteOrigin
 from .origin import replay
 
+if TYPE_CHECKING:
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-def _pop_dispatch_mode(mode: Any) -> None:
+    from ..report.report import Report
+
+    _HookEntry = tuple[nn.Module, Callable[..., None] | None, Callable[..., None] | None]  # GlobalHooks.add's
+
+
+def _pop_dispatch_mode(mode: TorchDispatchMode) -> None:
     """Leave a ``TorchDispatchMode`` entered with ``__enter__`` if it is the innermost mode (a mode entered after it
     by code that was interrupted was left by that code's own ``with`` as the exception went through it)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -42,9 +49,9 @@ class _LiveCheck:
         self.modules = ModuleStack(names)
         self.fwd = ForwardCheck(self.modules)
         self.bwd = BackwardCheck(self.modules)
-        self._entries: list[Any] = []
-        self._anomaly: Any = None
-        self._warnings: Any = None
+        self._entries: list[_HookEntry] = []
+        self._anomaly: contextlib.AbstractContextManager | None = None
+        self._warnings: warnings.catch_warnings | None = None
         self._fwd_entered = False
 
     def start(self) -> None:
@@ -64,7 +71,7 @@ class _LiveCheck:
         """The forward's modes (dispatch mode, anomaly mode, warning filter) are entered and not yet left."""
         return self._warnings is not None
 
-    def stop(self, output: Any) -> None:
+    def stop(self, output: object) -> None:
         self.leave()
         if self.fwd.found is None:
             self.bwd.install([t.grad_fn for t in float_leaves(output) if t.grad_fn is not None])
@@ -105,7 +112,7 @@ class Tripwire:
         self._layers = layers
         self._recording = recording
         self._batch: tuple | None = None  # (args, kwargs, autocast state)
-        self._handle: Any = None
+        self._handle: _HookEntry | None = None
         self.origin: NonfiniteOrigin | None = None
         self.scaler = False  # a GradScaler is in use: backward-only non-finite steps are its skipped steps
         self._armed = False  # the origin is a module only: check the next recorded step live
@@ -133,7 +140,7 @@ class Tripwire:
             self._live.result()
             self._live = None
 
-    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         from ..capture.runtime import in_backward, tracing
 
         live = self._live
@@ -153,7 +160,7 @@ class Tripwire:
         batch, self._batch = self._batch, None
         return batch
 
-    def after_step(self, report: Any, batch: tuple | None, pre_update: Mapping[str, torch.Tensor] | None = None,
+    def after_step(self, report: Report, batch: tuple | None, pre_update: Mapping[str, torch.Tensor] | None = None,
                    bad_loss: tuple[int, str] | None = None) -> NonfiniteOrigin | None:
         """The origin of the step's first NaN/Inf, if this step has the run's first (or the live check of this step
         found the one a replay could not); ``None`` otherwise."""
@@ -186,7 +193,7 @@ class Tripwire:
         self.origin = origin
         return origin
 
-    def _optimizer_origin(self, report: Any) -> NonfiniteOrigin | None:
+    def _optimizer_origin(self, report: Report) -> NonfiniteOrigin | None:
         """Finite activations and gradients, non-finite weights after the update: the optimizer made them."""
         # a ratio past 1e3 (update_ratio_high is 0.5) is an update that blew up: only then are the weights read
         if not any(r.update_ratio is not None and not r.update_ratio <= 1e3 for r in report.layers):
@@ -198,7 +205,7 @@ class Tripwire:
                                        note="the gradients were finite; the optimizer's update was not")
         return None
 
-    def _replayed(self, report: Any, batch: tuple | None,
+    def _replayed(self, report: Report, batch: tuple | None,
                   pre_update: Mapping[str, torch.Tensor] | None) -> NonfiniteOrigin:
         phase = "forward" if report.first_nonfinite is not None else "backward"
         module = report.first_nonfinite or report.first_nonfinite_grad
@@ -252,10 +259,10 @@ def private_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The batch the replay runs on: its tensors shared (a forward reads them), every other object copied, so that a
     forward that appends to a list, fills a cache or counts calls in an object it is given does so on a copy, not on
     the user's. Raises what ``copy.deepcopy`` raises for an object that cannot be copied."""
-    memo: dict[int, Any] = {}
+    memo: dict[int, object] = {}
     seen: set[int] = set()
 
-    def share(obj: Any, depth: int = 0) -> None:
+    def share(obj: object, depth: int = 0) -> None:
         if id(obj) in seen or depth > 32:
             return
         seen.add(id(obj))

@@ -7,9 +7,10 @@ import math
 import os
 import sys
 import textwrap
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..diagnose.verdict import RunFinding
     from .report import LayerReport, Report
 
 
@@ -172,7 +173,7 @@ def suggestion_text(layer: LayerReport) -> str:
     return f"×{layer.suggested_scale:.3g} ({layer.nonlinearity})" if shown else ""
 
 
-def use_color(stream: Any = None) -> bool:
+def use_color(stream: object = None) -> bool:
     """Colour only on a TTY and never when NO_COLOR is set (https://no-color.org: any value, even empty)."""
     stream = sys.stdout if stream is None else stream
     if "NO_COLOR" in os.environ:
@@ -305,7 +306,7 @@ def others(kind: str, kinds: list[str]) -> str:
     return ", ".join(parts)
 
 
-def run_lines(findings: list[Any]) -> str:
+def run_lines(findings: list[RunFinding]) -> str:
     """The run's findings (``torchdiag.diagnose.verdict.RunFinding``), one line per problem and cause."""
     shown: dict[tuple, list] = {}
     for f in findings:

@@ -154,7 +154,7 @@ def parse_flag_tag(tag: str) -> tuple[str, str] | None:
 
 
 def state_record(step: int, status: dict[str, list[str]], suggest: dict[str, list],
-                 first_nonfinite: str | None, reasons: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+                 first_nonfinite: str | None, reasons: dict[str, dict[str, str]] | None = None) -> dict[str, object]:
     """The JSON of ``STATE_TAG``: per layer tag its problems (``status``), ``[suggested scale, nonlinearity]``
     (``suggest``) and what each problem is blamed on (``reasons``: problem -> reason) at this step."""
     record = {"step": step, "status": status, "suggest": suggest, "first_nonfinite": first_nonfinite}
@@ -163,7 +163,7 @@ def state_record(step: int, status: dict[str, list[str]], suggest: dict[str, lis
     return record
 
 
-def layer_index_record(layers: Iterable[tuple[int, str, str]]) -> list[dict[str, Any]]:
+def layer_index_record(layers: Iterable[tuple[int, str, str]]) -> list[dict[str, int | str]]:
     """The JSON of ``LAYER_INDEX_TAG`` from ``(index, layer tag, module type)`` rows."""
     return [{"index": i, "name": n, "type": t} for i, n, t in layers]
 

@@ -6,10 +6,14 @@ Its first line says the problem, the layer, the cause and the fix (within ``HEAD
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import DiagnosticWarning, user_stacklevel
 from ..report.render import elide_name, others
+
+if TYPE_CHECKING:
+    from ..diagnose.verdict import RunFinding
+    from ..report.report import Report
 
 #: the most characters of a warning's first line
 HEADLINE = 160
@@ -26,7 +30,7 @@ class ConsoleSink:
     def __init__(self) -> None:
         self._seen: set[tuple] = set()
 
-    def write(self, report: Any) -> list[str]:
+    def write(self, report: Report) -> list[str]:
         """Warn (attributed to the user's line, ``errors.user_stacklevel``) and return the messages."""
         emitted = []
         fresh = []
@@ -63,7 +67,7 @@ def first_clause(fix: str) -> str:
     return fix[:cut].rstrip(" .,:")
 
 
-def warning_text(members: list[Any], cause: str | None, width: int = HEADLINE) -> str:
+def warning_text(members: list[RunFinding], cause: str | None, width: int = HEADLINE) -> str:
     """One warning for the findings (``RunFinding``) of one problem and cause: a first line (at most ``width``
     characters) with the problem, the layer, the cause and the fix; the evidence below."""
     lead = next((f for f in members if f.layer == cause), members[0])

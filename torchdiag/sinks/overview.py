@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from collections.abc import Callable
 
 from ..report.render import common_prefix, shorten_names
 from ..report.report import Report
@@ -276,8 +276,8 @@ def _frame(title: str, caption: tuple[str, str], ends: tuple[str, str], legend: 
     return c
 
 
-def _legend(c: Canvas, by: int, ends: tuple[str, str], legend: list[tuple[tuple, str]], colour: Any,
-            mark: float) -> None:
+def _legend(c: Canvas, by: int, ends: tuple[str, str], legend: list[tuple[tuple, str]],
+            colour: Callable[[float], float], mark: float) -> None:
     """The colour bar between its two end labels (``colour``: a position in [0, 1] -> ``diverging``'s argument),
     a tick at ``mark`` of its width, then the swatches, in the big font, from ``by`` down."""
     bx = c.text(4, by, ends[0], scale=BIG) + 3

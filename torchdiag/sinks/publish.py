@@ -4,7 +4,7 @@ TensorBoard. A sink never stops training: a failing writer warns once and is swi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import Config
 from ..diagnose.diagnose import Baseline, diagnose
@@ -17,8 +17,13 @@ from .console import ConsoleSink
 from .tensorboard import TensorBoardSink, open_writer, writer_logdir
 
 if TYPE_CHECKING:
+    import torch
+
+    from ..record.cadence import Cadence
     from ..reduce._groups import Group
     from ..signals.sentinel import Sentinel
+
+T = TypeVar("T")
 
 
 class Publisher:
@@ -29,8 +34,8 @@ class Publisher:
     called when TensorBoard writing is switched off (the recorder then stops binning histograms).
     """
 
-    def __init__(self, config: Config, *, warn: bool, rescaled: bool, scaler: Any = None, logdir: str | None = None,
-                 writer: Any = None) -> None:
+    def __init__(self, config: Config, *, warn: bool, rescaled: bool, scaler: torch.amp.GradScaler | None = None,
+                 logdir: str | None = None, writer: object = None) -> None:
         self.config = config
         self.warn = warn
         self.rescaled = rescaled
@@ -60,7 +65,7 @@ class Publisher:
         where = writer_logdir(self._writer) if self._writer is not None else None
         return f"the writer ({type(self._writer).__name__}" + (f", {where!r})" if where else ")")
 
-    def guard(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def guard(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T | None:
         """Run a TensorBoard call. A failure (a full disk: the writer thread's ENOSPC resurfaces at the next
         add/flush/close; a writer that raises) warns once, naming the logdir and the error, and switches
         TensorBoard writing off for the rest of the watch; training and the in-memory reports go on."""
@@ -116,7 +121,7 @@ class Publisher:
 
     def publish(self, stats: StepStats | None, in_hook: bool = False,
                 take_notes: Callable[[], list[str]] | None = None,
-                cadence: Any = None) -> Report | None:
+                cadence: Cadence | None = None) -> Report | None:
         """Diagnose a completed step, warn and write it; ``take_notes``: the recorder's notes for its report;
         ``cadence``: the watch's ``record.cadence.Cadence`` (``Report.cadence``, ``Report.record_interval``).
 
@@ -172,15 +177,15 @@ class Publisher:
 class _WithOptionalMethods:
     """A user's writer that lacks ``flush`` (only ``add_scalar``, as the README allows): flush does nothing."""
 
-    def __init__(self, writer: Any) -> None:
+    def __init__(self, writer: object) -> None:
         self._writer = writer
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # the writer's own attribute
         return getattr(self._writer, name)
 
     def flush(self) -> None:
         pass
 
 
-def _with_optional_methods(writer: Any) -> Any:
+def _with_optional_methods(writer: object) -> object:
     return writer if callable(getattr(writer, "flush", None)) else _WithOptionalMethods(writer)

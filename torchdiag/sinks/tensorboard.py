@@ -35,7 +35,7 @@ import atexit
 import json
 import math
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..report.report import Report
@@ -72,6 +72,10 @@ from .layout import custom_layout
 from .overview import History, render_headroom, render_heatmap, render_profile
 from .png import Canvas
 
+if TYPE_CHECKING:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard import SummaryWriter
+
 __all__ = ["FLUSH_SECS", "TensorBoardSink", "add_histograms", "add_scalars", "open_writer", "report_markdown",
            "use_compiled_crc", "writer_logdir"]
 
@@ -81,7 +85,7 @@ FLUSH_SECS = 30  # an owned writer flushes at least this often: a hard crash los
 _WRITTEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def open_writer(logdir: str) -> Any:
+def open_writer(logdir: str) -> SummaryWriter:
     from torch.utils.tensorboard import SummaryWriter
 
     crc = use_compiled_crc()  # released by the sink when it closes this writer
@@ -93,7 +97,7 @@ def open_writer(logdir: str) -> Any:
         raise
 
 
-def writer_logdir(writer: Any) -> str | None:
+def writer_logdir(writer: object) -> str | None:
     """The directory a ``SummaryWriter`` (or look-alike) writes into, if it says."""
     get = getattr(writer, "get_logdir", None)
     d = get() if callable(get) else getattr(writer, "log_dir", None) or getattr(writer, "logdir", None)
@@ -108,14 +112,14 @@ def _short(v: float) -> float:
     return float(f"{v:.4g}") if math.isfinite(v) else v
 
 
-def _image_value(tag: str, canvas: Canvas) -> Any:
+def _image_value(tag: str, canvas: Canvas) -> Summary.Value:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     return Summary.Value(tag=tag, image=Summary.Image(height=canvas.height, width=canvas.width, colorspace=3,
                                                       encoded_image_string=canvas.png()))
 
 
-def _json_value(tag: str, obj: Any) -> Any:
+def _json_value(tag: str, obj: object) -> Summary.Value:
     """A ``Summary.Value`` holding ``obj`` as JSON in a string tensor of torchdiag's own plugin."""
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.compat.proto.tensor_pb2 import TensorProto
@@ -138,7 +142,7 @@ class TensorBoardSink:
 
     def __init__(self, writer: Any, owned: bool, config: Config | None = None) -> None:
         config = Config.defaults() if config is None else config
-        self.writer = writer
+        self.writer = writer  # Any: a SummaryWriter, or a look-alike whose other methods are looked up first
         self.owned = owned
         self.profile_every = config.profile_every
         self.overview_every = config.overview_every
@@ -320,7 +324,7 @@ class TensorBoardSink:
             pass
 
 
-def _summary(values: list) -> Any:
+def _summary(values: list[Summary.Value]) -> Summary:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     return Summary(value=values)

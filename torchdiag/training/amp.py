@@ -4,10 +4,13 @@ each step whose gradients held inf/NaN, and skips that optimizer step)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
-def check_scaler(scaler: Any) -> None:
+def check_scaler(scaler: object) -> None:
     """``watch(scaler=...)``: a ``torch.amp.GradScaler`` (or None)."""
     if scaler is not None and not (callable(getattr(scaler, "scale", None)) and hasattr(scaler, "get_scale")):
         raise TypeError(f"watch(scaler=...): expected a torch.amp.GradScaler, got {type(scaler).__name__}")
@@ -16,7 +19,7 @@ def check_scaler(scaler: Any) -> None:
 class SkippedSteps:
     """The steps a ``GradScaler`` skipped so far, from the scales of the recorded steps in order."""
 
-    def __init__(self, scaler: Any) -> None:
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
         self.scaler = scaler
         self._prev: float | None = None
         self.count = 0

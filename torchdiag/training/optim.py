@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -50,8 +50,9 @@ _ENGINE = torch.autograd.Variable._execution_engine
 class OptimizerMonitor:
     """Hooks on one optimizer and the parameters it steps; see the module docstring."""
 
-    def __init__(self, optimizer: Any, recorder: Recorder, layer_weights: list[tuple[int, torch.Tensor]],
-                 end_step: Callable[[], None], scaler: Any = None, distributed: bool = False) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, recorder: Recorder,
+                 layer_weights: list[tuple[int, torch.Tensor]], end_step: Callable[[], None],
+                 scaler: torch.amp.GradScaler | None = None, distributed: bool = False) -> None:
         self._recorder = weakref.ref(recorder)
         self._distributed = distributed
         self._queued = False  # distributed: an end-of-backward measurement is queued
@@ -122,7 +123,7 @@ class OptimizerMonitor:
         if self._recording() is not None:
             self._pre_sums = self._grad_sums()
 
-    def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         rec = self._recording()
         if rec is None:
             return
@@ -144,7 +145,7 @@ class OptimizerMonitor:
             layer_ids = {id(ref()) for _, ref in self._layers}
             self._others = {id(p): p.detach().clone() for p in self._params if id(p) not in layer_ids}
 
-    def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _post(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         rec = self._recording()
         if rec is not None:
             for slot, ref in self._layers:
@@ -171,7 +172,7 @@ class OptimizerMonitor:
         return self._pre_update
 
 
-def watched_weights(optimizer: Any, slots: list[Slot], modules: list[torch.nn.Module]
+def watched_weights(optimizer: torch.optim.Optimizer, slots: list[Slot], modules: list[torch.nn.Module]
                     ) -> list[tuple[int, torch.Tensor]]:
     """``(slot, main weight)`` of the watched weighted and norm layers whose weight ``optimizer`` steps: another
     optimizer's layers get no update ratio."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 RescaleSpec = Union[bool, float, Callable[[str, nn.Module], float]]
 
 
-def check_spec(rescale_grads: Any) -> None:
+def check_spec(rescale_grads: object) -> None:
     """``watch(rescale_grads=...)``: False, True, a finite factor > 0 or a callable ``(name, module) -> float``."""
     if not (isinstance(rescale_grads, (bool, int, float)) or callable(rescale_grads)):
         raise TypeError("watch(rescale_grads=...): expected False, True, a float or a callable (name, module) -> float,"
@@ -80,9 +80,9 @@ class RescaleHook:
 
     def __init__(self, factors: weakref.WeakKeyDictionary) -> None:
         self.factors = factors
-        self.leaf_hooks: dict[int, tuple[weakref.ref, Any]] = {}  # id(leaf) -> (its weak ref, hook handle)
+        self.leaf_hooks: dict[int, tuple[weakref.ref, RemovableHandle]] = {}  # id(leaf) -> (its weak ref, hook handle)
 
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
         factor = self.factors.get(module)
         if factor is not None and torch.is_grad_enabled():
             for t in iter_float_tensors(output):
