@@ -32,7 +32,7 @@ except ImportError:  # the older package name
     from pytorch_lightning.loggers import TensorBoardLogger
 
 import torchdiag
-from torchdiag.cli._summarize import summarize
+from torchdiag.cli import main as torchdiag_cli
 from torchdiag.integrations.lightning import TorchDiagCallback
 
 DIM, WIDTH, DEPTH, CLASSES = 32, 64, 8, 4
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     assert found and "vanishing" in found[0]
     run_dir = trainer.logger.log_dir
     print(f"   what TensorBoard holds for the first step (torchdiag summarize {run_dir} --step 0):\n")
-    status = summarize(run_dir, step=0, fail_on=["vanishing"])
+    status = torchdiag_cli(["summarize", run_dir, "--step", "0", "--fail-on", "vanishing"])
     assert status == 1, "the first step must be flagged as vanishing in TensorBoard"
     print(f"\nTensorBoard logs: tensorboard --logdir {args.logdir}")
 

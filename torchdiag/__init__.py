@@ -12,8 +12,9 @@ if TYPE_CHECKING:
     from .checks.checking import check
     from .checks.fix import apply_suggestions, fix_init
     from .config import Config
+    from .diagnose.verdict import RunFinding
     from .origin.origin import NonfiniteOrigin, locate_nonfinite
-    from .report.report import LayerReport, Report
+    from .report.report import Finding, LayerReport, Report
     from .watch import Watcher, watch
 
 # the other public names are imported on first use (``_lazy.PUBLIC``): the command line parses its arguments, and
@@ -26,9 +27,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "DiagnosticWarning",
+    "Finding",
     "LayerReport",
     "NonfiniteOrigin",
     "Report",
+    "RunFinding",
     "TorchDiagError",
     "Watcher",
     "__version__",

@@ -11,7 +11,8 @@ from typing import Any
 PUBLIC = {
     "check": ".checks.checking", "apply_suggestions": ".checks.fix", "fix_init": ".checks.fix",
     "Config": ".config", "NonfiniteOrigin": ".origin.origin", "locate_nonfinite": ".origin.origin",
-    "LayerReport": ".report.report", "Report": ".report.report", "Watcher": ".watch", "watch": ".watch",
+    "LayerReport": ".report.report", "Report": ".report.report", "Finding": ".report.report",
+    "RunFinding": ".diagnose.verdict", "Watcher": ".watch", "watch": ".watch",
 }
 
 

@@ -634,3 +634,18 @@ def test_garbage_collection_comes_back_on_when_closing_a_step_raises():
         assert gc.isenabled()
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_the_findings_types_are_public_names():
+    # N(0, 0.01^2) weights in a 6-layer ReLU MLP: each layer scales the signal by 0.01 * sqrt(64 / 2) = 0.057
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(64, 64), nn.ReLU())], nn.Linear(64, 4))
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.01)
+    with torchdiag.watch(model, config={"warnings": False}) as diag:
+        F.cross_entropy(model(torch.randn(32, 64)), torch.randint(0, 4, (32,))).backward()
+        report = diag.step()
+    found = [f for layer in report.layers for f in layer.findings]
+    assert found and all(type(f) is torchdiag.Finding for f in found)
+    assert diag.findings and all(type(f) is torchdiag.RunFinding for f in diag.findings)
