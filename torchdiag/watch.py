@@ -247,12 +247,12 @@ class Watcher:
                 self._sentinel.alarm = False
                 rec.cadence.trip(rec.step)
         try:
-            stats = self._recorder.end_step(reduce=reduce)
+            stats = rec.end_step(reduce=reduce)
         except Exception as e:  # noqa: BLE001 - torchdiag's own failure: the step is lost, training goes on
             said = (type(e).__name__, str(e).split("\n", 1)[0])
             if said not in self._failures:  # the same failure again at later steps: said once
                 self._failures.add(said)
-                warn_self(f"torchdiag: completing step {self._recorder.step - 1} failed ({type(e).__name__}: {e});"
+                warn_self(f"torchdiag: completing step {rec.step - 1} failed ({type(e).__name__}: {e});"
                           " its statistics are lost, recording goes on (the same failure at later steps is not"
                           " repeated)")
             stats = None
