@@ -22,7 +22,7 @@ import functools
 import math
 import re
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -513,7 +513,7 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
 
 def _flag_members(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cause_pos: int, skip: set,
                   problem: str, direction: str, thr: float, key: str, chain: str, cause: str, fixable: bool | None,
-                  reason: str, at_place) -> None:
+                  reason: str, at_place: Callable[[int], float]) -> None:
     """Every member of a drifting chain is part of it (and gets its own figure at its place)."""
     for k, pos in enumerate(members):
         if pos == cause_pos or pos in skip:
