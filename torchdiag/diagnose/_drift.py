@@ -206,8 +206,7 @@ def _outliers(rows: list[LayerReport], layers: list[LayerStats], chains: Iterabl
 
 
 def _grown_apart(rows: list[LayerReport], layers: list[LayerStats], chains: Iterable[list[int]], cfg: Config,
-                 baseline: Baseline,
-                 known: dict[int, float]) -> dict[int, float]:
+                 baseline: Baseline, known: dict[int, float]) -> dict[int, float]:
     """In a trained net, the one chain member whose gain the updates moved away from its own start by
     ``layer_step_ratio`` while the others of its kind stayed near theirs, that now stands as far apart from them,
     and whose own weights moved the same way by at least its square root (a gain that moves with tiny inputs, a

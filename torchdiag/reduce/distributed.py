@@ -154,7 +154,7 @@ class StepReducer:
         if self._pg is not None:
             t = torch.tensor(values, dtype=torch.float64)
             opts = torch.distributed.AllreduceOptions()
-            opts.reduceOp = torch.distributed.ReduceOp(op)  # (what assigning the RedOpType converts it to)
+            opts.reduceOp = torch.distributed.ReduceOp(op)  # the conversion assigning a RedOpType makes, made explicit
             try:
                 # gloo's timeout: a missing rank raises, never hangs. torch's stub of ProcessGroupGloo lacks the
                 # collectives its Backend has at run time

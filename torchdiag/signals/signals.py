@@ -224,7 +224,7 @@ class Signals:
     def take(self) -> Measured:
         """What this step measured, still on the device (no copy), and start the next step."""
         raw: Measured = {"attention": self._attention, "logz": self._logz, "softmax": self._softmax,
-               "adam": self._adam_meter.take(), "losses": self._losses}
+                         "adam": self._adam_meter.take(), "losses": self._losses}
         self._attention, self._sdpa_seen, self._losses = {}, set(), []
         self._logz = self._softmax = None
         return raw
