@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -24,12 +23,11 @@ class WatchArguments:
 
     model: nn.Module
     config: Config
-    logdir: str | os.PathLike | None
+    logdir: str | None
     group: distributed.Group | None
 
 
-# logdir: Any, as the type checker cannot follow that a bytes path (or an os.PathLike of bytes) leaves as str
-def check_watch_arguments(model: object, *, logdir: Any, writer: object, config: ConfigLike, every: object,
+def check_watch_arguments(model: object, *, logdir: object, writer: object, config: ConfigLike, every: object,
                           rescale_grads: object, scaler: object, optimizer: object, process_group: object,
                           auto_step: object, config_keys: dict[str, object]) -> WatchArguments:
     """Check ``watch()``'s arguments; raise ``TypeError``, ``ValueError``, ``ConfigError`` or ``TorchDiagError``."""
@@ -44,22 +42,21 @@ def check_watch_arguments(model: object, *, logdir: Any, writer: object, config:
     cfg = resolve_config(config, every=every, **config_keys)
     if not isinstance(auto_step, bool):
         raise TypeError(f"watch(auto_step=...): expected True or False, got {auto_step!r} ({type(auto_step).__name__})")
+    directory: str | None = None  # the logdir as a str (on every rank: the ones that do not write keep it too)
     if logdir is not None:
         if not isinstance(logdir, (str, bytes, os.PathLike)):
             raise TypeError(f"watch(logdir=...): expected a path (str, bytes or os.PathLike), got {logdir!r}"
                             f" ({type(logdir).__name__})")
-        path = os.fspath(logdir)
-        if ("\0" if isinstance(path, str) else b"\0") in path:
+        directory = os.fsdecode(logdir)  # a bytes path, as os.fsencode makes it, decoded; a str path as it is
+        if "\0" in directory:
             raise ValueError(f"watch(logdir=...): the path holds a NUL byte, which no file system allows: {logdir!r}")
-        if isinstance(path, bytes):  # a bytes path, as os.fsencode makes it: its str form from here on
-            logdir = os.fsdecode(path)
-    if logdir is not None and writer is not None:
+    if directory is not None and writer is not None:
         raise TorchDiagError("watch(): pass either logdir= or writer=, not both")
     if writer is not None and not callable(getattr(writer, "add_scalar", None)):
         raise TypeError(f"watch(writer=...): expected a SummaryWriter (with add_scalar), got {type(writer).__name__}")
     group = distributed.resolve(process_group)
-    if logdir is not None and (group is None or group.is_writer):  # other ranks never create it
-        logdir = _check_logdir(logdir)
+    if directory is not None and (group is None or group.is_writer):  # other ranks never create it
+        directory = _check_logdir(directory)
     rescale.check_spec(rescale_grads)
     amp.check_scaler(scaler)
     if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook", None)):
@@ -67,10 +64,10 @@ def check_watch_arguments(model: object, *, logdir: Any, writer: object, config:
     if capture.is_watched(model):
         raise TorchDiagError(f"{type(model).__name__} is already being watched; nested watches of one model are not"
                              " supported: leave the first `with torchdiag.watch(...)` block first")
-    return WatchArguments(model, cfg, logdir, group)
+    return WatchArguments(model, cfg, directory, group)
 
 
-def _check_logdir(logdir: str | os.PathLike) -> str:
+def _check_logdir(logdir: str) -> str:
     path = Path(logdir)
     try:
         path.mkdir(parents=True, exist_ok=True)

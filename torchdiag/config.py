@@ -243,9 +243,9 @@ def _coerce(key: str, value: object, source: str) -> Any:  # Any: its type is th
     if value_type == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad("a finite number")
-        lo, hi = _FLOAT_RANGE[key]
-        if not lo < value <= hi:
-            raise bad(f"a number in [0, {hi}]" if lo < 0 else f"a number in ({lo}, {hi}]")
+        low, high = _FLOAT_RANGE[key]  # floats: not the int branch's lo
+        if not low < value <= high:
+            raise bad(f"a number in [0, {high}]" if low < 0 else f"a number in ({low}, {high}]")
         return float(value)
     # list of strings
     if isinstance(value, str):

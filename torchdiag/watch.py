@@ -13,8 +13,10 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ._arguments import check_watch_arguments
@@ -23,7 +25,7 @@ from .capture.installed import Installed, WeakCall, abandon
 from .config import Config, ConfigLike
 from .diagnose.verdict import RunFinding
 from .errors import TorchDiagError, warn_self
-from .layers.taxonomy import describe_watched, hookable, select_watched
+from .layers.taxonomy import Slot, describe_watched, hookable, select_watched
 from .record.buffer import Recorder
 from .record.cadence import Cadence
 from .reduce import distributed
@@ -32,7 +34,10 @@ from .signals.sentinel import Sentinel
 from .sinks.publish import Publisher
 from .training.optim import OptimizerMonitor, watched_weights
 from .training.rescale import RescaleHook, RescaleSpec, factors
-from .vocab import Format
+from .vocab import Format, StepStats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["RescaleSpec", "Watcher", "watch"]
 
@@ -57,8 +62,9 @@ def _collection_paused() -> Iterator[None]:
 class Watcher:
     """Records per-layer statistics of a model while the user's loop runs. Use via ``watch``."""
 
-    def __init__(self, model: nn.Module, config: Config, *, logdir: str | None, writer: Any,
-                 rescale_grads: RescaleSpec, warn: bool = True, scaler: Any = None, optimizer: Any = None,
+    def __init__(self, model: nn.Module, config: Config, *, logdir: str | None, writer: object,
+                 rescale_grads: RescaleSpec, warn: bool = True, scaler: torch.amp.GradScaler | None = None,
+                 optimizer: torch.optim.Optimizer | None = None,
                  group: distributed.Group | None = None, auto_step: bool = True, record_eval: bool = False,
                  precision: Format | None = None) -> None:
         self.config = config
@@ -85,7 +91,7 @@ class Watcher:
         self._sentinel: Sentinel | None = None
         self._record_eval = record_eval
         self._precision = precision  # check(precision=): outputs and gradients against this format, as fp8 would scale
-        self._finalizer: Any = None
+        self._finalizer: weakref.finalize[..., Watcher] | None = None
         self._step_end: float | None = None  # host clock at the end of torchdiag's work of the previous step
         self._failures: set[tuple[str, str]] = set()  # the failures of torchdiag's own step end, said once each
         self._unrecordable: str | None = None  # why nothing can be recorded (a model on the meta device)
@@ -153,7 +159,8 @@ class Watcher:
         self._finalizer = weakref.finalize(self, abandon, installed, self._out.tb, id(cap), os.getpid())
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self._foreign():  # a forked child leaving the parent's `with`: unhook here, write and join nothing
             self._close()
             return
@@ -202,7 +209,7 @@ class Watcher:
             self._out.close()  # never raises: a user's exception in the `with` stays theirs
 
     # ------------------------------------------------------------ steps
-    def step(self, loss: Any = None) -> Report | None:
+    def step(self, loss: float | torch.Tensor | None = None) -> Report | None:
         """End the current step. Returns its report if the step was recorded, else None.
 
         With ``watch(..., optimizer=opt)`` steps end at each ``opt.step()`` instead; then this only
@@ -247,12 +254,12 @@ class Watcher:
                 self._sentinel.alarm = False
                 rec.cadence.trip(rec.step)
         try:
-            stats = self._recorder.end_step(reduce=reduce)
+            stats = rec.end_step(reduce=reduce)
         except Exception as e:  # noqa: BLE001 - torchdiag's own failure: the step is lost, training goes on
             said = (type(e).__name__, str(e).split("\n", 1)[0])
             if said not in self._failures:  # the same failure again at later steps: said once
                 self._failures.add(said)
-                warn_self(f"torchdiag: completing step {self._recorder.step - 1} failed ({type(e).__name__}: {e});"
+                warn_self(f"torchdiag: completing step {rec.step - 1} failed ({type(e).__name__}: {e});"
                           " its statistics are lost, recording goes on (the same failure at later steps is not"
                           " repeated)")
             stats = None
@@ -266,7 +273,7 @@ class Watcher:
         self._step_end = end
         return report
 
-    def _published(self, stats: Any, in_hook: bool) -> Report | None:
+    def _published(self, stats: StepStats | None, in_hook: bool) -> Report | None:
         """Publish a completed step, saying the cadence in effect; a trip (something new in it) records the steps
         after it in full under the time budget."""
         rec = self._recorder
@@ -335,8 +342,8 @@ class Watcher:
         return self._recorder.step if self._recorder is not None else 0
 
 
-def _recorder(config: Config, slots: list[Any], modules: list[nn.Module], model: nn.Module, on_auto_step: Any,
-              histograms: bool, group: distributed.Group | None) -> Recorder:
+def _recorder(config: Config, slots: list[Slot], modules: list[nn.Module], model: nn.Module,
+              on_auto_step: Callable[[], None], histograms: bool, group: distributed.Group | None) -> Recorder:
     """The recorder of one watch on its config's schedule: every, the histogram window (when something will write
     them), deferral, and under torch.distributed torchdiag's collectives for its steps."""
     every = config.every if isinstance(config.every, int) else None
@@ -356,8 +363,9 @@ def _recorder(config: Config, slots: list[Any], modules: list[nn.Module], model:
     return rec
 
 
-def _sentinel(model: nn.Module, slots: list[Any], modules: list[nn.Module], config: Config, rec: Recorder,
-              optimizer: Any, scaler: Any, monitor: OptimizerMonitor | None, distributed: bool) -> Sentinel:
+def _sentinel(model: nn.Module, slots: list[Slot], modules: list[nn.Module], config: Config, rec: Recorder,
+              optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None,
+              monitor: OptimizerMonitor | None, distributed: bool) -> Sentinel:
     """The divergence signals, loss spikes and non-finite origin (``sentinel.py``), installed."""
     layers = {m: s.name for s, m in zip(slots, modules) if s.is_layer and s.name}
     weights = {id(getattr(m, s.weight_name)): s.name for s, m in zip(slots, modules)
@@ -386,10 +394,10 @@ def _defer(setting: str, model: nn.Module) -> bool:
     return any(t.is_cuda for t in (*model.parameters(), *model.buffers()))
 
 
-def watch(model: nn.Module, *, logdir: str | bytes | os.PathLike | None = None, writer: Any = None,
+def watch(model: nn.Module, *, logdir: str | bytes | os.PathLike | None = None, writer: object = None,
           config: ConfigLike = None, every: int | None = None, rescale_grads: RescaleSpec = False,
-          scaler: Any = None, optimizer: Any = None, process_group: Any = None,
-          auto_step: bool = True, **config_keys: Any) -> Watcher:
+          scaler: torch.amp.GradScaler | None = None, optimizer: torch.optim.Optimizer | None = None,
+          process_group: ProcessGroup | None = None, auto_step: bool = True, **config_keys: Any) -> Watcher:
     """Watch ``model``: record per-layer statistics while your own training loop runs.
 
     Args:
@@ -436,7 +444,7 @@ def watch(model: nn.Module, *, logdir: str | bytes | os.PathLike | None = None, 
                    scaler=scaler, optimizer=optimizer, group=args.group, auto_step=auto_step)
 
 
-def _has_stepped(optimizer: Any) -> bool:
+def _has_stepped(optimizer: torch.optim.Optimizer) -> bool:
     """The optimizer has taken steps before the watch (its per-parameter state holds a step count or moments): the
     model the watch sees first is a trained one, not an init."""
     try:

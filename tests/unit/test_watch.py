@@ -649,3 +649,17 @@ def test_the_findings_types_are_public_names():
     found = [f for layer in report.layers for f in layer.findings]
     assert found and all(type(f) is torchdiag.Finding for f in found)
     assert diag.findings and all(type(f) is torchdiag.RunFinding for f in diag.findings)
+
+
+def test_a_rank_that_does_not_write_keeps_the_logdir_as_a_str_and_creates_nothing(tmp_path, monkeypatch):
+    from torchdiag._arguments import check_watch_arguments
+    from torchdiag.reduce import distributed
+
+    group = distributed.Group(pg=None, rank=1, world=2, device=torch.device("cpu"))
+    monkeypatch.setattr(distributed, "resolve", lambda process_group: group)
+    logdir = tmp_path / "runs"
+    args = check_watch_arguments(small_net(), logdir=logdir, writer=None, config=None, every=None,
+                                 rescale_grads=False, scaler=None, optimizer=None, process_group=None,
+                                 auto_step=True, config_keys={})
+    assert args.logdir == str(logdir) and isinstance(args.logdir, str)  # Watcher and its Publisher take a str
+    assert args.group is group and not logdir.exists()  # rank 0 alone creates it

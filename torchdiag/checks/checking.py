@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -74,7 +74,8 @@ def _check_lazy(model: nn.Module, inputs: tuple, loss_fn: Callable[[Any], torch.
         try:
             twin = copy.deepcopy(model)
         except Exception as e:
-            lazy = [n or type(m).__name__ for n, m in model.named_modules()
+            modules: Iterator[tuple[str, nn.Module]] = model.named_modules()  # its return type unannotated in torch
+            lazy = [n or type(m).__name__ for n, m in modules
                     if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
             raise TorchDiagError(f"check(): the model has lazy modules with uninitialised parameters or buffers"
                                  f" ({', '.join(lazy[:5])}), which check() would initialise and which cannot be"
@@ -128,7 +129,7 @@ def _check(model: nn.Module, inputs: tuple, loss_fn: Callable[[Any], torch.Tenso
             if isinstance(loss, torch.Tensor) and loss.numel() != 1:
                 raise ValueError(f"check(loss_fn=...): expected the loss function to return a scalar (one element),"
                                  f" got a tensor of shape {tuple(loss.shape)}; reduce it, e.g. with .mean()")
-            targets = [p for p in model.parameters() if p.requires_grad]
+            targets: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
             targets += [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
             if isinstance(loss, torch.Tensor) and loss.requires_grad and targets:
                 torch.autograd.grad(loss, targets, allow_unused=True)

@@ -305,6 +305,7 @@ def _lsuv(model: nn.Module, inputs: tuple, layers: list[_Layer], target: float, 
         if reason is not None:
             skipped.setdefault(reason, []).append(layer.name)
             continue
+        assert isinstance(weight, nn.Parameter)  # _skip_reason gives a reason for any other weight
         done[id(weight)] = layer.name
         bias = getattr(layer.module, "bias", None)
         if zero_bias and isinstance(bias, torch.Tensor):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from ..report import tags
-from ..report.report import LayerReport, Report
+from ..report.report import SCALAR_FIELDS, LayerReport, Report
 from ..sinks.eventfiles import check_event_files
 
-_LAYER_FIELDS = {f.name for f in fields(LayerReport)}
+_FLOAT_FIELDS = frozenset(SCALAR_FIELDS)
 
 
 class SummarizeError(Exception):
@@ -128,8 +128,9 @@ def summarize_run(run: str, step: int | None = None) -> RunSummary:
     logged: dict[str, dict[str, float]] = {}  # from the log10 and deficit twins (config layer_scalars: core)
     for tag in scalar_tags:
         parsed, twin, deficit = tags.parse_scalar_tag(tag), tags.parse_log10_tag(tag), tags.parse_deficit_tag(tag)
-        if parsed is not None or twin is not None or deficit is not None:
-            attr, layer = parsed or twin or deficit  # type: ignore[misc]
+        either = parsed or twin or deficit  # (attribute, layer): a non-empty tuple, so the first of them not None
+        if either is not None:
+            attr, layer = either
             for e in acc.Scalars(tag):
                 if e.step == step:
                     if parsed is not None:
@@ -162,8 +163,10 @@ def summarize_run(run: str, step: int | None = None) -> RunSummary:
     for idx, name, module_type in sorted(listed, key=lambda r: (r[0], natural(r[1]))):
         if name not in values and name not in status:
             continue  # not called at this step
-        known = {k: v for k, v in values.get(name, {}).items() if k in _LAYER_FIELDS}
-        row = LayerReport(name=name, module_type=module_type, index=idx, calls=0, **known)
+        row = LayerReport(name=name, module_type=module_type, index=idx, calls=0)
+        for attr, v in values.get(name, {}).items():
+            if attr in _FLOAT_FIELDS:  # what the scalar tags hold: its measured float fields, named at run time
+                setattr(row, attr, v)
         row.status = set(status.get(name, ()))
         scale, nonlinearity, init = (list(suggest.get(name, ())) + [None, None, None])[:3]
         row.suggested_scale = None if scale is None else float(scale)

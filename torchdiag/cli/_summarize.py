@@ -156,8 +156,8 @@ def summarize(logdir: str, *, step: int | None = None, fail_on: Iterable[str] | 
         except SummarizeError as e:
             errors.append(str(e))
     if errors or not summaries:
-        for e in errors or foreign:
-            print(f"torchdiag summarize: {e}", file=err)
+        for message in errors or foreign:
+            print(f"torchdiag summarize: {message}", file=err)
         return NO_DATA
     status = OK
     color = use_color(out)  # only on a terminal, never with NO_COLOR

@@ -22,7 +22,10 @@ import functools
 import math
 import re
 import statistics
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +33,9 @@ from ..config import Config
 from ..report.report import LayerReport
 from ..vocab import LayerStats, Role
 from ._rules import OPTIMISATION_FIX, fix_text, flag
+
+if TYPE_CHECKING:
+    from typing import TypeGuard  # Python 3.10+: named in annotations only (postponed)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -153,8 +159,8 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
     seen.backward = any(s.grad is not None for s in layers)
     outliers = {p: f for p, f in outliers.items() if not layers[p].feeds_norm}  # a norm after it undoes its scale
     _jumps(rows, layers, cfg, baseline.gains if baseline.started else {})
-    seen.gains = {s.name: rows[p].gain for p, s in enumerate(layers)
-                  if s.role == Role.WEIGHTED and rows[p].gain and math.isfinite(rows[p].gain)}
+    seen.gains = {s.name: row.gain for row, s in zip(rows, layers)
+                  if s.role == Role.WEIGHTED and row.gain and math.isfinite(row.gain)}
     seen.weights = {s.name: s.weight_std for s in layers if _usable(s.weight_std)}
     for (pattern, module_type, feeds_norm), members in long_chains.items():
         first, last = layers[members[0]].index, layers[members[-1]].index
@@ -173,7 +179,7 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
     return seen
 
 
-def _outliers(rows: list[LayerReport], layers: list[LayerStats], chains, cfg: Config,
+def _outliers(rows: list[LayerReport], layers: list[LayerStats], chains: Iterable[list[int]], cfg: Config,
               known: set[str] | None) -> dict[int, float]:
     """Chain members that alone scale the signal: ``{position: factor}`` where a member's measured gain is at least
     ``layer_step_ratio`` times above (or below) the median gain of its chain's weighted members (a fan-in init
@@ -186,20 +192,21 @@ def _outliers(rows: list[LayerReport], layers: list[LayerStats], chains, cfg: Co
     """
     found: dict[int, float] = {}
     for members in chains:
-        kinds: dict[object, list[int]] = {}
+        kinds: dict[object, dict[int, tuple[float, float]]] = {}  # position -> (gain, suggested scale)
         for p in members:
-            if layers[p].role == Role.WEIGHTED and _usable(rows[p].gain) and _usable(rows[p].suggested_scale):
-                kinds.setdefault(_kind(layers[p]), []).append(p)
+            gain, scale = rows[p].gain, rows[p].suggested_scale
+            if layers[p].role == Role.WEIGHTED and _usable(gain) and _usable(scale):
+                kinds.setdefault(_kind(layers[p]), {})[p] = (gain, scale)
         for group in kinds.values():
-            _odd_members(rows, layers, group, cfg, known, found)
+            _odd_members(layers, group, cfg, known, found)
     if known is None or known:  # the first step: new findings; later: the init problems that persist
         for p, factor in found.items():
             _flag_outlier(rows[p], layers[p], factor, cfg)
     return found
 
 
-def _grown_apart(rows: list[LayerReport], layers: list[LayerStats], chains, cfg: Config, baseline: Baseline,
-                 known: dict[int, float]) -> dict[int, float]:
+def _grown_apart(rows: list[LayerReport], layers: list[LayerStats], chains: Iterable[list[int]], cfg: Config,
+                 baseline: Baseline, known: dict[int, float]) -> dict[int, float]:
     """In a trained net, the one chain member whose gain the updates moved away from its own start by
     ``layer_step_ratio`` while the others of its kind stayed near theirs, that now stands as far apart from them,
     and whose own weights moved the same way by at least its square root (a gain that moves with tiny inputs, a
@@ -209,27 +216,27 @@ def _grown_apart(rows: list[LayerReport], layers: list[LayerStats], chains, cfg:
     limit, found = cfg.layer_step_ratio, {}
     first, weights = baseline.first_gains, baseline.first_weights
     for members in chains:
-        kinds: dict[object, list[int]] = {}
+        kinds: dict[object, dict[int, float]] = {}  # position -> gain
         for p in members:
-            s = layers[p]
-            if (s.role == Role.WEIGHTED and p not in known and not s.feeds_norm and _usable(rows[p].gain)
+            s, gain = layers[p], rows[p].gain
+            if (s.role == Role.WEIGHTED and p not in known and not s.feeds_norm and _usable(gain)
                     and _usable(first.get(s.name))):
-                kinds.setdefault(_kind(s), []).append(p)
+                kinds.setdefault(_kind(s), {})[p] = gain
         for group in kinds.values():
             if len(group) < cfg.min_repeats:
                 continue
-            moved = {p: rows[p].gain / first[layers[p].name] for p in group}
+            moved = {p: gain / first[layers[p].name] for p, gain in group.items()}
             typical_move = statistics.median(moved.values())
-            typical = statistics.median(rows[p].gain for p in group)
-            apart = [p for p in group
-                     if _apart(moved[p] / typical_move, limit) and _apart(rows[p].gain / typical, limit)]
+            typical = statistics.median(group.values())
+            apart = [p for p, gain in group.items()
+                     if _apart(moved[p] / typical_move, limit) and _apart(gain / typical, limit)]
             if len(apart) == 1:  # one layer's doing; several apart at once is the chain's trend, judged as such
                 p = apart[0]
                 was, now = weights.get(layers[p].name), layers[p].weight_std
                 if not (_usable(was) and _usable(now)) or not _apart(now / was, math.sqrt(limit)) \
                         or (now > was) != (moved[p] > typical_move):
                     continue
-                found[p] = rows[p].gain / typical
+                found[p] = group[p] / typical
                 _flag_grown(rows[p], layers[p], found[p], moved[p] / typical_move, cfg)
     return found
 
@@ -253,21 +260,22 @@ def _kind(s: LayerStats) -> object:
     return (s.module_type, len(shape), shape[2:], len(shape) > 2 and shape[1] == 1)
 
 
-def _odd_members(rows: list[LayerReport], layers: list[LayerStats], group: list[int], cfg: Config,
+def _odd_members(layers: list[LayerStats], group: dict[int, tuple[float, float]], cfg: Config,
                  known: set[str] | None, found: dict[int, float]) -> None:
-    """Add to ``found`` the members of ``group`` (weighted layers of one kind in one chain) that stand apart."""
+    """Add to ``found`` the members of ``group`` (weighted layers of one kind in one chain: position -> their
+    usable gain and suggested scale) that stand apart."""
     if len(group) < cfg.min_repeats:
         return
     limit = cfg.layer_step_ratio
-    typical = statistics.median(rows[p].gain for p in group)
-    textbook = statistics.median(rows[p].suggested_scale for p in group)
+    typical = statistics.median(gain for gain, _ in group.values())
+    textbook = statistics.median(scale for _, scale in group.values())
     # the gain says it stands apart; its weights, against the textbook scale of their own fan, say why. Both, in the
     # same direction and each by the limit: a gain that differs for another reason (the pooled input of a
     # squeeze-excite, the few tokens of a late attention window) is not one layer's weights
     shapes = [layers[p].weight_shape for p in group]
-    odd = {p: rows[p].gain / typical for p in group
-           if _apart(rows[p].gain / typical, limit) and _apart(textbook / rows[p].suggested_scale, limit)
-           and (rows[p].gain > typical) == (textbook > rows[p].suggested_scale)
+    odd = {p: gain / typical for p, (gain, scale) in group.items()
+           if _apart(gain / typical, limit) and _apart(textbook / scale, limit)
+           and (gain > typical) == (textbook > scale)
            and shapes.count(layers[p].weight_shape) > 1}  # one of the repeats: not a head or a stem of its own
     if len(odd) > max(1, len(group) // 4):
         return  # many members apart from the median is no single layer's doing
@@ -305,7 +313,7 @@ def _apart(ratio: float, limit: float) -> bool:
     return not 1 / limit < ratio < limit
 
 
-def _usable(x: float | None) -> bool:
+def _usable(x: float | None) -> TypeGuard[float]:
     return x is not None and x > 0 and math.isfinite(x)
 
 
@@ -405,7 +413,8 @@ def _slope(xs: list[int], ys: list[float], shapes: list) -> float:
 
 def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cfg: Config, direction: str,
            zero: list[bool], normalized: bool, outliers: dict[int, float], start: tuple[float, bool] | None,
-           trained: bool, gated: set[str] = frozenset(), pools: list[int] | None = None) -> tuple[float, bool] | None:
+           trained: bool, gated: AbstractSet[str] = frozenset(),
+           pools: list[int] | None = None) -> tuple[float, bool] | None:
     """Judge one chain in one direction; returns (its drift, whether the band flagged it), or None: not measured.
 
     ``start``: the chain's (drift, flagged) at the first step it was judged at; ``trained``: a step was published
@@ -452,8 +461,9 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
     if normalized:
         lo, hi, key_lo, key_hi = 1 / cfg.normalized_ratio, cfg.normalized_ratio, "normalized_ratio", "normalized_ratio"
     total = _exp(slope * (k1 - k0) if forward else -slope * (k1 - k0))
-    sizes = [_size(layers[pos], forward) for _, pos, _ in seq]
-    if not lo <= total <= hi and None not in sizes and len(set(sizes)) > 1:
+    sizes_or_none = [_size(layers[pos], forward) for _, pos, _ in seq]
+    sizes = [n for n in sizes_or_none if n is not None]
+    if not lo <= total <= hi and len(sizes) == len(sizes_or_none) and len(set(sizes)) > 1:
         # members of different sizes (resolution, width): an average pooling keeps a smooth signal's rms, and a white
         # noise's rms over the square root of its size (a 2x2 average halves white noise's rms); backward, the norm
         # per call and the rms per element: the figure of the two that moves less is the one judged, as drift that
@@ -502,7 +512,7 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
 
 def _flag_members(rows: list[LayerReport], layers: list[LayerStats], members: list[int], cause_pos: int, skip: set,
                   problem: str, direction: str, thr: float, key: str, chain: str, cause: str, fixable: bool | None,
-                  reason: str, at_place) -> None:
+                  reason: str, at_place: Callable[[int], float]) -> None:
     """Every member of a drifting chain is part of it (and gets its own figure at its place)."""
     for k, pos in enumerate(members):
         if pos == cause_pos or pos in skip:
@@ -571,21 +581,24 @@ def small_norm_weights(rows: list[LayerReport], layers: list[LayerStats], known:
     signal through it down by their rms: vanishing (forward), blamed on the first such layer. ``known``: later
     steps follow the norms found at the first recorded step only (an init problem that persists, or heals).
     Returns the names of the norms flagged."""
-    small = [p for p, s in enumerate(layers)
-             if s.role == Role.NORM and 0 < (_pre_step_rms(s) or 0) < _SMALL_NORM_WEIGHT and not _zero_in_forward(s)
-             and (known is None or s.name in known)]
+    small: dict[int, float] = {}  # position -> weight rms
+    for p, s in enumerate(layers):
+        rms = _pre_step_rms(s)
+        if s.role == Role.NORM and rms is not None and 0 < rms < _SMALL_NORM_WEIGHT and not _zero_in_forward(s) \
+                and (known is None or s.name in known):
+            small[p] = rms
     if not small:
         return set()
-    first = layers[small[0]]
-    w = _pre_step_rms(first)
+    first_pos, w = next(iter(small.items()))
+    first = layers[first_pos]
     msg = (f"'{first.name}' ({first.module_type}) makes the signal vanishing (forward): its weights have rms {w:.3g},"
            f" where a normalisation starts at 1, so every signal through it is scaled by about that"
            f" ({len(small)} normalisation layer(s) like it). Fix: nn.init.ones_(m.weight) and nn.init.zeros_(m.bias)"
            " for every normalisation layer (an init drawn like a projection's, N(0, 0.02), is a bug)")
-    for i, p in enumerate(small):
+    for i, (p, rms) in enumerate(small.items()):
         s = layers[p]
-        flag(rows[p], "vanishing", "forward", _pre_step_rms(s), _SMALL_NORM_WEIGHT, "norm_weight",
-              msg if i == 0 else f"'{s.name}' ({s.module_type}): weights of rms {_pre_step_rms(s):.3g}; see"
+        flag(rows[p], "vanishing", "forward", rms, _SMALL_NORM_WEIGHT, "norm_weight",
+              msg if i == 0 else f"'{s.name}' ({s.module_type}): weights of rms {rms:.3g}; see"
               f" '{first.name}'",
               first.name, len(small) if i == 0 else 1, True, reason="init")
     return {layers[p].name for p in small}

@@ -11,6 +11,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from ..config import Config
@@ -28,7 +29,7 @@ def _row(report: Report, name: str) -> LayerReport | None:
     return next((r for r in report.layers if r.name == name), None)
 
 
-def judge(report: Report, sig: StepSignals, cfg: Config, adam_before: set[str] = frozenset(),
+def judge(report: Report, sig: StepSignals, cfg: Config, adam_before: AbstractSet[str] = frozenset(),
           pull_start: float | None = None) -> set[str]:
     """Add the attention, output-logit and Adam-epsilon findings of one recorded step to ``report``.
 
@@ -96,14 +97,15 @@ _FITTED = 1e-3  # the output gradient at this fraction of its start: the loss is
 def _query_key_init(report: Report, attention: str) -> str:
     """The init fix for attention that is one-hot before any update: the scale of its query/key weights."""
     parent = attention.rpartition(".")[0]  # the figures sit on the attention module, or on its query projection
-    qk = [r for r in report.layers if (r.name.startswith(attention + ".") or r.name.rpartition(".")[0] == parent)
+    qk = [(r.name, r.weight_std, r.fan_in) for r in report.layers
+          if (r.name.startswith(attention + ".") or r.name.rpartition(".")[0] == parent)
           and QUERY_KEY.search(r.name) and r.weight_std and r.fan_in]
     if not qk:
         return "the query/key weights are too large at init: re-initialise them (std 1/sqrt(d_model) or the 0.02 of" \
                " GPT-2/BERT), or add qk-layernorm"
-    r = max(qk, key=lambda r: r.weight_std * math.sqrt(r.fan_in))
-    unit = 1 / math.sqrt(r.fan_in)
-    return (f"nothing was trained yet: '{r.name}' has weight std {r.weight_std:.3g}, ×{r.weight_std / unit:.3g} the"
+    name, std, fan_in = max(qk, key=lambda q: q[1] * math.sqrt(q[2]))
+    unit = 1 / math.sqrt(fan_in)
+    return (f"nothing was trained yet: '{name}' has weight std {std:.3g}, ×{std / unit:.3g} the"
             f" 1/sqrt(fan_in) = {unit:.3g} of a unit-gain init (GPT-2/BERT use 0.02); re-initialise the query/key"
             " weights at that scale, or add qk-layernorm")
 
@@ -220,8 +222,8 @@ class LossSpikes:
             for name, values in layers.items():
                 for what, idx in (("gradient", 0), ("update", 1)):
                     v = values[idx]
-                    past = [h[1].get(name, (None, None))[idx] for h in history[:i]]
-                    past = [p for p in past if p is not None and math.isfinite(p) and p > 0]
+                    before = [h[1].get(name, (None, None))[idx] for h in history[:i]]
+                    past = [p for p in before if p is not None and math.isfinite(p) and p > 0]
                     if v is None or len(past) < 3 or (name, what) in first:
                         continue
                     if v > factor * statistics.median(past):

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..config import Config
-from ..report.report import STATUSES
+from ..report.report import STATUSES, LayerReport, Report
 
 OK, FLAGGED, ERROR = 0, 1, 2  # the exit status of `torchdiag check` and `torchdiag summarize`
 
@@ -100,7 +100,7 @@ class RunVerdict:
     def recorded_steps(self) -> int:
         return 0 if self._first is None else len(self._recorded)
 
-    def add(self, report) -> list[RunFinding]:
+    def add(self, report: Report) -> list[RunFinding]:
         """Take one recorded step's report; return the flags that became findings at this step."""
         return self.add_flags(report.step, ((layer.name, layer.module_type, layer.index, problem, direction, message,
                                              cause, reason) for layer in report.layers
@@ -153,7 +153,7 @@ class RunVerdict:
                           seen.steps, recovered, seen.message, seen.cause, seen.reason)
 
 
-def _flags(layer) -> Iterable[tuple[str, str | None, str, str | None, str | None]]:
+def _flags(layer: LayerReport) -> Iterable[tuple[str, str | None, str, str | None, str | None]]:
     """(problem, direction, message, cause, reason) of each finding a layer carries at one step. Flags without a
     sentence of their own (the layers after the first non-finite one) are its consequences, not findings."""
     for f in layer.findings:

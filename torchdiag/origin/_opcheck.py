@@ -15,6 +15,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,7 +55,7 @@ def user_source(frames: Iterator[tuple[str, int]]) -> str | None:
 
 
 def _live_frames() -> Iterator[tuple[str, int]]:
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)  # f_back is None at the outermost frame
     while frame is not None:
         yield frame.f_code.co_filename, frame.f_lineno
         frame = frame.f_back
@@ -151,7 +152,7 @@ def _internal_call() -> bool:
     frame outside torch is one of torchdiag's, other than the replay's own (which drives the model)."""
     here, *torch_dirs = _internal_dirs()
     torch_dir = tuple(torch_dirs)
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.startswith(torch_dir):
         frame = frame.f_back
     if frame is None:

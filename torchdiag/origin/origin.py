@@ -57,7 +57,7 @@ def replay(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     kwargs = kwargs or {}
     if names is None:
         names = {m: n for n, m in model.named_modules() if n}
-    params = dict(model.named_parameters())
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
     if parameters:
         params.update(parameters)
     owners = {id(p): n for n, p in params.items()}

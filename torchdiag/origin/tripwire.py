@@ -165,6 +165,8 @@ class Tripwire:
         """The origin of the step's first NaN/Inf, if this step has the run's first (or the live check of this step
         found the one a replay could not); ``None`` otherwise."""
         if self._live is not None:  # this step ran under the live check
+            # armed (below) only where self.origin was set to the origin no replay narrowed down; never reset
+            assert self.origin is not None
             found, self._live, self._armed = self._live.result(), None, False
             if found is not None:
                 self.origin = dataclasses.replace(found, step=report.step, note=f"found live at step {report.step}"
@@ -176,6 +178,7 @@ class Tripwire:
         if self.origin is not None:
             return None
         forward, backward = report.first_nonfinite, report.first_nonfinite_grad
+        origin: NonfiniteOrigin | None
         if forward is None and bad_loss is not None:  # finite outputs, a non-finite loss: the loss computation
             step, value = bad_loss
             origin = NonfiniteOrigin("forward", step=step, value=value, note="the loss given to step(loss=) was"

@@ -4,11 +4,14 @@ process or a one-rank group), as seen from this rank (``Group``), and the rank h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import TorchDiagError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def is_dist() -> bool:
@@ -16,12 +19,12 @@ def is_dist() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def rank(group: Any = None) -> int:
+def rank(group: ProcessGroup | None = None) -> int:
     """This process's rank in ``group`` (the default group if None); 0 outside torch.distributed."""
     return torch.distributed.get_rank(group) if is_dist() else 0
 
 
-def rank_zero(group: Any = None) -> bool:
+def rank_zero(group: ProcessGroup | None = None) -> bool:
     """True on rank 0 of ``group`` (the default group if None), and always outside torch.distributed."""
     return rank(group) == 0
 
@@ -30,7 +33,7 @@ def rank_zero(group: Any = None) -> bool:
 class Group:
     """The process group statistics are reduced over, as seen from this rank."""
 
-    pg: Any  # a ProcessGroup, or None for the default group
+    pg: ProcessGroup | None  # None: the default group
     rank: int
     world: int
     device: torch.device  # where the packed vectors go for the collective (CUDA for NCCL)
@@ -40,7 +43,7 @@ class Group:
         return self.rank == 0
 
 
-def resolve(process_group: Any = None) -> Group | None:
+def resolve(process_group: object = None) -> Group | None:
     """The group to reduce over, or None when there is nothing to reduce (no process group, one rank).
 
     Called by ``watch()``: with ``process_group=None`` that is the default group if torch.distributed
@@ -67,7 +70,7 @@ def resolve(process_group: Any = None) -> Group | None:
                  device=_device(process_group))
 
 
-def _device(pg: Any) -> torch.device:
+def _device(pg: ProcessGroup | None) -> torch.device:
     """CPU for gloo (also in a mixed ``cpu:gloo,cuda:nccl`` group); the current accelerator for NCCL/XCCL."""
     backend = str(torch.distributed.get_backend(pg)).lower()
     if "gloo" in backend or "mpi" in backend:

@@ -12,13 +12,20 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import fields
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
-from .accumulators import MAX, MEAN, MIN, SUM, moment_sums, reductions, row_moments
+from .accumulators import MAX, MEAN, MIN, SUM, Accumulator, moment_sums, reductions, row_moments
 
-__all__ = ["OneRank", "reduce"]
+__all__ = ["Collective", "OneRank", "reduce"]
 
 K = TypeVar("K", bound=Hashable)  # an accumulator's key: the caller's, given back
+A = TypeVar("A", bound=Accumulator)  # the accumulators' type: given back too
+
+
+class Collective(Protocol):
+    """A group ``reduce`` runs over: an all-reduce of a list of floats, ``op`` ``"max"`` or ``"sum"``."""
+
+    def all_reduce(self, values: list[float], op: str) -> list[float]: ...
 
 
 class OneRank:
@@ -28,8 +35,8 @@ class OneRank:
         return list(values)
 
 
-def reduce(accumulators: dict[K, Any], group: Any, layout: Sequence[tuple[K, type]] | None = None
-           ) -> dict[K, Any]:
+def reduce(accumulators: dict[K, A], group: Collective | None, layout: Sequence[tuple[K, type[A]]] | None = None
+           ) -> dict[K, A]:
     """The accumulators of every rank of ``group`` combined, each field by its declared reduction
     (``accumulators.reductions``): the same keys and types, global numbers. ``group=None``: a single process,
     the accumulators as they are.
@@ -79,10 +86,11 @@ def reduce(accumulators: dict[K, Any], group: Any, layout: Sequence[tuple[K, typ
             elif op in (MAX, MIN):
                 sm.append(1.0 if math.isnan(getattr(acc, name)) else 0.0)
             elif name == "mean":  # POOLED: sum(x - c) and sum((x - c)^2) about the common shift
-                sm.extend(moment_sums(acc.n, acc.mean, acc.m2, c))
+                n, mean, m2 = (getattr(acc, f) for f in ("n", "mean", "m2"))  # by name, as every field here
+                sm.extend(moment_sums(n, mean, m2, c))
             # (POOLED "m2", declared right after "mean": its slot took the second sum)
     gsm = group.all_reduce(sm, "sum")
-    out: dict[K, Any] = {}
+    out: dict[K, A] = {}
     pos = 0
     for (key, cls, ops, _acc), (c, extremes) in zip(packed, shifts):
         present = gsm[pos]
@@ -90,7 +98,7 @@ def reduce(accumulators: dict[K, Any], group: Any, layout: Sequence[tuple[K, typ
         pos += 1 + len(ops)
         if present <= 0:
             continue
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, float] = {}
         for f in fields(cls):
             op = f.metadata["reduce"]
             v = values[f.name]

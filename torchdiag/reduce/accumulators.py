@@ -14,18 +14,29 @@ reduction in its metadata, as torchmetrics' ``add_state(..., dist_reduce_fx=...)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, ClassVar, Protocol, TypeVar
 
 SUM, MAX, MIN, MEAN, POOLED = "sum", "max", "min", "mean", "pooled"
 
+T = TypeVar("T")
 
-def state(default: Any, reduce: str) -> Any:
-    """A dataclass field with its cross-rank reduction."""
+
+class Accumulator(Protocol):
+    """What ``reduce`` knows of an accumulator: a dataclass whose fields declare their reductions (``state``), that
+    says whether it holds anything."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    def is_empty(self) -> bool: ...
+
+
+def state(default: T, reduce: str) -> T:
+    """A dataclass field with its cross-rank reduction (typed as its default, as ``dataclasses.field`` is)."""
     return field(default=default, metadata={"reduce": reduce})
 
 
-def reductions(acc: Any) -> list[tuple[str, str]]:
+def reductions(acc: Accumulator | type[Accumulator]) -> list[tuple[str, str]]:
     """``[(field name, reduction), ...]`` of an accumulator (class or instance), in declaration order."""
     return [(f.name, f.metadata["reduce"]) for f in fields(acc)]
 

@@ -37,7 +37,7 @@ import math
 import os
 import weakref
 import zlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,12 +45,15 @@ import torch
 from ..errors import warn_self
 from ._groups import Group, is_dist, rank, rank_zero, resolve
 from ._reduction import OneRank, reduce
-from .accumulators import Interval, StepNumber
+from .accumulators import Accumulator, Interval, StepNumber
 from .dtensor import is_sharded, local_tensor, unwrap
 
 if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup, ProcessGroupGloo, ReduceOp, Store
+
     from ..layers.taxonomy import Slot
     from ..record.buffer import Recorder
+    from ..record.cadence import Cadence
 
 __all__ = ["Group", "OneRank", "StepReducer", "is_dist", "is_sharded", "local_tensor", "rank", "rank_zero", "reduce",
            "resolve", "timeout_s", "unwrap"]
@@ -72,7 +75,7 @@ def timeout_s() -> float:
     return value if value > 0 and math.isfinite(value) else DEFAULT_TIMEOUT_S
 
 
-def _group_store(pg: Any) -> tuple[Any, str] | None:
+def _group_store(pg: ProcessGroup | None) -> tuple[Store, str] | None:
     """The store of the user's group and a name for the group; None where there is none to use."""
     c10d: Any = getattr(torch.distributed, "distributed_c10d", None)  # private: None raises, caught below
     try:
@@ -115,8 +118,8 @@ class StepReducer:
         self.timeout = timeout_s()
         # torchdiag's own gloo group, formed at the first recorded step; named by the user group and the number
         # of watches this process started on it, the same on every rank that watches as often
-        self._pg: Any = None
-        self._store: Any = None
+        self._pg: ProcessGroupGloo | None = None
+        self._store: Store | None = None
         self._left = False
         self._last: int | None = None  # the last step reduced
         self._interval = (1.0, math.nan, math.nan)  # the ranks' agreed cadence at the last reduction (Interval)
@@ -147,13 +150,15 @@ class StepReducer:
         self._pg = torch.distributed.ProcessGroupGloo(torch.distributed.PrefixStore("gloo/", self._store), g.rank,
                                                       g.world, datetime.timedelta(seconds=self.timeout))
 
-    def _all_reduce(self, values: list[float], op: Any) -> list[float]:
+    def _all_reduce(self, values: list[float], op: ReduceOp.RedOpType) -> list[float]:
         if self._pg is not None:
             t = torch.tensor(values, dtype=torch.float64)
             opts = torch.distributed.AllreduceOptions()
-            opts.reduceOp = op
+            opts.reduceOp = torch.distributed.ReduceOp(op)  # the conversion assigning a RedOpType makes, made explicit
             try:
-                self._pg.allreduce([t], opts).wait()  # gloo's timeout: a missing rank raises, never hangs
+                # gloo's timeout: a missing rank raises, never hangs. torch's stub of ProcessGroupGloo lacks the
+                # collectives its Backend has at run time
+                self._pg.allreduce([t], opts).wait()  # type: ignore[attr-defined]
             except Exception as e:  # noqa: BLE001
                 raise _Missing(e) from e
             return t.tolist()
@@ -166,7 +171,7 @@ class StepReducer:
             t = torch.tensor(values, dtype=torch.float64)
             out = [torch.empty_like(t) for _ in range(self.group.world)]
             try:
-                self._pg.allgather([out], [t]).wait()
+                self._pg.allgather([out], [t]).wait()  # type: ignore[attr-defined]  # (as allreduce above)
             except Exception as e:  # noqa: BLE001
                 raise _Missing(e) from e
             return [o.tolist() for o in out]
@@ -193,11 +198,14 @@ class StepReducer:
 
     def _where(self, r: int) -> str | None:
         """What rank ``r`` left in the store: why it is not in the collective, or None (no word from it)."""
+        store = self._store
+        if store is None:  # no store of the user's group: no word from any rank
+            return None
         try:
             for key in (f"left/{r}", f"done/{r}"):
-                if self._store.check([key]):
-                    return self._store.get(key).decode()
-            if not self._store.check([f"here/{r}"]):
+                if store.check([key]):
+                    return store.get(key).decode()
+            if not store.check([f"here/{r}"]):
                 return "is not watching (no torchdiag.watch on that rank, or fewer watches than this one)"
         except Exception:  # noqa: BLE001 - the store is gone too: nothing more to say
             return None
@@ -222,7 +230,7 @@ class StepReducer:
                   " goes on. Every rank must watch, call step() / opt.step() the same number of times and leave the"
                   f" `with` together [{type(error).__name__}: {detail}]")
 
-    def leave(self, exc_type: Any = None) -> None:
+    def leave(self, exc_type: type[BaseException] | None = None) -> None:
         """This rank leaves its watch (``Watcher.__exit__``, after its last collective): a key in the store says
         how, for a rank that waits on it in vain, then this rank's side of the group closes. Never raises."""
         if self._left:
@@ -289,8 +297,9 @@ class StepReducer:
         ops = torch.distributed.ReduceOp
         return self._all_reduce(values, ops.MAX if op == "max" else ops.SUM)
 
-    def reduce(self, step: int, accumulators: dict, layout: Sequence[tuple[Hashable, type]],
-               cadence: Any = None) -> dict | None:
+    def reduce(self, step: int, accumulators: dict[tuple, Accumulator],
+               layout: Sequence[tuple[tuple, type[Accumulator]]],
+               cadence: Cadence | None = None) -> dict[tuple, Accumulator] | None:
         """The global accumulators of this step (``reduce`` over this rank's group); None when the reduction is
         disabled (then the caller keeps its own numbers). ``cadence`` (a ``cadence.Cadence``): its proposed
         recording interval joins the reduction and every rank agrees on the largest (this rank's own when the
@@ -311,14 +320,16 @@ class StepReducer:
             rec.notes.append(self.note)  # the report says whose numbers it holds
         return out
 
-    def _reduce(self, step: int, accumulators: dict, layout: Sequence[tuple[Hashable, type]],
-                interval: Interval | None = None) -> dict:
+    def _reduce(self, step: int, accumulators: dict[tuple, Accumulator],
+                layout: Sequence[tuple[tuple, type[Accumulator]]],
+                interval: Interval | None = None) -> dict[tuple, Accumulator]:
         accumulators = {**accumulators, _STEP_KEY: StepNumber(low=float(step), high=float(step)),
                         _INTERVAL_KEY: interval or Interval()}
         out = reduce(accumulators, self, [*layout, (_STEP_KEY, StepNumber), (_INTERVAL_KEY, Interval)])
-        agreed = out.pop(_INTERVAL_KEY)
+        agreed, steps = out.pop(_INTERVAL_KEY), out.pop(_STEP_KEY)
+        # reduce gives each key of the layout back as the accumulator the layout names, and these two are never empty
+        assert isinstance(agreed, Interval) and isinstance(steps, StepNumber)
         self._interval = agreed.steps, agreed.cost, agreed.step
-        steps = out.pop(_STEP_KEY)
         if steps.low != steps.high and not self._warned_step:
             self._warned_step = True
             warn_self(f"torchdiag: the ranks are at different steps ({steps.low:.0f} to {steps.high:.0f}); every rank"

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,12 @@ from torch import nn
 
 from ..capture.runtime import tracing
 
+if TYPE_CHECKING:
+    from .signals import Signals
 
-def attention_figures(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, allowed: Any = None,
-                      additive: torch.Tensor | None = None, causal: bool = False,
+
+def attention_figures(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
+                      allowed: torch.Tensor | None = None, additive: torch.Tensor | None = None, causal: bool = False,
                       max_queries: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(max logit over allowed keys, mean over heads of the normalised entropy) for ``q`` (B, H, Sq, D) and
     ``k`` (B, Hk, Sk, D), on the first two sequences and up to ``max_queries`` evenly spaced queries.
@@ -155,7 +160,7 @@ class SDPA:
     # recording, MHA's own call)
 
     @classmethod
-    def enter(cls, ref: Any, name: str | None) -> None:
+    def enter(cls, ref: weakref.ref[Signals], name: str | None) -> None:
         """An attention module's forward begins (``name``: its calls are counted, under that name)."""
         stack = cls.local.__dict__.setdefault("stack", [])
         mode = None
@@ -165,7 +170,7 @@ class SDPA:
         stack.append((ref, name, mode))
 
     @classmethod
-    def leave(cls) -> tuple[Any, str | None] | None:
+    def leave(cls) -> tuple[weakref.ref[Signals], str | None] | None:
         """An attention module's forward ended: (its owner's reference, its name), or None if none was running."""
         stack = getattr(cls.local, "stack", None)
         if not stack:
@@ -176,7 +181,7 @@ class SDPA:
         return ref, name
 
     @classmethod
-    def forget(cls, ref: Any) -> None:
+    def forget(cls, ref: weakref.ref[Signals]) -> None:
         """Drop the entries of one watch's signals (``ref``), and entries of signals gone, from this thread's stack,
         and leave their modes: those an attention forward left when it never returned (a ``KeyboardInterrupt``:
         PyTorch runs ``always_call`` forward hooks for an ``Exception`` only)."""
@@ -213,7 +218,8 @@ class _Observer(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.done = False
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(self, func: Callable, types: Sequence[type], args: tuple = (),
+                           kwargs: dict | None = None) -> object:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func is _SDPA_FN and not self.done and not tracing():

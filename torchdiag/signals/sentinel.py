@@ -4,9 +4,9 @@ wired as one unit (``Watcher`` calls it where a step ends and where a report is 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,14 +20,17 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..origin._originrecord import NonfiniteOrigin
     from ..report.report import Report
+    from ..stats.stepbuffer import StepBuffer
+    from ..training.optim import OptimizerMonitor
 
 
 class Sentinel:
     """Signals, loss spikes and the non-finite origin of one watch."""
 
     def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Config, recording: Callable[[], bool],
-                 optimizer: Any = None, scaler: Any = None, weights: dict[int, str] | None = None,
-                 lookups: AbstractSet[int] = frozenset(), monitor: Any = None, deferred: bool = False,
+                 optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
+                 weights: dict[int, str] | None = None, lookups: AbstractSet[int] = frozenset(),
+                 monitor: OptimizerMonitor | None = None, deferred: bool = False,
                  distributed: bool = False) -> None:
         self._cfg = config
         self._distributed = distributed
@@ -48,8 +51,8 @@ class Sentinel:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.spikes = instability.LossSpikes(config)
         self.forecasts = instability.Forecasts(config)
-        self._pending: list[tuple[int, Any]] = []  # (recorded step, the tripwire's batch of it)
-        self._losses: list[tuple[int, Any]] = []  # of steps that ended unrecorded: judged at the next report
+        self._pending: list[tuple[int, tuple | None]] = []  # (recorded step, the tripwire's batch of it)
+        self._losses: list[tuple[int, signals.Loss]] = []  # of steps that ended unrecorded: judged at the next report
         self.alarm = False  # an unrecorded step's loss spiked (or is not finite): the next step is recorded
         self._ended = -1  # the step that ended last
         self._adam_near: set[str] = set()  # layers near Adam's eps at the previous recorded step
@@ -74,10 +77,10 @@ class Sentinel:
     def origin(self) -> NonfiniteOrigin | None:
         return None if self._tripwire is None else self._tripwire.origin
 
-    def add_loss(self, step: int, loss: Any) -> None:
+    def add_loss(self, step: int, loss: object) -> None:
         self._signals.add_loss(step, loss)
 
-    def end_step(self, step: int, recorded: bool, buffer: Any) -> None:
+    def end_step(self, step: int, recorded: bool, buffer: StepBuffer) -> None:
         """A step ends: what it measured goes into its step buffer (``buffer``, before the step's copy to the host
         starts), with the losses of the unrecorded steps before it: they come back with its statistics, reduced across
         ranks with them where the step is (``StepStats.signals``)."""
@@ -95,7 +98,7 @@ class Sentinel:
         signals.stage(raw, losses, buffer)
         self._pending.append((step, batch))
 
-    def publish(self, report: Report, figures: dict[tuple, Any] | None = None) -> None:
+    def publish(self, report: Report, figures: Mapping[tuple, object] | None = None) -> None:
         """Add the signals' findings, the loss spikes and the non-finite origin to the report of a step; ``figures``:
         its signals as its step buffer brought them back (``StepStats.signals``: under torch.distributed, the same on
         every rank where the step was reduced, this rank's own where it was not)."""
@@ -122,7 +125,7 @@ class Sentinel:
             warn_self(f"torchdiag (step {report.step}): {message}")
 
 
-def _host_losses(losses: list[tuple[int, Any]]) -> list[float]:
+def _host_losses(losses: list[tuple[int, signals.Loss]]) -> list[float]:
     """The losses readable without waiting for a device: numbers and CPU tensors."""
     out = []
     for _, loss in losses:

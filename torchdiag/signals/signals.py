@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Union
 
 import torch
 from torch import nn
@@ -35,30 +35,49 @@ from ..vocab import StepSignals
 from ._attention import SDPA, attention_figures, entropy_of_probs, mha_figures
 
 if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
     from ..config import Config
     from ..stats.stepbuffer import StepBuffer
 
+    _HookEntry = tuple[nn.Module, Callable[..., None] | None, Callable[..., None] | None]  # GlobalHooks.add's
+
 _LOGIT_ROWS = 256
+
+#: a step's loss as kept until a recorded step reads it: a detached 0-d tensor, or a number
+Loss = Union[torch.Tensor, float]
+
+
+class Measured(TypedDict):
+    """What ``Signals.take`` gives for one step, still on the device: per attention layer its largest logit (None
+    where only the probabilities were seen) and entropy, the output's log Z and softmax-test figure, per weight its
+    mean squared gradient and Adam's eps, and the losses given to ``step(loss=)``."""
+
+    attention: dict[str, tuple[torch.Tensor | None, torch.Tensor]]
+    logz: torch.Tensor | None
+    softmax: torch.Tensor | None
+    adam: dict[str, tuple[torch.Tensor, float]]
+    losses: list[tuple[int, Loss]]
 
 
 class Signals:
     """The hooks of the divergence signals on one watched model; see the module docstring."""
 
     def __init__(self, model: nn.Module, layers: dict[nn.Module, str], config: Config,
-                 recording: Callable[[], bool], optimizer: Any = None) -> None:
+                 recording: Callable[[], bool], optimizer: torch.optim.Optimizer | None = None) -> None:
         self._model = model
         self._names = {m: n for n, m in model.named_modules()}
         self._layers = layers  # watched module -> its name in reports
         self._cfg = config
         self._recording = recording
         self._optimizer = optimizer
-        self._handles: list[Any] = []
+        self._handles: list[_HookEntry] = []
         self._name_of: dict[nn.Module, str] = {}
-        self._attention: dict[str, tuple[Any, Any]] = {}
+        self._attention: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._sdpa_seen: set[str] = set()
-        self._logz: Any = None
-        self._softmax: Any = None
-        self._losses: list[tuple[int, Any]] = []
+        self._logz: torch.Tensor | None = None
+        self._softmax: torch.Tensor | None = None
+        self._losses: list[tuple[int, Loss]] = []
         self._adam_meter = AdamGradients({}, set(), recording)
         # on SDPA's stack of running attention modules: a weak reference (an entry left by a forward that never
         # returned, a KeyboardInterrupt, holds nothing of this watch's model)
@@ -79,7 +98,7 @@ class Signals:
                 self.attention_layers.append(self._name(m))
         if cfg.output_logits_rule:
             self._handles.append(GlobalHooks.add(self._model, post=self._root_post))
-        self._opt_handle = None
+        self._opt_handle: RemovableHandle | None = None
         if cfg.adam_epsilon_rule and self._optimizer is not None and _adam_like(self._optimizer):
             self._opt_handle = self._optimizer.register_step_pre_hook(self._adam_meter.pre_step)
 
@@ -115,7 +134,7 @@ class Signals:
     def _mha_pre(self, m: nn.Module, args: tuple) -> None:
         SDPA.enter(self._ref, None)  # its own SDPA call is not counted
 
-    def _mha_post(self, m: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
+    def _mha_post(self, m: nn.MultiheadAttention, args: tuple, kwargs: dict, output: object) -> None:
         SDPA.leave()
         if not self._on():
             return
@@ -129,7 +148,7 @@ class Signals:
     def _attn_pre(self, m: nn.Module, args: tuple) -> None:
         SDPA.enter(self._ref, self._name(m) if self._on() else None)  # recorded: its SDPA calls are observed
 
-    def _attn_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _attn_post(self, m: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         entry = SDPA.leave()
         if entry is not None:
             owner, name = entry
@@ -142,7 +161,7 @@ class Signals:
                     except Exception:  # noqa: BLE001, S110 - not probabilities after all
                         pass
 
-    def on_sdpa(self, name: str, q: Any, k: Any, mask: Any, causal: bool, scale: float | None) -> None:
+    def on_sdpa(self, name: str, q: object, k: object, mask: object, causal: bool, scale: float | None) -> None:
         if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4):
             return
         allowed = additive = None
@@ -161,7 +180,7 @@ class Signals:
         self._sdpa_seen.add(name)
 
     # ------------------------------------------------------------------ output logits
-    def _root_post(self, m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _root_post(self, m: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if not self._on():
             return
         t = getattr(output, "logits", None)
@@ -191,7 +210,7 @@ class Signals:
         self._adam_meter = AdamGradients(weights, set(lookups), self._recording)
 
     # ------------------------------------------------------------------ loss
-    def add_loss(self, step: int, loss: Any) -> None:
+    def add_loss(self, step: int, loss: object) -> None:
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise TypeError(f"step(loss=...): expected a scalar loss, got a tensor of shape {tuple(loss.shape)}")
@@ -202,10 +221,10 @@ class Signals:
             raise TypeError(f"step(loss=...): expected a float or a 0-d tensor, got {type(loss).__name__}")
 
     # ------------------------------------------------------------------ the step
-    def take(self) -> dict[str, Any]:
+    def take(self) -> Measured:
         """What this step measured, still on the device (no copy), and start the next step."""
-        raw = {"attention": self._attention, "logz": self._logz, "softmax": self._softmax,
-               "adam": self._adam_meter.take(), "losses": self._losses}
+        raw: Measured = {"attention": self._attention, "logz": self._logz, "softmax": self._softmax,
+                         "adam": self._adam_meter.take(), "losses": self._losses}
         self._attention, self._sdpa_seen, self._losses = {}, set(), []
         self._logz = self._softmax = None
         return raw
@@ -217,13 +236,13 @@ class AdamGradients:
 
     def __init__(self, weights: dict[int, str], lookups: set[int], recording: Callable[[], bool]) -> None:
         self._weights, self._lookups, self._recording = weights, lookups, recording
-        self._ms: dict[str, tuple[Any, float]] = {}  # weight -> (mean squared gradient, eps)
+        self._ms: dict[str, tuple[torch.Tensor, float]] = {}  # weight -> (mean squared gradient, eps)
 
-    def take(self) -> dict[str, tuple[Any, float]]:
+    def take(self) -> dict[str, tuple[torch.Tensor, float]]:
         ms, self._ms = self._ms, {}
         return ms
 
-    def pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
         try:
             self._adam_rms(optimizer, kwargs)
         except Exception as e:  # noqa: BLE001 - inside the user's opt.step(): reported, never raised
@@ -231,7 +250,7 @@ class AdamGradients:
 
             warn_self(f"torchdiag: reading the gradients for Adam's epsilon failed ({type(e).__name__}: {e})")
 
-    def _adam_rms(self, optimizer: Any, kwargs: Any) -> None:
+    def _adam_rms(self, optimizer: torch.optim.Optimizer, kwargs: dict[str, Any]) -> None:
         if not self._recording():
             return
         # a fused optimizer under a GradScaler gets the scale and unscales inside its kernel: divide by it here
@@ -276,13 +295,13 @@ def layout(attention: Sequence[str], weights: Sequence[str]) -> list[tuple[tuple
             + [(("adam", w), GradRms) for w in sorted(set(weights))])
 
 
-def stage(raw: dict[str, Any], losses: Sequence[tuple[int, Any]], buffer: StepBuffer) -> None:
+def stage(raw: Measured, losses: Sequence[tuple[int, Loss]], buffer: StepBuffer) -> None:
     """Put what ``Signals.take`` gave, with ``losses`` of earlier unrecorded steps, into the step's buffer
     (``StepBuffer.write_signal``): each figure as the accumulator that reduces it (``layout``), its measured fields
     still on the device, to travel to the host in the step's one copy and come back in ``StepStats.signals``
     (``read``)."""
     for name, (top, ent) in raw["attention"].items():
-        fields: dict[str, Any] = {"entropy": ent, "n": 1.0}
+        fields: dict[str, torch.Tensor | float] = {"entropy": ent, "n": 1.0}
         if top is not None:  # (an eager attention's probabilities give the entropy alone)
             fields["top"] = top
         buffer.write_signal(("attention", name), AttentionFigures, fields)
@@ -296,23 +315,32 @@ def stage(raw: dict[str, Any], losses: Sequence[tuple[int, Any]], buffer: StepBu
         buffer.write_signal(("loss", (step, i)), Figure, {"value": loss})
 
 
-def read(figures: dict[tuple, Any]) -> StepSignals:
+def read(figures: Mapping[tuple, object]) -> StepSignals:
     """The step's signals as plain floats, from the accumulators its step buffer brought back (``StepStats.signals``,
     reduced across ranks where the step was)."""
     out = StepSignals()
     losses = []
     for key, acc in figures.items():
         kind, name = key
+        # each kind's figure is the accumulator ``stage`` wrote it as (and ``layout`` reduces it as): the asserts say
+        # which
         if kind == "attention":
+            assert isinstance(acc, AttentionFigures)
             out.attention[name] = (acc.top if math.isfinite(acc.top) else math.nan,
                                    acc.entropy / acc.n if acc.n else math.nan)
-        elif kind == "logz" and acc.n:
-            out.logz = acc.total / acc.n
+        elif kind == "logz":
+            assert isinstance(acc, MeanFigure)
+            if acc.n:
+                out.logz = acc.total / acc.n
         elif kind == "softmax":
+            assert isinstance(acc, Largest)
             out.softmax_output = acc.value < _SOFTMAX_TOLERANCE
-        elif kind == "adam" and acc.n:
-            out.adam[name] = (math.sqrt(acc.sq / acc.n), acc.eps / acc.n)
+        elif kind == "adam":
+            assert isinstance(acc, GradRms)
+            if acc.n:
+                out.adam[name] = (math.sqrt(acc.sq / acc.n), acc.eps / acc.n)
         elif kind == "loss":
+            assert isinstance(acc, Figure)
             losses.append((name, acc.value))
     out.losses = [(step, v) for (step, _i), v in sorted(losses, key=lambda kv: kv[0])]
     return out
@@ -321,7 +349,7 @@ def read(figures: dict[tuple, Any]) -> StepSignals:
 _SOFTMAX_TOLERANCE = 1e-3  # |sum of the output gradient| / sum of |it| under which the output is a softmax's
 
 
-def _adam_like(optimizer: Any) -> bool:
+def _adam_like(optimizer: torch.optim.Optimizer) -> bool:
     """An optimizer whose update divides by sqrt(v) + eps: every group has ``eps`` and ``betas``."""
     groups = getattr(optimizer, "param_groups", None) or []
     return bool(groups) and all("eps" in g and "betas" in g for g in groups)
