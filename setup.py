@@ -1,7 +1,7 @@
 """The CPU statistics kernel, built at install time (the metadata is in pyproject.toml).
 
-``torchdiag/stats/_rows.c`` is plain C (no Python.h, no ``PyInit``): it is built as an extension only to be
-compiled, named and placed like one, next to ``torchdiag/stats/_cpurow.py``, which loads it with ``ctypes``.
+``torchdiag/_stats/_rows.c`` is plain C (no Python.h, no ``PyInit``): it is built as an extension only to be
+compiled, named and placed like one, next to ``torchdiag/_stats/_cpurow.py``, which loads it with ``ctypes``.
 It is optional: where it does not build (no C compiler, MSVC), torchdiag installs without it and uses the ATen
 reductions.
 """
@@ -32,7 +32,7 @@ class BuildRows(build_ext):
 
 setup(
     ext_modules=[
-        Extension("torchdiag.stats._rows", sources=["torchdiag/stats/_rows.c"], extra_compile_args=FLAGS,
+        Extension("torchdiag._stats._rows", sources=["torchdiag/_stats/_rows.c"], extra_compile_args=FLAGS,
                   optional=True),
     ],
     cmdclass={"build_ext": BuildRows},

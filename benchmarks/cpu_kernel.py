@@ -1,4 +1,4 @@
-"""The CPU statistics kernel (``torchdiag.stats._cpurow``) against the ATen path, paired step by step.
+"""The CPU statistics kernel (``torchdiag._stats._cpurow``) against the ATen path, paired step by step.
 
     python benchmarks/cpu_kernel.py [--workload mlp|cnn|transformer|all] [--steps 30] [--threads 1]
 
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchdiag  # noqa: E402
 from benchmarks.overhead import WORKLOADS, NoMonitor, train_step  # noqa: E402
-from torchdiag.stats import _cpurow as cpurow  # noqa: E402
+from torchdiag._stats import _cpurow as cpurow  # noqa: E402
 
 
 def run(name: str, steps: int) -> dict[str, float]:

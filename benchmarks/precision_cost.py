@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchdiag  # noqa: E402
-from torchdiag.stats import stats  # noqa: E402
+from torchdiag._stats import stats  # noqa: E402
 
 
 def workload(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

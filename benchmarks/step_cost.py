@@ -26,7 +26,7 @@ from overhead import FAST_FORWARD, _fast_forward
 from torch import nn
 
 import torchdiag
-from torchdiag.diagnose import diagnose as diagnose_module
+from torchdiag._diagnose import diagnose as diagnose_module
 
 
 def stack(modules: int) -> nn.Module:
@@ -60,7 +60,7 @@ def step_time(model: nn.Module, x: torch.Tensor, steps: int, logdir: str | None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if logdir != "":
-            publish_module = sys.modules["torchdiag.sinks.publish"]  # where a watch diagnoses each completed step
+            publish_module = sys.modules["torchdiag._sinks.publish"]  # where a watch diagnoses each completed step
             publish_module.diagnose = timed
             ctx = torchdiag.watch(model, logdir=logdir, every=1)
         else:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead  # noqa: E402
 
 import torchdiag  # noqa: E402
-from torchdiag.stats import stats  # noqa: E402
+from torchdiag._stats import stats  # noqa: E402
 
 _ZERO_ROW = torch.zeros(7, dtype=torch.float64)
 

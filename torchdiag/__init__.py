@@ -9,12 +9,12 @@ from ._lazy import LazyPackage
 from .errors import ConfigError, DiagnosticWarning, TorchDiagError
 
 if TYPE_CHECKING:
-    from .checks.checking import check
-    from .checks.fix import apply_suggestions, fix_init
+    from ._checks.checking import check
+    from ._checks.fix import apply_suggestions, fix_init
+    from ._diagnose.verdict import RunFinding
+    from ._origin.origin import NonfiniteOrigin, locate_nonfinite
+    from ._report.report import Finding, LayerReport, Report
     from .config import Config
-    from .diagnose.verdict import RunFinding
-    from .origin.origin import NonfiniteOrigin, locate_nonfinite
-    from .report.report import Finding, LayerReport, Report
     from .watch import Watcher, watch
 
 # the other public names are imported on first use (``_lazy.PUBLIC``): the command line parses its arguments, and

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .capture import capture
+from ._capture import capture
+from ._reduce import distributed
+from ._training import amp, rescale
 from .config import Config, ConfigLike, resolve_config
 from .errors import TorchDiagError
-from .reduce import distributed
-from .training import amp, rescale
 
 
 @dataclasses.dataclass

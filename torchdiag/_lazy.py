@@ -9,10 +9,10 @@ from typing import Any
 
 #: public name -> the module (relative to the package) that defines it
 PUBLIC = {
-    "check": ".checks.checking", "apply_suggestions": ".checks.fix", "fix_init": ".checks.fix",
-    "Config": ".config", "NonfiniteOrigin": ".origin.origin", "locate_nonfinite": ".origin.origin",
-    "LayerReport": ".report.report", "Report": ".report.report", "Finding": ".report.report",
-    "RunFinding": ".diagnose.verdict", "Watcher": ".watch", "watch": ".watch",
+    "check": "._checks.checking", "apply_suggestions": "._checks.fix", "fix_init": "._checks.fix",
+    "Config": ".config", "NonfiniteOrigin": "._origin.origin", "locate_nonfinite": "._origin.origin",
+    "LayerReport": "._report.report", "Report": "._report.report", "Finding": "._report.report",
+    "RunFinding": "._diagnose.verdict", "Watcher": ".watch", "watch": ".watch",
 }
 
 

@@ -20,21 +20,21 @@ import torch
 from torch import nn
 
 from ._arguments import check_watch_arguments
-from .capture import capture
-from .capture.installed import Installed, WeakCall, abandon
+from ._capture import capture
+from ._capture.installed import Installed, WeakCall, abandon
+from ._diagnose.verdict import RunFinding
+from ._layers.taxonomy import Slot, describe_watched, hookable, select_watched
+from ._record.buffer import Recorder
+from ._record.cadence import Cadence
+from ._reduce import distributed
+from ._report.report import Report
+from ._signals.sentinel import Sentinel
+from ._sinks.publish import Publisher
+from ._training.optim import OptimizerMonitor, watched_weights
+from ._training.rescale import RescaleHook, RescaleSpec, factors
+from ._vocab import Format, StepStats
 from .config import Config, ConfigLike
-from .diagnose.verdict import RunFinding
 from .errors import TorchDiagError, warn_self
-from .layers.taxonomy import Slot, describe_watched, hookable, select_watched
-from .record.buffer import Recorder
-from .record.cadence import Cadence
-from .reduce import distributed
-from .report.report import Report
-from .signals.sentinel import Sentinel
-from .sinks.publish import Publisher
-from .training.optim import OptimizerMonitor, watched_weights
-from .training.rescale import RescaleHook, RescaleSpec, factors
-from .vocab import Format, StepStats
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from torchdiag.capture import capture
+from torchdiag._capture import capture
+from torchdiag._layers import taxonomy
+from torchdiag._record.buffer import Recorder
 from torchdiag.config import resolve_config
-from torchdiag.layers import taxonomy
-from torchdiag.record.buffer import Recorder
 
 
 @contextlib.contextmanager

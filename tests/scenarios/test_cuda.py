@@ -88,7 +88,7 @@ def test_deferred_step_end_never_syncs_and_reports_what_blocking_does():
 
 
 def _triton() -> bool:
-    from torchdiag.stats import _fused as fused
+    from torchdiag._stats import _fused as fused
 
     return torch.cuda.is_available() and fused.triton is not None
 
@@ -100,7 +100,7 @@ triton_cuda = pytest.mark.skipif(not _triton(), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("n", [1, 17, 1024, 70_001, 5_000_000, 40_000_000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_row_equals_plain_formulas(n, dtype):
-    from torchdiag.stats import _fused as fused
+    from torchdiag._stats import _fused as fused
 
     torch.manual_seed(n)
     x = (torch.randn(n, device="cuda") * 3 + 1).to(dtype)
@@ -122,7 +122,7 @@ def test_fused_row_equals_plain_formulas(n, dtype):
 
 @triton_cuda
 def test_fused_row_propagates_nan_and_inf():
-    from torchdiag.stats import _fused as fused
+    from torchdiag._stats import _fused as fused
 
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = torch.randn(100_000, device="cuda")
@@ -138,8 +138,8 @@ def test_fused_row_propagates_nan_and_inf():
 @pytest.mark.parametrize("n", [1, 5000, 3_000_001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_histogram_counts_what_histc_counts(n, dtype):
-    from torchdiag.stats import _fused as fused
-    from torchdiag.stats import stats
+    from torchdiag._stats import _fused as fused
+    from torchdiag._stats import stats
 
     torch.manual_seed(n)
     x = (torch.randn(n, device="cuda") * 4 - 1).to(dtype)

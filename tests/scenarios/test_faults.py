@@ -125,7 +125,7 @@ def test_a_writer_with_only_add_scalar_gets_scalars_and_the_users_exception_is_k
 
 # ---------------------------------------------------------------------------------------------- item 6
 def test_warnings_as_errors_never_raise_out_of_the_users_forward(monkeypatch, capsys):
-    from torchdiag.stats import stats
+    from torchdiag._stats import stats
 
     def boom(*a, **k):
         raise RuntimeError("internal")
@@ -320,7 +320,7 @@ def test_a_model_on_the_meta_device_is_said_once_and_a_failure_of_the_step_end_i
     assert len(said) == 1 and "meta device" in said[0]
     assert "meta device" in diag.report().notes[0] and diag.report().layers == []
 
-    from torchdiag.record import buffer
+    from torchdiag._record import buffer
 
     def broken(self, *a, **k):
         raise RuntimeError("the host copy failed")

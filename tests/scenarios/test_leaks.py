@@ -59,7 +59,7 @@ def test_no_gradient_hook_piles_up_on_a_parameter_a_module_returns():
 def test_a_dropped_watcher_never_exited_unmarks_the_model_and_removes_its_hooks():
     from torch.nn.modules import module as module_mod
 
-    from torchdiag.capture import capture
+    from torchdiag._capture import capture
 
     before = len(module_mod._global_forward_hooks) + len(module_mod._global_forward_pre_hooks)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())

@@ -236,8 +236,8 @@ def test_check_fp8_is_the_share_under_the_floor_once_scaled_per_tensor():
 def test_tensorboard_shows_the_float16_headroom_by_layer_and_step_only_where_layers_compute_in_float16(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from torchdiag.report.tags import HEADROOM_TAG
-    from torchdiag.sinks.overview import History, heatmap_geometry, render_headroom, row_labels
+    from torchdiag._report.tags import HEADROOM_TAG
+    from torchdiag._sinks.overview import History, heatmap_geometry, render_headroom, row_labels
 
     x, y = batch(width=64, scale=5000.0)  # the first Linear's float16 outputs reach ~1e4: 2.7 bits under 65504
     reports = {}
@@ -292,7 +292,7 @@ def test_gradients_float16_flushed_entirely_are_underflow_not_silence():
 
 
 def test_an_overflowed_float16_layer_has_no_underflow_figure_and_reads_0_bits_on_the_heatmap():
-    from torchdiag.sinks.overview import HEADROOM, History
+    from torchdiag._sinks.overview import HEADROOM, History
 
     model = nn.Sequential(nn.Linear(32, 32))
     report = torchdiag.check(model, torch.randn(32, 32) * 1e5, precision="fp16")  # outputs past 65504: Inf

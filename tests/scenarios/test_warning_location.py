@@ -83,6 +83,6 @@ def _line_after() -> int:
 @pytest.fixture(autouse=True)
 def _no_leftover_watch():
     yield
-    from torchdiag.capture import capture
+    from torchdiag._capture import capture
 
     assert not capture.global_hooks_installed()

@@ -41,7 +41,7 @@ def _imports(path: Path) -> set[str]:
                 target = node.module or ""
             if target.split(".")[0] != "torchdiag":
                 continue
-            for a in node.names:  # `from . import stats` imports the module torchdiag.stats
+            for a in node.names:  # `from . import stats` imports the module torchdiag._stats
                 sub = f"{target}.{a.name}"
                 found.add(sub if (PKG.parent / sub.replace(".", "/")).with_suffix(".py").exists()
                           or (PKG.parent / sub.replace(".", "/")).is_dir() else target)
@@ -54,7 +54,7 @@ def _graph() -> dict[str, set[str]]:
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import circle (as a path a -> ... -> a), or None. Packages (``torchdiag.sinks``) import their
+    """One import circle (as a path a -> ... -> a), or None. Packages (``torchdiag._sinks``) import their
     ``__init__`` only, which is what the graph holds for them."""
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -82,7 +82,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # The stages, in the order data flows through a watch: each imports only earlier stages and the shared vocabulary.
 # ``watch`` (torchdiag/watch.py and its argument checks) wires the stages before it; ``check()`` and the command line
 # are built on it. torchdiag/__init__.py and __main__.py (the public surface) may import any stage.
-SHARED = ("torchdiag.errors", "torchdiag.config", "torchdiag.vocab")
+SHARED = ("torchdiag.errors", "torchdiag.config", "torchdiag._vocab")
 STAGES = ("layers", "reduce", "stats", "capture", "record", "training", "report", "diagnose", "sinks", "origin",
           "signals", "watch", "checks", "cli", "integrations")
 TOP_STAGE = {"torchdiag.watch": "watch", "torchdiag._arguments": "watch"}
@@ -97,16 +97,16 @@ def _stage(module: str) -> int:
         return len(STAGES) + 1
     if module in TOP_STAGE:
         return 1 + STAGES.index(TOP_STAGE[module])
-    part = module.split(".")[1]
+    part = module.split(".")[1].lstrip("_")  # a stage's package is private: torchdiag._capture is "capture"
     assert part in STAGES, f"{module}: in no stage of STAGES (a new package? place it in the order)"
     return 1 + STAGES.index(part)
 
 
 def test_the_graph_reads_every_module():
     graph = _graph()
-    assert "torchdiag.record.buffer" in graph and "torchdiag.sinks.tensorboard" in graph
-    assert "torchdiag.vocab" in graph["torchdiag.record.buffer"]
-    assert "torchdiag.diagnose.instability" in graph["torchdiag.signals.sentinel"]  # `from ..diagnose import x`
+    assert "torchdiag._record.buffer" in graph and "torchdiag._sinks.tensorboard" in graph
+    assert "torchdiag._vocab" in graph["torchdiag._record.buffer"]
+    assert "torchdiag._diagnose.instability" in graph["torchdiag._signals.sentinel"]  # `from ..diagnose import x`
 
 
 def test_no_import_circle_inside_torchdiag():
@@ -134,25 +134,25 @@ def test_stages_import_only_earlier_stages_and_the_shared_vocabulary():
 
 
 def test_a_later_import_is_found():
-    assert _stage("torchdiag.diagnose.diagnose") < _stage("torchdiag.signals.signals")
-    assert _stage("torchdiag.vocab") < _stage("torchdiag.layers.gains") < _stage("torchdiag.capture.capture")
-    assert _stage("torchdiag.record.buffer") < _stage("torchdiag.watch") < _stage("torchdiag.checks.checking")
+    assert _stage("torchdiag._diagnose.diagnose") < _stage("torchdiag._signals.signals")
+    assert _stage("torchdiag._vocab") < _stage("torchdiag._layers.gains") < _stage("torchdiag._capture.capture")
+    assert _stage("torchdiag._record.buffer") < _stage("torchdiag.watch") < _stage("torchdiag._checks.checking")
 
 
 def test_leaf_modules_import_nothing_of_torchdiag():
     graph = _graph()
-    for leaf in ("torchdiag.vocab", "torchdiag.errors", "torchdiag.reduce.dtensor", "torchdiag.reduce.accumulators",
-                 "torchdiag.report.tags"):
+    for leaf in ("torchdiag._vocab", "torchdiag.errors", "torchdiag._reduce.dtensor", "torchdiag._reduce.accumulators",
+                 "torchdiag._report.tags"):
         assert graph[leaf] == set(), (leaf, graph[leaf])
     assert graph["torchdiag.config"] == {"torchdiag.errors"}
 
 
 def test_diagnosis_report_and_sinks_know_nothing_of_hooks():
     graph = _graph()
-    hook_side = ("torchdiag.capture", "torchdiag.stats", "torchdiag.record", "torchdiag.watch",
-                 "torchdiag.training.optim")
+    hook_side = ("torchdiag._capture", "torchdiag._stats", "torchdiag._record", "torchdiag.watch",
+                 "torchdiag._training.optim")
     for m, deps in graph.items():
-        if m.split(".")[1:2] and m.split(".")[1] in ("diagnose", "report", "sinks"):
+        if m.split(".")[1:2] and m.split(".")[1] in ("_diagnose", "_report", "_sinks"):
             bad = {n for n in deps if n.startswith(hook_side)}
             assert not bad, (m, bad)
 
@@ -166,7 +166,8 @@ def test_package_inits_hand_names_on_and_private_modules_stay_in_their_package()
     for m, deps in graph.items():
         package = m if (PKG.parent / m.replace(".", "/")).is_dir() else m.rpartition(".")[0]
         for n in deps:
-            if n.rpartition(".")[2].startswith("_") and n != "torchdiag.__main__":
+            is_file = (PKG.parent / n.replace(".", "/")).with_suffix(".py").exists()  # a module, not a package
+            if is_file and n.rpartition(".")[2].startswith("_") and n not in (*SHARED, "torchdiag.__main__"):
                 assert n.rpartition(".")[0] == package, (m, n)
 
 
@@ -174,10 +175,10 @@ def test_summarize_reads_the_tag_schema_not_the_sink():
     graph = _graph()
     for m in ("torchdiag.cli._summarize", "torchdiag.cli._logreader"):
         # the event files' format (CRC32C, which files are a run's) is shared by the writer and the reader
-        sinks = {n for n in graph[m] if n.startswith("torchdiag.sinks")} - {"torchdiag.sinks.eventfiles"}
+        sinks = {n for n in graph[m] if n.startswith("torchdiag._sinks")} - {"torchdiag._sinks.eventfiles"}
         assert not sinks, (m, graph[m])
-    assert "torchdiag.report.tags" in graph["torchdiag.cli._logreader"]
-    assert "torchdiag.report.tags" in graph["torchdiag.sinks.tensorboard"]
+    assert "torchdiag._report.tags" in graph["torchdiag.cli._logreader"]
+    assert "torchdiag._report.tags" in graph["torchdiag._sinks.tensorboard"]
 
 
 def test_the_internals_map_names_every_module_and_only_modules_that_exist():
@@ -187,3 +188,10 @@ def test_the_internals_map_names_every_module_and_only_modules_that_exist():
     named = {n for n in re.findall(r"`([\w/]+\.py)`", inside) if not n.startswith("tests/")}
     files = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     assert named == files, (sorted(files - named), sorted(named - files))
+
+
+def test_only_the_public_surface_has_public_names_at_the_top():
+    public = {"__init__.py", "__main__.py", "watch.py", "config.py", "errors.py", "cli", "integrations"}
+    top = {p.name for p in PKG.iterdir() if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))}
+    assert public <= top, public - top
+    assert all(name in public or name.startswith("_") for name in top), sorted(top - public)

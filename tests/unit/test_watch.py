@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules import module as module_mod
 
 import torchdiag
-from torchdiag.capture import capture
+from torchdiag._capture import capture
 
 
 def small_net():
@@ -341,7 +341,7 @@ def test_a_bytes_logdir_is_accepted_as_its_fsdecoded_path(tmp_path):
 
 
 def test_error_in_torchdiag_hook_code_never_reaches_training(monkeypatch):
-    from torchdiag.stats import stats
+    from torchdiag._stats import stats
 
     def boom(*a, **k):
         raise RuntimeError("internal")
@@ -472,7 +472,7 @@ def test_report_inside_the_watch_catches_up_with_a_deferred_step():
 
 
 def test_unrecorded_steps_do_not_reach_the_capture(monkeypatch):
-    from torchdiag.capture.capture import Capture
+    from torchdiag._capture.capture import Capture
 
     seen = []
     original = Capture.on_forward
@@ -653,7 +653,7 @@ def test_the_findings_types_are_public_names():
 
 def test_a_rank_that_does_not_write_keeps_the_logdir_as_a_str_and_creates_nothing(tmp_path, monkeypatch):
     from torchdiag._arguments import check_watch_arguments
-    from torchdiag.reduce import distributed
+    from torchdiag._reduce import distributed
 
     group = distributed.Group(pg=None, rank=1, world=2, device=torch.device("cpu"))
     monkeypatch.setattr(distributed, "resolve", lambda process_group: group)

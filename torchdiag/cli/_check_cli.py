@@ -27,10 +27,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from ..diagnose.verdict import ERROR, FLAGGED, OK, decide
+from .._diagnose.verdict import ERROR, FLAGGED, OK, decide
+from .._report.render import use_color
+from .._report.report import STATUSES, Report
 from ..errors import TorchDiagError
-from ..report.render import use_color
-from ..report.report import STATUSES, Report
 
 if TYPE_CHECKING:
     import torch
@@ -321,7 +321,7 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
         print(f"torchdiag check: {e}", file=err)
         return ERROR
     fail = set(STATUSES) if args.fail_on is None else set(args.fail_on)
-    from ..checks.check_table import render_check
+    from .._checks.check_table import render_check
 
     print(header, file=out)
     print(render_check(report, model, shapes, color=use_color(out)), file=out)
@@ -332,7 +332,7 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
         except CheckError as e:
             print(f"torchdiag check: {e}", file=err)
             return ERROR
-        from ..checks.check_table import range_table
+        from .._checks.check_table import range_table
 
         print(f"\nprecision {fmt}:", file=out)
         print("\n".join(range_table(ranged)), file=out)
@@ -350,7 +350,7 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
 
 def _check_precision(args: argparse.Namespace, model: nn.Module, fmt: str) -> Report:
     """``check(precision=fmt)`` on the same model and the same input (drawn again from the seed)."""
-    from ..checks.checking import check
+    from .._checks.checking import check
     from ..config import resolve_config
 
     inputs = make_inputs(args.input_shape, args.dtype, args.int_high, args.seed, args.device)
@@ -364,8 +364,8 @@ def _check_precision(args: argparse.Namespace, model: nn.Module, fmt: str) -> Re
 def _check(args: argparse.Namespace) -> tuple[Report, str, nn.Module, dict[str, str]]:
     import torch
 
-    from ..checks.check_table import ShapeRecorder
-    from ..checks.checking import check
+    from .._checks.check_table import ShapeRecorder
+    from .._checks.checking import check
     from ..config import resolve_config
     from ..errors import ConfigError
 

@@ -13,9 +13,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ..report import tags
-from ..report.report import SCALAR_FIELDS, LayerReport, Report
-from ..sinks.eventfiles import check_event_files
+from .._report import tags
+from .._report.report import SCALAR_FIELDS, LayerReport, Report
+from .._sinks.eventfiles import check_event_files
 
 _FLOAT_FIELDS = frozenset(SCALAR_FIELDS)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..report.report import STATUSES
+from .._report.report import STATUSES
 from ._check_cli import add_arguments
 from ._check_cli import parse_problems as _problems
 

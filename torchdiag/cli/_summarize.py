@@ -10,7 +10,7 @@ For the latest recorded step (or ``--step N``) it prints the per-layer table in 
 the suggestion column of the live report), the flagged layers, when each problem first appeared up to
 that step and the warnings; then the verdict of ``judge`` (the one place that decides what a run's
 verdict is, through ``verdict.decide`` as ``torchdiag check`` does): by default the run's findings, the
-rule the live watch uses (``torchdiag.diagnose.verdict``); with ``--step N`` what that step alone flags. ``LOGDIR``
+rule the live watch uses (``torchdiag._diagnose.verdict``); with ``--step N`` what that step alone flags. ``LOGDIR``
 may be one run or a folder of runs (``runs/`` with ``exp1/``, ``exp2/``...): each run is summarised and a
 table of all runs ends the output. Depth-profile
 sub-runs of earlier versions are not runs of their own.
@@ -30,10 +30,10 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
+from .._diagnose.verdict import ERROR, FLAGGED, OK, RunFinding, RunVerdict, Verdict, decide
+from .._report.render import render, use_color
+from .._report.report import STATUSES
 from ..config import Config
-from ..diagnose.verdict import ERROR, FLAGGED, OK, RunFinding, RunVerdict, Verdict, decide
-from ..report.render import render, use_color
-from ..report.report import STATUSES
 from ._logreader import NotATorchdiagRun, RunSummary, SummarizeError, find_runs, natural, span, summarize_run
 
 NO_DATA = ERROR  # exit status 2: nothing could be judged
@@ -42,7 +42,7 @@ __all__ = ["FLAGGED", "NO_DATA", "OK", "NotATorchdiagRun", "RunSummary", "Summar
 
 
 def judge(s: RunSummary, fail: set[str]) -> Verdict:
-    """The whole-run judgement, in one place: the run's findings (``torchdiag.diagnose.verdict``: flags raised at
+    """The whole-run judgement, in one place: the run's findings (``torchdiag._diagnose.verdict``: flags raised at
     the first recorded step, non-finite values, flags that persisted), the same rule the live watch uses; with
     ``--step N`` what that one step flags."""
     if not s.whole_run:

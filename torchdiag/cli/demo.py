@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks.fix import apply_suggestions
-from ..report.render import render, run_lines, use_color
+from .._checks.fix import apply_suggestions
+from .._report.render import render, run_lines, use_color
 from ..watch import watch
 
 

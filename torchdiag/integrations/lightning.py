@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..report.report import Report
+from .._report.report import Report
 from ..watch import Watcher
 from . import _common
 

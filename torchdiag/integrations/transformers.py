@@ -19,7 +19,7 @@ except ImportError as e:  # pragma: no cover - depends on what is installed
     raise ImportError("torchdiag.integrations.transformers needs transformers: pip install"
                       " \"torchdiag[transformers]\" (or pip install transformers accelerate)") from e
 
-from ..report.report import Report
+from .._report.report import Report
 from ..watch import Watcher
 from . import _common
 

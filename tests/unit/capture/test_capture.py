@@ -11,9 +11,9 @@ from torch import nn
 
 from tests.helpers import zoo
 from tests.helpers.recording import recording
-from torchdiag.stats import stats
-from torchdiag.stats.stepbuffer import Pending, StepBuffer, arrive, decode
-from torchdiag.vocab import Row
+from torchdiag._stats import stats
+from torchdiag._stats.stepbuffer import Pending, StepBuffer, arrive, decode
+from torchdiag._vocab import Row
 
 
 def test_rows_own_their_storage_so_no_activation_stays_alive():

@@ -331,7 +331,7 @@ def test_successive_watches_of_one_compiled_model_keep_the_number_of_graphs_boun
 
 
 def test_a_compiled_forward_that_raises_leaves_its_wrapper_so_eager_forwards_count_steps_again():
-    from torchdiag.capture import _compiled as compiled
+    from torchdiag._capture import _compiled as compiled
 
     model = _net()
     run = torch.compile(model, backend=BACKEND)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torchdiag
-from torchdiag.checks.check_table import ShapeRecorder, render_check
+from torchdiag._checks.check_table import ShapeRecorder, render_check
 
 
 def _net() -> nn.Module:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import torchdiag
+from torchdiag._report.report import render, use_color
 from torchdiag.cli._main import main
-from torchdiag.report.report import render, use_color
 
 ESC = "\033["
 
@@ -501,7 +501,7 @@ def test_a_seed_torch_cannot_take_is_a_usage_error_naming_it(models, capsys, see
 
 @pytest.mark.parametrize("command", ["summarize", "check"])
 def test_help_wraps_the_problem_list_at_word_boundaries(capsys, command):
-    from torchdiag.report.report import STATUSES
+    from torchdiag._report.report import STATUSES
 
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -538,7 +538,7 @@ def test_help_and_usage_errors_do_not_import_torch(argv):
 def test_the_package_names_are_imported_on_first_use():
     done = subprocess.run([sys.executable, "-c", "import sys, torchdiag; assert 'torch' not in sys.modules;"
                            " import torchdiag.watch; w = torchdiag.watch; assert callable(w) and w.__name__ == 'watch',"
-                           " w; assert torchdiag.check.__module__ == 'torchdiag.checks.checking'; print(sorted(set("
+                           " w; assert torchdiag.check.__module__ == 'torchdiag._checks.checking'; print(sorted(set("
                            "torchdiag.__all__) - set(dir(torchdiag))))"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -35,8 +35,8 @@ def test_the_demo_tells_a_runs_verdict_once():
     from torch import nn
 
     import torchdiag
+    from torchdiag._diagnose.verdict import RunFinding
     from torchdiag.cli.demo import _short, _verdict
-    from torchdiag.diagnose.verdict import RunFinding
 
     report = torchdiag.check(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(16, 8))
     assert not report.flagged

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
+from torchdiag._diagnose.diagnose import LayerStats, StepStats, Summary, diagnose
+from torchdiag._layers.gains import Nonlinearity
 from torchdiag.config import Config
-from torchdiag.diagnose.diagnose import LayerStats, StepStats, Summary, diagnose
-from torchdiag.layers.gains import Nonlinearity
 
 CFG = Config.defaults()
 
@@ -233,7 +233,7 @@ def test_drift_slope_is_the_theil_sen_median_whether_lists_or_tensors(monkeypatc
     import random
     import statistics
 
-    from torchdiag.diagnose import _drift as drift
+    from torchdiag._diagnose import _drift as drift
 
     rng = random.Random(0)
     for n in (2, 3, 5, 24, 25, 40, 64, 65, 130, 500):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from torchdiag._diagnose.verdict import ERROR, FLAGGED, OK, decide
+from torchdiag._report.report import STATUSES
 from torchdiag.cli import _check_cli as check_cli
 from torchdiag.cli import _summarize as summarize
-from torchdiag.diagnose.verdict import ERROR, FLAGGED, OK, decide
-from torchdiag.report.report import STATUSES
 
 
 def test_a_problem_in_fail_on_fails():

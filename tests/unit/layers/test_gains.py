@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import torchdiag
-from torchdiag.layers import gains
-from torchdiag.layers.gains import Nonlinearity
+from torchdiag._layers import gains
+from torchdiag._layers.gains import Nonlinearity
 
 torch_fans = nn.init._calculate_fan_in_and_fan_out
 

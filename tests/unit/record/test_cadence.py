@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchdiag
-from torchdiag.record.cadence import Cadence
+from torchdiag._record.cadence import Cadence
 
 
 def _timed(cadence: Cadence, recording: float, plain: float, own: float, n_rec: int = 9, n_plain: int = 15) -> None:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import torchdiag
-from torchdiag.reduce import distributed
-from torchdiag.reduce.accumulators import (
+from torchdiag._reduce import distributed
+from torchdiag._reduce.accumulators import (
     MAX,
     MEAN,
     MIN,
@@ -25,7 +25,7 @@ from torchdiag.reduce.accumulators import (
     Update,
     reductions,
 )
-from torchdiag.stats import stats
+from torchdiag._stats import stats
 
 
 def _acc(x: torch.Tensor, chunks: int = 1) -> MomentAccumulator:

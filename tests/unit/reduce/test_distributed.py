@@ -23,12 +23,12 @@ from torch import nn
 
 import torchdiag
 from tests.helpers import dist_worker as W
-from torchdiag.layers.taxonomy import Slot
-from torchdiag.reduce import distributed
-from torchdiag.reduce.accumulators import MomentAccumulator
-from torchdiag.stats import stats
-from torchdiag.stats.stepbuffer import Decoded, reduction_layout
-from torchdiag.vocab import Row
+from torchdiag._layers.taxonomy import Slot
+from torchdiag._reduce import distributed
+from torchdiag._reduce.accumulators import MomentAccumulator
+from torchdiag._stats import stats
+from torchdiag._stats.stepbuffer import Decoded, reduction_layout
+from torchdiag._vocab import Row
 
 ACT, GRAD = Row.ACT, Row.GRAD
 

@@ -11,8 +11,8 @@ from torch import nn
 
 import torchdiag
 from tests.helpers.thirdparty import import_torchvision
-from torchdiag.checks.check_table import ShapeRecorder, render_check
-from torchdiag.report.report import common_prefix, elide_name, render
+from torchdiag._checks.check_table import ShapeRecorder, render_check
+from torchdiag._report.report import common_prefix, elide_name, render
 
 
 def test_the_common_prefix_goes_first_and_block_indices_are_never_dropped():

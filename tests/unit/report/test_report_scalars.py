@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import torchdiag
-from torchdiag.report.report import SCALAR_FIELDS, LayerReport, Report
+from torchdiag._report.report import SCALAR_FIELDS, LayerReport, Report
 
 
 def test_the_scalar_fields_are_every_float_field_of_a_layer_report():

@@ -18,7 +18,7 @@ from torch import nn
 
 import torchdiag
 from tests.unit.origin.test_origin import SqrtLayer, _line_of
-from torchdiag.signals._attention import attention_figures
+from torchdiag._signals._attention import attention_figures
 
 
 # ------------------------------------------------------------------ the non-finite origin in a watch
@@ -256,7 +256,7 @@ def _attention_run(watched, model_ref=None):
 
 
 def test_ctrl_c_inside_an_attention_forward_leaves_no_sdpa_entry_that_keeps_the_model_alive():
-    from torchdiag.signals._attention import SDPA
+    from torchdiag._signals._attention import SDPA
 
     refs = []
     weights = _attention_run(watched=True, model_ref=refs)

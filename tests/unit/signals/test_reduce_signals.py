@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from torchdiag.reduce.distributed import reduce
-from torchdiag.signals import signals
-from torchdiag.stats.stepbuffer import Pending, StepBuffer, arrive, decode
+from torchdiag._reduce.distributed import reduce
+from torchdiag._signals import signals
+from torchdiag._stats.stepbuffer import Pending, StepBuffer, arrive, decode
 
 
 class Recorded:

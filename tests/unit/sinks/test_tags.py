@@ -1,5 +1,5 @@
 """The tag schema round trip: written by the TensorBoard sink into a real SummaryWriter, read with TensorBoard's own
-EventAccumulator, mapped back through ``torchdiag.report.tags`` to the report that was written."""
+EventAccumulator, mapped back through ``torchdiag._report.tags`` to the report that was written."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator as ea
 from torch.utils.tensorboard import SummaryWriter
 
+from torchdiag._report import tags
+from torchdiag._report.report import Finding, LayerReport, Report
+from torchdiag._sinks.tensorboard import TensorBoardSink
+from torchdiag._vocab import Histogram
 from torchdiag.cli._logreader import summarize_run
 from torchdiag.config import Config
-from torchdiag.report import tags
-from torchdiag.report.report import Finding, LayerReport, Report
-from torchdiag.sinks.tensorboard import TensorBoardSink
-from torchdiag.vocab import Histogram
 
 
 def _report() -> Report:

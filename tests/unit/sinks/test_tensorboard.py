@@ -22,12 +22,12 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import torchdiag
+from torchdiag._report import tags as schema
+from torchdiag._sinks import overview, png
+from torchdiag._stats.stats import HIST_BINS
 from torchdiag.cli import _main as cli
 from torchdiag.cli._logreader import summarize_run
 from torchdiag.config import Config
-from torchdiag.report import tags as schema
-from torchdiag.sinks import overview, png
-from torchdiag.stats.stats import HIST_BINS
 
 ALL = {ea.SCALARS: 0, ea.TENSORS: 0, ea.HISTOGRAMS: 0}
 
@@ -610,8 +610,8 @@ def test_compiled_crc_writes_events_tensorboard_reads_back(tmp_path):
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as pure
     from tensorboard.summary.writer import record_writer
 
-    from torchdiag.sinks.eventfiles import release_compiled_crc
-    from torchdiag.sinks.tensorboard import use_compiled_crc
+    from torchdiag._sinks.eventfiles import release_compiled_crc
+    from torchdiag._sinks.tensorboard import use_compiled_crc
 
     assert use_compiled_crc()
     try:
@@ -892,8 +892,8 @@ def test_a_healthy_net_is_pale_in_the_heatmap(tmp_path, which):
 def test_the_heatmap_rows_are_labelled_with_the_short_names_of_the_report():
     """#29: the row labels are the layers' names as the report's table shortens them (the shared prefix dropped,
     then ``render.shorten_names``): rows that differ show their difference, and no block index is left out."""
-    from torchdiag.report.render import shorten_names
-    from torchdiag.report.report import LayerReport, Report
+    from torchdiag._report.render import shorten_names
+    from torchdiag._report.report import LayerReport, Report
 
     names = [f"transformer.h.{b}.{part}" for b in range(12) for part in
              ("ln_1", "attn.c_attn", "attn.c_proj", "attn.resid_dropout", "ln_2", "mlp.c_fc", "mlp.act",
@@ -932,7 +932,7 @@ def test_the_heatmap_rows_are_labelled_with_the_short_names_of_the_report():
 
 
 def test_overview_keeps_a_bounded_number_of_columns():
-    from torchdiag.report.report import LayerReport, Report
+    from torchdiag._report.report import LayerReport, Report
 
     hist = overview.History()
     for step in range(3 * overview.MAX_COLUMNS):
@@ -1031,8 +1031,8 @@ def test_overview_every_sets_the_cadence_and_0_turns_the_images_off(tmp_path):
 
 
 def test_the_heatmap_marks_findings_not_one_step_wobbles():
-    from torchdiag.diagnose.verdict import RunVerdict
-    from torchdiag.report.report import LayerReport, Report
+    from torchdiag._diagnose.verdict import RunVerdict
+    from torchdiag._report.report import LayerReport, Report
 
     def black_pixels(hist):
         _, _, rows = decode_png(overview.render_heatmap(hist, "act_std").png())
@@ -1046,7 +1046,7 @@ def test_the_heatmap_marks_findings_not_one_step_wobbles():
             row = LayerReport(name="a", module_type="ReLU", index=0, calls=1, act_std=1.0, grad_std=1.0,
                               status={"dead"} if bad else set())
             if bad:
-                row.findings.append(torchdiag.report.report.Finding("dead", None, 0.95, 0.9, "dead_fraction", "dead"))
+                row.findings.append(torchdiag._report.report.Finding("dead", None, 0.95, 0.9, "dead_fraction", "dead"))
             other = LayerReport(name="b", module_type="Linear", index=1, calls=1, act_std=2.0, grad_std=2.0)
             report = Report(layers=[row, other], step=step)
             verdict.add(report)

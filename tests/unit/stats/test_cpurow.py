@@ -1,4 +1,4 @@
-"""The CPU statistics kernel (torchdiag.stats._cpurow): its row against float64 tensor ops, the same row from its
+"""The CPU statistics kernel (torchdiag._stats._cpurow): its row against float64 tensor ops, the same row from its
 AVX2 and baseline builds, the library the install built found and checked next to the module, and the ATen path
 where it is absent, does not load or is switched off; no subprocess in a watched step."""
 
@@ -19,8 +19,8 @@ from torch import nn
 
 import torchdiag
 from tests.helpers.recording import spy
-from torchdiag.stats import _cpurow as cpurow
-from torchdiag.stats import stats
+from torchdiag._stats import _cpurow as cpurow
+from torchdiag._stats import stats
 
 # only where the install built no library (no C compiler then); a library that is there but unusable fails
 needs_kernel = pytest.mark.skipif(cpurow.library_file() is None, reason=cpurow.NOT_BUILT)
@@ -229,7 +229,7 @@ def _setup_flags() -> list[str]:
 def _build(out: Path, *extra: str) -> tuple:
     """``_rows.c`` built here as setup.py builds it, with ``extra`` flags; its functions."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    cmd = [cc, *_setup_flags(), "-fPIC", "-shared", *extra, "-o", str(out), str(REPO / "torchdiag/stats/_rows.c")]
+    cmd = [cc, *_setup_flags(), "-fPIC", "-shared", *extra, "-o", str(out), str(REPO / "torchdiag/_stats/_rows.c")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return cpurow.load(out)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchdiag
-from torchdiag.stats import _cpurow as cpurow
+from torchdiag._stats import _cpurow as cpurow
 
 # views, detaches and reading a CPU scalar (the float32 reliability check, CPU only) launch no kernel
 _FREE = {"aten.view.default", "aten.detach.default", "aten._local_scalar_dense.default", "aten.select.int",

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from torchdiag.record._assemble import _range
-from torchdiag.reduce.accumulators import RangeCounts
-from torchdiag.stats import stats
-from torchdiag.vocab import FORMATS
+from torchdiag._record._assemble import _range
+from torchdiag._reduce.accumulators import RangeCounts
+from torchdiag._stats import stats
+from torchdiag._vocab import FORMATS
 
 FP16 = torch.finfo(torch.float16)
 
@@ -41,9 +41,9 @@ def test_the_precision_floor_is_eight_smallest_subnormal_steps():
 def test_a_float16_tensor_is_counted_as_zero_below_and_above_the_floor(kernel):
     """The range row as the step buffer holds it (ATen's four values, or the C kernel's whole row of a float32 copy
     with the format's max in place of its shift), read back by the host's accumulator."""
-    from torchdiag.stats import _cpurow as cpurow
-    from torchdiag.stats.stepbuffer import StepBuffer
-    from torchdiag.vocab import Row
+    from torchdiag._stats import _cpurow as cpurow
+    from torchdiag._stats.stepbuffer import StepBuffer
+    from torchdiag._vocab import Row
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(10_000, generator=g) * 2e-6).half()  # rms 2e-6: a good part under 4.8e-7, a few flushed

@@ -8,7 +8,7 @@ from torch import nn
 
 import torchdiag
 from tests.helpers.recording import spy
-from torchdiag.stats import stats
+from torchdiag._stats import stats
 
 
 def _ref(t):
