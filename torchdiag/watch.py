@@ -282,12 +282,13 @@ class Watcher:
         report = self._out.publish(stats, in_hook=in_hook, take_notes=rec.take_notes,
                                    cadence=cadence if cadence.every != 1 else None)
         if report is not None and cadence.budgeted:
-            flags: set[tuple[str | None, str]] = {(layer.name, p) for layer in report.layers for p in layer.status}
+            flags = frozenset((layer.name, p) for layer in report.layers for p in layer.status)
+            trends: frozenset[tuple[str | None, str]] = frozenset()
             if self._sentinel is not None:  # a figure on its way to its threshold: record the steps a forecast needs
-                flags |= {(layer, "approaching " + figure) for figure, layer in self._sentinel.forecasts.approaching}
-            events = bool(report.first_nonfinite or report.first_nonfinite_grad or report.loss_spikes
-                          or report.forecasts)
-            cadence.observe_report(report.step, frozenset(flags), events)
+                trends = frozenset((layer, "approaching " + figure)
+                                   for figure, layer in self._sentinel.forecasts.approaching)
+            events = bool(report.first_nonfinite or report.first_nonfinite_grad or report.loss_spikes)
+            cadence.observe_report(report.step, flags, events, trends, forecast=bool(report.forecasts))
             if cadence.tripped:
                 rec.record_now()
         return report
@@ -348,7 +349,7 @@ def _recorder(config: Config, slots: list[Slot], modules: list[nn.Module], model
     them), deferral, and under torch.distributed torchdiag's collectives for its steps."""
     every = config.every if isinstance(config.every, int) else None
     cadence = Cadence(every, budget=config.budget, record_first=config.record_first,
-                      settle=max(config.finding_window, config.forecast_window))
+                      settle=config.finding_window, settle_trend=config.forecast_window)
     rec = Recorder(slots, modules, cadence, on_auto_step=on_auto_step,
                    histogram_every=config.histogram_every if histograms else 0)
     rec.defer = _defer(config.defer_report, model)

@@ -42,14 +42,18 @@ class Cadence:
 
     ``decide(step)`` says whether a step is recorded. ``every``: a fixed cadence (steps 0, N, 2N...), or None for
     the time budget: ``budget`` (the fraction of the training time torchdiag may take), ``record_first`` (steps
-    always recorded at the start), ``settle`` (recorded steps without anything new before a trip is over).
+    always recorded at the start), ``settle`` (recorded steps without anything new before a trip is over: what a
+    flag needs to become a finding) and ``settle_trend`` (the same after a figure heading for its threshold: what a
+    forecast fits).
     """
 
-    def __init__(self, every: int | None, budget: float = 0.03, record_first: int = 5, settle: int = 5) -> None:
+    def __init__(self, every: int | None, budget: float = 0.03, record_first: int = 5, settle: int = 5,
+                 settle_trend: int | None = None) -> None:
         self.every = every
         self.budget = budget
         self.record_first = record_first
         self.settle = settle
+        self.settle_trend = settle if settle_trend is None else settle_trend
         self.interval = 1  # the budget's agreed cadence: one recorded step in `interval`
         self._last_recorded = -1
         self._last_gap = 1  # steps between the last two recorded steps
@@ -156,22 +160,26 @@ class Cadence:
             self.interval = int(min(max(1, interval), _MAX_INTERVAL))
             self._cost, self._step_time = cost, step
 
-    def observe_report(self, step: int, flags: frozenset, events: bool) -> None:
-        """A published report: ``flags`` what it flagged (layer and problem), ``events`` a NaN/Inf, a loss spike
-        or a forecast at that step. Something new (an event, or a flag no report raised in the last ``_RECENT``
-        steps: a flag that flickers on and off trips once) is a trip: the next ``settle`` recorded steps are
-        recorded in full, whatever the budget."""
+    def observe_report(self, step: int, flags: frozenset, events: bool, trends: frozenset = frozenset(),
+                       forecast: bool = False) -> None:
+        """A published report: ``flags`` what it flagged (layer and problem), ``events`` a NaN/Inf or a loss spike
+        at that step; ``trends`` the figures heading for their thresholds, ``forecast`` a forecast made. Something
+        new (an event, or a flag no report raised in the last ``_RECENT`` steps: a flag that flickers on and off
+        trips once) is a trip: the next ``settle`` recorded steps are recorded in full, whatever the budget, or
+        ``settle_trend`` of them for a trend or a forecast."""
         if not self.budgeted:
             return
         new = events or any(step - self._seen.get(f, -math.inf) > _RECENT for f in flags)
-        self._seen.update(dict.fromkeys(flags, step))
-        if new:
-            self.trip(step)
+        new_trend = forecast or any(step - self._seen.get(f, -math.inf) > _RECENT for f in trends)
+        self._seen.update(dict.fromkeys(flags | trends, step))
+        if new or new_trend:
+            self.trip(step, max(self.settle if new else 0, self.settle_trend if new_trend else 0))
 
-    def trip(self, step: int) -> None:
-        """Something new at ``step``: the next ``settle`` steps are recorded, whatever the budget."""
+    def trip(self, step: int, steps: int | None = None) -> None:
+        """Something new at ``step``: the next ``steps`` (default ``settle``) steps are recorded, whatever the
+        budget."""
         if self.budgeted:
-            self._trip_left = self.settle
+            self._trip_left = max(self._trip_left, self.settle if steps is None else steps)
             self._trip_step = step
 
     @property

@@ -104,6 +104,25 @@ def test_something_new_records_the_next_steps_in_full_and_the_same_again_does_no
     assert [s for s in range(201, 205) if c.decide(s)] == [201, 202, 203]
 
 
+def test_a_flag_records_what_a_finding_needs_and_a_trend_what_a_forecast_fits():
+    # a flag becomes a finding over finding_window recorded steps; a forecast fits forecast_window of them
+    def in_full_after(**news) -> int:
+        c = Cadence(None, budget=0.03, record_first=1, settle=5, settle_trend=8)
+        c.agree(50, 1.0, 1.0)
+        assert [s for s in range(30) if c.decide(s)] == [0, 4, 20]  # (the gap grows 4-fold up to the budget's)
+        c.observe_report(20, events=False, **news)
+        run = 0
+        while c.decide(21 + run):
+            run += 1
+        return run
+
+    assert in_full_after(flags=frozenset({("fc2", "vanishing")})) == 5
+    assert in_full_after(flags=frozenset(), trends=frozenset({("attn", "approaching attention logit")})) == 8
+    assert in_full_after(flags=frozenset(), forecast=True) == 8
+    assert in_full_after(flags=frozenset({("fc2", "exploding")}), trends=frozenset({("out", "approaching log Z")})) == 8
+    assert in_full_after(flags=frozenset()) == 0
+
+
 def test_ranks_with_different_clocks_record_the_same_steps_once_they_agree():
     a, b = Cadence(None, budget=0.03), Cadence(None, budget=0.03)
     _timed(a, 1.5, 1.0, 0.2)
@@ -184,7 +203,7 @@ def test_a_layer_broken_mid_run_is_recorded_in_full_until_it_settles(one_thread)
     steps = sorted(reports)
     first = next(s for s in steps if s >= 150 and reports[s].flagged)
     assert first - 150 < 60
-    settle = max(torchdiag.Config.defaults().finding_window, torchdiag.Config.defaults().forecast_window)
+    settle = torchdiag.Config.defaults().finding_window  # what a flag needs to become a finding
     assert [s for s in steps if first < s <= first + settle] == list(range(first + 1, first + settle + 1))
     assert any(f.first_step >= 150 for f in diag.findings)  # and it became a finding of the run
 
