@@ -329,10 +329,12 @@ def _fast_forward(mon, step: int) -> None:
     if rec is None:
         return
     package = type(rec).__module__.split(".", 1)[0]  # (torchdiag, or an older copy of it: benchmarks/ab.py)
-    # the stage packages, or the flat modules of a copy from before them
-    capture = sys.modules.get(package + ".capture._registry") or sys.modules[package + ".capture"]
+    # the private stage packages, or the public ones or the flat modules of a copy from before them
+    mods = sys.modules
+    capture = (mods.get(package + "._capture._registry") or mods.get(package + ".capture._registry")
+               or mods[package + ".capture"])
     set_recording = capture.set_recording
-    histogram_window = sys.modules[package + ".vocab"].histogram_window
+    histogram_window = (mods.get(package + "._vocab") or mods[package + ".vocab"]).histogram_window
 
     rec.step = step
     rec._hist_window = histogram_window(step - 1, rec.histogram_every) if rec.histogram_every else -1
