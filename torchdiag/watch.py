@@ -350,18 +350,17 @@ def _recorder(config: Config, slots: list[Slot], modules: list[nn.Module], model
     every = config.every if isinstance(config.every, int) else None
     cadence = Cadence(every, budget=config.budget, record_first=config.record_first,
                       settle=config.finding_window, settle_trend=config.forecast_window)
-    rec = Recorder(slots, modules, cadence, on_auto_step=on_auto_step,
-                   histogram_every=config.histogram_every if histograms else 0)
-    rec.defer = _defer(config.defer_report, model)
-    if group is not None:
-        rec.reducer = distributed.StepReducer(slots, group, schedule={
-            "every": float(every or 0), "budget": config.budget if every is None else 0.0,
-            "record_first": float(config.record_first), "histogram_every": config.histogram_every,
-            # the signals' figures are reduced with the step's: ranks whose rules differ would pack different vectors
-            "attention_rules": float(config.attention_rules), "output_logits_rule": float(config.output_logits_rule),
-            "adam_epsilon_rule": float(config.adam_epsilon_rule), "attention_sample": float(config.attention_sample),
-            "profile_every": config.profile_every, "defer_report": float(rec.defer)}, recorder=rec)
-    return rec
+    defer = _defer(config.defer_report, model)
+    schedule = {
+        "every": float(every or 0), "budget": config.budget if every is None else 0.0,
+        "record_first": float(config.record_first), "histogram_every": config.histogram_every,
+        # the signals' figures are reduced with the step's: ranks whose rules differ would pack different vectors
+        "attention_rules": float(config.attention_rules), "output_logits_rule": float(config.output_logits_rule),
+        "adam_epsilon_rule": float(config.adam_epsilon_rule), "attention_sample": float(config.attention_sample),
+        "profile_every": config.profile_every, "defer_report": float(defer)}
+    return Recorder(slots, modules, cadence, on_auto_step=on_auto_step,
+                    histogram_every=config.histogram_every if histograms else 0, defer=defer, group=group,
+                    schedule=schedule)
 
 
 def _sentinel(model: nn.Module, slots: list[Slot], modules: list[nn.Module], config: Config, rec: Recorder,

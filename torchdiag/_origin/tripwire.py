@@ -107,18 +107,21 @@ class Tripwire:
     finite, else (with ``optimizer=``) the weights from before that step's update; otherwise it says why not.
     """
 
-    def __init__(self, model: nn.Module, layers: Mapping[nn.Module, str], recording: Callable[[], bool]) -> None:
+    def __init__(self, model: nn.Module, layers: Mapping[nn.Module, str], recording: Callable[[], bool],
+                 scaler: bool = False, no_snapshot: str | None = None) -> None:
+        """``scaler``: a GradScaler is in use (backward-only non-finite steps are its skipped steps);
+        ``no_snapshot``: why no weights from before an update can be replayed on (the default names the remedies)."""
         self._model = model
         self._layers = layers
         self._recording = recording
         self._batch: tuple | None = None  # (args, kwargs, autocast state)
         self._handle: _HookEntry | None = None
         self.origin: NonfiniteOrigin | None = None
-        self.scaler = False  # a GradScaler is in use: backward-only non-finite steps are its skipped steps
+        self.scaler = scaler
         self._armed = False  # the origin is a module only: check the next recorded step live
         self._live: _LiveCheck | None = None
-        self.no_snapshot = ("watch(..., optimizer=opt) keeps the weights from before the update, or call"
-                            " torchdiag.locate_nonfinite(model, batch) from a checkpoint")
+        self.no_snapshot = no_snapshot or ("watch(..., optimizer=opt) keeps the weights from before the update, or"
+                                           " call torchdiag.locate_nonfinite(model, batch) from a checkpoint")
 
     def install(self) -> None:
         self._handle = GlobalHooks.add(self._model, pre=self._pre, post=self._post)

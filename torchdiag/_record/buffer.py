@@ -36,19 +36,25 @@ class Recorder:
     """Steps of one watch; ``end_step`` returns a recorded step's ``StepStats`` (or None if not recorded)."""
 
     def __init__(self, slots: list[Slot], modules: list[nn.Module], cadence: Cadence | int,
-                 on_auto_step: Callable[[], None], histogram_every: int = 0) -> None:
+                 on_auto_step: Callable[[], None], histogram_every: int = 0, defer: bool = False,
+                 group: distributed.Group | None = None, schedule: dict[str, float] | None = None) -> None:
+        """``defer``: complete each recorded step at the next one's end (a non-blocking copy on a GPU); ``group``:
+        reduce recorded steps across its ranks, which first check that they share ``schedule`` (the settings every
+        rank must agree on)."""
         self.slots = slots
         self.cadence = cadence if isinstance(cadence, Cadence) else Cadence(every=cadence)
         self.buffer = StepBuffer()
         self.capture = Capture(slots, modules, self.buffer, on_auto_step)
         self.capture.recording = self.cadence.decide(0)
         self.worked = False  # the step that just ended recorded, or completed a deferred recording
-        self.reducer: distributed.StepReducer | None = None  # recorded steps are reduced across ranks
+        # recorded steps are reduced across ranks
+        self.reducer = (distributed.StepReducer(slots, group, schedule=schedule or {}, recorder=self)
+                        if group is not None else None)
         self.histogram_every = histogram_every  # 0: no histograms
         self.step = 0
         self._hist_window = -1  # histogram window of the last step that got histograms
         self.capture.histogram_step = self._histogram_due()
-        self.defer = False  # complete each recorded step at the next one's end (non-blocking copy on a GPU)
+        self.defer = defer
         self._pending: Pending | None = None
         self.notes: list[str] = []  # for the report of the step just completed (a histogram not binned)
         self._layout: list | None = None  # what the reduction packs (reduction_layout), built at its first use

@@ -38,15 +38,15 @@ class Sentinel:
         self._signals = signals.Signals(model, layers, config, recording, optimizer=optimizer)
         self._signals.watch_weights(weights or {}, lookups)
         # under torch.distributed a one-rank replay of a sharded or synchronised forward would wait on its collectives
-        self._tripwire = Tripwire(model, layers, recording) if config.nonfinite_origin and not distributed else None
-        if self._tripwire is not None:
-            self._tripwire.scaler = scaler is not None
+        self._tripwire = None
+        if config.nonfinite_origin and not distributed:
+            deferred_snapshot = monitor is not None and deferred
+            self._tripwire = Tripwire(model, layers, recording, scaler=scaler is not None, no_snapshot=(
+                "with defer_report 'auto' on a GPU the step's statistics are read after the next update;"
+                " defer_report='never' lets torchdiag replay on the weights from before it") if deferred_snapshot
+                else None)
             if monitor is not None and not deferred:
                 monitor.keep_all = True  # the weights from before the update, for a replay after it
-            elif monitor is not None:
-                self._tripwire.no_snapshot = ("with defer_report 'auto' on a GPU the step's statistics are read after"
-                                              " the next update; defer_report='never' lets torchdiag replay on the"
-                                              " weights from before it")
         self._monitor = monitor
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.spikes = instability.LossSpikes(config)
