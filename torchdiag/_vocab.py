@@ -8,6 +8,7 @@ and the sinks can all speak it without importing each other. Plain data, no tens
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -171,7 +172,7 @@ class StepStats:
     amp_scale: float | None = None  # GradScaler's scale in effect for this step's backward
     histograms: list[Histogram] | None = None  # on histogram steps (this rank's own, never reduced)
     # the divergence signals' figures: accumulators (``accumulators``) by key, reduced across ranks with the step
-    signals: dict[tuple, object] = field(default_factory=dict)
+    signals: Mapping[tuple, object] = field(default_factory=dict)
 
 
 @dataclass

@@ -56,7 +56,7 @@ class Capture:
                  on_auto_step: Callable[[], None]) -> None:
         self.slots = slots
         self.buffer = buffer
-        self.scaler: Any = None  # a GradScaler: its scale is written with the step's first gradient row
+        self.scaler: torch.amp.GradScaler | None = None  # its scale is written with the step's first gradient row
         self.scale_written = False
         self.generation = 0  # of the step in progress: a gradient hook of an earlier step writes nothing
         self._recording = True

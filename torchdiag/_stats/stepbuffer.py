@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from .._reduce.accumulators import (
+    Accumulator,
     GradNorms,
     LayerCall,
     MomentAccumulator,
@@ -87,13 +88,13 @@ class Decoded:
     ranges: dict[tuple[int, int], RangeCounts] = field(default_factory=dict)  # ACT_RANGE, GRAD_RANGE
     grad_norms: GradNorms | None = None
     scale: float | None = None
-    signals: dict[tuple, Any] = field(default_factory=dict)  # the signals' accumulators (``write_signal``) by key
+    signals: dict[tuple, Accumulator] = field(default_factory=dict)  # the signals' (``write_signal``) by key
     order: dict[int, int] = field(default_factory=dict)  # slot -> first-call position
     calls: dict[int, int] = field(default_factory=dict)
 
-    def accumulators(self) -> dict[tuple, Any]:
+    def accumulators(self) -> dict[tuple, Accumulator]:
         """Every accumulator under its key of ``reduction_layout``."""
-        out: dict[tuple, Any] = {}
+        out: dict[tuple, Accumulator] = {}
         out.update(self.moments)
         out.update(self.sumsq)
         out.update(self.ranges)
@@ -109,7 +110,7 @@ class Decoded:
         return out
 
     @classmethod
-    def from_accumulators(cls, accs: dict[tuple, Any]) -> Decoded:
+    def from_accumulators(cls, accs: dict[tuple, Accumulator]) -> Decoded:
         out = cls()
         first = []
         for key, acc in accs.items():
