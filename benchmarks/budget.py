@@ -138,7 +138,7 @@ def bench(name: str, steps: int, repeats: int, device, quick: bool, autocast: to
     with tempfile.TemporaryDirectory() as logdir:
         vs = variants(logdir)
         names = list(vs)
-        for _ in range(2):  # warm-up: allocator, first-call costs, the CPU kernel's build
+        for _ in range(2):  # warm-up: allocator, first-call costs, the CPU kernel's load
             run(copy.deepcopy(base), loss_fn, vs["default"], 3, device, autocast)
             run(copy.deepcopy(base), loss_fn, vs["none"], 3, device, autocast)
         times: dict[str, list[float]] = {v: [] for v in names}

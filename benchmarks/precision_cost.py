@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     base, x, y = workload(a.workload)
     names = ["none", "every=1 without range rows", "every=1"]
-    for v in names:  # warm-up: first calls, the CPU kernel's build
+    for v in names:  # warm-up: first calls, the CPU kernel's load
         run(copy.deepcopy(base), x, y, v, 3)
     times: dict[str, list[float]] = {v: [] for v in names}
     for r in range(a.repeats):

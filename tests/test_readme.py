@@ -59,6 +59,15 @@ def test_relative_links_lead_to_files_that_exist(page):
         assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
 
 
+@pytest.mark.parametrize("page", [README, *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name)
+def test_the_repository_files_a_page_names_exist(page):
+    # a file of the repository named in backticks (`tests/unit/...py`, `torchdiag/_stats/_rows.c`); TensorBoard tags
+    # such as `torchdiag/record_interval` have no file suffix and are not files
+    named = re.findall(r"`((?:torchdiag|tests|docs|examples|benchmarks)/[\w/.-]+\.\w+)`", page.read_text())
+    missing = [n for n in named if not (ROOT / n).exists()]
+    assert not missing, f"{page.name} names files that do not exist: {missing}"
+
+
 def test_the_readme_links_every_docs_page():
     text = README.read_text()
     for page in sorted((ROOT / "docs").glob("*.md")):

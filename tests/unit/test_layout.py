@@ -79,7 +79,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-# The stages, in the order data flows through a watch: each imports only earlier stages and the shared vocabulary.
+# The stages in dependency order: each imports, at run time, only earlier stages and the shared vocabulary.
 # ``watch`` (torchdiag/watch.py and its argument checks) wires the stages before it; ``check()`` and the command line
 # are built on it. torchdiag/__init__.py and __main__.py (the public surface) may import any stage.
 SHARED = ("torchdiag.errors", "torchdiag.config", "torchdiag._vocab")
@@ -106,7 +106,7 @@ def test_the_graph_reads_every_module():
     graph = _graph()
     assert "torchdiag._record.buffer" in graph and "torchdiag._sinks.tensorboard" in graph
     assert "torchdiag._vocab" in graph["torchdiag._record.buffer"]
-    assert "torchdiag._diagnose.instability" in graph["torchdiag._signals.sentinel"]  # `from ..diagnose import x`
+    assert "torchdiag._diagnose.instability" in graph["torchdiag._signals.sentinel"]  # `from .._diagnose import x`
 
 
 def test_no_import_circle_inside_torchdiag():

@@ -50,6 +50,7 @@ class RunFinding:
     reason: str | None = None  # what it is blamed on: one of REASONS ('init', 'optimisation', 'data'...)
 
     def describe(self) -> str:
+        """One line: the layer, the problem, from which step, and whether it is still there."""
         where = f" ({self.direction})" if self.direction else ""
         state = f"recovered after step {self.last_step}" if self.recovered else f"still at step {self.last_step}"
         return f"'{self.layer}' {self.problem}{where} from step {self.first_step}, {state}"

@@ -55,5 +55,6 @@ class NonfiniteOrigin:
         return line
 
     def as_dict(self) -> dict[str, str | int | None]:
+        """Every field as a plain value (JSON-ready)."""
         return {"phase": self.phase, "module": self.module, "op": self.op, "parameter": self.parameter,
                 "step": self.step, "source": self.source, "value": self.value, "note": self.note}

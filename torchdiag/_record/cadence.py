@@ -208,7 +208,8 @@ class Cadence:
             return f"one step in {self.interval}; time budget {pct}"
         cost, step = _ms(self._cost), _ms(self._step_time)
         if self.interval <= 1:
-            return f"every step (but one in {_PROBE_EVERY}): recording costs {cost} on a {step} step; time budget {pct}"
+            return (f"every step but one in {_PROBE_EVERY} (left unrecorded to time the step without torchdiag):"
+                    f" recording costs {cost} on a {step} step; time budget {pct}")
         return f"one step in {self.interval}: recording costs {cost} on a {step} step; time budget {pct}"
 
 

@@ -2,7 +2,7 @@
 
 Under an initialised ``torch.distributed`` process group every rank records its own step as usual
 (``buffer.Recorder``). At the end of each recorded step, after the one host copy, each rank's
-accumulators are reduced by ``reduce`` (``reduction.py``: each field packed by the reduction it declares,
+accumulators are reduced by ``reduce`` (``_reduction.py``: each field packed by the reduction it declares,
 one ``MAX`` and one ``SUM`` collective; a single process runs the same ``reduce`` with ``group=None``, the
 identity). Mean and variance are then exact for the global batch. Every rank ends with the same
 ``StepStats`` and so the same report; rank 0 of the group alone writes and warns. This module holds the

@@ -90,6 +90,7 @@ class LayerReport:
 
     @property
     def healthy(self) -> bool:
+        """No flag on this layer at this step."""
         return not self.status
 
     @property
@@ -100,6 +101,7 @@ class LayerReport:
             and f.reason in (None, "init") for f in self.findings)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain Python values (JSON-ready): ``status`` a sorted list, findings as dicts."""
         d = dataclasses.asdict(self)
         d["status"] = sorted(self.status)
         return d
@@ -185,6 +187,7 @@ class Report:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain Python values (JSON-ready): the step's figures and every layer's ``to_dict``."""
         return {
             "step": self.step,
             "first_nonfinite": self.first_nonfinite,

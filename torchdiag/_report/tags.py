@@ -1,6 +1,6 @@
 """The TensorBoard tag schema: every tag torchdiag writes, and the way back from a tag to what it holds.
 
-A leaf (it imports nothing else of torchdiag): the sink (``sinks/tensorboard.py``) names its tags here and
+A leaf (it imports nothing else of torchdiag): the sink (``_sinks/tensorboard.py``) names its tags here and
 ``summarize`` maps them back here, so that neither reads the other. Per recorded step:
 
 * ``<metric>/<layer>``: a ``LayerReport`` attribute (``SCALARS``: attribute -> metric), and

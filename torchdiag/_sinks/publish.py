@@ -123,7 +123,7 @@ class Publisher:
                 take_notes: Callable[[], list[str]] | None = None,
                 cadence: Cadence | None = None) -> Report | None:
         """Diagnose a completed step, warn and write it; ``take_notes``: the recorder's notes for its report;
-        ``cadence``: the watch's ``record.cadence.Cadence`` (``Report.cadence``, ``Report.record_interval``).
+        ``cadence``: the watch's ``_record.cadence.Cadence`` (``Report.cadence``, ``Report.record_interval``).
 
         ``in_hook``: called from inside the user's forward or ``opt.step()``, where a warnings filter that
         makes warnings errors (``-W error``) must not raise either: a warning that would raise is printed.

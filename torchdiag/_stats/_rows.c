@@ -1,8 +1,8 @@
-/* torchdiag's statistics row of a contiguous float32 CPU tensor in one read (loaded by cpurow.py).
+/* torchdiag's statistics row of a contiguous float32 CPU tensor in one read (loaded by _cpurow.py).
  *
  * out = [r, sum(x - r), sum((x - r)^2), min, max, nonzero count, saturated count], in double; r = x[0] when
  * `shift`, else 0; min and max are NaN when x holds a NaN (as torch.aminmax); a count not asked for is NaN.
- * Returns 1 when the float sums give the variance to float accuracy (cpurow re-reads it in float64 if not).
+ * Returns 1 when the float sums give the variance to float accuracy (_cpurow re-reads it in float64 if not).
  *
  * The order of every addition is fixed by this source: LANES independent float accumulators over blocks
  * of BLOCK elements (element k in lane k % LANES), each block's lanes added in order into double. The

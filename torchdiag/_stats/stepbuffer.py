@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 STEP_SLOT = -1  # slot of step-level rows (CLIP, SCALE)
 COMPILED = -2  # the row kind of an entry holding the compiled graphs' accumulator (``compiled.Gate.acc``)
-# the compiled graphs' accumulator (``capture._compiled``): [slots, COMPILED_KINDS, COMPILED_COLS] power sums, per
+# the compiled graphs' accumulator (``_capture._compiled``): [slots, COMPILED_KINDS, COMPILED_COLS] power sums, per
 # slot and kind [calls, n, sum, sum of squares, nonzero, saturated, -min, max]; ``decode`` turns each into the
 # statistics row about 0, ``[0, sum, sum of squares, min, max, nonzero, saturated]``
 COMPILED_KINDS = (Row.ACT, Row.GRAD, Row.INPUT, Row.ROOT_IN, Row.ROOT_GRAD)

@@ -1,4 +1,4 @@
-"""Which steps a watch records: a fixed ``every``, or the time budget (``record/cadence.py``), alone and in a watch."""
+"""Which steps a watch records: a fixed ``every``, or the time budget (``_record/cadence.py``), alone and in a watch."""
 
 from __future__ import annotations
 

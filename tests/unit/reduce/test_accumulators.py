@@ -1,4 +1,4 @@
-"""accumulators and distributed.reduce (reduction.py) as units: plain formulas, one process, no process group."""
+"""accumulators and distributed.reduce (_reduction.py) as units: plain formulas, one process, no process group."""
 
 from __future__ import annotations
 
