@@ -14,8 +14,30 @@ from ._check_cli import parse_problems as _problems
 # nothing here imports torch (nor TensorBoard): the arguments are parsed first, the command's modules imported after
 
 
+class _Version(argparse.Action):
+    """``--version``: torchdiag's, torch's, and whether the CPU statistics kernel was built with this install (torch
+    is imported only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions and whether the CPU statistics kernel is in use, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        import torch
+
+        from .. import __version__
+        from .._stats import _cpurow
+
+        kernel = _cpurow.status()
+        print(f"torchdiag {__version__} (torch {torch.__version__})\nCPU statistics kernel: "
+              f"{kernel if kernel != 'on' else 'on (built with this install)'}")
+        parser.exit()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchdiag", description="PyTorch per-layer diagnostics.")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="flag a badly initialised deep MLP, fix it, train it (generated data)")
     demo.add_argument("--logdir", default="runs/demo", help="TensorBoard log directory (default: runs/demo)")

@@ -595,3 +595,22 @@ def test_an_unknown_precision_is_a_usage_error(models, capsys):
         main(["check", f"{models}:healthy", "--input-shape", "4,32", "--precision", "fp16,fp12"])
     assert e.value.code == 2
     assert "expected a comma-separated list of fp16" in capsys.readouterr().err
+
+
+def test_version_says_whether_the_cpu_kernel_was_built_with_this_install():
+    import os
+    from pathlib import Path
+
+    from torchdiag._stats import _cpurow
+
+    built = any(Path(_cpurow.__file__).parent.glob("_rows*.so"))  # what the install left next to the loader
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDIAG_CPU_KERNEL"}
+    done = subprocess.run([sys.executable, "-m", "torchdiag", "--version"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first == f"torchdiag {torchdiag.__version__} (torch {torch.__version__})"
+    assert (second == "CPU statistics kernel: on (built with this install)") == built, second
+    off = subprocess.run([sys.executable, "-m", "torchdiag", "--version"], capture_output=True, text=True,
+                         timeout=120, env={**env, "TORCHDIAG_CPU_KERNEL": "0"})
+    assert off.stdout.splitlines()[1] == "CPU statistics kernel: " + _cpurow.OFF
