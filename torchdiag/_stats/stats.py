@@ -105,6 +105,11 @@ def _moments64(x: torch.Tensor) -> list[torch.Tensor]:
     return [r, d.sum(), torch.dot(d, d)]
 
 
+def cpu_kernel_status() -> str:
+    """'on' where the CPU statistics kernel built with this install is in use, else why the ATen passes are."""
+    return cpurow.status()
+
+
 def _cpu_row(x: torch.Tensor, saturation: tuple[float, float] | None = None, zeros: bool = False) -> torch.Tensor:
     """The whole row from the CPU kernel in one read (``cpurow``), always about the first element (free there);
     recomputed in float64 where its float sums are not reliable (as ``_moments``)."""

@@ -27,9 +27,9 @@ class _Version(argparse.Action):
         import torch
 
         from .. import __version__
-        from .._stats import _cpurow
+        from .._stats.stats import cpu_kernel_status
 
-        kernel = _cpurow.status()
+        kernel = cpu_kernel_status()
         print(f"torchdiag {__version__} (torch {torch.__version__})\nCPU statistics kernel: "
               f"{kernel if kernel != 'on' else 'on (built with this install)'}")
         parser.exit()
