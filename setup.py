@@ -32,8 +32,11 @@ class BuildRows(build_ext):
 
 setup(
     ext_modules=[
+        # py_limited_api: the library uses nothing of Python, so one wheel (cp39-abi3, ``_rows.abi3.so``) serves
+        # every Python version of a platform
         Extension("torchdiag._stats._rows", sources=["torchdiag/_stats/_rows.c"], extra_compile_args=FLAGS,
-                  optional=True),
+                  optional=True, py_limited_api=True),
     ],
     cmdclass={"build_ext": BuildRows},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

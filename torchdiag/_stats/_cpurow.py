@@ -41,7 +41,7 @@ _state: dict = {}
 
 def library_file(directory: Path | None = None) -> Path | None:
     """The kernel's shared library as the install named it (``_rows`` and this interpreter's extension suffix,
-    e.g. ``.cpython-311-x86_64-linux-gnu.so``), if there is one."""
+    e.g. ``.abi3.so``), if there is one."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = (directory or DIRECTORY) / (NAME + suffix)
         if path.is_file():
