@@ -29,12 +29,17 @@ from ._record.cadence import Cadence
 from ._reduce import distributed
 from ._report.report import Report
 from ._signals.sentinel import Sentinel
+from ._sinks import eventfiles
 from ._sinks.publish import Publisher
+from ._stats import library
 from ._training.optim import OptimizerMonitor, watched_weights
 from ._training.rescale import RescaleHook, RescaleSpec, factors
 from ._vocab import Format, StepStats
 from .config import Config, ConfigLike
 from .errors import TorchDiagError, warn_self
+
+# TensorBoard's event records are checksummed with the CRC built with the CPU kernel where google-crc32c is absent
+eventfiles.offer_crc32c(library.crc32c)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

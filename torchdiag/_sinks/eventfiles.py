@@ -5,34 +5,63 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 _HOLDERS = [0]  # open owners of the compiled CRC (a watch's writer, a summarize check): restored at none
 _PURE: list = []  # TensorBoard's own pure-Python masked CRC, while the compiled one stands in for it
+_OFFERED: list = []  # providers of a compiled CRC-32C besides google-crc32c (``offer_crc32c``)
+
+
+def offer_crc32c(provider: Callable[[], Callable[[bytes], int] | None]) -> None:
+    """Another compiled CRC-32C (unmasked) for ``use_compiled_crc`` to use where ``google-crc32c`` is not
+    installed: ``provider`` is called at the first need, and returns the function or None (``watch`` offers the
+    one built with torchdiag's CPU kernel)."""
+    if provider not in _OFFERED:
+        _OFFERED.append(provider)
+
+
+def _compiled() -> Callable[[bytes], int] | None:
+    """``google-crc32c``'s CRC-32C where it is installed, else an offered one, else None."""
+    try:
+        import google_crc32c
+    except ImportError:
+        for provider in _OFFERED:
+            fn = provider()
+            if fn is not None:
+                return fn
+        return None
+
+    def value(data: bytes) -> int:
+        return int(google_crc32c.value(bytes(data)))
+
+    return value
 
 
 def use_compiled_crc() -> bool:
-    """Give TensorBoard's event writer a compiled CRC32C when ``google-crc32c`` is installed, until the matching
-    ``release_compiled_crc``.
+    """Give TensorBoard's event writer a compiled CRC-32C, until the matching ``release_compiled_crc``.
 
-    Without TensorFlow, TensorBoard checksums every event record in pure Python (~0.3 ms per KB, on the writer
-    thread but holding the GIL). ``pip install torchdiag[fast]`` brings the compiled one; it is checked against
-    TensorBoard's own on a test vector before it is used. It is TensorBoard's module-level function that is
-    replaced, so every writer of the process (your own ``SummaryWriter`` too) uses it meanwhile: the same
-    checksums, computed faster. When the last holder releases it (a watch's writer closed), TensorBoard's own
-    function is put back. Returns whether the compiled CRC is in use.
+    Without TensorFlow, TensorBoard checksums every event record in pure Python (~0.1 ms per KB, on the writer
+    thread but holding the GIL). The compiled one is ``google-crc32c``'s (``pip install torchdiag[fast]``), else
+    the one built with torchdiag's CPU kernel (``offer_crc32c``); it is checked against TensorBoard's own on a
+    test vector before it is used. It is TensorBoard's module-level function that is replaced, so every writer
+    of the process (your own ``SummaryWriter`` too) uses it meanwhile: the same checksums, computed faster. When
+    the last holder releases it (a watch's writer closed), TensorBoard's own function is put back. Returns
+    whether a compiled CRC is in use.
     """
     try:
-        import google_crc32c
         from tensorboard.summary.writer import record_writer
     except ImportError:
         return False
     if getattr(record_writer.masked_crc32c, "_torchdiag", False):
         _HOLDERS[0] += 1
         return True
+    crc32c = _compiled()
+    if crc32c is None:
+        return False
     pure = record_writer.masked_crc32c
 
     def masked_crc32c(data: bytes) -> int:
-        crc = google_crc32c.value(bytes(data))
+        crc = crc32c(data)
         return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
     probe = bytes(range(256)) * 3
@@ -61,8 +90,9 @@ def release_compiled_crc() -> None:
 def check_event_files(run: str, last_step: int | None) -> str | None:
     """Why the event files directly in ``run`` cannot be read to their end (a record cut off or failing its
     checksum, as TensorBoard's reader then silently stops there), or None when they can. The header of every
-    record is checked (cheap); the data checksums too when a compiled CRC32C is installed
-    (``google-crc32c``); else the step of the last record is compared with the last step the reader reached."""
+    record is checked (cheap); the data checksums too when a compiled CRC-32C is at hand (``google-crc32c`` or
+    torchdiag's own, offered by the caller); else the step of the last record is compared with the last step the
+    reader reached."""
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer import record_writer
 

@@ -17,7 +17,6 @@ not by the instruction set: its AVX2 and baseline builds give identical rows (te
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
 import math
 import os
 import threading
@@ -25,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-DIRECTORY = Path(__file__).parent  # where the install put the library
-NAME = "_rows"
+from .library import library_file
+
 SERIAL_N = 1 << 18  # past this many elements, with more than 2 threads, ATen's parallel passes win
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_double,
          ctypes.c_void_p]
@@ -37,16 +36,6 @@ _lock = threading.Lock()
 # "lib": (functions or None, path, why), found and loaded once per process; "fns": what ``usable`` reads (the
 # functions, or None for the ATen path; absent until the first use); "why": the reason for None; "off": the switch
 _state: dict = {}
-
-
-def library_file(directory: Path | None = None) -> Path | None:
-    """The kernel's shared library as the install named it (``_rows`` and this interpreter's extension suffix,
-    e.g. ``.abi3.so``), if there is one."""
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = (directory or DIRECTORY) / (NAME + suffix)
-        if path.is_file():
-            return path
-    return None
 
 
 def load(path: Path) -> tuple:

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 
 from .._report import tags
 from .._report.report import SCALAR_FIELDS, LayerReport, Report
-from .._sinks.eventfiles import check_event_files
+from .._sinks.eventfiles import check_event_files, offer_crc32c
+from .._stats import library
+
+offer_crc32c(library.crc32c)  # the data checksums are checked where a compiled CRC-32C is at hand
 
 _FLOAT_FIELDS = frozenset(SCALAR_FIELDS)
 

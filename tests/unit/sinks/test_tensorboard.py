@@ -645,6 +645,67 @@ def test_tensorboards_own_crc_is_put_back_when_the_watch_closes_its_writer(tmp_p
     assert [e.value for e in load(tmp_path / "mine").Scalars("loss")] == [0.0, 1.0]  # its records read back whole
 
 
+def _crc32c_by_definition(data: bytes) -> int:
+    """CRC-32C bit by bit (Castagnoli, reflected polynomial 0x82F63B78)."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_the_crc_built_with_the_kernel_is_crc32c():
+    from torchdiag._stats import library
+
+    crc = library.crc32c()
+    if crc is None:
+        pytest.skip("the kernel library was not built with this install")
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 8, 9, 63, 1000, 4099):
+        data = bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist())
+        want = _crc32c_by_definition(data)
+        assert crc(data) == crc(bytearray(data)) == crc(memoryview(data)) == want, n
+
+
+def test_a_library_without_the_crc_gives_none(tmp_path):
+    import ctypes.util
+
+    from torchdiag._stats import library
+
+    (tmp_path / "broken.so").write_bytes(b"not a library")
+    assert library.load_crc32c(tmp_path / "broken.so") is None
+    libc = ctypes.util.find_library("c")
+    if libc is not None:  # a real library without td_crc32c
+        assert library.load_crc32c(libc) is None
+
+
+def test_without_google_crc32c_the_watch_checksums_with_the_kernels_crc(tmp_path, monkeypatch):
+    """The default install (no ``fast`` extra): TensorBoard's records are checksummed with the CRC built with the
+    CPU kernel while the watch's writer is open, TensorBoard's reader accepts every record, and TensorBoard's own
+    function is back afterwards."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as pure
+    from tensorboard.summary.writer import record_writer
+
+    from torchdiag._stats import library
+
+    if library.crc32c() is None:
+        pytest.skip("the kernel library was not built with this install")
+    monkeypatch.setitem(sys.modules, "google_crc32c", None)  # import google_crc32c raises ImportError
+    before = record_writer.masked_crc32c
+    model = mlp()
+    with torchdiag.watch(model, logdir=tmp_path, every=1, layer_scalars="all") as diag:
+        in_use = record_writer.masked_crc32c
+        assert getattr(in_use, "_torchdiag", False)
+        for data in (b"", b"torchdiag", bytes(range(256)) * 40):
+            assert in_use(data) == pure(data)
+        for _ in range(3):
+            model(torch.randn(8, 12)).sum().backward()
+            diag.step()
+    assert record_writer.masked_crc32c is before
+    assert [e.step for e in load(tmp_path).Scalars("act_std/0")] == [0, 1, 2]  # the reader checks every CRC
+
+
 # ----------------------------------------------------------------- layout: only charts for tags that exist
 def layout_charts(event):
     layout = layout_pb2.Layout()

@@ -20,10 +20,10 @@ from torch import nn
 import torchdiag
 from tests.helpers.recording import spy
 from torchdiag._stats import _cpurow as cpurow
-from torchdiag._stats import stats
+from torchdiag._stats import library, stats
 
 # only where the install built no library (no C compiler then); a library that is there but unusable fails
-needs_kernel = pytest.mark.skipif(cpurow.library_file() is None, reason=cpurow.NOT_BUILT)
+needs_kernel = pytest.mark.skipif(library.library_file() is None, reason=cpurow.NOT_BUILT)
 
 REPO = Path(__file__).resolve().parents[3]
 SAT = (0.0, 0.9)
@@ -40,7 +40,7 @@ def kernel_on():
 @pytest.fixture
 def no_library(monkeypatch, tmp_path):
     """This process as if the install had built no kernel: the loader looks in an empty directory, afresh."""
-    monkeypatch.setattr(cpurow, "DIRECTORY", tmp_path)
+    monkeypatch.setattr(library, "DIRECTORY", tmp_path)
     monkeypatch.setattr(cpurow, "_state", {})
     return tmp_path
 
@@ -210,9 +210,9 @@ def test_a_watched_step_reads_the_same_from_the_host_block_as_from_float64_tenso
 
 @needs_kernel
 def test_the_library_the_install_built_is_found_next_to_the_module_and_used():
-    path = cpurow.library_file()
+    path = library.library_file()
     assert path.parent == Path(cpurow.__file__).parent
-    assert path.name[len(cpurow.NAME):] in importlib.machinery.EXTENSION_SUFFIXES
+    assert path.name[len(library.NAME):] in importlib.machinery.EXTENSION_SUFFIXES
     assert cpurow.status() == "on" and cpurow.library_path() == path
     assert cpurow.usable(torch.randn(100))
 
@@ -246,7 +246,7 @@ def test_avx2_and_baseline_builds_give_bit_identical_rows(tmp_path):
     CPU), also for a tail that is not a whole vector and for NaN, infinities, signed zeros and denormals."""
     if "avx2" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("this CPU has no AVX2")
-    builds = {"installed": cpurow.load(cpurow.library_file()),
+    builds = {"installed": cpurow.load(library.library_file()),
               "base": _build(tmp_path / "base.so", "-DTD_ONE_TARGET"),
               "avx2": _build(tmp_path / "avx2.so", "-DTD_ONE_TARGET", "-mavx2", "-mfma")}
     g = torch.Generator().manual_seed(0)
@@ -268,7 +268,7 @@ def test_without_the_library_the_aten_path_gives_the_same_statistics(no_library)
     """An install without a C compiler has no library: the ATen path, the reason in ``status``, and the statistics
     of the kernel (where this install has it) to float32 rounding."""
     x = (torch.randn(50_000) * 2 + 0.3).relu()
-    assert cpurow.library_file() is None
+    assert library.library_file() is None
     assert cpurow.status() == cpurow.NOT_BUILT and cpurow.library_path() is None
     assert not cpurow.usable(x)
     aten = stats.act_row(x, SAT, zeros=True, shift=True)
@@ -292,7 +292,7 @@ def _watched_layers(steps: int = 3) -> list[tuple]:
 @needs_kernel
 def test_a_watch_without_the_library_reports_what_it_reports_with_it(monkeypatch, tmp_path):
     with_kernel = _watched_layers()
-    monkeypatch.setattr(cpurow, "DIRECTORY", tmp_path)
+    monkeypatch.setattr(library, "DIRECTORY", tmp_path)
     monkeypatch.setattr(cpurow, "_state", {})
     without = _watched_layers()
     assert cpurow.status() == cpurow.NOT_BUILT
@@ -304,7 +304,7 @@ def test_a_watch_without_the_library_reports_what_it_reports_with_it(monkeypatch
 
 def test_a_library_that_does_not_load_is_not_used(no_library):
     """A file of the library's name that is not a loadable library (a wrong platform's, a damaged one)."""
-    (no_library / (cpurow.NAME + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not a library")
+    (no_library / (library.NAME + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not a library")
     assert "did not load" in cpurow.status()
     assert isinstance(stats.act_row(torch.randn(100)), list)
 
@@ -327,7 +327,7 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert cpurow.status() == cpurow.OFF
     assert isinstance(stats.act_row(torch.randn(100)), list)
     cpurow.set_enabled(True)  # the switch overrides the variable, as before
-    assert cpurow.status() == ("on" if cpurow.library_file() is not None else cpurow.NOT_BUILT)
+    assert cpurow.status() == ("on" if library.library_file() is not None else cpurow.NOT_BUILT)
 
 
 def test_no_subprocess_is_started_in_a_watched_training_step(monkeypatch):
@@ -345,5 +345,5 @@ def test_no_subprocess_is_started_in_a_watched_training_step(monkeypatch):
     monkeypatch.undo()
     assert started == []
     assert len(layers) == 5 and all(math.isfinite(r[2]) for r in layers)
-    if cpurow.library_file() is not None:
+    if library.library_file() is not None:
         assert cpurow.status() == "on"
