@@ -93,7 +93,7 @@ class Cadence:
         if due:
             self._last_gap = max(1, step - self._last_recorded) if self._last_recorded >= 0 else 1
             self._last_recorded = step
-            if self._trip_left > 0 and step >= self.record_first:
+            if self._trip_left > 0:  # (a first step recorded after a trip counts: it is a step the flag is seen at)
                 self._trip_left -= 1
         else:
             self._last_plain = step

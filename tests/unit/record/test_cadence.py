@@ -123,6 +123,20 @@ def test_a_flag_records_what_a_finding_needs_and_a_trend_what_a_forecast_fits():
     assert in_full_after(flags=frozenset()) == 0
 
 
+def test_the_first_steps_after_a_trip_at_step_0_count_towards_its_settling():
+    # a flag raised at step 0 (an init problem) is seen at steps 1-4 as well, which are recorded anyway: five
+    # recorded steps after it (1-5), what a flag needs to become a finding, and then the budget's cadence
+    c = Cadence(None, budget=0.03, record_first=5, settle=5)
+    c.agree(50, 1.0, 1.0)
+    got = []
+    for step in range(30):
+        if c.decide(step):
+            got.append(step)
+            if step == 0:
+                c.observe_report(0, frozenset({("fc2", "vanishing")}), events=False)
+    assert got == [0, 1, 2, 3, 4, 5, 9, 25]  # (then the gap grows 4-fold a time towards the agreed 50)
+
+
 def test_ranks_with_different_clocks_record_the_same_steps_once_they_agree():
     a, b = Cadence(None, budget=0.03), Cadence(None, budget=0.03)
     _timed(a, 1.5, 1.0, 0.2)
