@@ -221,10 +221,7 @@ def render_heatmap(history: History, metric: str) -> Canvas:
             if history.marked(name, flagged.get(name)):
                 marks.append((x0 + k * cw, y0 + r * ch))
     for r, line in enumerate(cells):  # each row of cells is one line of pixels, repeated ch times
-        pixels = b"".join(line)
-        for y in range(y0 + r * ch, y0 + (r + 1) * ch):
-            o = 3 * (y * width + x0)
-            c.px[o:o + len(pixels)] = pixels
+        c.strip(x0, y0 + r * ch, b"".join(line), ch)
     for x, y in marks:
         if dot >= 3:
             c.rect(x + (cw - dot) // 2 - 1, y + (ch - dot) // 2 - 1, dot + 2, dot + 2, WHITE)
@@ -281,8 +278,7 @@ def _legend(c: Canvas, by: int, ends: tuple[str, str], legend: list[tuple[tuple,
     """The colour bar between its two end labels (``colour``: a position in [0, 1] -> ``diverging``'s argument),
     a tick at ``mark`` of its width, then the swatches, in the big font, from ``by`` down."""
     bx = c.text(4, by, ends[0], scale=BIG) + 3
-    for i in range(_BAR_W):
-        c.rect(bx + i, by, 1, BIG_LINE - 2, diverging(colour(i / (_BAR_W - 1))))
+    c.strip(bx, by, b"".join(bytes(diverging(colour(i / (_BAR_W - 1)))) for i in range(_BAR_W)), BIG_LINE - 2)
     c.rect(bx + round(mark * (_BAR_W - 1)), by - 2, 1, BIG_LINE + 2, BLACK)
     lx = c.text(bx + _BAR_W + 3, by, ends[1], scale=BIG) + 10
     for color, label in legend:

@@ -3,6 +3,7 @@ the blue-white-red colour scale, and the PNG encoder the overview images are wri
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 
@@ -10,13 +11,14 @@ import zlib
 def png(width: int, height: int, rgb: bytes | bytearray) -> bytes:
     """An 8-bit RGB PNG of ``rgb`` (rows top to bottom, 3 bytes a pixel)."""
     stride = 3 * width
-    raw = b"".join(b"\x00" + bytes(rgb[y * stride:(y + 1) * stride]) for y in range(height))
+    rows = memoryview(rgb)
+    raw = b"".join([b"\x00" + rows[y * stride:(y + 1) * stride] for y in range(height)])
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+            + chunk(b"IDAT", zlib.compress(raw, 3)) + chunk(b"IEND", b""))
 
 
 # a 5x7 font: each glyph is 7 rows of 5 bits (the high bit left); letters upper case only
@@ -43,9 +45,34 @@ _FONT = {
     "…": (0, 0, 0, 0, 0, 0, 21), "^": (4, 10, 17, 0, 0, 0, 0),
     "÷": (0, 4, 0, 31, 0, 4, 0),
 }
-# each glyph's pixels as (column, row)
-_GLYPHS = {ch: [(c, r) for r, bits in enumerate(rows) for c in range(5) if bits & (16 >> c)]
-           for ch, rows in _FONT.items()}
+
+
+def _runs(rows: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """A glyph's pixels as horizontal runs (column, row, length): one copy per run, not per pixel."""
+    runs = []
+    for r, bits in enumerate(rows):
+        c = 0
+        while c < 5:
+            if bits & (16 >> c):
+                n = 1
+                while c + n < 5 and bits & (16 >> (c + n)):
+                    n += 1
+                runs.append((c, r, n))
+                c += n
+            else:
+                c += 1
+    return tuple(runs)
+
+
+_GLYPHS = {ch: _runs(rows) for ch, rows in _FONT.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _placed(width: int, scale: int) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Each glyph's runs on a canvas ``width`` pixels wide at ``scale``: (byte offset from the glyph's top left,
+    bytes), one per line of pixels."""
+    return {ch: tuple((3 * ((r * scale + k) * width + c * scale), 3 * n * scale) for c, r, n in runs
+                      for k in range(scale)) for ch, runs in _GLYPHS.items()}
 CHAR_W, CHAR_H = 6, 8  # a glyph and its spacing
 WHITE, BLACK, GREY, MISSING = (255, 255, 255), (0, 0, 0), (120, 120, 120), (200, 200, 200)
 NONFINITE = (150, 0, 200)  # NaN/Inf: a colour that the blue-white-red scale never takes
@@ -99,9 +126,17 @@ class Canvas:
         dx, dy = abs(x1 - x0), -abs(y1 - y0)
         sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
         err, n = dx + dy, 0
+        width, height, px, half = self.width, self.height, self.px, thick // 2
+        square = bytes(color) * thick
         while True:
-            if not dash or (n // dash) % 2 == 0:
-                self.rect(x0 - thick // 2, y0 - thick // 2, thick, thick, color)
+            if not dash or (n // dash) % 2 == 0:  # a thick x thick square about the point (``rect``, inlined)
+                a, b = x0 - half, x0 - half + thick
+                if a >= 0 and b <= width:
+                    for yy in range(max(y0 - half, 0), min(y0 - half + thick, height)):
+                        o = 3 * (yy * width + a)
+                        px[o:o + 3 * thick] = square
+                else:
+                    self.rect(a, y0 - half, thick, thick, color)
             n += 1
             if x0 == x1 and y0 == y1:
                 return
@@ -115,14 +150,43 @@ class Canvas:
 
     def text(self, x: int, y: int, s: str, color: tuple[int, int, int] = BLACK, scale: int = 1) -> int:
         """Draw ``s`` with its top left at (x, y), each font pixel ``scale`` x ``scale``; returns the x after it."""
-        for ch in s.upper():
-            for c, r in _GLYPHS.get(ch, _GLYPHS["?"]):
-                if scale == 1:
-                    self.dot(x + c, y + r, color)
-                else:
-                    self.rect(x + c * scale, y + r * scale, scale, scale, color)
+        s = s.upper()
+        pixel, width, px = bytes(color), self.width, self.px
+        end = x + CHAR_W * scale * len(s)
+        if x >= 0 and y >= 0 and end <= width and y + 7 * scale <= self.height:  # inside: no clipping
+            placed = _placed(width, scale)
+            fills: dict[int, bytes] = {}  # a run's bytes, by length
+            at = 3 * (y * width + x)
+            unknown = placed["?"]
+            for ch in s:
+                for o, n in placed.get(ch, unknown):
+                    fill = fills.get(n)
+                    if fill is None:
+                        fill = fills[n] = pixel * (n // 3)
+                    px[at + o:at + o + n] = fill
+                at += 3 * CHAR_W * scale
+            return end
+        for ch in s:
+            for c, r, n in _GLYPHS.get(ch, _GLYPHS["?"]):
+                x0, x1 = max(x + c * scale, 0), min(x + (c + n) * scale, width)
+                if x1 <= x0:
+                    continue
+                run = pixel * (x1 - x0)
+                for yy in range(max(y + r * scale, 0), min(y + (r + 1) * scale, self.height)):
+                    o = 3 * (yy * width + x0)
+                    px[o:o + len(run)] = run
             x += CHAR_W * scale
         return x
+
+    def strip(self, x: int, y: int, pixels: bytes, h: int) -> None:
+        """The row of RGB ``pixels`` (3 bytes each) drawn ``h`` times from (x, y) down (within the canvas)."""
+        x0, x1 = max(x, 0), min(x + len(pixels) // 3, self.width)
+        if x1 <= x0:
+            return
+        row = pixels[3 * (x0 - x):3 * (x1 - x)]
+        for yy in range(max(y, 0), min(y + h, self.height)):
+            o = 3 * (yy * self.width + x0)
+            self.px[o:o + len(row)] = row
 
     def png(self) -> bytes:
         return png(self.width, self.height, self.px)

@@ -1,0 +1,67 @@
+"""The pure-Python picture primitives the overview images are drawn with, against their definitions."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+
+from torchdiag._sinks import png
+
+
+def _by_definition(width: int, height: int, ops: list[tuple]) -> bytearray:
+    """The canvas after ``ops``, pixel by pixel: a font pixel (column c, row r of the 5x7 glyph) is a
+    ``scale`` x ``scale`` square; squares are clipped to the canvas."""
+    px = bytearray(bytes(png.WHITE) * (width * height))
+    for kind, *args in ops:
+        if kind == "text":
+            x, y, s, color, scale = args
+            for ch in s.upper():
+                rows = png._FONT.get(ch, png._FONT["?"])
+                for r, bits in enumerate(rows):
+                    for c in range(5):
+                        if bits & (16 >> c):
+                            for yy in range(y + r * scale, y + (r + 1) * scale):
+                                for xx in range(x + c * scale, x + (c + 1) * scale):
+                                    if 0 <= xx < width and 0 <= yy < height:
+                                        px[3 * (yy * width + xx):3 * (yy * width + xx) + 3] = bytes(color)
+                x += png.CHAR_W * scale
+        elif kind == "strip":
+            x, y, pixels, h = args
+            for k in range(len(pixels) // 3):
+                for yy in range(y, y + h):
+                    if 0 <= x + k < width and 0 <= yy < height:
+                        px[3 * (yy * width + x + k):3 * (yy * width + x + k) + 3] = pixels[3 * k:3 * k + 3]
+    return px
+
+
+@pytest.mark.parametrize("scale", [1, 2, 3])
+def test_text_and_strips_draw_the_pixels_their_definition_gives(scale):
+    every = "".join(png._FONT) + "éz"  # every glyph, an unknown one (drawn as ?) and a lower-case letter
+    ops = [("text", 2, 3, every[:20], (200, 10, 30), scale),  # inside the canvas (the fast path)
+           ("text", -7, 30, every[20:45], png.BLACK, scale),  # clipped on the left and at the bottom
+           ("text", 150, -3, every[45:], (1, 2, 3), scale),  # clipped at the top and on the right
+           ("strip", -2, 12, bytes(range(30)), 4), ("strip", 190, 37, bytes(range(60)), 9)]
+    c = png.Canvas(200, 40)
+    for kind, *args in ops:
+        getattr(c, kind)(*args)
+    assert c.px == _by_definition(200, 40, ops)
+    assert c.text(0, 0, "AB", scale=scale) == png.text_width("AB", scale)  # the x after the text
+
+
+def test_png_holds_the_canvas_rows():
+    c = png.Canvas(7, 3)
+    c.strip(0, 1, bytes(range(21)), 1)
+    data = c.png()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    at, chunks = 8, {}
+    while at < len(data):  # each chunk: length, type, data, CRC of type and data
+        (n,), kind = struct.unpack(">I", data[at:at + 4]), data[at + 4:at + 8]
+        body = data[at + 8:at + 8 + n]
+        assert struct.unpack(">I", data[at + 8 + n:at + 12 + n])[0] == zlib.crc32(kind + body)
+        chunks[kind] = body
+        at += 12 + n
+    assert struct.unpack(">IIBBBBB", chunks[b"IHDR"]) == (7, 3, 8, 2, 0, 0, 0)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert raw == b"".join(b"\x00" + bytes(c.px[21 * y:21 * (y + 1)]) for y in range(3))  # filter 0, then the row
