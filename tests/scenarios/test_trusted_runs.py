@@ -125,6 +125,47 @@ def test_a_learning_rate_that_blows_the_net_up_is_blamed_on_the_optimisation_not
     assert torchdiag.apply_suggestions(model, diag.report()) == {}
 
 
+def test_a_chain_the_init_left_vanishing_and_the_updates_carried_past_exploding_blames_each_on_its_cause(digits):
+    """5 x Linear with PyTorch's default init and ReLU, AdamW 1e-3 memorising one batch of 64 digits. At step 0 the
+    output rms falls ~0.47x a layer (the default init's gain, 1/sqrt(3) of Kaiming's): vanishing, the init's, whose
+    fix is a gain. Memorising the batch then grows the logits and with them every layer's weights: tens of steps
+    later the rms grows >10x along the same chain. That is the updates' doing (the init would shrink it): the
+    learning rate is the fix, never the weight multiplication that fixes the init's vanishing."""
+    x, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(),
+                          *[m for _ in range(3) for m in (nn.Linear(256, 256), nn.ReLU())], nn.Linear(256, 10))
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    xb, yb = x[:64], y[:64]
+
+    def chain_ratio() -> float:  # the last Linear's output rms over the first's, with plain hooks
+        rms: list[float] = []
+        hooks = [m.register_forward_hook(lambda m, a, o: rms.append(o.pow(2).mean().sqrt().item())) for m in linears]
+        with torch.no_grad():
+            model(xb)
+        for h in hooks:
+            h.remove()
+        return rms[-1] / rms[0]
+
+    assert chain_ratio() < 0.1  # vanishing at init
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    told = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torchdiag.watch(model, every=1) as diag:
+            for _ in range(60):
+                F.cross_entropy(model(xb), yb).backward()
+                opt.step()
+                opt.zero_grad()
+    told = [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
+    assert chain_ratio() > 10  # exploding now, the other way
+    found = {(f.problem, f.direction): f for f in diag.findings}
+    assert found[("vanishing", "forward")].reason == "init"
+    assert found[("exploding", "forward")].reason == "optimisation"
+    exploding = [t for t in told if t.split(":")[1].strip().startswith("exploding (forward)")]
+    assert exploding and not any("multiply" in t or "suggested scale" in t for t in exploding)
+
+
 def test_a_growing_attention_logit_is_forecast_with_its_steps_to_go_before_it_crosses():
     """The query and key weights grow 12 % a step (what a too-high learning rate does to them over tens of steps,
     Wortsman et al. 2023): the largest logit grows ~1.25x a step, from ~2 to past attention_logit_max (1000) in

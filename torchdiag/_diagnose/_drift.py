@@ -13,7 +13,8 @@ Three judgements, by what the run has seen (``Baseline``):
   chain's by ``layer_step_ratio`` is that layer's own problem (``_outliers``), taken out of the trend;
 * a trained net (later steps, a chain inside the band at its start): the drift's change since that start,
   outside ``drift_change_ratio``, is the optimisation's doing (never fixed by rescaling weights);
-* a chain flagged at its start stays judged by the band: an init problem persists or recovers.
+* a chain flagged at its start stays judged by the band: an init problem persists or recovers; one that crosses
+  to the band's other side (vanishing at init, exploding later) is judged by its change, as a trained net's.
 """
 
 from __future__ import annotations
@@ -479,8 +480,10 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
     banded = not lo <= total <= hi
     if start is None and trained:
         return total, False  # first measured on a trained net (a branch that grew out of zero): its start from now
-    if start is not None and not start[1]:
-        _judge_change(rows, layers, members, seq, cfg, direction, total, start[0], normalized)
+    if start is not None and (not start[1] or (banded and (total < lo) != (start[0] < lo))):
+        # inside the band at its start, or flagged then on the other side (vanishing at init, exploding now): what
+        # moved it since is the updates' doing, judged by its change from that start
+        _judge_change(rows, layers, members, seq, cfg, direction, total, start[0], normalized, start[1])
         return total, banded
     if not banded:
         return total, False
@@ -525,9 +528,10 @@ def _flag_members(rows: list[LayerReport], layers: list[LayerStats], members: li
 
 
 def _judge_change(rows: list[LayerReport], layers: list[LayerStats], members: list[int], seq: list, cfg: Config,
-                  direction: str, total: float, start: float, normalized: bool) -> None:
+                  direction: str, total: float, start: float, normalized: bool, flagged_at_start: bool = False) -> None:
     """A trained chain: its drift against its own start. Moved by ``drift_change_ratio`` (``normalized_ratio`` for
-    a chain with norms between its members), it is the optimisation's doing: the fix is the learning rate."""
+    a chain with norms between its members), it is the optimisation's doing: the fix is the learning rate.
+    ``flagged_at_start``: the band flagged the chain's start on the other side (the init's problem, now overshot)."""
     limit = cfg.normalized_ratio if normalized else cfg.drift_change_ratio
     key = "normalized_ratio" if normalized else "drift_change_ratio"
     change = total / start if start > 0 else math.inf
@@ -543,12 +547,17 @@ def _judge_change(rows: list[LayerReport], layers: list[LayerStats], members: li
     lead = (f"'{cause.name}' ({cause.module_type}) and the layers of its kind became {problem} ({direction}) in"
             f" training: along {chain} the {what} changed {total:.3g}× over the chain, against {start:.3g}× when the"
             f" run started ({change:.3g}× since; {key} {limit:g}). The updates did this, not the init. Fix:"
-            f" {OPTIMISATION_FIX}")
+            f" {_OVERSHOT_FIX if flagged_at_start else OPTIMISATION_FIX}")
     if not any(f.problem == problem and f.direction == direction for f in rows[cause_pos].findings):
         flag(rows[cause_pos], problem, direction, change, thr, key, lead, cause.name, len(members), False,
              reason="optimisation")
     _flag_members(rows, layers, members, cause_pos, set(), problem, direction, thr, key, chain, cause.name, False,
                   "optimisation", lambda k: change)
+
+
+# a chain the init left on one side of the band and the updates carried to the other
+_OVERSHOT_FIX = ("lower the learning rate, add warm-up, or clip gradients (torch.nn.utils.clip_grad_norm_); the"
+                 " init's own drift the other way is fixed by its init gains")
 
 
 def _exp(x: float) -> float:
