@@ -39,6 +39,7 @@ class Config:
     exploding_ratio: float
     normalized_ratio: float
     layer_step_ratio: float
+    lone_layer_ratio: float
     drift_change_ratio: float
     jump_ratio: float
     dead_fraction: float
@@ -286,6 +287,7 @@ _VALUE_TYPES = {
     "exploding_ratio": "float",
     "normalized_ratio": "float",
     "layer_step_ratio": "float",
+    "lone_layer_ratio": "float",
     "drift_change_ratio": "float",
     "jump_ratio": "float",
     "dead_fraction": "float",
@@ -330,6 +332,7 @@ _FLOAT_RANGE = {
     "exploding_ratio": (1.0, math.inf),
     "normalized_ratio": (1.0, math.inf),
     "layer_step_ratio": (1.0, math.inf),
+    "lone_layer_ratio": (1.0, math.inf),
     "drift_change_ratio": (1.0, math.inf),
     "jump_ratio": (1.0, math.inf),
     "dead_fraction": (0.0, 1.0),

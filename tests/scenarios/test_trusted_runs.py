@@ -109,6 +109,69 @@ def test_one_mis_scaled_layer_is_named_alone_with_its_own_factor(factor):
     assert torchdiag.check(model, x).flagged == []
 
 
+def _three_linears(factor: float, at: int) -> nn.Sequential:
+    """Linear(64, 256), ReLU, Linear(256, 256), ReLU, Linear(256, 10), Kaiming, zero biases; model[at]'s weights
+    multiplied by ``factor``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        model[at].weight.mul_(factor)
+    return model
+
+
+@pytest.mark.parametrize("factor", [1e-3, 1e3])
+def test_a_lone_layer_far_from_its_textbook_scale_is_named_with_its_fix(factor):
+    """Three Linears of different shapes (no chain, no peers): the middle one's weights x``factor``. Its output, and
+    everything after it, is ``factor`` times what a Kaiming init gives, and the gradient into the layers before
+    it too: that layer alone is the problem, fixed by 1/factor (its own Kaiming std over its weight std)."""
+    model = _three_linears(factor, 2)
+    x = torch.randn(256, 64)
+    outs = {}
+    hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o)) for i in (0, 2)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    gain = outs[2].std() / outs[0].relu().pow(2).mean().sqrt()  # the middle layer's gain, by hand
+    assert gain == pytest.approx(math.sqrt(2) * factor, rel=0.1)  # Kaiming's sqrt(2), times the factor
+    report = torchdiag.check(model, x)
+    assert [layer.name for layer in report.flagged] == ["2"]
+    (finding,) = report["2"].findings
+    assert (finding.problem, finding.reason) == ("exploding" if factor > 1 else "vanishing", "init")
+    kaiming = math.sqrt(2 / 256)
+    assert report["2"].suggested_scale == pytest.approx(kaiming / model[2].weight.std().item(), rel=1e-3)
+    assert torchdiag.apply_suggestions(model, report) == {"2": pytest.approx(1 / factor, rel=0.05)}
+    assert model[2].weight.std().item() == pytest.approx(kaiming, rel=1e-3)
+    assert torchdiag.check(model, x).flagged == []
+
+
+def test_a_lone_small_layer_that_a_skip_or_the_output_absorbs_is_no_problem():
+    """The same x1e-3 where it harms nothing: the model's last Linear (a small head, as zero-init heads are made on
+    purpose: the logits start near zero) and a residual branch's projection (its output is added to the skip, so
+    the next layer's input keeps its scale: ReZero / SkipInit start so)."""
+    assert torchdiag.check(_three_linears(1e-3, 4), torch.randn(256, 64)).flagged == []
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.proj = nn.Linear(256, 512), nn.Linear(512, 256)
+            nn.init.kaiming_normal_(self.fc.weight, nonlinearity="relu")
+            nn.init.zeros_(self.proj.bias)  # (a bias would hide the weights' scale from the measured gain)
+            with torch.no_grad():
+                self.proj.weight.mul_(1e-3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.proj(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), Residual(), nn.Linear(256, 10))
+    assert torchdiag.check(model, torch.randn(256, 64)).flagged == []
+
+
 def test_a_learning_rate_that_blows_the_net_up_is_blamed_on_the_optimisation_not_the_init(digits):
     """Adam at lr 0.3 on the same healthy MLP: the loss diverges after the first updates. The init was fine at
     step 0 (nothing flagged there), so what appears later is the optimisation's: its fix is the learning rate,

@@ -155,7 +155,8 @@ def drift(rows: list[LayerReport], layers: list[LayerStats], cfg: Config, notes:
                          None if not baseline.started else baseline.outliers)
     if baseline.started:  # a member the updates moved alone, away from its own start while its peers stayed
         outliers.update(_grown_apart(rows, layers, long_chains.values(), cfg, baseline, outliers))
-    seen.outliers = {layers[p].name for p in outliers}
+    lone = _lone(rows, layers, long_chains.values(), cfg, baseline.outliers if baseline.started else None)
+    seen.outliers = {layers[p].name for p in (*outliers, *lone)}
     seen.gated = {s.name for s in layers if _gated(s)}
     seen.backward = any(s.grad is not None for s in layers)
     outliers = {p: f for p, f in outliers.items() if not layers[p].feeds_norm}  # a norm after it undoes its scale
@@ -204,6 +205,46 @@ def _outliers(rows: list[LayerReport], layers: list[LayerStats], chains: Iterabl
         for p, factor in found.items():
             _flag_outlier(rows[p], layers[p], factor, cfg)
     return found
+
+
+def _lone(rows: list[LayerReport], layers: list[LayerStats], chains: Iterable[list[int]], cfg: Config,
+          known: set[str] | None) -> dict[int, float]:
+    """Layers outside every chain that alone scale the signal: ``{position: factor}`` where both the weight std and
+    the measured gain stand ``lone_layer_ratio`` times above or below the textbook (``suggested_scale`` and
+    ``measured_scale`` agree on it), the next weighted layer receives this one's output as it is (its input rms
+    within 5x of this output's: not a residual branch summed into a skip, nor a gate), the output does not go into
+    a normalisation, and a weighted layer comes after it (the model's last one, a head, may be small by
+    convention). Flagged on the layer; later (``known``: the layers found at the first recorded step) only those,
+    while they persist."""
+    in_chain = {p for members in chains for p in members}
+    weighted = [p for p, s in enumerate(layers) if s.role == Role.WEIGHTED]
+    limit, found = cfg.lone_layer_ratio, {}
+    for p, nxt in zip(weighted, weighted[1:]):
+        s, row = layers[p], rows[p]
+        if p in in_chain or s.feeds_norm or not s.textbook or (known is not None and s.name not in known):
+            continue
+        textbook, measured = row.suggested_scale, row.measured_scale
+        if not (_usable(textbook) and _usable(measured) and s.act is not None and _usable(s.act.rms)):
+            continue
+        if not ((textbook >= limit and measured >= limit) or (textbook <= 1 / limit and measured <= 1 / limit)):
+            continue
+        carried = layers[nxt].input_rms
+        if not (_usable(carried) and 0.2 <= carried / s.act.rms <= 5.0):
+            continue
+        found[p] = 1 / textbook
+        _flag_lone(row, s, 1 / textbook, cfg)
+    return found
+
+
+def _flag_lone(row: LayerReport, s: LayerStats, factor: float, cfg: Config) -> None:
+    problem = "exploding" if factor > 1 else "vanishing"
+    limit = cfg.lone_layer_ratio
+    flag(row, problem, "forward", factor, limit if factor > 1 else 1 / limit, "lone_layer_ratio",
+         f"'{s.name}' ({s.module_type}) alone is {problem}: its weight std is ×{factor:.3g} the {row.suggested_init}"
+         f" scale and its gain {row.gain:.3g} (lone_layer_ratio {limit:g}), so everything after it (forward) and"
+         f" before it (backward) is scaled by that much. Fix: multiply its weights by {1 / factor:.3g}"
+         " (torchdiag.apply_suggestions does it) or re-initialise it"
+         + (f" with {row.suggested_init}" if row.suggested_init else ""), s.name, 1, True, reason="init")
 
 
 def _grown_apart(rows: list[LayerReport], layers: list[LayerStats], chains: Iterable[list[int]], cfg: Config,
