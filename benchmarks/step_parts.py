@@ -8,7 +8,7 @@ constant (no tensor read: what is left is torchdiag's Python, with no histogram 
 of torchdiag's end of step, from timers around them: the weight rows and the step's host copy (``_launch``),
 decoding and merging the rows, the diagnosis, and the TensorBoard sink.
 
-    python benchmarks/step_parts.py [--workload mlp|cnn|transformer] [--rounds 30]
+    python benchmarks/step_parts.py [--workload tiny|llama|gpt2|resnet|mlp|cnn|transformer] [--rounds 30]
 
 Each figure is a median over the rounds, in ms, as a difference from no monitoring where it says ``+``.
 """
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import budget  # noqa: E402
 import overhead  # noqa: E402
 
 import torchdiag  # noqa: E402
@@ -57,12 +58,12 @@ def _timed(obj, name: str, label: str, into: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", default="mlp", choices=list(overhead.WORKLOADS))
+    p.add_argument("--workload", default="mlp", choices=list(budget.WORKLOADS))
     p.add_argument("--rounds", type=int, default=30)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model, loss_fn = overhead.WORKLOADS[args.workload](torch.device("cpu"), False)
+    model, loss_fn = budget.WORKLOADS[args.workload](torch.device("cpu"), False)
     logdir = tempfile.mkdtemp(prefix="torchdiag-parts-")
     act_row, grad_row, cpu_row_into = stats.act_row, stats.grad_row, stats.cpu_row_into
     parts: dict[str, list[float]] = collections.defaultdict(list)
