@@ -41,6 +41,15 @@ def attention_figures(q: torch.Tensor, k: torch.Tensor, *, scale: float | None =
         ent = -(logp.exp() * logp).sum(-1)  # (b, H, nq)
         norm = ent / math.log(sk) if sk > 1 else torch.zeros_like(ent)
         return logits.amax(), norm.mean()
+    if causal and allowed is None and additive is None:  # the causal mask alone: the same for every row and head
+        excluded, inv_log, rows = _causal_plan(sk, idx)
+        scores = logits.masked_fill(excluded, -math.inf)  # (every query keeps key 0: no row is all -inf)
+        logp = torch.log_softmax(scores, dim=-1)
+        plogp = (logp.exp() * logp).masked_fill_(excluded, 0.0)  # (0 * -inf is NaN: the excluded keys add 0)
+        # mean over heads of each head's mean over the rows with more than one key, as _mean_normalised
+        norm = -(plogp.sum(-1) * inv_log).sum() / (logits.shape[0] * logits.shape[1] * rows) if rows \
+            else logits.new_zeros(())
+        return scores.amax(), norm
     ok = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
     if causal:
         ok &= torch.arange(sk, device=q.device)[None, :] <= idx[:, None]
@@ -69,6 +78,23 @@ def _mean_normalised(ent: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 _SAMPLES: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_CAUSAL: dict[tuple[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _causal_plan(sk: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For SDPA's top-left causal mask on the sampled queries ``idx`` (a ``_query_sample`` tensor, cached): the
+    excluded keys (nq, Sk) bool, 1/log(keys each query may attend to) (nq,), 0 for a query with one key, and how
+    many queries have more than one; cached per sample."""
+    key = (sk, idx)
+    plan = _CAUSAL.get(key)
+    if plan is None:
+        excluded = torch.arange(sk, device=idx.device)[None, :] > idx[:, None]
+        n = (idx + 1).clamp(max=sk)
+        inv_log = torch.where(n > 1, 1.0 / torch.log(n.clamp(min=2).float()), torch.zeros(n.shape, device=idx.device))
+        plan = _CAUSAL[key] = (excluded, inv_log, int((n > 1).sum()))
+        if len(_CAUSAL) > 256:
+            _CAUSAL.clear()
+    return plan
 
 
 def _query_sample(sq: int, max_queries: int, device: torch.device) -> torch.Tensor:

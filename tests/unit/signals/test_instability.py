@@ -279,6 +279,32 @@ def test_attention_figures_with_grouped_query_heads_and_a_boolean_mask():
     assert top.item() == pytest.approx(logits.masked_fill(~mask, -math.inf).max().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("b,h,hk,sq,sk", [(3, 4, 4, 20, 20), (2, 8, 2, 33, 33), (2, 2, 2, 5, 9), (1, 2, 2, 1, 1)])
+def test_causal_attention_figures_by_hand(b, h, hk, sq, sk):
+    """SDPA's is_causal mask (top left: query i attends keys 0..i) on grouped-query heads and a key sequence longer
+    than the queries: the largest allowed logit and the mean over heads of the entropy over log(keys allowed), rows
+    with one key left out, on the first two sequences (every query: under attention_sample)."""
+    torch.manual_seed(0)
+    q, k = torch.randn(b, h, sq, 8) * 3, torch.randn(b, hk, sk, 8)
+    top, ent = attention_figures(q, k, causal=True)
+    kk = k[:2].repeat_interleave(h // hk, dim=1)
+    logits = (q[:2] @ kk.transpose(-1, -2)) / math.sqrt(8)
+    causal = torch.ones(sq, sk, dtype=torch.bool).tril()
+    assert top.item() == pytest.approx(logits.masked_fill(~causal, -math.inf).max().item(), rel=1e-6)
+    p = logits.masked_fill(~causal, -math.inf).softmax(-1)
+    e = -(torch.where(causal, p * p.clamp(min=1e-30).log(), torch.zeros_like(p))).sum(-1)  # (2, h, sq)
+    n = causal.sum(-1)
+    several = n > 1
+    if several.any():
+        want = (e[..., several] / torch.log(n[several].float())).mean().item()
+    else:
+        want = 0.0
+    assert ent.item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+    q[0, 1, -1, 3] = math.nan  # a NaN logit: no figure (NaN), as on the masked path (one key: no entropy, 0)
+    top, ent = attention_figures(q, k, causal=True)
+    assert math.isnan(top.item()) and (math.isnan(ent.item()) if several.any() else ent.item() == 0.0)
+
+
 # ------------------------------------------------------------------ output logits
 @pytest.mark.parametrize("offset,loss", [(0.0, "ce"), (-120.0, "ce"), (120.0, "ce"), (-120.0, "mse")])
 def test_output_logit_drift_is_judged_only_for_softmax_logits(offset, loss):
