@@ -149,6 +149,43 @@ def test_a_lone_layer_far_from_its_textbook_scale_is_named_with_its_fix(factor):
     assert torchdiag.check(model, x).flagged == []
 
 
+def test_a_lone_head_far_too_large_and_a_lone_layer_before_a_norm_are_named():
+    """A head x1000 gives logits 1000x Kaiming's (a saturated softmax): named, though a small head is not. A lone
+    Linear x0.005 before a BatchNorm: the norm restores the forward signal, but the layer's gradient grows 200x
+    against its weights (a norm makes its output invariant to their scale), so it is named with that effect."""
+    report = torchdiag.check(_three_linears(1e3, 4), torch.randn(256, 64))
+    assert [(x.name, f.problem, f.reason) for x in report.flagged for f in x.findings] == [
+        ("4", "exploding", "init")]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10))
+    nn.init.kaiming_normal_(model[0].weight, nonlinearity="relu")
+    with torch.no_grad():
+        model[0].weight.mul_(0.005)
+        model[0].bias.zero_()
+    report = torchdiag.check(model, torch.randn(256, 64))
+    (finding,) = report["0"].findings
+    assert (finding.problem, finding.reason) == ("vanishing", "init")
+    assert "normalisation after it undoes that forward" in finding.message
+    assert [x.name for x in report.flagged] == ["0"]
+
+
+def test_a_lone_layer_whose_small_weights_offset_a_large_input_is_healthy():
+    """Linear(1, 256) with std 0.005 on a time t in [0, 1000] (rms ~577): its weights are ~200x under the textbook
+    and so is its gain, but its output is ~3 in rms, a healthy scale for what comes after: nothing to fix (scaling
+    its weights up would give outputs in the hundreds)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 256), nn.SiLU(), nn.Linear(256, 256), nn.SiLU(), nn.Linear(256, 1))
+    nn.init.normal_(model[0].weight, std=0.005)
+    nn.init.zeros_(model[0].bias)
+    t = torch.rand(512, 1) * 1000
+    with torch.no_grad():
+        out = model[0](t)
+    assert 1 < out.pow(2).mean().sqrt().item() < 10
+    report = torchdiag.check(model, t)
+    assert report["0"].suggested_scale > 100  # the weights are that far from the textbook...
+    assert report.flagged == []  # ...and the signal is fine
+
+
 def test_a_lone_small_layer_that_a_skip_or_the_output_absorbs_is_no_problem():
     """The same x1e-3 where it harms nothing: the model's last Linear (a small head, as zero-init heads are made on
     purpose: the logits start near zero) and a residual branch's projection (its output is added to the skip, so

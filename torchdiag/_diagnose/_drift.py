@@ -209,42 +209,55 @@ def _outliers(rows: list[LayerReport], layers: list[LayerStats], chains: Iterabl
 
 def _lone(rows: list[LayerReport], layers: list[LayerStats], chains: Iterable[list[int]], cfg: Config,
           known: set[str] | None) -> dict[int, float]:
-    """Layers outside every chain that alone scale the signal: ``{position: factor}`` where both the weight std and
-    the measured gain stand ``lone_layer_ratio`` times above or below the textbook (``suggested_scale`` and
-    ``measured_scale`` agree on it), the next weighted layer receives this one's output as it is (its input rms
-    within 5x of this output's: not a residual branch summed into a skip, nor a gate), the output does not go into
-    a normalisation, and a weighted layer comes after it (the model's last one, a head, may be small by
+    """Layers outside every chain that alone scale the signal: ``{position: factor}`` where the weight std and the
+    measured gain both stand ``lone_layer_ratio`` times above or below the textbook (``suggested_scale`` and
+    ``measured_scale`` agree on it) and the output itself is off its unit scale by the square root of that (weights
+    that offset an input far from unit scale, raw pixels or a time in seconds, leave it healthy). The next weighted
+    layer must receive that output as it is (its input rms within 5x of it: not a residual branch summed into a
+    skip, nor a gate), unless a norm takes it (the norm undoes it forward; its updates shrink against its weights
+    by as much). The model's last weighted layer is named only when large (a small or zero-init head is a
     convention). Flagged on the layer; later (``known``: the layers found at the first recorded step) only those,
     while they persist."""
     in_chain = {p for members in chains for p in members}
     weighted = [p for p, s in enumerate(layers) if s.role == Role.WEIGHTED]
     limit, found = cfg.lone_layer_ratio, {}
-    for p, nxt in zip(weighted, weighted[1:]):
-        s, row = layers[p], rows[p]
-        if p in in_chain or s.feeds_norm or not s.textbook or (known is not None and s.name not in known):
+    for i, p in enumerate(weighted):
+        s, row, act = layers[p], rows[p], layers[p].act
+        if p in in_chain or not s.textbook or (known is not None and s.name not in known):
             continue
         textbook, measured = row.suggested_scale, row.measured_scale
-        if not (_usable(textbook) and _usable(measured) and s.act is not None and _usable(s.act.rms)):
+        if not (_usable(textbook) and _usable(measured) and act is not None and _usable(act.rms)):
             continue
-        if not ((textbook >= limit and measured >= limit) or (textbook <= 1 / limit and measured <= 1 / limit)):
+        if textbook >= limit and measured >= limit and act.rms <= limit ** -0.5:
+            small = True
+        elif textbook <= 1 / limit and measured <= 1 / limit and act.rms >= limit ** 0.5:
+            small = False
+        else:
             continue
-        carried = layers[nxt].input_rms
-        if not (_usable(carried) and 0.2 <= carried / s.act.rms <= 5.0):
+        last = i == len(weighted) - 1
+        if last and small:
             continue
+        if not last and not s.feeds_norm:
+            carried = layers[weighted[i + 1]].input_rms
+            if not (_usable(carried) and 0.2 <= carried / act.rms <= 5.0):
+                continue
         found[p] = 1 / textbook
-        _flag_lone(row, s, 1 / textbook, cfg)
+        flag(row, "vanishing" if small else "exploding", "forward", 1 / textbook, 1 / limit if small else limit,
+             "lone_layer_ratio",
+             f"'{s.name}' ({s.module_type}) alone is {'vanishing' if small else 'exploding'}: its weight std is"
+             f" ×{1 / textbook:.3g} the {row.suggested_init} scale and its gain {row.gain:.3g} (lone_layer_ratio"
+             f" {limit:g}): {_alone_effect(s, 1 / textbook)}. Fix: multiply its weights by {textbook:.3g}"
+             " (torchdiag.apply_suggestions does it) or re-initialise it"
+             + (f" with {row.suggested_init}" if row.suggested_init else ""), s.name, 1, True, reason="init")
     return found
 
 
-def _flag_lone(row: LayerReport, s: LayerStats, factor: float, cfg: Config) -> None:
-    problem = "exploding" if factor > 1 else "vanishing"
-    limit = cfg.lone_layer_ratio
-    flag(row, problem, "forward", factor, limit if factor > 1 else 1 / limit, "lone_layer_ratio",
-         f"'{s.name}' ({s.module_type}) alone is {problem}: its weight std is ×{factor:.3g} the {row.suggested_init}"
-         f" scale and its gain {row.gain:.3g} (lone_layer_ratio {limit:g}), so everything after it (forward) and"
-         f" before it (backward) is scaled by that much. Fix: multiply its weights by {1 / factor:.3g}"
-         " (torchdiag.apply_suggestions does it) or re-initialise it"
-         + (f" with {row.suggested_init}" if row.suggested_init else ""), s.name, 1, True, reason="init")
+def _alone_effect(s: LayerStats, factor: float) -> str:
+    """What one layer whose gain is ``factor`` times what it should be does to the run."""
+    if s.feeds_norm:
+        return (f"the normalisation after it undoes that forward, but its own updates are ×{1 / factor:.3g} as large"
+                f" against its weights (it learns that much more slowly; ×{1 / (factor * factor):.3g} under SGD)")
+    return "so everything after it (forward) and before it (backward) is scaled by that much"
 
 
 def _grown_apart(rows: list[LayerReport], layers: list[LayerStats], chains: Iterable[list[int]], cfg: Config,
@@ -363,9 +376,7 @@ def _flag_outlier(row: LayerReport, s: LayerStats, factor: float, cfg: Config) -
     problem = "exploding" if factor > 1 else "vanishing"
     textbook = (f"; its weight std is ×{1 / row.suggested_scale:.3g} the {row.suggested_init} scale"
                 if row.suggested_scale else "")
-    effect = (f"the normalisation after it undoes that forward, but its own updates are ×{1 / factor:.3g} as large"
-              " against its weights (it learns that much more slowly; ×{0:.3g} under SGD)".format(1 / (factor * factor))
-              if s.feeds_norm else "so everything after it (forward) and before it (backward) is scaled by that much")
+    effect = _alone_effect(s, factor)
     flag(row, problem, "forward", factor, cfg.layer_step_ratio if factor > 1 else 1 / cfg.layer_step_ratio,
          "layer_step_ratio",
          f"'{s.name}' ({s.module_type}) alone is {problem}: its gain is ×{factor:.3g} that of the other layers of its"
@@ -575,6 +586,8 @@ def _judge_change(rows: list[LayerReport], layers: list[LayerStats], members: li
     ``flagged_at_start``: the band flagged the chain's start on the other side (the init's problem, now overshot)."""
     limit = cfg.normalized_ratio if normalized else cfg.drift_change_ratio
     key = "normalized_ratio" if normalized else "drift_change_ratio"
+    if flagged_at_start and not normalized:  # across the band from one edge to the other: a change of at least its
+        limit = min(limit, cfg.exploding_ratio / cfg.vanishing_ratio)  # width, whatever drift_change_ratio allows
     change = total / start if start > 0 else math.inf
     if 1 / limit <= change <= limit:
         return
@@ -597,8 +610,7 @@ def _judge_change(rows: list[LayerReport], layers: list[LayerStats], members: li
 
 
 # a chain the init left on one side of the band and the updates carried to the other
-_OVERSHOT_FIX = ("lower the learning rate, add warm-up, or clip gradients (torch.nn.utils.clip_grad_norm_); the"
-                 " init's own drift the other way is fixed by its init gains")
+_OVERSHOT_FIX = f"{OPTIMISATION_FIX} (the init's own drift the other way is fixed by its init gains)"
 
 
 def _exp(x: float) -> float:

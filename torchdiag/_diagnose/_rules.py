@@ -15,7 +15,7 @@ from ..config import Config
 
 #: the fix for what appeared after updates: the training's settings, never a weight rescale
 OPTIMISATION_FIX = ("lower the learning rate, add warm-up, or clip gradients (torch.nn.utils.clip_grad_norm_); not a"
-                    " weight rescale: the init was fine when the run started")
+                    " weight rescale: the updates moved it there, not the init")
 
 
 # a NaN/Inf after updates: the updates (a learning rate too high), a batch (a NaN in the input) or an operation

@@ -21,10 +21,14 @@ def offer_crc32c(provider: Callable[[], Callable[[bytes], int] | None]) -> None:
 
 
 def _compiled() -> Callable[[bytes], int] | None:
-    """``google-crc32c``'s CRC-32C where it is installed, else an offered one, else None."""
+    """``google-crc32c``'s CRC-32C where it is installed with its C extension, else an offered one, else None."""
     try:
         import google_crc32c
+
+        hardware = getattr(google_crc32c, "implementation", "c") == "c"  # (not its pure-Python fallback)
     except ImportError:
+        hardware = False
+    if not hardware:
         for provider in _OFFERED:
             fn = provider()
             if fn is not None:

@@ -27,6 +27,27 @@ def _by_definition(width: int, height: int, ops: list[tuple]) -> bytearray:
                                     if 0 <= xx < width and 0 <= yy < height:
                                         px[3 * (yy * width + xx):3 * (yy * width + xx) + 3] = bytes(color)
                 x += png.CHAR_W * scale
+        elif kind == "line":  # Bresenham's points, each a thick x thick square about it; dashes of `dash` points
+            x0, y0, x1, y1, color, thick, dash = args
+            dx, dy = abs(x1 - x0), -abs(y1 - y0)
+            sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
+            err, n = dx + dy, 0
+            while True:
+                if not dash or (n // dash) % 2 == 0:
+                    for yy in range(y0 - thick // 2, y0 - thick // 2 + thick):
+                        for xx in range(x0 - thick // 2, x0 - thick // 2 + thick):
+                            if 0 <= xx < width and 0 <= yy < height:
+                                px[3 * (yy * width + xx):3 * (yy * width + xx) + 3] = bytes(color)
+                n += 1
+                if x0 == x1 and y0 == y1:
+                    break
+                e2 = 2 * err
+                if e2 >= dy:
+                    err += dy
+                    x0 += sx
+                if e2 <= dx:
+                    err += dx
+                    y0 += sy
         elif kind == "strip":
             x, y, pixels, h = args
             for k in range(len(pixels) // 3):
@@ -37,16 +58,26 @@ def _by_definition(width: int, height: int, ops: list[tuple]) -> bytearray:
 
 
 @pytest.mark.parametrize("scale", [1, 2, 3])
-def test_text_and_strips_draw_the_pixels_their_definition_gives(scale):
+def test_text_lines_and_strips_draw_the_pixels_their_definition_gives(scale):
     every = "".join(png._FONT) + "éz"  # every glyph, an unknown one (drawn as ?) and a lower-case letter
-    ops = [("text", 2, 3, every[:20], (200, 10, 30), scale),  # inside the canvas (the fast path)
-           ("text", -7, 30, every[20:45], png.BLACK, scale),  # clipped on the left and at the bottom
-           ("text", 150, -3, every[45:], (1, 2, 3), scale),  # clipped at the top and on the right
-           ("strip", -2, 12, bytes(range(30)), 4), ("strip", 190, 37, bytes(range(60)), 9)]
-    c = png.Canvas(200, 40)
+    width, height = 400, 40
+    inside = every[:12]
+    assert 2 + png.text_width(inside, scale) <= width and 3 + 7 * scale <= height  # drawn without clipping
+    ops = [("text", 2, 3, inside, (200, 10, 30), scale),
+           ("text", 20, 12, every[12:24], (9, 9, 9), scale),
+           ("text", -7, 36, every[24:50], png.BLACK, scale),  # clipped on the left and at the bottom
+           ("text", 300, -3, every[50:], (1, 2, 3), scale),  # clipped at the top and on the right
+           ("line", 5, 2, 390, 37, (0, 90, 0), scale, 0), ("line", 398, 1, -3, 41, (70, 0, 70), scale, 3),
+           ("line", 10, 20, 10, 20, (5, 5, 5), scale, 0),
+           ("strip", -2, 12, bytes(range(30)), 4), ("strip", 390, 37, bytes(range(60)), 9)]
+    c = png.Canvas(width, height)
     for kind, *args in ops:
-        getattr(c, kind)(*args)
-    assert c.px == _by_definition(200, 40, ops)
+        if kind == "line":
+            x0, y0, x1, y1, color, thick, dash = args
+            c.line(x0, y0, x1, y1, color, thick=thick, dash=dash)
+        else:
+            getattr(c, kind)(*args)
+    assert c.px == _by_definition(width, height, ops)
     assert c.text(0, 0, "AB", scale=scale) == png.text_width("AB", scale)  # the x after the text
 
 

@@ -680,6 +680,20 @@ def test_a_library_without_the_crc_gives_none(tmp_path):
         assert library.load_crc32c(libc) is None
 
 
+def test_google_crc32c_without_its_c_extension_gives_way_to_the_kernels_crc(monkeypatch):
+    google_crc32c = pytest.importorskip("google_crc32c")
+    import torchdiag.watch  # noqa: F401 - offers the kernel's CRC
+    from torchdiag._sinks import eventfiles
+    from torchdiag._stats import library
+
+    if library.crc32c() is None:
+        pytest.skip("the kernel library was not built with this install")
+    if google_crc32c.implementation == "c":  # the hardware CRC where its extension loaded
+        assert eventfiles._compiled() is not library.crc32c()
+    monkeypatch.setattr(google_crc32c, "implementation", "python")  # its pure-Python fallback: slower than ours
+    assert eventfiles._compiled() is library.crc32c()
+
+
 def test_without_google_crc32c_the_watch_checksums_with_the_kernels_crc(tmp_path, monkeypatch):
     """The default install (no ``fast`` extra): TensorBoard's records are checksummed with the CRC built with the
     CPU kernel while the watch's writer is open, TensorBoard's reader accepts every record, and TensorBoard's own
