@@ -225,7 +225,9 @@ def test_a_learning_rate_that_blows_the_net_up_is_blamed_on_the_optimisation_not
     assert torchdiag.apply_suggestions(model, diag.report()) == {}
 
 
-def test_a_chain_the_init_left_vanishing_and_the_updates_carried_past_exploding_blames_each_on_its_cause(digits):
+@pytest.mark.parametrize("config", [{}, {"drift_change_ratio": 1e6}])  # (crossing the band is its width, 100x)
+def test_a_chain_the_init_left_vanishing_and_the_updates_carried_past_exploding_blames_each_on_its_cause(digits,
+                                                                                                          config):
     """5 x Linear with PyTorch's default init and ReLU, AdamW 1e-3 memorising one batch of 64 digits. At step 0 the
     output rms falls ~0.47x a layer (the default init's gain, 1/sqrt(3) of Kaiming's): vanishing, the init's, whose
     fix is a gain. Memorising the batch then grows the logits and with them every layer's weights: tens of steps
@@ -252,7 +254,7 @@ def test_a_chain_the_init_left_vanishing_and_the_updates_carried_past_exploding_
     told = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with torchdiag.watch(model, every=1) as diag:
+        with torchdiag.watch(model, every=1, config=config) as diag:
             for _ in range(60):
                 F.cross_entropy(model(xb), yb).backward()
                 opt.step()
