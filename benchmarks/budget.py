@@ -3,7 +3,7 @@ floor against no monitoring, on the workloads users bring.
 
     python benchmarks/budget.py [--workload all|tiny|llama|gpt2|resnet|mlp|cnn|transformer] [--steps 60]
                                 [--repeats 3] [--threads 1] [--device cpu|cuda] [--autocast float16|bfloat16]
-                                [--quick] [--json out.json]
+                                [--quick] [--json out.json] [--parts]
 
 Each repeat trains, for every variant in turn (the order rotates between repeats), a fresh copy of the same model
 from the same init for ``--steps`` steps (AdamW; ``torchdiag.watch(model, logdir=...)`` and nothing else for the
@@ -17,11 +17,16 @@ default how many steps it recorded. ``--steps 60`` is a run's start; ``--steps 6
 The workloads: a digits-sized MLP (64 -> 4 x 256 -> 10, batch 64), Hugging Face Llama and GPT-2 from configs
 (4 x 128, byte vocabulary, context 64, batch 16), a torchvision ResNet-18 (64 x 64 images, batch 16), and the
 synthetic ones of ``overhead.py`` (24 x 512 MLP, a small ResNet, a 4 x 256 transformer encoder).
+
+``--parts``: where the default's cost in a run goes, each part against the unmonitored run's step: opening the
+watch, step 0 (its histograms, the TensorBoard layout, the first report text), a recorded step, a step not
+recorded (the hooks' checks and ``step()``), closing (the overview images, the writer's last flush).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -157,6 +162,59 @@ def bench(name: str, steps: int, repeats: int, device, quick: bool, autocast: to
     return out
 
 
+def run_parts(model: nn.Module, loss_fn: Callable, watched: bool, steps: int, device,
+              logdir: str) -> tuple[float, list[float], list[bool], float]:
+    """One run as ``run`` does it, timed in parts: (opening the watch, each step, whether it was recorded, closing)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    times, recorded = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _sync(device)
+        t0 = time.perf_counter()
+        ctx = torchdiag.watch(model, logdir=tempfile.mkdtemp(dir=logdir)) if watched else contextlib.nullcontext()
+        mon = ctx.__enter__()
+        opened = time.perf_counter() - t0
+        for _ in range(steps):
+            t = time.perf_counter()
+            loss = loss_fn(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()
+            recorded.append(mon.step() is not None if watched else False)
+            times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ctx.__exit__(None, None, None)
+        _sync(device)
+    return opened, times, recorded, time.perf_counter() - t
+
+
+def parts(name: str, steps: int, repeats: int, device, quick: bool) -> str:
+    """Where the default's cost in a run goes: opening the watch, step 0, a recorded step, a step not recorded
+    and closing, each against the unmonitored run's step (medians over the repeats, runs alternating)."""
+    torch.manual_seed(0)
+    base, loss_fn = WORKLOADS[name](device, quick)
+    got: dict[bool, list] = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as logdir:
+        for _ in range(2):  # warm-up
+            for watched in (True, False):
+                run_parts(copy.deepcopy(base), loss_fn, watched, 3, device, logdir)
+        for r in range(repeats):
+            for watched in ((True, False) if r % 2 else (False, True)):
+                got[watched].append(run_parts(copy.deepcopy(base), loss_fn, watched, steps, device, logdir))
+    med = statistics.median
+    plain_step = med(t for _, ts, _, _ in got[False] for t in ts[1:])
+    step0 = med(ts[0] for _, ts, _, _ in got[True]) - med(ts[0] for _, ts, _, _ in got[False])
+    rec = [t for _, ts, rs, _ in got[True] for t, r in zip(ts[1:], rs[1:]) if r]
+    other = [t for _, ts, rs, _ in got[True] for t, r in zip(ts[1:], rs[1:]) if not r]
+    ms = 1e3
+    return (f"{name:12s} step {plain_step * ms:.2f} ms; default: opening {med(o for o, _, _, _ in got[True]) * ms:.2f}"
+            f" ms, step 0 +{step0 * ms:.2f} ms, a recorded step +{(med(rec) - plain_step) * ms:.2f} ms"
+            f" ({len(rec) / repeats:.0f} a run), a step not recorded +{(med(other) - plain_step) * 1e6:.0f} µs"
+            f" ({len(other) / repeats:.0f}), closing {med(c for _, _, _, c in got[True]) * ms:.2f} ms"
+            if rec and other else f"{name}: too few steps to tell recorded from not")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
@@ -168,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="each forward under torch.autocast in this dtype")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: proves that it runs")
     p.add_argument("--json")
+    p.add_argument("--parts", action="store_true",
+                   help="the default's cost by part: opening, step 0, a recorded step, a step not recorded, closing")
     a = p.parse_args(argv)
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
@@ -178,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); {steps} steps per run, median of"
           f" {repeats} repeat(s); ratio = whole-run time over the unmonitored run's"
           + (f"; autocast {a.autocast}" if a.autocast else ""))
+    if a.parts:
+        for name in names:
+            try:
+                print(parts(name, steps, repeats, device, a.quick), flush=True)
+            except ImportError as e:
+                print(f"{name}: skipped ({e})")
+        return 0
     for name in names:
         try:
             res = bench(name, steps, repeats, device, a.quick, getattr(torch, a.autocast) if a.autocast else None)
