@@ -225,14 +225,15 @@ def test_a_learning_rate_that_blows_the_net_up_is_blamed_on_the_optimisation_not
     assert torchdiag.apply_suggestions(model, diag.report()) == {}
 
 
-@pytest.mark.parametrize("config", [{}, {"drift_change_ratio": 1e6}])  # (crossing the band is its width, 100x)
-def test_a_chain_the_init_left_vanishing_and_the_updates_carried_past_exploding_blames_each_on_its_cause(digits,
-                                                                                                          config):
+@pytest.mark.parametrize("edit", [False, True])
+def test_a_chain_the_init_left_vanishing_is_judged_after_training_as_a_healthy_one_would_be(digits, edit):
     """5 x Linear with PyTorch's default init and ReLU, AdamW 1e-3 memorising one batch of 64 digits. At step 0 the
     output rms falls ~0.47x a layer (the default init's gain, 1/sqrt(3) of Kaiming's): vanishing, the init's, whose
-    fix is a gain. Memorising the batch then grows the logits and with them every layer's weights: tens of steps
-    later the rms grows >10x along the same chain. That is the updates' doing (the init would shrink it): the
-    learning rate is the fix, never the weight multiplication that fixes the init's vanishing."""
+    fix is a gain. Memorising the batch then grows every layer's weights, and tens of steps later the rms grows
+    ~14x along the same chain: past the init band's 10x, but what a trained chain reaches (a healthy 12-layer MLP
+    under Adam goes from ~1x to ~20x: drift_change_ratio is 100x from where a textbook init starts). No finding,
+    and certainly not a weight multiplication. ``edit``: the loop multiplies the last three Linears' weights by 6
+    at step 30 (as a learning rate that blows up would): the chain's drift grows past 100x, the optimisation's."""
     x, y = digits
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(),
@@ -251,21 +252,42 @@ def test_a_chain_the_init_left_vanishing_and_the_updates_carried_past_exploding_
 
     assert chain_ratio() < 0.1  # vanishing at init
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    told = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with torchdiag.watch(model, every=1, config=config) as diag:
-            for _ in range(60):
+        with torchdiag.watch(model, every=1) as diag:
+            for step in range(60):
                 F.cross_entropy(model(xb), yb).backward()
                 opt.step()
                 opt.zero_grad()
+                if edit and step == 30:
+                    with torch.no_grad():
+                        for m in linears[2:]:
+                            m.weight.mul_(6.0)
     told = [str(w.message) for w in caught if issubclass(w.category, torchdiag.DiagnosticWarning)]
-    assert chain_ratio() > 10  # exploding now, the other way
     found = {(f.problem, f.direction): f for f in diag.findings}
     assert found[("vanishing", "forward")].reason == "init"
-    assert found[("exploding", "forward")].reason == "optimisation"
     exploding = [t for t in told if t.split(":")[1].strip().startswith("exploding (forward)")]
-    assert exploding and not any("multiply" in t or "suggested scale" in t for t in exploding)
+    if not edit:
+        assert 10 < chain_ratio() < 100  # past the init band, within a trained chain's drift
+        assert ("exploding", "forward") not in found and exploding == []
+    else:
+        assert chain_ratio() > 100
+        assert found[("exploding", "forward")].reason == "optimisation"
+        assert exploding and not any("multiply" in t or "suggested scale" in t for t in exploding)
+
+
+def _three_linears(factor: float, at: int) -> nn.Sequential:
+    """Linear(64, 256), ReLU, Linear(256, 256), ReLU, Linear(256, 10), Kaiming, zero biases; model[at]'s weights
+    multiplied by ``factor``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        model[at].weight.mul_(factor)
+    return model
 
 
 def test_a_growing_attention_logit_is_forecast_with_its_steps_to_go_before_it_crosses():

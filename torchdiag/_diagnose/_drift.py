@@ -14,7 +14,8 @@ Three judgements, by what the run has seen (``Baseline``):
 * a trained net (later steps, a chain inside the band at its start): the drift's change since that start,
   outside ``drift_change_ratio``, is the optimisation's doing (never fixed by rescaling weights);
 * a chain flagged at its start stays judged by the band: an init problem persists or recovers; one that crosses
-  to the band's other side (vanishing at init, exploding later) is judged by its change, as a trained net's.
+  to the band's other side (vanishing at init, exploding later) is judged as a trained net's, its change counted
+  from the 1x a textbook init starts at.
 """
 
 from __future__ import annotations
@@ -534,7 +535,7 @@ def _judge(rows: list[LayerReport], layers: list[LayerStats], members: list[int]
         return total, False  # first measured on a trained net (a branch that grew out of zero): its start from now
     if start is not None and (not start[1] or (banded and (total < lo) != (start[0] < lo))):
         # inside the band at its start, or flagged then on the other side (vanishing at init, exploding now): what
-        # moved it since is the updates' doing, judged by its change from that start
+        # moved it since is the updates' doing, judged by its change (from where a textbook init starts, for the latter)
         _judge_change(rows, layers, members, seq, cfg, direction, total, start[0], normalized, start[1])
         return total, banded
     if not banded:
@@ -583,12 +584,13 @@ def _judge_change(rows: list[LayerReport], layers: list[LayerStats], members: li
                   direction: str, total: float, start: float, normalized: bool, flagged_at_start: bool = False) -> None:
     """A trained chain: its drift against its own start. Moved by ``drift_change_ratio`` (``normalized_ratio`` for
     a chain with norms between its members), it is the optimisation's doing: the fix is the learning rate.
-    ``flagged_at_start``: the band flagged the chain's start on the other side (the init's problem, now overshot)."""
+    ``flagged_at_start``: the band flagged the chain's start on the other side (the init's problem, now overshot):
+    its drift is held against the 1x a textbook init starts from, as a healthy chain's would be (the updates that
+    undo a vanishing init are no more of a problem than those that train a healthy one)."""
     limit = cfg.normalized_ratio if normalized else cfg.drift_change_ratio
     key = "normalized_ratio" if normalized else "drift_change_ratio"
-    if flagged_at_start and not normalized:  # across the band from one edge to the other: a change of at least its
-        limit = min(limit, cfg.exploding_ratio / cfg.vanishing_ratio)  # width, whatever drift_change_ratio allows
-    change = total / start if start > 0 else math.inf
+    reference = 1.0 if flagged_at_start else start
+    change = total / reference if reference > 0 else math.inf
     if 1 / limit <= change <= limit:
         return
     problem, thr = ("vanishing", 1 / limit) if change < 1 else ("exploding", limit)
@@ -598,10 +600,12 @@ def _judge_change(rows: list[LayerReport], layers: list[LayerStats], members: li
     s0, s1 = layers[members[0]], layers[members[-1]]
     chain = f"{len(members)} repeated {s0.module_type} layers ('{s0.name}' … '{s1.name}')"
     what = "output rms" if forward else "output gradient norm"
+    since = (f"against {start:.3g}× when the run started (the init's, flagged then) and the 1× a textbook init gives"
+             f" ({key} {limit:g})" if flagged_at_start else
+             f"against {start:.3g}× when the run started ({change:.3g}× since; {key} {limit:g})")
     lead = (f"'{cause.name}' ({cause.module_type}) and the layers of its kind became {problem} ({direction}) in"
-            f" training: along {chain} the {what} changed {total:.3g}× over the chain, against {start:.3g}× when the"
-            f" run started ({change:.3g}× since; {key} {limit:g}). The updates did this, not the init. Fix:"
-            f" {_OVERSHOT_FIX if flagged_at_start else OPTIMISATION_FIX}")
+            f" training: along {chain} the {what} changed {total:.3g}× over the chain, {since}. The updates did"
+            f" this, not the init. Fix: {_OVERSHOT_FIX if flagged_at_start else OPTIMISATION_FIX}")
     if not any(f.problem == problem and f.direction == direction for f in rows[cause_pos].findings):
         flag(rows[cause_pos], problem, direction, change, thr, key, lead, cause.name, len(members), False,
              reason="optimisation")
