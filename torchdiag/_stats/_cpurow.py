@@ -21,6 +21,7 @@ import math
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -124,6 +125,41 @@ def status() -> str:
 def library_path() -> Path | None:
     """The shared library in use (None: the ATen path)."""
     return _state["lib"][1] if _library() is not None else None
+
+
+_HIST_ARGS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_void_p)
+
+
+def _load_hist(path: Path) -> Any:
+    """The library's histogram binning, checked on a known tensor (0..9 over [0, 9] in 3 bins: 3, 3, 4); None where
+    this library has none (built before it) or bins wrong."""
+    try:
+        fn = ctypes.CDLL(str(path)).td_hist
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = _HIST_ARGS
+    fn.restype = ctypes.c_int
+    x = torch.arange(10, dtype=torch.float32)
+    counts = torch.zeros(3, dtype=torch.int64)
+    fn(x.data_ptr(), 10, 0.0, 9.0, 3, counts.data_ptr())
+    return fn if counts.tolist() == [3, 3, 4] else None
+
+
+def hist_into(x: torch.Tensor, lo: float, width: float, counts: torch.Tensor) -> bool:
+    """Add the fixed-bin counts of ``x`` (``usable``; finite, every value >= ``lo``) into ``counts``, a contiguous
+    int64 tensor of one count per bin, with the ATen path's float32 arithmetic (``stats._histogram_cpu``): bin
+    ``floor((x - lo) * bins / width)``, the maximum in the last. False where this library cannot (then the ATen
+    path bins it)."""
+    if _library() is None:
+        return False
+    if "hist" not in _state:
+        with _lock:
+            if "hist" not in _state:
+                _state["hist"] = _load_hist(_state["lib"][1])
+    fn = _state["hist"]
+    if fn is None:
+        return False
+    return bool(fn(x.data_ptr(), x.numel(), lo, width, counts.numel(), counts.data_ptr()))
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

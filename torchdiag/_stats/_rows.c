@@ -105,36 +105,43 @@ TD_VARIANT(td_row_zeros, 1, 0)
 TD_VARIANT(td_row_sat, 0, 1)
 TD_VARIANT(td_row_zeros_sat, 1, 1)
 
-/* CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) of n bytes, as TensorBoard's event records are
- * checksummed with (its masking is done by the caller), eight bytes a step ("slicing-by-8"): tables built
- * once when the library is loaded. */
-static uint32_t crc_table[8][256];
-
-__attribute__((constructor)) static void
-crc_init(void)
+/* A histogram step's fixed-bin counts of x (finite, all >= lo): bin floor((x - lo) * bins / width), the maximum
+ * (and anything rounding past it) in the last bin; added into counts[0..bins), for 1 to 256 bins (returns 0
+ * otherwise). The float32 operations of the ATen path (_histogram_cpu: sub, mul by bins, div by width,
+ * truncation), one at a time, so the bins are the same; the bins of a block are computed vectorised, then
+ * counted into four interleaved tables. */
+TD_CLONES int
+td_hist(const float *x, int64_t n, float lo, float width, int bins, int64_t *counts)
 {
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-        crc_table[0][i] = c;
+    const float fb = (float)bins;
+    int32_t idx[256];
+    int64_t sub[4][256 + 1]; /* four counts per bin (a run of one bin does not wait on its own increments) */
+    if (bins < 1 || bins > 256)
+        return 0; /* (torchdiag bins in 64: the caller bins any other count the ATen way) */
+    for (int j = 0; j < 4; j++)
+        for (int b = 0; b <= bins; b++)
+            sub[j][b] = 0;
+    for (int64_t i = 0; i < n; i += 256) {
+        int m = n - i < 256 ? (int)(n - i) : 256;
+        for (int k = 0; k < m; k++) { /* vectorised: the bins of a block */
+            float f = x[i + k] - lo;
+            f = f * fb;
+            f = f / width;
+            f = f >= 0.0f ? f : 0.0f; /* (x >= lo: never below; a guard, not a bin) */
+            f = f < fb ? f : fb;
+            idx[k] = (int32_t)f;
+        }
+        int k = 0;
+        for (; k + 4 <= m; k += 4) {
+            sub[0][idx[k]]++;
+            sub[1][idx[k + 1]]++;
+            sub[2][idx[k + 2]]++;
+            sub[3][idx[k + 3]]++;
+        }
+        for (; k < m; k++)
+            sub[0][idx[k]]++;
     }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
-}
-
-uint32_t
-td_crc32c(const unsigned char *p, int64_t n)
-{
-    uint32_t c = 0xFFFFFFFFu;
-    for (; n >= 8; p += 8, n -= 8) { /* the bytes in order: independent of the machine's endianness */
-        uint32_t lo = c ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
-        c = crc_table[7][lo & 0xFF] ^ crc_table[6][(lo >> 8) & 0xFF] ^ crc_table[5][(lo >> 16) & 0xFF] ^
-            crc_table[4][lo >> 24] ^ crc_table[3][p[4]] ^ crc_table[2][p[5]] ^ crc_table[1][p[6]] ^
-            crc_table[0][p[7]];
-    }
-    for (; n > 0; p++, n--)
-        c = (c >> 8) ^ crc_table[0][(c ^ *p) & 0xFF];
-    return c ^ 0xFFFFFFFFu;
+    for (int b = 0; b <= bins; b++) /* bin `bins`: the maximum (and what rounds past it), in the last bin */
+        counts[b < bins ? b : bins - 1] += sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];
+    return 1;
 }

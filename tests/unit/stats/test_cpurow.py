@@ -262,6 +262,16 @@ def test_avx2_and_baseline_builds_give_bit_identical_rows(tmp_path):
                 reliable = fns[variant](x.data_ptr(), x.numel(), 1, 0.0, 0.9, 10.0, out.data_ptr())
                 rows[name] = (reliable, out.view(torch.int64).tolist())  # the bits, NaN payloads and signs too
             assert rows["base"] == rows["avx2"] == rows["installed"], (x.numel(), variant, rows)
+    hists = {"installed": cpurow._load_hist(library.library_file()),  # the histogram binning: the same bins too
+             "base": cpurow._load_hist(tmp_path / "base.so"), "avx2": cpurow._load_hist(tmp_path / "avx2.so")}
+    for x in inputs[:3]:
+        lo, width = x.min().item(), (x.max() - x.min()).item()
+        got = {}
+        for name, fn in hists.items():
+            counts = torch.zeros(64, dtype=torch.int64)
+            assert fn(x.data_ptr(), x.numel(), lo, width, 64, counts.data_ptr()) == 1
+            got[name] = counts.tolist()
+        assert got["base"] == got["avx2"] == got["installed"], x.numel()
 
 
 def test_without_the_library_the_aten_path_gives_the_same_statistics(no_library):
@@ -347,3 +357,46 @@ def test_no_subprocess_is_started_in_a_watched_training_step(monkeypatch):
     assert len(layers) == 5 and all(math.isfinite(r[2]) for r in layers)
     if library.library_file() is not None:
         assert cpurow.status() == "on"
+
+
+def _bins_both_ways(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A histogram step's row of ``x`` ([lo, hi, 64 counts]) through the kernel, and through the ATen passes."""
+    mn, mx = x.min().item(), x.max().item()
+    rows = []
+    for on in (True, False):
+        cpurow.set_enabled(on)
+        try:
+            out = torch.zeros(stats.HIST_BINS + 2, dtype=torch.float64)
+            stats._histogram_cpu(x, mn, mx, out)
+        finally:
+            cpurow.set_enabled(True)
+        rows.append(out)
+    return rows[0], rows[1]
+
+
+@needs_kernel
+def test_the_kernels_histogram_bins_as_the_aten_passes_and_histc_do():
+    """The kernel's binning (one read) against the ATen path's float32 passes, count for count: sizes that are no
+    whole block, a maximum that lands on the last edge, a constant tensor (range x +- 1), a tiny and a huge range,
+    denormals; and against torch.histc where no value sits on an edge."""
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(n, generator=g) * s + o for n in (1, 3, 255, 257, 4099, 300_001)
+             for s, o in ((1.0, 0.0), (1e-4, 3.0), (1e4, -7.0))]
+    cases += [torch.arange(65.0), torch.arange(1000.0) / 7, torch.full((50,), 3.0), torch.rand(999, generator=g) * 1e30,
+              torch.tensor([0.0, 1e-40, -1e-42, 2e-45, 5.0])]
+    for x in cases:
+        kernel, aten = _bins_both_ways(x)
+        assert torch.equal(kernel, aten), (x.numel(), (kernel - aten).abs().max())
+        assert kernel[2:].sum().item() == x.numel()
+    x = torch.randn(10_000, generator=g)
+    kernel, _ = _bins_both_ways(x)
+    ref = torch.histc(x.double(), bins=stats.HIST_BINS, min=kernel[0].item(), max=kernel[1].item())
+    assert kernel[2:].tolist() == ref.tolist()
+
+
+@needs_kernel
+def test_the_kernels_histogram_leaves_other_bin_counts_to_aten():
+    x = torch.randn(100)
+    counts = torch.zeros(300, dtype=torch.int64)
+    assert not cpurow.hist_into(x, x.min().item(), (x.max() - x.min()).item(), counts)
+    assert counts.sum().item() == 0
