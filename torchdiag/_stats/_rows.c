@@ -145,3 +145,37 @@ td_hist(const float *x, int64_t n, float lo, float width, int bins, int64_t *cou
         counts[b < bins ? b : bins - 1] += sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];
     return 1;
 }
+
+/* CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) of n bytes, as TensorBoard's event records are
+ * checksummed with (its masking is done by the caller), eight bytes a step ("slicing-by-8"): tables built
+ * once when the library is loaded. */
+static uint32_t crc_table[8][256];
+
+__attribute__((constructor)) static void
+crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
+}
+
+uint32_t
+td_crc32c(const unsigned char *p, int64_t n)
+{
+    uint32_t c = 0xFFFFFFFFu;
+    for (; n >= 8; p += 8, n -= 8) { /* the bytes in order: independent of the machine's endianness */
+        uint32_t lo = c ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
+        c = crc_table[7][lo & 0xFF] ^ crc_table[6][(lo >> 8) & 0xFF] ^ crc_table[5][(lo >> 16) & 0xFF] ^
+            crc_table[4][lo >> 24] ^ crc_table[3][p[4]] ^ crc_table[2][p[5]] ^ crc_table[1][p[6]] ^
+            crc_table[0][p[7]];
+    }
+    for (; n > 0; p++, n--)
+        c = (c >> 8) ^ crc_table[0][(c ^ *p) & 0xFF];
+    return c ^ 0xFFFFFFFFu;
+}

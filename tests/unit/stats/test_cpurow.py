@@ -379,6 +379,9 @@ def test_the_kernels_histogram_bins_as_the_aten_passes_and_histc_do():
     """The kernel's binning (one read) against the ATen path's float32 passes, count for count: sizes that are no
     whole block, a maximum that lands on the last edge, a constant tensor (range x +- 1), a tiny and a huge range,
     denormals; and against torch.histc where no value sits on an edge."""
+    probe = torch.zeros(stats.HIST_BINS, dtype=torch.int64)
+    assert cpurow.hist_into(torch.arange(10.0), 0.0, 9.0, probe)  # the library built from this source bins
+    assert probe.sum().item() == 10
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(n, generator=g) * s + o for n in (1, 3, 255, 257, 4099, 300_001)
              for s, o in ((1.0, 0.0), (1e-4, 3.0), (1e4, -7.0))]
