@@ -1,5 +1,5 @@
-/* torchdiag's statistics row of a contiguous float32 CPU tensor in one read (loaded by _cpurow.py), and a
- * CRC-32C for TensorBoard's event records (at the end).
+/* torchdiag's statistics row of a contiguous float32 CPU tensor in one read (loaded by _cpurow.py), a histogram
+ * step's binning (td_hist), and a CRC-32C for TensorBoard's event records (at the end).
  *
  * out = [r, sum(x - r), sum((x - r)^2), min, max, nonzero count, saturated count], in double; r = x[0] when
  * `shift`, else 0; min and max are NaN when x holds a NaN (as torch.aminmax); a count not asked for is NaN.
