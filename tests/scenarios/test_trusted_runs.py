@@ -276,20 +276,6 @@ def test_a_chain_the_init_left_vanishing_is_judged_after_training_as_a_healthy_o
         assert exploding and not any("multiply" in t or "suggested scale" in t for t in exploding)
 
 
-def _three_linears(factor: float, at: int) -> nn.Sequential:
-    """Linear(64, 256), ReLU, Linear(256, 256), ReLU, Linear(256, 10), Kaiming, zero biases; model[at]'s weights
-    multiplied by ``factor``."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    for m in model:
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-    with torch.no_grad():
-        model[at].weight.mul_(factor)
-    return model
-
-
 def test_a_growing_attention_logit_is_forecast_with_its_steps_to_go_before_it_crosses():
     """The query and key weights grow 12 % a step (what a too-high learning rate does to them over tens of steps,
     Wortsman et al. 2023): the largest logit grows ~1.25x a step, from ~2 to past attention_logit_max (1000) in

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from fractions import Fraction
 
 import pytest
 
@@ -27,27 +28,20 @@ def _by_definition(width: int, height: int, ops: list[tuple]) -> bytearray:
                                     if 0 <= xx < width and 0 <= yy < height:
                                         px[3 * (yy * width + xx):3 * (yy * width + xx) + 3] = bytes(color)
                 x += png.CHAR_W * scale
-        elif kind == "line":  # Bresenham's points, each a thick x thick square about it; dashes of `dash` points
+        elif kind == "line":  # the pixel nearest the segment at each step of its longer axis (lines with an odd
+            # length there have no ties), each a thick x thick square about it; dashes of `dash` points
             x0, y0, x1, y1, color, thick, dash = args
-            dx, dy = abs(x1 - x0), -abs(y1 - y0)
-            sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-            err, n = dx + dy, 0
-            while True:
-                if not dash or (n // dash) % 2 == 0:
-                    for yy in range(y0 - thick // 2, y0 - thick // 2 + thick):
-                        for xx in range(x0 - thick // 2, x0 - thick // 2 + thick):
-                            if 0 <= xx < width and 0 <= yy < height:
-                                px[3 * (yy * width + xx):3 * (yy * width + xx) + 3] = bytes(color)
-                n += 1
-                if x0 == x1 and y0 == y1:
-                    break
-                e2 = 2 * err
-                if e2 >= dy:
-                    err += dy
-                    x0 += sx
-                if e2 <= dx:
-                    err += dx
-                    y0 += sy
+            dx, dy = x1 - x0, y1 - y0
+            steps = max(abs(dx), abs(dy))
+            for n in range(steps + 1):
+                t = Fraction(n, steps) if steps else Fraction(0)
+                px_, py_ = round(x0 + t * dx), round(y0 + t * dy)
+                if dash and (n // dash) % 2:
+                    continue
+                for yy in range(py_ - thick // 2, py_ - thick // 2 + thick):
+                    for xx in range(px_ - thick // 2, px_ - thick // 2 + thick):
+                        if 0 <= xx < width and 0 <= yy < height:
+                            px[3 * (yy * width + xx):3 * (yy * width + xx) + 3] = bytes(color)
         elif kind == "strip":
             x, y, pixels, h = args
             for k in range(len(pixels) // 3):
@@ -68,7 +62,7 @@ def test_text_lines_and_strips_draw_the_pixels_their_definition_gives(scale):
            ("text", -7, 36, every[24:50], png.BLACK, scale),  # clipped on the left and at the bottom
            ("text", 300, -3, every[50:], (1, 2, 3), scale),  # clipped at the top and on the right
            ("line", 5, 2, 390, 37, (0, 90, 0), scale, 0), ("line", 398, 1, -3, 41, (70, 0, 70), scale, 3),
-           ("line", 10, 20, 10, 20, (5, 5, 5), scale, 0),
+           ("line", 10, 20, 10, 20, (5, 5, 5), scale, 0), ("line", 50, 0, 60, 39, (0, 0, 200), scale, 2),
            ("strip", -2, 12, bytes(range(30)), 4), ("strip", 390, 37, bytes(range(60)), 9)]
     c = png.Canvas(width, height)
     for kind, *args in ops:
