@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .library import library_file
+from .library import function, library_file
 
 SERIAL_N = 1 << 18  # past this many elements, with more than 2 threads, ATen's parallel passes win
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_double,
@@ -133,12 +133,9 @@ _HIST_ARGS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_float, c
 def _load_hist(path: Path) -> Any:
     """The library's histogram binning, checked on a known tensor (0..9 over [0, 9] in 3 bins: 3, 3, 4); None where
     this library has none (built before it) or bins wrong."""
-    try:
-        fn = ctypes.CDLL(str(path)).td_hist
-    except (OSError, AttributeError):
+    fn = function(path, "td_hist", _HIST_ARGS, ctypes.c_int)
+    if fn is None:
         return None
-    fn.argtypes = _HIST_ARGS
-    fn.restype = ctypes.c_int
     x = torch.arange(10, dtype=torch.float32)
     counts = torch.zeros(3, dtype=torch.int64)
     fn(x.data_ptr(), 10, 0.0, 9.0, 3, counts.data_ptr())

@@ -7,8 +7,9 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 DIRECTORY = Path(__file__).parent  # where the install put the library
 NAME = "_rows"
@@ -27,15 +28,24 @@ def library_file(directory: Path | None = None) -> Path | None:
     return None
 
 
+def function(path: Path, name: str, argtypes: Sequence[type], restype: type) -> Any:
+    """The C function ``name`` of the library at ``path``, typed; None where the library does not load or has no
+    such function (one built before it)."""
+    try:
+        fn = getattr(ctypes.CDLL(str(path)), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    fn.restype = restype
+    return fn
+
+
 def load_crc32c(path: Path) -> Callable[[bytes], int] | None:
     """The CRC-32C of the library at ``path``, checked on the standard test vector ("123456789" -> 0xE3069283);
     None where that library has none, does not load or gives a wrong value."""
-    try:
-        fn = ctypes.CDLL(str(path)).td_crc32c
-    except (OSError, AttributeError):
+    fn = function(path, "td_crc32c", (ctypes.c_char_p, ctypes.c_int64), ctypes.c_uint32)
+    if fn is None:
         return None
-    fn.argtypes = [ctypes.c_char_p, ctypes.c_int64]
-    fn.restype = ctypes.c_uint32
 
     def crc32c(data: bytes) -> int:
         if type(data) is not bytes:  # a bytearray or memoryview: ctypes passes only bytes without a copy
