@@ -26,8 +26,8 @@ recorded (the hooks' checks and ``step()``), closing (the overview images, the w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -111,29 +111,54 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int, device,
-        autocast: torch.dtype | None = None) -> tuple[float, int]:
-    """One whole run of ``steps`` steps under ``monitor``: (seconds, steps it recorded; -1 for a non-torchdiag one)."""
+@dataclasses.dataclass
+class RunTimes:
+    """One run's clock: the whole of it, opening the monitor, each step, whether the watch recorded it, closing."""
+
+    total: float
+    opened: float
+    steps: list[float]
+    recorded: list[bool]
+    closing: float
+    watched: bool
+
+
+def timed_run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int, device,
+              autocast: torch.dtype | None = None) -> RunTimes:
+    """One whole run of ``steps`` steps under ``monitor`` (AdamW, the monitor open for the whole run)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    recorded = 0
-    _sync(device)
-    start = time.perf_counter()
+    times: list[float] = []
+    recorded: list[bool] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with monitor(model) as mon:
-            for _ in range(steps):
-                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    loss = loss_fn(model)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                loss.item()  # what a training loop's logging does: the host waits for the step
-                if isinstance(mon, torchdiag.Watcher):
-                    recorded += mon.step() is not None
-                else:
-                    mon.step()
-    _sync(device)
-    return time.perf_counter() - start, recorded if isinstance(mon, torchdiag.Watcher) else -1
+        _sync(device)
+        start = time.perf_counter()
+        ctx = monitor(model)
+        mon = ctx.__enter__()
+        opened = time.perf_counter() - start
+        watched = isinstance(mon, torchdiag.Watcher)
+        for _ in range(steps):
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = loss_fn(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()  # what a training loop's logging does: the host waits for the step
+            recorded.append(mon.step() is not None and watched)
+            times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ctx.__exit__(None, None, None)
+        _sync(device)
+        end = time.perf_counter()
+    return RunTimes(end - start, opened, times, recorded, end - t, watched)
+
+
+def run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int, device,
+        autocast: torch.dtype | None = None) -> tuple[float, int]:
+    """One whole run: (seconds, steps it recorded; -1 for a non-torchdiag monitor)."""
+    r = timed_run(model, loss_fn, monitor, steps, device, autocast)
+    return r.total, sum(r.recorded) if r.watched else -1
 
 
 def bench(name: str, steps: int, repeats: int, device, quick: bool, autocast: torch.dtype | None = None) -> dict:
@@ -162,56 +187,30 @@ def bench(name: str, steps: int, repeats: int, device, quick: bool, autocast: to
     return out
 
 
-def run_parts(model: nn.Module, loss_fn: Callable, watched: bool, steps: int, device,
-              logdir: str) -> tuple[float, list[float], list[bool], float]:
-    """One run as ``run`` does it, timed in parts: (opening the watch, each step, whether it was recorded, closing)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    times, recorded = [], []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _sync(device)
-        t0 = time.perf_counter()
-        ctx = torchdiag.watch(model, logdir=tempfile.mkdtemp(dir=logdir)) if watched else contextlib.nullcontext()
-        mon = ctx.__enter__()
-        opened = time.perf_counter() - t0
-        for _ in range(steps):
-            t = time.perf_counter()
-            loss = loss_fn(model)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss.item()
-            recorded.append(mon.step() is not None if watched else False)
-            times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ctx.__exit__(None, None, None)
-        _sync(device)
-    return opened, times, recorded, time.perf_counter() - t
-
-
 def parts(name: str, steps: int, repeats: int, device, quick: bool) -> str:
     """Where the default's cost in a run goes: opening the watch, step 0, a recorded step, a step not recorded
     and closing, each against the unmonitored run's step (medians over the repeats, runs alternating)."""
     torch.manual_seed(0)
     base, loss_fn = WORKLOADS[name](device, quick)
-    got: dict[bool, list] = {False: [], True: []}
+    got: dict[str, list[RunTimes]] = {"default": [], "none": []}
     with tempfile.TemporaryDirectory() as logdir:
+        vs = variants(logdir)
         for _ in range(2):  # warm-up
-            for watched in (True, False):
-                run_parts(copy.deepcopy(base), loss_fn, watched, 3, device, logdir)
+            for v in got:
+                timed_run(copy.deepcopy(base), loss_fn, vs[v], 3, device)
         for r in range(repeats):
-            for watched in ((True, False) if r % 2 else (False, True)):
-                got[watched].append(run_parts(copy.deepcopy(base), loss_fn, watched, steps, device, logdir))
+            for v in (("default", "none") if r % 2 else ("none", "default")):
+                got[v].append(timed_run(copy.deepcopy(base), loss_fn, vs[v], steps, device))
     med = statistics.median
-    plain_step = med(t for _, ts, _, _ in got[False] for t in ts[1:])
-    step0 = med(ts[0] for _, ts, _, _ in got[True]) - med(ts[0] for _, ts, _, _ in got[False])
-    rec = [t for _, ts, rs, _ in got[True] for t, r in zip(ts[1:], rs[1:]) if r]
-    other = [t for _, ts, rs, _ in got[True] for t, r in zip(ts[1:], rs[1:]) if not r]
-    ms = 1e3
-    return (f"{name:12s} step {plain_step * ms:.2f} ms; default: opening {med(o for o, _, _, _ in got[True]) * ms:.2f}"
+    plain_step = med(t for run_ in got["none"] for t in run_.steps[1:])
+    step0 = med(r.steps[0] for r in got["default"]) - med(r.steps[0] for r in got["none"])
+    rec = [t for r in got["default"] for t, on in zip(r.steps[1:], r.recorded[1:]) if on]
+    other = [t for r in got["default"] for t, on in zip(r.steps[1:], r.recorded[1:]) if not on]
+    ms, watched = 1e3, got["default"]
+    return (f"{name:12s} step {plain_step * ms:.2f} ms; default: opening {med(r.opened for r in watched) * ms:.2f}"
             f" ms, step 0 +{step0 * ms:.2f} ms, a recorded step +{(med(rec) - plain_step) * ms:.2f} ms"
             f" ({len(rec) / repeats:.0f} a run), a step not recorded +{(med(other) - plain_step) * 1e6:.0f} µs"
-            f" ({len(other) / repeats:.0f}), closing {med(c for _, _, _, c in got[True]) * ms:.2f} ms"
+            f" ({len(other) / repeats:.0f}), closing {med(r.closing for r in watched) * ms:.2f} ms"
             if rec and other else f"{name}: too few steps to tell recorded from not")
 
 
