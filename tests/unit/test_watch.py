@@ -87,6 +87,33 @@ def test_hooks_and_references_gone_after_exit_and_after_exception():
     assert diag.report().layers  # the report outlives the model
 
 
+def test_a_step_no_watch_records_runs_under_the_pre_hook_alone():
+    """The forward hook costs every module call; on a step that is not recorded only the pre-hook (which sees the
+    forward that ends a step) is installed. A recorded step gets the forward hook back under the id it had, and
+    its statistics are the layers' own."""
+    torch.manual_seed(0)
+    model = small_net()
+    model[2].p = 0.0  # (the same output whatever the step)
+    before = set(module_mod._global_forward_hooks)
+    x = torch.randn(8, 16)
+    present, reports, outputs = [], [], []
+    with torchdiag.watch(model, every=3, warnings=False) as diag:
+        for _ in range(7):
+            present.append(set(module_mod._global_forward_hooks) - before)
+            out = model(x)
+            outputs.append(out.detach().clone())
+            out.square().mean().backward()
+            reports.append(diag.step())
+    assert [bool(ids) for ids in present] == [True, False, False, True, False, False, True]
+    assert present[0] == present[3] == present[6] and len(present[0]) == 1  # one hook, one id
+    assert set(module_mod._global_forward_hooks) == before
+    for step in (0, 3, 6):
+        rms = outputs[step].square().mean().sqrt().item()
+        assert reports[step].step == step
+        assert reports[step]["5"].act_std == pytest.approx(outputs[step].std(correction=0).item(), rel=1e-4)
+        assert reports[step]["5"].act_rms == pytest.approx(rms, rel=1e-4)
+
+
 def test_no_activation_kept_alive_after_its_hook():
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
     refs = []

@@ -48,6 +48,7 @@ def set_recording(cap: Capture, on: bool) -> None:
     gate = getattr(cap, "gate", None)
     if gate is not None:
         gate.on = on
+    GlobalHooks.set_quiet(not _RECORDING)  # a step no watch records: the pre-hook alone
 
 
 def _pre_hook(module: nn.Module, args: tuple) -> None:
@@ -57,6 +58,7 @@ def _pre_hook(module: nn.Module, args: tuple) -> None:
     entry = _ROOTS.get(module)
     if entry is None:
         if module.__class__.__name__ == "OptimizedModule":  # torch.compile(model): its wrapper runs eagerly
+            GlobalHooks.pin()  # (before the wrapper's forward: its forward hook, which leaves it, is called)
             _wrapper(module, True)
         return
     rec = entry[0]()

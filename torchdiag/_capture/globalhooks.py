@@ -1,6 +1,11 @@
 """torchdiag's one pair of process-wide module hooks: a forward pre-hook and a forward hook, installed while anything
 of torchdiag's needs them (a watch's capture, the signals, the NaN tripwire) and removed after. The capture's hooks
-(``_registry``) are called first, then the callbacks kept here per module in weak tables."""
+(``_registry``) are called first, then the callbacks kept here per module in weak tables.
+
+On a step no watch records (``quiet``) only the pre-hook stays: it sees the root's forward, which ends a step. The
+forward hook, which PyTorch calls with the kwargs and also when a forward raises, costs every module call more
+than the pre-hook; it is put back, under the id it had (``stable_id``), when a recorded step begins. The callbacks
+kept here run on recorded steps only, a pre-callback and its post-callback on the same ones."""
 
 from __future__ import annotations
 
@@ -44,25 +49,36 @@ class GlobalHooks:
 
     pre: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args)]
     post: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [fn(module, args, kwargs, output)]
-    handles: list[Any] = []
+    pre_handle: Any = None
+    post_handle: Any = None
     ids: set[int] = set()  # id() of the modules in either table: every other module call returns at once
     # the registry's (pre(module, args), post(module, args, output) -> replacement output or None), while any module
     # is watched
     capture: tuple[Callable[..., None], Callable[..., Any]] | None = None
+    # no watch records the step in progress: the forward hook is off and the callbacks do not run (``set_quiet``)
+    quiet = False
+    # torch.compile(model)'s wrapper was seen: the forward hook stays on at every step (it sees the wrapper's exit),
+    # until the hooks are removed
+    pinned = False
 
     @classmethod
     def _install(cls) -> None:
-        if not cls.handles:
-            pre_hook = nn.modules.module.register_module_forward_pre_hook(_global_pre)
-            post_hook = nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True, always_call=True)
-            cls.handles.append(stable_id("torchdiag.pre", pre_hook))
-            cls.handles.append(stable_id("torchdiag.post", post_hook))
+        if cls.pre_handle is None:
+            handle = nn.modules.module.register_module_forward_pre_hook(_global_pre)
+            cls.pre_handle = stable_id("torchdiag.pre", handle)
+        if cls.post_handle is None and not cls.quiet:
+            handle = nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True, always_call=True)
+            cls.post_handle = stable_id("torchdiag.post", handle)
 
     @classmethod
     def _release(cls) -> None:
         if not cls.pre and not cls.post and cls.capture is None:
-            while cls.handles:
-                cls.handles.pop().remove()
+            cls.quiet = cls.pinned = False
+            for name in ("post_handle", "pre_handle"):
+                handle = getattr(cls, name)
+                if handle is not None:
+                    setattr(cls, name, None)
+                    handle.remove()
 
     @classmethod
     def set_capture(cls, pre: Callable[..., None], post: Callable[..., Any]) -> None:
@@ -75,8 +91,32 @@ class GlobalHooks:
         cls._release()
 
     @classmethod
+    def set_quiet(cls, quiet: bool) -> None:
+        """No watch records the step that begins (``quiet``): the forward hook comes off until one does. Called
+        between forwards (a step ends at the root's forward pre-hook, ``step()`` or ``opt.step()``), so a module's
+        pre-callbacks and its post-callbacks run on the same calls. Never while torch.compile(model)'s wrapper is
+        in use (``pin``)."""
+        quiet = quiet and not cls.pinned and cls.capture is not None
+        if quiet == cls.quiet:
+            return
+        cls.quiet = quiet
+        if quiet:
+            handle, cls.post_handle = cls.post_handle, None
+            if handle is not None:
+                handle.remove()
+        elif cls.pre_handle is not None:
+            cls._install()
+
+    @classmethod
+    def pin(cls) -> None:
+        """Keep the forward hook on at every step from now on."""
+        if not cls.pinned:
+            cls.pinned = True
+            cls.set_quiet(False)
+
+    @classmethod
     def installed(cls) -> bool:
-        return bool(cls.handles)
+        return cls.pre_handle is not None
 
     @classmethod
     def add(cls, module: nn.Module, pre: Callable[..., None] | None = None,
@@ -108,7 +148,9 @@ class GlobalHooks:
 def _global_pre(module: nn.Module, args: tuple) -> None:
     capture = GlobalHooks.capture
     if capture is not None:
-        capture[0](module, args)
+        capture[0](module, args)  # (the root's: may end the step, and so start or end a quiet one)
+        if GlobalHooks.quiet:
+            return
     # torch.compile, torch.export, torch.jit.trace: nothing of the callbacks' in their graphs (Dynamo: before any
     # lookup, which it would guard on)
     if is_compiling() or id(module) not in GlobalHooks.ids or tracing():

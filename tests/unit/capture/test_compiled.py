@@ -133,6 +133,42 @@ def test_unrecorded_steps_run_the_second_graph_without_recompiling():
     assert all(len(r.layers) == 5 for r in reports if r is not None)
 
 
+def test_the_wrapper_of_a_compiled_model_keeps_the_forward_hook_on_at_steps_not_recorded():
+    """A step no watch records runs under torchdiag's pre-hook alone, except while torch.compile(model)'s wrapper
+    is in use: its forward hook sees the wrapper's exit. The graphs stay the two of the recorded and the plain
+    steps, each recorded step equals the eager one, and the next watch starts unpinned."""
+    from torch.nn.modules import module as module_mod
+
+    model, eager = _net(), _net()
+    run = torch.compile(model, backend=BACKEND)
+    before = set(module_mod._global_forward_hooks)
+    x = torch.randn(8, 16)
+    hooked, reports, expected = [], [], []
+    with torchdiag.watch(model, every=3, warnings=False) as diag, \
+            torchdiag.watch(eager, every=3, warnings=False) as eager_diag:
+        for _ in range(7):
+            hooked.append(bool(set(module_mod._global_forward_hooks) - before))
+            run(x).square().mean().backward()
+            eager(x).square().mean().backward()
+            reports.append(diag.step())
+            expected.append(eager_diag.step())
+    assert hooked == [True] * 7
+    assert set(module_mod._global_forward_hooks) == before
+    assert _graphs() == 2 and _breaks() == 0
+    assert [r is not None for r in reports] == [i % 3 == 0 for i in range(7)]
+    for got, want in zip(reports, expected):
+        if want is not None:
+            assert [layer.act_rms for layer in got.layers] == pytest.approx([layer.act_rms for layer in want.layers],
+                                                                            rel=1e-5)
+    with torchdiag.watch(eager, every=3, warnings=False) as diag:  # no wrapper in use: the pre-hook alone
+        hooked = []
+        for _ in range(2):
+            hooked.append(bool(set(module_mod._global_forward_hooks) - before))
+            eager(x).square().mean().backward()
+            diag.step()
+    assert hooked == [True, False]
+
+
 @pytest.mark.parametrize("summed", [False, True], ids=["backward-each", "one-backward"])
 def test_microbatches_and_a_shared_module_merge_like_eager(summed):
     shared = nn.Linear(8, 8)
