@@ -7,12 +7,11 @@ gradient rescale (``rescale``), torchdiag's collectives (``distributed``) and wh
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -47,21 +46,25 @@ if TYPE_CHECKING:
 __all__ = ["RescaleSpec", "Watcher", "watch"]
 
 
-@contextlib.contextmanager
-def _collection_paused() -> Iterator[None]:
+class _CollectionPaused:
     """Python's automatic cyclic garbage collection off while torchdiag closes a step, and on again after (only
     if it was on). Closing a step makes some tens of objects per layer (decoded rows, accumulators, statistics)
     that die before it ends; a collection in between would promote them to an older generation, and a deep
     model's steps would then set off a full collection every few steps (``benchmarks/step_cost.py``: at 1,000
-    modules, 30 ms a step before, 6 ms after). Explicit ``gc.collect()`` calls work as ever."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
+    modules, 30 ms a step before, 6 ms after). Explicit ``gc.collect()`` calls work as ever. (A class, not a
+    generator: it runs at every step.)"""
+
+    __slots__ = ("was_on",)
+
+    def __enter__(self) -> None:
+        self.was_on = gc.isenabled()
+        if self.was_on:
+            gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.was_on:
+            gc.enable()
+
 
 
 class Watcher:
@@ -237,11 +240,11 @@ class Watcher:
         pre-hook and ``opt.step()`` (``in_hook``: inside the user's code), leaving the watch, and ``report()``.
         ``deferred_only``: end no step, complete the deferred one (leaving the watch, ``report()``).
 
-        Python's automatic garbage collection is paused meanwhile (``_collection_paused``). In a process forked
+        Python's automatic garbage collection is paused meanwhile (``_CollectionPaused``). In a process forked
         from the one that entered the watch, nothing (``_foreign``)."""
         if self._foreign():
             return None
-        with _collection_paused():
+        with _CollectionPaused():
             return self._end_step_now(reduce, in_hook, deferred_only)
 
     def _end_step_now(self, reduce: bool, in_hook: bool, deferred_only: bool) -> Report | None:

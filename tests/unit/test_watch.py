@@ -646,15 +646,15 @@ def test_garbage_collection_is_paused_while_a_step_ends_and_left_as_the_user_had
 
 
 def test_garbage_collection_comes_back_on_when_closing_a_step_raises():
-    from torchdiag.watch import _collection_paused
+    from torchdiag.watch import _CollectionPaused
 
     was = gc.isenabled()
     gc.enable()
     try:
         with pytest.raises(RuntimeError, match="inside"):
-            with _collection_paused():
+            with _CollectionPaused():
                 assert not gc.isenabled()
-                with _collection_paused():  # nested (a step ended from inside one): the outer one switches it on
+                with _CollectionPaused():  # nested (a step ended from inside one): the outer one switches it on
                     pass
                 assert not gc.isenabled()
                 raise RuntimeError("inside")

@@ -304,11 +304,11 @@ class Capture:
         self.scale_written = False
         self._outputs = {}
         self._rows = {}
+        for slot in self.order:  # (the layers this step called: no other count moved)
+            self.slots[slot].calls = 0
         self.order = {}
         self._root_called = False
         self.wrapped_calls = 0
-        for s in self.slots:
-            s.calls = 0
         if self.gate is not None and self.gate.traced:
             self.gate.reset()
 
