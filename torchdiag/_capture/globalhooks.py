@@ -88,6 +88,7 @@ class GlobalHooks:
     @classmethod
     def clear_capture(cls) -> None:
         cls.capture = None
+        cls.set_quiet(False)  # (callbacks still kept run at every forward again, and their forward hook)
         cls._release()
 
     @classmethod
@@ -96,10 +97,7 @@ class GlobalHooks:
         between forwards (a step ends at the root's forward pre-hook, ``step()`` or ``opt.step()``), so a module's
         pre-callbacks and its post-callbacks run on the same calls. Never while torch.compile(model)'s wrapper is
         in use (``pin``)."""
-        quiet = quiet and not cls.pinned and cls.capture is not None
-        if quiet == cls.quiet:
-            return
-        cls.quiet = quiet
+        cls.quiet = quiet = quiet and not cls.pinned and cls.capture is not None
         if quiet:
             handle, cls.post_handle = cls.post_handle, None
             if handle is not None:
