@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
@@ -169,7 +170,11 @@ def _global_post(module: nn.Module, args: tuple, *rest: Any) -> Any:
     capture = GlobalHooks.capture
     if capture is not None and (not raised or module.__class__.__name__ == "OptimizedModule"):
         # (torch.compile(model)'s wrapper is left even when its forward raised: the capture unmarks it)
-        result = capture[1](module, args, output)
+        if _function_modes() and not is_compiling():
+            with _FunctionModesLeft():
+                result = capture[1](module, args, output)
+        else:
+            result = capture[1](module, args, output)
     if is_compiling() or id(module) not in GlobalHooks.ids or tracing():
         return result
     fns = GlobalHooks.post.get(module)
@@ -177,6 +182,27 @@ def _global_post(module: nn.Module, args: tuple, *rest: Any) -> Any:
         for fn in list(fns):
             _guarded(fn, module, args, kwargs, output)
     return result
+
+
+_function_modes = torch._C._len_torch_function_stack
+
+
+class _FunctionModesLeft:
+    """The torch function modes in effect (the SDPA observer around an attention module's forward, a user's)
+    taken off for the length of the capture's hook, and put back in their order: torchdiag's own reads of a module's
+    output (its dtype, version, statistics, gradient hook) are not the modes' to see, and each would be a call into
+    Python through every mode."""
+
+    __slots__ = ("modes",)
+
+    def __enter__(self) -> None:
+        self.modes = []
+        while _function_modes():
+            self.modes.append(torch._C._pop_torch_function_stack())
+
+    def __exit__(self, *exc: object) -> None:
+        for mode in reversed(self.modes):
+            torch._C._push_on_torch_function_stack(mode)
 
 
 def _guarded(fn: Callable[..., None], *args: Any) -> None:
