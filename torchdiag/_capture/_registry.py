@@ -58,7 +58,6 @@ def _pre_hook(module: nn.Module, args: tuple) -> None:
     entry = _ROOTS.get(module)
     if entry is None:
         if module.__class__.__name__ == "OptimizedModule":  # torch.compile(model): its wrapper runs eagerly
-            GlobalHooks.pin()  # (before the wrapper's forward: its forward hook, which leaves it, is called)
             _wrapper(module, True)
         return
     rec = entry[0]()
@@ -70,6 +69,8 @@ def _wrapper(module: nn.Module, entering: bool) -> None:
     """torch.compile(model)'s wrapper around a watched root: its forward starts a step (auto-step), eagerly,
     before the compiled graph runs; the root's own pre-hook, traced into that graph, cannot."""
     key = compiled.wrapper_call(module, entering)
+    if key is not None and entering:
+        GlobalHooks.pin()  # (before the wrapper's forward: its forward hook, which leaves it, is called)
     inner = module._modules.get("_orig_mod")
     entry = _ROOTS.get(inner) if key is not None and inner is not None else None
     if entry is None:

@@ -4,11 +4,15 @@ of torchdiag's needs them (a watch's capture, the signals, the NaN tripwire) and
 
 On a step no watch records (``quiet``) only the pre-hook stays: it sees the root's forward, which ends a step. The
 forward hook, which PyTorch calls with the kwargs and also when a forward raises, costs every module call more
-than the pre-hook; it is put back, under the id it had (``stable_id``), when a recorded step begins. The callbacks
-kept here run on recorded steps only, a pre-callback and its post-callback on the same ones."""
+than the pre-hook; it is put back when a recorded step begins, under the id it had (``stable_id``) and at its place
+among the other process-wide forward hooks. The callbacks kept here run on recorded steps only, and in pairs: a
+module call's post-callbacks run where its pre-callbacks ran (``_Open``), and the forward hook comes off only once
+no such call is open (a watched model run inside another's forward can end a step there)."""
 
 from __future__ import annotations
 
+import itertools
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -56,11 +60,13 @@ class GlobalHooks:
     # the registry's (pre(module, args), post(module, args, output) -> replacement output or None), while any module
     # is watched
     capture: tuple[Callable[..., None], Callable[..., Any]] | None = None
-    # no watch records the step in progress: the forward hook is off and the callbacks do not run (``set_quiet``)
+    # no watch records the step in progress: the callbacks do not run, and the forward hook is off (``set_quiet``)
     quiet = False
-    # torch.compile(model)'s wrapper was seen: the forward hook stays on at every step (it sees the wrapper's exit),
-    # until the hooks are removed
+    # a watched model ran through torch.compile(model)'s wrapper: the forward hook stays on at every step (it sees
+    # the wrapper's exit), until the hooks are removed
     pinned = False
+    # the process-wide forward hooks that stood before torchdiag's when it came off: it goes back after them
+    _before: frozenset[int] | None = None
 
     @classmethod
     def _install(cls) -> None:
@@ -70,11 +76,24 @@ class GlobalHooks:
         if cls.post_handle is None and not cls.quiet:
             handle = nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True, always_call=True)
             cls.post_handle = stable_id("torchdiag.post", handle)
+            if cls._before is not None:
+                _put_back(_nn_module._global_forward_hooks, cls.post_handle.id, cls._before)
+                cls._before = None
+
+    @classmethod
+    def _remove_post(cls) -> None:
+        handle, cls.post_handle = cls.post_handle, None
+        if handle is not None:
+            table = _nn_module._global_forward_hooks
+            cls._before = frozenset(itertools.takewhile(lambda k: k != handle.id, table))
+            handle.remove()
 
     @classmethod
     def _release(cls) -> None:
         if not cls.pre and not cls.post and cls.capture is None:
             cls.quiet = cls.pinned = False
+            cls._before = None
+            _Open.calls().clear()
             for name in ("post_handle", "pre_handle"):
                 handle = getattr(cls, name)
                 if handle is not None:
@@ -94,15 +113,13 @@ class GlobalHooks:
 
     @classmethod
     def set_quiet(cls, quiet: bool) -> None:
-        """No watch records the step that begins (``quiet``): the forward hook comes off until one does. Called
-        between forwards (a step ends at the root's forward pre-hook, ``step()`` or ``opt.step()``), so a module's
-        pre-callbacks and its post-callbacks run on the same calls. Never while torch.compile(model)'s wrapper is
-        in use (``pin``)."""
+        """No watch records the step that begins (``quiet``): the callbacks stop and the forward hook comes off
+        (once no module call whose callbacks ran is open) until a watch records again. Never once a watched model
+        ran through torch.compile(model)'s wrapper (``pin``)."""
         cls.quiet = quiet = quiet and not cls.pinned and cls.capture is not None
         if quiet:
-            handle, cls.post_handle = cls.post_handle, None
-            if handle is not None:
-                handle.remove()
+            if not _Open.calls():  # (else at the end of the last open call: ``_global_post``)
+                cls._remove_post()
         elif cls.pre_handle is not None:
             cls._install()
 
@@ -154,6 +171,7 @@ def _global_pre(module: nn.Module, args: tuple) -> None:
     # lookup, which it would guard on)
     if is_compiling() or id(module) not in GlobalHooks.ids or tracing():
         return
+    _Open.calls().append(id(module))  # (its post-callbacks run, whatever the step is by then)
     fns = GlobalHooks.pre.get(module)
     if fns:
         for fn in list(fns):
@@ -170,38 +188,82 @@ def _global_post(module: nn.Module, args: tuple, *rest: Any) -> Any:
     capture = GlobalHooks.capture
     if capture is not None and (not raised or module.__class__.__name__ == "OptimizedModule"):
         # (torch.compile(model)'s wrapper is left even when its forward raised: the capture unmarks it)
-        if _function_modes() and not is_compiling():
-            with _FunctionModesLeft():
+        if not is_compiling() and _function_modes():
+            with FunctionModesLeft():
                 result = capture[1](module, args, output)
         else:
             result = capture[1](module, args, output)
-    if is_compiling() or id(module) not in GlobalHooks.ids or tracing():
+    if is_compiling() or id(module) not in GlobalHooks.ids or tracing() or not _Open.close(id(module)):
         return result
     fns = GlobalHooks.post.get(module)
     if fns:
         for fn in list(fns):
             _guarded(fn, module, args, kwargs, output)
+    if GlobalHooks.quiet and not _Open.calls():  # a quiet step began inside this call: its forward hook off now
+        GlobalHooks._remove_post()
     return result
+
+
+class _Open:
+    """The module calls in progress, on this thread, whose pre-callbacks ran (``id(module)``, innermost last)."""
+
+    local = threading.local()
+
+    @classmethod
+    def calls(cls) -> list[int]:
+        calls = getattr(cls.local, "calls", None)
+        if calls is None:
+            calls = cls.local.calls = []
+        return calls
+
+    @classmethod
+    def close(cls, key: int) -> bool:
+        """Whether a call of module ``key`` is open (its pre-callbacks ran): then it is closed, with any call left
+        open above it (a forward a ``KeyboardInterrupt`` ended: PyTorch calls no forward hook then)."""
+        calls = cls.calls()
+        for i in range(len(calls) - 1, -1, -1):
+            if calls[i] == key:
+                del calls[i:]
+                return True
+        return False
+
+
+def _put_back(table: dict[int, Any], key: int, before: frozenset[int]) -> None:
+    """Move ``key`` (last in ``table``) to just after the last of the keys ``before`` still there: the place it had
+    among the other process-wide forward hooks, so that a user's hook that replaces an output runs after it on every
+    recorded step alike. The table is rebuilt in place (PyTorch and Dynamo hold it)."""
+    items = [(k, v) for k, v in table.items() if k != key]
+    at = max((i + 1 for i, (k, _) in enumerate(items) if k in before), default=0)
+    if at == len(items):
+        return
+    hook = table[key]
+    table.clear()
+    table.update([*items[:at], (key, hook), *items[at:]])
 
 
 _function_modes = torch._C._len_torch_function_stack
 
 
-class _FunctionModesLeft:
-    """The torch function modes in effect (the SDPA observer around an attention module's forward, a user's)
-    taken off for the length of the capture's hook, and put back in their order: torchdiag's own reads of a module's
-    output (its dtype, version, statistics, gradient hook) are not the modes' to see, and each would be a call into
-    Python through every mode."""
+class FunctionModesLeft:
+    """The torch function modes in effect (the SDPA observer around an attention module's forward, a user's) taken
+    off for the length of torchdiag's own work in a hook, and put back in their order: its reads of a module's
+    output (its dtype, version, statistics, gradient hook) and its figures are not the modes' to see, and each would
+    be a call into Python through every mode. Nothing inside may enter or leave a mode."""
 
     __slots__ = ("modes",)
 
     def __enter__(self) -> None:
-        self.modes = []
-        while _function_modes():
-            self.modes.append(torch._C._pop_torch_function_stack())
+        self.modes: list[Any] = []
+        try:
+            while _function_modes():
+                self.modes.append(torch._C._pop_torch_function_stack())
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        for mode in reversed(self.modes):
+        modes, self.modes = self.modes, []
+        for mode in reversed(modes):
             torch._C._push_on_torch_function_stack(mode)
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, Union
 import torch
 from torch import nn
 
-from .._capture.globalhooks import GlobalHooks
+from .._capture.globalhooks import FunctionModesLeft, GlobalHooks
 from .._capture.runtime import first_float_tensor, is_compiling
 from .._reduce.accumulators import AttentionFigures, Figure, GradRms, Largest, MeanFigure
 from .._vocab import StepSignals
@@ -139,7 +139,8 @@ class Signals:
         if not self._on():
             return
         try:
-            figs = mha_figures(m, args, kwargs, self._cfg.attention_sample)
+            with FunctionModesLeft():
+                figs = mha_figures(m, args, kwargs, self._cfg.attention_sample)
         except Exception:  # noqa: BLE001 - an input layout this cannot read: no attention figures for it
             figs = None
         if figs is not None:
@@ -157,11 +158,17 @@ class Signals:
                 probs = output[1]
                 if isinstance(probs, torch.Tensor) and probs.dim() == 4 and probs.is_floating_point():
                     try:  # eager attention returned its probabilities: their entropy (no logits to read)
-                        self._attention[name] = (None, entropy_of_probs(probs, self._cfg.attention_sample))
+                        with FunctionModesLeft():
+                            figs = (None, entropy_of_probs(probs, self._cfg.attention_sample))
+                        self._attention[name] = figs
                     except Exception:  # noqa: BLE001, S110 - not probabilities after all
                         pass
 
     def on_sdpa(self, name: str, q: object, k: object, mask: object, causal: bool, scale: float | None) -> None:
+        with FunctionModesLeft():  # (the observer's own mode is off here; a user's below it too)
+            self._sdpa_figures(name, q, k, mask, causal, scale)
+
+    def _sdpa_figures(self, name: str, q: object, k: object, mask: object, causal: bool, scale: float | None) -> None:
         if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4):
             return
         allowed = additive = None
@@ -183,6 +190,11 @@ class Signals:
     def _root_post(self, m: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if not self._on():
             return
+        with FunctionModesLeft():
+            self._logits(output)
+
+    def _logits(self, output: object) -> None:
+        """The output logits' mean log-sum-exp over a sample of rows, and a hook for their gradient's figure."""
         t = getattr(output, "logits", None)
         if not isinstance(t, torch.Tensor):
             t = first_float_tensor((output,))

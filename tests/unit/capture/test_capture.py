@@ -122,35 +122,3 @@ def test_buffer_unscales_gradients_by_the_step_scale_and_rolls_back():
     buf.rollback(mark)
     assert len(buf.entries) == 1 and buf.sizes[g.device] == width
 
-
-class _Seen(torch.overrides.TorchFunctionMode):
-    """A user's torch function mode: the names of the functions called under it, in order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.names.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
-
-
-def test_a_user_function_mode_sees_the_models_calls_not_the_captures():
-    """The capture's reads of a recorded output (its dtype, version, statistics, gradient hook) run with the torch
-    function modes in effect taken off, and put back after: a user's mode sees the model's own calls, as unwatched,
-    and stays on the stack."""
-    import torchdiag
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    x = torch.randn(3, 8)
-    with _Seen() as plain:
-        model(x)
-    with torchdiag.watch(model, every=1, warnings=False, output_logits_rule=False) as diag:
-        with _Seen() as watched:
-            out = model(x)
-            assert torch._C._len_torch_function_stack() == 1
-        out.sum().backward()
-        report = diag.step()
-    assert watched.names == plain.names and plain.names
-    assert report["2"].act_rms == pytest.approx(out.detach().square().mean().sqrt().item(), rel=1e-5)

@@ -169,6 +169,21 @@ def test_the_wrapper_of_a_compiled_model_keeps_the_forward_hook_on_at_steps_not_
     assert hooked == [True, False]
 
 
+def test_a_compiled_module_that_is_not_watched_does_not_keep_the_forward_hook_on():
+    from torch.nn.modules import module as module_mod
+
+    model, helper = _net(), torch.compile(nn.Linear(4, 4), backend=BACKEND)
+    before = set(module_mod._global_forward_hooks)
+    x = torch.randn(8, 16)
+    hooked = []
+    with torchdiag.watch(model, every=3, warnings=False) as diag:
+        for _ in range(4):
+            hooked.append(bool(set(module_mod._global_forward_hooks) - before))
+            helper(model(x)).square().mean().backward()  # (a compiled head the watch does not hold)
+            diag.step()
+    assert hooked == [True, False, False, True]
+
+
 @pytest.mark.parametrize("summed", [False, True], ids=["backward-each", "one-backward"])
 def test_microbatches_and_a_shared_module_merge_like_eager(summed):
     shared = nn.Linear(8, 8)

@@ -67,3 +67,24 @@ def test_a_pinned_forward_hook_stays_on_quiet_steps(calls):
     seen.clear()
     model(torch.randn(2, 4))
     assert seen.count("pre") == seen.count("post") == 1
+
+
+def test_the_forward_hook_goes_back_to_its_place_among_the_other_global_hooks():
+    """A user's process-wide forward hook that replaces an output must run after torchdiag's on every recorded step
+    alike: the forward hook goes back after the hooks that stood before it, before the ones registered since."""
+    table = module_mod._global_forward_hooks
+    first = module_mod.register_module_forward_hook(lambda m, a, o: None)
+    GlobalHooks.set_capture(lambda m, a: None, lambda m, a, o: None)
+    try:
+        (ours,) = _ours()
+        after = module_mod.register_module_forward_hook(lambda m, a, o: None)
+        GlobalHooks.set_quiet(True)
+        later = module_mod.register_module_forward_hook(lambda m, a, o: None)
+        assert list(table)[-3:] == [first.id, after.id, later.id]
+        GlobalHooks.set_quiet(False)
+        assert list(table)[-4:] == [first.id, ours, after.id, later.id]
+    finally:
+        GlobalHooks.clear_capture()
+        for h in (first, after, later):
+            h.remove()
+    assert not GlobalHooks.installed()

@@ -93,3 +93,65 @@ def test_a_compiled_watched_model_with_attention_has_no_graph_break():
     assert sum(dynamo.utils.counters["graph_break"].values()) == 0, dict(dynamo.utils.counters["graph_break"])
     assert len(rep.layers) > 3
     dynamo.reset()
+
+
+class _Seen(torch.overrides.TorchFunctionMode):
+    """A user's torch function mode: the names of the functions called under it, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_user_function_mode_sees_the_models_calls_not_torchdiags():
+    """torchdiag's work in the forward's hooks (the capture's reads of each output, the attention figures of the
+    SDPA call, the output's log Z) runs with the torch function modes in effect taken off, and put back after: a
+    user's mode sees the model's own calls, as unwatched, and stays on the stack."""
+    model = _model()
+    x = torch.randn(2, 8, 16)
+    with _Seen() as plain:
+        model(x)
+    with torchdiag.watch(model, every=1, warnings=False) as diag:
+        with _Seen() as watched:
+            out = model(x)
+            assert torch._C._len_torch_function_stack() == 1
+        F.cross_entropy(out.reshape(-1, 4), torch.arange(16) % 4).backward()  # (a softmax output: its log Z)
+        report = diag.step()
+    assert watched.names == plain.names and "scaled_dot_product_attention" in plain.names
+    assert report.layers[1].attention_logit_max is not None
+    logits = out.detach().reshape(-1, 4).double()
+    assert report["2"].output_logz == pytest.approx(torch.logsumexp(logits, -1).mean().item(), rel=1e-5)
+    assert report["2"].act_rms == pytest.approx(logits.square().mean().sqrt().item(), rel=1e-5)
+
+
+def test_a_watched_model_run_inside_another_watched_forward_keeps_the_attention_callbacks_paired():
+    """B's auto-step, inside A's attention forward, starts and ends steps no watch records: the attention module's
+    post-callback runs exactly where its pre-callback did, so nothing is left on the attention stack."""
+    from torchdiag._signals._attention import SDPA
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    class CallingAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return inner(self.q(x))  # another watched model, inside this forward
+
+    outer = nn.Sequential(CallingAttention(), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    left = []
+    with torchdiag.watch(outer, every=1000, warnings=False) as diag, \
+            torchdiag.watch(inner, every=3, warnings=False) as inner_diag:
+        for _ in range(8):
+            outer(x).square().mean().backward()
+            diag.step()
+            left.append(len(getattr(SDPA.local, "stack", [])))
+        assert inner_diag.report().step == 6  # (the inner model's own steps go on: 0, 3, 6 recorded)
+    assert left == [0] * 8
