@@ -3,12 +3,13 @@
     python benchmarks/plain_step.py [--workload tiny|llama|gpt2|resnet|mlp|cnn|transformer] [--rounds 30]
                                     [--steps 20] [--small] [--quick]
 
-Each round times ``--steps`` training steps (AdamW) of the same model four ways, in an order that rotates between
-rounds: unwatched;
-inside a watch that records none of them (``every`` larger than the run, its step 0 and the step after it left
-out of the timing); under an empty process-wide forward pre-hook and forward hook (PyTorch's own cost of such a
-pair: its slow call path at every module call); under an empty pre-hook alone. Each figure is the median over
-rounds of the round's mean step minus the unwatched one of the same round, so drift between rounds cancels.
+Each round times ``--steps`` training steps (AdamW, ``overhead.train_step``) of the same model four ways, in an
+order that rotates between rounds: unwatched; inside a watch that records none of them (``every`` larger than
+the run, its step 0 left out of the timing); under an empty process-wide forward pre-hook and forward hook
+(PyTorch's own cost of such a pair: its slow call path at every module call); under an empty pre-hook alone. Each
+figure is the median over rounds of the round's mean step minus the unwatched one of the same round, so drift
+between rounds cancels.
+
 ``--small``: the workload at ``budget.py --quick``'s sizes (a 2-layer Llama with 16 tokens: a short step, where
 this method reads to a few µs; on a 90 ms step it reads to about ±1 ms). ``budget.py --parts`` gives the same part
 of a whole run, with more noise on large steps.
@@ -20,7 +21,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -29,17 +29,13 @@ from torch.nn.modules import module as module_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchdiag  # noqa: E402
-from benchmarks import budget  # noqa: E402
+from benchmarks import budget, overhead  # noqa: E402
 
 
-def _steps(model, loss_fn, opt, n: int) -> float:
-    """The mean time of ``n`` training steps (seconds)."""
-    start = time.perf_counter()
-    for _ in range(n):
-        loss_fn(model).backward()
-        opt.step()
-        opt.zero_grad()
-    return (time.perf_counter() - start) / n
+def _steps(model, loss_fn, opt, n: int, mon=None) -> float:
+    """The mean time of ``n`` training steps (``overhead.train_step``, the monitor's ``step()`` included), seconds."""
+    mon = overhead.NoMonitor() if mon is None else mon
+    return sum(overhead.train_step(model, opt, mon, loss_fn) for _ in range(n)) / n
 
 
 def measure(name: str, rounds: int, steps: int, quick: bool) -> dict[str, float]:
@@ -53,9 +49,9 @@ def measure(name: str, rounds: int, steps: int, quick: bool) -> dict[str, float]
         return _steps(model, loss_fn, opt, steps)
 
     def watch() -> float:
-        with torchdiag.watch(model, logdir=logdir, every=10**9):
-            _steps(model, loss_fn, opt, 2)  # (step 0, recorded, and the step that ends it)
-            return _steps(model, loss_fn, opt, steps)
+        with torchdiag.watch(model, logdir=logdir, every=10**9) as diag:
+            _steps(model, loss_fn, opt, 1, diag)  # (step 0, recorded)
+            return _steps(model, loss_fn, opt, steps, diag)
 
     def hooks(post: bool) -> float:
         handles = [module_mod.register_module_forward_pre_hook(lambda m, a: None)]

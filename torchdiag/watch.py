@@ -66,7 +66,6 @@ class _CollectionPaused:
             gc.enable()
 
 
-
 class Watcher:
     """Records per-layer statistics of a model while the user's loop runs. Use via ``watch``."""
 

@@ -121,4 +121,3 @@ def test_buffer_unscales_gradients_by_the_step_scale_and_rolls_back():
     assert step.moments[(0, Row.GRAD)].std == pytest.approx(g.std(correction=0).item(), rel=1e-5)
     buf.rollback(mark)
     assert len(buf.entries) == 1 and buf.sizes[g.device] == width
-
