@@ -87,31 +87,53 @@ def test_hooks_and_references_gone_after_exit_and_after_exception():
     assert diag.report().layers  # the report outlives the model
 
 
-def test_a_step_no_watch_records_runs_under_the_pre_hook_alone():
-    """The forward hook costs every module call; on a step that is not recorded only the pre-hook (which sees the
-    forward that ends a step) is installed. A recorded step gets the forward hook back under the id it had, and
-    its statistics are the layers' own."""
+def _ours(table: dict) -> set[int]:
+    """The ids of torchdiag's hooks in one of PyTorch's process-wide hook tables."""
+    return {i for i, h in table.items() if getattr(h, "__module__", "").startswith("torchdiag")}
+
+
+def test_a_step_no_watch_records_runs_no_hook_where_steps_end_at_step():
+    """The hooks cost every module call. Steps that end at ``diag.step()`` need no hook at the root's forward, so a
+    step that is not recorded runs with neither of torchdiag's hooks; a recorded step gets both back under the ids
+    they had, and its statistics are the layers' own."""
     torch.manual_seed(0)
     model = small_net()
     model[2].p = 0.0  # (the same output whatever the step)
-    before = set(module_mod._global_forward_hooks)
     x = torch.randn(8, 16)
-    present, reports, outputs = [], [], []
+    pre, post, reports, outputs = [], [], [], []
     with torchdiag.watch(model, every=3, warnings=False) as diag:
         for _ in range(7):
-            present.append(set(module_mod._global_forward_hooks) - before)
+            pre.append(_ours(module_mod._global_forward_pre_hooks))
+            post.append(_ours(module_mod._global_forward_hooks))
             out = model(x)
             outputs.append(out.detach().clone())
             out.square().mean().backward()
             reports.append(diag.step())
-    assert [bool(ids) for ids in present] == [True, False, False, True, False, False, True]
-    assert present[0] == present[3] == present[6] and len(present[0]) == 1  # one hook, one id
-    assert set(module_mod._global_forward_hooks) == before
+    recorded = [True, False, False, True, False, False, True]
+    assert [bool(ids) for ids in post] == [bool(ids) for ids in pre] == recorded
+    for ids in (pre, post):
+        assert ids[0] == ids[3] == ids[6] and len(ids[0]) == 1  # one hook each, under one id
+    assert not _ours(module_mod._global_forward_hooks) and not _ours(module_mod._global_forward_pre_hooks)
     for step in (0, 3, 6):
         rms = outputs[step].square().mean().sqrt().item()
         assert reports[step].step == step
         assert reports[step]["5"].act_std == pytest.approx(outputs[step].std(correction=0).item(), rel=1e-4)
         assert reports[step]["5"].act_rms == pytest.approx(rms, rel=1e-4)
+
+
+def test_steps_that_end_at_the_roots_forward_keep_the_pre_hook_on_every_step():
+    """Without ``step()`` calls a forward of the root ends the step (auto-step): the pre-hook that sees it stays on
+    the steps not recorded, alone, and every forward is counted."""
+    model = small_net()
+    x = torch.randn(8, 16)
+    pre = []
+    with torchdiag.watch(model, every=3, warnings=False) as diag:
+        for _ in range(7):
+            pre.append(bool(_ours(module_mod._global_forward_pre_hooks)))
+            model(x).square().mean().backward()
+        assert diag.step_count == 6
+    assert pre == [True] * 7
+    assert diag.report().step == 6 and diag.report()["0"].calls == 1
 
 
 def test_no_activation_kept_alive_after_its_hook():

@@ -48,7 +48,17 @@ def set_recording(cap: Capture, on: bool) -> None:
     gate = getattr(cap, "gate", None)
     if gate is not None:
         gate.on = on
-    GlobalHooks.set_quiet(not _RECORDING)  # a step no watch records: the pre-hook alone
+    # a step no watch records: the pre-hook alone, or no hook where no watch ends a step at its root's forward
+    GlobalHooks.set_quiet(not _RECORDING, silent=not _RECORDING and not _auto_steps())
+
+
+def _auto_steps() -> bool:
+    """Whether an open watch ends its steps at its root's forward (auto-step: no ``step()`` call so far)."""
+    for ref, _ in list(_ROOTS.values()):
+        cap = ref()
+        if cap is not None and cap.auto_step and not cap.closed:
+            return True
+    return False
 
 
 def _pre_hook(module: nn.Module, args: tuple) -> None:

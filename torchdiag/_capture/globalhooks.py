@@ -5,13 +5,17 @@ of torchdiag's needs them (a watch's capture, the signals, the NaN tripwire) and
 On a step no watch records (``quiet``) only the pre-hook stays: it sees the root's forward, which ends a step. The
 forward hook, which PyTorch calls with the kwargs and also when a forward raises, costs every module call more
 than the pre-hook; it is put back when a recorded step begins, under the id it had (``stable_id``) and at its place
-among the other process-wide forward hooks. The callbacks kept here run on recorded steps only, and in pairs: a
-module call's post-callbacks run where its pre-callbacks ran (``_Open``), and the forward hook comes off only once
-no such call is open (a watched model run inside another's forward can end a step there)."""
+among the other process-wide forward hooks. Where no watch ends its steps at the root's forward (each calls
+``step()`` or steps at ``opt.step()``) and nothing was compiled while the hooks were on, the pre-hook comes off too
+(``silent``): such a step runs PyTorch's own call path, with no hook at all (a compile that starts then puts the
+pre-hook back for good: ``compiling``). The callbacks kept here run on recorded steps only, and in pairs: a module
+call's post-callbacks run where its pre-callbacks ran (``_Open``), and the forward hook comes off only once no such
+call is open (a watched model run inside another's forward can end a step there)."""
 
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -62,38 +66,50 @@ class GlobalHooks:
     capture: tuple[Callable[..., None], Callable[..., Any]] | None = None
     # no watch records the step in progress: the callbacks do not run, and the forward hook is off (``set_quiet``)
     quiet = False
+    # a quiet step on which the pre-hook is off too: no watch ends a step at its root's forward (``set_quiet``)
+    silent = False
     # a watched model ran through torch.compile(model)'s wrapper: the forward hook stays on at every step (it sees
     # the wrapper's exit), until the hooks are removed
     pinned = False
-    # the process-wide forward hooks that stood before torchdiag's when it came off: it goes back after them
-    _before: frozenset[int] | None = None
+    # Dynamo compiled something while the hooks were installed: the pre-hook stays on at every step. A graph traced
+    # through it guards on what it read (whether the step is recorded) and is traced again when that changes; one
+    # traced with no hook at all has no such guard and would run on recorded steps unrecorded
+    traced = False
+    active = False  # the hooks are wanted (``installed``), whichever of them a quiet step leaves on
+    # the process-wide hooks that stood before torchdiag's when it came off, by "pre"/"post": it goes back after them
+    _before: dict[str, frozenset[int]] = {}
+    _compile_callback: Any = None  # Dynamo's compile-start callback, registered while the hooks are wanted
 
     @classmethod
     def _install(cls) -> None:
-        if cls.pre_handle is None:
+        cls.active = True
+        if cls.pre_handle is None and not cls.silent:
             handle = nn.modules.module.register_module_forward_pre_hook(_global_pre)
             cls.pre_handle = stable_id("torchdiag.pre", handle)
+            _put_back(_nn_module._global_forward_pre_hooks, cls.pre_handle.id, cls._before.pop("pre", None))
         if cls.post_handle is None and not cls.quiet:
             handle = nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True, always_call=True)
             cls.post_handle = stable_id("torchdiag.post", handle)
-            if cls._before is not None:
-                _put_back(_nn_module._global_forward_hooks, cls.post_handle.id, cls._before)
-                cls._before = None
+            _put_back(_nn_module._global_forward_hooks, cls.post_handle.id, cls._before.pop("post", None))
 
     @classmethod
-    def _remove_post(cls) -> None:
-        handle, cls.post_handle = cls.post_handle, None
+    def _take_off(cls, which: str) -> None:
+        """Remove the pre-hook or the forward hook (``which``: "pre" or "post"), noting its place."""
+        name = which + "_handle"
+        handle = getattr(cls, name)
         if handle is not None:
-            table = _nn_module._global_forward_hooks
-            cls._before = frozenset(itertools.takewhile(lambda k: k != handle.id, table))
+            setattr(cls, name, None)
+            table = _nn_module._global_forward_pre_hooks if which == "pre" else _nn_module._global_forward_hooks
+            cls._before[which] = frozenset(itertools.takewhile(lambda k: k != handle.id, table))
             handle.remove()
 
     @classmethod
     def _release(cls) -> None:
         if not cls.pre and not cls.post and cls.capture is None:
-            cls.quiet = cls.pinned = False
-            cls._before = None
+            cls.quiet = cls.silent = cls.pinned = cls.traced = cls.active = False
+            cls._before = {}
             _Open.calls().clear()
+            _watch_compiles(False)
             for name in ("post_handle", "pre_handle"):
                 handle = getattr(cls, name)
                 if handle is not None:
@@ -112,16 +128,20 @@ class GlobalHooks:
         cls._release()
 
     @classmethod
-    def set_quiet(cls, quiet: bool) -> None:
+    def set_quiet(cls, quiet: bool, silent: bool = False) -> None:
         """No watch records the step that begins (``quiet``): the callbacks stop and the forward hook comes off
         (once no module call whose callbacks ran is open) until a watch records again. Never once a watched model
-        ran through torch.compile(model)'s wrapper (``pin``)."""
+        ran through torch.compile(model)'s wrapper (``pin``). ``silent``: no watch needs to see its root's forward
+        either (none ends its steps there): the pre-hook comes off too, unless Dynamo compiled something while the
+        hooks were on (``traced``)."""
         cls.quiet = quiet = quiet and not cls.pinned and cls.capture is not None
-        if quiet:
-            if not _Open.calls():  # (else at the end of the last open call: ``_global_post``)
-                cls._remove_post()
-        elif cls.pre_handle is not None:
-            cls._install()
+        cls.silent = quiet and silent and not cls.traced and _watch_compiles(True)
+        if quiet and not _Open.calls():  # (else at the end of the last open call: ``_global_post``)
+            cls._take_off("post")
+        if cls.silent:
+            cls._take_off("pre")
+        if cls.active:
+            cls._install()  # (what this step has on and is not installed)
 
     @classmethod
     def pin(cls) -> None:
@@ -132,7 +152,18 @@ class GlobalHooks:
 
     @classmethod
     def installed(cls) -> bool:
-        return cls.pre_handle is not None
+        """Whether torchdiag's hooks are in use (a silent step has neither on: ``set_quiet``)."""
+        return cls.active
+
+    @classmethod
+    def compiling(cls) -> None:
+        """Dynamo starts to compile (its compile-start callback, registered while the hooks are wanted): from now on
+        the pre-hook stays on, and it is put back at once if this step is silent, so that the graph traced now
+        reads it."""
+        cls.traced = True
+        if cls.silent:
+            cls.silent = False
+            cls._install()
 
     @classmethod
     def add(cls, module: nn.Module, pre: Callable[..., None] | None = None,
@@ -200,7 +231,7 @@ def _global_post(module: nn.Module, args: tuple, *rest: Any) -> Any:
         for fn in list(fns):
             _guarded(fn, module, args, kwargs, output)
     if GlobalHooks.quiet and not _Open.calls():  # a quiet step began inside this call: its forward hook off now
-        GlobalHooks._remove_post()
+        GlobalHooks._take_off("post")
     return result
 
 
@@ -228,10 +259,40 @@ class _Open:
         return False
 
 
-def _put_back(table: dict[int, Any], key: int, before: frozenset[int]) -> None:
+def _watch_compiles(on: bool) -> bool:
+    """Have Dynamo tell ``GlobalHooks`` when it starts to compile (``on``), or stop. True where it will: Dynamo is
+    not loaded (``torch.compile`` loads it: it is looked for again at the next step), or it has compile-start
+    callbacks (PyTorch 2.5+; ``torch.compiler.reset()`` clears them: registered again here). Without them the
+    pre-hook stays on."""
+    dynamo = sys.modules.get("torch._dynamo")
+    handler = getattr(sys.modules.get("torch._dynamo.callback"), "callback_handler", None)
+    callbacks = getattr(handler, "start_callbacks", None)
+    cb = GlobalHooks._compile_callback
+    if not on:
+        GlobalHooks._compile_callback = None
+        if cb is not None and isinstance(callbacks, list) and cb in callbacks:
+            callbacks.remove(cb)
+        return False
+    if dynamo is None:
+        return True
+    register = getattr(handler, "register_start_callback", None)
+    if not isinstance(callbacks, list) or not callable(register):
+        return False
+    if cb is None or cb not in callbacks:
+        GlobalHooks._compile_callback = register(_compile_started)
+    return True
+
+
+def _compile_started(args: Any) -> None:
+    GlobalHooks.compiling()
+
+
+def _put_back(table: dict[int, Any], key: int, before: frozenset[int] | None) -> None:
     """Move ``key`` (last in ``table``) to just after the last of the keys ``before`` still there: the place it had
-    among the other process-wide forward hooks, so that a user's hook that replaces an output runs after it on every
-    recorded step alike. The table is rebuilt in place (PyTorch and Dynamo hold it)."""
+    among the other process-wide hooks, so that a user's hook that replaces an output (or an input) runs after it on
+    every recorded step alike. The table is rebuilt in place (PyTorch and Dynamo hold it)."""
+    if before is None:
+        return
     items = [(k, v) for k, v in table.items() if k != key]
     at = max((i + 1 for i, (k, _) in enumerate(items) if k in before), default=0)
     if at == len(items):

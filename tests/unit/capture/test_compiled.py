@@ -169,6 +169,37 @@ def test_the_wrapper_of_a_compiled_model_keeps_the_forward_hook_on_at_steps_not_
     assert hooked == [True, False]
 
 
+@pytest.mark.parametrize("how", ["wrapper", "in place"])
+def test_a_model_first_compiled_on_a_step_run_without_hooks_is_recorded_after_it(how):
+    """Steps that end at diag.step() and are not recorded run without torchdiag's hooks. A model compiled for the
+    first time on such a step (torch.compile(model) or model.compile() mid-run) puts the pre-hook back before Dynamo
+    traces it, so its graph reads whether a step is recorded: the recorded steps after it equal eager ones."""
+    model, eager = _net(), _net()
+    x = torch.randn(8, 16)
+    run: nn.Module = model
+    reports, expected = [], []
+    with torchdiag.watch(model, every=3, warnings=False) as diag, \
+            torchdiag.watch(eager, every=3, warnings=False) as eager_diag:
+        for i in range(7):
+            if i == 1:  # (a silent step: steps end at step(), this one is not recorded)
+                if how == "wrapper":
+                    run = torch.compile(model, backend=BACKEND)
+                else:
+                    model.compile(backend=BACKEND)
+            run(x).square().mean().backward()
+            eager(x).square().mean().backward()
+            reports.append(diag.step())
+            expected.append(eager_diag.step())
+    assert [r is not None for r in reports] == [i % 3 == 0 for i in range(7)]
+    for got, want in zip(reports[3:], expected[3:]):
+        if want is not None:
+            assert len(got.layers) == 5
+            assert [layer.act_rms for layer in got.layers] == pytest.approx([layer.act_rms for layer in want.layers],
+                                                                            rel=1e-5)
+            assert [layer.grad_std for layer in got.layers] == pytest.approx(
+                [layer.grad_std for layer in want.layers], rel=1e-5)
+
+
 def test_a_compiled_module_that_is_not_watched_does_not_keep_the_forward_hook_on():
     from torch.nn.modules import module as module_mod
 

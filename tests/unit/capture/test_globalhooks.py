@@ -88,3 +88,60 @@ def test_the_forward_hook_goes_back_to_its_place_among_the_other_global_hooks():
         for h in (first, after, later):
             h.remove()
     assert not GlobalHooks.installed()
+
+
+def _ours_pre() -> set[int]:
+    hooks = module_mod._global_forward_pre_hooks.items()
+    return {i for i, h in hooks if getattr(h, "__module__", "").startswith("torchdiag")}
+
+
+def test_a_silent_step_runs_no_hook_and_both_go_back_to_their_places():
+    """No watch ends a step at its root's forward: a quiet step is silent, with neither hook on. The next recorded
+    step gets both back under their ids, each after the user's hooks that stood before it."""
+    table = module_mod._global_forward_pre_hooks
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    seen: list[str] = []
+    first = module_mod.register_module_forward_pre_hook(lambda m, a: None)
+    GlobalHooks.set_capture(lambda m, a: seen.append("capture pre"), lambda m, a, o: seen.append("capture post"))
+    try:
+        (pre_id,), post_ids = _ours_pre(), _ours()
+        after = module_mod.register_module_forward_pre_hook(lambda m, a: None)
+        GlobalHooks.set_quiet(True, silent=True)
+        assert GlobalHooks.silent and not _ours_pre() and not _ours() and GlobalHooks.installed()
+        model(torch.randn(2, 4))
+        assert seen == []
+        later = module_mod.register_module_forward_pre_hook(lambda m, a: None)
+        GlobalHooks.set_quiet(False)
+        assert list(table)[-4:] == [first.id, pre_id, after.id, later.id] and _ours() == post_ids
+        model(torch.randn(2, 4))
+        assert seen.count("capture pre") == seen.count("capture post") == 3
+    finally:
+        GlobalHooks.clear_capture()
+        for h in (first, after, later):
+            h.remove()
+    assert not GlobalHooks.installed() and not GlobalHooks.silent
+
+
+def test_a_compile_on_a_silent_step_puts_the_pre_hook_back_for_good():
+    """A graph Dynamo traces with no hook at all has no guard on the step being recorded, and would run unrecorded on
+    recorded steps: a compile that starts on a silent step puts the pre-hook back before it traces, and from then
+    on quiet steps keep it."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    if not hasattr(getattr(dynamo, "callback", None), "callback_handler"):
+        pytest.skip("this PyTorch has no compile-start callbacks: the pre-hook is never taken off")
+    pres: list[int] = []
+    GlobalHooks.set_capture(lambda m, a: pres.append(1), lambda m, a, o: None)
+    try:
+        GlobalHooks.set_quiet(True, silent=True)
+        dynamo.reset()  # (torch.compiler.reset() between two steps clears Dynamo's callbacks: the next step's again)
+        GlobalHooks.set_quiet(True, silent=True)
+        assert not _ours_pre()
+        torch.compile(nn.Linear(4, 4), backend="eager")(torch.randn(2, 4))
+        assert _ours_pre() and GlobalHooks.traced and not GlobalHooks.silent
+        GlobalHooks.set_quiet(True, silent=True)
+        assert _ours_pre() and not _ours()  # quiet (the forward hook off), not silent
+    finally:
+        GlobalHooks.clear_capture()
+        dynamo.reset()
+    assert not GlobalHooks.installed() and not GlobalHooks.traced
+    assert GlobalHooks._compile_callback is None
