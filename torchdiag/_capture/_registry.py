@@ -30,6 +30,8 @@ _REGISTRY: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakr
 _ROOTS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]] = weakref.WeakKeyDictionary()
 # id() of the captures whose current step is recorded: on other steps the forward hook returns at once
 _RECORDING: set[int] = set()
+# the captures with a root (weak references): whether any ends its steps at its root's forward is asked at each step
+_ROOTED: list[weakref.ref] = []
 
 
 # id(module) -> the finalizer that forgets its compiled plan if it is garbage-collected while watched
@@ -53,12 +55,12 @@ def set_recording(cap: Capture, on: bool) -> None:
 
 
 def _auto_steps() -> bool:
-    """Whether an open watch ends its steps at its root's forward (auto-step: no ``step()`` call so far)."""
-    for ref, _ in list(_ROOTS.values()):
-        cap = ref()
-        if cap is not None and cap.auto_step and not cap.closed:
-            return True
-    return False
+    """Whether an open watch ends its steps at its root's forward (auto-step: no ``step()`` call so far). Closed or
+    collected captures leave the list here."""
+    caps = [cap for ref in _ROOTED if (cap := ref()) is not None and not cap.closed]
+    if len(caps) != len(_ROOTED):
+        _ROOTED[:] = [weakref.ref(cap) for cap in caps]
+    return any(cap.auto_step for cap in caps)
 
 
 def _pre_hook(module: nn.Module, args: tuple) -> None:
@@ -120,6 +122,8 @@ def attach(cap: Capture, modules: list[nn.Module], roots: Sequence[int] = ()) ->
         _REGISTRY[m] = (ref, i)
     for i in roots:
         _ROOTS[modules[i]] = (ref, i)
+    if roots:
+        _ROOTED.append(ref)
     ids = tuple(id(m) for m in modules)
     gate = cap.gate = compiled.new_gate(ids, cap.slots, _device_of(modules), cap.record_eval)
     if gate.key not in _GATE_FINALIZERS and modules:  # a new gate: it goes with the model

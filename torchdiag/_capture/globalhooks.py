@@ -135,7 +135,10 @@ class GlobalHooks:
         either (none ends its steps there): the pre-hook comes off too, unless Dynamo compiled something while the
         hooks were on (``traced``)."""
         cls.quiet = quiet = quiet and not cls.pinned and cls.capture is not None
-        cls.silent = quiet and silent and not cls.traced and _watch_compiles(True)
+        cls.silent = silent = quiet and silent and not cls.traced and _watch_compiles(True)
+        off = not cls.active
+        if (cls.pre_handle is None) is (silent or off) and (cls.post_handle is None) is (quiet or off):
+            return  # (each hook already as this step wants it: the step after a step alike)
         if quiet and not _Open.calls():  # (else at the end of the last open call: ``_global_post``)
             cls._take_off("post")
         if cls.silent:
