@@ -35,6 +35,16 @@ __all__ = ["Capture", "attach", "detach", "first_float_tensor", "forget", "globa
 
 # ------------------------------------------------------------------ what the hooks do
 _HIST_KINDS = (Row.ACT, Row.GRAD)
+# how many forks lie between this process and the first one that imported torchdiag (``os.register_at_fork``): a
+# capture made in one process is foreign in its forked children, told without a system call at each read
+_FORKS = [0]
+
+
+def _forked() -> None:
+    _FORKS[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _grad_hook(cap_ref: weakref.ref, slot: int, kind: int, generation: int, grad: torch.Tensor) -> None:
@@ -62,7 +72,7 @@ class Capture:
         self._recording = True
         # the process that entered the watch: in a forked child (a DataLoader worker running the watched model)
         # the watch records nothing, and nothing of it ends a step or writes (its writer's thread is not there)
-        self.pid = os.getpid()
+        self._forks = _FORKS[0]
         self.histogram_step = False
         self.auto_step = True
         self.closed = False
@@ -92,7 +102,7 @@ class Capture:
     def recording(self) -> bool:
         """Whether the current step is recorded (set by the recorder); never in a process forked from the one that
         entered the watch."""
-        return self._recording and os.getpid() == self.pid
+        return self._recording and _FORKS[0] == self._forks
 
     @recording.setter
     def recording(self, on: bool) -> None:
@@ -101,7 +111,7 @@ class Capture:
     @property
     def foreign(self) -> bool:
         """Running in another process than the one that entered the watch (a forked child)."""
-        return os.getpid() != self.pid
+        return _FORKS[0] != self._forks
 
     # ----------------------------------------------------------------- module hooks
     def on_wrapper(self, slot: int, module: nn.Module, entering: bool) -> None:
