@@ -324,7 +324,7 @@ def batches(case: Case):
 
 
 def run(case: Case) -> RunResult:
-    """Train ``case`` under ``torchdiag.watch`` (every step recorded: the default ``every: 1``), loss given to
+    """Train ``case`` under ``torchdiag.watch`` (the default cadence: the time budget), loss given to
     ``step(loss=)``; collect the loss per step, the DiagnosticWarnings (the loop step each arrived at) and the
     run's findings."""
     torch.set_num_threads(1)
