@@ -29,6 +29,9 @@ from .runtime import is_compiling, tracing
 
 # the id each of torchdiag's process-wide hooks had when first registered, by name
 _IDS: dict[str, int] = {}
+# held while the hooks' state changes: Dynamo's compile-start callback (``GlobalHooks.compiling``) runs on whichever
+# thread compiles
+_LOCK = threading.RLock()
 
 
 def stable_id(name: str, handle: Any) -> Any:
@@ -71,9 +74,9 @@ class GlobalHooks:
     # a watched model ran through torch.compile(model)'s wrapper: the forward hook stays on at every step (it sees
     # the wrapper's exit), until the hooks are removed
     pinned = False
-    # Dynamo compiled something while the hooks were installed: the pre-hook stays on at every step. A graph traced
-    # through it guards on what it read (whether the step is recorded) and is traced again when that changes; one
-    # traced with no hook at all has no such guard and would run on recorded steps unrecorded
+    # Dynamo started a compile while a watch was open (its compile-start callback): the pre-hook stays on at every
+    # step. A graph traced through it guards on what it read (whether the step is recorded) and is traced again when
+    # that changes; one traced with no hook at all has no such guard and would run on recorded steps unrecorded
     traced = False
     active = False  # the hooks are wanted (``installed``), whichever of them a quiet step leaves on
     # the process-wide hooks that stood before torchdiag's when it came off, by "pre"/"post": it goes back after them
@@ -82,6 +85,11 @@ class GlobalHooks:
 
     @classmethod
     def _install(cls) -> None:
+        with _LOCK:
+            cls._install_now()
+
+    @classmethod
+    def _install_now(cls) -> None:
         cls.active = True
         if cls.pre_handle is None and not cls.silent:
             handle = nn.modules.module.register_module_forward_pre_hook(_global_pre)
@@ -96,16 +104,19 @@ class GlobalHooks:
     def _take_off(cls, which: str) -> None:
         """Remove the pre-hook or the forward hook (``which``: "pre" or "post"), noting its place."""
         name = which + "_handle"
-        handle = getattr(cls, name)
-        if handle is not None:
-            setattr(cls, name, None)
-            table = _nn_module._global_forward_pre_hooks if which == "pre" else _nn_module._global_forward_hooks
-            cls._before[which] = frozenset(itertools.takewhile(lambda k: k != handle.id, table))
-            handle.remove()
+        with _LOCK:
+            handle = getattr(cls, name)
+            if handle is not None:
+                setattr(cls, name, None)
+                table = _nn_module._global_forward_pre_hooks if which == "pre" else _nn_module._global_forward_hooks
+                cls._before[which] = frozenset(itertools.takewhile(lambda k: k != handle.id, table))
+                handle.remove()
 
     @classmethod
     def _release(cls) -> None:
-        if not cls.pre and not cls.post and cls.capture is None:
+        with _LOCK:
+            if cls.pre or cls.post or cls.capture is not None:
+                return
             cls.quiet = cls.silent = cls.pinned = cls.traced = cls.active = False
             cls._before = {}
             _Open.calls().clear()
@@ -134,17 +145,18 @@ class GlobalHooks:
         ran through torch.compile(model)'s wrapper (``pin``). ``silent``: no watch needs to see its root's forward
         either (none ends its steps there): the pre-hook comes off too, unless Dynamo compiled something while the
         hooks were on (``traced``)."""
-        cls.quiet = quiet = quiet and not cls.pinned and cls.capture is not None
-        cls.silent = silent = quiet and silent and not cls.traced and _watch_compiles(True)
-        off = not cls.active
-        if (cls.pre_handle is None) is (silent or off) and (cls.post_handle is None) is (quiet or off):
-            return  # (each hook already as this step wants it: the step after a step alike)
-        if quiet and not _Open.calls():  # (else at the end of the last open call: ``_global_post``)
-            cls._take_off("post")
-        if cls.silent:
-            cls._take_off("pre")
-        if cls.active:
-            cls._install()  # (what this step has on and is not installed)
+        with _LOCK:
+            cls.quiet = quiet = quiet and not cls.pinned and cls.capture is not None
+            cls.silent = silent = quiet and silent and not cls.traced and _watch_compiles(True)
+            off = not cls.active
+            if (cls.pre_handle is None) is (silent or off) and (cls.post_handle is None) is (quiet or off):
+                return  # (each hook already as this step wants it: the step after a step alike)
+            if quiet and not _Open.calls():  # (else at the end of the last open call: ``_global_post``)
+                cls._take_off("post")
+            if silent:
+                cls._take_off("pre")
+            if cls.active:
+                cls._install_now()  # (what this step has on and is not installed)
 
     @classmethod
     def pin(cls) -> None:
@@ -155,18 +167,19 @@ class GlobalHooks:
 
     @classmethod
     def installed(cls) -> bool:
-        """Whether torchdiag's hooks are in use (a silent step has neither on: ``set_quiet``)."""
+        """Whether torchdiag's hooks are wanted (a silent step has neither installed: ``set_quiet``)."""
         return cls.active
 
     @classmethod
     def compiling(cls) -> None:
         """Dynamo starts to compile (its compile-start callback, registered while the hooks are wanted): from now on
         the pre-hook stays on, and it is put back at once if this step is silent, so that the graph traced now
-        reads it."""
-        cls.traced = True
-        if cls.silent:
-            cls.silent = False
-            cls._install()
+        reads it. (Called on whichever thread compiles.)"""
+        with _LOCK:
+            cls.traced = True
+            if cls.silent:
+                cls.silent = False
+                cls._install_now()
 
     @classmethod
     def add(cls, module: nn.Module, pre: Callable[..., None] | None = None,
@@ -264,9 +277,9 @@ class _Open:
 
 def _watch_compiles(on: bool) -> bool:
     """Have Dynamo tell ``GlobalHooks`` when it starts to compile (``on``), or stop. True where it will: Dynamo is
-    not loaded (``torch.compile`` loads it: it is looked for again at the next step), or it has compile-start
-    callbacks (PyTorch 2.5+; ``torch.compiler.reset()`` clears them: registered again here). Without them the
-    pre-hook stays on."""
+    loaded (constructing a ``torch.optim`` optimizer loads it) and has compile-start callbacks
+    (``torch.compiler.reset()`` clears them: registered again here, at the next step). Otherwise the pre-hook stays
+    on: a compile that loads Dynamo mid-step would trace the model with no hook and no callback to say so."""
     dynamo = sys.modules.get("torch._dynamo")
     handler = getattr(sys.modules.get("torch._dynamo.callback"), "callback_handler", None)
     callbacks = getattr(handler, "start_callbacks", None)
@@ -277,7 +290,7 @@ def _watch_compiles(on: bool) -> bool:
             callbacks.remove(cb)
         return False
     if dynamo is None:
-        return True
+        return False
     register = getattr(handler, "register_start_callback", None)
     if not isinstance(callbacks, list) or not callable(register):
         return False
@@ -286,7 +299,8 @@ def _watch_compiles(on: bool) -> bool:
     return True
 
 
-def _compile_started(args: Any) -> None:
+def _compile_started(*args: Any) -> None:
+    """Dynamo's compile-start callback (called with its arguments, or with none by older PyTorch)."""
     GlobalHooks.compiling()
 
 

@@ -195,7 +195,9 @@ class Recorder:
 
     def _check_compiled(self) -> None:
         """A recorded step in which the root ran but nothing was recorded or traced: its compiled code was traced
-        before this watch began (Dynamo does not guard on global hooks), so it runs without them. Said once."""
+        without the hooks (Dynamo does not guard on global hooks it did not see), so it runs without them: before
+        this watch began, or after ``torch.compiler.reset()`` (which clears Dynamo's compile-start callback that
+        puts the pre-hook back, ``globalhooks``) and a first call within one step no watch records. Said once."""
         cap = self.capture
         if not cap.recording or cap.order or self._traced() or getattr(self, "_said_stale", False):
             return
@@ -206,7 +208,8 @@ class Recorder:
             self._said_stale = True
             what = next((s.module_type for s in self.slots if s.is_root), "the model")
             self.notes.append(
-                f"{what} ran compiled code that torch.compile traced before this watch began: it is not recorded"
+                f"{what} ran compiled code that torch.compile traced without torchdiag's hooks (before this watch"
+                " began, or after torch.compiler.reset() within a step no watch recorded): it is not recorded"
                 " (Dynamo does not retrace a graph when hooks are added). Start the watch before the compiled"
                 " model's first call, or call torch.compiler.reset() after torchdiag.watch(...) to recompile it"
                 " (that recompiles every compiled model of the process)")

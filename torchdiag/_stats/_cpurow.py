@@ -166,9 +166,10 @@ def usable(x: torch.Tensor) -> bool:
     """Whether ``x`` goes through the kernel: a contiguous float32 CPU tensor, where it wins."""
     # a plain tensor (or parameter) with storage: a wrapper subclass (DTensor, a tensor subclass) or a ZeroTensor
     # has data_ptr 0
-    return (type(x) in _PLAIN and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-            and x.numel() > 0 and (x.numel() <= SERIAL_N or torch.get_num_threads() <= 2) and x.data_ptr() != 0
-            and _library() is not None)
+    if not (type(x) in _PLAIN and x.is_cpu and x.dtype == torch.float32 and x.is_contiguous()):
+        return False
+    n = x.numel()
+    return n > 0 and (n <= SERIAL_N or torch.get_num_threads() <= 2) and x.data_ptr() != 0 and _library() is not None
 
 
 def row_into(x: torch.Tensor, out_ptr: int, shift: bool, ratio: float,

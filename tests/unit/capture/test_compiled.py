@@ -169,35 +169,69 @@ def test_the_wrapper_of_a_compiled_model_keeps_the_forward_hook_on_at_steps_not_
     assert hooked == [True, False]
 
 
+# compiles ``how`` at step 1, a step not recorded (steps end at step(), so it runs without torchdiag's hooks), and
+# prints the act_rms of each recorded step's layers, compiled and eager
+_FIRST_COMPILED_MID_RUN = """
+import json, sys, warnings
+import torch
+from torch import nn
+import torchdiag
+warnings.filterwarnings("ignore")
+
+
+class Net(nn.Module):  # a class of the user's own: Dynamo compiles its forward (an nn.Sequential's is torch's)
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.relu(self.a(x)))))
+
+
+how, preload = sys.argv[1], sys.argv[2] == "1"
+if preload:
+    import torch._dynamo
+assert ("torch._dynamo" in sys.modules) == preload
+model, eager, x = Net(), Net(), torch.randn(8, 16)
+run, got = model, []
+with torchdiag.watch(model, every=3, warnings=False) as diag, torchdiag.watch(eager, every=3, warnings=False) as ed:
+    for i in range(7):
+        if i == 1:
+            if how == "wrapper":
+                run = torch.compile(model, backend="aot_eager")
+            else:
+                model.compile(backend="aot_eager")
+        run(x).square().mean().backward()
+        eager(x).square().mean().backward()
+        r, e = diag.step(), ed.step()
+        got.append(None if r is None else [[l.act_rms for l in r.layers], [l.act_rms for l in e.layers]])
+print(json.dumps(got))
+"""
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["dynamo-loaded-by-compile", "dynamo-loaded-before"])
 @pytest.mark.parametrize("how", ["wrapper", "in place"])
-def test_a_model_first_compiled_on_a_step_run_without_hooks_is_recorded_after_it(how):
+def test_a_model_first_compiled_on_a_step_run_without_hooks_is_recorded_after_it(how, preload):
     """Steps that end at diag.step() and are not recorded run without torchdiag's hooks. A model compiled for the
-    first time on such a step (torch.compile(model) or model.compile() mid-run) puts the pre-hook back before Dynamo
-    traces it, so its graph reads whether a step is recorded: the recorded steps after it equal eager ones."""
-    model, eager = _net(), _net()
-    x = torch.randn(8, 16)
-    run: nn.Module = model
-    reports, expected = [], []
-    with torchdiag.watch(model, every=3, warnings=False) as diag, \
-            torchdiag.watch(eager, every=3, warnings=False) as eager_diag:
-        for i in range(7):
-            if i == 1:  # (a silent step: steps end at step(), this one is not recorded)
-                if how == "wrapper":
-                    run = torch.compile(model, backend=BACKEND)
-                else:
-                    model.compile(backend=BACKEND)
-            run(x).square().mean().backward()
-            eager(x).square().mean().backward()
-            reports.append(diag.step())
-            expected.append(eager_diag.step())
-    assert [r is not None for r in reports] == [i % 3 == 0 for i in range(7)]
-    for got, want in zip(reports[3:], expected[3:]):
-        if want is not None:
-            assert len(got.layers) == 5
-            assert [layer.act_rms for layer in got.layers] == pytest.approx([layer.act_rms for layer in want.layers],
-                                                                            rel=1e-5)
-            assert [layer.grad_std for layer in got.layers] == pytest.approx(
-                [layer.grad_std for layer in want.layers], rel=1e-5)
+    first time on such a step (torch.compile(model) or model.compile() mid-run) is traced with the pre-hook on,
+    which reads whether a step is recorded: the recorded steps after it equal eager ones. In a fresh process, with
+    Dynamo loaded before the watch (its compile-start callback puts the pre-hook back) and without (no optimizer
+    has loaded it: the pre-hook stays on until Dynamo is loaded)."""
+    import json
+    import subprocess
+    import sys
+
+    args = ["wrapper" if how == "wrapper" else "inplace", str(int(preload))]
+    out = subprocess.run([sys.executable, "-c", _FIRST_COMPILED_MID_RUN, *args], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [g is not None for g in got] == [i % 3 == 0 for i in range(7)]
+    for step in (3, 6):
+        compiled, eager = got[step]
+        assert len(compiled) == 3
+        assert compiled == pytest.approx(eager, rel=1e-5)
 
 
 def test_a_compiled_module_that_is_not_watched_does_not_keep_the_forward_hook_on():

@@ -145,3 +145,21 @@ def test_a_compile_on_a_silent_step_puts_the_pre_hook_back_for_good():
         dynamo.reset()
     assert not GlobalHooks.installed() and not GlobalHooks.traced
     assert GlobalHooks._compile_callback is None
+
+
+@pytest.mark.parametrize("args", [(), ("args",)], ids=["older-pytorch-no-argument", "callback-args"])
+def test_the_compile_start_callback_takes_what_each_pytorch_passes(args):
+    """Dynamo's compile-start callbacks get a CallbackArgs, or nothing in older PyTorch: either puts the pre-hook of
+    a silent step back (a TypeError there would raise from the user's compiled call)."""
+    pytest.importorskip("torch._dynamo")
+    from torchdiag._capture.globalhooks import _compile_started
+
+    GlobalHooks.set_capture(lambda m, a: None, lambda m, a, o: None)
+    try:
+        GlobalHooks.set_quiet(True, silent=True)
+        if not GlobalHooks.silent:
+            pytest.skip("this PyTorch has no compile-start callbacks: the pre-hook is never taken off")
+        _compile_started(*args)
+        assert _ours_pre() and GlobalHooks.traced and not GlobalHooks.silent
+    finally:
+        GlobalHooks.clear_capture()
