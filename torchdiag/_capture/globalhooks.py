@@ -246,7 +246,8 @@ def _global_post(module: nn.Module, args: tuple, *rest: Any) -> Any:
     if fns:
         for fn in list(fns):
             _guarded(fn, module, args, kwargs, output)
-    if GlobalHooks.quiet and not _Open.calls():  # a quiet step began inside this call: its forward hook off now
+    if GlobalHooks.quiet and not _Open.calls() and not raised:  # a quiet step began inside this call: the forward
+        # hook off now (not on a forward that raised: PyTorch iterates its hooks live there; the next step takes it off)
         GlobalHooks._take_off("post")
     return result
 

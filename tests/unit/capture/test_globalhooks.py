@@ -163,3 +163,29 @@ def test_the_compile_start_callback_takes_what_each_pytorch_passes(args):
         assert _ours_pre() and GlobalHooks.traced and not GlobalHooks.silent
     finally:
         GlobalHooks.clear_capture()
+
+
+def test_a_forward_that_raises_after_a_quiet_step_began_inside_it_raises_the_users_error():
+    """PyTorch calls the always-called forward hooks of a forward that raised while it iterates its hook table: the
+    forward hook must not come off there (a user's hook after it would make PyTorch raise "mutated during
+    iteration" instead of the user's error); the next step takes it off."""
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            GlobalHooks.set_quiet(True)  # a step ended inside the forward (a step() or opt.step() called in it)
+            raise ValueError("the user's own error")
+
+    model = Boom()
+    entry = GlobalHooks.add(model, pre=lambda m, a: None, post=lambda m, a, k, o: None)
+    GlobalHooks.set_capture(lambda m, a: None, lambda m, a, o: None)
+    user = module_mod.register_module_forward_hook(lambda m, a, o: None)  # a user's own, after torchdiag's
+    try:
+        with pytest.raises(ValueError, match="the user's own error"):
+            model(torch.randn(2))
+        assert _ours()  # still on: taken off at the next step
+        GlobalHooks.set_quiet(True)
+        assert not _ours()
+    finally:
+        GlobalHooks.clear_capture()
+        GlobalHooks.discard(entry)
+        user.remove()
