@@ -6,11 +6,11 @@ On a step no watch records (``quiet``) only the pre-hook stays: it sees the root
 forward hook, which PyTorch calls with the kwargs and also when a forward raises, costs every module call more
 than the pre-hook; it is put back when a recorded step begins, under the id it had (``stable_id``) and at its place
 among the other process-wide forward hooks. Where no watch ends its steps at the root's forward (each calls
-``step()`` or steps at ``opt.step()``) and nothing was compiled while the hooks were on, the pre-hook comes off too
-(``silent``): such a step runs PyTorch's own call path, with no hook at all (a compile that starts then puts the
-pre-hook back for good: ``compiling``). The callbacks kept here run on recorded steps only, and in pairs: a module
-call's post-callbacks run where its pre-callbacks ran (``_Open``), and the forward hook comes off only once no such
-call is open (a watched model run inside another's forward can end a step there)."""
+``step()`` or steps at ``opt.step()``), Dynamo can say when it starts a compile and has not yet during the watch,
+the pre-hook comes off too (``silent``): such a step runs PyTorch's own call path, with no hook at all (a compile
+that starts then puts the pre-hook back for good: ``compiling``). The callbacks kept here run on recorded steps
+only, and in pairs: a module call's post-callbacks run where its pre-callbacks ran (``_Open``), and the forward hook
+comes off only once no such call is open (a watched model run inside another's forward can end a step there)."""
 
 from __future__ import annotations
 
@@ -143,8 +143,8 @@ class GlobalHooks:
         """No watch records the step that begins (``quiet``): the callbacks stop and the forward hook comes off
         (once no module call whose callbacks ran is open) until a watch records again. Never once a watched model
         ran through torch.compile(model)'s wrapper (``pin``). ``silent``: no watch needs to see its root's forward
-        either (none ends its steps there): the pre-hook comes off too, unless Dynamo compiled something while the
-        hooks were on (``traced``)."""
+        either (none ends its steps there): the pre-hook comes off too, unless Dynamo has started a compile during
+        the watch (``traced``) or cannot say when it does (``_watch_compiles``)."""
         with _LOCK:
             cls.quiet = quiet = quiet and not cls.pinned and cls.capture is not None
             cls.silent = silent = quiet and silent and not cls.traced and _watch_compiles(True)
