@@ -5,6 +5,7 @@ import gc
 import io
 import os
 import pickle
+import sys
 import warnings
 import weakref
 
@@ -92,7 +93,18 @@ def _ours(table: dict) -> set[int]:
     return {i for i, h in table.items() if getattr(h, "__module__", "").startswith("torchdiag")}
 
 
-def test_a_step_no_watch_records_runs_no_hook_where_steps_end_at_step():
+@pytest.fixture
+def no_compiled_graphs():
+    """What a fresh process has: no graph that Dynamo traced through torchdiag's pre-hook (which keeps it on)."""
+    from torchdiag._capture.globalhooks import GlobalHooks
+
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+    GlobalHooks.traced = False
+
+
+def test_a_step_no_watch_records_runs_no_hook_where_steps_end_at_step(no_compiled_graphs):
     """The hooks cost every module call. Steps that end at ``diag.step()`` need no hook at the root's forward, so a
     step that is not recorded runs with neither of torchdiag's hooks; a recorded step gets both back under the ids
     they had, and its statistics are the layers' own."""

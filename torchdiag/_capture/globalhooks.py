@@ -6,11 +6,12 @@ On a step no watch records (``quiet``) only the pre-hook stays: it sees the root
 forward hook, which PyTorch calls with the kwargs and also when a forward raises, costs every module call more
 than the pre-hook; it is put back when a recorded step begins, under the id it had (``stable_id``) and at its place
 among the other process-wide forward hooks. Where no watch ends its steps at the root's forward (each calls
-``step()`` or steps at ``opt.step()``), Dynamo can say when it starts a compile and has not yet during the watch,
-the pre-hook comes off too (``silent``): such a step runs PyTorch's own call path, with no hook at all (a compile
-that starts then puts the pre-hook back for good: ``compiling``). The callbacks kept here run on recorded steps
-only, and in pairs: a module call's post-callbacks run where its pre-callbacks ran (``_Open``), and the forward hook
-comes off only once no such call is open (a watched model run inside another's forward can end a step there)."""
+``step()`` or steps at ``opt.step()``), Dynamo can say when it starts a compile and has not during a watch (since
+its last reset), the pre-hook comes off too (``silent``): such a step runs PyTorch's own call path, with no hook at
+all (a compile that starts then puts the pre-hook back for good: ``compiling``). The callbacks kept here run on
+recorded steps only, and in pairs: a module call's post-callbacks run where its pre-callbacks ran (``_Open``), and
+the forward hook comes off only once no such call is open (a watched model run inside another's forward can end a
+step there)."""
 
 from __future__ import annotations
 
@@ -75,8 +76,11 @@ class GlobalHooks:
     # the wrapper's exit), until the hooks are removed
     pinned = False
     # Dynamo started a compile while a watch was open (its compile-start callback): the pre-hook stays on at every
-    # step. A graph traced through it guards on what it read (whether the step is recorded) and is traced again when
-    # that changes; one traced with no hook at all has no such guard and would run on recorded steps unrecorded
+    # step, in this watch and the later ones, until a watch finds Dynamo reset (``_watch_compiles``). A graph traced
+    # through it guards on what it read (whether the step is recorded) and is traced again when that changes; one
+    # traced with no hook at all has no such guard and would run on recorded steps unrecorded. (Taken off in a later
+    # watch, the pre-hook would fail the guards of the graphs traced with it: one more graph per watch, up to
+    # Dynamo's recompile limit.)
     traced = False
     active = False  # the hooks are wanted (``installed``), whichever of them a quiet step leaves on
     # the process-wide hooks that stood before torchdiag's when it came off, by "pre"/"post": it goes back after them
@@ -117,7 +121,7 @@ class GlobalHooks:
         with _LOCK:
             if cls.pre or cls.post or cls.capture is not None:
                 return
-            cls.quiet = cls.silent = cls.pinned = cls.traced = cls.active = False
+            cls.quiet = cls.silent = cls.pinned = cls.active = False  # (``traced`` stays: Dynamo's graphs do)
             cls._before = {}
             _Open.calls().clear()
             _watch_compiles(False)
@@ -143,11 +147,12 @@ class GlobalHooks:
         """No watch records the step that begins (``quiet``): the callbacks stop and the forward hook comes off
         (once no module call whose callbacks ran is open) until a watch records again. Never once a watched model
         ran through torch.compile(model)'s wrapper (``pin``). ``silent``: no watch needs to see its root's forward
-        either (none ends its steps there): the pre-hook comes off too, unless Dynamo has started a compile during
-        the watch (``traced``) or cannot say when it does (``_watch_compiles``)."""
+        either (none ends its steps there): the pre-hook comes off too, unless Dynamo has started a compile during a
+        watch since its last reset (``traced``) or cannot say when it does (``_watch_compiles``)."""
         with _LOCK:
             cls.quiet = quiet = quiet and not cls.pinned and cls.capture is not None
-            cls.silent = silent = quiet and silent and not cls.traced and _watch_compiles(True)
+            # (first ``_watch_compiles``: a Dynamo reset it finds clears ``traced``)
+            cls.silent = silent = quiet and silent and _watch_compiles(True) and not cls.traced
             off = not cls.active
             if (cls.pre_handle is None) is (silent or off) and (cls.post_handle is None) is (quiet or off):
                 return  # (each hook already as this step wants it: the step after a step alike)
@@ -279,8 +284,9 @@ class _Open:
 def _watch_compiles(on: bool) -> bool:
     """Have Dynamo tell ``GlobalHooks`` when it starts to compile (``on``), or stop. True where it will: Dynamo is
     loaded (constructing a ``torch.optim`` optimizer loads it) and has compile-start callbacks
-    (``torch.compiler.reset()`` clears them: registered again here, at the next step). Otherwise the pre-hook stays
-    on: a compile that loads Dynamo mid-step would trace the model with no hook and no callback to say so."""
+    (``torch.compiler.reset()`` clears them: registered again here, at the next step, and as the graphs traced
+    with the pre-hook went with them, ``traced`` is cleared). Otherwise the pre-hook stays on: a compile that loads
+    Dynamo mid-step would trace the model with no hook and no callback to say so."""
     dynamo = sys.modules.get("torch._dynamo")
     handler = getattr(sys.modules.get("torch._dynamo.callback"), "callback_handler", None)
     callbacks = getattr(handler, "start_callbacks", None)
@@ -295,6 +301,8 @@ def _watch_compiles(on: bool) -> bool:
     register = getattr(handler, "register_start_callback", None)
     if not isinstance(callbacks, list) or not callable(register):
         return False
+    if cb is not None and cb not in callbacks:  # Dynamo was reset (torch.compiler.reset()): no graph of it is left
+        GlobalHooks.traced = False
     if cb is None or cb not in callbacks:
         GlobalHooks._compile_callback = register(_compile_started)
     return True

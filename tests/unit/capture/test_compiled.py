@@ -446,6 +446,44 @@ def test_successive_watches_of_one_compiled_model_keep_the_number_of_graphs_boun
     _assert_same(eager, reports[-2])  # the last watch's first step: the same numbers as eager
 
 
+@pytest.mark.parametrize("how", ["model.compile()", "compiled step"])
+def test_successive_watches_of_a_model_compiled_without_its_wrapper_keep_the_number_of_graphs_bounded(how):
+    """Without torch.compile(model)'s wrapper nothing pins the hooks on: steps not recorded run without the forward
+    hook, and where steps end at step() without the pre-hook too, until Dynamo compiles; from then on the pre-hook
+    stays on, also in later watches (taken off there, it would fail the guards of the graphs traced with it: one
+    graph more per watch, until Dynamo's recompile limit left the model running eagerly)."""
+    from torchdiag._capture.globalhooks import GlobalHooks
+
+    GlobalHooks.traced = False  # (a fresh process: Dynamo was reset by the fixture)
+
+    class Net(nn.Module):  # a class of the user's own: Dynamo compiles its forward
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)))
+
+    model, x = Net(), torch.randn(8, 16)
+    if how == "model.compile()":
+        model.compile(backend=BACKEND)
+        loss_of = lambda: model(x).square().mean()  # noqa: E731
+    else:
+        loss_of = torch.compile(lambda: model(x).square().mean(), backend=BACKEND)
+    graphs, recorded = [], 0
+    for _ in range(10):  # more than the recompile limit (8)
+        with torchdiag.watch(model, every=2, warnings=False) as diag:
+            for _ in range(3):  # recorded, not, recorded
+                model.zero_grad()
+                loss_of().backward()
+                rep = diag.step()
+                recorded += rep is not None and len(rep.layers) == 2
+        graphs.append(_graphs())
+    assert graphs == [graphs[0]] * 10 and _breaks() == 0, graphs
+    assert recorded == 20
+
+
 def test_a_compiled_forward_that_raises_leaves_its_wrapper_so_eager_forwards_count_steps_again():
     from torchdiag._capture import _compiled as compiled
 

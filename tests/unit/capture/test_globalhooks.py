@@ -25,6 +25,19 @@ def calls():
     assert not GlobalHooks.installed() and not GlobalHooks.quiet and not GlobalHooks.pinned
 
 
+@pytest.fixture
+def no_compiled_graphs():
+    """What a fresh process has: no graph that Dynamo traced through torchdiag's pre-hook (Dynamo reset, and the
+    pre-hook free to come off: ``GlobalHooks.traced`` persists across watches for the graphs that would fail their
+    guards without it)."""
+    import sys
+
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+    GlobalHooks.traced = False
+
+
 def _ours() -> set[int]:
     """The ids of torchdiag's process-wide forward hooks."""
     hooks = module_mod._global_forward_hooks.items()
@@ -95,7 +108,7 @@ def _ours_pre() -> set[int]:
     return {i for i, h in hooks if getattr(h, "__module__", "").startswith("torchdiag")}
 
 
-def test_a_silent_step_runs_no_hook_and_both_go_back_to_their_places():
+def test_a_silent_step_runs_no_hook_and_both_go_back_to_their_places(no_compiled_graphs):
     """No watch ends a step at its root's forward: a quiet step is silent, with neither hook on. The next recorded
     step gets both back under their ids, each after the user's hooks that stood before it."""
     table = module_mod._global_forward_pre_hooks
@@ -122,7 +135,7 @@ def test_a_silent_step_runs_no_hook_and_both_go_back_to_their_places():
     assert not GlobalHooks.installed() and not GlobalHooks.silent
 
 
-def test_a_compile_on_a_silent_step_puts_the_pre_hook_back_for_good():
+def test_a_compile_on_a_silent_step_puts_the_pre_hook_back_for_good(no_compiled_graphs):
     """A graph Dynamo traces with no hook at all has no guard on the step being recorded, and would run unrecorded on
     recorded steps: a compile that starts on a silent step puts the pre-hook back before it traces, and from then
     on quiet steps keep it."""
@@ -140,15 +153,22 @@ def test_a_compile_on_a_silent_step_puts_the_pre_hook_back_for_good():
         assert _ours_pre() and GlobalHooks.traced and not GlobalHooks.silent
         GlobalHooks.set_quiet(True, silent=True)
         assert _ours_pre() and not _ours()  # quiet (the forward hook off), not silent
+        GlobalHooks.clear_capture()  # the watch ends: the graph traced with the pre-hook stays in Dynamo's cache
+        assert GlobalHooks._compile_callback is None and GlobalHooks.traced
+        GlobalHooks.set_capture(lambda m, a: pres.append(1), lambda m, a, o: None)  # the next watch
+        GlobalHooks.set_quiet(True, silent=True)
+        assert _ours_pre() and not GlobalHooks.silent  # so the pre-hook stays on there
+        dynamo.reset()  # (torch.compiler.reset(): the graph is gone)
+        GlobalHooks.set_quiet(True, silent=True)
+        assert not _ours_pre() and GlobalHooks.silent and not GlobalHooks.traced
     finally:
         GlobalHooks.clear_capture()
         dynamo.reset()
-    assert not GlobalHooks.installed() and not GlobalHooks.traced
-    assert GlobalHooks._compile_callback is None
+    assert not GlobalHooks.installed() and GlobalHooks._compile_callback is None
 
 
 @pytest.mark.parametrize("args", [(), ("args",)], ids=["older-pytorch-no-argument", "callback-args"])
-def test_the_compile_start_callback_takes_what_each_pytorch_passes(args):
+def test_the_compile_start_callback_takes_what_each_pytorch_passes(args, no_compiled_graphs):
     """Dynamo's compile-start callbacks get a CallbackArgs, or nothing in older PyTorch: either puts the pre-hook of
     a silent step back (a TypeError there would raise from the user's compiled call)."""
     pytest.importorskip("torch._dynamo")
