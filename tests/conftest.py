@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -19,3 +21,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_compiled_graphs():
+    """What a fresh process has: no graph that Dynamo traced through torchdiag's pre-hook, which would keep that hook
+    on at steps not recorded (``GlobalHooks.traced``, kept across watches): Dynamo reset, and torchdiag told so."""
+    from torchdiag._capture.globalhooks import GlobalHooks
+
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+    GlobalHooks.traced = False

@@ -5,7 +5,6 @@ import gc
 import io
 import os
 import pickle
-import sys
 import warnings
 import weakref
 
@@ -91,17 +90,6 @@ def test_hooks_and_references_gone_after_exit_and_after_exception():
 def _ours(table: dict) -> set[int]:
     """The ids of torchdiag's hooks in one of PyTorch's process-wide hook tables."""
     return {i for i, h in table.items() if getattr(h, "__module__", "").startswith("torchdiag")}
-
-
-@pytest.fixture
-def no_compiled_graphs():
-    """What a fresh process has: no graph that Dynamo traced through torchdiag's pre-hook (which keeps it on)."""
-    from torchdiag._capture.globalhooks import GlobalHooks
-
-    dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is not None:
-        dynamo.reset()
-    GlobalHooks.traced = False
 
 
 def test_a_step_no_watch_records_runs_no_hook_where_steps_end_at_step(no_compiled_graphs):

@@ -30,9 +30,12 @@ from .runtime import is_compiling, tracing
 
 # the id each of torchdiag's process-wide hooks had when first registered, by name
 _IDS: dict[str, int] = {}
-# held while the hooks' state changes: Dynamo's compile-start callback (``GlobalHooks.compiling``) runs on whichever
-# thread compiles
+# held while the hooks' state changes (re-entered: one change calls another): Dynamo's compile-start callback
+# (``GlobalHooks.compiling``) runs on whichever thread compiles
 _LOCK = threading.RLock()
+# PyTorch's process-wide tables of each of torchdiag's hooks
+_TABLES: dict[str, dict[int, Any]] = {"pre": _nn_module._global_forward_pre_hooks,
+                                      "post": _nn_module._global_forward_hooks}
 
 
 def stable_id(name: str, handle: Any) -> Any:
@@ -89,20 +92,23 @@ class GlobalHooks:
 
     @classmethod
     def _install(cls) -> None:
+        """Put on what the step in progress has on (both hooks, the pre-hook alone on a quiet step, neither on a
+        silent one) and is not installed."""
         with _LOCK:
-            cls._install_now()
+            cls.active = True
+            if cls.pre_handle is None and not cls.silent:
+                cls._put_on("pre", lambda: _nn_module.register_module_forward_pre_hook(_global_pre))
+            if cls.post_handle is None and not cls.quiet:
+                cls._put_on("post", lambda: _nn_module.register_module_forward_hook(
+                    _global_post, with_kwargs=True, always_call=True))
 
     @classmethod
-    def _install_now(cls) -> None:
-        cls.active = True
-        if cls.pre_handle is None and not cls.silent:
-            handle = nn.modules.module.register_module_forward_pre_hook(_global_pre)
-            cls.pre_handle = stable_id("torchdiag.pre", handle)
-            _put_back(_nn_module._global_forward_pre_hooks, cls.pre_handle.id, cls._before.pop("pre", None))
-        if cls.post_handle is None and not cls.quiet:
-            handle = nn.modules.module.register_module_forward_hook(_global_post, with_kwargs=True, always_call=True)
-            cls.post_handle = stable_id("torchdiag.post", handle)
-            _put_back(_nn_module._global_forward_hooks, cls.post_handle.id, cls._before.pop("post", None))
+    def _put_on(cls, which: str, register: Callable[[], Any]) -> None:
+        """Register the pre-hook or the forward hook (``which``: "pre" or "post") under the id it first had and at
+        the place it had when it came off (``_take_off``)."""
+        handle = stable_id("torchdiag." + which, register())
+        setattr(cls, which + "_handle", handle)
+        _put_back(_TABLES[which], handle.id, cls._before.pop(which, None))
 
     @classmethod
     def _take_off(cls, which: str) -> None:
@@ -112,8 +118,7 @@ class GlobalHooks:
             handle = getattr(cls, name)
             if handle is not None:
                 setattr(cls, name, None)
-                table = _nn_module._global_forward_pre_hooks if which == "pre" else _nn_module._global_forward_hooks
-                cls._before[which] = frozenset(itertools.takewhile(lambda k: k != handle.id, table))
+                cls._before[which] = frozenset(itertools.takewhile(lambda k: k != handle.id, _TABLES[which]))
                 handle.remove()
 
     @classmethod
@@ -122,14 +127,11 @@ class GlobalHooks:
             if cls.pre or cls.post or cls.capture is not None:
                 return
             cls.quiet = cls.silent = cls.pinned = cls.active = False  # (``traced`` stays: Dynamo's graphs do)
-            cls._before = {}
             _Open.calls().clear()
             _watch_compiles(False)
-            for name in ("post_handle", "pre_handle"):
-                handle = getattr(cls, name)
-                if handle is not None:
-                    setattr(cls, name, None)
-                    handle.remove()
+            cls._take_off("post")
+            cls._take_off("pre")
+            cls._before = {}
 
     @classmethod
     def set_capture(cls, pre: Callable[..., None], post: Callable[..., Any]) -> None:
@@ -161,7 +163,7 @@ class GlobalHooks:
             if silent:
                 cls._take_off("pre")
             if cls.active:
-                cls._install_now()  # (what this step has on and is not installed)
+                cls._install()
 
     @classmethod
     def pin(cls) -> None:
@@ -184,7 +186,7 @@ class GlobalHooks:
             cls.traced = True
             if cls.silent:
                 cls.silent = False
-                cls._install_now()
+                cls._install()
 
     @classmethod
     def add(cls, module: nn.Module, pre: Callable[..., None] | None = None,

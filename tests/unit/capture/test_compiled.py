@@ -447,15 +447,12 @@ def test_successive_watches_of_one_compiled_model_keep_the_number_of_graphs_boun
 
 
 @pytest.mark.parametrize("how", ["model.compile()", "compiled step"])
-def test_successive_watches_of_a_model_compiled_without_its_wrapper_keep_the_number_of_graphs_bounded(how):
+def test_successive_watches_of_a_model_compiled_without_its_wrapper_keep_the_number_of_graphs_bounded(
+        how, no_compiled_graphs):
     """Without torch.compile(model)'s wrapper nothing pins the hooks on: steps not recorded run without the forward
     hook, and where steps end at step() without the pre-hook too, until Dynamo compiles; from then on the pre-hook
     stays on, also in later watches (taken off there, it would fail the guards of the graphs traced with it: one
     graph more per watch, until Dynamo's recompile limit left the model running eagerly)."""
-    from torchdiag._capture.globalhooks import GlobalHooks
-
-    GlobalHooks.traced = False  # (a fresh process: Dynamo was reset by the fixture)
-
     class Net(nn.Module):  # a class of the user's own: Dynamo compiles its forward
         def __init__(self) -> None:
             super().__init__()

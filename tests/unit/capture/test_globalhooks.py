@@ -25,23 +25,10 @@ def calls():
     assert not GlobalHooks.installed() and not GlobalHooks.quiet and not GlobalHooks.pinned
 
 
-@pytest.fixture
-def no_compiled_graphs():
-    """What a fresh process has: no graph that Dynamo traced through torchdiag's pre-hook (Dynamo reset, and the
-    pre-hook free to come off: ``GlobalHooks.traced`` persists across watches for the graphs that would fail their
-    guards without it)."""
-    import sys
-
-    dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is not None:
-        dynamo.reset()
-    GlobalHooks.traced = False
-
-
-def _ours() -> set[int]:
-    """The ids of torchdiag's process-wide forward hooks."""
-    hooks = module_mod._global_forward_hooks.items()
-    return {i for i, h in hooks if getattr(h, "__module__", "").startswith("torchdiag")}
+def _ours(table: dict | None = None) -> set[int]:
+    """The ids of torchdiag's hooks in one of PyTorch's process-wide hook tables (the forward hooks by default)."""
+    table = module_mod._global_forward_hooks if table is None else table
+    return {i for i, h in table.items() if getattr(h, "__module__", "").startswith("torchdiag")}
 
 
 def test_a_quiet_step_runs_the_capture_pre_hook_alone(calls):
@@ -104,8 +91,7 @@ def test_the_forward_hook_goes_back_to_its_place_among_the_other_global_hooks():
 
 
 def _ours_pre() -> set[int]:
-    hooks = module_mod._global_forward_pre_hooks.items()
-    return {i for i, h in hooks if getattr(h, "__module__", "").startswith("torchdiag")}
+    return _ours(module_mod._global_forward_pre_hooks)
 
 
 def test_a_silent_step_runs_no_hook_and_both_go_back_to_their_places(no_compiled_graphs):
