@@ -356,7 +356,8 @@ def _recorder(config: Config, slots: list[Slot], modules: list[nn.Module], model
     them), deferral, and under torch.distributed torchdiag's collectives for its steps."""
     every = config.every if isinstance(config.every, int) else None
     cadence = Cadence(every, budget=config.budget, record_first=config.record_first,
-                      settle=config.finding_window, settle_trend=config.forecast_window)
+                      settle=config.finding_window, settle_trend=config.forecast_window,
+                      heavy_every=config.histogram_every if histograms else 0)
     defer = _defer(config.defer_report, model)
     schedule = {
         "every": float(every or 0), "budget": config.budget if every is None else 0.0,

@@ -52,7 +52,7 @@ class Recorder:
                         if group is not None else None)
         self.histogram_every = histogram_every  # 0: no histograms
         self.step = 0
-        self._hist_window = -1  # histogram window of the last step that got histograms
+        self._hist_step = -1  # the last step that got histograms
         self.capture.histogram_step = self._histogram_due()
         self.defer = defer
         self._pending: Pending | None = None
@@ -98,9 +98,10 @@ class Recorder:
         self._layout = None
 
     def _histogram_due(self) -> bool:
-        """Histograms on the first recorded step of each window (``histogram_window``)."""
-        he = self.histogram_every
-        return bool(he) and self.recording and histogram_window(self.step, he) > self._hist_window
+        """Histograms on the first recorded step of each window (``histogram_window``; under the time budget, its
+        windows lengthened by the cadence's ``stretch``)."""
+        he = self.histogram_every * self.cadence.stretch
+        return bool(he) and self.recording and histogram_window(self.step, he) > histogram_window(self._hist_step, he)
 
     # ----------------------------------------------------------------- steps
     def end_step(self, reduce: bool = True) -> StepStats | None:
@@ -127,7 +128,7 @@ class Recorder:
             if cap.recording and (cap.order or self._traced() or collective):
                 pending = self._launch(with_histograms=cap.histogram_step, reduce=collective, defer=self.defer)
                 if cap.histogram_step:
-                    self._hist_window = histogram_window(self.step, self.histogram_every)
+                    self._hist_step = self.step
                 if self.defer:
                     self._pending = pending
                 else:

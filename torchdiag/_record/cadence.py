@@ -17,7 +17,15 @@ Always recorded: the first ``record_first`` steps (an init problem is found at s
 at the next), and every step after a trip (a new flag, a NaN/Inf, a loss spike, a forecast) until
 ``settle`` recorded steps in a row bring nothing new. A plain step is needed to know what a step costs without
 torchdiag: when every step fits the budget, three steps (one in two) and then one step in ``_PROBE_EVERY`` are left
-out to measure it. Histogram steps (their own schedule) are not what a recording costs: they are left out of it.
+out to measure it.
+
+The budget covers what torchdiag does at the steps it does not record, and its histogram steps, too. Its work at a
+plain step (``step()``, the hooks coming off and on), timed directly, takes its share of every step. Histogram
+steps (the histograms and the overview images, on windows of their own: ``histogram_every``, ``overview_every``)
+are not what a recording costs: their extra time over a recording is measured apart, and under the budget their
+windows lengthen, doubling (``stretch``), until they take at most ``_HEAVY_SHARE`` of it. The recordings get what
+is left, at least a tenth of the budget (``_LEAST_SHARE``): on a model whose step is as short as torchdiag's work at
+a plain step, the budget cannot be kept, and the report says what a step costs.
 
 Under torch.distributed every rank must record the same steps (each recorded step runs a collective): each rank
 proposes its ``k`` (``propose``) and the largest, reduced with the step's statistics, is what every rank applies
@@ -35,6 +43,9 @@ _MAX_INTERVAL = 1000  # the sparsest budget cadence: a recorded step at least ev
 _PLAIN_KEEP, _RECORDING_KEEP = 15, 9  # step times kept for the medians
 _RECENT = 100  # a flag raised again within this many steps is not news
 _RAMP = 4  # the gap between recorded steps grows at most this many times from one to the next
+_HEAVY_SHARE = 1 / 3  # of the budget, at most, for the histogram steps (their windows lengthen until it fits)
+_LEAST_SHARE = 0.1  # of the budget, at least, for the recordings, whatever the plain steps and histograms take
+_MAX_STRETCH = 64  # the histogram and overview windows lengthen at most this many times
 
 
 class Cadence:
@@ -43,14 +54,17 @@ class Cadence:
     ``decide(step)`` says whether a step is recorded. ``every``: a fixed cadence (steps 0, N, 2N...), or None for
     the time budget: ``budget`` (the fraction of the training time torchdiag may take), ``record_first`` (steps
     always recorded at the start), ``settle`` (recorded steps without anything new before a trip is over: what a
-    flag needs to become a finding) and ``settle_trend`` (the same after a figure heading for its threshold: what a
-    forecast fits).
+    flag needs to become a finding), ``settle_trend`` (the same after a figure heading for its threshold: what a
+    forecast fits) and ``heavy_every`` (the histogram window, ``histogram_every``: 0 for none; its steps' cost is
+    weighed against it).
     """
 
     def __init__(self, every: int | None, budget: float = 0.03, record_first: int = 5, settle: int = 5,
-                 settle_trend: int | None = None) -> None:
+                 settle_trend: int | None = None, heavy_every: int = 0) -> None:
         self.every = every
         self.budget = budget
+        self.heavy_every = heavy_every
+        self.stretch = 1  # the budget's agreed lengthening of the histogram and overview windows (a power of two)
         self.record_first = record_first
         self.settle = settle
         self.settle_trend = settle if settle_trend is None else settle_trend
@@ -61,6 +75,7 @@ class Cadence:
         self._trip_step: int | None = None
         self._seen: dict = {}  # flag -> the last step a report raised it (a trip is something not seen lately)
         self._plain: deque[float] = deque(maxlen=_PLAIN_KEEP)
+        self._plain_own: deque[float] = deque(maxlen=_PLAIN_KEEP)  # torchdiag's work at a plain step, timed directly
         self._recording: deque[float] = deque(maxlen=_RECORDING_KEEP)
         self._own: deque[float] = deque(maxlen=_RECORDING_KEEP)  # torchdiag's end-of-step work, timed directly
         self._heavy: deque[tuple[float, float]] = deque(maxlen=_RECORDING_KEEP)  # histogram steps (time, own)
@@ -69,7 +84,8 @@ class Cadence:
         self._recording_steps = 0  # steps that recorded or completed a recording
         self._recordings = 0  # steps recorded
         self._last_plain = -1  # the last step decided plain
-        self._cost = self._step_time = math.nan  # the latest estimates (seconds)
+        self._cost = self._step_time = math.nan  # the latest agreed estimates (seconds)
+        self._every_step = self._heavy_cost = math.nan  # (seconds): at a plain step; a histogram step's extra
 
     @property
     def budgeted(self) -> bool:
@@ -110,9 +126,9 @@ class Cadence:
     def observe(self, seconds: float, recording: bool, own: float, recorded: bool, heavy: bool = False,
                 early: bool = False) -> None:
         """The time of a step (host clock, end to end); ``recording``: it recorded or completed a recording;
-        ``own``: torchdiag's end-of-step work in it; ``recorded``: it recorded; ``heavy``: it also binned
-        histograms (their own schedule, one step in ``histogram_every``: not what a recording costs, unless
-        nothing else is known yet); ``early``: one of the first ``record_first`` steps, slowed by what a run's
+        ``own``: torchdiag's work at the end of it (all of its work, at a plain step); ``recorded``: it recorded;
+        ``heavy``: it also binned histograms (their own schedule: not what a recording costs, unless nothing else
+        is known yet); ``early``: one of the first ``record_first`` steps, slowed by what a run's
         start does once (the first calls, the writer checksumming step 0's histograms on its thread): used
         only until three later recordings are known."""
         if not self.budgeted or not math.isfinite(seconds) or seconds <= 0:
@@ -130,15 +146,18 @@ class Cadence:
             self._own.append(own)
         else:
             self._plain.append(seconds)
+            self._plain_own.append(own)
 
-    def propose(self) -> tuple[float, float, float]:
-        """This rank's interval for its budget (1 while nothing is known), the cost of a recording and the plain
-        step's time it comes from (seconds; NaN while nothing is known)."""
+    def propose(self) -> tuple[float, float, float, float, float, float]:
+        """This rank's proposal, seconds where timed (NaN while not known): the interval of its recordings (1 while
+        nothing is known), the cost of a recording, the plain step's time, torchdiag's work at a plain step, the
+        extra time of a histogram step, and the lengthening of the histogram and overview windows (``stretch``)."""
+        unknown = (1.0, math.nan, math.nan, math.nan, math.nan, 1.0)
         pool = list(zip(self._recording, self._own))
         if len(pool) < 3:
             pool += self._early
         if not self.budgeted or not (pool or self._heavy):
-            return 1.0, math.nan, math.nan
+            return unknown
         if pool:
             rec, own = statistics.median(s for s, _ in pool), statistics.median(o for _, o in pool)
         else:  # only histogram steps so far (step 0): an upper bound
@@ -147,18 +166,34 @@ class Cadence:
         if self._plain:
             plain = statistics.median(self._plain)
             cost = per * max(rec - plain, own)
+            every_step = statistics.median(self._plain_own)
         else:  # no plain step yet: what torchdiag's end-of-step work took, the step without it
             plain = max(rec - own, 1e-9)
             cost = per * own
-        interval = float(min(max(1, math.ceil(cost / (self.budget * plain) - 1e-9)), _MAX_INTERVAL))
-        return interval, cost, plain
+            every_step = 0.0
+        heavy, stretch = math.nan, 1
+        if len(self._recording) >= 3 and self._heavy and self.heavy_every:
+            # a histogram step's time over a recording's (its work, timed directly, a floor), against recordings
+            # after the first steps: until then the windows are as configured
+            heavy = max(statistics.median(s for s, _ in self._heavy) - rec,
+                        statistics.median(o for _, o in self._heavy) - own, 0.0)
+            while stretch < _MAX_STRETCH and heavy > _HEAVY_SHARE * self.budget * stretch * self.heavy_every * plain:
+                stretch *= 2
+        left = self.budget - every_step / plain - (heavy / (stretch * self.heavy_every * plain)
+                                                   if math.isfinite(heavy) else 0.0)
+        left = max(left, _LEAST_SHARE * self.budget)
+        interval = float(min(max(1, math.ceil(cost / (left * plain) - 1e-9)), _MAX_INTERVAL))
+        return interval, cost, plain, every_step if self._plain else math.nan, heavy, float(stretch)
 
-    def agree(self, interval: float, cost: float = math.nan, step: float = math.nan) -> None:
-        """What every rank applies: the largest interval proposed (in a single process, this one's), and the
-        largest cost and step time, which the reports state."""
+    def agree(self, interval: float, cost: float = math.nan, step: float = math.nan, every_step: float = math.nan,
+              heavy: float = math.nan, stretch: float = 1.0) -> None:
+        """What every rank applies: the largest interval and stretch proposed (in a single process, this one's), and
+        the largest of each time, which the reports state."""
         if self.budgeted and math.isfinite(interval):
             self.interval = int(min(max(1, interval), _MAX_INTERVAL))
+            self.stretch = int(min(max(1, stretch), _MAX_STRETCH)) if math.isfinite(stretch) else 1
             self._cost, self._step_time = cost, step
+            self._every_step, self._heavy_cost = every_step, heavy
 
     def observe_report(self, step: int, flags: frozenset, events: bool, trends: frozenset = frozenset(),
                        forecast: bool = False) -> None:
@@ -206,11 +241,16 @@ class Cadence:
             return f"every step of the first {self.record_first}, then within the time budget of {pct}"
         if not (math.isfinite(self._cost) and math.isfinite(self._step_time)):
             return f"one step in {self.interval}; time budget {pct}"
-        cost, step = _ms(self._cost), _ms(self._step_time)
+        why = f"recording costs {_ms(self._cost)} on a {_ms(self._step_time)} step"
+        if math.isfinite(self._every_step) and self._every_step >= _LEAST_SHARE * self.budget * self._step_time:
+            why += f", a step not recorded {_ms(self._every_step)}"  # (where it takes a share of the budget)
+        if self.stretch > 1 and math.isfinite(self._heavy_cost):
+            why += (f", a histogram step {_ms(self._heavy_cost)} more (histogram and overview windows"
+                    f" {self.stretch}x longer)")
         if self.interval <= 1:
             return (f"every step but one in {_PROBE_EVERY} (left unrecorded to time the step without torchdiag):"
-                    f" recording costs {cost} on a {step} step; time budget {pct}")
-        return f"one step in {self.interval}: recording costs {cost} on a {step} step; time budget {pct}"
+                    f" {why}; time budget {pct}")
+        return f"one step in {self.interval}: {why}; time budget {pct}"
 
 
 def _ms(seconds: float) -> str:

@@ -311,12 +311,20 @@ class StepNumber:
 
 @dataclass
 class Interval:
-    """The recording interval a rank's time budget asks for, from its cost and step time (seconds): every rank
-    applies the largest of each."""
+    """The recording interval a rank's time budget asks for, from its cost and step time, torchdiag's work at a
+    step not recorded and a histogram step's extra time (seconds), and the lengthening of the histogram windows
+    (``_record.cadence.Cadence.propose``): every rank applies the largest of each."""
 
     steps: float = state(1.0, MAX)
     cost: float = state(math.nan, MAX)
     step: float = state(math.nan, MAX)
+    every_step: float = state(math.nan, MAX)
+    heavy: float = state(math.nan, MAX)
+    stretch: float = state(1.0, MAX)
 
     def is_empty(self) -> bool:
         return False
+
+    def values(self) -> tuple[float, ...]:
+        """The fields in order: what ``Cadence.agree`` takes."""
+        return tuple(getattr(self, f.name) for f in fields(self))

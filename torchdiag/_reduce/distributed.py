@@ -122,7 +122,8 @@ class StepReducer:
         self._store: Store | None = None
         self._left = False
         self._last: int | None = None  # the last step reduced
-        self._interval = (1.0, math.nan, math.nan)  # the ranks' agreed cadence at the last reduction (Interval)
+        # the ranks' agreed cadence at the last reduction (Interval's fields)
+        self._interval: tuple[float, ...] = (1.0, math.nan, math.nan, math.nan, math.nan, 1.0)
         found = _group_store(group.pg) if _is_gloo_available() else None
         if found is not None:
             base, name = found
@@ -305,7 +306,7 @@ class StepReducer:
         recording interval joins the reduction and every rank agrees on the largest (this rank's own when the
         reduction is disabled)."""
         out = None
-        proposed = cadence.propose() if cadence is not None else (1.0, math.nan, math.nan)
+        proposed = cadence.propose() if cadence is not None else Interval().values()
         if not self.disabled and (self._checked or self._check_layout(step)):
             try:
                 out = self._reduce(step, accumulators, layout, Interval(*proposed))
@@ -329,7 +330,7 @@ class StepReducer:
         agreed, steps = out.pop(_INTERVAL_KEY), out.pop(_STEP_KEY)
         # reduce gives each key of the layout back as the accumulator the layout names, and these two are never empty
         assert isinstance(agreed, Interval) and isinstance(steps, StepNumber)
-        self._interval = agreed.steps, agreed.cost, agreed.step
+        self._interval = agreed.values()
         if steps.low != steps.high and not self._warned_step:
             self._warned_step = True
             warn_self(f"torchdiag: the ranks are at different steps ({steps.low:.0f} to {steps.high:.0f}); every rank"

@@ -153,7 +153,7 @@ class Publisher:
         messages = (self._console_write_in_hook(report) if in_hook else self.console.write(report)) if self.warn \
             else []
         if self.tb is not None:
-            self.guard(self.tb.write, report, messages, stats.histograms)
+            self.guard(self.tb.write, report, messages, stats.histograms, cadence.stretch if cadence is not None else 1)
         return report
 
     def _console_write_in_hook(self, report: Report) -> list[str]:

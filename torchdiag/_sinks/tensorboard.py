@@ -21,7 +21,8 @@ Per recorded step, into the run's writer (one event holding all of it):
   what each layer is expected to be, ``overview.History.expected``; the layer causing a finding dotted) and
   the depth profile (std against layer index, forward and backward, log y). Drawn here in pure Python (no
   imaging library) at the first recorded step of each ``overview_every`` steps after the first window (N,
-  2N...), and at close: each image holds every step so far, so earlier ones would only repeat part of the last;
+  2N...; the time budget may lengthen the windows), and at close: each image holds every step so far, so
+  earlier ones would only repeat part of the last;
 * when new: the layer list (``torchdiag/3_layers`` as a markdown table, ``torchdiag/layer_index`` as JSON)
   and a custom-scalars layout holding only charts whose tags exist (rewritten when new tags appear).
 
@@ -153,7 +154,7 @@ class TensorBoardSink:
         self.history = History()
         self._last: Report | None = None
         self._profile_window = -1
-        self._overview_window = 0  # the images of the steps so far, at steps N, 2N... (and at close)
+        self._overview_at = 0  # the last step whose window drew the images of the steps so far (N, 2N... and close)
         self._overview_step: int | None = None
         self._report_text_step: int | None = None
         self._closed = False
@@ -164,7 +165,9 @@ class TensorBoardSink:
         atexit.register(self._at_exit)
 
     # ------------------------------------------------------------ per step
-    def write(self, report: Report, warnings: list[str], histograms: list[Histogram] | None = None) -> None:
+    def write(self, report: Report, warnings: list[str], histograms: list[Histogram] | None = None,
+              stretch: int = 1) -> None:
+        """``stretch``: the time budget's lengthening of the overview windows (``_record.cadence.Cadence``)."""
         step = report.step
         self._last = report
         self.history.add(report)
@@ -179,9 +182,9 @@ class TensorBoardSink:
                 flush()
         if warnings and self._can_text:
             self.writer.add_text(WARNINGS_TAG, "\n\n".join(f"- {m}" for m in warnings), step)
-        window = step // self.overview_every if self.overview_every else -1
-        if window > self._overview_window:
-            self._overview_window = window
+        every = self.overview_every * stretch
+        if every and step // every > self._overview_at // every:
+            self._overview_at = step
             self._write_overview()
         if self.profile_every and step // self.profile_every > self._profile_window:
             self._profile_window = step // self.profile_every

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 
 import pytest
@@ -13,11 +15,12 @@ import torchdiag
 from torchdiag._record.cadence import Cadence
 
 
-def _timed(cadence: Cadence, recording: float, plain: float, own: float, n_rec: int = 9, n_plain: int = 15) -> None:
+def _timed(cadence: Cadence, recording: float, plain: float, own: float, n_rec: int = 9, n_plain: int = 15,
+           plain_own: float = 0.0) -> None:
     for _ in range(n_rec):
         cadence.observe(recording, True, own, True)
     for _ in range(n_plain):
-        cadence.observe(plain, False, 0.0, False)
+        cadence.observe(plain, False, plain_own, False)
 
 
 def _smallest_interval(cost: float, plain: float, budget: float) -> int:
@@ -32,7 +35,7 @@ def test_the_interval_is_the_smallest_that_keeps_the_recordings_within_the_budge
     for recording, plain, own, budget in ((1.5, 1.0, 0.2, 0.03), (1.02, 1.0, 0.01, 0.03), (3.0, 1.0, 0.5, 0.1)):
         c = Cadence(None, budget=budget)
         _timed(c, recording, plain, own)
-        k, cost, step = c.propose()
+        k, cost, step = c.propose()[:3]
         assert (cost, step) == (recording - plain, plain)
         assert k == _smallest_interval(recording - plain, plain, budget)
     # what torchdiag's end of a step took is a floor on a recording's cost (a plain step slower than usual)
@@ -65,6 +68,39 @@ def test_the_interval_is_the_smallest_that_keeps_the_recordings_within_the_budge
     assert c.propose()[1] == 8.0
     _timed(c, 1.5, 1.0, 0.2, n_plain=0)
     assert c.propose()[1] == pytest.approx(0.5)
+
+
+def test_the_budget_also_covers_the_steps_not_recorded_and_the_histogram_steps():
+    # torchdiag's own work at a step not recorded takes its share of every step: the recordings get the rest
+    c = Cadence(None, budget=0.03)
+    _timed(c, 1.5, 1.0, 0.2, plain_own=0.01)
+    assert c.propose()[0] == _smallest_interval(0.5, 1.0, 0.03 - 0.01) and c.propose()[3] == 0.01
+    # where that work alone takes the budget, the recordings keep a tenth of it (the budget cannot be kept)
+    c = Cadence(None, budget=0.03)
+    _timed(c, 1.5, 1.0, 0.2, plain_own=0.05)
+    assert c.propose()[0] == _smallest_interval(0.5, 1.0, 0.003)
+    # a histogram step's extra time over a recording's: its windows (100 steps) double until it takes at most a
+    # third of the budget, and the recordings get what is left
+    for extra in (0.5, 3.0, 9.0):
+        c = Cadence(None, budget=0.03, heavy_every=100)
+        c.observe(1.5 + extra, True, 0.2 + extra, True, heavy=True)
+        _timed(c, 1.5, 1.0, 0.2, plain_own=0.004)
+        k, cost, step, every_step, heavy, stretch = c.propose()
+        m = 1
+        while extra / (m * 100 * 1.0) > 0.03 / 3 + 1e-12:
+            m *= 2
+        assert (heavy, stretch) == (pytest.approx(extra), m)
+        assert k == _smallest_interval(0.5, 1.0, 0.03 - 0.004 - extra / (m * 100))
+    c.agree(*c.propose())
+    for step in range(10):
+        c.decide(step)
+    assert "histogram and overview windows 16x longer" in c.describe() and "a step not recorded 0.004" not in \
+        c.describe()  # (4 ms on a 1 s step: under a tenth of the budget, not worth a word)
+    # until three recordings after the first steps are known, the windows are as configured
+    c = Cadence(None, budget=0.03, heavy_every=100)
+    c.observe(10.5, True, 9.2, True, heavy=True)
+    _timed(c, 1.5, 1.0, 0.2, n_rec=2)
+    assert c.propose()[5] == 1.0
 
 
 def test_the_schedule_records_the_first_steps_then_one_step_in_the_agreed_interval():
@@ -138,12 +174,14 @@ def test_the_first_steps_after_a_trip_at_step_0_count_towards_its_settling():
 
 
 def test_ranks_with_different_clocks_record_the_same_steps_once_they_agree():
-    a, b = Cadence(None, budget=0.03), Cadence(None, budget=0.03)
-    _timed(a, 1.5, 1.0, 0.2)
-    _timed(b, 1.2, 1.0, 0.1)
+    a, b = Cadence(None, budget=0.03, heavy_every=100), Cadence(None, budget=0.03, heavy_every=100)
+    a.observe(10.5, True, 9.2, True, heavy=True)  # only one rank has timed a histogram step
+    _timed(a, 1.5, 1.0, 0.2, plain_own=0.02)
+    _timed(b, 1.2, 1.0, 0.1, plain_own=0.01)
     agreed = [max(x, y) for x, y in zip(a.propose(), b.propose())]  # what the reduction (MAX) gives every rank
     for c in (a, b):
         c.agree(*agreed)
+    assert a.stretch == b.stretch == 16  # 9 s over 100 steps of 1 s: 16 x longer windows take 0.56 %
     assert [s for s in range(200) if a.decide(s)] == [s for s in range(200) if b.decide(s)]
     assert a.describe() == b.describe()
 
@@ -198,10 +236,34 @@ def test_a_watch_under_the_budget_records_the_first_steps_then_spaces_out_the_re
     assert last.record_interval is not None and last.record_interval > 3
     assert "time budget of 3 %" in last.cadence or "time budget 3 %" in last.cadence
     assert f"one step in {last.record_interval}" in last.cadence
-    assert str(last).splitlines()[1] == "recorded: " + last.cadence  # the report says it under its title
+    lines = str(last).splitlines()[1:]  # the report says it under its title, wrapped onto indented lines
+    said = lines[0] + "".join(" " + x.strip() for x in itertools.takewhile(lambda x: x.startswith("  "), lines[1:]))
+    assert said == "recorded: " + last.cadence
     # the spacing after the first steps follows the agreed interval (never closer, outside a trip)
     gaps = [b - a for a, b in zip(steps[5:], steps[6:])]
     assert gaps and min(gaps) >= 2
+
+
+def test_under_the_budget_the_histogram_and_overview_windows_lengthen_by_the_agreed_stretch(tmp_path, monkeypatch):
+    """Right answer: with the ranks' agreement pinned (one step in 2, windows 4x longer) from step 0's on, the
+    histograms come at the first recorded step of each window of 4 x histogram_every steps (step 0's decided
+    before any agreement), the overview images at the first recorded step of each window of 4 x overview_every
+    from the second on, and at the last recorded step; read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    monkeypatch.setattr(Cadence, "propose", lambda self: (2.0, 1e-3, 1e-3, math.nan, 1e-2, 4.0))
+    reports, _ = _train(_kaiming(_mlp()), 70, logdir=str(tmp_path), histogram_every=3, overview_every=5)
+    recorded = sorted(reports)
+    assert len(recorded) < 50  # (spaced out: one in 2 but for the first steps and trips)
+
+    def first_of_each_window(length: int) -> list[int]:
+        return sorted({w: s for s in reversed(recorded) for w in [s // length]}.values())
+
+    acc = ea.EventAccumulator(str(tmp_path), size_guidance={ea.HISTOGRAMS: 0, ea.IMAGES: 0})
+    acc.Reload()
+    assert [e.step for e in acc.Histograms("act/0")] == first_of_each_window(12)
+    images = sorted({e.step for t in acc.Tags()["images"] if t.startswith("0_overview/") for e in acc.Images(t)})
+    assert images == sorted({s for s in first_of_each_window(20) if s >= 20} | {recorded[-1]})
 
 
 def test_a_layer_broken_mid_run_is_recorded_in_full_until_it_settles(one_thread):
