@@ -3,7 +3,7 @@ floor against no monitoring, on the workloads users bring.
 
     python benchmarks/budget.py [--workload all|tiny|llama|gpt2|resnet|mlp|cnn|transformer] [--steps 60]
                                 [--repeats 3] [--threads 1] [--device cpu|cuda] [--autocast float16|bfloat16]
-                                [--quick] [--json out.json] [--parts]
+                                [--quick] [--json out.json] [--parts] [--compile [BACKEND]]
 
 Each repeat trains, for every variant in turn (the order rotates between repeats), a fresh copy of the same model
 from the same init for ``--steps`` steps (AdamW; ``torchdiag.watch(model, logdir=...)`` and nothing else for the
@@ -18,6 +18,12 @@ The workloads: a digits-sized MLP (64 -> 4 x 256 -> 10, batch 64), Hugging Face 
 (4 x 128, byte vocabulary, context 64, batch 16), a torchvision ResNet-18 (64 x 64 images, batch 16), and the
 synthetic ones of ``overhead.py`` (24 x 512 MLP, a small ResNet, a 4 x 256 transformer encoder).
 
+``--compile``: each run's model called through ``torch.compile(model)`` (inductor unless a backend is named), the
+read floor as a compiled graph has it (``overhead.CompiledReadFloor``). Each variant trains one copy of the model,
+of a class of its own (Dynamo guards the class: no variant runs a graph another traced), its init loaded again
+before each run; a warm-up run of each variant compiles its graphs, recorded and not, before anything is timed:
+the ratios are a run's time without its compilation.
+
 ``--parts``: where the default's cost in a run goes, each part against the unmonitored run's step: opening the
 watch, step 0 (its histograms, the TensorBoard layout, the first report text), a recorded step, a step not
 recorded (the hooks' checks and ``step()``), closing (the overview images, the writer's last flush).
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib
 import json
 import statistics
 import sys
@@ -97,10 +104,10 @@ WORKLOADS: dict[str, Callable] = {
     "mlp": overhead.mlp_workload, "cnn": overhead.cnn_workload, "transformer": overhead.transformer_workload}
 
 
-def variants(logdir: str) -> dict[str, Callable]:
+def variants(logdir: str, compiled: bool = False) -> dict[str, Callable]:
     return {
         "none": lambda m: overhead.NoMonitor(),
-        "read floor": overhead.ReadFloor,
+        "read floor": overhead.CompiledReadFloor if compiled else overhead.ReadFloor,
         "default": lambda m: torchdiag.watch(m, logdir=tempfile.mkdtemp(dir=logdir)),
         "every=1": lambda m: torchdiag.watch(m, logdir=tempfile.mkdtemp(dir=logdir), every=1),
     }
@@ -124,9 +131,11 @@ class RunTimes:
 
 
 def timed_run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int, device,
-              autocast: torch.dtype | None = None) -> RunTimes:
-    """One whole run of ``steps`` steps under ``monitor`` (AdamW, the monitor open for the whole run)."""
+              autocast: torch.dtype | None = None, backend: str | None = None) -> RunTimes:
+    """One whole run of ``steps`` steps under ``monitor`` (AdamW, the monitor open for the whole run); with
+    ``backend``, the forward through ``torch.compile(model, backend=backend)`` (the watch on the model itself)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    forward = torch.compile(model, backend=backend) if backend else model
     times: list[float] = []
     recorded: list[bool] = []
     with warnings.catch_warnings():
@@ -140,7 +149,7 @@ def timed_run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int
         for _ in range(steps):
             t = time.perf_counter()
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                loss = loss_fn(model)
+                loss = loss_fn(forward)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -155,28 +164,53 @@ def timed_run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int
 
 
 def run(model: nn.Module, loss_fn: Callable, monitor: Callable, steps: int, device,
-        autocast: torch.dtype | None = None) -> tuple[float, int]:
+        autocast: torch.dtype | None = None, backend: str | None = None) -> tuple[float, int]:
     """One whole run: (seconds, steps it recorded; -1 for a non-torchdiag monitor)."""
-    r = timed_run(model, loss_fn, monitor, steps, device, autocast)
+    r = timed_run(model, loss_fn, monitor, steps, device, autocast, backend)
     return r.total, sum(r.recorded) if r.watched else -1
 
 
-def bench(name: str, steps: int, repeats: int, device, quick: bool, autocast: torch.dtype | None = None) -> dict:
+def bench(name: str, steps: int, repeats: int, device, quick: bool, autocast: torch.dtype | None = None,
+          backend: str | None = None) -> dict:
     torch.manual_seed(0)
     base, loss_fn = WORKLOADS[name](device, quick)
     out: dict[str, dict] = {}
+    if backend:  # every variant's class holds its own graphs of the same forward code: the limit is per code
+        dynamo_config = importlib.import_module("torch._dynamo.config")
+        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
     with tempfile.TemporaryDirectory() as logdir:
-        vs = variants(logdir)
+        vs = variants(logdir, compiled=backend is not None)
         names = list(vs)
+        # compiled: a class of its own per variant (Dynamo guards it: no variant runs a graph another traced)
+        classes = {v: type(f"{type(base).__name__}_{i}", (type(base),), {}) if backend else type(base)
+                   for i, v in enumerate(names)}
+
+        kept: dict[str, nn.Module] = {}
+        init = copy.deepcopy(base.state_dict())
+
+        def fresh(v: str) -> nn.Module:
+            """The model at its init: a new copy, or compiled, the variant's one copy with its init loaded (a new
+            copy is new modules, which a watch's traced hooks look up by identity: Dynamo would compile anew)."""
+            if not backend:
+                return copy.deepcopy(base)
+            if v not in kept:
+                kept[v] = copy.deepcopy(base)
+                kept[v].__class__ = classes[v]
+            kept[v].load_state_dict(init)
+            return kept[v]
+
+        if backend:  # warm-up: every variant's graphs, recorded and not (the first steps, then the budget's)
+            for v in names:
+                run(fresh(v), loss_fn, vs[v], min(steps, 12), device, autocast, backend)
         for _ in range(2):  # warm-up: allocator, first-call costs, the CPU kernel's load
-            run(copy.deepcopy(base), loss_fn, vs["default"], 3, device, autocast)
-            run(copy.deepcopy(base), loss_fn, vs["none"], 3, device, autocast)
+            run(fresh("default"), loss_fn, vs["default"], 3, device, autocast, backend)
+            run(fresh("none"), loss_fn, vs["none"], 3, device, autocast, backend)
         times: dict[str, list[float]] = {v: [] for v in names}
         recorded: dict[str, list[int]] = {v: [] for v in names}
         for r in range(repeats):
             order = names[r % len(names):] + names[:r % len(names)]
             for v in order:
-                seconds, rec = run(copy.deepcopy(base), loss_fn, vs[v], steps, device, autocast)
+                seconds, rec = run(fresh(v), loss_fn, vs[v], steps, device, autocast, backend)
                 times[v].append(seconds)
                 recorded[v].append(rec)
     for v in names:
@@ -225,9 +259,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="each forward under torch.autocast in this dtype")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: proves that it runs")
     p.add_argument("--json")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="call each model through torch.compile (default backend inductor), compiled before timing")
     p.add_argument("--parts", action="store_true",
                    help="the default's cost by part: opening, step 0, a recorded step, a step not recorded, closing")
     a = p.parse_args(argv)
+    if a.parts and a.compile:
+        p.error("--parts times eager runs: leave out --compile")
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -236,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); {steps} steps per run, median of"
           f" {repeats} repeat(s); ratio = whole-run time over the unmonitored run's"
-          + (f"; autocast {a.autocast}" if a.autocast else ""))
+          + (f"; autocast {a.autocast}" if a.autocast else "") + (f"; compiled ({a.compile})" if a.compile else ""))
     if a.parts:
         for name in names:
             try:
@@ -246,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for name in names:
         try:
-            res = bench(name, steps, repeats, device, a.quick, getattr(torch, a.autocast) if a.autocast else None)
+            res = bench(name, steps, repeats, device, a.quick, getattr(torch, a.autocast) if a.autocast else None,
+                        a.compile)
         except ImportError as e:
             print(f"{name}: skipped ({e})")
             continue

@@ -185,16 +185,27 @@ class NoMonitor(_Hooks):
     pass
 
 
-_FLOOR = torch.zeros(1)  # the compiled read floor's sink: the graph adds into it
+_FLOOR = torch.zeros(1)  # the compiled read floor's sink: the graph adds each activation's sum into it
+_PROBE = torch.zeros(1, requires_grad=True)  # and autograd each gradient's sum into its .grad
 
 
-def _floor_grad(g):
-    _FLOOR.add_(g.detach().sum().to(_FLOOR.device))
+class _TapSum(torch.autograd.Function):
+    """An identity whose backward reads the gradient (one ``sum``) as the gradient of ``_PROBE``: nothing is
+    mutated in a backward graph (a tensor hook that adds into a global breaks AOT autograd on some models)."""
+
+    @staticmethod
+    def forward(ctx, x, probe):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g.sum().reshape(1)
 
 
 class CompiledReadFloor(_Hooks):
-    """The read floor as a compiled graph can have it: one ``sum`` per activation and gradient, added in place
-    into a tensor the graph mutates (what torchdiag's compiled path does with its seven statistics)."""
+    """The read floor as a compiled graph can have it: one ``sum`` per activation, added in place into a tensor the
+    graph mutates, and one per gradient, through an identity whose backward hands it to autograd (what torchdiag's
+    compiled path does with its seven statistics)."""
 
     def __init__(self, model):
         super().__init__()
@@ -206,7 +217,8 @@ class CompiledReadFloor(_Hooks):
     def _fwd(m, args, out):
         if isinstance(out, torch.Tensor) and out.requires_grad:
             _FLOOR.add_(out.detach().sum().to(_FLOOR.device))
-            out.register_hook(_floor_grad)
+            return _TapSum.apply(out, _PROBE.to(out.device))
+        return None
 
 
 def variants(logdir: str) -> dict[str, Callable[[nn.Module], contextlib.AbstractContextManager]]:
@@ -337,7 +349,10 @@ def _fast_forward(mon, step: int) -> None:
     histogram_window = (mods.get(package + "._vocab") or mods[package + ".vocab"]).histogram_window
 
     rec.step = step
-    rec._hist_window = histogram_window(step - 1, rec.histogram_every) if rec.histogram_every else -1
+    if hasattr(rec, "_hist_step"):  # the last step that got histograms
+        rec._hist_step = step - 1
+    else:  # (an older copy keeps the window of that step)
+        rec._hist_window = histogram_window(step - 1, rec.histogram_every) if rec.histogram_every else -1
     cap = rec.capture
     cadence = getattr(rec, "cadence", None)  # (an older copy has a fixed `every` on the recorder)
     every = cadence.every if cadence is not None else rec.every
