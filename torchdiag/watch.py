@@ -252,7 +252,6 @@ class Watcher:
         if deferred_only:
             return self._published(rec.flush(reduce=reduce), in_hook)
         start = time.perf_counter()
-        heavy = rec.recording and rec.histogram_step  # (histograms: their own schedule, not a recording's cost)
         if self._rescale_hook is not None:
             self._rescale_hook.end_step()
         if self._sentinel is not None:
@@ -274,6 +273,9 @@ class Watcher:
         self._step_report, self._step_report_at = report, rec.step
         end = time.perf_counter()
         if self._step_end is not None:  # the step whole, from the end of torchdiag's work at the one before
+            # a histogram step's binning, writing and overview images (their own schedule, not a recording's cost)
+            # are paid where it completes: at the step after it, where the report is deferred
+            heavy = bool(stats is not None and stats.histograms)
             cadence = rec.cadence
             cadence.observe(end - self._step_end, rec.worked, end - start, rec.worked and stats is not None, heavy,
                             early=rec.step - 1 < cadence.record_first)

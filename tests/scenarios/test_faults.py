@@ -96,6 +96,8 @@ def test_a_user_writer_that_raises_is_switched_off_after_one_warning():
     failed = [m for m in ours(caught) if "TensorBoard" in m]
     assert len(failed) == 1 and "Broken" in failed[0] and "Input/output error" in failed[0]
     assert writer.calls == 1  # switched off after the first failure
+    rec = diag._recorder  # (private: what the recorder and the time budget do after it)
+    assert rec is not None and rec.histogram_every == 0 and rec.cadence.heavy_every == 0  # no histograms, none budgeted
 
 
 # ---------------------------------------------------------------------------------------------- item 5

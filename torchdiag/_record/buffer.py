@@ -171,6 +171,7 @@ class Recorder:
         """No more histograms in this watch (nothing will write them: TensorBoard writing failed)."""
         self.histogram_every = 0
         self.histogram_step = False
+        self.cadence.no_heavy()
 
     def take_notes(self) -> list[str]:
         """The notes for the report of the step just completed (a histogram not binned), handed over once."""

@@ -64,7 +64,9 @@ class Cadence:
         self.every = every
         self.budget = budget
         self.heavy_every = heavy_every
-        self.stretch = 1  # the budget's agreed lengthening of the histogram and overview windows (a power of two)
+        # the budget's agreed lengthening of the histogram and overview windows (a power of two), in effect from the
+        # next step decided: a step's histograms and its overview images are decided with the same one
+        self.stretch = self._agreed_stretch = 1
         self.record_first = record_first
         self.settle = settle
         self.settle_trend = settle if settle_trend is None else settle_trend
@@ -85,17 +87,24 @@ class Cadence:
         self._recordings = 0  # steps recorded
         self._last_plain = -1  # the last step decided plain
         self._cost = self._step_time = math.nan  # the latest agreed estimates (seconds)
-        self._every_step = self._heavy_cost = math.nan  # (seconds): at a plain step; a histogram step's extra
+        # (seconds; -inf while not timed): torchdiag's work at a plain step; a histogram step's extra time
+        self._every_step = self._heavy_cost = -math.inf
 
     @property
     def budgeted(self) -> bool:
         return self.every is None
+
+    def no_heavy(self) -> None:
+        """No more histogram steps (histograms turned off): none of the budget goes to them from now on."""
+        self.heavy_every = 0
+        self._heavy.clear()
 
     # ---------------------------------------------------------------- the schedule
     def decide(self, step: int) -> bool:
         """Whether ``step`` is recorded; called once per step, in order. Depends only on step numbers, agreed
         intervals and reports, never on a clock read on this rank alone, so that every rank of a group decides
         alike."""
+        self.stretch = self._agreed_stretch
         if self.every is not None:
             due = step % self.every == 0
         elif step < self.record_first or self._trip_left > 0:
@@ -149,10 +158,11 @@ class Cadence:
             self._plain_own.append(own)
 
     def propose(self) -> tuple[float, float, float, float, float, float]:
-        """This rank's proposal, seconds where timed (NaN while not known): the interval of its recordings (1 while
-        nothing is known), the cost of a recording, the plain step's time, torchdiag's work at a plain step, the
-        extra time of a histogram step, and the lengthening of the histogram and overview windows (``stretch``)."""
-        unknown = (1.0, math.nan, math.nan, math.nan, math.nan, 1.0)
+        """This rank's proposal, in seconds where timed: the interval of its recordings (1 while nothing is known),
+        the cost of a recording and the plain step's time (NaN while not known), torchdiag's work at a plain step
+        and the extra time of a histogram step (-inf while not timed: a rank that bins no histograms), and the
+        lengthening of the histogram and overview windows (``stretch``)."""
+        unknown = (1.0, math.nan, math.nan, -math.inf, -math.inf, 1.0)
         pool = list(zip(self._recording, self._own))
         if len(pool) < 3:
             pool += self._early
@@ -171,7 +181,7 @@ class Cadence:
             plain = max(rec - own, 1e-9)
             cost = per * own
             every_step = 0.0
-        heavy, stretch = math.nan, 1
+        heavy, stretch = -math.inf, 1
         if len(self._recording) >= 3 and self._heavy and self.heavy_every:
             # a histogram step's time over a recording's (its work, timed directly, a floor), against recordings
             # after the first steps: until then the windows are as configured
@@ -183,15 +193,16 @@ class Cadence:
                                                    if math.isfinite(heavy) else 0.0)
         left = max(left, _LEAST_SHARE * self.budget)
         interval = float(min(max(1, math.ceil(cost / (left * plain) - 1e-9)), _MAX_INTERVAL))
-        return interval, cost, plain, every_step if self._plain else math.nan, heavy, float(stretch)
+        return interval, cost, plain, every_step if self._plain else -math.inf, heavy, float(stretch)
 
-    def agree(self, interval: float, cost: float = math.nan, step: float = math.nan, every_step: float = math.nan,
-              heavy: float = math.nan, stretch: float = 1.0) -> None:
+    def agree(self, interval: float, cost: float = math.nan, step: float = math.nan, every_step: float = -math.inf,
+              heavy: float = -math.inf, stretch: float = 1.0) -> None:
         """What every rank applies: the largest interval and stretch proposed (in a single process, this one's), and
-        the largest of each time, which the reports state."""
+        the largest of each time, which the reports state (-inf: not timed on any rank). The stretch takes effect at
+        the next step decided."""
         if self.budgeted and math.isfinite(interval):
             self.interval = int(min(max(1, interval), _MAX_INTERVAL))
-            self.stretch = int(min(max(1, stretch), _MAX_STRETCH)) if math.isfinite(stretch) else 1
+            self._agreed_stretch = int(min(max(1, stretch), _MAX_STRETCH)) if math.isfinite(stretch) else 1
             self._cost, self._step_time = cost, step
             self._every_step, self._heavy_cost = every_step, heavy
 

@@ -123,7 +123,7 @@ class StepReducer:
         self._left = False
         self._last: int | None = None  # the last step reduced
         # the ranks' agreed cadence at the last reduction (Interval's fields)
-        self._interval: tuple[float, ...] = (1.0, math.nan, math.nan, math.nan, math.nan, 1.0)
+        self._interval: tuple[float, ...] = Interval().values()
         found = _group_store(group.pg) if _is_gloo_available() else None
         if found is not None:
             base, name = found

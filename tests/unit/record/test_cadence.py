@@ -92,10 +92,26 @@ def test_the_budget_also_covers_the_steps_not_recorded_and_the_histogram_steps()
         assert (heavy, stretch) == (pytest.approx(extra), m)
         assert k == _smallest_interval(0.5, 1.0, 0.03 - 0.004 - extra / (m * 100))
     c.agree(*c.propose())
+    assert c.stretch == 1  # (the agreed stretch takes effect at the next step decided)
     for step in range(10):
         c.decide(step)
-    assert "histogram and overview windows 16x longer" in c.describe() and "a step not recorded 0.004" not in \
-        c.describe()  # (4 ms on a 1 s step: under a tenth of the budget, not worth a word)
+    assert c.stretch == 16
+    said = c.describe()
+    assert "a histogram step 9000 ms more (histogram and overview windows 16x longer)" in said
+    assert "a step not recorded 4 ms" in said  # 0.4 % of the step: over a tenth of the budget, so it is said
+    c = Cadence(None, budget=0.03)
+    _timed(c, 1.5, 1.0, 0.2, plain_own=0.001)
+    c.agree(*c.propose())
+    for step in range(10):
+        c.decide(step)
+    assert "one step in" in c.describe() and "not recorded" not in c.describe()  # 0.1 %: under a tenth, unsaid
+    # histograms switched off (TensorBoard failed): none of the budget goes to them any more
+    c = Cadence(None, budget=0.03, heavy_every=100)
+    c.observe(10.5, True, 9.2, True, heavy=True)
+    _timed(c, 1.5, 1.0, 0.2, plain_own=0.001)
+    assert c.propose()[4:] == (9.0, 16.0)
+    c.no_heavy()
+    assert c.propose()[4:] == (-math.inf, 1.0) and c.propose()[0] == _smallest_interval(0.5, 1.0, 0.03 - 0.001)
     # until three recordings after the first steps are known, the windows are as configured
     c = Cadence(None, budget=0.03, heavy_every=100)
     c.observe(10.5, True, 9.2, True, heavy=True)
@@ -178,12 +194,14 @@ def test_ranks_with_different_clocks_record_the_same_steps_once_they_agree():
     a.observe(10.5, True, 9.2, True, heavy=True)  # only one rank has timed a histogram step
     _timed(a, 1.5, 1.0, 0.2, plain_own=0.02)
     _timed(b, 1.2, 1.0, 0.1, plain_own=0.01)
-    agreed = [max(x, y) for x, y in zip(a.propose(), b.propose())]  # what the reduction (MAX) gives every rank
+    # what the reduction (MAX) gives every rank: a NaN on any rank is NaN; a figure one rank has not timed is -inf
+    agreed = [math.nan if math.isnan(x) or math.isnan(y) else max(x, y) for x, y in zip(a.propose(), b.propose())]
+    assert b.propose()[4] == -math.inf and agreed[4] == 9.0
     for c in (a, b):
         c.agree(*agreed)
-    assert a.stretch == b.stretch == 16  # 9 s over 100 steps of 1 s: 16 x longer windows take 0.56 %
     assert [s for s in range(200) if a.decide(s)] == [s for s in range(200) if b.decide(s)]
-    assert a.describe() == b.describe()
+    assert a.stretch == b.stretch == 16  # 9 s over 100 steps of 1 s: 16 x longer windows take 0.56 %
+    assert a.describe() == b.describe() and "16x longer" in a.describe()
 
 
 # ------------------------------------------------------------------ in a watch
@@ -264,6 +282,30 @@ def test_under_the_budget_the_histogram_and_overview_windows_lengthen_by_the_agr
     assert [e.step for e in acc.Histograms("act/0")] == first_of_each_window(12)
     images = sorted({e.step for t in acc.Tags()["images"] if t.startswith("0_overview/") for e in acc.Images(t)})
     assert images == sorted({s for s in first_of_each_window(20) if s >= 20} | {recorded[-1]})
+
+
+@pytest.mark.parametrize("defer", ["never", "always"])
+def test_a_histogram_step_is_timed_where_its_work_is_done(tmp_path, monkeypatch, defer):
+    """Right answer: a histogram step's host work (binning, writing, the overview) is paid where its report is
+    completed: at the step itself, or, with the report deferred, at the step after it. That step, and no other, is
+    the one the budget times as a histogram step."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    heavy_at, observe = [], Cadence.observe
+
+    def spy(self, seconds, recording, own, recorded, heavy=False, early=False):
+        heavy_at.append(heavy)
+        return observe(self, seconds, recording, own, recorded, heavy, early)
+
+    monkeypatch.setattr(Cadence, "observe", spy)
+    _train(_kaiming(_mlp()), 40, logdir=str(tmp_path), histogram_every=4, defer_report=defer)
+    acc = ea.EventAccumulator(str(tmp_path), size_guidance={ea.HISTOGRAMS: 0})
+    acc.Reload()
+    binned = [e.step for e in acc.Histograms("act/0")]
+    assert len(binned) >= 3
+    later = 1 if defer == "always" else 0
+    # observe runs from step 1 on (step 0 has no step before it to time from): heavy_at[i] is step i + 1
+    assert [i + 1 for i, h in enumerate(heavy_at) if h] == [s + later for s in binned if 0 < s + later < 40]
 
 
 def test_a_layer_broken_mid_run_is_recorded_in_full_until_it_settles(one_thread):
