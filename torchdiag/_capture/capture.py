@@ -82,7 +82,9 @@ class Capture:
         self.modules = [weakref.ref(m) for m in modules]
         self._ref = weakref.ref(self)  # what the gradient hooks hold: never the capture itself
         self.order: dict[int, int] = {}  # slot -> first-call position in this step
-        self._outputs: dict[int, int] = {}  # id(output tensor) -> slot, of the module that ran last
+        # id(output tensor) -> (a weak reference to it, slot), of the module that ran last: an id alone could be a new
+        # tensor's that took the address of one freed since
+        self._outputs: dict[int, tuple[weakref.ref, int]] = {}
         # id(output) -> (weak ref, its _version, slot, where (device or KERNEL_ROWS), row start): every activation
         # row of this step
         self._rows: dict[int, tuple[weakref.ref, int, int, Where, int]] = {}
@@ -158,9 +160,9 @@ class Capture:
             info.calls += 1
             self.order.setdefault(slot, len(self.order))
             x = first_float_tensor(args)
-            src = self._outputs.get(id(x)) if x is not None else None
+            src = self._source(x) if x is not None else None
             if src is None and x is not None and x._base is not None:  # a view of it (flatten, reshape, transpose)
-                src = self._outputs.get(id(x._base))
+                src = self._source(x._base)
             if src is None and x is not None:
                 # the unchanged output of a module that ran earlier: a module with children of its own (timm's
                 # BatchNormAct2d runs its act inside) gets its input from the layer before its children ran
@@ -243,9 +245,14 @@ class Capture:
                         self.slots[src].feeds_norm = True
                 else:
                     for t in outs:
-                        self._outputs[id(t)] = src
+                        self._outputs[id(t)] = (weakref.ref(t), src)
         if info.kind != Role.PASSTHROUGH:
-            self._outputs = {id(t): slot for t in outs}
+            self._outputs = {id(t): (weakref.ref(t), slot) for t in outs}
+
+    def _source(self, x: torch.Tensor) -> int | None:
+        """The slot whose module's output ``x`` is, among the last module's outputs (and what passed through)."""
+        entry = self._outputs.get(id(x))
+        return entry[1] if entry is not None and entry[0]() is x else None
 
     # ----------------------------------------------------------------- rows
     def add(self, slot: int, kind: int, t: torch.Tensor, saturation: tuple[float, float] | None) -> tuple[Where, int]:

@@ -71,6 +71,43 @@ def test_feeds_norm_is_traced_by_tensor_identity_not_execution_order():
         assert not any(s.feeds_norm for s in rec.slots)
 
 
+class _FreedThenNormed(nn.Module):
+    """A Linear whose output is freed before the norm runs: what the norm reads, tanh(3 y), is a new tensor, which
+    Python puts at the address the freed output had (its id), so that an id alone would name the Linear as its
+    producer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.head = nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+        self.reused = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        was = id(y)
+        z = y * 3.0
+        del y
+        w = torch.tanh(z)
+        self.reused += id(w) == was
+        return self.head(self.norm(w))
+
+
+def test_a_tensor_at_the_address_of_a_freed_output_is_not_taken_for_that_output():
+    """Right answer: the norm reads tanh(3 y), not the Linear's output y, so the Linear does not feed the norm (its
+    scale is not undone by it); the Linear feeding the norm directly does."""
+    torch.manual_seed(0)
+    model = _FreedThenNormed()
+    with recording(model) as rec:
+        for _ in range(3):
+            model(torch.randn(4, 8)).sum().backward()
+        traced = {s.name: s.feeds_norm for s in rec.slots}
+    assert model.reused == 3  # (the address was reused at every forward: the case the test is about)
+    assert traced["a"] is False
+    model.forward = lambda x: model.head(model.norm(model.a(x)))  # the Linear straight into the norm
+    with recording(model) as rec:
+        model(torch.randn(4, 8)).sum().backward()
+        assert {s.name: s.feeds_norm for s in rec.slots}["a"] is True
+
+
 def test_the_shift_policy_follows_the_last_recorded_step():
     class Offset(nn.Module):
         def forward(self, x):
