@@ -318,8 +318,8 @@ class Interval:
     steps: float = state(1.0, MAX)
     cost: float = state(math.nan, MAX)
     step: float = state(math.nan, MAX)
-    every_step: float = state(-math.inf, MAX)  # -inf while not timed (a rank that bins no histograms)
-    heavy: float = state(-math.inf, MAX)
+    every_step: float = state(-math.inf, MAX)  # -inf while not timed
+    heavy: float = state(-math.inf, MAX)  # -inf while not timed (a rank that bins no histograms)
     stretch: float = state(1.0, MAX)
 
     def is_empty(self) -> bool:
