@@ -258,6 +258,9 @@ class Cadence:
         if self.stretch > 1 and math.isfinite(self._heavy_cost):
             why += (f", a histogram step {_ms(self._heavy_cost)} more (histogram and overview windows"
                     f" {self.stretch}x longer)")
+        share = self._every_step / self._step_time if math.isfinite(self._every_step) else 0.0
+        if share > (1 - _LEAST_SHARE) * self.budget:  # the recordings keep their tenth: the budget cannot be kept
+            pct += f", not kept: a step not recorded takes {100 * share:.2g} % of the step"
         if self.interval <= 1:
             return (f"every step but one in {_PROBE_EVERY} (left unrecorded to time the step without torchdiag):"
                     f" {why}; time budget {pct}")

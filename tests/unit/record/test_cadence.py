@@ -75,10 +75,15 @@ def test_the_budget_also_covers_the_steps_not_recorded_and_the_histogram_steps()
     c = Cadence(None, budget=0.03)
     _timed(c, 1.5, 1.0, 0.2, plain_own=0.01)
     assert c.propose()[0] == _smallest_interval(0.5, 1.0, 0.03 - 0.01) and c.propose()[3] == 0.01
-    # where that work alone takes the budget, the recordings keep a tenth of it (the budget cannot be kept)
+    # where that work alone takes the budget, the recordings keep a tenth of it: the budget cannot be kept, and the
+    # report says so
     c = Cadence(None, budget=0.03)
     _timed(c, 1.5, 1.0, 0.2, plain_own=0.05)
     assert c.propose()[0] == _smallest_interval(0.5, 1.0, 0.003)
+    c.agree(*c.propose())
+    for step in range(10):
+        c.decide(step)
+    assert c.describe().endswith("; time budget 3 %, not kept: a step not recorded takes 5 % of the step")
     # a histogram step's extra time over a recording's: its windows (100 steps) double until it takes at most a
     # third of the budget, and the recordings get what is left
     for extra in (0.5, 3.0, 9.0):
