@@ -52,3 +52,9 @@ def spy(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     for name, m in model.named_children():
         m.register_forward_hook(keep(name))
     return acts, grads
+
+
+def hook_ids(table: dict) -> set[int]:
+    """The ids of torchdiag's hooks in one of PyTorch's process-wide hook tables
+    (``torch.nn.modules.module._global_forward_hooks``, ``_global_forward_pre_hooks``)."""
+    return {i for i, h in table.items() if getattr(h, "__module__", "").startswith("torchdiag")}

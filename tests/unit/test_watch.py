@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules import module as module_mod
 
 import torchdiag
+from tests.helpers.recording import hook_ids as _ours
 from torchdiag._capture import capture
 
 
@@ -85,11 +86,6 @@ def test_hooks_and_references_gone_after_exit_and_after_exception():
     gc.collect()
     assert ref() is None, "the watcher kept a reference to the model"
     assert diag.report().layers  # the report outlives the model
-
-
-def _ours(table: dict) -> set[int]:
-    """The ids of torchdiag's hooks in one of PyTorch's process-wide hook tables."""
-    return {i for i, h in table.items() if getattr(h, "__module__", "").startswith("torchdiag")}
 
 
 def test_a_step_no_watch_records_runs_no_hook_where_steps_end_at_step(no_compiled_graphs):

@@ -278,7 +278,7 @@ class Recorder:
         """The step across ranks (``distributed.reduce``; the identity in a single process). None: no rank ran a
         watched layer (or, the reduction disabled, this one did not)."""
         if not (reduce and self.reducer is not None):
-            self.cadence.agree(*self.cadence.propose())
+            self.cadence.agree(self.cadence.propose())
             return Decoded.from_accumulators(distributed.reduce(local.accumulators(), None))
         if self._layout is None:
             self._layout = reduction_layout(self.slots) + self._signal_layout

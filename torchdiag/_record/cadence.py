@@ -38,6 +38,8 @@ import math
 import statistics
 from collections import deque
 
+from .._reduce.accumulators import Interval
+
 _PROBE_EVERY = 100  # recording every step: one plain step in this many measures the step without torchdiag
 _MAX_INTERVAL = 1000  # the sparsest budget cadence: a recorded step at least every 1000 steps
 _PLAIN_KEEP, _RECORDING_KEEP = 15, 9  # step times kept for the medians
@@ -157,17 +159,16 @@ class Cadence:
             self._plain.append(seconds)
             self._plain_own.append(own)
 
-    def propose(self) -> tuple[float, float, float, float, float, float]:
-        """This rank's proposal, in seconds where timed: the interval of its recordings (1 while nothing is known),
-        the cost of a recording and the plain step's time (NaN while not known), torchdiag's work at a plain step
-        and the extra time of a histogram step (-inf while not timed: a rank that bins no histograms), and the
+    def propose(self) -> Interval:
+        """This rank's proposal (``Interval``'s defaults where nothing is known yet), in seconds where timed: the
+        interval of its recordings, the cost of a recording and the plain step's time, torchdiag's work at a plain
+        step and the extra time of a histogram step (not timed on a rank that bins no histograms), and the
         lengthening of the histogram and overview windows (``stretch``)."""
-        unknown = (1.0, math.nan, math.nan, -math.inf, -math.inf, 1.0)
         pool = list(zip(self._recording, self._own))
         if len(pool) < 3:
             pool += self._early
         if not self.budgeted or not (pool or self._heavy):
-            return unknown
+            return Interval()
         if pool:
             rec, own = statistics.median(s for s, _ in pool), statistics.median(o for _, o in pool)
         else:  # only histogram steps so far (step 0): an upper bound
@@ -193,18 +194,18 @@ class Cadence:
                                                    if math.isfinite(heavy) else 0.0)
         left = max(left, _LEAST_SHARE * self.budget)
         interval = float(min(max(1, math.ceil(cost / (left * plain) - 1e-9)), _MAX_INTERVAL))
-        return interval, cost, plain, every_step if self._plain else -math.inf, heavy, float(stretch)
+        return Interval(interval, cost, plain, every_step if self._plain else -math.inf, heavy, float(stretch))
 
-    def agree(self, interval: float, cost: float = math.nan, step: float = math.nan, every_step: float = -math.inf,
-              heavy: float = -math.inf, stretch: float = 1.0) -> None:
-        """What every rank applies: the largest interval and stretch proposed (in a single process, this one's), and
-        the largest of each time, which the reports state (-inf: not timed on any rank). The stretch takes effect at
-        the next step decided."""
-        if self.budgeted and math.isfinite(interval):
-            self.interval = int(min(max(1, interval), _MAX_INTERVAL))
-            self._agreed_stretch = int(min(max(1, stretch), _MAX_STRETCH)) if math.isfinite(stretch) else 1
-            self._cost, self._step_time = cost, step
-            self._every_step, self._heavy_cost = every_step, heavy
+    def agree(self, agreed: Interval) -> None:
+        """What every rank applies: the largest of each field proposed (in a single process, this one's proposal);
+        the times are what the reports state (-inf: not timed on any rank). The stretch takes effect at the next
+        step decided."""
+        if self.budgeted and math.isfinite(agreed.steps):
+            self.interval = int(min(max(1, agreed.steps), _MAX_INTERVAL))
+            self._agreed_stretch = int(min(max(1, agreed.stretch), _MAX_STRETCH)) if math.isfinite(agreed.stretch) \
+                else 1
+            self._cost, self._step_time = agreed.cost, agreed.step
+            self._every_step, self._heavy_cost = agreed.every_step, agreed.heavy
 
     def observe_report(self, step: int, flags: frozenset, events: bool, trends: frozenset = frozenset(),
                        forecast: bool = False) -> None:

@@ -324,7 +324,3 @@ class Interval:
 
     def is_empty(self) -> bool:
         return False
-
-    def values(self) -> tuple[float, ...]:
-        """The fields in order: what ``Cadence.agree`` takes."""
-        return tuple(getattr(self, f.name) for f in fields(self))

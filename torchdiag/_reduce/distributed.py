@@ -122,8 +122,7 @@ class StepReducer:
         self._store: Store | None = None
         self._left = False
         self._last: int | None = None  # the last step reduced
-        # the ranks' agreed cadence at the last reduction (Interval's fields)
-        self._interval: tuple[float, ...] = Interval().values()
+        self._interval = Interval()  # the ranks' agreed cadence at the last reduction
         found = _group_store(group.pg) if _is_gloo_available() else None
         if found is not None:
             base, name = found
@@ -306,16 +305,16 @@ class StepReducer:
         recording interval joins the reduction and every rank agrees on the largest (this rank's own when the
         reduction is disabled)."""
         out = None
-        proposed = cadence.propose() if cadence is not None else Interval().values()
+        proposed = cadence.propose() if cadence is not None else Interval()
         if not self.disabled and (self._checked or self._check_layout(step)):
             try:
-                out = self._reduce(step, accumulators, layout, Interval(*proposed))
+                out = self._reduce(step, accumulators, layout, proposed)
                 proposed = self._interval
                 self._last = step
             except _Missing as e:
                 self._failed(step, "reduced", e.error)
         if cadence is not None:
-            cadence.agree(*proposed)
+            cadence.agree(proposed)
         rec = self._recorder() if self._recorder is not None else None
         if out is None and self.note and rec is not None:
             rec.notes.append(self.note)  # the report says whose numbers it holds
@@ -330,7 +329,7 @@ class StepReducer:
         agreed, steps = out.pop(_INTERVAL_KEY), out.pop(_STEP_KEY)
         # reduce gives each key of the layout back as the accumulator the layout names, and these two are never empty
         assert isinstance(agreed, Interval) and isinstance(steps, StepNumber)
-        self._interval = agreed.values()
+        self._interval = agreed
         if steps.low != steps.high and not self._warned_step:
             self._warned_step = True
             warn_self(f"torchdiag: the ranks are at different steps ({steps.low:.0f} to {steps.high:.0f}); every rank"

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_mod
 
+from tests.helpers.recording import hook_ids
 from torchdiag._capture.globalhooks import GlobalHooks
 
 
@@ -27,8 +28,7 @@ def calls():
 
 def _ours(table: dict | None = None) -> set[int]:
     """The ids of torchdiag's hooks in one of PyTorch's process-wide hook tables (the forward hooks by default)."""
-    table = module_mod._global_forward_hooks if table is None else table
-    return {i for i, h in table.items() if getattr(h, "__module__", "").startswith("torchdiag")}
+    return hook_ids(module_mod._global_forward_hooks if table is None else table)
 
 
 def test_a_quiet_step_runs_the_capture_pre_hook_alone(calls):

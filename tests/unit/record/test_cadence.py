@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -13,6 +14,7 @@ from torch import nn
 
 import torchdiag
 from torchdiag._record.cadence import Cadence
+from torchdiag._reduce.accumulators import Interval
 
 
 def _timed(cadence: Cadence, recording: float, plain: float, own: float, n_rec: int = 9, n_plain: int = 15,
@@ -35,52 +37,53 @@ def test_the_interval_is_the_smallest_that_keeps_the_recordings_within_the_budge
     for recording, plain, own, budget in ((1.5, 1.0, 0.2, 0.03), (1.02, 1.0, 0.01, 0.03), (3.0, 1.0, 0.5, 0.1)):
         c = Cadence(None, budget=budget)
         _timed(c, recording, plain, own)
-        k, cost, step = c.propose()[:3]
+        proposed = c.propose()
+        k, cost, step = proposed.steps, proposed.cost, proposed.step
         assert (cost, step) == (recording - plain, plain)
         assert k == _smallest_interval(recording - plain, plain, budget)
     # what torchdiag's end of a step took is a floor on a recording's cost (a plain step slower than usual)
     c = Cadence(None, budget=0.03)
     _timed(c, 1.1, 1.0, own=0.3)
-    assert c.propose()[1] == 0.3
+    assert c.propose().cost == 0.3
     # before any plain step: the cost is the end-of-step work, the step the rest
     c = Cadence(None, budget=0.03)
     _timed(c, 1.2, 1.0, own=0.2, n_plain=0)
-    assert c.propose()[:2] == (_smallest_interval(0.2, 1.0, 0.03), 0.2)
+    assert (c.propose().steps, c.propose().cost) == (_smallest_interval(0.2, 1.0, 0.03), 0.2)
     # a recording completed at the next step (deferral) costs both steps
     c = Cadence(None, budget=0.03)
     for _ in range(5):
         c.observe(1.3, True, 0.1, True)
         c.observe(1.3, True, 0.1, False)  # the next step completes it
     _timed(c, 1.3, 1.0, 0.1, n_rec=0)
-    assert c.propose()[1] == pytest.approx(2 * 0.3)
+    assert c.propose().cost == pytest.approx(2 * 0.3)
     # the first steps' recordings (slowed by what a run's start does once) count until three later ones are known
     c = Cadence(None, budget=0.03)
     for _ in range(4):
         c.observe(9.0, True, 0.2, True, early=True)
     _timed(c, 1.5, 1.0, 0.2, n_rec=2)
-    assert c.propose()[1] == pytest.approx(8.0)  # the median of six, four of them early
+    assert c.propose().cost == pytest.approx(8.0)  # the median of six, four of them early
     c.observe(1.5, True, 0.2, True)
-    assert c.propose()[1] == pytest.approx(0.5)
+    assert c.propose().cost == pytest.approx(0.5)
     # histogram steps (their own schedule) are left out of a recording's cost, unless nothing else is known
     c = Cadence(None, budget=0.03)
     c.observe(9.0, True, 5.0, True, heavy=True)
     _timed(c, 1.5, 1.0, 0.2, n_rec=0)
-    assert c.propose()[1] == 8.0
+    assert c.propose().cost == 8.0
     _timed(c, 1.5, 1.0, 0.2, n_plain=0)
-    assert c.propose()[1] == pytest.approx(0.5)
+    assert c.propose().cost == pytest.approx(0.5)
 
 
 def test_the_budget_also_covers_the_steps_not_recorded_and_the_histogram_steps():
     # torchdiag's own work at a step not recorded takes its share of every step: the recordings get the rest
     c = Cadence(None, budget=0.03)
     _timed(c, 1.5, 1.0, 0.2, plain_own=0.01)
-    assert c.propose()[0] == _smallest_interval(0.5, 1.0, 0.03 - 0.01) and c.propose()[3] == 0.01
+    assert c.propose().steps == _smallest_interval(0.5, 1.0, 0.03 - 0.01) and c.propose().every_step == 0.01
     # where that work alone takes the budget, the recordings keep a tenth of it: the budget cannot be kept, and the
     # report says so
     c = Cadence(None, budget=0.03)
     _timed(c, 1.5, 1.0, 0.2, plain_own=0.05)
-    assert c.propose()[0] == _smallest_interval(0.5, 1.0, 0.003)
-    c.agree(*c.propose())
+    assert c.propose().steps == _smallest_interval(0.5, 1.0, 0.003)
+    c.agree(c.propose())
     for step in range(10):
         c.decide(step)
     assert c.describe().endswith("; time budget 3 %, not kept: a step not recorded takes 5 % of the step")
@@ -90,13 +93,14 @@ def test_the_budget_also_covers_the_steps_not_recorded_and_the_histogram_steps()
         c = Cadence(None, budget=0.03, heavy_every=100)
         c.observe(1.5 + extra, True, 0.2 + extra, True, heavy=True)
         _timed(c, 1.5, 1.0, 0.2, plain_own=0.004)
-        k, cost, step, every_step, heavy, stretch = c.propose()
+        proposed = c.propose()
+        k, heavy, stretch = proposed.steps, proposed.heavy, proposed.stretch
         m = 1
         while extra / (m * 100 * 1.0) > 0.03 / 3 + 1e-12:
             m *= 2
         assert (heavy, stretch) == (pytest.approx(extra), m)
         assert k == _smallest_interval(0.5, 1.0, 0.03 - 0.004 - extra / (m * 100))
-    c.agree(*c.propose())
+    c.agree(c.propose())
     assert c.stretch == 1  # (the agreed stretch takes effect at the next step decided)
     for step in range(10):
         c.decide(step)
@@ -106,7 +110,7 @@ def test_the_budget_also_covers_the_steps_not_recorded_and_the_histogram_steps()
     assert "a step not recorded 4 ms" in said  # 0.4 % of the step: over a tenth of the budget, so it is said
     c = Cadence(None, budget=0.03)
     _timed(c, 1.5, 1.0, 0.2, plain_own=0.001)
-    c.agree(*c.propose())
+    c.agree(c.propose())
     for step in range(10):
         c.decide(step)
     assert "one step in" in c.describe() and "not recorded" not in c.describe()  # 0.1 %: under a tenth, unsaid
@@ -114,14 +118,15 @@ def test_the_budget_also_covers_the_steps_not_recorded_and_the_histogram_steps()
     c = Cadence(None, budget=0.03, heavy_every=100)
     c.observe(10.5, True, 9.2, True, heavy=True)
     _timed(c, 1.5, 1.0, 0.2, plain_own=0.001)
-    assert c.propose()[4:] == (9.0, 16.0)
+    assert (c.propose().heavy, c.propose().stretch) == (9.0, 16.0)
     c.no_heavy()
-    assert c.propose()[4:] == (-math.inf, 1.0) and c.propose()[0] == _smallest_interval(0.5, 1.0, 0.03 - 0.001)
+    assert (c.propose().heavy, c.propose().stretch) == (-math.inf, 1.0)
+    assert c.propose().steps == _smallest_interval(0.5, 1.0, 0.03 - 0.001)
     # until three recordings after the first steps are known, the windows are as configured
     c = Cadence(None, budget=0.03, heavy_every=100)
     c.observe(10.5, True, 9.2, True, heavy=True)
     _timed(c, 1.5, 1.0, 0.2, n_rec=2)
-    assert c.propose()[5] == 1.0
+    assert c.propose().stretch == 1.0
 
 
 def test_the_schedule_records_the_first_steps_then_one_step_in_the_agreed_interval():
@@ -131,7 +136,7 @@ def test_the_schedule_records_the_first_steps_then_one_step_in_the_agreed_interv
     got = []
     for step in range(60):
         if step == 5:
-            c.agree(17, 0.5, 1.0)
+            c.agree(Interval(17, 0.5, 1.0))
         if c.decide(step):
             got.append(step)
     # the gap after the first steps grows at most 4-fold a time (4, then 16), then it is the agreed 17
@@ -139,14 +144,14 @@ def test_the_schedule_records_the_first_steps_then_one_step_in_the_agreed_interv
     # every step fits the budget: every step is recorded but three (one in two, for a median) and then one in 100,
     # which time the step without torchdiag
     c = Cadence(None, budget=0.03, record_first=5)
-    c.agree(1, 0.001, 1.0)
+    c.agree(Interval(1, 0.001, 1.0))
     plain = [s for s in range(250) if not c.decide(s)]
     assert plain == [6, 8, 10, 110, 210]
 
 
 def test_something_new_records_the_next_steps_in_full_and_the_same_again_does_not():
     c = Cadence(None, budget=0.03, record_first=2, settle=3)
-    c.agree(10, 1.0, 1.0)
+    c.agree(Interval(10, 1.0, 1.0))
     assert [s for s in range(20) if c.decide(s)] == [0, 1, 5, 15]
     c.observe_report(15, frozenset({("fc2", "exploding")}), events=False)
     assert "something new at step 15" in c.describe()
@@ -165,7 +170,7 @@ def test_a_flag_records_what_a_finding_needs_and_a_trend_what_a_forecast_fits():
     # a flag becomes a finding over finding_window recorded steps; a forecast fits forecast_window of them
     def in_full_after(**news) -> int:
         c = Cadence(None, budget=0.03, record_first=1, settle=5, settle_trend=8)
-        c.agree(50, 1.0, 1.0)
+        c.agree(Interval(50, 1.0, 1.0))
         assert [s for s in range(30) if c.decide(s)] == [0, 4, 20]  # (the gap grows 4-fold up to the budget's)
         c.observe_report(20, events=False, **news)
         run = 0
@@ -184,7 +189,7 @@ def test_the_first_steps_after_a_trip_at_step_0_count_towards_its_settling():
     # a flag raised at step 0 (an init problem) is seen at steps 1-4 as well, which are recorded anyway: five
     # recorded steps after it (1-5), what a flag needs to become a finding, and then the budget's cadence
     c = Cadence(None, budget=0.03, record_first=5, settle=5)
-    c.agree(50, 1.0, 1.0)
+    c.agree(Interval(50, 1.0, 1.0))
     got = []
     for step in range(30):
         if c.decide(step):
@@ -200,10 +205,12 @@ def test_ranks_with_different_clocks_record_the_same_steps_once_they_agree():
     _timed(a, 1.5, 1.0, 0.2, plain_own=0.02)
     _timed(b, 1.2, 1.0, 0.1, plain_own=0.01)
     # what the reduction (MAX) gives every rank: a NaN on any rank is NaN; a figure one rank has not timed is -inf
-    agreed = [math.nan if math.isnan(x) or math.isnan(y) else max(x, y) for x, y in zip(a.propose(), b.propose())]
-    assert b.propose()[4] == -math.inf and agreed[4] == 9.0
+    pa, pb = a.propose(), b.propose()
+    agreed = Interval(*(math.nan if math.isnan(x) or math.isnan(y) else max(x, y)
+                        for x, y in ((getattr(pa, f.name), getattr(pb, f.name)) for f in dataclasses.fields(Interval))))
+    assert pb.heavy == -math.inf and agreed.heavy == 9.0
     for c in (a, b):
-        c.agree(*agreed)
+        c.agree(agreed)
     assert [s for s in range(200) if a.decide(s)] == [s for s in range(200) if b.decide(s)]
     assert a.stretch == b.stretch == 16  # 9 s over 100 steps of 1 s: 16 x longer windows take 0.56 %
     assert a.describe() == b.describe() and "16x longer" in a.describe()
@@ -274,7 +281,7 @@ def test_under_the_budget_the_histogram_and_overview_windows_lengthen_by_the_agr
     from the second on, and at the last recorded step; read back with TensorBoard's own reader."""
     from tensorboard.backend.event_processing import event_accumulator as ea
 
-    monkeypatch.setattr(Cadence, "propose", lambda self: (2.0, 1e-3, 1e-3, math.nan, 1e-2, 4.0))
+    monkeypatch.setattr(Cadence, "propose", lambda self: Interval(2.0, 1e-3, 1e-3, -math.inf, 1e-2, 4.0))
     reports, _ = _train(_kaiming(_mlp()), 70, logdir=str(tmp_path), histogram_every=3, overview_every=5)
     recorded = sorted(reports)
     assert len(recorded) < 50  # (spaced out: one in 2 but for the first steps and trips)
